@@ -1,0 +1,1 @@
+"""Evaluation: datasets and their cache, metrics, and the batched engine."""

@@ -1,0 +1,1 @@
+"""Model pool: resolving models, lazy tensor access, the architecture adapter, homology checks."""

@@ -1,0 +1,30 @@
+"""Device, dtype and thread choices shared by every command."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA when available (or when asked), else CPU."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA; float32 on CPU (CPUs without bf16 units run bf16 about 4x slower)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads. Default: ``OLMOPT_THREADS`` or 1.
+
+    One thread is the safe default: two OpenMP threads on a busy 2-core machine spin and run 10-100x
+    slower. Returns the number set.
+    """
+    n = threads or int(os.environ.get("OLMOPT_THREADS", "1"))
+    torch.set_num_threads(max(1, n))
+    return n
