@@ -28,3 +28,11 @@ def configure_threads(threads: int | None = None) -> int:
     n = threads or int(os.environ.get("OLMOPT_THREADS", "1"))
     torch.set_num_threads(max(1, n))
     return n
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars and info logs (olmopt draws its own)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

@@ -1,0 +1,313 @@
+"""The batched evaluation engine: one objective value per (dataset, metric) for the live model.
+
+Teacher-forced metrics run one forward per batch and project only the answer positions through the
+head. Generation metrics use KV-cached greedy decoding over left-padded batches with early stop.
+A prefix activation cache keeps the hidden states entering layer i (captured once for the incumbent)
+so candidates that differ only in layers >= i run just layers i..N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from olmopt.errors import InputError
+from olmopt.evaluate import metrics as M
+from olmopt.evaluate.datasets import Encoded, Split, encode, load_examples, split_examples
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A dataset scored with one metric; ``name`` is the Optuna metric name."""
+
+    name: str
+    path: Path
+    metric: str
+    held_out: float = 0.25
+    samples: int | None = None
+
+    @property
+    def direction(self) -> str:
+        return M.get_metric(self.metric).direction
+
+    @property
+    def kind(self) -> str:
+        return M.get_metric(self.metric).kind
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a decoder layer whose output is already known (prefix cache)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor
+    attention: torch.Tensor
+    gather: torch.Tensor  # [B, R] positions whose hidden state predicts each answer token
+    target: torch.Tensor  # [B, R]
+    mask: torch.Tensor  # [B, R]
+    last_prompt: torch.Tensor  # [B] position of the last prompt token
+    rows: list[int]
+
+
+class Evaluator:
+    """Scores a resident causal LM on a list of objectives."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        objectives: Sequence[Objective],
+        batch_size: int = 32,
+        max_new_tokens: int = 256,
+        stop_at_first_mismatch: bool = True,
+    ) -> None:
+        names = [o.name for o in objectives]
+        if len(set(names)) != len(names):
+            raise InputError(f"objective names must be unique: {names}")
+        for obj in objectives:
+            M.get_metric(obj.metric)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.objectives = list(objectives)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.stop_at_first_mismatch = stop_at_first_mismatch
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._encoded: dict[tuple[Path, Split, float, int | None], Encoded] = {}
+        self._prefix: dict[tuple[Path, Split, float, int | None, int], torch.Tensor] = {}
+        self.prefix_layer: int | None = None
+
+    # -- data --------------------------------------------------------------------------------------
+    def encoded(self, obj: Objective, split: Split) -> Encoded:
+        key = (obj.path, split, obj.held_out, obj.samples)
+        if key not in self._encoded:
+            examples = split_examples(load_examples(obj.path), obj.held_out, split, obj.samples)
+            if not examples:
+                raise InputError(f"dataset {obj.path}: the {split} part is empty")
+            self._encoded[key] = encode(self.tokenizer, examples, obj.path)
+        return self._encoded[key]
+
+    def prepare(self, split: Split = "search") -> None:
+        """Load and tokenize every objective's data now (so bad files fail before heavy work)."""
+        for obj in self.objectives:
+            enc = self.encoded(obj, split)
+            if obj.kind == "choice" and not enc.choice_ids:
+                raise InputError(f"dataset {obj.path}: metric {obj.metric} needs multiple-choice items")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _batches(self, enc: Encoded) -> Iterator[_Batch]:
+        order = sorted(range(len(enc)), key=lambda i: (len(enc.prompts[i]) + len(enc.answers[i]), i))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            yield self._make_batch(enc, rows)
+
+    def _make_batch(self, enc: Encoded, rows: list[int]) -> _Batch:
+        seqs = [enc.prompts[i] + enc.answers[i] for i in rows]
+        width = max(len(s) for s in seqs)
+        r_max = max(len(enc.answers[i]) for i in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        gather = torch.zeros((len(rows), r_max), dtype=torch.long)
+        target = torch.full((len(rows), r_max), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), r_max), dtype=torch.bool)
+        last_prompt = torch.zeros(len(rows), dtype=torch.long)
+        for b, i in enumerate(rows):
+            p, a = len(enc.prompts[i]), len(enc.answers[i])
+            ids[b, : p + a] = torch.tensor(seqs[b])
+            attention[b, : p + a] = 1
+            gather[b, :a] = torch.arange(p - 1, p - 1 + a)
+            target[b, :a] = torch.tensor(enc.answers[i])
+            mask[b, :a] = True
+            last_prompt[b] = p - 1
+        dev = self.device
+        return _Batch(
+            ids.to(dev), attention.to(dev), gather.to(dev), target.to(dev), mask.to(dev), last_prompt.to(dev), rows
+        )
+
+    # -- forward passes ------------------------------------------------------------------------------
+    def _hidden(self, batch: _Batch, prefix: torch.Tensor | None, start: int) -> torch.Tensor:
+        """Final hidden states; with ``prefix`` only layers ``start..N`` run."""
+        base = self.model.base_model
+        if prefix is None:
+            return base(input_ids=batch.ids, attention_mask=batch.attention).last_hidden_state
+        layers = base.layers
+        base.layers = nn.ModuleList([_Passthrough() for _ in range(start)] + list(layers[start:]))
+        try:
+            return base(inputs_embeds=prefix, attention_mask=batch.attention).last_hidden_state
+        finally:
+            base.layers = layers
+
+    def _capture(self, batch: _Batch, layer: int) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+        handle = self.model.base_model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.model.base_model(input_ids=batch.ids, attention_mask=batch.attention)
+        finally:
+            handle.remove()
+        return captured[0]
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden).float()
+
+    # -- public API -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def capture_prefix(self, layer: int, split: Split = "search") -> None:
+        """Store the hidden states entering ``layer`` under the current (incumbent) weights."""
+        self.clear_prefix()
+        if layer <= 0:
+            return
+        for obj in self.objectives:
+            if obj.kind == "generate":
+                continue
+            enc = self.encoded(obj, split)
+            for n, batch in enumerate(self._batches(enc)):
+                key = (obj.path, split, obj.held_out, obj.samples, n)
+                if key not in self._prefix:
+                    self._prefix[key] = self._capture(batch, layer)
+        self.prefix_layer = layer
+
+    def clear_prefix(self) -> None:
+        self._prefix.clear()
+        self.prefix_layer = None
+
+    @torch.no_grad()
+    def evaluate(self, split: Split = "search", use_prefix: bool = False) -> dict[str, float]:
+        """Objective name -> value for the model as it is now.
+
+        With ``use_prefix`` the caller guarantees that the weights of layers below the captured
+        prefix layer (and the embedding) equal those at capture time.
+        """
+        self.model.eval()
+        results: dict[str, float] = {}
+        groups: dict[tuple[Path, float, int | None], list[Objective]] = {}
+        for obj in self.objectives:
+            groups.setdefault((obj.path, obj.held_out, obj.samples), []).append(obj)
+        for objs in groups.values():
+            forced = [o for o in objs if o.kind in ("teacher_forced", "choice")]
+            generated = [o for o in objs if o.kind == "generate"]
+            if forced:
+                results.update(self._score_forced(forced, split, use_prefix))
+            for obj in generated:
+                results[obj.name] = self._score_generated(obj, split)
+        return {o.name: results[o.name] for o in self.objectives}
+
+    def _score_forced(self, objs: list[Objective], split: Split, use_prefix: bool) -> dict[str, float]:
+        first = objs[0]
+        enc = self.encoded(first, split)
+        sums: dict[str, list[torch.Tensor]] = {o.name: [] for o in objs}
+        ce_sum, ce_n = 0.0, 0
+        for n, batch in enumerate(self._batches(enc)):
+            key = (first.path, split, first.held_out, first.samples, n)
+            prefix = self._prefix.get(key) if use_prefix and self.prefix_layer else None
+            hidden = self._hidden(batch, prefix, self.prefix_layer or 0)
+            idx = batch.gather.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            logits = self._head(torch.gather(hidden, 1, idx))
+            for obj in objs:
+                if obj.metric == "perplexity":
+                    s, c = M.cross_entropy_sums(logits, batch.target, batch.mask)
+                    ce_sum += float(s.sum())
+                    ce_n += int(c.sum())
+                elif obj.metric == "bigram_loss":
+                    sums[obj.name].append(M.bigram_loss_scores(logits, batch.target, batch.mask))
+                elif obj.metric == "token_accuracy":
+                    sums[obj.name].append(M.token_accuracy_scores(logits, batch.target, batch.mask))
+                elif obj.kind == "choice":
+                    choice_ids = torch.tensor([enc.choice_ids[i] for i in batch.rows], device=logits.device)
+                    answers = torch.tensor([enc.answer_index[i] for i in batch.rows], device=logits.device)
+                    first_pos = logits[:, 0, :]
+                    sums[obj.name].append(M.mc_correct(torch.gather(first_pos, 1, choice_ids), answers))
+                else:  # pragma: no cover - registry and dispatch disagree
+                    raise InputError(f"metric {obj.metric} has no teacher-forced implementation")
+        out: dict[str, float] = {}
+        for obj in objs:
+            if obj.metric == "perplexity":
+                out[obj.name] = M.perplexity_from_sums(ce_sum, ce_n)
+            else:
+                out[obj.name] = float(torch.cat(sums[obj.name]).float().mean())
+        return out
+
+    def _score_generated(self, obj: Objective, split: Split) -> float:
+        enc = self.encoded(obj, split)
+        values: list[torch.Tensor] = []
+        for batch in self._batches(enc):
+            prompts = [enc.prompts[i] for i in batch.rows]
+            if obj.metric in ("exact_match", "accuracy"):
+                stop = self.stop_at_first_mismatch
+                pred, pmax = self.greedy(prompts, batch.target.shape[1], batch.target if stop else None)
+                if obj.metric == "exact_match":
+                    values.append(M.exact_match_scores(pred, pmax, batch.target, batch.mask, stop))
+                else:
+                    values.append(M.exact_accuracy(pred, batch.target, batch.mask))
+            else:
+                pred, _ = self.greedy(prompts, self.max_new_tokens, None)
+                score = M.diversity_score if obj.metric == "diversity" else M.quality_score
+                texts = [self._decode(row) for row in pred.tolist()]
+                values.append(torch.tensor([score(t) for t in texts]))
+        return float(torch.cat(values).float().mean())
+
+    def _decode(self, ids: list[int]) -> str:
+        eos = self.tokenizer.eos_token_id
+        if eos in ids:
+            ids = ids[: ids.index(eos)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def greedy(
+        self, prompts: list[list[int]], max_new: int, target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV-cached batched greedy decoding. Returns (token ids [B, max_new], p_max [B, max_new]).
+
+        A row stops at EOS, or at its first token that differs from ``target`` when given; positions
+        after a row stopped hold padding and p_max 0. Decoding ends when every row has stopped.
+        """
+        dev = self.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p) :] = torch.tensor(p)
+            attention[b, width - len(p) :] = 1
+        ids, attention = ids.to(dev), attention.to(dev)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        base = self.model.base_model
+        cache = DynamicCache(config=self.model.config)
+        out = base(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state[:, -1]
+        preds = torch.full((len(prompts), max_new), self.pad_id, dtype=torch.long, device=dev)
+        pmax = torch.zeros((len(prompts), max_new), device=dev)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
+        eos = self.tokenizer.eos_token_id
+        for t in range(max_new):
+            probs = torch.softmax(self._head(hidden), dim=-1)
+            p, tok = probs.max(dim=-1)
+            preds[:, t] = torch.where(done, preds[:, t], tok)
+            pmax[:, t] = torch.where(done, pmax[:, t], p)
+            done = done | (tok == eos)
+            if target is not None and t < target.shape[1]:
+                done = done | (tok != target[:, t])
+            if bool(done.all()) or t == max_new - 1:
+                break
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            out = base(
+                input_ids=tok[:, None], attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
+            )
+            hidden = out.last_hidden_state[:, -1]
+        return preds, pmax

@@ -1,0 +1,153 @@
+"""Apply a Recipe to the resident working model in place, undo it bit-exactly, or materialise it.
+
+The working model is loaded once (from the pool's first base) and stays on its device. A candidate is
+applied by copying only the tensors whose *source* differs from what the live parameter holds now, and
+undone by copying the saved values back. Models are never reloaded or deep-copied per candidate.
+
+A parameter's source is ``(donor, es_steps)``: which pool model supplies it and which replayable ES
+steps were applied on top. Sources are derived from the Recipe by ``param_sources`` (pure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from olmopt.errors import InputError
+from olmopt.pool.adapter import ArchitectureAdapter, unit_of
+from olmopt.pool.model_pool import ModelPool
+from olmopt.recipe import EsStep, Recipe
+from olmopt.runtime import compute_dtype, pick_device, quiet_transformers
+
+Source = tuple[str, tuple[EsStep, ...]]
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def param_sources(recipe: Recipe, adapter: ArchitectureAdapter, param_names: list[str]) -> dict[str, Source]:
+    """Which donor (and ES steps) supplies each parameter under ``recipe``."""
+    if recipe.param_merge or recipe.fusion or recipe.dfs:
+        raise InputError("recipe: parameter-space merges, fusion and data-flow paths are not swap recipes")
+    es_by_param: dict[str, list[EsStep]] = {}
+    for step in recipe.es:
+        es_by_param.setdefault(step.unit + ".weight", []).append(step)
+    boundary_units = set(adapter.boundary_units()) | {adapter.lm_head}
+    sources: dict[str, Source] = {}
+    for name in param_names:
+        unit = unit_of(name)
+        donor = recipe.base
+        if recipe.boundary and unit in boundary_units:
+            donor = recipe.boundary
+        layer = adapter.layer_of(name)
+        if layer is not None and layer in recipe.layers:
+            donor = recipe.layers[layer]
+        donor = recipe.units.get(unit, donor)
+        sources[name] = (donor, tuple(es_by_param.get(name, ())))
+    return sources
+
+
+def apply_es_steps(tensor: torch.Tensor, steps: tuple[EsStep, ...]) -> torch.Tensor:
+    """Replay ES steps on a tensor (each step regenerates its noise from its seed)."""
+    from olmopt.ops import es as es_ops
+
+    for step in steps:
+        fn = es_ops.svd_es_step if step.kind == "svd" else es_ops.norm_es_step
+        out = fn(tensor, step.sigma, step.seed)
+        if out is None:
+            raise InputError(f"recipe: ES step on {step.unit} (seed {step.seed}) is not applicable to this tensor")
+        tensor = out
+    return tensor
+
+
+def source_tensor(pool: ModelPool, name: str, source: Source, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The value of parameter ``name`` under ``source``, in ``dtype`` on ``device``."""
+    donor, steps = source
+    tensor = pool.tensor(donor, name).to(device=device, dtype=dtype)
+    return apply_es_steps(tensor, steps) if steps else tensor
+
+
+@dataclass
+class PatchHandle:
+    """What ``WorkingModel.apply`` changed, so ``undo`` can put it back bit for bit."""
+
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
+    old_sources: dict[str, Source] = field(default_factory=dict)
+
+
+class WorkingModel:
+    """A resident causal LM that takes Recipes by in-place patching."""
+
+    def __init__(self, pool: ModelPool, base: str, device: str | None = None) -> None:
+        quiet_transformers()
+        self.pool = pool
+        self.device = pick_device(device)
+        self.dtype = compute_dtype(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(pool[base].path, dtype=self.dtype)
+        self.model.to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.adapter = pool.adapter
+        self.params = dict(self.model.named_parameters())
+        self.param_names = list(self.params)
+        self.units = self.adapter.all_units(self.param_names)
+        self.sources: dict[str, Source] = {name: (base, ()) for name in self.param_names}
+        self.recipe = Recipe(base=base)
+
+    def validate(self, recipe: Recipe) -> None:
+        recipe.validate_against(self.pool.names, self.adapter.num_layers, self.units)
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe) -> PatchHandle:
+        """Patch ``recipe`` in; returns the handle that undoes it."""
+        self.validate(recipe)
+        wanted = param_sources(recipe, self.adapter, self.param_names)
+        handle = PatchHandle()
+        try:
+            for name, source in wanted.items():
+                if self.sources[name] == source:
+                    continue
+                param = self.params[name]
+                value = source_tensor(self.pool, name, source, self.dtype, self.device)
+                handle.saved[name] = param.detach().clone()
+                handle.old_sources[name] = self.sources[name]
+                param.copy_(value)
+                self.sources[name] = source
+        except BaseException:
+            self.undo(handle)
+            raise
+        handle.old_sources["__recipe__"] = self.recipe  # type: ignore[assignment]
+        self.recipe = recipe
+        return handle
+
+    @torch.no_grad()
+    def undo(self, handle: PatchHandle) -> None:
+        """Restore exactly what ``apply`` overwrote."""
+        for name, value in handle.saved.items():
+            self.params[name].copy_(value)
+            self.sources[name] = handle.old_sources[name]
+        previous = handle.old_sources.get("__recipe__")
+        if previous is not None:
+            self.recipe = previous  # type: ignore[assignment]
+        handle.saved.clear()
+
+    @contextmanager
+    def patched(self, recipe: Recipe) -> Iterator[None]:
+        """Apply ``recipe`` for the duration of a ``with`` block."""
+        handle = self.apply(recipe)
+        try:
+            yield
+        finally:
+            self.undo(handle)
+
+
+def materialize(pool: ModelPool, recipe: Recipe, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream ``(checkpoint tensor name, tensor)`` of the merged model, in the base checkpoint's layout."""
+    base = pool[recipe.base].checkpoint
+    names = base.keys()
+    sources = param_sources(recipe, pool.adapter, names)
+    cpu = torch.device("cpu")
+    for name in names:
+        out_dtype = dtype or SAFETENSORS_DTYPES[base.dtype_name(name)]
+        yield name, source_tensor(pool, name, sources[name], out_dtype, cpu)

@@ -1,0 +1,146 @@
+"""The Recipe: a small, typed, versioned, JSON-serialisable description of a merged model.
+
+Everything speaks Recipe: a trial decodes into one, the patcher applies one to the resident model, the
+export rebuilds the model from one and merge_report.json embeds it. Donors are pool model names.
+Order of application: base -> parameter-space merge -> boundary -> layers -> units -> ES steps ->
+depth fusion -> data-flow path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from olmopt.errors import InputError
+
+RECIPE_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EsStep(_Strict):
+    """One accepted evolution-strategy step, replayable from its seed (noise is never stored)."""
+
+    unit: str
+    kind: Literal["svd", "norm"]
+    sigma: float = Field(gt=0)
+    seed: int = Field(ge=0)
+
+
+class ParamMerge(_Strict):
+    """A parameter-space merge of the pool against the base (circuit, della, task_arithmetic)."""
+
+    method: str
+    models: tuple[str, ...]
+    params: dict[str, float | int | bool | str] = Field(default_factory=dict)
+    seed: int = 0
+
+
+class FusionStep(_Strict):
+    """Fuse layer ``remove`` into layer ``into``: W_into <- alpha*W_into + (1-alpha)*W_remove."""
+
+    into: int = Field(ge=0)
+    remove: int = Field(ge=0)
+    alpha: float = Field(ge=0, le=1)
+
+
+class DataFlowPath(_Strict):
+    """Layer path of a data-flow-space merge: (model, layer) hops, a scale per hop."""
+
+    hops: tuple[tuple[str, int], ...]
+    scales: tuple[float, ...]
+    input_model: str
+    output_model: str
+
+
+class Recipe(_Strict):
+    """A merged model relative to a pool."""
+
+    version: int = RECIPE_VERSION
+    base: str
+    boundary: str | None = None
+    layers: dict[int, str] = Field(default_factory=dict)
+    units: dict[str, str] = Field(default_factory=dict)
+    es: tuple[EsStep, ...] = ()
+    param_merge: ParamMerge | None = None
+    fusion: tuple[FusionStep, ...] = ()
+    dfs: DataFlowPath | None = None
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v > RECIPE_VERSION:
+            raise ValueError(f"recipe version {v} is newer than this olmopt understands ({RECIPE_VERSION})")
+        return v
+
+    # -- JSON form -------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        data["version"] = self.version
+        data["base"] = self.base
+        return data
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Recipe:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"recipe: not valid JSON: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "recipe"
+            raise InputError(f"recipe: {where}: {err['msg']}") from None
+
+    def digest(self) -> str:
+        """Short stable hash, used as a cache key for the model state a recipe describes."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    # -- edits (recipes are immutable; these return new ones) -------------------------------------
+    def with_layer(self, index: int, donor: str) -> Recipe:
+        layers = dict(self.layers)
+        layers[index] = donor
+        return self.model_copy(update={"layers": layers})
+
+    def with_unit(self, unit: str, donor: str) -> Recipe:
+        units = dict(self.units)
+        units[unit] = donor
+        return self.model_copy(update={"units": units})
+
+    def with_es(self, step: EsStep) -> Recipe:
+        return self.model_copy(update={"es": (*self.es, step)})
+
+    def donors(self) -> set[str]:
+        names = {self.base, *self.layers.values(), *self.units.values()}
+        if self.boundary:
+            names.add(self.boundary)
+        if self.param_merge:
+            names.update(self.param_merge.models)
+        if self.dfs:
+            names.update(m for m, _ in self.dfs.hops)
+        return names
+
+    def validate_against(self, pool_names: list[str], num_layers: int, units: list[str]) -> None:
+        """One-line InputError for donors outside the pool, layers out of range, unknown units."""
+        for name in sorted(self.donors()):
+            if name not in pool_names:
+                raise InputError(f"recipe: donor {name!r} is not in the pool ({', '.join(pool_names)})")
+        for index in self.layers:
+            if not 0 <= index < num_layers:
+                raise InputError(f"recipe: layer {index} out of range (model has {num_layers} layers)")
+        known = set(units)
+        for unit in [*self.units, *(s.unit for s in self.es)]:
+            if unit not in known:
+                raise InputError(f"recipe: unit {unit!r} does not exist in this architecture")

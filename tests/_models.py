@@ -1,0 +1,78 @@
+"""Small random model families for unit tests that must not wait for the trained zoo."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+TEMPLATE = (
+    "{{ '<s>' }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<|assistant|>' + m['content'] + '</s>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    chars = string.digits + string.ascii_letters + string.punctuation + " \n"
+    vocab = {t: i for i, t in enumerate(SPECIALS + list(chars))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.chat_template = TEMPLATE
+    return fast
+
+
+def make_config(arch: str = "llama", layers: int = 4, hidden: int = 64, vocab: int = 102):
+    extra = {}
+    if arch == "mistral":
+        extra["num_key_value_heads"] = 2
+    if arch == "qwen2":
+        extra["tie_word_embeddings"] = True
+    return AutoConfig.for_model(
+        arch,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=extra.pop("num_key_value_heads", 4),
+        intermediate_size=2 * hidden,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        **extra,
+    )
+
+
+def make_family(root: Path, names: list[str], arch: str = "llama", layers: int = 4, noise: float = 0.5, seed: int = 0) -> dict[str, Path]:
+    """A base (first name) and noisy copies of it, saved as safetensors model directories."""
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(make_config(arch, layers, vocab=len(tok)))
+    out = {}
+    for k, name in enumerate(names):
+        model = base if k == 0 else _noisy(base, noise, seed + k)
+        path = root / name
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        out[name] = path
+    return out
+
+
+def _noisy(model, noise: float, seed: int):
+    clone = AutoModelForCausalLM.from_config(model.config)
+    clone.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * noise * (p.std() if p.numel() > 1 else 1.0))
+    return clone
