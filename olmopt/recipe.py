@@ -122,6 +122,15 @@ class Recipe(_Strict):
     def with_es(self, step: EsStep) -> Recipe:
         return self.model_copy(update={"es": (*self.es, step)})
 
+    def renamed(self, mapping: dict[str, str]) -> Recipe:
+        """The same recipe with donors renamed (e.g. hub ids -> local directories)."""
+        data = self.to_dict()
+        text = json.dumps(data)
+        for old, new in mapping.items():
+            if old != new:
+                text = text.replace(json.dumps(old), json.dumps(new))
+        return Recipe.from_dict(json.loads(text))
+
     def donors(self) -> set[str]:
         names = {self.base, *self.layers.values(), *self.units.values()}
         if self.boundary:

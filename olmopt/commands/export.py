@@ -1,0 +1,64 @@
+"""``olmopt export best`` and ``olmopt rebuild``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from olmopt.commands._common import add_storage_flag, print_json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    export = subparsers.add_parser("export", help="write a campaign's merged model as a Hugging Face directory")
+    sub = export.add_subparsers(dest="export_command", metavar="WHAT", required=True)
+    best = sub.add_parser("best", help="the campaign's winning Recipe (or --trial N)")
+    best.add_argument("name")
+    best.add_argument("--out", required=True, type=Path, metavar="DIR")
+    best.add_argument("--trial", type=int, metavar="N", help="export trial N of the last stage (or of --stage)")
+    best.add_argument("--stage", metavar="KEY", help="stage key as shown by `olmopt study status`")
+    best.add_argument("--force", action="store_true", help="replace an existing output directory")
+    best.add_argument("--no-compare", action="store_true", help="skip scoring every donor for the model card")
+    best.add_argument("--json", action="store_true")
+    best.add_argument("--quiet", action="store_true")
+    add_storage_flag(best)
+    best.set_defaults(func=cmd_export_best)
+
+    rebuild = subparsers.add_parser("rebuild", help="rebuild a model from a merge_report.json alone")
+    rebuild.add_argument("report", type=Path, metavar="REPORT.json")
+    rebuild.add_argument("--out", required=True, type=Path, metavar="DIR")
+    rebuild.add_argument("--models-dir", type=Path, help="where OLM kept its models (org/name -> DIR/org_name)")
+    rebuild.add_argument("--force", action="store_true")
+    rebuild.add_argument("--json", action="store_true")
+    rebuild.add_argument("--quiet", action="store_true")
+    rebuild.set_defaults(func=cmd_rebuild)
+
+
+def cmd_export_best(args: argparse.Namespace) -> int:
+    from olmopt.search.finalize import export_best
+    from olmopt.search.storage import storage_url
+
+    result = export_best(
+        args.name, storage_url(args.storage), args.out, args.trial, args.stage, args.force,
+        progress=not args.quiet, compare_donors=not args.no_compare,
+    )  # fmt: skip
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"exported {args.name} ({result['stage']}, trial {result['trial']}) to {args.out}")
+    names = list(result["metrics"])
+    print(f"{'model':<44} " + " ".join(f"{n[:12]:>12} {'(held)':>8}" for n in names))
+    for row in result["comparison"]:
+        cells = " ".join(f"{row['search'].get(n, float('nan')):>12.4f} {row['held_out'].get(n, float('nan')):>8.4f}" for n in names)
+        print(f"{row['model'][-44:]:<44} {cells}")
+    return 0
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from olmopt.export import rebuild
+
+    recipe = rebuild(args.report, args.out, args.models_dir, args.force, progress=not args.quiet)
+    if args.json:
+        print_json({"out": str(args.out), "recipe": recipe.to_dict()})
+    else:
+        print(f"rebuilt {args.out} from {args.report}")
+    return 0

@@ -1,0 +1,116 @@
+"""``olmopt study create|run|status|list``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from olmopt.commands._common import add_storage_flag, print_json, sigterm_as_interrupt
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    study = subparsers.add_parser("study", help="create, run and inspect merge campaigns")
+    sub = study.add_subparsers(dest="study_command", metavar="ACTION", required=True)
+
+    create = sub.add_parser("create", help="validate a study file and create its campaign")
+    create.add_argument("study_file", metavar="STUDY.yaml")
+    create.add_argument("--name", help="campaign name (default: the study file's `name`)")
+    add_storage_flag(create)
+    create.add_argument("--json", action="store_true", help="print the plan as JSON")
+    create.set_defaults(func=cmd_create)
+
+    run = sub.add_parser("run", help="run (or resume) a campaign's stages")
+    run.add_argument("name")
+    add_storage_flag(run)
+    run.add_argument("--workers", type=int, default=1, metavar="K", help="evaluate K candidates at once (processes)")
+    run.add_argument("--n-trials", type=int, metavar="N", help="trial budget of joint stages (overrides the study)")
+    run.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds (resume later)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="stages, trials, winners and metrics of a campaign")
+    status.add_argument("name")
+    add_storage_flag(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    lst = sub.add_parser("list", help="campaigns in a storage")
+    add_storage_flag(lst)
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_list)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from olmopt.config import load_study_file
+    from olmopt.search.api import create_campaign
+    from olmopt.search.storage import redact, storage_url
+
+    config = load_study_file(args.study_file)
+    if args.name:
+        config = config.model_copy(update={"name": args.name})
+    url = storage_url(args.storage, config.storage)
+    campaign = create_campaign(config, url)
+    if args.json:
+        print_json({"name": campaign.name, "storage": redact(url), "stages": [s.to_dict() | {"key": s.key} for s in campaign.plan]})
+        return 0
+    print(f"created campaign {campaign.name!r} in {redact(url)} with {len(campaign.plan)} stages:")
+    for stage in campaign.plan:
+        extra = f" ({stage.n_trials} trials)" if stage.is_joint else ""
+        print(f"  {stage.key}{extra}")
+    print(f"next: olmopt study run {campaign.name}" + (f" --storage {redact(url)}" if args.storage else ""))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from olmopt.search.api import run_campaign
+    from olmopt.search.storage import storage_url
+
+    if args.workers < 1:
+        from olmopt.errors import InputError
+
+        raise InputError("--workers must be >= 1")
+    sigterm_as_interrupt()
+    log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    outcome = run_campaign(
+        args.name, storage_url(args.storage), args.workers, args.n_trials, args.timeout, not args.quiet, log
+    )
+    state = "finished" if outcome.finished else "stopped (resume with the same command)"
+    print(f"campaign {args.name}: {state}; {outcome.stages_run} stages and {outcome.trials_run} trials this run")
+    if outcome.final is not None and outcome.finished:
+        print(f"recipe: {outcome.final.to_json()}")
+    return 0 if outcome.finished else 3
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from olmopt.search.api import campaign_status
+    from olmopt.search.storage import storage_url
+
+    status = campaign_status(args.name, storage_url(args.storage))
+    if args.json:
+        print_json(status)
+        return 0
+    names = list(status["objectives"])
+    print(f"campaign {status['name']}: {'finished' if status['finished'] else 'in progress'}")
+    header = f"{'stage':<40} {'state':<8} {'trials':>6}  {'winner':<28} " + " ".join(f"{n[:14]:>14}" for n in names)
+    print(header)
+    for s in status["stages"]:
+        metrics = s["metrics"] or {}
+        vals = " ".join(f"{metrics[n]:>14.4f}" if n in metrics else f"{'-':>14}" for n in names)
+        winner = str(s["winner"] or "-")[-28:]
+        print(f"{s['stage'][:40]:<40} {s['state']:<8} {s['trials']['complete']:>6}  {winner:<28} {vals}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from olmopt.search.campaign import list_campaigns
+    from olmopt.search.storage import storage_url
+
+    rows = list_campaigns(storage_url(args.storage))
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        print("no campaigns")
+    for r in rows:
+        print(f"{r['name']:<32} {r['decided']:>4}/{r['stages']:<4} stages  {'finished' if r['finished'] else 'in progress'}  {r['created']}")
+    return 0

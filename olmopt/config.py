@@ -1,0 +1,253 @@
+"""Typed study files: the one place that validates user input and words its errors.
+
+A study file (YAML) names the pool, the objectives, the decisions to search, selection rules, sampler
+and storage. ``pool`` and ``objectives`` may be inline or paths to files in configs/ and objectives/.
+The original OLM configuration (olm_config.yaml) is accepted too and converted.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from olmopt.errors import InputError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PoolConfig(_Strict):
+    models: list[str] = Field(min_length=1)
+    base_dir: str | None = None
+    trust_remote_code: bool = False
+
+
+class ObjectiveConfig(_Strict):
+    dataset: str
+    metric: str
+    name: str | None = None
+    held_out: float = Field(0.25, ge=0.0, lt=1.0)
+    samples: int | None = Field(None, gt=0)
+
+
+class BaseDecision(_Strict):
+    mode: Literal["fixed", "auto"] = "fixed"
+    model: str | None = None
+
+
+class SwapDecision(_Strict):
+    """Layer or tensor-unit donors: greedy (OLM traversal, one stage per slot) or joint (one search)."""
+
+    mode: Literal["greedy", "joint", "off"] = "greedy"
+    direction: Literal["forward", "backward"] = "forward"
+    only: list[int] | None = None  # restrict to these layer indices
+    skip_norm: bool = True
+    n_trials: int = Field(50, gt=0)
+
+
+class BoundaryDecision(_Strict):
+    mode: Literal["greedy", "off"] = "greedy"
+
+
+class Decisions(_Strict):
+    base: BaseDecision = Field(default_factory=BaseDecision)
+    boundary: BoundaryDecision = Field(default_factory=lambda: BoundaryDecision(mode="off"))
+    layers: SwapDecision = Field(default_factory=SwapDecision)
+    tensors: SwapDecision = Field(default_factory=lambda: SwapDecision(mode="off"))
+
+
+class SelectionConfig(_Strict):
+    improve_all: str | None = None  # None, "base", "all" or a metric name
+    held_out_check: bool = True
+
+
+class SamplerConfig(_Strict):
+    name: Literal["tpe", "nsga2", "random"] = "tpe"
+    seed: int = 0
+    multivariate: bool = True
+
+
+class EvaluationConfig(_Strict):
+    batch_size: int = Field(32, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    stop_at_first_mismatch: bool = True
+    device: str | None = None
+
+
+class StudyConfig(_Strict):
+    name: str
+    pool: PoolConfig
+    objectives: list[ObjectiveConfig] = Field(min_length=1)
+    decisions: Decisions = Field(default_factory=Decisions)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    storage: str | None = None
+    root: str = "."  # directory that relative paths are resolved against
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyConfig:
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"name {self.name!r} must be 1-64 letters, digits, '_', '.', '-'")
+        base = self.decisions.base
+        if base.mode == "fixed" and base.model and base.model not in self.pool.models:
+            raise ValueError(f"decisions.base.model {base.model!r} is not in pool.models")
+        if base.mode == "auto" and base.model:
+            raise ValueError("decisions.base: 'model' cannot be set with mode 'auto'")
+        names = [o.name or default_objective_name(o) for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives: names must be unique, got {names}")
+        rule = self.selection.improve_all
+        metrics = {o.metric for o in self.objectives}
+        if rule not in (None, "", "base", "all") and rule not in metrics:
+            raise ValueError(f"selection.improve_all {rule!r} must be 'base', 'all' or an objective metric {sorted(metrics)}")
+        return self
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(self.root) / p
+
+    @property
+    def base_model(self) -> str:
+        return self.decisions.base.model or self.pool.models[0]
+
+
+def default_objective_name(obj: ObjectiveConfig) -> str:
+    return f"{Path(obj.dataset).stem}.{obj.metric}"
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise InputError(f"{path}: not valid YAML{where}") from None
+
+
+def _validation_message(path: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{path}: {where + ': ' if where else ''}{msg}"
+
+
+def load_study_file(path: str | Path) -> StudyConfig:
+    """Read and validate a study file (or an OLM config); every problem is one line naming the key."""
+    path = Path(path)
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping at the top level")
+    if is_olm_config(data):
+        data = olm_to_study(data, path)
+    data = dict(data)
+    root = path.parent.resolve()
+    data.setdefault("root", str(_project_root(root)))
+    data.setdefault("name", path.stem)
+    base = Path(data["root"])
+    for key, loader in (("pool", _include_mapping), ("objectives", _include_list)):
+        if isinstance(data.get(key), str):
+            data[key] = loader(base / data[key], key)
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(_validation_message(path, exc)) from None
+
+
+def _project_root(start: Path) -> Path:
+    """Relative paths in study files resolve against the project root (the dir holding studies/)."""
+    return start.parent if start.name == "studies" else start
+
+
+def _include_mapping(path: Path, key: str) -> Any:
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: {key} file must be a mapping")
+    return data
+
+
+def _include_list(path: Path, key: str) -> Any:
+    data = _read_yaml(path)
+    if isinstance(data, dict) and key in data:
+        data = data[key]
+    if not isinstance(data, list):
+        raise InputError(f"{path}: {key} file must be a list (or a mapping with key '{key}')")
+    return data
+
+
+# -- OLM compatibility ----------------------------------------------------------------------------
+OLM_KEYS = {"models", "dataset", "base_model_name", "layer_swap", "tensor_swap"}
+OLM_MODE_TO_METRIC = {
+    "exact_match": "exact_match",
+    "bigram_loss": "bigram_loss",
+    "diversity": "diversity",
+    "quality": "quality",
+    "perplexity": "perplexity",
+    "exact": "exact_match",
+    "bigram": "bigram_loss",
+}
+OLM_IGNORED = {
+    "models_dir", "output_dir", "metric_dir", "max_models", "load_merge_report", "selection", "markov",
+}  # fmt: skip
+
+
+def is_olm_config(data: dict[str, Any]) -> bool:
+    return "models" in data and "dataset" in data and "pool" not in data
+
+
+def olm_to_study(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Convert an olm_config.yaml mapping to a study mapping (unknown keys still fail)."""
+    known = OLM_KEYS | OLM_IGNORED | {
+        "direction", "dataset_dir", "base_select", "boundary_select", "skip_norm", "improve_all", "samples",
+        "es_svd", "es_svd_generations", "es_svd_sigma", "es_norm", "es_norm_generations", "es_norm_sigma", "name",
+    }  # fmt: skip
+    for key in data:
+        if key not in known:
+            raise InputError(f"{path}: {key}: unknown key in OLM config")
+    dataset_dir = str(data.get("dataset_dir", "."))
+    objectives = []
+    datasets = data.get("dataset") or {}
+    if not isinstance(datasets, dict) or not datasets:
+        raise InputError(f"{path}: dataset: expected a mapping of file -> {{mode: ...}}")
+    for file, spec in datasets.items():
+        mode = (spec or {}).get("mode") if isinstance(spec, dict) else None
+        if mode not in OLM_MODE_TO_METRIC:
+            raise InputError(f"{path}: dataset.{file}.mode: unknown mode {mode!r}")
+        objectives.append(
+            {"dataset": str(Path(dataset_dir) / file), "metric": OLM_MODE_TO_METRIC[mode], "held_out": 0.0,
+             "samples": data.get("samples"), "name": Path(file).stem}
+        )  # fmt: skip
+    direction = data.get("direction", "forward")
+    improve = data.get("improve_all")
+    improve = OLM_MODE_TO_METRIC.get(improve, improve) if improve else None
+    base_name = data.get("base_model_name")
+    models = list(data["models"])
+    if base_name and base_name not in models:
+        models.insert(0, base_name)
+    return {
+        "name": data.get("name", path.stem.replace("_", "-")),
+        "pool": {"models": models},
+        "objectives": objectives,
+        "decisions": {
+            "base": {"mode": "auto"} if data.get("base_select") else {"mode": "fixed", "model": base_name},
+            "boundary": {"mode": "greedy" if data.get("boundary_select") else "off"},
+            "layers": {"mode": "greedy" if data.get("layer_swap") else "off", "direction": direction},
+            "tensors": {
+                "mode": "greedy" if data.get("tensor_swap", True) else "off",
+                "direction": direction,
+                "skip_norm": bool(data.get("skip_norm", True)),
+            },
+        },
+        "selection": {"improve_all": improve},
+    }

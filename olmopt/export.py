@@ -1,0 +1,187 @@
+"""The finalizer: rebuild a Recipe on a fresh load, check it, and write a Hugging Face model directory.
+
+The directory holds config, tokenizer (with chat template), generation config, sharded safetensors
+with an index, ``merge_report.json`` (OLM's keys plus the Recipe, stage decisions, held-out figures and
+provenance) and a README model card. It is written atomically: temp dir, then rename.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from olmopt import __version__
+from olmopt.errors import InputError, OlmoptError
+from olmopt.outdir import ShardedSafetensorsWriter, atomic_output_dir, copy_side_files
+from olmopt.patch import materialize
+from olmopt.pool.model_pool import ModelPool
+from olmopt.recipe import Recipe
+
+REPORT_FILE = "merge_report.json"
+DEFAULT_SHARD_BYTES = 2 * 10**9
+
+
+class ReproductionError(OlmoptError):
+    """Exported weights do not reproduce the metrics recorded for the trial."""
+
+
+def metrics_match(expected: dict[str, float], got: dict[str, float], rel: float = 1e-4, abs_: float = 1e-5) -> bool:
+    return all(
+        name in got and (math.isclose(v, got[name], rel_tol=rel, abs_tol=abs_) or (math.isnan(v) and math.isnan(got[name])))
+        for name, v in expected.items()
+    )
+
+
+def write_model_dir(
+    pool: ModelPool,
+    recipe: Recipe,
+    out: Path,
+    report: dict[str, Any],
+    card: str,
+    force: bool = False,
+    progress: bool = True,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Materialise ``recipe`` from ``pool`` into ``out`` atomically, with report and model card."""
+    with atomic_output_dir(out, force) as tmp:
+        copy_side_files(pool[recipe.base].path, tmp)
+        names = pool[recipe.base].checkpoint.keys()
+        with ShardedSafetensorsWriter(tmp, max_shard_bytes) as writer:
+            for name, tensor in tqdm(materialize(pool, recipe), total=len(names), desc="writing", disable=not progress, leave=False):
+                writer.add(name, tensor)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=True) + "\n")
+        (tmp / "README.md").write_text(card)
+    return out
+
+
+def olm_report_sections(plan: list[dict[str, Any]], decisions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """OLM's report keys (base_model, boundary_layers, layers, tensors) from stage decisions."""
+    report: dict[str, Any] = {"layers": {}, "tensors": {}}
+    for stage in plan:
+        key = _stage_key(stage)
+        d = decisions.get(key)
+        if d is None:
+            continue
+        per_candidate = _per_dataset(d)
+        if stage["kind"] == "base":
+            report["base_model"] = {"name": d["winner"], "metrics": d["metrics"]}
+        elif stage["kind"] == "boundary":
+            report["boundary_layers"] = {"name": d["winner"], "metrics": d["metrics"]}
+        elif stage["kind"] == "layer":
+            report["layers"][str(stage["target"])] = {"metrics": per_candidate, "best_model": d["winner"]}
+        elif stage["kind"] == "unit":
+            report["tensors"][f"{stage['target']}.weight"] = {"metrics": per_candidate, "best_model": d["winner"]}
+    return report
+
+
+def _stage_key(stage: dict[str, Any]) -> str:
+    suffix = f"-{stage['target']}" if stage["target"] else ""
+    return f"{stage['index']:03d}-{stage['kind']}{suffix}"
+
+
+def _per_dataset(decision: dict[str, Any]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for label, cand in decision.get("candidates", {}).items():
+        for name, value in cand["metrics"].items():
+            out.setdefault(name, {})[label] = value
+    return out
+
+
+def model_card(title: str, recipe: Recipe, table: list[dict[str, Any]], objectives: list[str], directions: dict[str, str]) -> str:
+    """README.md with front matter and a metrics table (search vs held-out for base, donors, merged)."""
+    lines = [
+        "---",
+        f"base_model: {recipe.base}",
+        "library_name: transformers",
+        "tags: [merge, olmopt]",
+        "---",
+        f"# {title}",
+        "",
+        f"Merged with olmopt {__version__}. Recipe (relative to the pool):",
+        "",
+        "```json",
+        json.dumps(recipe.to_dict(), indent=2, sort_keys=True),
+        "```",
+        "",
+        "## Metrics",
+        "",
+        "Arrows give each objective's direction; `search` is the data the search saw, `held-out` is not.",
+        "",
+    ]
+    arrows = {n: "↓" if directions[n] == "minimize" else "↑" for n in objectives}
+    header = "| model | " + " | ".join(f"{n} {arrows[n]} search | {n} held-out" for n in objectives) + " |"
+    lines += [header, "|" + "---|" * (1 + 2 * len(objectives))]
+    for row in table:
+        cells = []
+        for n in objectives:
+            cells += [_fmt(row["search"].get(n)), _fmt(row.get("held_out", {}).get(n))]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def provenance(url_redacted: str, campaign: str, stage: str | None, trial: int | None, datasets: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "olmopt_version": __version__,
+        "storage": url_redacted,
+        "campaign": campaign,
+        "stage": stage,
+        "trial": trial,
+        "datasets": datasets,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# -- rebuild from a report ---------------------------------------------------------------------------
+def recipe_from_report(report: dict[str, Any]) -> Recipe:
+    """The report's Recipe, or one derived from OLM's keys for a report written by the original tool."""
+    if "recipe" in report:
+        return Recipe.from_dict(report["recipe"])
+    try:
+        base = report["base_model"]["name"]
+    except (KeyError, TypeError):
+        raise InputError("report: neither 'recipe' nor OLM's 'base_model.name' is present") from None
+    boundary = (report.get("boundary_layers") or {}).get("name")
+    layers = {int(k): v["best_model"] for k, v in (report.get("layers") or {}).items() if v.get("best_model")}
+    units = {}
+    for name, entry in (report.get("tensors") or {}).items():
+        if entry.get("best_model"):
+            units[name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name] = entry["best_model"]
+    return Recipe(base=base, boundary=boundary, layers=layers, units=units)
+
+
+def resolve_report_models(recipe: Recipe, models_dir: Path | None) -> dict[str, str]:
+    """Donor name -> pool reference; OLM kept ``org/name`` under ``models_dir/org_name``."""
+    refs = {}
+    for name in [recipe.base, *sorted(recipe.donors() - {recipe.base})]:
+        local = models_dir / name.replace("/", "_") if models_dir else None
+        refs[name] = str(local) if local is not None and local.is_dir() else name
+    return refs
+
+
+def rebuild(report_path: Path, out: Path, models_dir: Path | None = None, force: bool = False, progress: bool = True) -> Recipe:
+    """Rebuild a model directory from a merge report alone (olmopt's or the original OLM's)."""
+    try:
+        report = json.loads(report_path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"report {report_path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"report {report_path}: not valid JSON ({exc})") from None
+    if not isinstance(report, dict):
+        raise InputError(f"report {report_path}: expected a JSON object")
+    recipe = recipe_from_report(report)
+    mapping = resolve_report_models(recipe, models_dir)
+    recipe = recipe.renamed(mapping)
+    pool = ModelPool(list(dict.fromkeys(mapping.values())))
+    pool.check_homology()
+    card = f"# Rebuilt merge\n\nRebuilt by olmopt {__version__} from `{report_path.name}`.\n"
+    write_model_dir(pool, recipe, out, report, card, force=force, progress=progress)
+    return recipe

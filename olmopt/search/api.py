@@ -1,0 +1,119 @@
+"""Campaign operations used by the CLI: create (with pre-flight validation), run, status."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from olmopt.config import StudyConfig
+from olmopt.errors import InputError
+from olmopt.evaluate.datasets import file_digest
+from olmopt.evaluate.engine import Evaluator
+from olmopt.search.campaign import Campaign
+from olmopt.search.context import EvalContext, objectives_of, open_pool
+from olmopt.search.plan import Stage, plan_stages
+from olmopt.search.runner import CampaignRunner, RunOutcome
+from olmopt.search.storage import single_writer
+from olmopt.search.workers import Evaluators
+
+
+def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
+    """Validate pool homology and every dataset (tokenized) before any heavy work; return the plan."""
+    pool = open_pool(config)
+    pool.check_homology()
+    base = config.base_model
+    tokenizer = AutoTokenizer.from_pretrained(pool[base].path)
+    objectives = objectives_of(config)
+    evaluator = Evaluator(_NoModel(), tokenizer, objectives)  # type: ignore[arg-type]
+    for split in ("search", "held_out"):
+        if split == "held_out" and not any(o.held_out > 0 for o in objectives):
+            continue
+        for obj in objectives:
+            enc = evaluator.encoded(obj, split)  # type: ignore[arg-type]
+            if obj.kind == "choice" and not enc.choice_ids:
+                raise InputError(f"dataset {obj.path}: metric {obj.metric} needs multiple-choice items")
+    names = pool[base].checkpoint.keys()
+    if pool.adapter.tied_embeddings:
+        names = [n for n in names if not n.startswith(pool.adapter.lm_head)]
+    plan = plan_stages(config, pool.adapter, names)
+    extra = {"datasets": {o.name: {"path": str(o.path), "sha256": file_digest(o.path)} for o in objectives}}
+    return plan, extra
+
+
+class _NoModel:
+    """Stand-in model for tokenizing datasets without loading weights."""
+
+
+def create_campaign(config: StudyConfig, url: str) -> Campaign:
+    plan, extra = preflight(config)
+    return Campaign.create(config, url, plan, extra)
+
+
+def run_campaign(
+    name: str,
+    url: str,
+    workers: int = 1,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> RunOutcome:
+    campaign = Campaign.load(name, url)
+    with single_writer(url):
+        context = EvalContext(campaign.config, open_pool(campaign.config)) if workers <= 1 else None
+        evaluators = Evaluators(campaign.config, workers, context)
+        try:
+            runner = CampaignRunner(campaign, evaluators, progress, n_trials, timeout, log)
+            return runner.run()
+        finally:
+            evaluators.close()
+
+
+def campaign_status(name: str, url: str) -> dict[str, Any]:
+    """Stages with their state, trial counts, winners and metrics (JSON-ready)."""
+    import optuna
+
+    campaign = Campaign.load(name, url)
+    decisions = campaign.decisions()
+    stages = []
+    for stage in campaign.plan:
+        study = campaign.existing_stage_study(stage)
+        counts = {"complete": 0, "running": 0, "waiting": 0, "failed": 0}
+        if study is not None:
+            for t in study.get_trials(deepcopy=False):
+                key = {
+                    optuna.trial.TrialState.COMPLETE: "complete",
+                    optuna.trial.TrialState.RUNNING: "running",
+                    optuna.trial.TrialState.WAITING: "waiting",
+                    optuna.trial.TrialState.FAIL: "failed",
+                }.get(t.state)
+                if key:
+                    counts[key] += 1
+        d = decisions.get(stage.key)
+        stages.append(
+            {
+                "stage": stage.key,
+                "kind": stage.kind,
+                "target": stage.target,
+                "state": "decided" if d else ("running" if study is not None else "pending"),
+                "trials": counts,
+                "winner": d["winner"] if d else None,
+                "metrics": d["metrics"] if d else None,
+                "held_out": d["held_out"] if d else None,
+            }
+        )
+    final = campaign.final_recipe()
+    return {
+        "name": name,
+        "finished": all(s["state"] == "decided" for s in stages),
+        "objectives": campaign.directions(),
+        "stages": stages,
+        "recipe": final.to_dict() if final else None,
+    }
+
+
+def study_file_dir(path: str) -> Path:
+    return Path(path).resolve().parent

@@ -1,0 +1,171 @@
+"""A campaign: the study file, its stage plan and the decisions, all kept in one Optuna storage.
+
+Layout in the storage: a root study named after the campaign holds the validated config and the plan
+as user attrs; each stage is its own Optuna study ``{name}/{stage.key}`` with one objective per
+(dataset, metric), and records its decision as the user attr ``olmopt.decision`` once selected.
+Everything needed to resume lives in the storage: a decided stage is never recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from olmopt import __version__
+from olmopt.config import StudyConfig
+from olmopt.errors import StorageError
+from olmopt.recipe import Recipe
+from olmopt.search.plan import Stage
+from olmopt.search.storage import open_storage, redact
+
+CAMPAIGN_ATTR = "olmopt.campaign"
+DECISION_ATTR = "olmopt.decision"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class Campaign:
+    """Handle on a campaign stored at ``url``."""
+
+    name: str
+    url: str
+    storage: optuna.storages.BaseStorage
+    config: StudyConfig
+    plan: list[Stage]
+    info: dict[str, Any]
+
+    # -- creation and lookup ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, config: StudyConfig, url: str, plan: list[Stage], extra: dict[str, Any]) -> Campaign:
+        storage = open_storage(url)
+        if config.name in campaign_names(storage):
+            raise StorageError(f"campaign {config.name!r} already exists in {redact(url)} (pick another name)")
+        info = {
+            "olmopt_version": __version__,
+            "config": config.model_dump(mode="json"),
+            "plan": [s.to_dict() for s in plan],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        }
+        root = optuna.create_study(storage=storage, study_name=config.name, direction="minimize")
+        root.set_user_attr(CAMPAIGN_ATTR, info)
+        return cls(config.name, url, storage, config, plan, info)
+
+    @classmethod
+    def load(cls, name: str, url: str) -> Campaign:
+        storage = open_storage(url)
+        try:
+            root = optuna.load_study(storage=storage, study_name=name)
+        except KeyError:
+            raise StorageError(f"no campaign named {name!r} in {redact(url)} (see `olmopt study list`)") from None
+        info = root.user_attrs.get(CAMPAIGN_ATTR)
+        if not info:
+            raise StorageError(f"study {name!r} in {redact(url)} is not an olmopt campaign")
+        config = StudyConfig.model_validate(info["config"])
+        plan = [Stage(**s) for s in info["plan"]]
+        return cls(name, url, storage, config, plan, info)
+
+    # -- stages -------------------------------------------------------------------------------------------
+    def objective_names(self) -> list[str]:
+        from olmopt.search.context import objectives_of
+
+        return [o.name for o in objectives_of(self.config)]
+
+    def directions(self) -> dict[str, str]:
+        from olmopt.search.context import objectives_of
+
+        return {o.name: o.direction for o in objectives_of(self.config)}
+
+    def stage_study_name(self, stage: Stage) -> str:
+        return f"{self.name}/{stage.key}"
+
+    def stage_study(self, stage: Stage, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+        names = self.objective_names()
+        directions = self.directions()
+        study = optuna.create_study(
+            storage=self.storage,
+            study_name=self.stage_study_name(stage),
+            directions=[directions[n] for n in names],
+            sampler=sampler,
+            load_if_exists=True,
+        )
+        if study.metric_names is None:
+            study.set_metric_names(names)
+        return study
+
+    def existing_stage_study(self, stage: Stage) -> optuna.Study | None:
+        try:
+            return optuna.load_study(storage=self.storage, study_name=self.stage_study_name(stage))
+        except KeyError:
+            return None
+
+    def decision(self, stage: Stage) -> dict[str, Any] | None:
+        study = self.existing_stage_study(stage)
+        return None if study is None else study.user_attrs.get(DECISION_ATTR)
+
+    def decisions(self) -> dict[str, dict[str, Any]]:
+        """stage key -> decision, for decided stages (one storage round trip per stage study)."""
+        out = {}
+        for summary in optuna.get_all_study_summaries(self.storage, include_best_trial=False):
+            prefix = self.name + "/"
+            if summary.study_name.startswith(prefix) and DECISION_ATTR in summary.user_attrs:
+                out[summary.study_name[len(prefix) :]] = summary.user_attrs[DECISION_ATTR]
+        return out
+
+    def incumbent_before(self, stage: Stage, decisions: dict[str, dict[str, Any]] | None = None) -> Recipe | None:
+        """The Recipe decided by the last decided stage before ``stage``."""
+        decisions = decisions if decisions is not None else self.decisions()
+        for previous in reversed(self.plan[: stage.index]):
+            if previous.key in decisions:
+                return Recipe.from_json(decisions[previous.key]["recipe"])
+        return None
+
+    def final_recipe(self) -> Recipe | None:
+        decisions = self.decisions()
+        for stage in reversed(self.plan):
+            if stage.key in decisions:
+                return Recipe.from_json(decisions[stage.key]["recipe"])
+        return None
+
+    def is_finished(self) -> bool:
+        decisions = self.decisions()
+        return all(s.key in decisions for s in self.plan)
+
+
+def campaign_names(storage: optuna.storages.BaseStorage) -> list[str]:
+    return [
+        s.study_name
+        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        if CAMPAIGN_ATTR in s.user_attrs
+    ]
+
+
+def list_campaigns(url: str) -> list[dict[str, Any]]:
+    storage = open_storage(url)
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    out = []
+    for s in summaries:
+        info = s.user_attrs.get(CAMPAIGN_ATTR)
+        if not info:
+            continue
+        prefix = s.study_name + "/"
+        decided = sum(1 for t in summaries if t.study_name.startswith(prefix) and DECISION_ATTR in t.user_attrs)
+        out.append(
+            {
+                "name": s.study_name,
+                "stages": len(info["plan"]),
+                "decided": decided,
+                "finished": decided == len(info["plan"]),
+                "created": info.get("created"),
+            }
+        )
+    return out
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)

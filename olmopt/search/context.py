@@ -1,0 +1,75 @@
+"""Evaluation context of a campaign: the pool, the resident working model and the evaluator."""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer
+
+from olmopt.config import StudyConfig, default_objective_name
+from olmopt.evaluate.engine import Evaluator, Objective
+from olmopt.patch import WorkingModel
+from olmopt.pool.model_pool import ModelPool
+from olmopt.recipe import Recipe
+
+
+def objectives_of(config: StudyConfig) -> list[Objective]:
+    return [
+        Objective(
+            name=o.name or default_objective_name(o),
+            path=config.path(o.dataset),
+            metric=o.metric,
+            held_out=o.held_out,
+            samples=o.samples,
+        )
+        for o in config.objectives
+    ]
+
+
+def open_pool(config: StudyConfig) -> ModelPool:
+    base_dir = config.path(config.pool.base_dir) if config.pool.base_dir else config.path(".")
+    return ModelPool(config.pool.models, base_dir=base_dir, trust_remote_code=config.pool.trust_remote_code)
+
+
+class EvalContext:
+    """Scores Recipes on one resident model; keeps the prefix cache valid for the current incumbent."""
+
+    def __init__(self, config: StudyConfig, pool: ModelPool | None = None) -> None:
+        self.config = config
+        self.pool = pool or open_pool(config)
+        self.working = WorkingModel(self.pool, config.base_model, device=config.evaluation.device)
+        tokenizer = AutoTokenizer.from_pretrained(self.pool[config.base_model].path)
+        ev = config.evaluation
+        self.objectives = objectives_of(config)
+        self.evaluator = Evaluator(
+            self.working.model,
+            tokenizer,
+            self.objectives,
+            batch_size=ev.batch_size,
+            max_new_tokens=ev.max_new_tokens,
+            stop_at_first_mismatch=ev.stop_at_first_mismatch,
+        )
+        self._prefix_key: tuple[str, int] | None = None
+
+    def prepare(self) -> None:
+        for split in ("search", "held_out"):
+            if split == "held_out" and not any(o.held_out > 0 for o in self.objectives):
+                continue
+            self.evaluator.prepare(split)  # type: ignore[arg-type]
+
+    def score(
+        self, recipe: Recipe, split: str = "search", incumbent: Recipe | None = None, layer: int | None = None
+    ) -> dict[str, float]:
+        """Objective values of ``recipe``.
+
+        With ``incumbent`` the resident weights become the incumbent's first (so a candidate patches
+        only the slot it changes), and with ``layer`` the prefix cache of that incumbent is used.
+        """
+        if incumbent is not None and self.working.recipe != incumbent:
+            self.working.apply(incumbent)  # the new resident state; never undone
+        use_prefix = bool(incumbent is not None and layer and split == "search")
+        if use_prefix:
+            key = (incumbent.digest(), int(layer))  # type: ignore[union-attr, arg-type]
+            if self._prefix_key != key:
+                self.evaluator.capture_prefix(int(layer), "search")  # type: ignore[arg-type]
+                self._prefix_key = key
+        with self.working.patched(recipe):
+            return self.evaluator.evaluate(split, use_prefix=use_prefix)  # type: ignore[arg-type]

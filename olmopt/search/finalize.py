@@ -1,0 +1,105 @@
+"""``export best``: the winning Recipe of a campaign, checked on a fresh load and written out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from olmopt.errors import InputError
+from olmopt.export import (
+    ReproductionError,
+    metrics_match,
+    model_card,
+    olm_report_sections,
+    provenance,
+    write_model_dir,
+)
+from olmopt.recipe import Recipe
+from olmopt.search.campaign import Campaign
+from olmopt.search.context import EvalContext
+from olmopt.search.storage import redact
+from olmopt.search.trials import RECIPE_ATTR
+
+
+def pick_recipe(campaign: Campaign, trial: int | None, stage_key: str | None) -> tuple[Recipe, dict[str, float], str, int | None]:
+    """(recipe, expected search metrics, stage key, trial number) to export."""
+    decisions = campaign.decisions()
+    if trial is None and stage_key is None:
+        for stage in reversed(campaign.plan):
+            d = decisions.get(stage.key)
+            if d:
+                if stage is not campaign.plan[-1]:
+                    raise InputError(f"campaign {campaign.name!r} is not finished (run `olmopt study run {campaign.name}`)")
+                return Recipe.from_json(d["recipe"]), d["metrics"], stage.key, d["trial"]
+        raise InputError(f"campaign {campaign.name!r} has no decided stage yet")
+    stages = {s.key: s for s in campaign.plan}
+    key = stage_key or campaign.plan[-1].key
+    if key not in stages:
+        raise InputError(f"no stage {key!r} in campaign {campaign.name!r} (see `olmopt study status`)")
+    study = campaign.existing_stage_study(stages[key])
+    if study is None:
+        raise InputError(f"stage {key!r} has not run yet")
+    if trial is None:
+        d = decisions.get(key)
+        if not d:
+            raise InputError(f"stage {key!r} is not decided yet; pass --trial N")
+        return Recipe.from_json(d["recipe"]), d["metrics"], key, d["trial"]
+    match = [t for t in study.get_trials(deepcopy=False) if t.number == trial and t.values]
+    if not match:
+        raise InputError(f"stage {key!r} has no complete trial {trial}")
+    t = match[0]
+    names = campaign.objective_names()
+    return Recipe.from_json(t.user_attrs[RECIPE_ATTR]), dict(zip(names, t.values, strict=False)), key, trial
+
+
+def export_best(
+    name: str,
+    url: str,
+    out: Path,
+    trial: int | None = None,
+    stage_key: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    compare_donors: bool = True,
+) -> dict[str, Any]:
+    campaign = Campaign.load(name, url)
+    if out.exists() and not force:
+        raise InputError(f"output {out} already exists (pass --force to replace it)")
+    recipe, expected, key, trial_number = pick_recipe(campaign, trial, stage_key)
+    ctx = EvalContext(campaign.config)
+    got = ctx.score(recipe, "search")
+    if not metrics_match(expected, got):
+        raise ReproductionError(f"rebuilt recipe does not reproduce the trial's metrics: expected {expected}, got {got}")
+    has_held = any(o.held_out > 0 for o in ctx.objectives)
+    held = ctx.score(recipe, "held_out") if has_held else {}
+    table = [{"model": "merged (olmopt)", "search": got, "held_out": held}]
+    if compare_donors:
+        for model in campaign.config.pool.models:
+            donor = Recipe(base=model)
+            table.append(
+                {
+                    "model": model + (" (base)" if model == recipe.base else ""),
+                    "search": ctx.score(donor, "search"),
+                    "held_out": ctx.score(donor, "held_out") if has_held else {},
+                }
+            )
+    names = campaign.objective_names()
+    directions = campaign.directions()
+    decisions = campaign.decisions()
+    report = olm_report_sections(campaign.info["plan"], decisions)
+    report.update(
+        {
+            "recipe": recipe.to_dict(),
+            "objectives": {o.name: {"metric": o.metric, "direction": o.direction, "dataset": str(o.path), "held_out": o.held_out} for o in ctx.objectives},
+            "stages": [
+                {k: d[k] for k in ("stage", "winner", "trial", "kept_incumbent", "metrics", "held_out", "reason")}
+                for d in (decisions[s.key] for s in campaign.plan if s.key in decisions)
+            ],
+            "merged": {"search": got, "held_out": held},
+            "comparison": table,
+            "provenance": provenance(redact(url), name, key, trial_number, campaign.info.get("datasets", {})),
+        }
+    )
+    card = model_card(f"{name} (olmopt merge)", recipe, table, names, directions)
+    write_model_dir(ctx.pool, recipe, out, report, card, force=force, progress=progress)
+    return {"out": str(out), "recipe": recipe.to_dict(), "stage": key, "trial": trial_number, "metrics": got, "held_out": held, "comparison": table}

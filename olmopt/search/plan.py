@@ -1,0 +1,125 @@
+"""The stage plan of a campaign and each stage's candidate Recipes (no Optuna here).
+
+A greedy stage has a finite candidate set around the incumbent: every pool model's version of one slot
+(base, boundary, a layer, a tensor unit). A joint stage searches several slots at once with a sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from olmopt.config import StudyConfig
+from olmopt.pool.adapter import ArchitectureAdapter
+from olmopt.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One decision of the campaign. ``target`` is a layer index or unit name (or '' for base/boundary)."""
+
+    index: int
+    kind: str  # base | boundary | layer | unit | joint-layers | joint-units
+    target: str = ""
+    n_trials: int = 0  # joint stages only
+
+    @property
+    def key(self) -> str:
+        suffix = f"-{self.target}" if self.target else ""
+        return f"{self.index:03d}-{self.kind}{suffix}"
+
+    @property
+    def is_joint(self) -> bool:
+        return self.kind.startswith("joint")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def plan_stages(config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
+    """Every stage in execution order."""
+    stages: list[Stage] = []
+
+    def add(kind: str, target: str = "", n_trials: int = 0) -> None:
+        stages.append(Stage(len(stages), kind, target, n_trials))
+
+    d = config.decisions
+    add("base")
+    if d.boundary.mode == "greedy":
+        add("boundary")
+    layers = _ordered(d.layers.only or list(range(adapter.num_layers)), d.layers.direction)
+    if d.layers.mode == "greedy":
+        for i in layers:
+            add("layer", str(i))
+    elif d.layers.mode == "joint":
+        add("joint-layers", n_trials=d.layers.n_trials)
+    units = tensor_units(config, adapter, param_names)
+    if d.tensors.mode == "greedy":
+        for unit in units:
+            add("unit", unit)
+    elif d.tensors.mode == "joint":
+        add("joint-units", n_trials=d.tensors.n_trials)
+    return stages
+
+
+def _ordered(items: list[int], direction: str) -> list[int]:
+    items = sorted(items)
+    return list(reversed(items)) if direction == "backward" else items
+
+
+def tensor_units(config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[str]:
+    """Units searched by tensor stages: OLM grouping, norms skipped if asked, optional layer filter."""
+    t = config.decisions.tensors
+    units = adapter.all_units(param_names)
+    if t.skip_norm:
+        units = [u for u in units if not any("norm" in part for part in u.split("."))]
+    if t.only is not None:
+        wanted = set(t.only)
+        units = [u for u in units if adapter.layer_of(u + ".weight") in wanted]
+    return list(reversed(units)) if t.direction == "backward" else units
+
+
+def joint_slots(stage: Stage, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[str]:
+    """Parameter names of a joint stage: ``layer.{i}`` or ``unit.{name}``."""
+    if stage.kind == "joint-layers":
+        return [f"layer.{i}" for i in sorted(config.decisions.layers.only or range(adapter.num_layers))]
+    return [f"unit.{u}" for u in tensor_units(config, adapter, param_names)]
+
+
+def apply_choice(incumbent: Recipe, slot: str, donor: str) -> Recipe:
+    kind, _, target = slot.partition(".")
+    return incumbent.with_layer(int(target), donor) if kind == "layer" else incumbent.with_unit(target, donor)
+
+
+def current_donor(incumbent: Recipe, slot: str, adapter: ArchitectureAdapter) -> str:
+    """The donor that supplies ``slot`` in the incumbent (what "keep" means)."""
+    kind, _, target = slot.partition(".")
+    if kind == "layer":
+        return incumbent.layers.get(int(target), incumbent.base)
+    if target in incumbent.units:
+        return incumbent.units[target]
+    layer = adapter.layer_of(target + ".weight")
+    if layer is not None:
+        return incumbent.layers.get(layer, incumbent.base)
+    if incumbent.boundary and target in (*adapter.boundary_units(), adapter.lm_head):
+        return incumbent.boundary
+    return incumbent.base
+
+
+def greedy_candidates(stage: Stage, incumbent: Recipe | None, pool: list[str]) -> dict[str, Recipe]:
+    """Candidate label (a donor name) -> Recipe, for a greedy stage."""
+    if stage.kind == "base":
+        return {m: Recipe(base=m) for m in pool}
+    assert incumbent is not None
+    if stage.kind == "boundary":
+        return {m: incumbent.model_copy(update={"boundary": m}) for m in pool}
+    slot = f"{'layer' if stage.kind == 'layer' else 'unit'}.{stage.target}"
+    return {m: apply_choice(incumbent, slot, m) for m in pool}
+
+
+def prefix_layer(stage: Stage, adapter: ArchitectureAdapter) -> int | None:
+    """Layer whose incoming hidden states are shared by every candidate of the stage."""
+    if stage.kind == "layer":
+        return int(stage.target)
+    if stage.kind == "unit":
+        return adapter.layer_of(stage.target + ".weight")
+    return None

@@ -1,0 +1,101 @@
+"""Storage URLs: defaults, validation, credential redaction, heartbeats, and the SQLite single-writer lock."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from olmopt.errors import StorageError
+
+DEFAULT_STORAGE = "sqlite:///storage/olmopt.db"
+HEARTBEAT_INTERVAL = 20
+GRACE_PERIOD = 60
+
+
+def storage_url(flag: str | None = None, from_file: str | None = None) -> str:
+    """--storage, then OLMOPT_STORAGE, then the study file, then the embedded SQLite default."""
+    return flag or os.environ.get("OLMOPT_STORAGE") or from_file or DEFAULT_STORAGE
+
+
+def redact(url: str) -> str:
+    """The URL with any password removed (for messages, logs, reports)."""
+    if url.startswith("journal:"):
+        return url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<malformed storage URL>"
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite:")
+
+
+def sqlite_path(url: str) -> Path | None:
+    if not is_sqlite(url):
+        return None
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
+    """Open (and for SQLite create the directory of) a storage; one-line StorageError on failure."""
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StorageError(f"malformed storage URL {redact(url)!r} (e.g. sqlite:///storage/olmopt.db)") from None
+    if parsed.drivername.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
+        raise StorageError(f"unsupported storage {parsed.drivername!r}: use sqlite, postgresql, mysql or journal:PATH")
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, object] = {}
+    if heartbeat and not is_sqlite(url):
+        kwargs = {
+            "heartbeat_interval": HEARTBEAT_INTERVAL,
+            "grace_period": GRACE_PERIOD,
+            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=3),
+        }
+    try:
+        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)  # type: ignore[arg-type]
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(f"cannot open storage {redact(url)}: {reason}") from None
+
+
+@contextmanager
+def single_writer(url: str) -> Iterator[None]:
+    """Hold an exclusive lock on a SQLite file for the duration (several writers corrupt the queue)."""
+    path = sqlite_path(url)
+    if path is None:
+        yield
+        return
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StorageError(
+                f"another olmopt process is running on {path}; SQLite cannot be shared by several processes "
+                "(use --workers K in one process, or a PostgreSQL/MySQL storage for several workers)"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

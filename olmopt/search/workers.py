@@ -1,0 +1,87 @@
+"""Where candidates are evaluated: in this process, or in K local worker processes.
+
+Only the coordinating process talks to the storage (so the embedded SQLite default stays safe); the
+workers receive Recipes as JSON and send back objective values. Each worker owns one resident model
+(and one CUDA device where several exist).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
+
+from olmopt.config import StudyConfig
+from olmopt.recipe import Recipe
+from olmopt.search.context import EvalContext
+
+_WORKER_CTX: EvalContext | None = None
+
+
+def _init_worker(config_json: dict[str, Any], index_queue: Any) -> None:
+    global _WORKER_CTX
+    import torch
+
+    from olmopt.runtime import configure_threads
+
+    configure_threads(1)
+    config = StudyConfig.model_validate(config_json)
+    index = index_queue.get()
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1 and not config.evaluation.device:
+        config = config.model_copy(
+            update={"evaluation": config.evaluation.model_copy(update={"device": f"cuda:{index % torch.cuda.device_count()}"})}
+        )
+    _WORKER_CTX = EvalContext(config)
+
+
+def _score_task(recipe_json: str, incumbent_json: str | None, layer: int | None) -> dict[str, float]:
+    assert _WORKER_CTX is not None
+    incumbent = Recipe.from_json(incumbent_json) if incumbent_json else None
+    return _WORKER_CTX.score(Recipe.from_json(recipe_json), "search", incumbent, layer)
+
+
+class Evaluators:
+    """Submit candidate evaluations; ``workers == 1`` runs them inline in this process."""
+
+    def __init__(self, config: StudyConfig, workers: int = 1, context: EvalContext | None = None) -> None:
+        self.config = config
+        self.workers = max(1, workers)
+        self._local = context
+        self._pool: ProcessPoolExecutor | None = None
+        if self.workers > 1:
+            ctx = mp.get_context("spawn")
+            queue = ctx.Manager().Queue()
+            for i in range(self.workers):
+                queue.put(i)
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=ctx,
+                initializer=_init_worker,
+                initargs=(config.model_dump(mode="json"), queue),
+            )
+
+    @property
+    def local(self) -> EvalContext:
+        """An in-process context (built on first use) for held-out checks and single-worker runs."""
+        if self._local is None:
+            self._local = EvalContext(self.config)
+        return self._local
+
+    def submit(self, recipe: Recipe, incumbent: Recipe | None, layer: int | None) -> Future[dict[str, float]]:
+        if self._pool is None:
+            future: Future[dict[str, float]] = Future()
+            try:
+                future.set_result(self.local.score(recipe, "search", incumbent, layer))
+            except BaseException as exc:  # noqa: BLE001 - surfaced through the future
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                future.set_exception(exc)
+            return future
+        return self._pool.submit(_score_task, recipe.to_json(), incumbent.to_json() if incumbent else None, layer)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
