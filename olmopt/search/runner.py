@@ -1,15 +1,18 @@
 """Run a campaign's stages in order: enqueue candidates, evaluate trials, select, record the decision.
 
-Greedy stage: every candidate is enqueued once (idempotently), popped and evaluated (K at a time),
-then the stage selects among its COMPLETE trials: feasible Pareto set, Copeland over per-objective
-ranks, Borda and a fixed order breaking ties; with nothing feasible the incumbent stays. Joint stage:
-the sampler proposes full assignments of its slots within a trial budget (the incumbent is enqueued
-first), then the same selection. Interrupted work resumes: decided stages are skipped, finished trials
-are kept, trials left RUNNING by a dead single-writer process are failed and their candidates re-queued.
+Each stage's search space comes from ``olmopt.search.spaces`` (greedy swaps enqueue every candidate,
+joint stages sample within a budget). Selection: feasible Pareto set, then Copeland over
+per-objective ranks, Borda and a fixed order breaking ties; with nothing feasible the incumbent stays.
+
+Resumable and shareable: decided stages are skipped, finished trials are kept, candidates are enqueued
+once under a storage-wide lock, trials left RUNNING by a dead worker are failed (SQLite: at start, since
+this process is the only writer; RDB: by heartbeat) and retried, and every worker waits for the stage's
+last trial before the (deterministic, hence idempotent) decision is recorded.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -17,24 +20,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import Trial, TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm import tqdm
 
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
 from olmopt.search.campaign import DECISION_ATTR, Campaign
 from olmopt.search.context import objectives_of
-from olmopt.search.plan import (
-    Stage,
-    apply_choice,
-    current_donor,
-    greedy_candidates,
-    joint_slots,
-    prefix_layer,
-)
+from olmopt.search.coordination import StageLock, heartbeat_enabled
+from olmopt.search.plan import Stage
+from olmopt.search.spaces import SPACES, StageSpace
 from olmopt.search.storage import is_sqlite
 from olmopt.search.workers import Evaluators
 from olmopt.select import degradation_constraints, is_feasible, select
+
+POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -46,6 +46,7 @@ class RunOutcome:
 
 
 def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0) -> optuna.samplers.BaseSampler:
+    """Greedy stages only pop enqueued trials; joint stages use the configured sampler (per-worker seed)."""
     cfg = campaign.config.sampler
     seed = cfg.seed + 1000 * stage.index + worker_seed
     if not stage.is_joint:
@@ -57,8 +58,16 @@ def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0) -> optu
     return optuna.samplers.TPESampler(seed=seed, multivariate=cfg.multivariate, n_startup_trials=10)
 
 
+@dataclass
+class _Env:
+    config: Any
+    pool_names: list[str]
+    adapter: Any
+    param_names: list[str]
+
+
 class CampaignRunner:
-    """Drives one campaign to completion (or until a timeout / trial cap)."""
+    """Drives one campaign to completion (or until a timeout)."""
 
     def __init__(
         self,
@@ -68,6 +77,7 @@ class CampaignRunner:
         n_trials: int | None = None,
         timeout: float | None = None,
         log: Callable[[str], None] | None = None,
+        worker_seed: int = 0,
     ) -> None:
         self.c = campaign
         self.ev = evaluators
@@ -75,11 +85,20 @@ class CampaignRunner:
         self.n_trials = n_trials
         self.deadline = time.monotonic() + timeout if timeout else None
         self.log = log or (lambda _msg: None)
+        self.worker_seed = worker_seed
         self.names = campaign.objective_names()
         self.directions = campaign.directions()
         self.metric_of = {o.name: o.metric for o in objectives_of(campaign.config)}
         self.pool_names = list(campaign.config.pool.models)
         self.trials_run = 0
+        self._env: _Env | None = None
+
+    @property
+    def env(self) -> _Env:
+        if self._env is None:
+            working = self.ev.local.working
+            self._env = _Env(self.c.config, self.pool_names, working.adapter, working.param_names)
+        return self._env
 
     def _out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -103,33 +122,24 @@ class CampaignRunner:
     # -- one stage -------------------------------------------------------------------------------------
     def run_stage(self, stage: Stage, decisions: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         incumbent = self.c.incumbent_before(stage, decisions)
-        study = self.c.stage_study(stage, make_sampler(self.c, stage))
+        study = self.c.stage_study(stage, make_sampler(self.c, stage, self.worker_seed))
+        existing = study.user_attrs.get(DECISION_ATTR)
+        if existing:
+            return existing
+        space = SPACES[stage.kind](stage, incumbent, self.env)
+        if self.n_trials and space.budget is not None:
+            space.budget = self.n_trials
         if is_sqlite(self.c.url):
             T.fail_running(study)  # we hold the single-writer lock: RUNNING trials are orphans
+        with StageLock(self.c.storage, self.c.stage_study_name(stage)):
+            present = T.enqueued_labels(study)
+            for label, params in space.enqueue:
+                if label not in present:
+                    study.enqueue_trial(params, user_attrs={T.LABEL_ATTR: label})
         references = self._references(decisions, incumbent)
-        layer = prefix_layer(stage, self._adapter())
-        if stage.is_joint:
-            decode = self._joint_decoder(stage, incumbent)
-            budget = self.n_trials or stage.n_trials
-            self._enqueue_incumbent(study, stage, incumbent)
-            done = self._evaluate(study, stage, decode, incumbent, None, references, budget)
-        else:
-            candidates = greedy_candidates(stage, incumbent, self.pool_names)
-            missing = [label for label in candidates if label not in T.enqueued_labels(study)]
-            for label in missing:
-                study.enqueue_trial({"donor": label}, user_attrs={T.LABEL_ATTR: label})
-
-            def decode(trial: Trial) -> tuple[str, Recipe]:
-                label = trial.suggest_categorical("donor", list(candidates))
-                return str(label), candidates[str(label)]
-
-            done = self._evaluate(study, stage, decode, incumbent, layer, references, None)
-        if not done:
+        if not self._evaluate(study, stage, space, incumbent, references):
             return None
-        return self._decide(study, stage, incumbent)
-
-    def _adapter(self):  # type: ignore[no-untyped-def]
-        return self.ev.local.pool.adapter
+        return self._decide(study, stage, incumbent, space)
 
     def _references(self, decisions: dict[str, dict[str, Any]], incumbent: Recipe | None) -> dict[str, dict[str, float]]:
         refs: dict[str, dict[str, float]] = {}
@@ -144,132 +154,138 @@ class CampaignRunner:
                     break
         return refs
 
-    def _joint_decoder(self, stage: Stage, incumbent: Recipe | None) -> Callable[[Trial], tuple[str, Recipe]]:
-        assert incumbent is not None
-        slots = joint_slots(stage, self.c.config, self._adapter(), self.ev.local.working.param_names)
+    def _stage_complete(self, study: optuna.Study, space: StageSpace) -> tuple[bool, int]:
+        """(every enqueued label and the budget are done, number of COMPLETE trials)."""
+        trials = study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        done_labels = {str(t.user_attrs.get(T.LABEL_ATTR)) for t in complete}
+        labels_done = all(label in done_labels for label, _ in space.enqueue)
+        budget_done = space.budget is None or len(complete) >= space.budget
+        return labels_done and budget_done, len(complete)
 
-        def decode(trial: Trial) -> tuple[str, Recipe]:
-            recipe = incumbent
-            for slot in slots:
-                recipe = apply_choice(recipe, slot, str(trial.suggest_categorical(slot, self.pool_names)))
-            return f"#{trial.number}", recipe
-
-        return decode
-
-    def _enqueue_incumbent(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None) -> None:
-        if incumbent is None or study.get_trials(deepcopy=False):
-            return
-        slots = joint_slots(stage, self.c.config, self._adapter(), self.ev.local.working.param_names)
-        params = {slot: current_donor(incumbent, slot, self._adapter()) for slot in slots}
-        study.enqueue_trial(params, user_attrs={T.LABEL_ATTR: "incumbent"})
+    def _next_trial(self, study: optuna.Study, space: StageSpace, in_flight: int) -> Trial | None:
+        trial = T.pop_waiting(study)
+        if trial is None and space.budget is not None:
+            live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            if len(live) < space.budget:
+                trial = study.ask()
+        return trial
 
     def _evaluate(
-        self,
-        study: optuna.Study,
-        stage: Stage,
-        decode: Callable[[Trial], tuple[str, Recipe]],
-        incumbent: Recipe | None,
-        layer: int | None,
-        references: dict[str, dict[str, float]],
-        budget: int | None,
+        self, study: optuna.Study, stage: Stage, space: StageSpace, incumbent: Recipe | None, references: dict[str, dict[str, float]]
     ) -> bool:
-        """Evaluate queued (greedy) or sampled (joint) trials. False when stopped early."""
-        complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        total = budget if budget is not None else complete + len(
-            study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        )
-        bar = tqdm(total=total, initial=complete, desc=f"stage {stage.key}", disable=not self.progress, leave=False)
-        in_flight: dict[Future[dict[str, float]], tuple[Trial, str, Recipe]] = {}
-        stopped = False
+        """Evaluate until the stage is complete. False when stopped early (timeout)."""
+        total = space.budget if space.budget is not None else len(space.enqueue)
+        _, complete = self._stage_complete(study, space)
+        bar = tqdm(total=total, initial=min(complete, total), desc=f"stage {stage.key}", disable=not self.progress, leave=False)
+        in_flight: dict[Future[dict[str, float]], tuple[Trial, Recipe]] = {}
+        beat = _Heartbeat(study, in_flight) if heartbeat_enabled(self.c.storage) else None
         try:
             while True:
-                while len(in_flight) < self.ev.workers and not stopped:
-                    if self._out_of_time():
-                        stopped = True
-                        break
-                    trial = T.pop_waiting(study)
-                    if trial is None and budget is not None and complete + len(in_flight) < budget:
-                        trial = study.ask()
+                while len(in_flight) < self.ev.workers and not self._out_of_time():
+                    trial = self._next_trial(study, space, len(in_flight))
                     if trial is None:
                         break
-                    label, recipe = decode(trial)
+                    label, recipe = space.decode(trial)
                     trial.set_user_attr(T.LABEL_ATTR, label)
-                    in_flight[self.ev.submit(recipe, incumbent, layer)] = (trial, label, recipe)
+                    in_flight[self.ev.submit(recipe, incumbent, space.layer)] = (trial, recipe)
                 if not in_flight:
-                    break
+                    done, _ = self._stage_complete(study, space)
+                    if done:
+                        return True
+                    if self._out_of_time():
+                        return False
+                    optuna.storages.fail_stale_trials(study)  # other workers' dead trials get retried
+                    time.sleep(POLL_SECONDS)
+                    continue
                 finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    trial, label, recipe = in_flight.pop(future)
-                    metrics = future.result()
-                    self._tell(study, trial, recipe, metrics, references)
-                    complete += 1
+                    trial, recipe = in_flight.pop(future)
+                    self._tell(study, trial, recipe, future.result(), references)
                     self.trials_run += 1
                     bar.update(1)
         except BaseException:
-            for trial, _label, _recipe in in_flight.values():
+            for trial, _recipe in list(in_flight.values()):
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
         finally:
+            if beat is not None:
+                beat.stop()
             bar.close()
-        return not stopped
 
     def _tell(self, study: optuna.Study, trial: Trial, recipe: Recipe, metrics: dict[str, float], references: dict[str, dict[str, float]]) -> None:
-        constraints = (
-            degradation_constraints(metrics, references, self.directions, self.c.config.selection.improve_all, self.metric_of)
-            if "base" in references
-            else {}
-        )
-        feasible = is_feasible(constraints)
-        T.record_result(trial, metrics, constraints, feasible, recipe.to_json())
+        rule = self.c.config.selection.improve_all
+        constraints = degradation_constraints(metrics, references, self.directions, rule, self.metric_of) if "base" in references else {}
+        T.record_result(trial, metrics, constraints, is_feasible(constraints), recipe.to_json())
         study.tell(trial, [metrics[n] for n in self.names], skip_if_finished=True)
 
-    def _decide(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None) -> dict[str, Any]:
+    def _decide(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace) -> dict[str, Any]:
         existing = study.user_attrs.get(DECISION_ATTR)
         if existing:
             return existing
-        trials: dict[str, Any] = {}
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            label = str(t.user_attrs.get(T.LABEL_ATTR, f"#{t.number}"))
-            trials.setdefault(label, t)  # a retried candidate: the first completed result counts
+        trials: dict[str, FrozenTrial] = {}
+        for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
+            trials.setdefault(str(t.user_attrs.get(T.LABEL_ATTR, f"#{t.number}")), t)  # a retry: first result counts
         scores = {n: {label: float(t.values[i]) for label, t in trials.items()} for i, n in enumerate(self.names)}
         feasible = {label: bool(t.user_attrs.get("feasible", True)) for label, t in trials.items()}
         keep = None
         if incumbent is not None:
             keep = next((lbl for lbl, t in trials.items() if t.user_attrs.get(T.RECIPE_ATTR) == incumbent.to_json()), None)
-        order = {name: i for i, name in enumerate(self.pool_names)}
-        selection = select(
-            scores, self.directions, feasible, keep=keep,
-            tie_key=lambda c: (c != keep, order.get(c, len(order)), c),
-        )  # fmt: skip
-        if selection.winner is None:  # nothing feasible and the incumbent was not evaluated here
-            assert incumbent is not None
-            recipe, metrics, trial_number, winner = incumbent, {}, None, "incumbent"
+        if space.decide is not None:
+            winner, reason = space.decide(trials, scores, feasible, keep), "stage acceptance rule"
         else:
-            winner = selection.winner
-            t = trials[winner]
-            recipe = Recipe.from_json(t.user_attrs[T.RECIPE_ATTR])
-            metrics, trial_number = T.metrics_of(t, self.names), t.number
-        if not metrics:
+            order = {name: i for i, name in enumerate(self.pool_names)}
+            selection = select(scores, self.directions, feasible, keep=keep, tie_key=lambda c: (c != keep, order.get(c, len(order)), c))
+            winner, reason = selection.winner, selection.reason
+        if winner is None:  # nothing acceptable and the incumbent was not evaluated here
+            assert incumbent is not None
+            recipe, trial_number, label = incumbent, None, "incumbent"
             metrics = self.ev.local.score(recipe, "search")
+        else:
+            t = trials[winner]
+            recipe, trial_number, label = Recipe.from_json(t.user_attrs[T.RECIPE_ATTR]), t.number, winner
+            metrics = T.metrics_of(t, self.names)
         held_out = {}
         if self.c.config.selection.held_out_check and any(o.held_out > 0 for o in self.c.config.objectives):
             held_out = self.ev.local.score(recipe, "held_out")
         decision = {
             "stage": stage.key,
-            "winner": winner,
+            "winner": label,
             "trial": trial_number,
-            "kept_incumbent": keep is not None and winner == keep,
+            "kept_incumbent": keep is not None and label == keep,
             "recipe": recipe.to_json(),
             "metrics": metrics,
             "held_out": held_out,
-            "reason": selection.reason,
+            "reason": reason,
             "candidates": {
-                label: {"metrics": T.metrics_of(t, self.names), "feasible": feasible[label], "trial": t.number}
-                for label, t in trials.items()
+                lbl: {"metrics": T.metrics_of(t, self.names), "feasible": feasible[lbl], "trial": t.number}
+                for lbl, t in trials.items()
             },
         }
         study.set_user_attr(DECISION_ATTR, decision)
-        if trial_number is not None:
-            study.set_user_attr("olmopt.winner_trial", trial_number)
-        self.log(f"{stage.key}: {winner} ({selection.reason})")
+        self.log(f"{stage.key}: {label} ({reason})")
         return decision
+
+
+class _Heartbeat:
+    """Records heartbeats of in-flight trials (RDB storages) from a background thread."""
+
+    def __init__(self, study: optuna.Study, in_flight: dict[Any, tuple[Trial, Recipe]]) -> None:
+        self.study = study
+        self.in_flight = in_flight
+        self._stop = threading.Event()
+        interval = study._storage.get_heartbeat_interval() or 30  # type: ignore[attr-defined]
+        self._thread = threading.Thread(target=self._loop, args=(max(1.0, interval / 2),), daemon=True)
+        self._thread.start()
+
+    def _loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            for trial, _recipe in list(self.in_flight.values()):
+                try:
+                    self.study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+                except Exception:  # noqa: BLE001 - a missed beat is retried next round
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
