@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from olmopt.errors import InputError
 
@@ -21,6 +21,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _off_from_yaml(value: object) -> object:
+    """YAML 1.1 reads a bare ``off`` as False; take it as the mode "off"."""
+    return "off" if value is False else value
 
 
 class PoolConfig(_Strict):
@@ -51,9 +56,46 @@ class SwapDecision(_Strict):
     skip_norm: bool = True
     n_trials: int = Field(50, gt=0)
 
+    _mode = field_validator("mode", mode="before")(_off_from_yaml)
+
 
 class BoundaryDecision(_Strict):
     mode: Literal["greedy", "off"] = "greedy"
+
+    _mode = field_validator("mode", mode="before")(_off_from_yaml)
+
+
+class EsKindDecision(_Strict):
+    """One evolution strategy: ``generations`` ES stages per unit, initial ``sigma``, optional unit list."""
+
+    generations: int = Field(1, gt=0)
+    sigma: float = Field(gt=0, allow_inf_nan=False)
+    units: list[str] | None = Field(None, min_length=1)  # None: the units of the tensor stages
+
+
+class SvdEsDecision(EsKindDecision):
+    sigma: float = Field(0.05, gt=0, allow_inf_nan=False)  # times std of the singular values
+
+
+class NormEsDecision(EsKindDecision):
+    sigma: float = Field(0.005, gt=0, allow_inf_nan=False)  # on the log row norms
+
+
+def _es_switch(value: object) -> object:
+    """``svd: off``/``false`` -> None (not run); ``svd: on``/``true`` -> the defaults."""
+    if value is False:
+        return None
+    return {} if value is True else value
+
+
+class EsDecision(_Strict):
+    """ES refinement stages after the tensor stages (SVD-ES, then norm-ES, per unit); see docs/es.md."""
+
+    svd: SvdEsDecision | None = None
+    norm: NormEsDecision | None = None
+    acceptance: Literal["pareto", "any"] = "pareto"
+
+    _switch = field_validator("svd", "norm", mode="before")(_es_switch)
 
 
 class Decisions(_Strict):
@@ -61,6 +103,7 @@ class Decisions(_Strict):
     boundary: BoundaryDecision = Field(default_factory=lambda: BoundaryDecision(mode="off"))
     layers: SwapDecision = Field(default_factory=SwapDecision)
     tensors: SwapDecision = Field(default_factory=lambda: SwapDecision(mode="off"))
+    es: EsDecision = Field(default_factory=EsDecision)
 
 
 class SelectionConfig(_Strict):
@@ -248,6 +291,19 @@ def olm_to_study(data: dict[str, Any], path: Path) -> dict[str, Any]:
                 "direction": direction,
                 "skip_norm": bool(data.get("skip_norm", True)),
             },
+            "es": _olm_es(data),
         },
         "selection": {"improve_all": improve},
     }
+
+
+def _olm_es(data: dict[str, Any]) -> dict[str, Any]:
+    """OLM's es_svd*/es_norm* keys (with OLM's code defaults) and its any-improvement acceptance."""
+    es: dict[str, Any] = {"acceptance": "any"}
+    for kind, sigma in (("svd", 0.5), ("norm", 0.01)):
+        if data.get(f"es_{kind}"):
+            es[kind] = {
+                "generations": data.get(f"es_{kind}_generations", 1),
+                "sigma": data.get(f"es_{kind}_sigma", sigma),
+            }
+    return es

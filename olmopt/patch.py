@@ -20,17 +20,17 @@ from transformers import AutoModelForCausalLM
 from olmopt.errors import InputError
 from olmopt.pool.adapter import ArchitectureAdapter, unit_of
 from olmopt.pool.model_pool import ModelPool
-from olmopt.recipe import EsStep, Recipe
+from olmopt.recipe import EsStep, ParamMerge, Recipe
 from olmopt.runtime import compute_dtype, pick_device, quiet_transformers
 
-Source = tuple[str, tuple[EsStep, ...]]
+Source = tuple[str | ParamMerge, tuple[EsStep, ...]]
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def param_sources(recipe: Recipe, adapter: ArchitectureAdapter, param_names: list[str]) -> dict[str, Source]:
-    """Which donor (and ES steps) supplies each parameter under ``recipe``."""
-    if recipe.param_merge or recipe.fusion or recipe.dfs:
-        raise InputError("recipe: parameter-space merges, fusion and data-flow paths are not swap recipes")
+    """Which donor (a pool model, or the recipe's parameter-space merge) and ES steps feed each parameter."""
+    if recipe.fusion or recipe.dfs:
+        raise InputError("recipe: fusion and data-flow paths change the architecture; they are not patched in place")
     es_by_param: dict[str, list[EsStep]] = {}
     for step in recipe.es:
         es_by_param.setdefault(step.unit + ".weight", []).append(step)
@@ -38,7 +38,7 @@ def param_sources(recipe: Recipe, adapter: ArchitectureAdapter, param_names: lis
     sources: dict[str, Source] = {}
     for name in param_names:
         unit = unit_of(name)
-        donor = recipe.base
+        donor: str | ParamMerge = recipe.param_merge or recipe.base
         if recipe.boundary and unit in boundary_units:
             donor = recipe.boundary
         layer = adapter.layer_of(name)
@@ -65,8 +65,22 @@ def apply_es_steps(tensor: torch.Tensor, steps: tuple[EsStep, ...]) -> torch.Ten
 def source_tensor(pool: ModelPool, name: str, source: Source, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The value of parameter ``name`` under ``source``, in ``dtype`` on ``device``."""
     donor, steps = source
-    tensor = pool.tensor(donor, name).to(device=device, dtype=dtype)
+    if isinstance(donor, ParamMerge):
+        tensor = merged_tensor(pool, name, donor).to(device=device, dtype=dtype)
+    else:
+        tensor = pool.tensor(donor, name).to(device=device, dtype=dtype)
     return apply_es_steps(tensor, steps) if steps else tensor
+
+
+def merged_tensor(pool: ModelPool, name: str, merge: ParamMerge) -> torch.Tensor:
+    """One tensor of a parameter-space merge: the base against ``merge.models`` (highest priority first)."""
+    from olmopt.ops.delta_merge import make_params, merge_tensor
+
+    base_name = merge.base or ""
+    base = pool.tensor(base_name, name).float().clone()  # clones: pool tensors are a shared read-only cache
+    variants = [pool.tensor(m, name).float().clone() for m in merge.models]
+    params = make_params(merge.method, merge.params)
+    return merge_tensor(merge.method, base, variants, params, merge.seed, pool.adapter.storage_name(name))
 
 
 @dataclass

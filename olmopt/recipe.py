@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from olmopt.errors import InputError
 
@@ -33,9 +33,10 @@ class EsStep(_Strict):
 
 
 class ParamMerge(_Strict):
-    """A parameter-space merge of the pool against the base (circuit, della, task_arithmetic)."""
+    """A parameter-space merge: ``models`` (highest priority first) as deltas against ``base``."""
 
     method: str
+    base: str | None = None  # defaults to the recipe's base (filled in by Recipe validation)
     models: tuple[str, ...]
     params: dict[str, float | int | bool | str] = Field(default_factory=dict)
     seed: int = 0
@@ -70,6 +71,12 @@ class Recipe(_Strict):
     param_merge: ParamMerge | None = None
     fusion: tuple[FusionStep, ...] = ()
     dfs: DataFlowPath | None = None
+
+    @model_validator(mode="after")
+    def _merge_base(self) -> Recipe:
+        if self.param_merge is not None and self.param_merge.base is None:
+            object.__setattr__(self, "param_merge", self.param_merge.model_copy(update={"base": self.base}))
+        return self
 
     @field_validator("version")
     @classmethod

@@ -136,6 +136,14 @@ class Campaign:
         decisions = self.decisions()
         return all(s.key in decisions for s in self.plan)
 
+    def extend_plan(self, specs: list[tuple[str, str]], info_update: dict[str, Any] | None = None) -> list[Stage]:
+        """Append stages ``(kind, target)`` to the stored plan (e.g. ``export best --refine es``)."""
+        added = [Stage(len(self.plan) + i, kind, target) for i, (kind, target) in enumerate(specs)]
+        self.plan = [*self.plan, *added]
+        self.info = {**self.info, **(info_update or {}), "plan": [s.to_dict() for s in self.plan]}
+        optuna.load_study(storage=self.storage, study_name=self.name).set_user_attr(CAMPAIGN_ATTR, self.info)
+        return added
+
 
 def campaign_names(storage: optuna.storages.BaseStorage) -> list[str]:
     return [
@@ -169,3 +177,6 @@ def list_campaigns(url: str) -> list[dict[str, Any]]:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
+
+
+from olmopt.search import es_space as _es_space  # noqa: E402, F401  (registers the es-svd/es-norm stage kinds)

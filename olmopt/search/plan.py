@@ -18,7 +18,7 @@ class Stage:
     """One decision of the campaign. ``target`` is a layer index or unit name (or '' for base/boundary)."""
 
     index: int
-    kind: str  # base | boundary | layer | unit | joint-layers | joint-units
+    kind: str  # base | boundary | layer | unit | joint-layers | joint-units | es-svd | es-norm
     target: str = ""
     n_trials: int = 0  # joint stages only
 
@@ -58,6 +58,11 @@ def plan_stages(config: StudyConfig, adapter: ArchitectureAdapter, param_names: 
             add("unit", unit)
     elif d.tensors.mode == "joint":
         add("joint-units", n_trials=d.tensors.n_trials)
+    if d.es.svd is not None or d.es.norm is not None:
+        from olmopt.search.es_space import es_stage_targets  # es_space builds on this module
+
+        for kind, target in es_stage_targets(config, adapter, param_names):
+            add(kind, target)
     return stages
 
 

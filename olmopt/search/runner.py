@@ -12,6 +12,9 @@ last trial before the (deterministic, hence idempotent) decision is recorded.
 
 from __future__ import annotations
 
+import datetime
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,11 +33,12 @@ from olmopt.search.context import objectives_of
 from olmopt.search.coordination import StageLock, heartbeat_enabled
 from olmopt.search.plan import Stage
 from olmopt.search.spaces import SPACES, StageSpace
-from olmopt.search.storage import is_sqlite
+from olmopt.search.storage import is_sqlite, stale_after
 from olmopt.search.workers import Evaluators
 from olmopt.select import degradation_constraints, is_feasible, select
 
 POLL_SECONDS = 1.0
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -131,15 +135,35 @@ class CampaignRunner:
             space.budget = self.n_trials
         if is_sqlite(self.c.url):
             T.fail_running(study)  # we hold the single-writer lock: RUNNING trials are orphans
+        self._enqueue_missing(study, stage, space)
+        references = self._references(decisions, incumbent)
+        if not self._evaluate(study, stage, space, incumbent, references):
+            return None
+        return self._decide(study, stage, incumbent, space)
+
+    def _enqueue_missing(self, study: optuna.Study, stage: Stage, space: StageSpace) -> None:
+        """Enqueue every candidate that has no waiting, running or complete trial (idempotent, locked)."""
+        if not space.enqueue:
+            return
+        if all(label in T.enqueued_labels(study) for label, _ in space.enqueue):
+            return
         with StageLock(self.c.storage, self.c.stage_study_name(stage)):
             present = T.enqueued_labels(study)
             for label, params in space.enqueue:
                 if label not in present:
                     study.enqueue_trial(params, user_attrs={T.LABEL_ATTR: label})
-        references = self._references(decisions, incumbent)
-        if not self._evaluate(study, stage, space, incumbent, references):
-            return None
-        return self._decide(study, stage, incumbent, space)
+
+    def _sweep_stale(self, study: optuna.Study) -> None:
+        """Fail trials of dead workers: by heartbeat on RDB, by age on storages without heartbeats."""
+        if heartbeat_enabled(self.c.storage):
+            optuna.storages.fail_stale_trials(study)
+            return
+        if is_sqlite(self.c.url):
+            return  # single writer: orphans were failed at stage start
+        limit = datetime.datetime.now() - datetime.timedelta(seconds=stale_after())
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.datetime_start is not None and t.datetime_start < limit:
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
 
     def _references(self, decisions: dict[str, dict[str, Any]], incumbent: Recipe | None) -> dict[str, dict[str, float]]:
         refs: dict[str, dict[str, float]] = {}
@@ -188,6 +212,7 @@ class CampaignRunner:
                         break
                     label, recipe = space.decode(trial)
                     trial.set_user_attr(T.LABEL_ATTR, label)
+                    trial.set_user_attr("worker", WORKER_ID)
                     in_flight[self.ev.submit(recipe, incumbent, space.layer)] = (trial, recipe)
                 if not in_flight:
                     done, _ = self._stage_complete(study, space)
@@ -195,7 +220,8 @@ class CampaignRunner:
                         return True
                     if self._out_of_time():
                         return False
-                    optuna.storages.fail_stale_trials(study)  # other workers' dead trials get retried
+                    self._sweep_stale(study)  # other workers' dead trials get failed ...
+                    self._enqueue_missing(study, stage, space)  # ... and their candidates retried
                     time.sleep(POLL_SECONDS)
                     continue
                 finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)

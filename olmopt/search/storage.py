@@ -18,6 +18,18 @@ from olmopt.errors import StorageError
 DEFAULT_STORAGE = "sqlite:///storage/olmopt.db"
 HEARTBEAT_INTERVAL = 20
 GRACE_PERIOD = 60
+STALE_AFTER = 900  # journal storages have no heartbeat: RUNNING longer than this is presumed dead
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """(interval, grace period) in seconds; OLMOPT_HEARTBEAT_INTERVAL / OLMOPT_HEARTBEAT_GRACE override."""
+    interval = int(os.environ.get("OLMOPT_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL))
+    grace = int(os.environ.get("OLMOPT_HEARTBEAT_GRACE", max(GRACE_PERIOD, 3 * interval)))
+    return interval, grace
+
+
+def stale_after() -> float:
+    return float(os.environ.get("OLMOPT_STALE_AFTER", STALE_AFTER))
 
 
 def storage_url(flag: str | None = None, from_file: str | None = None) -> str:
@@ -66,9 +78,10 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
         path.parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, object] = {}
     if heartbeat and not is_sqlite(url):
+        interval, grace = heartbeat_settings()
         kwargs = {
-            "heartbeat_interval": HEARTBEAT_INTERVAL,
-            "grace_period": GRACE_PERIOD,
+            "heartbeat_interval": interval,
+            "grace_period": grace,
             "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=3),
         }
     try:

@@ -1,0 +1,289 @@
+"""Evolution-strategy refinement as stages: one SVD-ES or norm-ES generation of one unit per stage.
+
+A generation is a stage of kind ``es-svd`` or ``es-norm`` with target ``"{unit}@{generation}"``. It
+enqueues the parent (the incumbent, label ``parent``) and lambda offspring (``o00``, ``o01`` ...); an
+offspring trial's params are ``(unit, generation, offspring, sigma, seed)`` and it decodes to the
+incumbent plus one ``EsStep(unit, kind, sigma, seed)``: the noise is regenerated from the seed,
+never stored. The runner evaluates the trials (in parallel where workers allow) and calls this
+stage's acceptance rule, which keeps the parent unless an offspring qualifies:
+
+- ``pareto`` (default): no objective worse than the parent's and at least one strictly better;
+- ``any`` (OLM): at least one objective strictly better than the parent's.
+
+Qualifiers must be feasible (``improve_all`` constraints) with finite metrics; Copeland (Borda, then
+offspring index) picks among them. The sigma schedule is OLM's and is a function of the incumbent
+Recipe alone, so a resumed or re-planned stage recomputes it exactly: SVD-ES uses
+``sigma0 * std(S)`` of the current tensor before its first accepted step on the unit and
+``0.8 * sigma0 * std(S)`` after; norm-ES uses ``sigma0 * 0.9**k`` after ``k`` accepted steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from olmopt.config import EsKindDecision, StudyConfig
+from olmopt.errors import InputError
+from olmopt.pool.adapter import ArchitectureAdapter
+from olmopt.recipe import EsStep, Recipe
+from olmopt.search.plan import Stage, tensor_units
+from olmopt.search.spaces import SpaceEnv, StageSpace, register_space
+
+if TYPE_CHECKING:  # torch and the operators load with the first ES stage, not with every CLI command
+    import torch
+    from optuna.trial import FrozenTrial, Trial
+
+    from olmopt.ops.es import SvdBasis
+    from olmopt.pool.model_pool import ModelPool
+
+ES_KINDS = {"es-svd": "svd", "es-norm": "norm"}
+PARENT = "parent"
+SEED_SPACE = 2**53  # seeds stay exact through Optuna's float64 parameter storage
+REJECTED_ATTR = "es.rejected"
+
+
+# -- plan ---------------------------------------------------------------------------------------------
+def es_target(unit: str, generation: int) -> str:
+    return f"{unit}@{generation}"
+
+
+def parse_target(target: str) -> tuple[str, int]:
+    """``"{unit}@{generation}"`` -> (unit, generation)."""
+    unit, sep, generation = target.rpartition("@")
+    if not sep or not unit or not generation.isdigit() or int(generation) < 1:
+        raise InputError(f"ES stage target {target!r} must be UNIT@GENERATION (generation >= 1)")
+    return unit, int(generation)
+
+
+def kind_settings(config: StudyConfig, kind: str) -> EsKindDecision:
+    """The ``decisions.es`` block of one strategy ('svd' or 'norm'), or the defaults when it is off."""
+    from olmopt.config import NormEsDecision, SvdEsDecision
+
+    chosen = getattr(config.decisions.es, kind)
+    return chosen if chosen is not None else (SvdEsDecision() if kind == "svd" else NormEsDecision())
+
+
+def check_units(units: list[str], adapter: ArchitectureAdapter, param_names: list[str], where: str) -> list[str]:
+    """One-line InputError for a unit that does not exist or has no ``.weight`` (what ES perturbs)."""
+    known = set(adapter.all_units(param_names))
+    names = set(param_names)
+    for unit in units:
+        if unit not in known:
+            raise InputError(f"{where}: unit {unit!r} does not exist in this architecture")
+        if unit + ".weight" not in names:
+            raise InputError(f"{where}: unit {unit!r} has no weight to perturb")
+    return units
+
+
+def es_stage_targets(
+    config: StudyConfig,
+    adapter: ArchitectureAdapter,
+    param_names: list[str],
+    units: list[str] | None = None,
+    settings: dict[str, EsKindDecision] | None = None,
+    first_generation: Callable[[str, str], int] | None = None,
+) -> list[tuple[str, str]]:
+    """(stage kind, target) of the ES stages, per unit: SVD-ES generations, then norm-ES generations.
+
+    ``settings`` (kind -> block) defaults to ``decisions.es``; ``units`` overrides every block's unit
+    list; ``first_generation(kind, unit)`` numbers generations after earlier ES stages (refinement).
+    """
+    if settings is None:
+        es = config.decisions.es
+        settings = {k: v for k, v in (("svd", es.svd), ("norm", es.norm)) if v is not None}
+    per_kind: dict[str, list[str]] = {}
+    for kind, block in settings.items():
+        where = f"decisions.es.{kind}.units"
+        chosen = units if units is not None else block.units
+        if chosen is None:
+            if config.decisions.tensors.mode == "off":
+                raise InputError(f"{where}: tensor stages are off, so list the units to refine")
+            chosen = tensor_units(config, adapter, param_names)
+        per_kind[kind] = check_units(list(chosen), adapter, param_names, where)
+    order = list(dict.fromkeys(u for kind in per_kind for u in per_kind[kind]))
+    targets = []
+    for unit in order:
+        for kind, block in settings.items():
+            if unit not in per_kind[kind]:
+                continue
+            start = first_generation(kind, unit) if first_generation else 1
+            targets += [(f"es-{kind}", es_target(unit, start + g)) for g in range(block.generations)]
+    return targets
+
+
+def offspring_seed(sampler_seed: int, kind: str, unit: str, generation: int, index: int) -> int:
+    """Deterministic seed of one offspring from (campaign sampler seed, kind, unit, generation, index)."""
+    key = json.dumps([sampler_seed, kind, unit, generation, index]).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % SEED_SPACE
+
+
+# -- the parent tensor -----------------------------------------------------------------------------------
+_POOLS: dict[str, ModelPool] = {}
+
+
+def _pool(env: SpaceEnv) -> ModelPool:
+    """The runner's pool when the env carries one, else one opened (once) from the config."""
+    pool = getattr(env, "pool", None)
+    if pool is not None:
+        return pool
+    from olmopt.search.context import open_pool
+
+    key = json.dumps([env.config.pool.model_dump(mode="json"), env.config.root])
+    if key not in _POOLS:
+        _POOLS[key] = open_pool(env.config)
+    return _POOLS[key]
+
+
+def parent_tensor(env: SpaceEnv, incumbent: Recipe, unit: str) -> torch.Tensor:
+    """``unit.weight`` under ``incumbent`` (ES steps replayed), in the working model's dtype and device."""
+    from olmopt.patch import param_sources, source_tensor
+    from olmopt.runtime import compute_dtype, pick_device
+
+    name = unit + ".weight"
+    device = pick_device(env.config.evaluation.device)
+    source = param_sources(incumbent, env.adapter, [name])[name]
+    return source_tensor(_pool(env), name, source, compute_dtype(device), device)
+
+
+@dataclass
+class Generation:
+    """What one generation perturbs: the parent tensor, its sigma and offspring seeds."""
+
+    kind: str
+    unit: str
+    generation: int
+    tensor: torch.Tensor
+    sigma: float | None  # None: ES does not apply to this tensor (1-D, size-1 dim, zero, non-finite)
+    seeds: list[int]
+    basis: SvdBasis | None = None
+
+    def offspring(self, sigma: float, seed: int) -> torch.Tensor | None:
+        from olmopt.ops import es as es_ops
+
+        if self.kind == "svd":
+            return es_ops.svd_es_step(self.tensor, sigma, seed, self.basis)
+        return es_ops.norm_es_step(self.tensor, sigma, seed)
+
+
+def plan_generation(env: SpaceEnv, incumbent: Recipe, kind: str, unit: str, generation: int) -> Generation:
+    """Parent tensor, sigma (OLM's schedule, from the incumbent's ES steps) and lambda seeds."""
+    import torch
+
+    from olmopt.ops import es as es_ops
+
+    settings = kind_settings(env.config, kind)
+    tensor = parent_tensor(env, incumbent, unit)
+    accepted = sum(1 for s in incumbent.es if s.unit == unit and s.kind == kind)
+    gen = Generation(kind, unit, generation, tensor, None, [])
+    if kind == "svd":
+        gen.basis = es_ops.svd_basis(tensor)
+        if gen.basis is None:
+            return gen
+        schedule = es_ops.svd_sigma_after_acceptance if accepted else es_ops.svd_initial_sigma
+        gen.sigma = schedule(tensor, settings.sigma, gen.basis)
+        d = gen.basis.S.numel()
+    else:
+        if not es_ops.es_applicable(tensor) or not bool(torch.isfinite(tensor).all()):
+            return gen
+        sigma = settings.sigma
+        for _ in range(accepted):
+            sigma = es_ops.norm_es_decay(sigma)
+        gen.sigma, d = sigma, tensor.shape[0]
+    seed = env.config.sampler.seed
+    gen.seeds = [offspring_seed(seed, kind, unit, generation, i) for i in range(es_ops.es_population_size(d))]
+    return gen
+
+
+# -- acceptance -----------------------------------------------------------------------------------------
+def qualifies(candidate: dict[str, float], parent: dict[str, float], directions: dict[str, str], rule: str) -> bool:
+    """``any``: better on some objective; ``pareto``: also no worse on any. Non-finite never qualifies."""
+    from olmopt.select import improves_on
+
+    if not all(math.isfinite(candidate.get(o, math.nan)) for o in directions):
+        return False
+    if not improves_on(candidate, parent, directions):
+        return False
+    return rule == "any" or not improves_on(parent, candidate, directions)
+
+
+def accept(
+    trials: dict[str, FrozenTrial],
+    scores: dict[str, dict[str, float]],
+    feasible: dict[str, bool],
+    directions: dict[str, str],
+    rule: str,
+    parent_json: str,
+) -> str | None:
+    """The winning offspring's label, the parent's label when none qualifies, None without a parent."""
+    from olmopt.search.trials import RECIPE_ATTR
+    from olmopt.select import select
+
+    if PARENT not in trials:
+        return None
+    parent = {o: scores[o][PARENT] for o in directions}
+    qualified = [
+        label
+        for label, t in trials.items()
+        if label != PARENT
+        and t.user_attrs.get(RECIPE_ATTR) != parent_json
+        and feasible.get(label, True)
+        and qualifies({o: scores[o][label] for o in directions}, parent, directions, rule)
+    ]
+    if not qualified:
+        return PARENT
+    sub = {o: {label: scores[o][label] for label in qualified} for o in directions}
+    return select(sub, directions, tie_key=lambda label: trials[label].number).winner
+
+
+# -- the stage space -------------------------------------------------------------------------------------
+def es_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+    """One ES generation: the parent plus lambda seeded offspring, decided by the acceptance rule."""
+    from olmopt.search.context import objectives_of
+
+    if incumbent is None:
+        raise InputError(f"stage {stage.key}: ES needs a decided model to refine (it cannot be the first stage)")
+    kind = ES_KINDS[stage.kind]
+    unit, generation = parse_target(stage.target)
+    check_units([unit], env.adapter, env.param_names, f"stage {stage.key}")
+    gen = plan_generation(env, incumbent, kind, unit, generation)
+    directions = {o.name: o.direction for o in objectives_of(env.config)}
+    rule = env.config.decisions.es.acceptance
+    parent_json = incumbent.to_json()
+    base_params: dict[str, Any] = {"unit": unit, "generation": generation}
+    enqueue: list[tuple[str, dict[str, Any]]] = []
+    if gen.sigma is not None:  # not applicable: nothing to try, the runner keeps the incumbent
+        enqueue.append((PARENT, {**base_params, "offspring": -1}))
+        enqueue += [
+            (f"o{i:02d}", {**base_params, "offspring": i, "sigma": gen.sigma, "seed": seed})
+            for i, seed in enumerate(gen.seeds)
+        ]
+
+    def decode(trial: Trial) -> tuple[str, Recipe]:
+        trial.suggest_categorical("unit", [unit])
+        trial.suggest_int("generation", generation, generation)
+        index = trial.suggest_int("offspring", -1, max(len(gen.seeds) - 1, 0))
+        if index < 0:
+            return PARENT, incumbent
+        sigma = trial.suggest_float("sigma", gen.sigma or 1.0, gen.sigma or 1.0)
+        seed = trial.suggest_int("seed", 0, SEED_SPACE - 1)
+        label = f"o{index:02d}"
+        if gen.offspring(sigma, seed) is None:  # a numerical failure: evaluated as the parent, never accepted
+            trial.set_user_attr(REJECTED_ATTR, "step not applicable or not finite")
+            return label, incumbent
+        return label, incumbent.with_es(EsStep(unit=unit, kind=kind, sigma=sigma, seed=seed))  # type: ignore[arg-type]
+
+    def decide(
+        trials: dict[str, FrozenTrial], scores: dict[str, dict[str, float]], feasible: dict[str, bool], keep: str | None
+    ) -> str | None:
+        return accept(trials, scores, feasible, directions, rule, parent_json)
+
+    layer = env.adapter.layer_of(unit + ".weight")
+    return StageSpace(decode=decode, enqueue=enqueue, layer=layer, decide=decide)
+
+
+for _kind in ES_KINDS:
+    register_space(_kind, es_space)

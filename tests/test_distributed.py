@@ -1,0 +1,211 @@
+"""Several worker processes sharing one campaign on real PostgreSQL / MariaDB servers, and the SQLite refusal.
+
+Server URLs come from OLMOPT_TEST_POSTGRES_URL / OLMOPT_TEST_MYSQL_URL (set by .ci/run). Without them, or
+without a reachable server, these tests skip with the reason (and fail when OLMOPT_REQUIRE_SERVERS=1).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from olmopt.cli import main
+from olmopt.search.api import campaign_status
+from tests.test_study import study_file
+
+SERVERS = {"postgres": "OLMOPT_TEST_POSTGRES_URL", "mysql": "OLMOPT_TEST_MYSQL_URL"}
+FAST_HEARTBEAT = {"OLMOPT_HEARTBEAT_INTERVAL": "1", "OLMOPT_HEARTBEAT_GRACE": "4"}
+
+
+def server_url(kind: str) -> str:
+    url = os.environ.get(SERVERS[kind])
+    reason = f"{SERVERS[kind]} is not set"
+    if url:
+        try:
+            from sqlalchemy import create_engine, text
+
+            with create_engine(url).connect() as conn:
+                conn.execute(text("select 1"))
+            return url
+        except Exception as exc:  # noqa: BLE001 - any failure means "no server here"
+            reason = f"{kind} server unreachable at {url}: {str(exc).splitlines()[0]}"
+    if os.environ.get("OLMOPT_REQUIRE_SERVERS"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(params=["postgres", "mysql"])
+def rdb_url(request: pytest.FixtureRequest) -> str:
+    return server_url(request.param)
+
+
+def workers(url: str, name: str, n: int, extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    env = dict(os.environ, OLMOPT_THREADS="1", OMP_NUM_THREADS="1", **FAST_HEARTBEAT, **(extra_env or {}))
+    cmd = [sys.executable, "-m", "olmopt.cli", "study", "run", name, "--storage", url, "--quiet"]
+    return [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(n)]
+
+
+def create(tiny_zoo: Path, tmp: Path, url: str, layers: list[int] | None = None) -> str:
+    name = f"dist-{uuid.uuid4().hex[:10]}"
+    decisions = {"layers": {"mode": "greedy", **({"only": layers} if layers else {})}}
+    path = study_file(tmp, tiny_zoo, name, **decisions)
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    return name
+
+
+def cleanup(url: str, name: str) -> None:
+    for s in optuna.get_all_study_summaries(url):
+        if s.study_name == name or s.study_name.startswith(name + "/"):
+            optuna.delete_study(study_name=s.study_name, storage=url)
+
+
+def assert_exact_candidates(url: str, name: str) -> None:
+    """Every stage: each candidate COMPLETE exactly once (retries of killed trials are FAIL + one COMPLETE)."""
+    status = campaign_status(name, url)
+    assert status["finished"]
+    for stage in status["stages"]:
+        study = optuna.load_study(study_name=f"{name}/{stage['stage']}", storage=url)
+        complete = [t.user_attrs["candidate"] for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+        assert len(complete) == len(set(complete)), f"duplicate candidates in {stage['stage']}: {complete}"
+        expected = 1 if stage["kind"] == "base" else 5
+        assert len(complete) == expected, (stage["stage"], complete)
+        assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+
+
+@pytest.fixture(scope="module")
+def single_worker_recipe(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("single")
+    url = f"sqlite:///{tmp}/s.db"
+    path = study_file(tmp, tiny_zoo, "single", layers={"mode": "greedy"})
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    assert main(["study", "run", "single", "--storage", url, "--quiet"]) == 0
+    return campaign_status("single", url)["recipe"]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_four_workers_share_a_greedy_campaign(rdb_url, tiny_zoo, tmp_path, single_worker_recipe) -> None:
+    name = create(tiny_zoo, tmp_path, rdb_url)
+    try:
+        procs = workers(rdb_url, name, 4)
+        for p in procs:
+            _out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err.decode()[-2000:]
+        assert_exact_candidates(rdb_url, name)
+        assert campaign_status(name, rdb_url)["recipe"] == single_worker_recipe
+        # every worker took part: trials carry the worker that ran them
+        ran = set()
+        for s in optuna.get_all_study_summaries(rdb_url):
+            if s.study_name.startswith(name + "/"):
+                study = optuna.load_study(study_name=s.study_name, storage=rdb_url)
+                ran |= {t.user_attrs.get("worker") for t in study.get_trials()}
+        assert len(ran - {None}) >= 2
+    finally:
+        cleanup(rdb_url, name)
+
+
+def _running_trial_worker(url: str, name: str) -> str | None:
+    for s in optuna.get_all_study_summaries(url):
+        if s.study_name.startswith(name + "/"):
+            study = optuna.load_study(study_name=s.study_name, storage=url)
+            for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+                worker = t.user_attrs.get("worker")
+                if worker:
+                    return worker
+    return None
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_kill_9_mid_trial_is_failed_retried_and_finishes_with_the_same_recipe(rdb_url, tiny_zoo, tmp_path, single_worker_recipe) -> None:
+    name = create(tiny_zoo, tmp_path, rdb_url)
+    try:
+        procs = workers(rdb_url, name, 2)
+        by_pid = {p.pid: p for p in procs}
+        killed = None
+        deadline = time.time() + 300
+        while killed is None and time.time() < deadline:
+            worker = _running_trial_worker(rdb_url, name)
+            if worker and int(worker.rsplit(":", 1)[1]) in by_pid:
+                killed = by_pid[int(worker.rsplit(":", 1)[1])]
+                killed.kill()
+            time.sleep(0.01)
+        assert killed is not None, "never saw a running trial to kill"
+        killed.wait(timeout=30)
+        survivor = next(p for p in procs if p is not killed)
+        _out, err = survivor.communicate(timeout=600)
+        assert survivor.returncode == 0, err.decode()[-2000:]
+        assert_exact_candidates(rdb_url, name)
+        failed = [
+            t
+            for s in optuna.get_all_study_summaries(rdb_url)
+            if s.study_name.startswith(name + "/")
+            for t in optuna.load_study(study_name=s.study_name, storage=rdb_url).get_trials(states=(optuna.trial.TrialState.FAIL,))
+        ]
+        assert failed, "the killed worker's trial should be marked FAIL"
+        assert campaign_status(name, rdb_url)["recipe"] == single_worker_recipe
+    finally:
+        cleanup(rdb_url, name)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_sigterm_all_workers_then_restart_resumes(rdb_url, tiny_zoo, tmp_path, single_worker_recipe) -> None:
+    name = create(tiny_zoo, tmp_path, rdb_url)
+    try:
+        procs = workers(rdb_url, name, 2)
+        deadline = time.time() + 300
+        while time.time() < deadline and _running_trial_worker(rdb_url, name) is None:
+            time.sleep(0.01)
+        time.sleep(1.0)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=60)
+        # nothing left RUNNING: SIGTERM is handled like Ctrl-C
+        assert _running_trial_worker(rdb_url, name) is None
+        done_before = sum(s["trials"]["complete"] for s in campaign_status(name, rdb_url)["stages"])
+        assert not campaign_status(name, rdb_url)["finished"]
+        for p in workers(rdb_url, name, 2):
+            _out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err.decode()[-2000:]
+        assert_exact_candidates(rdb_url, name)
+        assert sum(s["trials"]["complete"] for s in campaign_status(name, rdb_url)["stages"]) == 1 + 4 * 5
+        assert done_before >= 1
+        assert campaign_status(name, rdb_url)["recipe"] == single_worker_recipe
+    finally:
+        cleanup(rdb_url, name)
+
+
+def test_a_second_process_on_one_sqlite_file_is_refused(tiny_zoo, tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    name = create(tiny_zoo, tmp_path, url)
+    env = dict(os.environ, OLMOPT_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-m", "olmopt.cli", "study", "run", name, "--storage", url, "--quiet"], env=env)
+    try:
+        lock = Path(f"{tmp_path}/s.db.lock")
+        deadline = time.time() + 60
+        second = None
+        while time.time() < deadline:
+            second = subprocess.run(
+                [sys.executable, "-m", "olmopt.cli", "study", "run", name, "--storage", url, "--quiet"],
+                env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            if second.returncode == 2:
+                break
+            time.sleep(0.2)
+        assert lock.exists()
+        assert second is not None and second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "SQLite cannot be shared" in lines[0] and "PostgreSQL" in lines[0]
+    finally:
+        first.wait(timeout=600)
+    assert first.returncode == 0
