@@ -35,7 +35,7 @@ class PoolConfig(_Strict):
 
 
 class ObjectiveConfig(_Strict):
-    dataset: str
+    dataset: str = ""  # not needed by metrics read off the Recipe (layers_removed)
     metric: str
     name: str | None = None
     held_out: float = Field(0.25, ge=0.0, lt=1.0)
@@ -98,12 +98,57 @@ class EsDecision(_Strict):
     _switch = field_validator("svd", "norm", mode="before")(_es_switch)
 
 
+class MergeDecision(_Strict):
+    """Parameter-space merge (Circuit-Merge / DELLA / task arithmetic) searched jointly."""
+
+    mode: Literal["joint", "off"] = "off"
+    methods: list[Literal["circuit", "della", "task_arithmetic"]] = Field(
+        default_factory=lambda: ["circuit", "della", "task_arithmetic"], min_length=1
+    )
+    models: list[str] | None = None  # variants; default: every pool model but the base
+    n_trials: int = Field(40, gt=0)
+    search_order: bool = True  # search the variants' priority order (circuit)
+
+    _mode = field_validator("mode", mode="before")(_off_from_yaml)
+
+
+class FusionDecision(_Strict):
+    """Depth fusion of the last layers: number of steps and one alpha per step."""
+
+    mode: Literal["joint", "off"] = "off"
+    max_steps: int = Field(1, gt=0)
+    alpha_low: float = Field(0.0, ge=0.0, le=1.0)
+    alpha_high: float = Field(1.0, ge=0.0, le=1.0)
+    n_trials: int = Field(30, gt=0)
+    baselines: list[Literal["mka", "gradient"]] = Field(default_factory=lambda: ["mka", "gradient"])
+    calibration_samples: int = Field(64, gt=0)
+
+    _mode = field_validator("mode", mode="before")(_off_from_yaml)
+
+
+class DfsDecision(_Strict):
+    """Data-flow-space layer path over two or more pool models."""
+
+    mode: Literal["joint", "off"] = "off"
+    models: list[str] | None = None  # default: the first two pool models
+    repetitions: int = Field(2, gt=0)
+    scale_low: float = Field(0.5, gt=0.0)
+    scale_high: float = Field(1.5, gt=0.0)
+    n_trials: int = Field(40, gt=0)
+    sampler: Literal["tpe", "cmaes"] = "tpe"
+
+    _mode = field_validator("mode", mode="before")(_off_from_yaml)
+
+
 class Decisions(_Strict):
     base: BaseDecision = Field(default_factory=BaseDecision)
     boundary: BoundaryDecision = Field(default_factory=lambda: BoundaryDecision(mode="off"))
     layers: SwapDecision = Field(default_factory=SwapDecision)
     tensors: SwapDecision = Field(default_factory=lambda: SwapDecision(mode="off"))
     es: EsDecision = Field(default_factory=EsDecision)
+    merge: MergeDecision = Field(default_factory=MergeDecision)
+    fusion: FusionDecision = Field(default_factory=FusionDecision)
+    dfs: DfsDecision = Field(default_factory=DfsDecision)
 
 
 class SelectionConfig(_Strict):
@@ -144,6 +189,9 @@ class StudyConfig(_Strict):
             raise ValueError(f"decisions.base.model {base.model!r} is not in pool.models")
         if base.mode == "auto" and base.model:
             raise ValueError("decisions.base: 'model' cannot be set with mode 'auto'")
+        for i, o in enumerate(self.objectives):
+            if not o.dataset and o.metric != "layers_removed":
+                raise ValueError(f"objectives.{i}.dataset: required for metric {o.metric!r}")
         names = [o.name or default_objective_name(o) for o in self.objectives]
         if len(set(names)) != len(names):
             raise ValueError(f"objectives: names must be unique, got {names}")
@@ -163,7 +211,7 @@ class StudyConfig(_Strict):
 
 
 def default_objective_name(obj: ObjectiveConfig) -> str:
-    return f"{Path(obj.dataset).stem}.{obj.metric}"
+    return f"{Path(obj.dataset).stem}.{obj.metric}" if obj.dataset else obj.metric
 
 
 def _read_yaml(path: Path) -> Any:

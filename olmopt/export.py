@@ -50,13 +50,29 @@ def write_model_dir(
     """Materialise ``recipe`` from ``pool`` into ``out`` atomically, with report and model card."""
     with atomic_output_dir(out, force) as tmp:
         copy_side_files(pool[recipe.base].path, tmp)
-        names = pool[recipe.base].checkpoint.keys()
-        with ShardedSafetensorsWriter(tmp, max_shard_bytes) as writer:
-            for name, tensor in tqdm(materialize(pool, recipe), total=len(names), desc="writing", disable=not progress, leave=False):
-                writer.add(name, tensor)
+        if recipe.fusion or recipe.dfs:
+            _write_architecture_recipe(pool, recipe, tmp)
+        else:
+            names = pool[recipe.base].checkpoint.keys()
+            with ShardedSafetensorsWriter(tmp, max_shard_bytes) as writer:
+                for name, tensor in tqdm(materialize(pool, recipe), total=len(names), desc="writing", disable=not progress, leave=False):
+                    writer.add(name, tensor)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=True) + "\n")
         (tmp / "README.md").write_text(card)
     return out
+
+
+def _write_architecture_recipe(pool: ModelPool, recipe: Recipe, tmp: Path) -> None:
+    """Fusion: patch the swap part on a fresh CPU model, fuse, save. Data-flow path: fold and save."""
+    from olmopt.architecture_recipes import export_architecture_recipe, without_fusion
+    from olmopt.patch import WorkingModel
+
+    patched = None
+    if recipe.dfs is None:
+        working = WorkingModel(pool, recipe.base, device="cpu")
+        working.apply(without_fusion(recipe))
+        patched = working.model
+    export_architecture_recipe(pool, recipe, tmp, patched)
 
 
 def olm_report_sections(plan: list[dict[str, Any]], decisions: dict[str, dict[str, Any]]) -> dict[str, Any]:

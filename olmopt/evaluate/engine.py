@@ -100,6 +100,8 @@ class Evaluator:
     def prepare(self, split: Split = "search") -> None:
         """Load and tokenize every objective's data now (so bad files fail before heavy work)."""
         for obj in self.objectives:
+            if obj.kind == "recipe":
+                continue
             enc = self.encoded(obj, split)
             if obj.kind == "choice" and not enc.choice_ids:
                 raise InputError(f"dataset {obj.path}: metric {obj.metric} needs multiple-choice items")
@@ -174,7 +176,7 @@ class Evaluator:
         if layer <= 0:
             return
         for obj in self.objectives:
-            if obj.kind == "generate":
+            if obj.kind in ("generate", "recipe"):
                 continue
             enc = self.encoded(obj, split)
             for n, batch in enumerate(self._batches(enc)):
@@ -198,6 +200,8 @@ class Evaluator:
         results: dict[str, float] = {}
         groups: dict[tuple[Path, float, int | None], list[Objective]] = {}
         for obj in self.objectives:
+            if obj.kind == "recipe":
+                continue  # read off the Recipe by the caller, not computed from data
             groups.setdefault((obj.path, obj.held_out, obj.samples), []).append(obj)
         for objs in groups.values():
             forced = [o for o in objs if o.kind in ("teacher_forced", "choice")]
@@ -206,7 +210,7 @@ class Evaluator:
                 results.update(self._score_forced(forced, split, use_prefix))
             for obj in generated:
                 results[obj.name] = self._score_generated(obj, split)
-        return {o.name: results[o.name] for o in self.objectives}
+        return {o.name: results[o.name] for o in self.objectives if o.kind != "recipe"}
 
     def _score_forced(self, objs: list[Objective], split: Split, use_prefix: bool) -> dict[str, float]:
         first = objs[0]

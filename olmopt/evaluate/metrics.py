@@ -20,7 +20,7 @@ from torch import Tensor
 from olmopt.errors import InputError
 
 Direction = Literal["minimize", "maximize"]
-Kind = Literal["teacher_forced", "generate", "choice"]
+Kind = Literal["teacher_forced", "generate", "choice", "recipe"]
 
 CJK_FIRST, CJK_LAST = 0x4E00, 0x9FFF
 QUALITY_MIN_WORDS = 100
@@ -88,6 +88,13 @@ METRICS: dict[str, MetricSpec] = {
             "maximize",
             "choice",
             "Fraction of multiple-choice questions whose highest-scoring choice is the answer.",
+        ),
+        MetricSpec(
+            "layers_removed",
+            "maximize",
+            "recipe",
+            "Decoder layers the merged model has fewer than the base (depth fusion, data-flow paths); "
+            "read off the Recipe, no data needed.",
         ),
     )
 }

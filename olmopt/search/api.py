@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -32,6 +31,8 @@ def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
         if split == "held_out" and not any(o.held_out > 0 for o in objectives):
             continue
         for obj in objectives:
+            if obj.kind == "recipe":
+                continue
             enc = evaluator.encoded(obj, split)  # type: ignore[arg-type]
             if obj.kind == "choice" and not enc.choice_ids:
                 raise InputError(f"dataset {obj.path}: metric {obj.metric} needs multiple-choice items")
@@ -39,7 +40,9 @@ def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
     if pool.adapter.tied_embeddings:
         names = [n for n in names if not n.startswith(pool.adapter.lm_head)]
     plan = plan_stages(config, pool.adapter, names)
-    extra = {"datasets": {o.name: {"path": str(o.path), "sha256": file_digest(o.path)} for o in objectives}}
+    extra = {
+        "datasets": {o.name: {"path": str(o.path), "sha256": file_digest(o.path)} for o in objectives if o.kind != "recipe"}
+    }
     return plan, extra
 
 
@@ -115,5 +118,3 @@ def campaign_status(name: str, url: str) -> dict[str, Any]:
     }
 
 
-def study_file_dir(path: str) -> Path:
-    return Path(path).resolve().parent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
+from olmopt.architecture_recipes import ResidentPool, dfs_eval_model, fused, layers_removed, without_fusion
 from olmopt.config import StudyConfig, default_objective_name
 from olmopt.evaluate.engine import Evaluator, Objective
 from olmopt.patch import WorkingModel
@@ -48,6 +49,7 @@ class EvalContext:
             stop_at_first_mismatch=ev.stop_at_first_mismatch,
         )
         self._prefix_key: tuple[str, int] | None = None
+        self._resident: ResidentPool | None = None
 
     def prepare(self) -> None:
         for split in ("search", "held_out"):
@@ -62,14 +64,34 @@ class EvalContext:
 
         With ``incumbent`` the resident weights become the incumbent's first (so a candidate patches
         only the slot it changes), and with ``layer`` the prefix cache of that incumbent is used.
+        Fusion recipes are fused on top of the patch and restored; data-flow paths run on the pool's
+        resident layers. Metrics read off the Recipe (layers_removed) are added here.
         """
-        if incumbent is not None and self.working.recipe != incumbent:
-            self.working.apply(incumbent)  # the new resident state; never undone
-        use_prefix = bool(incumbent is not None and layer and split == "search")
+        if recipe.dfs is not None:
+            values = self._score_dfs(recipe, split)
+        else:
+            values = self._score_patched(recipe, split, incumbent, layer)
+        for obj in self.objectives:
+            if obj.kind == "recipe":
+                values[obj.name] = layers_removed(recipe, self.pool.adapter.num_layers)
+        return values
+
+    def _score_patched(self, recipe: Recipe, split: str, incumbent: Recipe | None, layer: int | None) -> dict[str, float]:
+        if incumbent is not None and not incumbent.dfs and self.working.recipe != without_fusion(incumbent):
+            self.working.apply(without_fusion(incumbent))  # the new resident state; never undone
+        use_prefix = bool(incumbent is not None and layer and split == "search" and not recipe.fusion)
         if use_prefix:
             key = (incumbent.digest(), int(layer))  # type: ignore[union-attr, arg-type]
             if self._prefix_key != key:
                 self.evaluator.capture_prefix(int(layer), "search")  # type: ignore[arg-type]
                 self._prefix_key = key
-        with self.working.patched(recipe):
+        with self.working.patched(without_fusion(recipe)), fused(self.working.model, recipe):
             return self.evaluator.evaluate(split, use_prefix=use_prefix)  # type: ignore[arg-type]
+
+    def _score_dfs(self, recipe: Recipe, split: str) -> dict[str, float]:
+        if self._resident is None:
+            self._resident = ResidentPool(self.pool, self.working.device, self.working.dtype)
+        model = dfs_eval_model(self._resident, recipe.dfs)  # type: ignore[arg-type]
+        evaluator = Evaluator(model, self.evaluator.tokenizer, self.objectives, batch_size=self.evaluator.batch_size)
+        evaluator._encoded = self.evaluator._encoded  # share the tokenization cache
+        return evaluator.evaluate(split)  # type: ignore[arg-type]

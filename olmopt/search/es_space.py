@@ -67,7 +67,9 @@ def kind_settings(config: StudyConfig, kind: str) -> EsKindDecision:
     return chosen if chosen is not None else (SvdEsDecision() if kind == "svd" else NormEsDecision())
 
 
-def check_units(units: list[str], adapter: ArchitectureAdapter, param_names: list[str], where: str) -> list[str]:
+def check_units(
+    units: list[str], adapter: ArchitectureAdapter, param_names: list[str], where: str
+) -> list[str]:
     """One-line InputError for a unit that does not exist or has no ``.weight`` (what ES perturbs)."""
     known = set(adapter.all_units(param_names))
     names = set(param_names)
@@ -199,7 +201,9 @@ def plan_generation(env: SpaceEnv, incumbent: Recipe, kind: str, unit: str, gene
 
 
 # -- acceptance -----------------------------------------------------------------------------------------
-def qualifies(candidate: dict[str, float], parent: dict[str, float], directions: dict[str, str], rule: str) -> bool:
+def qualifies(
+    candidate: dict[str, float], parent: dict[str, float], directions: dict[str, str], rule: str
+) -> bool:
     """``any``: better on some objective; ``pareto``: also no worse on any. Non-finite never qualifies."""
     from olmopt.select import improves_on
 
@@ -245,7 +249,9 @@ def es_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpac
     from olmopt.search.context import objectives_of
 
     if incumbent is None:
-        raise InputError(f"stage {stage.key}: ES needs a decided model to refine (it cannot be the first stage)")
+        raise InputError(
+            f"stage {stage.key}: ES needs a decided model to refine (it cannot be the first stage)"
+        )
     kind = ES_KINDS[stage.kind]
     unit, generation = parse_target(stage.target)
     check_units([unit], env.adapter, env.param_names, f"stage {stage.key}")
@@ -277,7 +283,10 @@ def es_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpac
         return label, incumbent.with_es(EsStep(unit=unit, kind=kind, sigma=sigma, seed=seed))  # type: ignore[arg-type]
 
     def decide(
-        trials: dict[str, FrozenTrial], scores: dict[str, dict[str, float]], feasible: dict[str, bool], keep: str | None
+        trials: dict[str, FrozenTrial],
+        scores: dict[str, dict[str, float]],
+        feasible: dict[str, bool],
+        keep: str | None,
     ) -> str | None:
         return accept(trials, scores, feasible, directions, rule, parent_json)
 
@@ -287,3 +296,43 @@ def es_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpac
 
 for _kind in ES_KINDS:
     register_space(_kind, es_space)
+
+
+# -- refinement of a finished campaign (export best --refine es) -------------------------------------
+REFINE_INFO = "refine"
+
+
+def refine_targets(
+    campaign: Any,
+    recipe: Recipe,
+    adapter: ArchitectureAdapter,
+    param_names: list[str],
+    units: list[str] | None = None,
+) -> list[tuple[str, str]]:
+    """ES stages that refine ``recipe``'s units (or ``units``), numbered after the plan's ES stages.
+
+    Uses the campaign's ``decisions.es`` blocks, or one SVD-ES and one norm-ES generation with the
+    default sigmas when the campaign has none.
+    """
+    from olmopt.config import NormEsDecision, SvdEsDecision
+
+    es = campaign.config.decisions.es
+    settings = {k: v for k, v in (("svd", es.svd), ("norm", es.norm)) if v is not None}
+    settings = settings or {"svd": SvdEsDecision(), "norm": NormEsDecision()}
+    chosen = list(units) if units else list(recipe.units)
+    if not chosen:
+        raise InputError(f"campaign {campaign.name!r} decided no tensor units: pass --es-unit UNIT to refine")
+    done: dict[tuple[str, str], int] = {}
+    for stage in campaign.plan:
+        if stage.kind in ES_KINDS:
+            unit, generation = parse_target(stage.target)
+            key = (ES_KINDS[stage.kind], unit)
+            done[key] = max(done.get(key, 0), generation)
+    return es_stage_targets(
+        campaign.config,
+        adapter,
+        param_names,
+        chosen,
+        settings,
+        lambda kind, unit: done.get((kind, unit), 0) + 1,
+    )

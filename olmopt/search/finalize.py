@@ -17,6 +17,7 @@ from olmopt.export import (
 from olmopt.recipe import Recipe
 from olmopt.search.campaign import Campaign
 from olmopt.search.context import EvalContext
+from olmopt.search.es_space import REFINE_INFO, refine_targets
 from olmopt.search.storage import redact
 from olmopt.search.trials import RECIPE_ATTR
 
@@ -61,18 +62,33 @@ def export_best(
     force: bool = False,
     progress: bool = True,
     compare_donors: bool = True,
+    refine: str | None = None,
+    es_units: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Export the campaign's winner; ``refine="es"`` first runs ES stages on its units (resumable)."""
     campaign = Campaign.load(name, url)
     if out.exists() and not force:
         raise InputError(f"output {out} already exists (pass --force to replace it)")
-    recipe, expected, key, trial_number = pick_recipe(campaign, trial, stage_key)
+    if refine not in (None, "es"):
+        raise InputError(f"--refine {refine!r}: the only refinement is 'es'")
+    if refine and (trial is not None or stage_key is not None):
+        raise InputError("--refine refines the campaign's winner: do not combine it with --trial or --stage")
+    if refine and REFINE_INFO not in campaign.info:
+        pick_recipe(campaign, None, None)  # the campaign must be finished before it is refined
     ctx = EvalContext(campaign.config)
+    refined = refine_es(campaign, ctx, es_units, progress) if refine else None
+    recipe, expected, key, trial_number = pick_recipe(campaign, trial, stage_key)
     got = ctx.score(recipe, "search")
     if not metrics_match(expected, got):
         raise ReproductionError(f"rebuilt recipe does not reproduce the trial's metrics: expected {expected}, got {got}")
     has_held = any(o.held_out > 0 for o in ctx.objectives)
     held = ctx.score(recipe, "held_out") if has_held else {}
     table = [{"model": "merged (olmopt)", "search": got, "held_out": held}]
+    refine_report = None
+    if refined is not None:
+        refine_report = refinement_report(campaign, ctx, refined, recipe, got, held)
+        before = refine_report["before"]
+        table.append({"model": "merged, before ES", "search": before["search"], "held_out": before["held_out"]})
     if compare_donors:
         for model in campaign.config.pool.models:
             donor = Recipe(base=model)
@@ -100,6 +116,63 @@ def export_best(
             "provenance": provenance(redact(url), name, key, trial_number, campaign.info.get("datasets", {})),
         }
     )
+    if refine_report is not None:
+        report["refine"] = refine_report
     card = model_card(f"{name} (olmopt merge)", recipe, table, names, directions)
     write_model_dir(ctx.pool, recipe, out, report, card, force=force, progress=progress)
-    return {"out": str(out), "recipe": recipe.to_dict(), "stage": key, "trial": trial_number, "metrics": got, "held_out": held, "comparison": table}
+    result = {"out": str(out), "recipe": recipe.to_dict(), "stage": key, "trial": trial_number}
+    result.update({"metrics": got, "held_out": held, "comparison": table})
+    if refine_report is not None:
+        result["refine"] = refine_report
+    return result
+
+
+def refine_es(
+    campaign: Campaign, ctx: EvalContext, units: list[str] | None, progress: bool
+) -> dict[str, Any]:
+    """Append ES stages for the winner's units to the plan (once) and run them like any stage.
+
+    Returns the campaign's refine info ``{"method", "before" (stage key), "first" (stage index)}``. A
+    second call resumes (or finds done) the stages planned by the first; ``units`` then is ignored.
+    """
+    from olmopt.search.runner import CampaignRunner
+    from olmopt.search.storage import single_writer
+    from olmopt.search.workers import Evaluators
+
+    with single_writer(campaign.url):
+        info = campaign.info.get(REFINE_INFO)
+        if info is None:
+            recipe, _, key, _ = pick_recipe(campaign, None, None)
+            specs = refine_targets(campaign, recipe, ctx.pool.adapter, ctx.working.param_names, units)
+            info = {"method": "es", "before": key, "first": len(campaign.plan)}
+            campaign.extend_plan(specs, {REFINE_INFO: info})
+        outcome = CampaignRunner(campaign, Evaluators(campaign.config, 1, ctx), progress).run()
+    if not outcome.finished:
+        raise InputError(f"campaign {campaign.name!r}: ES refinement stopped early; run it again to resume")
+    return dict(info)
+
+
+def refinement_report(
+    campaign: Campaign,
+    ctx: EvalContext,
+    info: dict[str, Any],
+    recipe: Recipe,
+    got: dict[str, float],
+    held: dict[str, float],
+) -> dict[str, Any]:
+    """Before/after metrics, the ES stages and the accepted steps of a refinement."""
+    decision = campaign.decisions()[info["before"]]
+    before = Recipe.from_json(decision["recipe"])
+    has_held = any(o.held_out > 0 for o in ctx.objectives)
+    return {
+        "method": info["method"],
+        "stages": [s.key for s in campaign.plan[info["first"] :]],
+        "acceptance": campaign.config.decisions.es.acceptance,
+        "steps": [step.model_dump(mode="json") for step in recipe.es[len(before.es) :]],
+        "before": {
+            "stage": info["before"],
+            "search": decision["metrics"],
+            "held_out": ctx.score(before, "held_out") if has_held else {},
+        },
+        "after": {"search": got, "held_out": held},
+    }

@@ -44,6 +44,8 @@ def plan_stages(config: StudyConfig, adapter: ArchitectureAdapter, param_names: 
 
     d = config.decisions
     add("base")
+    if d.merge.mode == "joint":
+        add("joint-merge", n_trials=d.merge.n_trials)
     if d.boundary.mode == "greedy":
         add("boundary")
     layers = _ordered(d.layers.only or list(range(adapter.num_layers)), d.layers.direction)
@@ -63,6 +65,10 @@ def plan_stages(config: StudyConfig, adapter: ArchitectureAdapter, param_names: 
 
         for kind, target in es_stage_targets(config, adapter, param_names):
             add(kind, target)
+    if d.fusion.mode == "joint":
+        add("joint-fusion", n_trials=d.fusion.n_trials)
+    if d.dfs.mode == "joint":
+        add("joint-dfs", n_trials=d.dfs.n_trials)
     return stages
 
 

@@ -27,6 +27,9 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm import tqdm
 
 from olmopt.recipe import Recipe
+from olmopt.search import dfs_space as _dfs_space  # noqa: F401 - each registers its decision kind
+from olmopt.search import fusion_space as _fusion_space  # noqa: F401
+from olmopt.search import merge_space as _merge_space  # noqa: F401
 from olmopt.search import trials as T
 from olmopt.search.campaign import DECISION_ATTR, Campaign
 from olmopt.search.context import objectives_of
@@ -59,7 +62,8 @@ def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0) -> optu
         return optuna.samplers.NSGAIISampler(seed=seed)
     if cfg.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=cfg.multivariate, n_startup_trials=10)
+    # group=True keeps conditional parameters (per-method knobs, per-slot scales) in joint models
+    return optuna.samplers.TPESampler(seed=seed, multivariate=cfg.multivariate, group=cfg.multivariate, n_startup_trials=10)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class _Env:
     pool_names: list[str]
     adapter: Any
     param_names: list[str]
+    context: Any  # the in-process EvalContext (resident model, tokenizer), for spaces that need it
 
 
 class CampaignRunner:
@@ -101,7 +106,7 @@ class CampaignRunner:
     def env(self) -> _Env:
         if self._env is None:
             working = self.ev.local.working
-            self._env = _Env(self.c.config, self.pool_names, working.adapter, working.param_names)
+            self._env = _Env(self.c.config, self.pool_names, working.adapter, working.param_names, self.ev.local)
         return self._env
 
     def _out_of_time(self) -> bool:
@@ -211,6 +216,7 @@ class CampaignRunner:
                     if trial is None:
                         break
                     label, recipe = space.decode(trial)
+                    label = str(trial.user_attrs.get(T.LABEL_ATTR) or label)  # enqueued trials keep their label
                     trial.set_user_attr(T.LABEL_ATTR, label)
                     trial.set_user_attr("worker", WORKER_ID)
                     in_flight[self.ev.submit(recipe, incumbent, space.layer)] = (trial, recipe)
@@ -288,6 +294,11 @@ class CampaignRunner:
                 for lbl, t in trials.items()
             },
         }
+        if held_out and stage.is_joint:  # named starting points (baselines) get held-out figures too
+            for lbl, _params in space.enqueue:
+                if lbl in trials and lbl != label:
+                    named = Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR])
+                    decision["candidates"][lbl]["held_out"] = self.ev.local.score(named, "held_out")
         study.set_user_attr(DECISION_ATTR, decision)
         self.log(f"{stage.key}: {label} ({reason})")
         return decision

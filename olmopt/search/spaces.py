@@ -34,6 +34,7 @@ class SpaceEnv(Protocol):
     pool_names: list[str]
     adapter: ArchitectureAdapter
     param_names: list[str]
+    context: Any  # olmopt.search.context.EvalContext
 
 
 # decide(trials by label, scores, feasible, keep) -> winning label or None (keep the incumbent)
@@ -53,7 +54,10 @@ class StageSpace:
 
 def swap_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
     """Greedy OLM stage: every pool model's version of one slot."""
-    candidates = greedy_candidates(stage, incumbent, env.pool_names)
+    pool = env.pool_names
+    if stage.kind == "base" and env.config.decisions.base.mode == "fixed":
+        pool = [env.config.base_model]  # a fixed base is scored once: the reference for improve_all
+    candidates = greedy_candidates(stage, incumbent, pool)
 
     def decode(trial: Trial) -> tuple[str, Recipe]:
         label = str(trial.suggest_categorical("donor", list(candidates)))

@@ -1,0 +1,54 @@
+"""The data-flow-space decision as a joint stage: a layer path over the pool's models.
+
+Slots follow the seed's mask order (repetition, model, layer): an indicator per slot and a scale per
+active slot (conditional: it exists only when the slot is on), plus the model whose embedding and
+head frame the path. The identity path of each model is enqueued first.
+"""
+
+from __future__ import annotations
+
+from optuna.trial import Trial
+
+from olmopt.recipe import DataFlowPath, Recipe
+from olmopt.search.plan import Stage
+from olmopt.search.spaces import SpaceEnv, StageSpace, register_space
+
+
+def dfs_models(env: SpaceEnv) -> list[str]:
+    chosen = env.config.decisions.dfs.models
+    return list(chosen) if chosen else list(env.pool_names[:2])
+
+
+def dfs_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+    assert incumbent is not None
+    cfg = env.config.decisions.dfs
+    models = dfs_models(env)
+    num_layers = env.adapter.num_layers
+    slots = [(r, m, layer) for r in range(cfg.repetitions) for m in range(len(models)) for layer in range(num_layers)]
+
+    def decode(trial: Trial) -> tuple[str, Recipe]:
+        frame = str(trial.suggest_categorical("io_model", models))
+        hops: list[tuple[str, int]] = []
+        scales: list[float] = []
+        for r, m, layer in slots:
+            if trial.suggest_int(f"on.{r}.{m}.{layer}", 0, 1):
+                hops.append((models[m], layer))
+                scales.append(trial.suggest_float(f"scale.{r}.{m}.{layer}", cfg.scale_low, cfg.scale_high))
+        if not hops:  # an empty path is no model: fall back to the frame model's first layer
+            hops, scales = [(frame, 0)], [1.0]
+        path = DataFlowPath(hops=tuple(hops), scales=tuple(scales), input_model=frame, output_model=frame)
+        return f"#{trial.number}", Recipe(base=incumbent.base, dfs=path)
+
+    enqueue: list[tuple[str, dict[str, object]]] = []
+    for k, name in enumerate(models):
+        params: dict[str, object] = {"io_model": name}
+        for r, m, layer in slots:
+            on = int(r == 0 and m == k)
+            params[f"on.{r}.{m}.{layer}"] = on
+            if on:
+                params[f"scale.{r}.{m}.{layer}"] = 1.0
+        enqueue.append((f"identity:{name}", params))
+    return StageSpace(decode=decode, enqueue=enqueue, budget=stage.n_trials)
+
+
+register_space("joint-dfs", dfs_space)
