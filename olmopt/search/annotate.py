@@ -195,14 +195,13 @@ def stage_note(decision: dict[str, Any], names: list[str], directions: dict[str,
     ]
     candidates = decision.get("candidates") or {}
     if candidates:
-        first = names[0]
-        sign = 1.0 if directions[first] == "minimize" else -1.0
+        signs = {n: 1.0 if directions[n] == "minimize" else -1.0 for n in names}
         ranked = sorted(
             candidates.items(),
-            key=lambda kv: (not kv[1]["feasible"], _key(kv[1]["metrics"].get(first), sign)),
+            key=lambda kv: (not kv[1]["feasible"], *(_key(kv[1]["metrics"].get(n), signs[n]) for n in names)),
         )
         lines += [
-            f"Candidates ({len(candidates)}; best {min(NOTE_ROWS, len(candidates))} by {first}):",
+            f"Candidates ({len(candidates)}; the first {min(NOTE_ROWS, len(candidates))}, feasible first, by {', '.join(names)}):",
             "",
             "| candidate | trial | feasible | "
             + " | ".join(f"{n} {_arrow(directions[n])}" for n in names)

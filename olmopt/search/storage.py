@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -85,10 +86,22 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
             "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=3),
         }
     try:
-        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)  # type: ignore[arg-type]
+        storage = RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)  # type: ignore[arg-type]
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StorageError(f"cannot open storage {redact(url)}: {reason}") from None
+    if is_sqlite(url):
+        event.listen(storage.engine, "connect", _sqlite_pragmas)
+        storage.engine.dispose()  # reconnect so the pragmas apply to every pooled connection
+    return storage
+
+
+def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
+    """WAL + synchronous=NORMAL: an order of magnitude fewer fsyncs per trial, still crash-consistent."""
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 @contextmanager

@@ -1,0 +1,84 @@
+"""Trial throughput of a greedy campaign with 1 and 2 workers (evaluation-bound, one thread each).
+
+    python benchmarks/bench_workers.py [--zoo storage/zoo-tiny] [--postgres URL]
+
+Local workers (`study run --workers K`, SQLite) and, with a PostgreSQL URL, K separate `study run`
+processes sharing the storage. Prints trials/minute and the speed-up of 2 workers over 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ["base", "spec_add", "spec_rev", "spec_mc", "spec_fact"]
+
+
+def study_file(tmp: Path, zoo: Path, name: str) -> Path:
+    data = {
+        "name": name,
+        "pool": {"models": [str(zoo / m) for m in MODELS]},
+        "objectives": [
+            {"name": s, "dataset": str(REPO / f"objectives/{s}.json"), "metric": "token_accuracy"} for s in ("add", "rev", "fact")
+        ]
+        + [{"name": "mc", "dataset": str(REPO / "objectives/mc_choices.json"), "metric": "mc_accuracy"}],
+        "decisions": {"base": {"mode": "auto"}, "layers": {"mode": "greedy"}, "tensors": {"mode": "greedy", "only": [3]}},
+        "selection": {"held_out_check": False},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def olmopt(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, OLMOPT_THREADS="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "olmopt.cli", *args], env=env, stdout=subprocess.DEVNULL)
+
+
+def run(url: str, zoo: Path, tmp: Path, workers: int, processes: bool) -> tuple[float, int]:
+    name = f"bench-{uuid.uuid4().hex[:6]}"
+    assert olmopt("study", "create", str(study_file(tmp, zoo, name)), "--storage", url).wait() == 0
+    start = time.perf_counter()
+    if processes:
+        procs = [olmopt("study", "run", name, "--storage", url, "--quiet") for _ in range(workers)]
+    else:
+        procs = [olmopt("study", "run", name, "--storage", url, "--quiet", "--workers", str(workers))]
+    assert all(p.wait() == 0 for p in procs)
+    elapsed = time.perf_counter() - start
+    from olmopt.search.api import campaign_status
+
+    trials = sum(s["trials"]["complete"] for s in campaign_status(name, url)["stages"])
+    return elapsed, trials
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--zoo", type=Path, default=REPO / "storage" / "zoo-tiny")
+    parser.add_argument("--postgres", default=os.environ.get("OLMOPT_TEST_POSTGRES_URL"))
+    args = parser.parse_args()
+    print("| setup | workers | trials | seconds | trials/min | speed-up |\n|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        setups = [("SQLite, --workers K", lambda k: run(f"sqlite:///{tmp}/w{k}.db", args.zoo, tmp, k, False))]
+        if args.postgres:
+            setups.append(("PostgreSQL, K processes", lambda k: run(args.postgres, args.zoo, tmp, k, True)))
+        for label, fn in setups:
+            base_rate = None
+            for k in (1, 2):
+                seconds, trials = fn(k)
+                rate = 60 * trials / seconds
+                base_rate = base_rate or rate
+                print(f"| {label} | {k} | {trials} | {seconds:.1f} | {rate:.1f} | {rate / base_rate:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
