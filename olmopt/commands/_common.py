@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import Any
 
-from olmopt.search.storage import DEFAULT_STORAGE
+from olmopt.defaults import DEFAULT_STORAGE
 
 
 def add_storage_flag(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     best.add_argument("--stage", metavar="KEY", help="stage key as shown by `olmopt study status`")
     best.add_argument("--force", action="store_true", help="replace an existing output directory")
     best.add_argument("--no-compare", action="store_true", help="skip scoring every donor for the model card")
+    best.add_argument("--refine", choices=["es"], help="first refine the winner's units by ES (docs/es.md)")
+    best.add_argument("--es-unit", action="append", metavar="UNIT", help="with --refine es: refine UNIT")
     best.add_argument("--json", action="store_true")
     best.add_argument("--quiet", action="store_true")
     add_storage_flag(best)
@@ -40,6 +42,7 @@ def cmd_export_best(args: argparse.Namespace) -> int:
     result = export_best(
         args.name, storage_url(args.storage), args.out, args.trial, args.stage, args.force,
         progress=not args.quiet, compare_donors=not args.no_compare,
+        refine=args.refine, es_units=args.es_unit,
     )  # fmt: skip
     if args.json:
         print_json(result)
@@ -50,6 +53,10 @@ def cmd_export_best(args: argparse.Namespace) -> int:
     for row in result["comparison"]:
         cells = " ".join(f"{row['search'].get(n, float('nan')):>12.4f} {row['held_out'].get(n, float('nan')):>8.4f}" for n in names)
         print(f"{row['model'][-44:]:<44} {cells}")
+    if "refine" in result:
+        r = result["refine"]
+        steps, stages = len(r["steps"]), len(r["stages"])
+        print(f"ES refinement: {steps} accepted steps in {stages} stages (before: {r['before']['stage']})")
     return 0
 
 

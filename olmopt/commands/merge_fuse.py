@@ -9,10 +9,6 @@ from typing import Any
 
 from olmopt.commands._merge_group import merge_subparsers
 from olmopt.errors import InputError, ModelError
-from olmopt.outdir import atomic_output_dir, copy_side_files
-from olmopt.pool.adapter import ArchitectureAdapter
-from olmopt.pool.checkpoint import Checkpoint
-from olmopt.runtime import configure_threads
 
 ALPHAS_FILE_NAME = "fusion_alphas.json"
 
@@ -45,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_fuse(args: argparse.Namespace) -> int:
     from olmopt.fusion import alphas_records, fuse_model, load_alphas
     from olmopt.ops.fusion import fusion_coefficients
+    from olmopt.outdir import atomic_output_dir, copy_side_files
+    from olmopt.pool.adapter import ArchitectureAdapter
+    from olmopt.runtime import configure_threads
 
     configure_threads()
     model_dir, out = Path(args.model), Path(args.out)
@@ -83,6 +82,8 @@ def run_fuse(args: argparse.Namespace) -> int:
 
 def _load_config(model_dir: Path) -> Any:
     from transformers import AutoConfig
+
+    from olmopt.pool.checkpoint import Checkpoint
 
     if not model_dir.is_dir():
         raise ModelError(f"model {model_dir}: directory does not exist")

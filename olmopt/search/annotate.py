@@ -89,14 +89,16 @@ def _upload(
         return upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=target)
 
 
-def _has_artifact(study: optuna.Study, filename: str) -> bool:
-    return any(m.filename == filename for m in get_all_artifact_meta(study))
+def _has_artifact(target: optuna.Study | optuna.Trial, filename: str) -> bool:
+    return any(m.filename == filename for m in get_all_artifact_meta(target))
 
 
 # -- trials and stage decisions (runner) -------------------------------------------------------------
 @_best_effort
 def annotate_trial(campaign: Campaign, trial: optuna.Trial, recipe_json: str) -> str | None:
     """Attach the trial's Recipe as ``recipe.json``. Call before ``study.tell`` (finished trials are frozen)."""
+    if _has_artifact(trial, RECIPE_FILE):
+        return None  # attached by an earlier call
     data = json.dumps(json.loads(recipe_json), indent=2, sort_keys=True).encode()
     return _upload(artifact_store(artifact_dir_for(campaign.url)), trial, RECIPE_FILE, data)
 

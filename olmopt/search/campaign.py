@@ -178,5 +178,3 @@ def list_campaigns(url: str) -> list[dict[str, Any]]:
 def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
 
-
-from olmopt.search import es_space as _es_space  # noqa: E402, F401  (registers the es-svd/es-norm stage kinds)

@@ -27,9 +27,6 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm import tqdm
 
 from olmopt.recipe import Recipe
-from olmopt.search import dfs_space as _dfs_space  # noqa: F401 - each registers its decision kind
-from olmopt.search import fusion_space as _fusion_space  # noqa: F401
-from olmopt.search import merge_space as _merge_space  # noqa: F401
 from olmopt.search import trials as T
 from olmopt.search.campaign import DECISION_ATTR, Campaign
 from olmopt.search.context import objectives_of
@@ -73,6 +70,7 @@ class _Env:
     adapter: Any
     param_names: list[str]
     context: Any  # the in-process EvalContext (resident model, tokenizer), for spaces that need it
+    pool: Any  # the ModelPool of that context
 
 
 class CampaignRunner:
@@ -106,7 +104,7 @@ class CampaignRunner:
     def env(self) -> _Env:
         if self._env is None:
             working = self.ev.local.working
-            self._env = _Env(self.c.config, self.pool_names, working.adapter, working.param_names, self.ev.local)
+            self._env = _Env(self.c.config, self.pool_names, working.adapter, working.param_names, self.ev.local, self.ev.local.pool)
         return self._env
 
     def _out_of_time(self) -> bool:

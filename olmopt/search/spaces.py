@@ -35,6 +35,7 @@ class SpaceEnv(Protocol):
     adapter: ArchitectureAdapter
     param_names: list[str]
     context: Any  # olmopt.search.context.EvalContext
+    pool: Any  # olmopt.pool.model_pool.ModelPool
 
 
 # decide(trials by label, scores, feasible, keep) -> winning label or None (keep the incumbent)
@@ -98,3 +99,7 @@ SPACES: dict[str, Callable[[Stage, Recipe | None, SpaceEnv], StageSpace]] = {
 
 def register_space(kind: str, builder: Callable[[Stage, Recipe | None, SpaceEnv], StageSpace]) -> None:
     SPACES[kind] = builder
+
+
+# Decision kinds living in their own modules register themselves on import.
+from olmopt.search import dfs_space, es_space, fusion_space, merge_space  # noqa: E402, F401

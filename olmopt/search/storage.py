@@ -14,9 +14,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from olmopt.defaults import DEFAULT_STORAGE
 from olmopt.errors import StorageError
 
-DEFAULT_STORAGE = "sqlite:///storage/olmopt.db"
 HEARTBEAT_INTERVAL = 20
 GRACE_PERIOD = 60
 STALE_AFTER = 900  # journal storages have no heartbeat: RUNNING longer than this is presumed dead

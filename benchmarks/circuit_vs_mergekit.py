@@ -1,0 +1,194 @@
+"""Time and memory of ``olmopt merge circuit`` (circuit, della) against mergekit's ``della`` on the same files.
+
+Usage:
+  python benchmarks/make_big_models.py                  # once: storage/bench-big/{A,B,C}, 3 x 309M bf16
+  python benchmarks/circuit_vs_mergekit.py [--root storage/bench-big] [--runs circuit,della,mergekit-della]
+
+Each merge runs as a subprocess under ``/usr/bin/time -v`` (wall, user, sys, max RSS) while this script
+samples the merge process's ``RssAnon`` (private memory; max RSS also counts mmap'd input pages) every
+50 ms. Prints a markdown table for BENCHMARKS.md plus the load average before and after (the machine
+may be shared: CPU time is the contention-robust figure).
+
+mergekit lives in its own venv (torch first, so pip keeps the CPU build):
+  python3 -m venv storage/mk-venv && storage/mk-venv/bin/pip install torch==2.13.0 \
+    && storage/mk-venv/bin/pip install mergekit
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MK_VENV = REPO / "storage" / "mk-venv"
+MK_HOWTO = f"python3 -m venv {MK_VENV} && {MK_VENV}/bin/pip install torch==2.13.0 && {MK_VENV}/bin/pip install mergekit"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@dataclass
+class Result:
+    name: str
+    wall_s: float
+    user_s: float
+    sys_s: float
+    max_rss_mb: float
+    peak_anon_mb: float
+    rc: int
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def _rss_anon_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _sample(time_pid: int, stop: threading.Event, peak: list[int]) -> None:
+    while not stop.is_set():
+        tree, frontier = [], _children(time_pid)
+        while frontier:
+            pid = frontier.pop()
+            tree.append(pid)
+            frontier.extend(_children(pid))
+        peak[0] = max(peak[0], sum(_rss_anon_kb(pid) for pid in tree))
+        stop.wait(0.05)
+
+
+def run_timed(name: str, command: list[str], env: dict[str, str]) -> Result:
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        process = subprocess.Popen(
+            ["/usr/bin/time", "-v", "-o", report.name, *command],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        stop, peak = threading.Event(), [0]
+        sampler = threading.Thread(target=_sample, args=(process.pid, stop, peak), daemon=True)
+        sampler.start()
+        _, stderr = process.communicate()
+        stop.set()
+        sampler.join()
+        text = Path(report.name).read_text()
+    if process.returncode != 0:
+        print(f"{name} failed (exit {process.returncode}):\n{stderr[-2000:]}", file=sys.stderr)
+
+    def field(label: str) -> str:
+        match = re.search(rf"{re.escape(label)}: (.+)", text)
+        return match.group(1).strip() if match else "0"
+
+    wall = field("Elapsed (wall clock) time (h:mm:ss or m:ss)")
+    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
+    return Result(
+        name,
+        seconds,
+        float(field("User time (seconds)")),
+        float(field("System time (seconds)")),
+        int(field("Maximum resident set size (kbytes)")) / 1024,
+        peak[0] / 1024,
+        process.returncode,
+    )
+
+
+def mergekit_config(root: Path, path: Path) -> None:
+    path.write_text(
+        f"""merge_method: della
+base_model: {root / "A"}
+models:
+  - model: {root / "B"}
+    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}
+  - model: {root / "C"}
+    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}
+parameters:
+  lambda: 1.0
+  normalize: true
+dtype: bfloat16
+"""
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=REPO / "storage" / "bench-big")
+    parser.add_argument("--runs", default="startup,circuit,della,mergekit-della")
+    parser.add_argument("--threads", type=int, default=2, help="olmopt worker threads")
+    args = parser.parse_args()
+    root = args.root.resolve()
+    if not all((root / n / "config.json").is_file() for n in "ABC"):
+        print(f"models missing under {root}: run python benchmarks/make_big_models.py first", file=sys.stderr)
+        return 1
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    mergekit_yaml = MK_VENV / "bin" / "mergekit-yaml"
+    if "mergekit-della" in runs and not mergekit_yaml.is_file():
+        print(f"mergekit venv missing; create it with:\n  {MK_HOWTO}", file=sys.stderr)
+        runs.remove("mergekit-della")
+    work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=REPO / "storage"))
+    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1", "OLMOPT_THREADS": "1"}
+    olmopt_cli = [sys.executable, "-m", "olmopt.cli", "merge", "circuit", str(root / "A"), str(root / "B")]
+    olmopt_cli += [str(root / "C"), "--quiet", "--threads", str(args.threads)]
+    commands = {
+        "circuit": [*olmopt_cli, "--out", str(work / "circuit")],
+        "della": [*olmopt_cli, "--method", "della", "--density", "0.5", "--epsilon", "0.1"]
+        + ["--weights", "0.5", "0.5", "--out", str(work / "della")],
+        "task_arithmetic": [*olmopt_cli, "--method", "task_arithmetic", "--out", str(work / "ta")],
+        "startup": [sys.executable, "-m", "olmopt.cli", "merge", "circuit", "--help"],
+        "mergekit-della": [str(mergekit_yaml), str(work / "mk.yaml"), str(work / "mk"), "--random-seed", "0"],
+    }
+    mergekit_config(root, work / "mk.yaml")
+    load_before = os.getloadavg()
+    results = []
+    try:
+        for name in runs:
+            if name not in commands:
+                print(f"unknown run {name!r} (choose from {', '.join(commands)})", file=sys.stderr)
+                return 2
+            label = name if name.startswith("mergekit") else f"olmopt {name}"
+            label = "olmopt CLI start-up only (--help)" if name == "startup" else label
+            print(f"running {label} ...", file=sys.stderr)
+            started = time.perf_counter()
+            results.append(run_timed(label, commands[name], env))
+            print(f"  {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load_after = os.getloadavg()
+    reference = next((r for r in results if r.name == "mergekit-della" and r.rc == 0), None)
+    print(
+        "| merge (3 x 309M bf16) | wall s | user+sys s | max RSS MB | peak RssAnon MB | wall / mergekit | max RSS / mergekit |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        ratio_wall = f"{r.wall_s / reference.wall_s:.2f}" if reference else "-"
+        ratio_rss = f"{r.max_rss_mb / reference.max_rss_mb:.2f}" if reference else "-"
+        status = "" if r.rc == 0 else f" (exit {r.rc})"
+        print(
+            f"| {r.name}{status} | {r.wall_s:.1f} | {r.user_s + r.sys_s:.1f} | {r.max_rss_mb:.0f} | "
+            f"{r.peak_anon_mb:.0f} | {ratio_wall} | {ratio_rss} |"
+        )
+    print(
+        f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} CPUs"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
