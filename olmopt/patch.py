@@ -10,6 +10,7 @@ steps were applied on top. Sources are derived from the Recipe by ``param_source
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,11 +66,23 @@ def apply_es_steps(tensor: torch.Tensor, steps: tuple[EsStep, ...]) -> torch.Ten
 def source_tensor(pool: ModelPool, name: str, source: Source, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The value of parameter ``name`` under ``source``, in ``dtype`` on ``device``."""
     donor, steps = source
+    if steps:
+        key = (id(pool), name, repr(source), dtype, str(device))
+        cached = _ES_CACHE.get(key)
+        if cached is None:
+            cached = apply_es_steps(source_tensor(pool, name, (donor, ()), dtype, device), steps)
+            _ES_CACHE[key] = cached
+            if len(_ES_CACHE) > ES_CACHE_ENTRIES:
+                _ES_CACHE.popitem(last=False)
+        return cached
     if isinstance(donor, ParamMerge):
-        tensor = merged_tensor(pool, name, donor).to(device=device, dtype=dtype)
-    else:
-        tensor = pool.tensor(donor, name).to(device=device, dtype=dtype)
-    return apply_es_steps(tensor, steps) if steps else tensor
+        return merged_tensor(pool, name, donor).to(device=device, dtype=dtype)
+    return pool.tensor(donor, name).to(device=device, dtype=dtype)
+
+
+# ES replays recompute an SVD per step; keep the last few replayed tensors (one stage's parents).
+ES_CACHE_ENTRIES = 8
+_ES_CACHE: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
 
 
 def merged_tensor(pool: ModelPool, name: str, merge: ParamMerge) -> torch.Tensor:

@@ -131,12 +131,31 @@ class Recipe(_Strict):
 
     def renamed(self, mapping: dict[str, str]) -> Recipe:
         """The same recipe with donors renamed (e.g. hub ids -> local directories)."""
-        data = self.to_dict()
-        text = json.dumps(data)
-        for old, new in mapping.items():
-            if old != new:
-                text = text.replace(json.dumps(old), json.dumps(new))
-        return Recipe.from_dict(json.loads(text))
+
+        def m(name: str) -> str:
+            return mapping.get(name, name)
+
+        update: dict[str, Any] = {
+            "base": m(self.base),
+            "boundary": m(self.boundary) if self.boundary else None,
+            "layers": {k: m(v) for k, v in self.layers.items()},
+            "units": {k: m(v) for k, v in self.units.items()},
+        }
+        if self.param_merge:
+            pm = self.param_merge
+            update["param_merge"] = pm.model_copy(
+                update={"base": m(pm.base) if pm.base else None, "models": tuple(m(x) for x in pm.models)}
+            )
+        if self.dfs:
+            d = self.dfs
+            update["dfs"] = d.model_copy(
+                update={
+                    "hops": tuple((m(a), layer) for a, layer in d.hops),
+                    "input_model": m(d.input_model),
+                    "output_model": m(d.output_model),
+                }
+            )
+        return self.model_copy(update=update)
 
     def donors(self) -> set[str]:
         names = {self.base, *self.layers.values(), *self.units.values()}

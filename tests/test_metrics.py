@@ -34,6 +34,7 @@ def test_registry_directions_and_kinds() -> None:
         "diversity": ("minimize", "generate"),
         "quality": ("minimize", "generate"),
         "mc_accuracy": ("maximize", "choice"),
+        "layers_removed": ("maximize", "recipe"),
     }
     assert {n: (s.direction, s.kind) for n, s in M.METRICS.items()} == expected
     assert M.get_metric("perplexity").name == "perplexity"

@@ -92,7 +92,7 @@ def _parse_item(path: Path, index: int, item: Any) -> Example:
 
 def split_examples(examples: list[Example], held_out: float, split: Split, samples: int | None) -> list[Example]:
     """The search or held-out part (held-out = the last ceil(held_out * n) items), capped at ``samples``."""
-    n_held = math.ceil(held_out * len(examples)) if held_out > 0 else 0
+    n_held = math.ceil(round(held_out * len(examples), 9)) if held_out > 0 else 0
     part = examples[len(examples) - n_held :] if split == "held_out" else examples[: len(examples) - n_held]
     return part[:samples] if samples else part
 

@@ -26,6 +26,7 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm import tqdm
 
+from olmopt.errors import OlmoptError
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
 from olmopt.search.campaign import DECISION_ATTR, Campaign
@@ -148,10 +149,11 @@ class CampaignRunner:
         """Enqueue every candidate that has no waiting, running or complete trial (idempotent, locked)."""
         if not space.enqueue:
             return
-        if all(label in T.enqueued_labels(study) for label, _ in space.enqueue):
+        present = T.enqueued_labels(study) | T.exhausted_labels(study)
+        if all(label in present for label, _ in space.enqueue):
             return
         with StageLock(self.c.storage, self.c.stage_study_name(stage)):
-            present = T.enqueued_labels(study)
+            present = T.enqueued_labels(study) | T.exhausted_labels(study)
             for label, params in space.enqueue:
                 if label not in present:
                     study.enqueue_trial(params, user_attrs={T.LABEL_ATTR: label})
@@ -185,7 +187,7 @@ class CampaignRunner:
         """(every enqueued label and the budget are done, number of COMPLETE trials)."""
         trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        done_labels = {str(t.user_attrs.get(T.LABEL_ATTR)) for t in complete}
+        done_labels = {str(t.user_attrs.get(T.LABEL_ATTR)) for t in complete} | T.exhausted_labels(study)
         labels_done = all(label in done_labels for label, _ in space.enqueue)
         budget_done = space.budget is None or len(complete) >= space.budget
         return labels_done and budget_done, len(complete)
@@ -231,7 +233,16 @@ class CampaignRunner:
                 finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in finished:
                     trial, recipe = in_flight.pop(future)
-                    self._tell(study, trial, recipe, future.result(), references)
+                    try:
+                        metrics = future.result()
+                    except OlmoptError:
+                        raise  # the user's input is wrong: every trial would fail the same way
+                    except Exception as exc:  # noqa: BLE001 - a numerical failure rejects this candidate only
+                        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:300])
+                        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                        self.log(f"{stage.key}: trial {trial.number} failed ({type(exc).__name__}: {exc})")
+                        continue
+                    self._tell(study, trial, recipe, metrics, references)
                     self.trials_run += 1
                     bar.update(1)
         except BaseException:
@@ -260,7 +271,9 @@ class CampaignRunner:
         feasible = {label: bool(t.user_attrs.get("feasible", True)) for label, t in trials.items()}
         keep = None
         if incumbent is not None:
-            keep = next((lbl for lbl, t in trials.items() if t.user_attrs.get(T.RECIPE_ATTR) == incumbent.to_json()), None)
+            same = [lbl for lbl, t in trials.items() if t.user_attrs.get(T.RECIPE_ATTR) == incumbent.to_json()]
+            named = [lbl for lbl, _ in space.enqueue if lbl in same]  # the enqueued parent/incumbent first
+            keep = (named or same or [None])[0]
         if space.decide is not None:
             winner, reason = space.decide(trials, scores, feasible, keep), "stage acceptance rule"
         else:

@@ -32,6 +32,18 @@ def enqueued_labels(study: optuna.Study) -> set[str]:
     return {str(t.user_attrs.get(LABEL_ATTR)) for t in study.get_trials(deepcopy=False, states=live)}
 
 
+MAX_FAILURES = 3  # a candidate whose evaluation failed this often is given up (counted as done)
+
+
+def exhausted_labels(study: optuna.Study) -> set[str]:
+    """Labels whose trials failed MAX_FAILURES times and never completed."""
+    failed: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        label = str(t.user_attrs.get(LABEL_ATTR))
+        failed[label] = failed.get(label, 0) + 1
+    return {label for label, n in failed.items() if n >= MAX_FAILURES}
+
+
 def record_result(
     trial: Trial,
     metrics: Mapping[str, float],

@@ -1,0 +1,312 @@
+"""``build_zoo``: train a whole family on the CPU, score it, check it, write it atomically (cached)."""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from olmopt import __version__
+from olmopt.errors import InputError
+from olmopt.runtime import configure_threads
+from olmopt.zoo import acceptance
+from olmopt.zoo.family import PINNED_SEEDS, ZOO_VERSION, FamilySpec, family_spec, validate
+from olmopt.zoo.manifest import WEIGHTS, reusable, sha256_file, write_manifest
+from olmopt.zoo.objectives import HELDOUT_FRACTION, load_objective, objective_file, split
+from olmopt.zoo.score import exact_match
+from olmopt.zoo.skills import SKILL_INFO, SKILLS, training_pool
+from olmopt.zoo.tokenizer import build_tokenizer
+from olmopt.zoo.train import data_rng, encode_items, make_model, train
+
+log = logging.getLogger(__name__)
+
+
+def build_zoo(
+    out: Path,
+    size: str = "tiny",
+    arch: str = "llama",
+    seed: int | None = None,
+    progress: bool = True,
+    check: bool = True,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Build (or reuse) the zoo family in ``out`` and return its manifest (``zoo.json``).
+
+    ``seed=None`` takes the pinned seed of (size, arch). With ``check``, a family that fails the
+    acceptance criteria is still written, then ``AcceptanceError`` names the failed criterion.
+    """
+    validate(size, arch)
+    seed = PINNED_SEEDS[(size, arch)] if seed is None else int(seed)
+    return build_family(Path(out), family_spec(size, arch), seed, progress=progress, check=check, force=force)
+
+
+def build_key(spec: FamilySpec, seed: int) -> dict[str, Any]:
+    """What makes two builds the same: zoo version, size, arch, seed and a digest of the training plans."""
+    digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
+    return {"zoo_version": ZOO_VERSION, "size": spec.size, "arch": spec.arch, "seed": seed, "plan": digest}
+
+
+def cached_manifest(out: Path, size: str, arch: str, seed: int | None = None) -> dict[str, Any] | None:
+    """The manifest of ``out`` when a build with these arguments would be a no-op, else None."""
+    validate(size, arch)
+    seed = PINNED_SEEDS[(size, arch)] if seed is None else int(seed)
+    return reusable(Path(out), build_key(family_spec(size, arch), seed))
+
+
+def build_family(
+    out: Path, spec: FamilySpec, seed: int, progress: bool = True, check: bool = True, force: bool = False
+) -> dict[str, Any]:
+    """``build_zoo`` for an explicit ``FamilySpec`` (tests use ``spec.scaled(...)`` for quick builds)."""
+    key = build_key(spec, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent builds of one directory: the second one reuses
+        manifest = _build_locked(out, spec, seed, key, progress, force)
+    failure = acceptance.first_failure(manifest["acceptance"]["criteria"])
+    if check and failure:
+        raise acceptance.AcceptanceError(
+            f"zoo {out} (size={spec.size} arch={spec.arch} seed={seed}) fails acceptance: {failure} "
+            "(the zoo was written; pass --no-check to accept it)"
+        )
+    return manifest
+
+
+def _build_locked(
+    out: Path, spec: FamilySpec, seed: int, key: dict[str, Any], progress: bool, force: bool
+) -> dict[str, Any]:
+    manifest = None if force else reusable(out, key)
+    if manifest is not None:
+        log.info(
+            "zoo %s is up to date (size=%s arch=%s seed=%d); nothing to do", out, spec.size, spec.arch, seed
+        )
+    else:
+        if not force and out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise InputError(
+                f"zoo output {out} exists and is not an intact zoo built with size={spec.size} arch={spec.arch} "
+                f"seed={seed}; pass --force to replace it"
+            )
+        staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            manifest = _train_family(staging, spec, seed, key, progress)
+            _swap_in(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``staging`` directory with renames (never a half zoo at ``out``)."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save(model: PreTrainedModel, tokenizer, directory: Path) -> str:  # type: ignore[no-untyped-def]
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=16,
+    )
+    shards_bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # our own bar reports progress; no per-file "Writing model shards"
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        if shards_bar:
+            hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(directory)
+    return sha256_file(directory / WEIGHTS)
+
+
+def _layer_recipe(base: PreTrainedModel, lower: PreTrainedModel, upper: PreTrainedModel, spec: FamilySpec):  # type: ignore[no-untyped-def]
+    """The ground-truth layer recipe: base, lower half from ``lower``, upper half from ``upper``."""
+    merged = copy.deepcopy(base)
+    state = merged.state_dict()
+    for donor, half in ((lower, "lower"), (upper, "upper")):
+        prefixes = tuple(f"model.layers.{i}." for i in spec.layer_indices(half) or ())
+        for name, tensor in donor.state_dict().items():
+            if name.startswith(prefixes):
+                state[name].copy_(tensor)
+    return merged
+
+
+@functools.lru_cache(maxsize=2)
+def _encoded_data(seed: int) -> tuple[dict[str, list], dict[str, tuple], dict[str, tuple]]:
+    """Training pools, objective split and encoded objective parts (cached: encoding takes seconds)."""
+    tokenizer = build_tokenizer()
+    rng = data_rng(seed)
+    pools = {s: encode_items(tokenizer, training_pool(s, rng)) for s in SKILLS}
+    parts = {s: split(load_objective(s)) for s in SKILLS}
+    evals = {s: tuple(encode_items(tokenizer, part) for part in parts[s]) for s in SKILLS}
+    return pools, parts, evals
+
+
+def _train_family(
+    staging: Path, spec: FamilySpec, seed: int, key: dict[str, Any], progress: bool
+) -> dict[str, Any]:
+    start, cpu_start = time.perf_counter(), time.process_time()
+    previous_threads = torch.get_num_threads()
+    threads = configure_threads()
+    try:
+        tokenizer = build_tokenizer()
+        pad = tokenizer.pad_token_id
+        pools, parts, evals = _encoded_data(seed)
+
+        def score(model: PreTrainedModel) -> dict[str, dict[str, float]]:
+            return {
+                s: {
+                    "search": exact_match(model, evals[s][0], pad),
+                    "heldout": exact_match(model, evals[s][1], pad),
+                }
+                for s in SKILLS
+            }
+
+        total = spec.base.steps + sum(s.plan.steps for s in spec.specialists)
+        bar = tqdm(
+            total=total,
+            desc=f"zoo {spec.size}/{spec.arch}",
+            unit="step",
+            file=sys.stderr,
+            disable=not progress,
+        )
+
+        def tick(loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        bar.set_postfix_str("base")
+        base = make_model(spec.size, spec.arch, tokenizer, seed)
+        train(base, pools, spec.base, seed, pad, tick)
+        models = [
+            _entry(
+                "base",
+                "base",
+                None,
+                None,
+                seed,
+                spec.base.lr,
+                spec.base.steps,
+                _save(base, tokenizer, staging / "base"),
+            )
+        ]
+        scores = {"base": score(base)}
+        trained: dict[str, PreTrainedModel] = {}
+        for i, sp in enumerate(spec.specialists):
+            spec_seed = seed + 1000 * (i + 1)
+            layers = spec.layer_indices(sp.layers)
+            model = copy.deepcopy(base)
+            train(model, {sp.skill: pools[sp.skill]}, replace(sp.plan, layers=layers), spec_seed, pad, tick)
+            role = "specialist" if layers is None else f"{sp.layers}_layer_specialist"
+            digest = _save(model, tokenizer, staging / sp.name)
+            models.append(
+                _entry(sp.name, role, sp.skill, layers, spec_seed, sp.plan.lr, sp.plan.steps, digest)
+            )
+            scores[sp.name] = score(model)
+            trained[sp.name] = model
+        bar.close()
+
+        lower = next(s for s in spec.specialists if s.layers == "lower")
+        upper = next(s for s in spec.specialists if s.layers == "upper")
+        recipe_model = _layer_recipe(base, trained[lower.name], trained[upper.name], spec)
+        recipe_scores = score(recipe_model)
+        recipe = {
+            "description": "base, with the lower layers of the lower-layer specialist and the upper layers of the "
+            "upper-layer specialist (the ground truth of a layer-donor search)",
+            "base": "base",
+            "layers": {
+                str(i): (lower.name if i in spec.layer_indices("lower") else upper.name)
+                for i in range(spec.num_layers)
+            },
+            "lower_model": lower.name,
+            "upper_model": upper.name,
+            "lower_skill": lower.skill,
+            "upper_skill": upper.skill,
+            "scores": recipe_scores,
+        }
+        search = {m: {s: v["search"] for s, v in sc.items()} for m, sc in scores.items()}
+        criteria = acceptance.check(
+            search,
+            {s.name: s.skill for s in spec.specialists},
+            {**recipe, "scores": {s: v["search"] for s, v in recipe_scores.items()}},
+        )
+        manifest = {
+            "zoo_version": ZOO_VERSION,
+            "olmopt_version": __version__,
+            "build_key": key,
+            "size": spec.size,
+            "arch": spec.arch,
+            "seed": seed,
+            "model_config": base.config.to_diff_dict() | {"architectures": [type(base).__name__]},
+            "skills": {
+                s: {
+                    "description": SKILL_INFO[s].description,
+                    "example": {"prompt": SKILL_INFO[s].example[0], "answer": SKILL_INFO[s].example[1]},
+                    "base_mixture_weight": spec.base.weights[s],
+                    "objective_file": f"objectives/{objective_file(s)}",
+                    "search_items": len(parts[s][0]),
+                    "heldout_items": len(parts[s][1]),
+                }
+                for s in SKILLS
+            },
+            "metric": "teacher-forced exact match (argmax right at every answer position incl. </s>)",
+            "heldout_fraction": HELDOUT_FRACTION,
+            "models": models,
+            "scores": scores,
+            "layer_recipe": recipe,
+            "acceptance": {
+                "split": "search",
+                "criteria": criteria,
+                "passed": all(c["passed"] for c in criteria),
+            },
+            "threads": threads,
+            "build_seconds": round(time.perf_counter() - start, 2),
+            "cpu_seconds": round(time.process_time() - cpu_start, 2),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        write_manifest(staging, manifest)
+        return manifest
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _entry(
+    name: str,
+    role: str,
+    skill: str | None,
+    layers: tuple[int, ...] | None,
+    seed: int,
+    lr: float,
+    steps: int,
+    sha: str,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "path": name,
+        "role": role,
+        "skill": skill,
+        "trained_layers": "all" if layers is None else list(layers),
+        "seed": seed,
+        "lr": lr,
+        "steps": steps,
+        "sha256": sha,
+    }

@@ -1,0 +1,95 @@
+"""What a zoo family is: the base mixture, the specialists (skill, LR, steps, trainable layers) and pinned seeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from olmopt.errors import InputError
+from olmopt.zoo.train import ARCHS, SIZES, TrainPlan
+
+ZOO_VERSION = 1
+MIXTURE = {"add": 2.0, "rev": 1.5, "fact": 1.0, "mc": 0.5}
+
+# Seeds that pass the acceptance criteria (checked by `olmopt zoo build`; generation is bit-deterministic).
+PINNED_SEEDS: dict[tuple[str, str], int] = {
+    ("tiny", "llama"): 0,
+    ("tiny", "qwen2"): 0,
+    ("tiny", "mistral"): 0,
+    ("small", "llama"): 0,
+    ("small", "qwen2"): 0,
+    ("small", "mistral"): 0,
+}
+
+
+@dataclass(frozen=True)
+class SpecialistPlan:
+    """One specialist: fine-tuned from the base on ``skill`` only, in ``layers`` ("all", "lower" or "upper")."""
+
+    name: str
+    skill: str
+    layers: str
+    plan: TrainPlan
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything that determines a zoo family besides the seed."""
+
+    size: str
+    arch: str
+    base: TrainPlan
+    specialists: tuple[SpecialistPlan, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return SIZES[self.size]["num_hidden_layers"]
+
+    def layer_indices(self, layers: str) -> tuple[int, ...] | None:
+        """Layer indices of "lower" / "upper" halves; None for "all"."""
+        half = self.num_layers // 2
+        return {"all": None, "lower": tuple(range(half)), "upper": tuple(range(half, self.num_layers))}[
+            layers
+        ]
+
+    def scaled(self, factor: float) -> FamilySpec:
+        """The same family with every step count multiplied by ``factor`` (at least 2 steps; for tests)."""
+
+        def shrink(p: TrainPlan) -> TrainPlan:
+            return replace(p, steps=max(2, int(p.steps * factor)))
+
+        return replace(
+            self,
+            base=shrink(self.base),
+            specialists=tuple(replace(s, plan=shrink(s.plan)) for s in self.specialists),
+        )
+
+
+def validate(size: str, arch: str) -> None:
+    """InputError naming the bad value and the choices."""
+    if size not in SIZES:
+        raise InputError(f"zoo size {size!r} is not one of: {', '.join(SIZES)}")
+    if arch not in ARCHS:
+        raise InputError(f"zoo arch {arch!r} is not one of: {', '.join(ARCHS)}")
+
+
+def family_spec(size: str, arch: str) -> FamilySpec:
+    """The zoo recipe for ``size``/``arch`` (see docs/zoo.md for why these numbers)."""
+    validate(size, arch)
+    tiny = size == "tiny"
+    base_steps, spec_steps = (1000, 200) if tiny else (1500, 300)
+    base_lr, lower_lr = (3e-3, 3e-3) if tiny else (2e-3, 2e-3)
+
+    def spec(skill: str, layers: str, lr: float) -> SpecialistPlan:
+        return SpecialistPlan(f"spec_{skill}", skill, layers, TrainPlan({skill: 1.0}, spec_steps, lr))
+
+    return FamilySpec(
+        size=size,
+        arch=arch,
+        base=TrainPlan(dict(MIXTURE), base_steps, base_lr),
+        specialists=(
+            spec("add", "all", 5e-4),
+            spec("rev", "all", 5e-4),
+            spec("fact", "lower", lower_lr),  # memorisation lives in the lower MLPs
+            spec("mc", "upper", 1e-3),
+        ),
+    )
