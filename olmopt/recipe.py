@@ -165,6 +165,7 @@ class Recipe(_Strict):
             names.update(self.param_merge.models)
         if self.dfs:
             names.update(m for m, _ in self.dfs.hops)
+            names.update((self.dfs.input_model, self.dfs.output_model))
         return names
 
     def validate_against(self, pool_names: list[str], num_layers: int, units: list[str]) -> None:

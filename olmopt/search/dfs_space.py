@@ -7,6 +7,7 @@ head frame the path. The identity path of each model is enqueued first.
 
 from __future__ import annotations
 
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import Trial
 
 from olmopt.recipe import DataFlowPath, Recipe
@@ -49,6 +50,19 @@ def dfs_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpa
                 params[f"scale.{r}.{m}.{layer}"] = 1.0
         enqueue.append((f"identity:{name}", params))
     return StageSpace(decode=decode, enqueue=enqueue, budget=stage.n_trials)
+
+
+def dfs_distributions(env: SpaceEnv) -> dict[str, BaseDistribution]:
+    """The whole (unconditional) DFS space, declared up front for the CatCMA sampler."""
+    cfg = env.config.decisions.dfs
+    models = dfs_models(env)
+    space: dict[str, BaseDistribution] = {"io_model": CategoricalDistribution(models)}
+    for r in range(cfg.repetitions):
+        for m in range(len(models)):
+            for layer in range(env.adapter.num_layers):
+                space[f"on.{r}.{m}.{layer}"] = IntDistribution(0, 1)
+                space[f"scale.{r}.{m}.{layer}"] = FloatDistribution(cfg.scale_low, cfg.scale_high)
+    return space
 
 
 register_space("joint-dfs", dfs_space)

@@ -50,12 +50,17 @@ class RunOutcome:
     final: Recipe | None
 
 
-def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0, env: Any = None) -> optuna.samplers.BaseSampler:
     """Greedy stages only pop enqueued trials; joint stages use the configured sampler (per-worker seed)."""
     cfg = campaign.config.sampler
     seed = cfg.seed + 1000 * stage.index + worker_seed
     if not stage.is_joint:
         return optuna.samplers.RandomSampler(seed=seed)
+    if stage.kind == "joint-dfs" and campaign.config.decisions.dfs.sampler == "cmaes":
+        from olmopt.search.catcma_sampler import CatCmaSampler
+        from olmopt.search.dfs_space import dfs_distributions
+
+        return CatCmaSampler(dfs_distributions(env), seed=seed)
     if cfg.name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if cfg.name == "random":
@@ -130,7 +135,7 @@ class CampaignRunner:
     # -- one stage -------------------------------------------------------------------------------------
     def run_stage(self, stage: Stage, decisions: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         incumbent = self.c.incumbent_before(stage, decisions)
-        study = self.c.stage_study(stage, make_sampler(self.c, stage, self.worker_seed))
+        study = self.c.stage_study(stage, make_sampler(self.c, stage, self.worker_seed, self.env))
         existing = study.user_attrs.get(DECISION_ATTR)
         if existing:
             return existing
