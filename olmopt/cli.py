@@ -2,7 +2,8 @@
 
 Each module in ``olmopt/commands`` exposes ``register(subparsers) -> None``; it adds its parser(s)
 and sets ``func`` (``(args) -> int``) with ``parser.set_defaults``. This module only dispatches and
-turns errors into one line and an exit code (0 ok, 1 failure, 2 bad input, 130 interrupted).
+turns errors into one line and an exit code (0 ok, 1 failure, 2 bad input, 3 stopped early,
+130 interrupted).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="olmopt",
         description="Find better merged language models by black-box optimization over merge recipes.",
+        epilog="exit status: 0 ok, 1 failure, 2 bad input, 3 stopped early (resumable), 130 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"olmopt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")

@@ -31,12 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status = sub.add_parser("status", help="stages, trials, winners and metrics of a campaign")
     status.add_argument("name")
     add_storage_flag(status)
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print the status as JSON (see docs/monitoring.md)")
     status.set_defaults(func=cmd_status)
 
     lst = sub.add_parser("list", help="campaigns in a storage")
     add_storage_flag(lst)
-    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--json", action="store_true", help="print the campaigns as a JSON list")
     lst.set_defaults(func=cmd_list)
 
 

@@ -139,13 +139,18 @@ def donor_map_png(recipe: Recipe, units: Sequence[str], num_layers: int, path: P
                 if f"model.layers.{i}.{c}" in es_units:
                     ax.text(j, i, "es", ha="center", va="center", fontsize=7, color="black")
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
+    for a, rows, cols in ((ax_top, 1, len(boundary)), (ax, num_layers, len(columns))):
+        a.set_xticks([x - 0.5 for x in range(1, cols)], minor=True)
+        a.set_yticks([y - 0.5 for y in range(1, rows)], minor=True)
+        a.grid(which="minor", color="white", linewidth=0.8)
+        a.tick_params(which="minor", length=0)
     ax.set_ylabel("layer")
     title = "Donor map"
     extras = [
         *(["param merge: " + recipe.param_merge.method] if recipe.param_merge else []),
-        *([f"{len(recipe.fusion)} fusion steps"] if recipe.fusion else []),
+        *([f"fusion steps: {len(recipe.fusion)}"] if recipe.fusion else []),
         *(["data-flow path"] if recipe.dfs else []),
-        *([f"{len(recipe.es)} ES steps"] if recipe.es else []),
+        *([f"ES steps: {len(recipe.es)}"] if recipe.es else []),
     ]
     ax_top.set_title(title + (f" ({', '.join(extras)})" if extras else ""))
     handles = [

@@ -15,6 +15,8 @@ from olmopt.export import (
     write_model_dir,
 )
 from olmopt.recipe import Recipe
+from olmopt.report import add_donor_map
+from olmopt.search.annotate import annotate_export
 from olmopt.search.campaign import Campaign
 from olmopt.search.context import EvalContext
 from olmopt.search.es_space import REFINE_INFO, refine_targets
@@ -120,6 +122,9 @@ def export_best(
         report["refine"] = refine_report
     card = model_card(f"{name} (olmopt merge)", recipe, table, names, directions)
     write_model_dir(ctx.pool, recipe, out, report, card, force=force, progress=progress)
+    adapter = ctx.pool.adapter
+    add_donor_map(out, recipe, adapter.all_units(ctx.pool[recipe.base].checkpoint.keys()), adapter.num_layers)
+    annotate_export(campaign, out)
     result = {"out": str(out), "recipe": recipe.to_dict(), "stage": key, "trial": trial_number}
     result.update({"metrics": got, "held_out": held, "comparison": table})
     if refine_report is not None:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from olmopt.errors import OlmoptError
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
+from olmopt.search.annotate import annotate_decision, annotate_trial
 from olmopt.search.campaign import DECISION_ATTR, Campaign
 from olmopt.search.context import objectives_of
 from olmopt.search.coordination import StageLock, heartbeat_enabled
@@ -263,6 +264,7 @@ class CampaignRunner:
         rule = self.c.config.selection.improve_all
         constraints = degradation_constraints(metrics, references, self.directions, rule, self.metric_of) if "base" in references else {}
         T.record_result(trial, metrics, constraints, is_feasible(constraints), recipe.to_json())
+        annotate_trial(self.c, trial, recipe.to_json())  # before tell: a finished trial takes no artifacts
         study.tell(trial, [metrics[n] for n in self.names], skip_if_finished=True)
 
     def _decide(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace) -> dict[str, Any]:
@@ -316,6 +318,7 @@ class CampaignRunner:
                     named = Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR])
                     decision["candidates"][lbl]["held_out"] = self.ev.local.score(named, "held_out")
         study.set_user_attr(DECISION_ATTR, decision)
+        annotate_decision(self.c, study, decision)
         self.log(f"{stage.key}: {label} ({reason})")
         return decision
 

@@ -58,7 +58,7 @@ def record_result(
     for name, value in constraints.items():
         trial.set_constraint(name, value)
         trial.set_user_attr(CONSTRAINT_PREFIX + name, value)
-    trial.set_user_attr("feasible", bool(feasible))
+    trial.set_user_attr("feasible", int(bool(feasible)))  # a number: sortable and plottable in the dashboard
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -1,0 +1,194 @@
+"""``olmopt report``: the HTML page and its PNG plots, and the donor map for model cards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from _models import make_family
+from PIL import Image
+
+from olmopt.cli import main
+from olmopt.recipe import EsStep, Recipe
+from olmopt.report import add_donor_map, donor_map_png, plots
+from olmopt.search.annotate import campaign_report_data
+
+NAME = "rep"
+L = "model.layers"
+UNITS = [
+    "model.embed_tokens",
+    *[f"{L}.{i}.{u}" for i in range(3) for u in ("self_attn.q_proj", "mlp.up_proj")],
+    "model.norm",
+    "lm_head",
+]
+
+
+def _study(tmp: Path, name: str, decisions: dict[str, Any]) -> Path:
+    fam = make_family(tmp, ["a", "b", "c"], layers=2)
+    data = [
+        {"conversation": [{"from": "human", "value": f"{i}+{i}="}, {"from": "gpt", "value": str(2 * i)}]}
+        for i in range(12)
+    ]
+    (tmp / "add.json").write_text(json.dumps(data))
+    objectives = [
+        {"dataset": str(tmp / "add.json"), "metric": "token_accuracy", "name": "acc"},
+        {"dataset": str(tmp / "add.json"), "metric": "perplexity", "name": "ppl"},
+    ]
+    study = {
+        "name": name,
+        "pool": {"models": [str(fam[m]) for m in "abc"]},
+        "objectives": objectives,
+        "decisions": decisions,
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """base (auto), a joint layer stage of 6 trials, then a greedy unit stage: finished."""
+    tmp = tmp_path_factory.mktemp("report")
+    url = f"sqlite:///{tmp}/s.db"
+    decisions = {
+        "base": {"mode": "auto"},
+        "layers": {"mode": "joint", "n_trials": 6},
+        "tensors": {"mode": "greedy", "only": [1]},
+    }
+    path = _study(tmp, NAME, decisions)
+    assert main(["study", "create", str(path), "--storage", url, "--json"]) == 0
+    assert main(["study", "run", NAME, "--storage", url, "--quiet"]) == 0
+    return tmp, url
+
+
+def _size(path: str | Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+def _colours(path: Path) -> set[tuple[int, int, int]]:
+    with Image.open(path) as image:
+        return {c for _, c in image.convert("RGB").getcolors(maxcolors=1 << 20) or []}
+
+
+def _rgb(hex_colour: str) -> tuple[int, int, int]:
+    return tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+def test_report_writes_page_and_plots_of_the_expected_size(
+    campaign: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp, url = campaign
+    out = tmp / "report"
+    capsys.readouterr()
+    assert main(["report", NAME, "--storage", url, "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["finished"] is True and result["index"] == str(out / "index.html")
+    assert set(result["plots"]) == {"donor_map", "metrics", "pareto_001-joint-layers"}
+    assert _size(result["plots"]["donor_map"]) == plots.donor_map_size(2) == (960, 480)
+    assert _size(result["plots"]["metrics"]) == plots.metrics_size(2) == (960, 600)
+    assert _size(result["plots"]["pareto_001-joint-layers"]) == plots.PARETO_SIZE
+    page = (out / "index.html").read_text()
+    for png in result["plots"].values():
+        assert f'src="{Path(png).name}"' in page  # relative: the directory is self-contained
+    data = campaign_report_data(NAME, url)
+    for stage in data["stages"]:
+        assert stage["key"] in page
+    assert "&quot;units&quot;" in page and "model.layers.1." in page  # the final Recipe, unit swaps included
+    assert len(data["stages"][1]["points"]) == 6 and any(p["pareto"] for p in data["stages"][1]["points"])
+
+
+def test_report_embeds_images_on_request(campaign: tuple[Path, str]) -> None:
+    tmp, url = campaign
+    out = tmp / "embedded"
+    assert main(["report", NAME, "--storage", url, "--out", str(out), "--embed", "--quiet"]) == 0
+    page = (out / "index.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3 and 'src="donor_map.png"' not in page
+
+
+def test_report_of_a_campaign_that_has_not_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert (
+        main(
+            [
+                "study",
+                "create",
+                str(_study(tmp_path, "fresh", {"layers": {"mode": "greedy"}})),
+                "--storage",
+                url,
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["report", "fresh", "--storage", url, "--out", str(tmp_path / "r")]) == 0
+    assert "0 plots" in capsys.readouterr().out
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "0 of 3 stages decided" in page and "pending" in page
+    assert main(["report", "nope", "--storage", url, "--out", str(tmp_path / "r")]) == 2
+
+
+def test_donor_map_colours_every_donor_and_marks_es(tmp_path: Path) -> None:
+    recipe = Recipe(base="/m/a", boundary="/m/c", layers={1: "/m/b"}, units={f"{L}.2.mlp.up_proj": "/m/c"})
+    assert plots.unit_donor(recipe, f"{L}.0.mlp.up_proj") == "/m/a"
+    assert plots.unit_donor(recipe, f"{L}.1.mlp.up_proj") == "/m/b"
+    assert plots.unit_donor(recipe, f"{L}.2.mlp.up_proj") == "/m/c"
+    assert plots.unit_donor(recipe, "lm_head") == "/m/c"
+    png = donor_map_png(recipe, UNITS, 3, tmp_path / "map.png")
+    assert _size(png) == plots.donor_map_size(3)
+    colours = _colours(png)
+    assert {_rgb(c) for c in plots.PALETTE[:3]} <= colours  # a, b and c all supply something
+    assert _rgb(plots.PALETTE[3]) not in colours
+    only_base = donor_map_png(Recipe(base="/m/a"), UNITS, 3, tmp_path / "base.png")
+    assert _rgb(plots.PALETTE[0]) in _colours(only_base) and _rgb(plots.PALETTE[1]) not in _colours(only_base)
+    es = Recipe(base="/m/a", es=(EsStep(unit=f"{L}.0.mlp.up_proj", kind="svd", sigma=0.1, seed=3),))
+    assert _size(donor_map_png(es, UNITS, 3, tmp_path / "es.png")) == plots.donor_map_size(3)
+    assert _size(donor_map_png(Recipe(base="/m/a", layers={0: "/m/b"}), [], 40, tmp_path / "deep.png")) == (
+        960,
+        1160,
+    )
+
+
+def test_add_donor_map_to_an_exported_model_card(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("# merged\n")
+    recipe = Recipe(base="/m/a", layers={1: "/m/b"})
+    add_donor_map(tmp_path, recipe, UNITS, 3)
+    add_donor_map(tmp_path, recipe, UNITS, 3)  # idempotent
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("# merged\n") and card.count("![donor map](donor_map.png)") == 1
+    assert _size(tmp_path / "donor_map.png") == plots.donor_map_size(3)
+
+
+def test_es_progress_and_single_objective_plots(tmp_path: Path) -> None:
+    def stage(key: str, kind: str, values: list[float], chosen: int) -> dict[str, Any]:
+        candidates = {
+            f"o{i}": {"metrics": {"loss": v}, "feasible": True, "trial": i} for i, v in enumerate(values)
+        }
+        points = [
+            {"number": i, "values": {"loss": v}, "feasible": True, "pareto": False, "label": f"o{i}"}
+            for i, v in enumerate(values)
+        ]
+        decision = {
+            "winner": f"o{chosen}",
+            "trial": chosen,
+            "metrics": {"loss": values[chosen]},
+            "held_out": {},
+            "candidates": candidates,
+        }
+        return {
+            "key": key,
+            "kind": kind,
+            "target": "",
+            "state": "decided",
+            "decision": decision,
+            "points": points,
+        }
+
+    es = [stage(f"00{g}-es-svd-u@{g}", "es-svd", [3.0 - g, 2.5 - g, 4.0], 1) for g in range(3)]
+    assert _size(plots.es_png(es, {"loss": "minimize"}, tmp_path / "es.png")) == plots.metrics_size(1)
+    joint = stage("001-joint-layers", "joint-layers", [3.0, 1.0, 2.0, 0.5], 3)
+    assert _size(plots.pareto_png(joint, {"loss": "minimize"}, tmp_path / "p.png")) == plots.PARETO_SIZE
+    assert _rgb("#edc948") in _colours(tmp_path / "p.png")  # the selected trial's star
