@@ -8,7 +8,7 @@ so candidates that differ only in layers >= i run just layers i..N.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ class Evaluator:
         batch_size: int = 32,
         max_new_tokens: int = 256,
         stop_at_first_mismatch: bool = True,
+        prefix_bytes: int = 1 << 30,
     ) -> None:
         names = [o.name for o in objectives]
         if len(set(names)) != len(names):
@@ -84,8 +85,10 @@ class Evaluator:
         self.stop_at_first_mismatch = stop_at_first_mismatch
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._encoded: dict[tuple[Path, Split, float, int | None], Encoded] = {}
-        self._prefix: dict[tuple[Path, Split, float, int | None, int], torch.Tensor] = {}
+        self._prefix: dict[tuple[Path, Split, float, int | None, int], dict[int, torch.Tensor]] = {}
+        self._batch_cache: dict[int, list[_Batch]] = {}
         self.prefix_layer: int | None = None
+        self.prefix_bytes = prefix_bytes
 
     # -- data --------------------------------------------------------------------------------------
     def encoded(self, obj: Objective, split: Split) -> Encoded:
@@ -110,11 +113,15 @@ class Evaluator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _batches(self, enc: Encoded) -> Iterator[_Batch]:
-        order = sorted(range(len(enc)), key=lambda i: (len(enc.prompts[i]) + len(enc.answers[i]), i))
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            yield self._make_batch(enc, rows)
+    def _batches(self, enc: Encoded) -> list[_Batch]:
+        """The padded batches of a dataset part, built once (shortest first; deterministic)."""
+        cached = self._batch_cache.get(id(enc))
+        if cached is None:
+            order = sorted(range(len(enc)), key=lambda i: (len(enc.prompts[i]) + len(enc.answers[i]), i))
+            rows = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+            cached = [self._make_batch(enc, r) for r in rows]
+            self._batch_cache[id(enc)] = cached
+        return cached
 
     def _make_batch(self, enc: Encoded, rows: list[int]) -> _Batch:
         seqs = [enc.prompts[i] + enc.answers[i] for i in rows]
@@ -152,18 +159,22 @@ class Evaluator:
         finally:
             base.layers = layers
 
-    def _capture(self, batch: _Batch, layer: int) -> torch.Tensor:
-        captured: list[torch.Tensor] = []
+    def _capture(self, batch: _Batch, layers: list[int]) -> dict[int, torch.Tensor]:
+        """Hidden states entering each of ``layers``, from one forward pass."""
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+        for layer in layers:
 
-        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            captured.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+            def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: int = layer) -> None:
+                captured[layer] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
 
-        handle = self.model.base_model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+            handles.append(self.model.base_model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
         try:
             self.model.base_model(input_ids=batch.ids, attention_mask=batch.attention)
         finally:
-            handle.remove()
-        return captured[0]
+            for handle in handles:
+                handle.remove()
+        return captured
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden).float()
@@ -171,19 +182,34 @@ class Evaluator:
     # -- public API -----------------------------------------------------------------------------------
     @torch.no_grad()
     def capture_prefix(self, layer: int, split: Split = "search") -> None:
-        """Store the hidden states entering ``layer`` under the current (incumbent) weights."""
+        """Store the hidden states entering ``layer`` under the current (incumbent) weights.
+
+        One forward pass captures the input of every layer from ``layer`` on when that fits in
+        ``prefix_bytes``, so later stages with the same incumbent switch layers with ``use_prefix_layer``.
+        """
         self.clear_prefix()
         if layer <= 0:
             return
-        for obj in self.objectives:
-            if obj.kind in ("generate", "recipe"):
-                continue
-            enc = self.encoded(obj, split)
+        parts = [(obj, self.encoded(obj, split)) for obj in self.objectives if obj.kind not in ("generate", "recipe")]
+        num_layers = len(self.model.base_model.layers)
+        per_layer = sum(b.ids.numel() for _, enc in parts for b in self._batches(enc)) * self._hidden_size() * 4
+        layers = list(range(layer, num_layers)) if per_layer * (num_layers - layer) <= self.prefix_bytes else [layer]
+        for obj, enc in parts:
             for n, batch in enumerate(self._batches(enc)):
                 key = (obj.path, split, obj.held_out, obj.samples, n)
                 if key not in self._prefix:
-                    self._prefix[key] = self._capture(batch, layer)
+                    self._prefix[key] = self._capture(batch, layers)
         self.prefix_layer = layer
+
+    def use_prefix_layer(self, layer: int) -> bool:
+        """Switch to another captured layer without a new forward pass; False when it was not captured."""
+        if not self._prefix or any(layer not in store for store in self._prefix.values()):
+            return False
+        self.prefix_layer = layer
+        return True
+
+    def _hidden_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[1])
 
     def clear_prefix(self) -> None:
         self._prefix.clear()
@@ -219,7 +245,8 @@ class Evaluator:
         ce_sum, ce_n = 0.0, 0
         for n, batch in enumerate(self._batches(enc)):
             key = (first.path, split, first.held_out, first.samples, n)
-            prefix = self._prefix.get(key) if use_prefix and self.prefix_layer else None
+            store = self._prefix.get(key) if use_prefix and self.prefix_layer else None
+            prefix = store[self.prefix_layer] if store is not None else None  # type: ignore[index]
             hidden = self._hidden(batch, prefix, self.prefix_layer or 0)
             idx = batch.gather.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             logits = self._head(torch.gather(hidden, 1, idx))
@@ -233,10 +260,7 @@ class Evaluator:
                 elif obj.metric == "token_accuracy":
                     sums[obj.name].append(M.token_accuracy_scores(logits, batch.target, batch.mask))
                 elif obj.kind == "choice":
-                    choice_ids = torch.tensor([enc.choice_ids[i] for i in batch.rows], device=logits.device)
-                    answers = torch.tensor([enc.answer_index[i] for i in batch.rows], device=logits.device)
-                    first_pos = logits[:, 0, :]
-                    sums[obj.name].append(M.mc_correct(torch.gather(first_pos, 1, choice_ids), answers))
+                    sums[obj.name].append(self._choice_correct(enc, batch, logits[:, 0, :]))
                 else:  # pragma: no cover - registry and dispatch disagree
                     raise InputError(f"metric {obj.metric} has no teacher-forced implementation")
         out: dict[str, float] = {}
@@ -246,6 +270,16 @@ class Evaluator:
             else:
                 out[obj.name] = float(torch.cat(sums[obj.name]).float().mean())
         return out
+
+    @staticmethod
+    def _choice_correct(enc: Encoded, batch: _Batch, first: torch.Tensor) -> torch.Tensor:
+        """Letter-logit multiple choice; items with fewer choices are padded with -inf scores."""
+        k = max(len(enc.choice_ids[i]) for i in batch.rows)
+        ids = [enc.choice_ids[i] + [enc.choice_ids[i][0]] * (k - len(enc.choice_ids[i])) for i in batch.rows]
+        valid = torch.tensor([[j < len(enc.choice_ids[i]) for j in range(k)] for i in batch.rows], device=first.device)
+        scores = torch.gather(first, 1, torch.tensor(ids, device=first.device)).masked_fill(~valid, float("-inf"))
+        answers = torch.tensor([enc.answer_index[i] for i in batch.rows], device=first.device)
+        return M.mc_correct(scores, answers)
 
     def _score_generated(self, obj: Objective, split: Split) -> float:
         enc = self.encoded(obj, split)

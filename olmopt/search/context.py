@@ -48,7 +48,7 @@ class EvalContext:
             max_new_tokens=ev.max_new_tokens,
             stop_at_first_mismatch=ev.stop_at_first_mismatch,
         )
-        self._prefix_key: tuple[str, int] | None = None
+        self._prefix_key: str | None = None
         self._resident: ResidentPool | None = None
 
     def prepare(self) -> None:
@@ -81,10 +81,10 @@ class EvalContext:
             self.working.apply(without_fusion(incumbent))  # the new resident state; never undone
         use_prefix = bool(incumbent is not None and layer and split == "search" and not recipe.fusion)
         if use_prefix:
-            key = (incumbent.digest(), int(layer))  # type: ignore[union-attr, arg-type]
-            if self._prefix_key != key:
+            digest = incumbent.digest()  # type: ignore[union-attr]
+            if self._prefix_key != digest or not self.evaluator.use_prefix_layer(int(layer)):  # type: ignore[arg-type]
                 self.evaluator.capture_prefix(int(layer), "search")  # type: ignore[arg-type]
-                self._prefix_key = key
+                self._prefix_key = digest
         with self.working.patched(without_fusion(recipe)), fused(self.working.model, recipe):
             return self.evaluator.evaluate(split, use_prefix=use_prefix)  # type: ignore[arg-type]
 

@@ -100,8 +100,9 @@ def _build_locked(
                 f"zoo output {out} exists and is not an intact zoo built with size={spec.size} arch={spec.arch} "
                 f"seed={seed}; pass --force to replace it"
             )
+        for stale in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build; we hold the lock
         staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
         try:
             manifest = _train_family(staging, spec, seed, key, progress)
             _swap_in(staging, out)
@@ -190,11 +191,12 @@ def _train_family(
             disable=not progress,
         )
 
+        current = ["base"]
+
         def tick(loss: float) -> None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.set_postfix(model=current[0], loss=f"{loss:.3f}", refresh=False)
 
-        bar.set_postfix_str("base")
         base = make_model(spec.size, spec.arch, tokenizer, seed)
         train(base, pools, spec.base, seed, pad, tick)
         models = [
@@ -213,6 +215,7 @@ def _train_family(
         trained: dict[str, PreTrainedModel] = {}
         for i, sp in enumerate(spec.specialists):
             spec_seed = seed + 1000 * (i + 1)
+            current[0] = sp.name
             layers = spec.layer_indices(sp.layers)
             model = copy.deepcopy(base)
             train(model, {sp.skill: pools[sp.skill]}, replace(sp.plan, layers=layers), spec_seed, pad, tick)

@@ -12,7 +12,7 @@ MIXTURE = {"add": 2.0, "rev": 1.5, "fact": 1.0, "mc": 0.5}
 
 # Seeds that pass the acceptance criteria (checked by `olmopt zoo build`; generation is bit-deterministic).
 PINNED_SEEDS: dict[tuple[str, str], int] = {
-    ("tiny", "llama"): 0,
+    ("tiny", "llama"): 1,
     ("tiny", "qwen2"): 0,
     ("tiny", "mistral"): 0,
     ("small", "llama"): 0,
@@ -76,8 +76,8 @@ def family_spec(size: str, arch: str) -> FamilySpec:
     """The zoo recipe for ``size``/``arch`` (see docs/zoo.md for why these numbers)."""
     validate(size, arch)
     tiny = size == "tiny"
-    base_steps, spec_steps = (1000, 200) if tiny else (1500, 300)
-    base_lr, lower_lr = (3e-3, 3e-3) if tiny else (2e-3, 2e-3)
+    base_steps, spec_steps = (1000, 200) if tiny else (1000, 250)
+    base_lr, lower_lr = (3e-3, 2e-3) if tiny else (2e-3, 2e-3)
 
     def spec(skill: str, layers: str, lr: float) -> SpecialistPlan:
         return SpecialistPlan(f"spec_{skill}", skill, layers, TrainPlan({skill: 1.0}, spec_steps, lr))
