@@ -154,6 +154,7 @@ class Decisions(_Strict):
 class SelectionConfig(_Strict):
     improve_all: str | None = None  # None, "base", "all" or a metric name
     held_out_check: bool = True
+    tolerance: float = Field(0.0, ge=0.0)  # differences within it are ties (evaluation noise)
 
 
 class SamplerConfig(_Strict):

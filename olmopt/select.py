@@ -43,18 +43,19 @@ def _candidates(table: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return sorted({c for per_candidate in table.values() for c in per_candidate})
 
 
-def rank_table(scores: Scores, directions: Mapping[str, str]) -> dict[str, dict[str, float]]:
+def rank_table(scores: Scores, directions: Mapping[str, str], tolerance: float = 0.0) -> dict[str, dict[str, float]]:
     """objective -> candidate -> rank (1 = best), competition ranking: equal values share the best rank.
 
-    ``rank = 1 + #candidates strictly better``. A candidate missing from an objective ranks with the
-    worst (non-finite) values there.
+    ``rank = 1 + #candidates better by more than tolerance`` (``tolerance`` 0: strictly better). A
+    tolerance treats differences within evaluation noise (e.g. one item of a small dataset) as ties.
+    A candidate missing from an objective ranks with the worst (non-finite) values there.
     """
     candidates = _candidates(scores)
     table: dict[str, dict[str, float]] = {}
     for objective in sorted(scores):
         direction = _direction(directions, objective)
         good = {c: _goodness(scores[objective].get(c), direction) for c in candidates}
-        table[objective] = {c: float(1 + sum(g > good[c] for g in good.values())) for c in candidates}
+        table[objective] = {c: float(1 + sum(g > good[c] + tolerance for g in good.values())) for c in candidates}
     return table
 
 
@@ -105,12 +106,16 @@ def order_candidates(
     return _order(_candidates(scores), copeland(ranks), borda(ranks), tie_key)
 
 
-def _dominates(a: list[float], b: list[float]) -> bool:
-    return all(x >= y for x, y in zip(a, b, strict=True)) and any(x > y for x, y in zip(a, b, strict=True))
+def _dominates(a: list[float], b: list[float], tolerance: float = 0.0) -> bool:
+    return all(x >= y - tolerance for x, y in zip(a, b, strict=True)) and any(
+        x > y + tolerance for x, y in zip(a, b, strict=True)
+    )
 
 
-def pareto_front(scores: Scores, directions: Mapping[str, str]) -> list[str]:
-    """The non-dominated candidates, sorted by name. Non-finite values count as worst."""
+def pareto_front(scores: Scores, directions: Mapping[str, str], tolerance: float = 0.0) -> list[str]:
+    """The non-dominated candidates (differences within ``tolerance`` are ties), sorted by name.
+
+    Non-finite values count as worst."""
     candidates = _candidates(scores)
     objectives = sorted(scores)
     good = {
@@ -119,7 +124,7 @@ def pareto_front(scores: Scores, directions: Mapping[str, str]) -> list[str]:
     return [
         c
         for c in candidates
-        if not any(_dominates(good[other], good[c]) for other in candidates if other != c)
+        if not any(_dominates(good[other], good[c], tolerance) for other in candidates if other != c)
     ]
 
 
@@ -143,6 +148,7 @@ def select(
     feasible: Mapping[str, bool] | None = None,
     keep: str | None = None,
     tie_key: Callable[[str], Any] | None = None,
+    tolerance: float = 0.0,
 ) -> Selection:
     """Pick the winner among the feasible candidates.
 
@@ -150,7 +156,7 @@ def select(
     breaking ties) orders them. The winner always lies on the Pareto front of the feasible set: a
     dominating candidate beats everything its dominated rival beats, plus the rival itself. Candidates
     absent from ``feasible`` count as feasible (Optuna's convention). If no candidate is feasible the
-    winner is ``keep`` (the incumbent).
+    winner is ``keep`` (the incumbent). ``tolerance`` makes differences within it ties (ranks and front).
     """
     candidates = _candidates(scores)
     ok = frozenset(c for c in candidates if feasible is None or feasible.get(c, True))
@@ -158,10 +164,10 @@ def select(
         reason = f"no feasible candidate among {len(candidates)}: keeping {keep!r}"
         return Selection(keep, [], {}, {}, {}, [], ok, reason)
     sub = {o: {c: v for c, v in per.items() if c in ok} for o, per in scores.items()}
-    ranks = rank_table(sub, directions)
+    ranks = rank_table(sub, directions, tolerance)
     cope, bord = copeland(ranks), borda(ranks)
     order = _order(sorted(ok), cope, bord, tie_key)
-    front = pareto_front(sub, directions)
+    front = pareto_front(sub, directions, tolerance)
     winner = order[0]
     reason = (
         f"{winner!r}: Copeland {cope[winner]:g} of {len(order) - 1}, Borda {bord[winner]:g}, "

@@ -246,3 +246,15 @@ def test_improves_on_any_objective() -> None:
     assert not improves_on(
         {"math.exact_match": math.nan}, {"math.exact_match": 0.6}, {"math.exact_match": "minimize"}
     )
+
+
+def test_tolerance_turns_noise_into_ties() -> None:
+    scores = {"fact": {"keep": 0.00, "cand": 0.05}, "mc": {"keep": 0.755, "cand": 0.750}}
+    directions = {"fact": "maximize", "mc": "maximize"}
+    strict = select(scores, directions, keep="keep", tie_key=lambda c: c != "keep")
+    assert strict.copeland == {"keep": 0.0, "cand": 0.0} and strict.winner == "keep"
+    noisy = select(scores, directions, keep="keep", tie_key=lambda c: c != "keep", tolerance=0.01)
+    assert noisy.copeland == {"keep": 0.0, "cand": 1.0} and noisy.winner == "cand"
+    assert noisy.ranks["mc"] == {"keep": 1.0, "cand": 1.0}
+    assert pareto_front(scores, directions, tolerance=0.01) == ["cand"]
+    assert pareto_front(scores, directions) == ["cand", "keep"]

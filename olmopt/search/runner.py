@@ -285,7 +285,11 @@ class CampaignRunner:
             winner, reason = space.decide(trials, scores, feasible, keep), "stage acceptance rule"
         else:
             order = {name: i for i, name in enumerate(self.pool_names)}
-            selection = select(scores, self.directions, feasible, keep=keep, tie_key=lambda c: (c != keep, order.get(c, len(order)), c))
+            selection = select(
+                scores, self.directions, feasible, keep=keep,
+                tie_key=lambda c: (c != keep, order.get(c, len(order)), c),
+                tolerance=self.c.config.selection.tolerance,
+            )  # fmt: skip
             winner, reason = selection.winner, selection.reason
         if winner is None:  # nothing acceptable and the incumbent was not evaluated here
             assert incumbent is not None
