@@ -25,6 +25,18 @@ SERVERS = {"postgres": "OLMOPT_TEST_POSTGRES_URL", "mysql": "OLMOPT_TEST_MYSQL_U
 FAST_HEARTBEAT = {"OLMOPT_HEARTBEAT_INTERVAL": "1", "OLMOPT_HEARTBEAT_GRACE": "4"}
 
 
+_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
+
+
+def study_list(url: str) -> list:
+    """Studies of a storage without reading trials, safe while workers create and drop lock studies."""
+    from olmopt.search.campaign import all_studies
+
+    if url not in _STORAGES:
+        _STORAGES[url] = optuna.storages.get_storage(url)
+    return all_studies(_STORAGES[url])
+
+
 def server_url(kind: str) -> str:
     url = os.environ.get(SERVERS[kind])
     reason = f"{SERVERS[kind]} is not set"
@@ -62,7 +74,7 @@ def create(tiny_zoo: Path, tmp: Path, url: str, layers: list[int] | None = None)
 
 
 def cleanup(url: str, name: str) -> None:
-    for s in optuna.get_all_study_summaries(url):
+    for s in study_list(url):
         if s.study_name == name or s.study_name.startswith(name + "/"):
             optuna.delete_study(study_name=s.study_name, storage=url)
 
@@ -73,7 +85,9 @@ def assert_exact_candidates(url: str, name: str) -> None:
     assert status["finished"]
     for stage in status["stages"]:
         study = optuna.load_study(study_name=f"{name}/{stage['stage']}", storage=url)
-        complete = [t.user_attrs["candidate"] for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+        complete = [
+            t.user_attrs["candidate"] for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        ]
         assert len(complete) == len(set(complete)), f"duplicate candidates in {stage['stage']}: {complete}"
         expected = 1 if stage["kind"] == "base" else 5
         assert len(complete) == expected, (stage["stage"], complete)
@@ -103,7 +117,7 @@ def test_four_workers_share_a_greedy_campaign(rdb_url, tiny_zoo, tmp_path, singl
         assert campaign_status(name, rdb_url)["recipe"] == single_worker_recipe
         # every worker took part: trials carry the worker that ran them
         ran = set()
-        for s in optuna.get_all_study_summaries(rdb_url):
+        for s in study_list(rdb_url):
             if s.study_name.startswith(name + "/"):
                 study = optuna.load_study(study_name=s.study_name, storage=rdb_url)
                 ran |= {t.user_attrs.get("worker") for t in study.get_trials()}
@@ -113,7 +127,7 @@ def test_four_workers_share_a_greedy_campaign(rdb_url, tiny_zoo, tmp_path, singl
 
 
 def _running_trial_worker(url: str, name: str) -> str | None:
-    for s in optuna.get_all_study_summaries(url):
+    for s in study_list(url):
         if s.study_name.startswith(name + "/"):
             study = optuna.load_study(study_name=s.study_name, storage=url)
             for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
@@ -125,7 +139,9 @@ def _running_trial_worker(url: str, name: str) -> str | None:
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_kill_9_mid_trial_is_failed_retried_and_finishes_with_the_same_recipe(rdb_url, tiny_zoo, tmp_path, single_worker_recipe) -> None:
+def test_kill_9_mid_trial_is_failed_retried_and_finishes_with_the_same_recipe(
+    rdb_url, tiny_zoo, tmp_path, single_worker_recipe
+) -> None:
     name = create(tiny_zoo, tmp_path, rdb_url)
     try:
         procs = workers(rdb_url, name, 2)
@@ -146,9 +162,11 @@ def test_kill_9_mid_trial_is_failed_retried_and_finishes_with_the_same_recipe(rd
         assert_exact_candidates(rdb_url, name)
         failed = [
             t
-            for s in optuna.get_all_study_summaries(rdb_url)
+            for s in study_list(rdb_url)
             if s.study_name.startswith(name + "/")
-            for t in optuna.load_study(study_name=s.study_name, storage=rdb_url).get_trials(states=(optuna.trial.TrialState.FAIL,))
+            for t in optuna.load_study(study_name=s.study_name, storage=rdb_url).get_trials(
+                states=(optuna.trial.TrialState.FAIL,)
+            )
         ]
         assert failed, "the killed worker's trial should be marked FAIL"
         assert campaign_status(name, rdb_url)["recipe"] == single_worker_recipe
@@ -189,7 +207,9 @@ def test_a_second_process_on_one_sqlite_file_is_refused(tiny_zoo, tmp_path) -> N
     url = f"sqlite:///{tmp_path}/s.db"
     name = create(tiny_zoo, tmp_path, url)
     env = dict(os.environ, OLMOPT_THREADS="1")
-    first = subprocess.Popen([sys.executable, "-m", "olmopt.cli", "study", "run", name, "--storage", url, "--quiet"], env=env)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "olmopt.cli", "study", "run", name, "--storage", url, "--quiet"], env=env
+    )
     try:
         lock = Path(f"{tmp_path}/s.db.lock")
         deadline = time.time() + 60

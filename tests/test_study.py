@@ -32,10 +32,30 @@ def study_file(tmp: Path, zoo: Path, name: str, **decisions: object) -> Path:
         "name": name,
         "pool": {"models": [str(zoo / m) for m in ZOO_MODELS]},
         "objectives": [
-            {"name": "add", "dataset": str(REPO / "objectives/add.json"), "metric": "token_accuracy", "samples": 60},
-            {"name": "rev", "dataset": str(REPO / "objectives/rev.json"), "metric": "token_accuracy", "samples": 60},
-            {"name": "fact", "dataset": str(REPO / "objectives/fact.json"), "metric": "token_accuracy", "samples": 60},
-            {"name": "mc", "dataset": str(REPO / "objectives/mc_choices.json"), "metric": "mc_accuracy", "samples": 60},
+            {
+                "name": "add",
+                "dataset": str(REPO / "objectives/add.json"),
+                "metric": "token_accuracy",
+                "samples": 60,
+            },
+            {
+                "name": "rev",
+                "dataset": str(REPO / "objectives/rev.json"),
+                "metric": "token_accuracy",
+                "samples": 60,
+            },
+            {
+                "name": "fact",
+                "dataset": str(REPO / "objectives/fact.json"),
+                "metric": "token_accuracy",
+                "samples": 60,
+            },
+            {
+                "name": "mc",
+                "dataset": str(REPO / "objectives/mc_choices.json"),
+                "metric": "mc_accuracy",
+                "samples": 60,
+            },
         ],
         "decisions": {"base": {"mode": "fixed", "model": str(zoo / "base")}, **decisions},
     }
@@ -71,11 +91,19 @@ def test_status_and_list_json(layer_campaign, capsys) -> None:
     capsys.readouterr()
     assert main(["study", "status", name, "--storage", url, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert [s["stage"] for s in status["stages"]] == ["000-base", "001-layer-0", "002-layer-1", "003-layer-2", "004-layer-3"]
+    assert [s["stage"] for s in status["stages"]] == [
+        "000-base",
+        "001-layer-0",
+        "002-layer-1",
+        "003-layer-2",
+        "004-layer-3",
+    ]
     assert all(s["trials"]["complete"] == len(ZOO_MODELS) for s in status["stages"][1:])
     assert main(["study", "list", "--storage", url, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows == [{"name": name, "stages": 5, "decided": 5, "finished": True, "created": rows[0]["created"]}]
+    assert rows == [
+        {"name": name, "stages": 5, "decided": 5, "finished": True, "created": rows[0]["created"]}
+    ]
 
 
 def test_export_loads_and_reproduces_metrics_and_rebuild_is_bit_identical(layer_campaign, tiny_zoo) -> None:
@@ -83,7 +111,14 @@ def test_export_loads_and_reproduces_metrics_and_rebuild_is_bit_identical(layer_
     out = tmp / "merged"
     assert main(["export", "best", name, "--storage", url, "--out", str(out), "--quiet"]) == 0
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "tokenizer.json", "model.safetensors.index.json", "generation_config.json", "merge_report.json", "README.md"} <= files
+    assert {
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors.index.json",
+        "generation_config.json",
+        "merge_report.json",
+        "README.md",
+    } <= files
     report = json.loads((out / "merge_report.json").read_text())
     assert {"base_model", "layers", "tensors", "recipe", "stages", "provenance"} <= report.keys()
     assert set(report["layers"]) == {"0", "1", "2", "3"}
@@ -115,7 +150,9 @@ def test_olm_format_report_rebuilds(tmp_path, tiny_zoo) -> None:
     report = {
         "base_model": {"name": str(tiny_zoo / "base"), "metrics": {"a.json": 0.5}},
         "layers": {"0": {"metrics": {}, "best_model": str(tiny_zoo / "spec_mc")}},
-        "tensors": {"model.layers.3.mlp.down_proj.weight": {"metrics": {}, "best_model": str(tiny_zoo / "spec_fact")}},
+        "tensors": {
+            "model.layers.3.mlp.down_proj.weight": {"metrics": {}, "best_model": str(tiny_zoo / "spec_fact")}
+        },
     }
     path = tmp_path / "merge_report.json"
     path.write_text(json.dumps(report))
@@ -124,8 +161,12 @@ def test_olm_format_report_rebuilds(tmp_path, tiny_zoo) -> None:
     mc = load_file(tiny_zoo / "spec_mc" / "model.safetensors")
     fact = load_file(tiny_zoo / "spec_fact" / "model.safetensors")
     base = load_file(tiny_zoo / "base" / "model.safetensors")
-    assert torch.equal(got["model.layers.0.self_attn.q_proj.weight"], mc["model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(got["model.layers.3.mlp.down_proj.weight"], fact["model.layers.3.mlp.down_proj.weight"])
+    assert torch.equal(
+        got["model.layers.0.self_attn.q_proj.weight"], mc["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert torch.equal(
+        got["model.layers.3.mlp.down_proj.weight"], fact["model.layers.3.mlp.down_proj.weight"]
+    )
     assert torch.equal(got["model.layers.3.mlp.up_proj.weight"], base["model.layers.3.mlp.up_proj.weight"])
 
 
@@ -159,13 +200,30 @@ def test_joint_mode_runs_and_exports(tiny_zoo, tmp_path) -> None:
     study = optuna.load_study(study_name="joint/001-joint-layers", storage=url)
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 12
     assert study.metric_names == ["add", "rev", "fact", "mc"]
-    assert main(["export", "best", "joint", "--storage", url, "--out", str(tmp_path / "m"), "--quiet", "--no-compare"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "best",
+                "joint",
+                "--storage",
+                url,
+                "--out",
+                str(tmp_path / "m"),
+                "--quiet",
+                "--no-compare",
+            ]
+        )
+        == 0
+    )
     AutoModelForCausalLM.from_pretrained(tmp_path / "m")
 
 
 def _run_cli(*args: str) -> subprocess.Popen:
     env = dict(os.environ, OLMOPT_THREADS="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "olmopt.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "olmopt.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 @pytest.mark.slow
@@ -176,11 +234,14 @@ def test_interrupt_and_resume_gives_the_same_recipe(layer_campaign, tiny_zoo, tm
     assert main(["study", "create", str(path), "--storage", url]) == 0
     import optuna
 
+    from olmopt.search.campaign import all_studies
+
+    storage = optuna.storages.get_storage(url)
     for sig in (signal.SIGINT, signal.SIGKILL):
         proc = _run_cli("study", "run", "resume", "--storage", url, "--quiet")
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:  # stop it in the middle of the layer stages
-            names = [s.study_name for s in optuna.get_all_study_summaries(url)]
+            names = [s.study_name for s in all_studies(storage)]
             if any("layer-1" in n for n in names):
                 break
             time.sleep(0.05)
@@ -204,11 +265,21 @@ def _one_line_error(capsys) -> str:
     ("edit", "needle"),
     [
         (lambda d: d.update(colour="blue"), "colour: unknown key"),
-        (lambda d: d["decisions"].update(layers={"mode": "greedy", "n_trials": "many"}), "decisions.layers.n_trials"),
+        (
+            lambda d: d["decisions"].update(layers={"mode": "greedy", "n_trials": "many"}),
+            "decisions.layers.n_trials",
+        ),
         (lambda d: d["objectives"][0].update(dataset="/nonexistent/data.json"), "file not found"),
         (lambda d: d["objectives"][0].update(metric="bleu"), "unknown metric 'bleu'"),
         (lambda d: d["pool"]["models"].append("/nonexistent/model"), "/nonexistent/model"),
-        (lambda d: d["selection"].update(improve_all="nonsense") if "selection" in d else d.update(selection={"improve_all": "nonsense"}), "improve_all"),
+        (
+            lambda d: (
+                d["selection"].update(improve_all="nonsense")
+                if "selection" in d
+                else d.update(selection={"improve_all": "nonsense"})
+            ),
+            "improve_all",
+        ),
     ],
 )
 def test_bad_study_files(tiny_zoo, tmp_path, capsys, edit, needle) -> None:

@@ -111,7 +111,7 @@ class Campaign:
     def decisions(self) -> dict[str, dict[str, Any]]:
         """stage key -> decision, for decided stages (one storage round trip per stage study)."""
         out = {}
-        for summary in optuna.get_all_study_summaries(self.storage, include_best_trial=False):
+        for summary in all_studies(self.storage):
             prefix = self.name + "/"
             if summary.study_name.startswith(prefix) and DECISION_ATTR in summary.user_attrs:
                 out[summary.study_name[len(prefix) :]] = summary.user_attrs[DECISION_ATTR]
@@ -145,17 +145,30 @@ class Campaign:
         return added
 
 
+def all_studies(storage: optuna.storages.BaseStorage, attempts: int = 5) -> list[Any]:
+    """Every study with its user attrs (no trials read). Retries when a concurrent worker deletes a
+    transient lock study in the middle of the listing."""
+    for attempt in range(attempts):
+        try:
+            return storage.get_all_studies()
+        except KeyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
+    return []
+
+
 def campaign_names(storage: optuna.storages.BaseStorage) -> list[str]:
     return [
         s.study_name
-        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        for s in all_studies(storage)
         if CAMPAIGN_ATTR in s.user_attrs
     ]
 
 
 def list_campaigns(url: str) -> list[dict[str, Any]]:
     storage = open_storage(url)
-    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    summaries = all_studies(storage)
     out = []
     for s in summaries:
         info = s.user_attrs.get(CAMPAIGN_ATTR)

@@ -222,8 +222,9 @@ class CampaignRunner:
                     if trial is None:
                         break
                     label, recipe = space.decode(trial)
-                    label = str(trial.user_attrs.get(T.LABEL_ATTR) or label)  # enqueued trials keep their label
-                    trial.set_user_attr(T.LABEL_ATTR, label)
+                    enqueued_label = trial.user_attrs.get(T.LABEL_ATTR)
+                    if enqueued_label is None:  # enqueued trials keep their label; sampled ones get one
+                        trial.set_user_attr(T.LABEL_ATTR, label)
                     trial.set_user_attr("worker", WORKER_ID)
                     in_flight[self.ev.submit(recipe, incumbent, space.layer)] = (trial, recipe)
                 if not in_flight:
