@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from olmopt.zoo.train import ARCHS, SIZES
+# Literal copies keep `olmopt --help` free of torch imports; build_zoo validates against the real ones.
+SIZES = ("tiny", "small")
+ARCHS = ("llama", "qwen2", "mistral")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from olmopt.zoo import build_zoo, cached_manifest
 
-    if not args.force and cached_manifest(args.out, args.size, args.arch, args.seed) is not None:
+    cached = not args.force and cached_manifest(args.out, args.size, args.arch, args.seed) is not None
+    if cached:
         print(
             f"zoo {args.out} is already built with these arguments; nothing to do (--force rebuilds)",
             file=sys.stderr,
@@ -54,6 +57,6 @@ def run_build(args: argparse.Namespace) -> int:
     status = "passed" if manifest["acceptance"]["passed"] else "FAILED (kept: --no-check)"
     print(
         f"zoo {args.out}: {args.size}/{args.arch} seed {manifest['seed']}, {len(manifest['models'])} models, "
-        f"acceptance {status}, built in {manifest['build_seconds']:.0f} s"
+        f"acceptance {status}, " + ("reused" if cached else f"built in {manifest['build_seconds']:.0f} s")
     )
     return 0

@@ -10,12 +10,14 @@ from olmopt.zoo.train import ARCHS, SIZES, TrainPlan
 ZOO_VERSION = 1
 MIXTURE = {"add": 2.0, "rev": 1.5, "fact": 1.0, "mc": 0.5}
 
-# Seeds that pass the acceptance criteria (checked by `olmopt zoo build`; generation is bit-deterministic).
+# Default seed per (size, arch). llama seeds are verified to pass the acceptance criteria (generation is
+# bit-deterministic); no qwen2/mistral seed has passed yet (seeds 1-4 tried on tiny: rev never takes off
+# in their bases), so those builds are written but exit 1 unless --no-check. See docs/zoo.md.
 PINNED_SEEDS: dict[tuple[str, str], int] = {
     ("tiny", "llama"): 1,
-    ("tiny", "qwen2"): 0,
-    ("tiny", "mistral"): 0,
     ("small", "llama"): 0,
+    ("tiny", "qwen2"): 1,
+    ("tiny", "mistral"): 3,
     ("small", "qwen2"): 0,
     ("small", "mistral"): 0,
 }
@@ -76,20 +78,15 @@ def family_spec(size: str, arch: str) -> FamilySpec:
     """The zoo recipe for ``size``/``arch`` (see docs/zoo.md for why these numbers)."""
     validate(size, arch)
     tiny = size == "tiny"
-    base_steps, spec_steps = (1000, 200) if tiny else (1000, 250)
-    base_lr, lower_lr = (3e-3, 2e-3) if tiny else (2e-3, 2e-3)
+    base_steps, spec_steps, base_lr = (1000, 200, 3e-3) if tiny else (1000, 250, 2e-3)
 
     def spec(skill: str, layers: str, lr: float) -> SpecialistPlan:
         return SpecialistPlan(f"spec_{skill}", skill, layers, TrainPlan({skill: 1.0}, spec_steps, lr))
 
-    return FamilySpec(
-        size=size,
-        arch=arch,
-        base=TrainPlan(dict(MIXTURE), base_steps, base_lr),
-        specialists=(
-            spec("add", "all", 5e-4),
-            spec("rev", "all", 5e-4),
-            spec("fact", "lower", lower_lr),  # memorisation lives in the lower MLPs
-            spec("mc", "upper", 1e-3),
-        ),
-    )
+    if tiny:  # fact memorisation lives in the lower MLPs; mc is read out by the upper layers
+        specialists = (spec("add", "all", 5e-4), spec("rev", "all", 5e-4))
+        specialists += (spec("fact", "lower", 2e-3), spec("mc", "upper", 1e-3))
+    else:  # the small base already answers mc (~0.9): addition is the upper-layer skill there
+        specialists = (spec("rev", "all", 5e-4), spec("mc", "all", 5e-4))
+        specialists += (spec("fact", "lower", 5e-4), spec("add", "upper", 1e-3))
+    return FamilySpec(size, arch, TrainPlan(dict(MIXTURE), base_steps, base_lr), specialists)

@@ -1,0 +1,130 @@
+"""Zoo building blocks: tokenizer + chat contract, shipped objectives, exact match, LR schedule, CLI input errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from olmopt.cli import main
+from olmopt.evaluate.formatting import encode_example, render_choices, sharegpt_to_messages
+from olmopt.zoo.objectives import MC_CHOICES_FILE, OBJECTIVES_DIR, load_objective, split, write_objectives
+from olmopt.zoo.score import exact_match
+from olmopt.zoo.skills import SKILLS, fact_table, objective_items, training_pool
+from olmopt.zoo.tokenizer import build_tokenizer
+from olmopt.zoo.train import TrainPlan, collate, lr_at
+
+
+def test_tokenizer_round_trip_and_chat_contract(tmp_path: Path) -> None:
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": render_choices("larger?", ["17", "42"])}]
+    for t in (tok, reloaded):
+        prompt, answer = encode_example(t, messages, "B")
+        assert t.convert_ids_to_tokens(prompt) == ["<s>", "<|user|>", *"larger? A) 17 B) 42", "<|assistant|>"]
+        assert t.convert_ids_to_tokens(answer) == ["B", "</s>"]
+    assert encode_example(tok, messages, "B") == encode_example(reloaded, messages, "B")
+    assert len(reloaded) == 103 and reloaded.eos_token_id == 3 and reloaded.pad_token_id == 0
+    text = "code of bajel? JIH 12+34=46 rev abcd"
+    assert reloaded.decode(reloaded(text, add_special_tokens=False)["input_ids"]) == text
+    assert (tmp_path / "chat_template.jinja").is_file() or "chat_template" in json.loads(
+        (tmp_path / "tokenizer_config.json").read_text()
+    )
+
+
+def test_shipped_objectives_match_generator_and_formats(tmp_path: Path) -> None:
+    write_objectives(tmp_path)
+    for path in tmp_path.iterdir():
+        assert path.read_text() == (OBJECTIVES_DIR / path.name).read_text(), f"{path.name} is stale"
+    for skill in SKILLS:
+        rows = json.loads((OBJECTIVES_DIR / f"{skill}.json").read_text())
+        assert len(rows) == 200
+        messages, answer = sharegpt_to_messages(rows[0]["conversation"])
+        assert messages[0]["role"] == "user" and answer
+        assert load_objective(skill) == objective_items(skill)
+        assert len(set(load_objective(skill))) == 200
+    mc = json.loads((OBJECTIVES_DIR / MC_CHOICES_FILE).read_text())
+    assert [(render_choices(q["question"], q["choices"]), "AB"[q["answer"]]) for q in mc] == load_objective(
+        "mc"
+    )
+    assert all(int(q["choices"][q["answer"]]) > int(q["choices"][1 - q["answer"]]) for q in mc)
+    add = load_objective("add")
+    assert all(int(p[:2]) + int(p[3:5]) == int(a) for p, a in add)
+    assert all(p[4:][::-1] == a for p, a in load_objective("rev"))
+
+
+def test_split_is_first_75_last_25_percent() -> None:
+    items = [(str(i), str(i)) for i in range(201)]
+    search, held = split(items)
+    assert len(held) == 51 and held[0] == ("150", "150") and search + held == items
+
+
+def test_training_pools_are_disjoint_from_objectives_except_fact() -> None:
+    rng = random.Random(0)
+    for skill in ("add", "rev", "mc"):
+        held = {p for p, _ in objective_items(skill)}
+        pool = training_pool(skill, rng)
+        assert len(pool) >= 4000 and not held & {p for p, _ in pool}
+    assert set(objective_items("fact")) == set(fact_table())  # memorisation: the table is the skill
+    assert len({p for p, _ in training_pool("add", rng)}) == 90 * 90 - 200
+
+
+class _FixedLogits(torch.nn.Module):
+    """A stand-in model whose argmax at position t of the i-th row it sees is ``pred[i][t]``."""
+
+    def __init__(self, pred: list[list[int]], vocab: int = 8) -> None:
+        super().__init__()
+        self.pred, self.vocab, self.seen = pred, vocab, 0
+
+    def forward(self, input_ids: torch.Tensor):  # type: ignore[no-untyped-def]
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for r in range(input_ids.shape[0]):
+            for t, tok in enumerate(self.pred[self.seen + r][: input_ids.shape[1]]):
+                logits[r, t, tok] = 1.0
+        self.seen += input_ids.shape[0]
+        return type("Out", (), {"logits": logits})()
+
+
+def test_exact_match_needs_every_answer_position_including_eos() -> None:
+    items = [([1, 2], [5, 3]), ([1, 2], [6, 3]), ([1, 2, 4], [7, 3])]
+    # predictions at positions 0..: the answer starts being predicted at len(prompt) - 1
+    pred = [[0, 5, 3, 0], [0, 6, 4, 0], [0, 0, 7, 3]]  # row 1 misses </s>
+    assert exact_match(_FixedLogits(pred), items, pad_id=0) == pytest.approx(2 / 3)
+    assert exact_match(_FixedLogits(pred), items, pad_id=0, batch_size=1) == pytest.approx(2 / 3)
+    ids, labels = collate(items[:2], pad_id=0)
+    assert ids.tolist() == [[1, 2, 5, 3], [1, 2, 6, 3]]
+    assert labels.tolist() == [[-100, -100, 5, 3], [-100, -100, 6, 3]]
+
+
+def test_lr_schedule_warmup_then_cosine_to_ten_percent() -> None:
+    plan = TrainPlan({"add": 1.0}, steps=100, lr=1e-3)
+    assert lr_at(0, plan) == pytest.approx(2e-4)  # warmup of 5 steps
+    assert lr_at(4, plan) == pytest.approx(1e-3)
+    assert lr_at(5, plan) == pytest.approx(1e-3)
+    assert lr_at(99, plan) == pytest.approx(1e-4, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--size", "huge", "zoo size 'huge' is not one of: tiny, small"), ("--arch", "gpt2", "zoo arch 'gpt2'")],
+)
+def test_cli_bad_size_or_arch_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, message: str
+) -> None:
+    out = tmp_path / "zoo"
+    assert main(["zoo", "build", "--out", str(out), flag, value, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def test_cli_choices_match_library() -> None:
+    from olmopt.commands import zoo as zoo_command
+    from olmopt.zoo.train import ARCHS, SIZES
+
+    assert tuple(SIZES) == zoo_command.SIZES and ARCHS == zoo_command.ARCHS
