@@ -57,6 +57,12 @@ def cmd_export_best(args: argparse.Namespace) -> int:
         r = result["refine"]
         steps, stages = len(r["steps"]), len(r["stages"])
         print(f"ES refinement: {steps} accepted steps in {stages} stages (before: {r['before']['stage']})")
+    verdict = result.get("held_out_copeland")
+    if verdict:
+        merged = result["comparison"][0]["model"]
+        scores = verdict["scores"]
+        outcome = "beats the base and every single donor" if verdict["merged_is_sole_winner"] else "is NOT the sole winner"
+        print(f"held-out Copeland: merged {scores[merged]:g} of {len(scores) - 1}; the merged model {outcome}")
     return 0
 
 

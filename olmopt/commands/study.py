@@ -70,7 +70,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         raise InputError("--workers must be >= 1")
     sigterm_as_interrupt()
-    log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    from tqdm import tqdm
+
+    log = (lambda _m: None) if args.quiet else (lambda m: tqdm.write(m, file=sys.stderr))
     outcome = run_campaign(
         args.name, storage_url(args.storage), args.workers, args.n_trials, args.timeout, not args.quiet, log
     )

@@ -103,6 +103,7 @@ def export_best(
             )
     names = campaign.objective_names()
     directions = campaign.directions()
+    verdict = copeland_verdict(table, directions) if has_held and compare_donors else None
     decisions = campaign.decisions()
     report = olm_report_sections(campaign.info["plan"], decisions)
     report.update(
@@ -115,6 +116,7 @@ def export_best(
             ],
             "merged": {"search": got, "held_out": held},
             "comparison": table,
+            "held_out_copeland": verdict,
             "provenance": provenance(redact(url), name, key, trial_number, campaign.info.get("datasets", {})),
         }
     )
@@ -126,7 +128,7 @@ def export_best(
     add_donor_map(out, recipe, adapter.all_units(ctx.pool[recipe.base].checkpoint.keys()), adapter.num_layers)
     annotate_export(campaign, out)
     result = {"out": str(out), "recipe": recipe.to_dict(), "stage": key, "trial": trial_number}
-    result.update({"metrics": got, "held_out": held, "comparison": table})
+    result.update({"metrics": got, "held_out": held, "comparison": table, "held_out_copeland": verdict})
     if refine_report is not None:
         result["refine"] = refine_report
     return result
@@ -181,3 +183,15 @@ def refinement_report(
         },
         "after": {"search": got, "held_out": held},
     }
+
+
+def copeland_verdict(table: list[dict[str, Any]], directions: dict[str, str]) -> dict[str, Any]:
+    """Copeland scores over the held-out objectives of the merged model and every single pool model."""
+    from olmopt.select import copeland, rank_table
+
+    held = {row["model"]: row["held_out"] for row in table}
+    scores = {o: {m: v[o] for m, v in held.items()} for o in directions}
+    cope = copeland(rank_table(scores, directions))
+    merged = table[0]["model"]
+    best_single = max(v for m, v in cope.items() if m != merged)
+    return {"scores": cope, "merged_is_sole_winner": cope[merged] > best_single}

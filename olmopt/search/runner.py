@@ -120,6 +120,8 @@ class CampaignRunner:
     def run(self) -> RunOutcome:
         stages_run = 0
         decisions = self.c.decisions()
+        done = sum(s.key in decisions for s in self.c.plan)
+        overall = tqdm(total=len(self.c.plan), initial=done, desc=f"campaign {self.c.name}", unit="stage", disable=not self.progress)
         for stage in self.c.plan:
             if stage.key in decisions:
                 continue
@@ -130,6 +132,8 @@ class CampaignRunner:
                 break
             decisions[stage.key] = decision
             stages_run += 1
+            overall.update(1)
+        overall.close()
         finished = all(s.key in decisions for s in self.c.plan)
         return RunOutcome(finished, stages_run, self.trials_run, self.c.final_recipe())
 
