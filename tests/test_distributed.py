@@ -65,9 +65,12 @@ def workers(url: str, name: str, n: int, extra_env: dict[str, str] | None = None
     return [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(n)]
 
 
-def create(tiny_zoo: Path, tmp: Path, url: str, layers: list[int] | None = None) -> str:
+LAYERS = [2, 3]  # two greedy stages keep four workers busy without making CI slow
+
+
+def create(tiny_zoo: Path, tmp: Path, url: str) -> str:
     name = f"dist-{uuid.uuid4().hex[:10]}"
-    decisions = {"layers": {"mode": "greedy", **({"only": layers} if layers else {})}}
+    decisions = {"layers": {"mode": "greedy", "only": LAYERS}}
     path = study_file(tmp, tiny_zoo, name, **decisions)
     assert main(["study", "create", str(path), "--storage", url]) == 0
     return name
@@ -98,7 +101,7 @@ def assert_exact_candidates(url: str, name: str) -> None:
 def single_worker_recipe(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("single")
     url = f"sqlite:///{tmp}/s.db"
-    path = study_file(tmp, tiny_zoo, "single", layers={"mode": "greedy"})
+    path = study_file(tmp, tiny_zoo, "single", layers={"mode": "greedy", "only": LAYERS})
     assert main(["study", "create", str(path), "--storage", url]) == 0
     assert main(["study", "run", "single", "--storage", url, "--quiet"]) == 0
     return campaign_status("single", url)["recipe"]
@@ -183,7 +186,7 @@ def test_sigterm_all_workers_then_restart_resumes(rdb_url, tiny_zoo, tmp_path, s
         deadline = time.time() + 300
         while time.time() < deadline and _running_trial_worker(rdb_url, name) is None:
             time.sleep(0.01)
-        time.sleep(1.0)
+        time.sleep(0.2)
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:
@@ -196,7 +199,7 @@ def test_sigterm_all_workers_then_restart_resumes(rdb_url, tiny_zoo, tmp_path, s
             _out, err = p.communicate(timeout=600)
             assert p.returncode == 0, err.decode()[-2000:]
         assert_exact_candidates(rdb_url, name)
-        assert sum(s["trials"]["complete"] for s in campaign_status(name, rdb_url)["stages"]) == 1 + 4 * 5
+        assert sum(s["trials"]["complete"] for s in campaign_status(name, rdb_url)["stages"]) == 1 + len(LAYERS) * 5
         assert done_before >= 1
         assert campaign_status(name, rdb_url)["recipe"] == single_worker_recipe
     finally:

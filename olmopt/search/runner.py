@@ -230,6 +230,8 @@ class CampaignRunner:
                     if enqueued_label is None:  # enqueued trials keep their label; sampled ones get one
                         trial.set_user_attr(T.LABEL_ATTR, label)
                     trial.set_user_attr("worker", WORKER_ID)
+                    if beat is not None:
+                        beat.record(trial)  # at once: a worker killed before its first beat must still go stale
                     in_flight[self.ev.submit(recipe, incumbent, space.layer)] = (trial, recipe)
                 if not in_flight:
                     done, _ = self._stage_complete(study, space)
@@ -343,13 +345,16 @@ class _Heartbeat:
         self._thread = threading.Thread(target=self._loop, args=(max(1.0, interval / 2),), daemon=True)
         self._thread.start()
 
+    def record(self, trial: Trial) -> None:
+        try:
+            self.study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - a missed beat is retried next round
+            pass
+
     def _loop(self, every: float) -> None:
         while not self._stop.wait(every):
             for trial, _recipe in list(self.in_flight.values()):
-                try:
-                    self.study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
-                except Exception:  # noqa: BLE001 - a missed beat is retried next round
-                    pass
+                self.record(trial)
 
     def stop(self) -> None:
         self._stop.set()
