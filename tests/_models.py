@@ -53,7 +53,9 @@ def make_config(arch: str = "llama", layers: int = 4, hidden: int = 64, vocab: i
     )
 
 
-def make_family(root: Path, names: list[str], arch: str = "llama", layers: int = 4, noise: float = 0.5, seed: int = 0) -> dict[str, Path]:
+def make_family(
+    root: Path, names: list[str], arch: str = "llama", layers: int = 4, noise: float = 0.5, seed: int = 0
+) -> dict[str, Path]:
     """A base (first name) and noisy copies of it, saved as safetensors model directories."""
     tok = char_tokenizer()
     torch.manual_seed(seed)

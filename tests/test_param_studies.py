@@ -22,17 +22,38 @@ from olmopt.select import copeland, rank_table
 REPO = Path(__file__).resolve().parents[1]
 
 
-def spec(zoo: Path, name: str, models: list[str], decisions: dict, objectives: list[dict] | None = None) -> dict:
+def spec(
+    zoo: Path, name: str, models: list[str], decisions: dict, objectives: list[dict] | None = None
+) -> dict:
     return {
         "name": name,
         "pool": {"models": [str(zoo / m) for m in models]},
         "objectives": objectives
         or [
-            {"name": "add", "dataset": str(REPO / "objectives/add.json"), "metric": "token_accuracy", "samples": 60},
-            {"name": "fact", "dataset": str(REPO / "objectives/fact.json"), "metric": "token_accuracy", "samples": 60},
-            {"name": "mc", "dataset": str(REPO / "objectives/mc_choices.json"), "metric": "mc_accuracy", "samples": 60},
+            {
+                "name": "add",
+                "dataset": str(REPO / "objectives/add.json"),
+                "metric": "token_accuracy",
+                "samples": 60,
+            },
+            {
+                "name": "fact",
+                "dataset": str(REPO / "objectives/fact.json"),
+                "metric": "token_accuracy",
+                "samples": 60,
+            },
+            {
+                "name": "mc",
+                "dataset": str(REPO / "objectives/mc_choices.json"),
+                "metric": "mc_accuracy",
+                "samples": 60,
+            },
         ],
-        "decisions": {"base": {"mode": "fixed", "model": str(zoo / models[0])}, "layers": {"mode": "off"}, **decisions},
+        "decisions": {
+            "base": {"mode": "fixed", "model": str(zoo / models[0])},
+            "layers": {"mode": "off"},
+            **decisions,
+        },
     }
 
 
@@ -61,7 +82,12 @@ def export_and_rebuild(tmp: Path, url: str, name: str) -> Path:
 
 @pytest.mark.slow
 def test_merge_study_searches_methods_and_exports(tiny_zoo, tmp_path) -> None:
-    data = spec(tiny_zoo, "merge", ["base", "spec_add", "spec_mc", "spec_fact"], {"merge": {"mode": "joint", "n_trials": 10}})
+    data = spec(
+        tiny_zoo,
+        "merge",
+        ["base", "spec_add", "spec_mc", "spec_fact"],
+        {"merge": {"mode": "joint", "n_trials": 10}},
+    )
     url, status = run(tmp_path, data)
     study = optuna.load_study(study_name="merge/001-joint-merge", storage=url)
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -78,13 +104,26 @@ def test_merge_study_searches_methods_and_exports(tiny_zoo, tmp_path) -> None:
 @pytest.mark.slow
 def test_fusion_study_compares_the_three_alpha_sources(tiny_zoo, tmp_path) -> None:
     objectives = [
-        {"name": "mc", "dataset": str(REPO / "objectives/mc_choices.json"), "metric": "mc_accuracy", "samples": 60},
+        {
+            "name": "mc",
+            "dataset": str(REPO / "objectives/mc_choices.json"),
+            "metric": "mc_accuracy",
+            "samples": 60,
+        },
         {"name": "ppl", "dataset": str(REPO / "objectives/add.json"), "metric": "perplexity", "samples": 60},
         {"name": "removed", "metric": "layers_removed"},
     ]
-    data = spec(tiny_zoo, "fuse", ["base"], {"fusion": {"mode": "joint", "max_steps": 2, "n_trials": 8, "calibration_samples": 16}}, objectives)
+    data = spec(
+        tiny_zoo,
+        "fuse",
+        ["base"],
+        {"fusion": {"mode": "joint", "max_steps": 2, "n_trials": 8, "calibration_samples": 16}},
+        objectives,
+    )
     url, status = run(tmp_path, data)
-    decision = optuna.load_study(study_name="fuse/001-joint-fusion", storage=url).user_attrs["olmopt.decision"]
+    decision = optuna.load_study(study_name="fuse/001-joint-fusion", storage=url).user_attrs[
+        "olmopt.decision"
+    ]
     assert {"mka", "gradient"} <= set(decision["candidates"])
     for source in ("mka", "gradient"):
         cand = decision["candidates"][source]
@@ -106,7 +145,12 @@ def test_searched_dfs_path_beats_the_naive_stack(tiny_zoo, tmp_path) -> None:
     a, b = (str(tiny_zoo / m) for m in models)
     naive = Recipe(
         base=a,
-        dfs=DataFlowPath(hops=tuple([(a, i) for i in range(4)] + [(b, i) for i in range(4)]), scales=(1.0,) * 8, input_model=a, output_model=a),
+        dfs=DataFlowPath(
+            hops=tuple([(a, i) for i in range(4)] + [(b, i) for i in range(4)]),
+            scales=(1.0,) * 8,
+            input_model=a,
+            output_model=a,
+        ),
     )
     config = StudyConfig.model_validate(dict(data, root=str(REPO)))
     ctx = EvalContext(config)

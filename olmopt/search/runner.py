@@ -225,14 +225,18 @@ class CampaignRunner:
                     trial = self._next_trial(study, space, len(in_flight))
                     if trial is None:
                         break
-                    label, recipe = space.decode(trial)
-                    enqueued_label = trial.user_attrs.get(T.LABEL_ATTR)
-                    if enqueued_label is None:  # enqueued trials keep their label; sampled ones get one
-                        trial.set_user_attr(T.LABEL_ATTR, label)
-                    trial.set_user_attr("worker", WORKER_ID)
-                    if beat is not None:
-                        beat.record(trial)  # at once: a worker killed before its first beat must still go stale
-                    in_flight[self.ev.submit(recipe, incumbent, space.layer)] = (trial, recipe)
+                    try:
+                        label, recipe = space.decode(trial)
+                        if trial.user_attrs.get(T.LABEL_ATTR) is None:  # enqueued trials keep their label
+                            trial.set_user_attr(T.LABEL_ATTR, label)
+                        trial.set_user_attr("worker", WORKER_ID)
+                        if beat is not None:
+                            beat.record(trial)  # at once: a worker killed before its first beat must go stale
+                        future = self.ev.submit(recipe, incumbent, space.layer)  # inline when workers == 1
+                    except BaseException:
+                        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                        raise
+                    in_flight[future] = (trial, recipe)
                 if not in_flight:
                     done, _ = self._stage_complete(study, space)
                     if done:
