@@ -187,9 +187,10 @@ def test_sigterm_all_workers_then_restart_resumes(rdb_url, tiny_zoo, tmp_path, s
     try:
         procs = workers(rdb_url, name, 2)
         deadline = time.time() + 300
-        while time.time() < deadline and _running_trial_worker(rdb_url, name) is None:
+        while time.time() < deadline and (
+            _running_trial_worker(rdb_url, name) is None or _complete(rdb_url, name) < 1
+        ):
             time.sleep(0.01)
-        time.sleep(0.2)
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:
@@ -207,6 +208,10 @@ def test_sigterm_all_workers_then_restart_resumes(rdb_url, tiny_zoo, tmp_path, s
         assert campaign_status(name, rdb_url)["recipe"] == single_worker_recipe
     finally:
         cleanup(rdb_url, name)
+
+
+def _complete(url: str, name: str) -> int:
+    return sum(s["trials"]["complete"] for s in campaign_status(name, url)["stages"])
 
 
 def test_a_second_process_on_one_sqlite_file_is_refused(tiny_zoo, tmp_path) -> None:
