@@ -170,11 +170,11 @@ class CampaignRunner:
 
     def _sweep_stale(self, study: optuna.Study) -> None:
         """Fail trials of dead workers: by heartbeat on RDB, by age on storages without heartbeats."""
-        if heartbeat_enabled(self.c.storage):
-            optuna.storages.fail_stale_trials(study)
-            return
         if is_sqlite(self.c.url):
             return  # single writer: orphans were failed at stage start
+        if heartbeat_enabled(self.c.storage):
+            optuna.storages.fail_stale_trials(study)
+        # also by age (storages without heartbeats, and a trial taken by a worker that died before its first beat)
         limit = datetime.datetime.now() - datetime.timedelta(seconds=stale_after())
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.datetime_start is not None and t.datetime_start < limit:
@@ -249,7 +249,7 @@ class CampaignRunner:
                     continue
                 finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    trial, recipe = in_flight.pop(future)
+                    trial, recipe = in_flight[future]  # stays listed until told, so an interrupt fails it
                     try:
                         metrics = future.result()
                     except OlmoptError:
@@ -258,8 +258,10 @@ class CampaignRunner:
                         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:300])
                         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                         self.log(f"{stage.key}: trial {trial.number} failed ({type(exc).__name__}: {exc})")
+                        del in_flight[future]
                         continue
                     self._tell(study, trial, recipe, metrics, references)
+                    del in_flight[future]
                     self.trials_run += 1
                     bar.update(1)
         except BaseException:
