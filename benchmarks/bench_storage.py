@@ -9,6 +9,7 @@ OLMOPT_TEST_POSTGRES_URL / OLMOPT_TEST_MYSQL_URL, PostgreSQL and MySQL.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -36,7 +37,7 @@ def per_trial_ms(url: str, trials: int) -> float:
         label = trial.suggest_categorical("donor", labels)
         metrics = {f"o{k}": 0.5 + 0.01 * k for k in range(4)}
         constraints = {f"o{k}.vs_base": -0.1 for k in range(4)}
-        T.record_result(trial, metrics, constraints, True, '{"base":"%s"}' % label)
+        T.record_result(trial, metrics, constraints, True, json.dumps({"base": label}))
         study.tell(trial, list(metrics.values()))
     elapsed = time.perf_counter() - start
     optuna.delete_study(study_name=name, storage=storage)
