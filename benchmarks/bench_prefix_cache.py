@@ -13,9 +13,7 @@ values of both runs must agree within 1e-5. A stage over L layers runs at most 2
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-import torch
 from bench_candidate import Setup, load_setup, machine, median, timed
 
 from olmopt.evaluate.engine import Evaluator
@@ -24,57 +22,19 @@ from olmopt.recipe import Recipe
 from olmopt.runtime import configure_threads
 
 
-def capture_all_layers(ev: Evaluator, layers: int) -> dict[int, dict[Any, torch.Tensor]]:
-    """Projection of a one-forward capture: the inputs of every layer from ONE forward per batch.
-
-    Uses engine internals (``_batches``, ``_prefix`` keys); the engine itself captures one layer per
-    forward (``capture_prefix``). Layer 0 needs no prefix.
-    """
-    out: dict[int, dict[Any, torch.Tensor]] = {i: {} for i in range(1, layers)}
-    base = ev.model.base_model
-    for obj in ev.objectives:
-        enc = ev.encoded(obj, "search")
-        for n, batch in enumerate(ev._batches(enc)):
-            key = (obj.path, "search", obj.held_out, obj.samples, n)
-            grabbed: dict[int, torch.Tensor] = {}
-            hooks = [
-                base.layers[i].register_forward_pre_hook(
-                    lambda _m, args, kwargs, i=i, g=grabbed: g.__setitem__(
-                        i, (args[0] if args else kwargs["hidden_states"]).detach().clone()
-                    ),
-                    with_kwargs=True,
-                )
-                for i in range(1, layers)
-            ]
-            try:
-                with torch.no_grad():
-                    base(input_ids=batch.ids, attention_mask=batch.attention)
-            finally:
-                for h in hooks:
-                    h.remove()
-            for i, hidden in grabbed.items():
-                out[i][key] = hidden
-    return out
-
-
 def run_stage(wm: WorkingModel, ev: Evaluator, mode: str) -> dict[tuple[int, str], dict[str, float]]:
     """Evaluate every (layer, donor) swap, layers in order.
 
-    ``mode``: "full" (no cache), "prefix" (``capture_prefix`` once per layer) or "one-capture"
-    (every layer's prefix from a single forward, see :func:`capture_all_layers`).
+    ``mode``: "full" (no cache) or "prefix": the engine's cache as a campaign uses it, one capture
+    (of every later layer's input, in one forward) while the incumbent stays the same.
     """
     base, *donors = wm.pool.names
     values: dict[tuple[int, str], dict[str, float]] = {}
-    stored = capture_all_layers(ev, wm.adapter.num_layers) if mode == "one-capture" else {}
-    use_prefix = mode != "full"
+    ev.clear_prefix()
     for layer in range(wm.adapter.num_layers):
-        if mode == "prefix":
+        use_prefix = mode == "prefix" and layer > 0
+        if use_prefix and not ev.use_prefix_layer(layer):
             ev.capture_prefix(layer)
-        elif mode == "one-capture":
-            ev.clear_prefix()
-            if layer > 0:
-                ev._prefix.update(stored[layer])
-                ev.prefix_layer = layer
         for donor in donors:
             with wm.patched(Recipe(base=base, layers={layer: donor})):
                 values[layer, donor] = ev.evaluate(use_prefix=use_prefix)
@@ -88,7 +48,7 @@ def bench(setup: Setup, repeats: int, batch_size: int) -> None:
     ev = Evaluator(wm.model, setup.tokenizer, objectives, batch_size=batch_size)
     ev.prepare()
     ev.evaluate()  # warm-up
-    modes = ("full", "prefix", "one-capture")
+    modes = ("full", "prefix")
     wall: dict[str, list[float]] = {m: [] for m in modes}
     cpu: dict[str, list[float]] = {m: [] for m in modes}
     worst = 0.0
@@ -111,8 +71,7 @@ def bench(setup: Setup, repeats: int, batch_size: int) -> None:
     print(f"Objectives: {', '.join(f'{o.name}:{o.metric}' for o in objectives)}\n")
     labels = {
         "full": "full forward (no cache)",
-        "prefix": "prefix cache: `capture_prefix(i)` per layer (captures included)",
-        "one-capture": "prefix cache, every layer captured in one forward (projection; captures included)",
+        "prefix": "prefix cache: one capture of every later layer's input (captures included)",
     }
     print("| per-layer stage | wall s | CPU s | CPU ms / candidate | speed-up (CPU) |")
     print("|---|---:|---:|---:|---:|")
