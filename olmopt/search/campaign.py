@@ -8,7 +8,6 @@ Everything needed to resume lives in the storage: a decided stage is never recom
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -187,7 +186,4 @@ def list_campaigns(url: str) -> list[dict[str, Any]]:
         )
     return out
 
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
 
