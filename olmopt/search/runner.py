@@ -172,12 +172,18 @@ class CampaignRunner:
         """Fail trials of dead workers: by heartbeat on RDB, by age on storages without heartbeats."""
         if is_sqlite(self.c.url):
             return  # single writer: orphans were failed at stage start
+        now = datetime.datetime.now()
+        limit = now - datetime.timedelta(seconds=stale_after())
+        orphan_limit = limit
         if heartbeat_enabled(self.c.storage):
             optuna.storages.fail_stale_trials(study)
-        # also by age (storages without heartbeats, and a trial taken by a worker that died before its first beat)
-        limit = datetime.datetime.now() - datetime.timedelta(seconds=stale_after())
+            # a trial taken by a worker that died before marking it (worker attr, first beat) never beats
+            grace = self.c.storage.get_heartbeat_interval() or 30  # type: ignore[attr-defined]
+            orphan_limit = now - datetime.timedelta(seconds=3 * grace)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.datetime_start is not None and t.datetime_start < limit:
+            started = t.datetime_start
+            too_old = started is not None and started < (orphan_limit if "worker" not in t.user_attrs else limit)
+            if too_old:
                 study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
 
     def _references(self, decisions: dict[str, dict[str, Any]], incumbent: Recipe | None) -> dict[str, dict[str, float]]:
