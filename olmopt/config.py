@@ -65,12 +65,66 @@ class BoundaryDecision(_Strict):
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
 
 
+def _es_switch(value: object) -> object:
+    """``svd: off``/``false`` -> None (not run); ``svd: on``/``true`` -> the defaults."""
+    if value is False:
+        return None
+    return {} if value is True else value
+
+
+class EsTuneDecision(_Strict):
+    """The "ES sigma" decision: a small search over initial sigma and generations before the ES stages.
+
+    ``sigma`` and ``generations`` are [low, high] ranges (defaults: sigma / 4 .. sigma * 4 and
+    1 .. the strategy's generations); the objective is the improvement reached per evaluation spent.
+    """
+
+    trials: int = Field(6, gt=0)
+    sigma: list[float] | None = Field(None, min_length=2, max_length=2)
+    generations: list[int] | None = Field(None, min_length=2, max_length=2)
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma_range(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not (0 < value[0] <= value[1] < float("inf")):
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return value
+
+    @field_validator("generations")
+    @classmethod
+    def _generation_range(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and not (1 <= value[0] <= value[1]):
+            raise ValueError("must be [low, high] with 1 <= low <= high")
+        return value
+
+
 class EsKindDecision(_Strict):
     """One evolution strategy: ``generations`` ES stages per unit, initial ``sigma``, optional unit list."""
 
     generations: int = Field(1, gt=0)
     sigma: float = Field(gt=0, allow_inf_nan=False)
     units: list[str] | None = Field(None, min_length=1)  # None: the units of the tensor stages
+    tune: EsTuneDecision | None = None  # None: no sigma search, ``sigma`` and ``generations`` as given
+
+    @field_validator("tune", mode="before")
+    @classmethod
+    def _tune_switch(cls, value: object) -> object:
+        return _es_switch(value)
+
+    @model_validator(mode="after")
+    def _tune_within_plan(self) -> EsKindDecision:
+        if self.tune is not None and self.tune.generations and self.tune.generations[1] > self.generations:
+            raise ValueError(
+                f"tune.generations goes up to {self.tune.generations[1]}, more than generations ({self.generations})"
+            )
+        return self
+
+    def tune_ranges(self) -> tuple[tuple[float, float], tuple[int, int]]:
+        """(sigma low, high), (generations low, high) of the sigma search."""
+        tune = self.tune or EsTuneDecision()
+        sigma = tune.sigma or [self.sigma / 4, self.sigma * 4]
+        generations = tune.generations or [1, self.generations]
+        return (sigma[0], sigma[1]), (generations[0], generations[1])
 
 
 class SvdEsDecision(EsKindDecision):
@@ -79,13 +133,6 @@ class SvdEsDecision(EsKindDecision):
 
 class NormEsDecision(EsKindDecision):
     sigma: float = Field(0.005, gt=0, allow_inf_nan=False)  # on the log row norms
-
-
-def _es_switch(value: object) -> object:
-    """``svd: off``/``false`` -> None (not run); ``svd: on``/``true`` -> the defaults."""
-    if value is False:
-        return None
-    return {} if value is True else value
 
 
 class EsDecision(_Strict):

@@ -92,7 +92,9 @@ def es_stage_targets(
     """(stage kind, target) of the ES stages, per unit: SVD-ES generations, then norm-ES generations.
 
     ``settings`` (kind -> block) defaults to ``decisions.es``; ``units`` overrides every block's unit
-    list; ``first_generation(kind, unit)`` numbers generations after earlier ES stages (refinement).
+    list; ``first_generation(kind, unit)`` numbers generations after earlier ES stages (refinement,
+    which plans no sigma search). Blocks with ``tune`` get one ``es-tune-{kind}`` stage per unit kind
+    first (see ``olmopt.search.es_tune``).
     """
     if settings is None:
         es = config.decisions.es
@@ -108,6 +110,10 @@ def es_stage_targets(
         per_kind[kind] = check_units(list(chosen), adapter, param_names, where)
     order = list(dict.fromkeys(u for kind in per_kind for u in per_kind[kind]))
     targets = []
+    if first_generation is None:  # the "ES sigma" decisions come before the main ES run
+        from olmopt.search.es_tune import tune_targets
+
+        targets += tune_targets(settings, per_kind)
     for unit in order:
         for kind, block in settings.items():
             if unit not in per_kind[kind]:
@@ -171,13 +177,26 @@ class Generation:
         return es_ops.norm_es_step(self.tensor, sigma, seed)
 
 
-def plan_generation(env: SpaceEnv, incumbent: Recipe, kind: str, unit: str, generation: int) -> Generation:
-    """Parent tensor, sigma (OLM's schedule, from the incumbent's ES steps) and lambda seeds."""
+def plan_generation(
+    env: SpaceEnv,
+    incumbent: Recipe,
+    kind: str,
+    unit: str,
+    generation: int,
+    sigma0: float | None = None,
+    seed_tag: str = "",
+) -> Generation:
+    """Parent tensor, sigma (OLM's schedule, from the incumbent's ES steps) and lambda seeds.
+
+    ``sigma0`` overrides the initial sigma (a tuned or a tuning value); ``seed_tag`` gives the sigma
+    search its own offspring seeds, apart from the main run's.
+    """
     import torch
 
     from olmopt.ops import es as es_ops
 
-    settings = kind_settings(env.config, kind)
+    if sigma0 is None:
+        sigma0 = kind_settings(env.config, kind).sigma
     tensor = parent_tensor(env, incumbent, unit)
     accepted = sum(1 for s in incumbent.es if s.unit == unit and s.kind == kind)
     gen = Generation(kind, unit, generation, tensor, None, [])
@@ -186,17 +205,19 @@ def plan_generation(env: SpaceEnv, incumbent: Recipe, kind: str, unit: str, gene
         if gen.basis is None:
             return gen
         schedule = es_ops.svd_sigma_after_acceptance if accepted else es_ops.svd_initial_sigma
-        gen.sigma = schedule(tensor, settings.sigma, gen.basis)
+        gen.sigma = schedule(tensor, sigma0, gen.basis)
         d = gen.basis.S.numel()
     else:
         if not es_ops.es_applicable(tensor) or not bool(torch.isfinite(tensor).all()):
             return gen
-        sigma = settings.sigma
+        sigma = sigma0
         for _ in range(accepted):
             sigma = es_ops.norm_es_decay(sigma)
         gen.sigma, d = sigma, tensor.shape[0]
     seed = env.config.sampler.seed
-    gen.seeds = [offspring_seed(seed, kind, unit, generation, i) for i in range(es_ops.es_population_size(d))]
+    gen.seeds = [
+        offspring_seed(seed, seed_tag + kind, unit, generation, i) for i in range(es_ops.es_population_size(d))
+    ]
     return gen
 
 
@@ -224,23 +245,33 @@ def accept(
 ) -> str | None:
     """The winning offspring's label, the parent's label when none qualifies, None without a parent."""
     from olmopt.search.trials import RECIPE_ATTR
-    from olmopt.select import select
 
     if PARENT not in trials:
         return None
-    parent = {o: scores[o][PARENT] for o in directions}
-    qualified = [
-        label
+    offspring = {
+        label: {o: scores[o][label] for o in directions}
         for label, t in trials.items()
-        if label != PARENT
-        and t.user_attrs.get(RECIPE_ATTR) != parent_json
-        and feasible.get(label, True)
-        and qualifies({o: scores[o][label] for o in directions}, parent, directions, rule)
-    ]
+        if label != PARENT and t.user_attrs.get(RECIPE_ATTR) != parent_json and feasible.get(label, True)
+    }
+    order = {label: t.number for label, t in trials.items()}
+    return choose(offspring, {o: scores[o][PARENT] for o in directions}, directions, rule, order.__getitem__)
+
+
+def choose(
+    offspring: dict[str, dict[str, float]],
+    parent: dict[str, float],
+    directions: dict[str, str],
+    rule: str,
+    tie_key: Callable[[str], Any],
+) -> str:
+    """The qualifying offspring Copeland picks (Borda, then ``tie_key`` break ties), else ``PARENT``."""
+    from olmopt.select import select
+
+    qualified = [label for label, m in offspring.items() if qualifies(m, parent, directions, rule)]
     if not qualified:
         return PARENT
-    sub = {o: {label: scores[o][label] for label in qualified} for o in directions}
-    return select(sub, directions, tie_key=lambda label: trials[label].number).winner
+    sub = {o: {label: offspring[label][o] for label in qualified} for o in directions}
+    return select(sub, directions, tie_key=tie_key).winner
 
 
 # -- the stage space -------------------------------------------------------------------------------------
@@ -255,7 +286,13 @@ def es_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpac
     kind = ES_KINDS[stage.kind]
     unit, generation = parse_target(stage.target)
     check_units([unit], env.adapter, env.param_names, f"stage {stage.key}")
-    gen = plan_generation(env, incumbent, kind, unit, generation)
+    from olmopt.search.es_tune import tuned
+
+    sigma0, generations = tuned(env, kind, unit)
+    if generations is not None and generations < generation <= kind_settings(env.config, kind).generations:
+        # the sigma search chose fewer generations: no trials, the incumbent stays
+        return StageSpace(decode=lambda trial: (PARENT, incumbent), decide=lambda *_: None)
+    gen = plan_generation(env, incumbent, kind, unit, generation, sigma0)
     directions = {o.name: o.direction for o in objectives_of(env.config)}
     rule = env.config.decisions.es.acceptance
     parent_json = incumbent.to_json()

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -55,6 +55,8 @@ def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0, env: An
     """Greedy stages only pop enqueued trials; joint stages use the configured sampler (per-worker seed)."""
     cfg = campaign.config.sampler
     seed = cfg.seed + 1000 * stage.index + worker_seed
+    if stage.kind.startswith("es-tune"):  # a few trials over (sigma, generations): space-filling
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
     if not stage.is_joint:
         return optuna.samplers.RandomSampler(seed=seed)
     if stage.kind == "joint-dfs" and campaign.config.decisions.dfs.sampler == "cmaes":
@@ -78,6 +80,7 @@ class _Env:
     param_names: list[str]
     context: Any  # the in-process EvalContext (resident model, tokenizer), for spaces that need it
     pool: Any  # the ModelPool of that context
+    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class CampaignRunner:
@@ -120,6 +123,7 @@ class CampaignRunner:
     def run(self) -> RunOutcome:
         stages_run = 0
         decisions = self.c.decisions()
+        self.env.decisions = decisions  # spaces read earlier decisions (the ES sigma search)
         done = sum(s.key in decisions for s in self.c.plan)
         overall = tqdm(total=len(self.c.plan), initial=done, desc=f"campaign {self.c.name}", unit="stage", disable=not self.progress)
         for stage in self.c.plan:
@@ -238,6 +242,9 @@ class CampaignRunner:
                         trial.set_user_attr("worker", WORKER_ID)
                         if beat is not None:
                             beat.record(trial)  # at once: a worker killed before its first beat must go stale
+                        if space.run is not None:
+                            self._run_inline(space, trial, recipe, in_flight)
+                            continue
                         future = self.ev.submit(recipe, incumbent, space.layer)  # inline when workers == 1
                     except BaseException:
                         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -279,6 +286,25 @@ class CampaignRunner:
                 beat.stop()
             bar.close()
 
+    @staticmethod
+    def _run_inline(
+        space: StageSpace, trial: Trial, recipe: Recipe, in_flight: dict[Future[dict[str, float]], tuple[Trial, Recipe]]
+    ) -> None:
+        """A multi-evaluation trial, in this process; listed in flight meanwhile (heartbeats, interrupts)."""
+        assert space.run is not None
+        future: Future[dict[str, float]] = Future()
+        in_flight[future] = (trial, recipe)
+        try:
+            final, metrics = space.run(trial, recipe)
+        except OlmoptError:
+            del in_flight[future]
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported through the future, like a worker's failure
+            future.set_exception(exc)
+            return
+        in_flight[future] = (trial, final)
+        future.set_result(metrics)
+
     def _tell(self, study: optuna.Study, trial: Trial, recipe: Recipe, metrics: dict[str, float], references: dict[str, dict[str, float]]) -> None:
         rule = self.c.config.selection.improve_all
         constraints = degradation_constraints(metrics, references, self.directions, rule, self.metric_of) if "base" in references else {}
@@ -310,17 +336,19 @@ class CampaignRunner:
                 tolerance=self.c.config.selection.tolerance,
             )  # fmt: skip
             winner, reason = selection.winner, selection.reason
+        earlier = self._earlier_decision(recipe_json=(incumbent.to_json() if incumbent else None))
         if winner is None:  # nothing acceptable and the incumbent was not evaluated here
             assert incumbent is not None
             recipe, trial_number, label = incumbent, None, "incumbent"
-            metrics = self.ev.local.score(recipe, "search")
+            metrics = earlier["metrics"] if earlier else self.ev.local.score(recipe, "search")
         else:
             t = trials[winner]
             recipe, trial_number, label = Recipe.from_json(t.user_attrs[T.RECIPE_ATTR]), t.number, winner
             metrics = T.metrics_of(t, self.names)
         held_out = {}
         if self.c.config.selection.held_out_check and any(o.held_out > 0 for o in self.c.config.objectives):
-            held_out = self.ev.local.score(recipe, "held_out")
+            same = earlier is not None and earlier["recipe"] == recipe.to_json() and earlier.get("held_out")
+            held_out = dict(earlier["held_out"]) if same else self.ev.local.score(recipe, "held_out")  # type: ignore[index]
         decision = {
             "stage": stage.key,
             "winner": label,
@@ -340,10 +368,22 @@ class CampaignRunner:
                 if lbl in trials and lbl != label:
                     named = Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR])
                     decision["candidates"][lbl]["held_out"] = self.ev.local.score(named, "held_out")
+        if space.details is not None:
+            decision.update(space.details(trials))
         study.set_user_attr(DECISION_ATTR, decision)
         annotate_decision(self.c, study, decision)
         self.log(f"{stage.key}: {label} ({reason})")
         return decision
+
+
+    def _earlier_decision(self, recipe_json: str | None) -> dict[str, Any] | None:
+        """The latest recorded decision whose Recipe is ``recipe_json`` (its metrics need no new evaluation)."""
+        if recipe_json is None:
+            return None
+        for decision in reversed(list(self.env.decisions.values())):
+            if decision.get("recipe") == recipe_json:
+                return decision
+        return None
 
 
 class _Heartbeat:

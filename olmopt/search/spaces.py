@@ -36,6 +36,7 @@ class SpaceEnv(Protocol):
     param_names: list[str]
     context: Any  # olmopt.search.context.EvalContext
     pool: Any  # olmopt.pool.model_pool.ModelPool
+    decisions: dict[str, dict[str, Any]]  # the campaign's decisions so far, by stage key
 
 
 # decide(trials by label, scores, feasible, keep) -> winning label or None (keep the incumbent)
@@ -51,6 +52,10 @@ class StageSpace:
     budget: int | None = None  # None: only the enqueued trials
     layer: int | None = None  # prefix-cache layer shared by every candidate
     decide: Decide | None = None  # custom acceptance rule (default: Copeland selection)
+    # a trial that is more than one evaluation (the ES sigma search): run in this process, returns the
+    # Recipe its metrics belong to and the metrics
+    run: Callable[[Trial, Recipe], tuple[Recipe, dict[str, float]]] | None = None
+    details: Callable[[dict[str, FrozenTrial]], dict[str, Any]] | None = None  # extra decision fields
 
 
 def swap_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
@@ -102,4 +107,4 @@ def register_space(kind: str, builder: Callable[[Stage, Recipe | None, SpaceEnv]
 
 
 # Decision kinds living in their own modules register themselves on import.
-from olmopt.search import dfs_space, es_space, fusion_space, merge_space  # noqa: E402, F401
+from olmopt.search import dfs_space, es_space, es_tune, fusion_space, merge_space  # noqa: E402, F401
