@@ -10,6 +10,7 @@ steps were applied on top. Sources are derived from the Recipe by ``param_source
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,19 @@ def param_sources(recipe: Recipe, adapter: ArchitectureAdapter, param_names: lis
         donor = recipe.units.get(unit, donor)
         sources[name] = (donor, tuple(es_by_param.get(name, ())))
     return sources
+
+
+def model_key(recipe: Recipe, adapter: ArchitectureAdapter, param_names: list[str]) -> str:
+    """A key equal for two Recipes exactly when they describe the same weights.
+
+    ``layers={3: base}`` and no entry for layer 3 give the same key; recipes that change the
+    architecture (fusion, data-flow paths) are keyed by their JSON.
+    """
+    if recipe.fusion or recipe.dfs:
+        return "json:" + recipe.to_json()
+    sources = param_sources(recipe, adapter, param_names)
+    text = repr(sorted((name, repr(source)) for name, source in sources.items()))
+    return "sources:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def apply_es_steps(tensor: torch.Tensor, steps: tuple[EsStep, ...]) -> torch.Tensor:

@@ -109,6 +109,7 @@ class CampaignRunner:
         self.pool_names = list(campaign.config.pool.models)
         self.trials_run = 0
         self._env: _Env | None = None
+        self._keys: dict[str, str] = {}  # Recipe JSON -> model_key
 
     @property
     def env(self) -> _Env:
@@ -245,6 +246,13 @@ class CampaignRunner:
                         if space.run is not None:
                             self._run_inline(space, trial, recipe, in_flight)
                             continue
+                        earlier = self._earlier_decision(recipe)
+                        if earlier is not None:  # the incumbent again (keep, ES parent): already scored
+                            trial.set_user_attr("reused", earlier["stage"])
+                            future = Future()
+                            future.set_result(dict(earlier["metrics"]))
+                            in_flight[future] = (trial, recipe)
+                            continue
                         future = self.ev.submit(recipe, incumbent, space.layer)  # inline when workers == 1
                     except BaseException:
                         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -336,7 +344,7 @@ class CampaignRunner:
                 tolerance=self.c.config.selection.tolerance,
             )  # fmt: skip
             winner, reason = selection.winner, selection.reason
-        earlier = self._earlier_decision(recipe_json=(incumbent.to_json() if incumbent else None))
+        earlier = self._earlier_decision(incumbent)
         if winner is None:  # nothing acceptable and the incumbent was not evaluated here
             assert incumbent is not None
             recipe, trial_number, label = incumbent, None, "incumbent"
@@ -347,7 +355,8 @@ class CampaignRunner:
             metrics = T.metrics_of(t, self.names)
         held_out = {}
         if self.c.config.selection.held_out_check and any(o.held_out > 0 for o in self.c.config.objectives):
-            same = earlier is not None and earlier["recipe"] == recipe.to_json() and earlier.get("held_out")
+            same = earlier is not None and self._model_key(earlier["recipe"]) == self._model_key(recipe.to_json())
+            same = same and bool(earlier.get("held_out"))  # type: ignore[union-attr]
             held_out = dict(earlier["held_out"]) if same else self.ev.local.score(recipe, "held_out")  # type: ignore[index]
         decision = {
             "stage": stage.key,
@@ -376,12 +385,21 @@ class CampaignRunner:
         return decision
 
 
-    def _earlier_decision(self, recipe_json: str | None) -> dict[str, Any] | None:
-        """The latest recorded decision whose Recipe is ``recipe_json`` (its metrics need no new evaluation)."""
-        if recipe_json is None:
+    def _model_key(self, recipe_json: str) -> str:
+        from olmopt.patch import model_key  # torch: only where trials are run
+
+        if recipe_json not in self._keys:
+            recipe = Recipe.from_json(recipe_json)
+            self._keys[recipe_json] = model_key(recipe, self.env.adapter, self.env.param_names)
+        return self._keys[recipe_json]
+
+    def _earlier_decision(self, recipe: Recipe | None) -> dict[str, Any] | None:
+        """The latest decision whose Recipe describes the same weights (its metrics need no new evaluation)."""
+        if recipe is None:
             return None
+        key = self._model_key(recipe.to_json())
         for decision in reversed(list(self.env.decisions.values())):
-            if decision.get("recipe") == recipe_json:
+            if decision.get("recipe") and self._model_key(decision["recipe"]) == key:
                 return decision
         return None
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import optuna
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 RECIPE_ATTR = "recipe"
@@ -51,14 +53,44 @@ def record_result(
     feasible: bool,
     recipe_json: str,
 ) -> None:
-    """Flat numeric user attrs (dashboard-friendly), constraints, and the trial's Recipe."""
-    trial.set_user_attr(RECIPE_ATTR, recipe_json)
-    for name, value in metrics.items():
-        trial.set_user_attr(METRIC_PREFIX + name, _finite_or_none(value))
-    for name, value in constraints.items():
-        trial.set_constraint(name, value)
-        trial.set_user_attr(CONSTRAINT_PREFIX + name, value)
-    trial.set_user_attr("feasible", int(bool(feasible)))  # a number: sortable and plottable in the dashboard
+    """Flat numeric user attrs (dashboard-friendly), constraints, and the trial's Recipe.
+
+    On RDB storages everything is written in one transaction (one round trip instead of one per
+    attribute); constraints are Optuna's ``constraints:<name>`` system attrs, as ``set_constraint``
+    writes them.
+    """
+    attrs: dict[str, Any] = {RECIPE_ATTR: recipe_json}
+    attrs.update({METRIC_PREFIX + name: _finite_or_none(value) for name, value in metrics.items()})
+    attrs.update({CONSTRAINT_PREFIX + name: float(value) for name, value in constraints.items()})
+    attrs["feasible"] = int(bool(feasible))  # a number: sortable and plottable in the dashboard
+    if any(math.isnan(float(v)) for v in constraints.values()):
+        raise ValueError("a constraint value is NaN")
+    backend = _rdb_backend(trial.study._storage)
+    if backend is None:
+        for name, value in constraints.items():
+            trial.set_constraint(name, value)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    system = {f"{_CONSTRAINTS_KEY}:{name}": float(value) for name, value in constraints.items()}
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        for key, value in attrs.items():
+            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial._trial_id, key, value)
+        for key, value in system.items():
+            backend._set_trial_attr_without_commit(session, models.TrialSystemAttributeModel, trial._trial_id, key, value)
+    trial._cached_frozen_trial.user_attrs.update(attrs)  # what Trial.set_user_attr keeps in step
+
+
+_CONSTRAINTS_KEY = "constraints"  # Optuna 5's system-attr prefix of set_constraint values
+
+
+def _rdb_backend(storage: Any) -> RDBStorage | None:
+    """The RDBStorage behind Optuna's cache wrapper, or None (journal, in-memory)."""
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, RDBStorage) else None
 
 
 def _finite_or_none(value: float) -> float | None:
