@@ -1,0 +1,102 @@
+"""Runner economies: same-weights candidates reuse an earlier decision's metrics; batched result writes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from olmopt.cli import main
+from olmopt.patch import WorkingModel, model_key
+from olmopt.pool.model_pool import ModelPool
+from olmopt.recipe import EsStep, Recipe
+from olmopt.search import trials as T
+from olmopt.search.campaign import Campaign
+from olmopt.search.storage import open_storage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import make_family  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("reuse_family")
+    models = make_family(root, ["a", "b", "c"], layers=3)
+    data = [
+        {"conversation": [{"from": "human", "value": f"{i}+{i}="}, {"from": "gpt", "value": str(2 * i)}]}
+        for i in range(12)
+    ]
+    (root / "add.json").write_text(json.dumps(data))
+    return {"root": root, **models, "data": root / "add.json"}
+
+
+def test_model_key_is_equal_exactly_for_the_same_weights(family: dict[str, Path]) -> None:
+    pool = ModelPool([str(family["a"]), str(family["b"])])
+    a, b = pool.names
+    names = WorkingModel(pool, a, device="cpu").param_names
+    key = lambda r: model_key(r, pool.adapter, names)  # noqa: E731
+    assert key(Recipe(base=a)) == key(Recipe(base=a, layers={1: a})) == key(Recipe(base=a, boundary=a))
+    assert key(Recipe(base=a, layers={1: b})) == key(Recipe(base=a, layers={1: b}, units={"model.layers.1.mlp.up_proj": b}))
+    assert key(Recipe(base=a)) != key(Recipe(base=a, layers={1: b}))
+    s1 = EsStep(unit="model.layers.0.mlp.up_proj", kind="norm", sigma=0.1, seed=1)
+    s2 = EsStep(unit="model.layers.0.mlp.up_proj", kind="norm", sigma=0.1, seed=2)
+    assert key(Recipe(base=a, es=(s1, s2))) != key(Recipe(base=a, es=(s2, s1)))
+
+
+def test_kept_candidate_reuses_the_incumbents_metrics(family: dict[str, Path], tmp_path: Path) -> None:
+    study = tmp_path / "reuse.yaml"
+    study.write_text(
+        f"name: reuse\npool: {{models: [{family['a']}, {family['b']}, {family['c']}]}}\n"
+        f"objectives:\n  - {{dataset: {family['data']}, metric: perplexity, name: ppl, held_out: 0.25}}\n"
+        "decisions: {layers: {mode: greedy}, boundary: {mode: off}}\n"
+        "evaluation: {batch_size: 8}\n"
+    )
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(study), "--storage", url]) == 0
+    assert main(["study", "run", "reuse", "--storage", url, "--quiet"]) == 0
+    campaign = Campaign.load("reuse", url)
+    decisions = campaign.decisions()
+    pool = ModelPool([str(family[n]) for n in "abc"])
+    names = WorkingModel(pool, pool.names[0], device="cpu").param_names
+    previous = decisions["000-base"]
+    reused = 0
+    for stage in campaign.plan[1:]:
+        study_ = campaign.existing_stage_study(stage)
+        assert study_ is not None
+        incumbent_key = model_key(Recipe.from_json(previous["recipe"]), pool.adapter, names)
+        for t in study_.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+            same = model_key(Recipe.from_json(t.user_attrs[T.RECIPE_ATTR]), pool.adapter, names) == incumbent_key
+            # exactly the candidate with the incumbent's weights is not evaluated again, and its
+            # metrics are the incumbent's
+            assert ("reused" in t.user_attrs) == same
+            if same:
+                reused += 1
+                assert t.user_attrs["reused"] == previous["stage"]
+                assert t.values == [previous["metrics"]["ppl"]]
+        d = decisions[stage.key]
+        if Recipe.from_json(d["recipe"]) == Recipe.from_json(previous["recipe"]) or d["winner"] == "incumbent":
+            assert d["held_out"] == previous["held_out"]
+        previous = d
+    assert reused == len(campaign.plan) - 1  # one per layer stage
+
+
+def test_result_attrs_and_constraints_land_in_one_write(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db")
+    study = optuna.create_study(storage=storage, study_name="w", directions=["maximize", "minimize"])
+    trial = study.ask()
+    T.record_result(trial, {"acc": 0.5, "ppl": float("inf")}, {"acc.vs_base": -0.1, "ppl.vs_base": 0.2}, False, "{}")
+    assert trial.user_attrs["feasible"] == 0  # the live handle sees its attrs
+    study.tell(trial, [0.5, 3.0])
+    frozen = study.get_trials()[0]
+    assert frozen.user_attrs == {
+        T.RECIPE_ATTR: "{}", "m.acc": 0.5, "m.ppl": None, "c.acc.vs_base": -0.1, "c.ppl.vs_base": 0.2, "feasible": 0,
+    }  # fmt: skip
+    assert frozen.constraints == {"acc.vs_base": -0.1, "ppl.vs_base": 0.2}  # Optuna reads them back
+    with pytest.raises(ValueError, match="NaN"):
+        T.record_result(study.ask(), {"acc": 0.5}, {"acc.vs_base": float("nan")}, False, "{}")
