@@ -64,6 +64,27 @@ def model_key(recipe: Recipe, adapter: ArchitectureAdapter, param_names: list[st
     return "sources:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+def shared_prefix_depth(old: Recipe, new: Recipe, adapter: ArchitectureAdapter, param_names: list[str]) -> int:
+    """The deepest layer k whose input (and every earlier layer's) is the same under both Recipes.
+
+    -1 when the embedding differs; ``num_layers`` when no layer differs. Prefix-cache captures of
+    layers <= k taken under ``old`` stay valid under ``new``.
+    """
+    if old.fusion or old.dfs or new.fusion or new.dfs:
+        return -1
+    a, b = param_sources(old, adapter, param_names), param_sources(new, adapter, param_names)
+    depth = adapter.num_layers
+    for name in param_names:
+        if a[name] == b[name]:
+            continue
+        layer = adapter.layer_of(name)
+        if layer is not None:
+            depth = min(depth, layer)
+        elif unit_of(name) == adapter.embed:
+            return -1
+    return depth
+
+
 def apply_es_steps(tensor: torch.Tensor, steps: tuple[EsStep, ...]) -> torch.Tensor:
     """Replay ES steps on a tensor (each step regenerates its noise from its seed)."""
     from olmopt.ops import es as es_ops

@@ -100,3 +100,42 @@ def test_result_attrs_and_constraints_land_in_one_write(tmp_path: Path) -> None:
     assert frozen.constraints == {"acc.vs_base": -0.1, "ppl.vs_base": 0.2}  # Optuna reads them back
     with pytest.raises(ValueError, match="NaN"):
         T.record_result(study.ask(), {"acc": 0.5}, {"acc.vs_base": float("nan")}, False, "{}")
+
+
+def test_prefix_cache_follows_the_incumbent_without_new_captures(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy traversal: the winner's kept inputs become the next stage's prefix; values equal full forwards."""
+    from olmopt.config import load_study_file
+    from olmopt.search.context import EvalContext
+
+    study = tmp_path / "ctx.yaml"
+    study.write_text(
+        f"name: ctx\npool: {{models: [{family['a']}, {family['b']}, {family['c']}]}}\n"
+        f"objectives:\n  - {{dataset: {family['data']}, metric: perplexity, name: ppl, held_out: 0}}\n"
+        f"  - {{dataset: {family['data']}, metric: token_accuracy, name: acc, held_out: 0}}\n"
+        "evaluation: {batch_size: 4}\n"
+    )
+    config = load_study_file(study)
+    cached, plain = EvalContext(config), EvalContext(config)
+    a, b, c = cached.pool.names
+    captures: list[int] = []
+    real_capture = cached.evaluator.capture_prefix
+    monkeypatch.setattr(
+        cached.evaluator, "capture_prefix", lambda layer, split="search": (captures.append(layer), real_capture(layer, split))
+    )
+    unit = "model.layers.2.mlp.up_proj"
+    stages = [  # (incumbent, prefix layer, candidates)
+        (Recipe(base=a), 1, [Recipe(base=a, layers={1: b}), Recipe(base=a, layers={1: c})]),
+        (Recipe(base=a, layers={1: b}), 2, [Recipe(base=a, layers={1: b, 2: c})]),  # carried from stage 0
+        (Recipe(base=a, layers={1: b, 2: c}), 2, [Recipe(base=a, layers={1: b, 2: c}, units={unit: a})]),
+        (Recipe(base=a, layers={1: b, 2: c}, units={unit: a}), 2, [Recipe(base=a, layers={1: b, 2: c}, units={unit: b})]),
+    ]
+    for incumbent, layer, candidates in stages:
+        for recipe in candidates:
+            got = cached.score(recipe, "search", incumbent, layer)
+            want = plain.score(recipe, "search")
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (recipe, got, want)
+    # one capture for the first incumbent; stage 1 used the winner's kept inputs, stage 2 the stage-1
+    # candidate's, stage 3 the inputs below layer 2, which the unit change left valid
+    assert captures == [1]

@@ -8,7 +8,8 @@ so candidates that differ only in layers >= i run just layers i..N.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from transformers import DynamicCache
 from olmopt.errors import InputError
 from olmopt.evaluate import metrics as M
 from olmopt.evaluate.datasets import Encoded, Split, encode, load_examples, split_examples
+
+PrefixStore = dict[tuple[Path, str, float, "int | None", int], dict[int, torch.Tensor]]  # batch key -> layer -> input
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,9 @@ class Evaluator:
         self.stop_at_first_mismatch = stop_at_first_mismatch
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._encoded: dict[tuple[Path, Split, float, int | None], Encoded] = {}
-        self._prefix: dict[tuple[Path, Split, float, int | None, int], dict[int, torch.Tensor]] = {}
+        self._prefix: PrefixStore = {}
+        self.carried: PrefixStore = {}  # inputs of later layers kept by the last prefix-cached evaluation
+        self._carry: list[int] = []
         self._batch_cache: dict[int, list[_Batch]] = {}
         self.prefix_layer: int | None = None
         self.prefix_bytes = prefix_bytes
@@ -147,20 +152,24 @@ class Evaluator:
         )
 
     # -- forward passes ------------------------------------------------------------------------------
-    def _hidden(self, batch: _Batch, prefix: torch.Tensor | None, start: int) -> torch.Tensor:
-        """Final hidden states; with ``prefix`` only layers ``start..N`` run."""
+    def _hidden(
+        self, batch: _Batch, prefix: torch.Tensor | None, start: int, keep: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Final hidden states and the inputs of layers ``keep``; with ``prefix`` only layers ``start..N`` run."""
         base = self.model.base_model
-        if prefix is None:
-            return base(input_ids=batch.ids, attention_mask=batch.attention).last_hidden_state
-        layers = base.layers
-        base.layers = nn.ModuleList([_Passthrough() for _ in range(start)] + list(layers[start:]))
-        try:
-            return base(inputs_embeds=prefix, attention_mask=batch.attention).last_hidden_state
-        finally:
-            base.layers = layers
+        with self._capturing(keep) as captured:
+            if prefix is None:
+                return base(input_ids=batch.ids, attention_mask=batch.attention).last_hidden_state, captured
+            layers = base.layers
+            base.layers = nn.ModuleList([_Passthrough() for _ in range(start)] + list(layers[start:]))
+            try:
+                return base(inputs_embeds=prefix, attention_mask=batch.attention).last_hidden_state, captured
+            finally:
+                base.layers = layers
 
-    def _capture(self, batch: _Batch, layers: list[int]) -> dict[int, torch.Tensor]:
-        """Hidden states entering each of ``layers``, from one forward pass."""
+    @contextmanager
+    def _capturing(self, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+        """Within the block, forward passes store a copy of the hidden states entering each of ``layers``."""
         captured: dict[int, torch.Tensor] = {}
         handles = []
         for layer in layers:
@@ -170,11 +179,14 @@ class Evaluator:
 
             handles.append(self.model.base_model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
         try:
-            self.model.base_model(input_ids=batch.ids, attention_mask=batch.attention)
+            yield captured
         finally:
             for handle in handles:
                 handle.remove()
-        return captured
+
+    def _capture(self, batch: _Batch, layers: list[int]) -> dict[int, torch.Tensor]:
+        """Hidden states entering each of ``layers``, from one forward pass."""
+        return self._hidden(batch, None, 0, layers)[1]
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden).float()
@@ -208,6 +220,28 @@ class Evaluator:
         self.prefix_layer = layer
         return True
 
+    @property
+    def prefix_store(self) -> PrefixStore:
+        """The captured hidden states: batch key -> layer -> tensor (for ``adopt_prefix``)."""
+        return self._prefix
+
+    def adopt_prefix(self, store: PrefixStore, layer: int) -> bool:
+        """Use ``store`` (captures under the weights the caller now guarantees) from ``layer``; False if absent."""
+        if not store or any(layer not in entry for entry in store.values()):
+            return False
+        self._prefix, self.prefix_layer = store, layer
+        return True
+
+    def carry_layers(self, layer: int, budget: int) -> list[int]:
+        """Layers after ``layer`` whose inputs a prefix-cached evaluation can keep within ``budget`` bytes."""
+        num_layers = len(self.model.base_model.layers)
+        per_layer = sum(t.numel() * t.element_size() for entry in self._prefix.values() for t in entry.values())
+        per_layer //= max(1, sum(len(entry) for entry in self._prefix.values()) // max(1, len(self._prefix)))
+        later = list(range(layer + 1, num_layers))
+        if per_layer * len(later) <= budget:
+            return later
+        return later[:1] if later and per_layer <= budget else []
+
     def _hidden_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[1])
 
@@ -216,13 +250,17 @@ class Evaluator:
         self.prefix_layer = None
 
     @torch.no_grad()
-    def evaluate(self, split: Split = "search", use_prefix: bool = False) -> dict[str, float]:
+    def evaluate(self, split: Split = "search", use_prefix: bool = False, carry: Sequence[int] = ()) -> dict[str, float]:
         """Objective name -> value for the model as it is now.
 
         With ``use_prefix`` the caller guarantees that the weights of layers below the captured
-        prefix layer (and the embedding) equal those at capture time.
+        prefix layer (and the embedding) equal those at capture time. ``carry``: layers whose inputs
+        under the evaluated weights are kept in ``carried`` (a prefix store for when this candidate
+        becomes the incumbent).
         """
         self.model.eval()
+        self.carried = {}
+        self._carry = list(carry) if use_prefix and self.prefix_layer else []
         results: dict[str, float] = {}
         groups: dict[tuple[Path, float, int | None], list[Objective]] = {}
         for obj in self.objectives:
@@ -247,7 +285,9 @@ class Evaluator:
             key = (first.path, split, first.held_out, first.samples, n)
             store = self._prefix.get(key) if use_prefix and self.prefix_layer else None
             prefix = store[self.prefix_layer] if store is not None else None  # type: ignore[index]
-            hidden = self._hidden(batch, prefix, self.prefix_layer or 0)
+            hidden, kept = self._hidden(batch, prefix, self.prefix_layer or 0, self._carry if prefix is not None else ())
+            if kept:
+                self.carried[key] = kept
             idx = batch.gather.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             logits = self._head(torch.gather(hidden, 1, idx))
             for obj in objs:

@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from olmopt.architecture_recipes import ResidentPool, dfs_eval_model, fused, layers_removed, without_fusion
 from olmopt.config import StudyConfig, default_objective_name
-from olmopt.evaluate.engine import Evaluator, Objective
+from olmopt.evaluate.engine import Evaluator, Objective, PrefixStore
 from olmopt.patch import WorkingModel
 from olmopt.pool.model_pool import ModelPool
 from olmopt.recipe import Recipe
@@ -48,7 +48,9 @@ class EvalContext:
             max_new_tokens=ev.max_new_tokens,
             stop_at_first_mismatch=ev.stop_at_first_mismatch,
         )
-        self._prefix_key: str | None = None
+        self._prefix_recipe: Recipe | None = None  # the incumbent whose hidden states the evaluator holds
+        self._carried: dict[str, PrefixStore] = {}  # candidate digest -> inputs of the layers after its own
+        self._carried_bytes = 0
         self._resident: ResidentPool | None = None
 
     def prepare(self) -> None:
@@ -80,13 +82,44 @@ class EvalContext:
         if incumbent is not None and not incumbent.dfs and self.working.recipe != without_fusion(incumbent):
             self.working.apply(without_fusion(incumbent))  # the new resident state; never undone
         use_prefix = bool(incumbent is not None and layer and split == "search" and not recipe.fusion)
+        carry: list[int] = []
         if use_prefix:
-            digest = incumbent.digest()  # type: ignore[union-attr]
-            if self._prefix_key != digest or not self.evaluator.use_prefix_layer(int(layer)):  # type: ignore[arg-type]
-                self.evaluator.capture_prefix(int(layer), "search")  # type: ignore[arg-type]
-                self._prefix_key = digest
+            assert incumbent is not None and layer is not None
+            self._switch_prefix(incumbent, layer)
+            room = self.evaluator.prefix_bytes - self._carried_bytes
+            carry = self.evaluator.carry_layers(layer, room // 2)  # the stage's later candidates get room too
         with self.working.patched(without_fusion(recipe)), fused(self.working.model, recipe):
-            return self.evaluator.evaluate(split, use_prefix=use_prefix)  # type: ignore[arg-type]
+            values = self.evaluator.evaluate(split, use_prefix=use_prefix, carry=carry)  # type: ignore[arg-type]
+        if self.evaluator.carried:
+            self._carried_bytes += sum(t.numel() * t.element_size() for e in self.evaluator.carried.values() for t in e.values())
+            self._carried[recipe.digest()] = {
+                key: {**{k: v for k, v in self.evaluator.prefix_store[key].items() if k <= layer}, **kept}  # type: ignore[operator]
+                for key, kept in self.evaluator.carried.items()
+            }
+        return values
+
+    def _switch_prefix(self, incumbent: Recipe, layer: int) -> None:
+        """Make the evaluator's prefix cache hold ``incumbent``'s hidden states entering ``layer``.
+
+        In order of cost: the captures it holds (same incumbent, or one that differs only in later
+        layers: an ES step, a later unit); the inputs kept when ``incumbent`` was evaluated as a
+        candidate of the previous stage; a new capture forward pass.
+        """
+        from olmopt.patch import shared_prefix_depth
+
+        if self._prefix_recipe != incumbent:
+            old, store = self._prefix_recipe, self.evaluator.prefix_store
+            depth = -1 if old is None else shared_prefix_depth(old, incumbent, self.working.adapter, self.working.param_names)
+            valid = {key: {k: v for k, v in entry.items() if k <= depth} for key, entry in store.items()}
+            carried = self._carried.pop(incumbent.digest(), None)
+            self._carried.clear()  # a new incumbent: the other candidates' inputs are of no further use
+            self._carried_bytes = 0
+            merged = carried if carried is not None else valid
+            if not self.evaluator.adopt_prefix(merged, layer):
+                self.evaluator.capture_prefix(layer, "search")
+            self._prefix_recipe = incumbent
+        elif not self.evaluator.use_prefix_layer(layer):
+            self.evaluator.capture_prefix(layer, "search")
 
     def _score_dfs(self, recipe: Recipe, split: str) -> dict[str, float]:
         if self._resident is None:
