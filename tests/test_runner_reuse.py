@@ -126,16 +126,19 @@ def test_prefix_cache_follows_the_incumbent_without_new_captures(
     )
     unit = "model.layers.2.mlp.up_proj"
     stages = [  # (incumbent, prefix layer, candidates)
-        (Recipe(base=a), 1, [Recipe(base=a, layers={1: b}), Recipe(base=a, layers={1: c})]),
-        (Recipe(base=a, layers={1: b}), 2, [Recipe(base=a, layers={1: b, 2: c})]),  # carried from stage 0
-        (Recipe(base=a, layers={1: b, 2: c}), 2, [Recipe(base=a, layers={1: b, 2: c}, units={unit: a})]),
-        (Recipe(base=a, layers={1: b, 2: c}, units={unit: a}), 2, [Recipe(base=a, layers={1: b, 2: c}, units={unit: b})]),
+        (Recipe(base=a), 0, [Recipe(base=a, layers={0: b}), Recipe(base=a, layers={0: c})]),
+        (Recipe(base=a, layers={0: c}), 1, [Recipe(base=a, layers={0: c, 1: b}), Recipe(base=a, layers={0: c, 1: c})]),
+        (Recipe(base=a, layers={0: c, 1: b}), 2, [Recipe(base=a, layers={0: c, 1: b, 2: c})]),
+        (Recipe(base=a, layers={0: c, 1: b, 2: c}), 2, [Recipe(base=a, layers={0: c, 1: b, 2: c}, units={unit: a})]),
+        (Recipe(base=a, layers={0: c, 1: b, 2: c}, units={unit: a}), 2, [Recipe(base=a, layers={0: c, 1: b, 2: c}, units={unit: b})]),
+        (Recipe(base=a, layers={0: b}), 2, [Recipe(base=a, layers={0: b, 2: b})]),  # never evaluated: captured
     ]
     for incumbent, layer, candidates in stages:
         for recipe in candidates:
             got = cached.score(recipe, "search", incumbent, layer)
             want = plain.score(recipe, "search")
             assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (recipe, got, want)
-    # one capture for the first incumbent; stage 1 used the winner's kept inputs, stage 2 the stage-1
-    # candidate's, stage 3 the inputs below layer 2, which the unit change left valid
-    assert captures == [1]
+    # stages 1 and 2 use the inputs their incumbent's evaluation kept in the stage before, stages 3 and
+    # 4 the captures below layer 2, which a unit change in layer 2 leaves valid; only the last
+    # incumbent (evaluated earlier, but not in the stage just before) needs a capture
+    assert captures == [2]

@@ -202,9 +202,9 @@ class Evaluator:
         self.clear_prefix()
         if layer <= 0:
             return
-        parts = [(obj, self.encoded(obj, split)) for obj in self.objectives if obj.kind not in ("generate", "recipe")]
+        parts = self._forced_parts(split)
         num_layers = len(self.model.base_model.layers)
-        per_layer = sum(b.ids.numel() for _, enc in parts for b in self._batches(enc)) * self._hidden_size() * 4
+        per_layer = self._bytes_per_layer(split)
         layers = list(range(layer, num_layers)) if per_layer * (num_layers - layer) <= self.prefix_bytes else [layer]
         for obj, enc in parts:
             for n, batch in enumerate(self._batches(enc)):
@@ -235,12 +235,20 @@ class Evaluator:
     def carry_layers(self, layer: int, budget: int) -> list[int]:
         """Layers after ``layer`` whose inputs a prefix-cached evaluation can keep within ``budget`` bytes."""
         num_layers = len(self.model.base_model.layers)
-        per_layer = sum(t.numel() * t.element_size() for entry in self._prefix.values() for t in entry.values())
-        per_layer //= max(1, sum(len(entry) for entry in self._prefix.values()) // max(1, len(self._prefix)))
+        per_layer = self._bytes_per_layer("search")
         later = list(range(layer + 1, num_layers))
         if per_layer * len(later) <= budget:
             return later
         return later[:1] if later and per_layer <= budget else []
+
+    def _forced_parts(self, split: Split) -> list[tuple[Objective, Encoded]]:
+        return [(obj, self.encoded(obj, split)) for obj in self.objectives if obj.kind not in ("generate", "recipe")]
+
+    def _bytes_per_layer(self, split: Split) -> int:
+        """Bytes of one layer's input hidden states over every teacher-forced batch of ``split``."""
+        tokens = sum(b.ids.numel() for _, enc in self._forced_parts(split) for b in self._batches(enc))
+        dtype = next(self.model.parameters()).dtype
+        return tokens * self._hidden_size() * torch.empty((), dtype=dtype).element_size()
 
     def _hidden_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[1])
@@ -260,7 +268,7 @@ class Evaluator:
         """
         self.model.eval()
         self.carried = {}
-        self._carry = list(carry) if use_prefix and self.prefix_layer else []
+        self._carry = list(carry)
         results: dict[str, float] = {}
         groups: dict[tuple[Path, float, int | None], list[Objective]] = {}
         for obj in self.objectives:
@@ -285,7 +293,7 @@ class Evaluator:
             key = (first.path, split, first.held_out, first.samples, n)
             store = self._prefix.get(key) if use_prefix and self.prefix_layer else None
             prefix = store[self.prefix_layer] if store is not None else None  # type: ignore[index]
-            hidden, kept = self._hidden(batch, prefix, self.prefix_layer or 0, self._carry if prefix is not None else ())
+            hidden, kept = self._hidden(batch, prefix, self.prefix_layer or 0, self._carry)
             if kept:
                 self.carried[key] = kept
             idx = batch.gather.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])

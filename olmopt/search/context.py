@@ -81,19 +81,22 @@ class EvalContext:
     def _score_patched(self, recipe: Recipe, split: str, incumbent: Recipe | None, layer: int | None) -> dict[str, float]:
         if incumbent is not None and not incumbent.dfs and self.working.recipe != without_fusion(incumbent):
             self.working.apply(without_fusion(incumbent))  # the new resident state; never undone
-        use_prefix = bool(incumbent is not None and layer and split == "search" and not recipe.fusion)
+        in_stage = incumbent is not None and layer is not None and split == "search" and not recipe.fusion
+        use_prefix = bool(in_stage and layer)
         carry: list[int] = []
-        if use_prefix:
+        if in_stage:
             assert incumbent is not None and layer is not None
-            self._switch_prefix(incumbent, layer)
+            if use_prefix:
+                self._switch_prefix(incumbent, layer)
             room = self.evaluator.prefix_bytes - self._carried_bytes
             carry = self.evaluator.carry_layers(layer, room // 2)  # the stage's later candidates get room too
         with self.working.patched(without_fusion(recipe)), fused(self.working.model, recipe):
             values = self.evaluator.evaluate(split, use_prefix=use_prefix, carry=carry)  # type: ignore[arg-type]
         if self.evaluator.carried:
+            below = self.evaluator.prefix_store if use_prefix else {}
             self._carried_bytes += sum(t.numel() * t.element_size() for e in self.evaluator.carried.values() for t in e.values())
             self._carried[recipe.digest()] = {
-                key: {**{k: v for k, v in self.evaluator.prefix_store[key].items() if k <= layer}, **kept}  # type: ignore[operator]
+                key: {**{k: v for k, v in below.get(key, {}).items() if k <= layer}, **kept}  # type: ignore[operator]
                 for key, kept in self.evaluator.carried.items()
             }
         return values
