@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = ["base", "spec_add", "spec_rev", "spec_mc", "spec_fact"]
 
 
-def study_file(tmp: Path, zoo: Path, name: str) -> Path:
+def study_file(tmp: Path, zoo: Path, name: str, tensor_layers: list[int]) -> Path:
     data = {
         "name": name,
         "pool": {"models": [str(zoo / m) for m in MODELS]},
@@ -31,7 +31,7 @@ def study_file(tmp: Path, zoo: Path, name: str) -> Path:
             {"name": s, "dataset": str(REPO / f"objectives/{s}.json"), "metric": "token_accuracy"} for s in ("add", "rev", "fact")
         ]
         + [{"name": "mc", "dataset": str(REPO / "objectives/mc_choices.json"), "metric": "mc_accuracy"}],
-        "decisions": {"base": {"mode": "auto"}, "layers": {"mode": "greedy"}, "tensors": {"mode": "greedy", "only": [3]}},
+        "decisions": {"base": {"mode": "auto"}, "layers": {"mode": "greedy"}, "tensors": {"mode": "greedy", "only": tensor_layers}},
         "selection": {"held_out_check": False},
     }
     path = tmp / f"{name}.yaml"
@@ -44,9 +44,10 @@ def olmopt(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "olmopt.cli", *args], env=env, stdout=subprocess.DEVNULL)
 
 
-def run(url: str, zoo: Path, tmp: Path, workers: int, processes: bool) -> tuple[float, int]:
+def run(url: str, zoo: Path, tmp: Path, workers: int, processes: bool, tensor_layers: list[int]) -> tuple[float, int, int]:
+    """(seconds, COMPLETE trials, trials evaluated: not reusing an earlier decision's metrics)."""
     name = f"bench-{uuid.uuid4().hex[:6]}"
-    assert olmopt("study", "create", str(study_file(tmp, zoo, name)), "--storage", url).wait() == 0
+    assert olmopt("study", "create", str(study_file(tmp, zoo, name, tensor_layers)), "--storage", url).wait() == 0
     start = time.perf_counter()
     if processes:
         procs = [olmopt("study", "run", name, "--storage", url, "--quiet") for _ in range(workers)]
@@ -54,30 +55,39 @@ def run(url: str, zoo: Path, tmp: Path, workers: int, processes: bool) -> tuple[
         procs = [olmopt("study", "run", name, "--storage", url, "--quiet", "--workers", str(workers))]
     assert all(p.wait() == 0 for p in procs)
     elapsed = time.perf_counter() - start
-    from olmopt.search.api import campaign_status
+    from olmopt.search.campaign import Campaign
 
-    trials = sum(s["trials"]["complete"] for s in campaign_status(name, url)["stages"])
-    return elapsed, trials
+    campaign = Campaign.load(name, url)
+    complete = [
+        t
+        for stage in campaign.plan
+        if (study := campaign.existing_stage_study(stage)) is not None
+        for t in study.get_trials(deepcopy=False)
+        if t.state.name == "COMPLETE"
+    ]
+    return elapsed, len(complete), sum("reused" not in t.user_attrs for t in complete)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--zoo", type=Path, default=REPO / "storage" / "zoo-tiny")
     parser.add_argument("--postgres", default=os.environ.get("OLMOPT_TEST_POSTGRES_URL"))
+    parser.add_argument("--tensor-layers", default="3", help="layers whose units get tensor stages, e.g. 2,3")
     args = parser.parse_args()
-    print("| setup | workers | trials | seconds | trials/min | speed-up |\n|---|---|---|---|---|---|")
+    layers = [int(x) for x in args.tensor_layers.split(",")]
+    print("| setup | workers | trials (evaluated) | seconds | trials/min | speed-up |\n|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        setups = [("SQLite, --workers K", lambda k: run(f"sqlite:///{tmp}/w{k}.db", args.zoo, tmp, k, False))]
+        setups = [("SQLite, --workers K", lambda k: run(f"sqlite:///{tmp}/w{k}.db", args.zoo, tmp, k, False, layers))]
         if args.postgres:
-            setups.append(("PostgreSQL, K processes", lambda k: run(args.postgres, args.zoo, tmp, k, True)))
+            setups.append(("PostgreSQL, K processes", lambda k: run(args.postgres, args.zoo, tmp, k, True, layers)))
         for label, fn in setups:
             base_rate = None
             for k in (1, 2):
-                seconds, trials = fn(k)
+                seconds, trials, evaluated = fn(k)
                 rate = 60 * trials / seconds
                 base_rate = base_rate or rate
-                print(f"| {label} | {k} | {trials} | {seconds:.1f} | {rate:.1f} | {rate / base_rate:.2f}x |")
+                print(f"| {label} | {k} | {trials} ({evaluated}) | {seconds:.1f} | {rate:.1f} | {rate / base_rate:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
