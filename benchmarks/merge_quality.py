@@ -1,6 +1,6 @@
 """Is merging meaningful on the zoo? Held-out Copeland tables for every merge kind olmopt searches.
 
-    python benchmarks/merge_quality.py [--zoo storage/zoo-small] [--trials 40] [--out storage/merge-quality]
+    python benchmarks/merge_quality.py [--zoo storage/zoo-small] [--trials 40] [--out storage/merge-quality] [--quick]
 
 For one zoo it scores, on the search and the held-out parts of objectives/zoo.yaml:
   - every single model of the pool;
@@ -60,61 +60,88 @@ def copeland_table(rows: dict[str, dict[str, float]], directions: dict[str, str]
     return copeland(rank_table(scores, directions))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--zoo", type=Path, default=REPO / "storage" / "zoo-small")
-    parser.add_argument("--trials", type=int, default=40)
-    parser.add_argument("--out", type=Path, default=REPO / "storage" / "merge-quality")
-    args = parser.parse_args()
-    os.environ.setdefault("OLMOPT_THREADS", "1")
-    from olmopt.config import StudyConfig
+def fixed_merges(zoo: Path, manifest: dict) -> tuple[dict, dict]:
+    """(single-model recipes, fixed merges): task arithmetic at 1/n and the ground-truth layer recipe."""
     from olmopt.recipe import ParamMerge, Recipe
-    from olmopt.search.context import EvalContext
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{args.out}/bench-{int(time.time())}.db"
-    manifest = json.loads((args.zoo / "zoo.json").read_text())
     names = [m["name"] for m in manifest["models"]]
-    config = StudyConfig.model_validate(dict(study("score", args.zoo, {}), root=str(REPO)))
-    ctx = EvalContext(config)
-    directions = {o.name: o.direction for o in ctx.objectives}
-    path_of = {n: str(args.zoo / n) for n in names}
+    path_of = {n: str(zoo / n) for n in names}
     specialists = [path_of[n] for n in names if n != "base"]
-
-    candidates: dict[str, Recipe] = {n: Recipe(base=path_of[n]) for n in names}
-    merges: dict[str, Recipe] = {
-        "task arithmetic 1/n": Recipe(
-            base=path_of["base"],
-            param_merge=ParamMerge(method="task_arithmetic", models=tuple(specialists), params={"lambda": 1 / len(specialists)}),
-        ),
-    }
+    singles = {n: Recipe(base=path_of[n]) for n in names}
+    task_arithmetic = ParamMerge(method="task_arithmetic", models=tuple(specialists), params={"lambda": 1 / len(specialists)})
     layers = {}
     for m in manifest["models"]:
         if isinstance(m.get("trained_layers"), list):
             layers.update({i: path_of[m["name"]] for i in m["trained_layers"]})
-    merges["ground-truth layer recipe"] = Recipe(base=path_of["base"], layers=layers)
+    merges = {
+        "task arithmetic 1/n": Recipe(base=path_of["base"], param_merge=task_arithmetic),
+        "ground-truth layer recipe": Recipe(base=path_of["base"], layers=layers),
+    }
+    return singles, merges
 
-    t0 = time.time()
-    searched = run_campaign(args.out, study(f"merge-{int(t0)}", args.zoo, {"merge": {"mode": "joint", "n_trials": args.trials}}), url)
-    merges["searched merge (circuit/della/TA)"] = Recipe.from_dict(searched["recipe"])
-    greedy = run_campaign(args.out, study(f"layers-{int(t0)}", args.zoo, {"layers": {"mode": "greedy"}}), url)
-    merges["searched greedy layers (OLM)"] = Recipe.from_dict(greedy["recipe"])
 
+def score_and_print(ctx, zoo: Path, manifest: dict, candidates: dict, merges: dict, note: str) -> tuple[dict, dict]:
+    """Score every recipe on both splits, print the markdown tables; return (rows, held-out Copeland per merge)."""
+    names = [m["name"] for m in manifest["models"]]
+    directions = {o.name: o.direction for o in ctx.objectives}
     rows = {}
     for label, recipe in {**candidates, **merges}.items():
         rows[label] = {"search": ctx.score(recipe, "search"), "held_out": ctx.score(recipe, "held_out")}
     objs = list(directions)
-    print(f"zoo: {args.zoo} ({manifest['size']}, {manifest['arch']}); merge search {args.trials} trials; {time.time() - t0:.0f} s")
+    print(f"zoo: {zoo} ({manifest['size']}, {manifest['arch']}); {note}")
     print("\n| model | " + " | ".join(f"{o} search | {o} held-out" for o in objs) + " |")
     print("|---|" + "---|" * (2 * len(objs)))
     for label, r in rows.items():
         print(f"| {label} | " + " | ".join(f"{r['search'][o]:.3f} | {r['held_out'][o]:.3f}" for o in objs) + " |")
     print("\n| merge | held-out Copeland vs the single models | best single | sole winner |\n|---|---|---|---|")
+    result = {}
     for label in merges:
         table = {n: rows[n]["held_out"] for n in names} | {label: rows[label]["held_out"]}
         cope = copeland_table(table, directions)
         best_single = max(cope[n] for n in names)
+        result[label] = (cope[label], best_single)
         print(f"| {label} | {cope[label]:g} | {best_single:g} | {'yes' if cope[label] > best_single else 'no'} |")
+    return rows, result
+
+
+def context(zoo: Path):  # type: ignore[no-untyped-def]
+    from olmopt.config import StudyConfig
+    from olmopt.search.context import EvalContext
+
+    return EvalContext(StudyConfig.model_validate(dict(study("score", zoo, {}), root=str(REPO))))
+
+
+def quick(zoo: Path) -> tuple[dict, dict]:
+    """Only the singles, task arithmetic at 1/n and the ground-truth layer recipe (no searches; seconds)."""
+    manifest = json.loads((zoo / "zoo.json").read_text())
+    singles, merges = fixed_merges(zoo, manifest)
+    return score_and_print(context(zoo), zoo, manifest, singles, merges, "fixed merges only (--quick)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--zoo", type=Path, default=REPO / "storage" / "zoo-small")
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=REPO / "storage" / "merge-quality")
+    parser.add_argument("--quick", action="store_true", help="only the singles, TA 1/n and the layer recipe")
+    args = parser.parse_args()
+    os.environ.setdefault("OLMOPT_THREADS", "1")
+    if args.quick:
+        quick(args.zoo)
+        return
+    from olmopt.recipe import Recipe
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{args.out}/bench-{int(time.time())}.db"
+    manifest = json.loads((args.zoo / "zoo.json").read_text())
+    ctx = context(args.zoo)
+    candidates, merges = fixed_merges(args.zoo, manifest)
+    t0 = time.time()
+    searched = run_campaign(args.out, study(f"merge-{int(t0)}", args.zoo, {"merge": {"mode": "joint", "n_trials": args.trials}}), url)
+    merges["searched merge (circuit/della/TA)"] = Recipe.from_dict(searched["recipe"])
+    greedy = run_campaign(args.out, study(f"layers-{int(t0)}", args.zoo, {"layers": {"mode": "greedy"}}), url)
+    merges["searched greedy layers (OLM)"] = Recipe.from_dict(greedy["recipe"])
+    score_and_print(ctx, args.zoo, manifest, candidates, merges, f"merge search {args.trials} trials; {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -139,16 +139,23 @@ def _save(model: PreTrainedModel, tokenizer, directory: Path) -> str:  # type: i
     return sha256_file(directory / WEIGHTS)
 
 
+def _copy_layers(
+    model: PreTrainedModel, donor: PreTrainedModel, layers: tuple[int, ...] | None
+) -> PreTrainedModel:
+    """Overwrite ``model.layers.{i}`` (i in ``layers``) of ``model`` with ``donor``'s, in place; return ``model``."""
+    state = model.state_dict()
+    prefixes = tuple(f"model.layers.{i}." for i in layers or ())
+    for name, tensor in donor.state_dict().items():
+        if name.startswith(prefixes):
+            state[name].copy_(tensor)
+    return model
+
+
 def _layer_recipe(base: PreTrainedModel, lower: PreTrainedModel, upper: PreTrainedModel, spec: FamilySpec):  # type: ignore[no-untyped-def]
-    """The ground-truth layer recipe: base, lower half from ``lower``, upper half from ``upper``."""
+    """The ground-truth layer recipe: base, lower layers from ``lower``, upper layers from ``upper``."""
     merged = copy.deepcopy(base)
-    state = merged.state_dict()
-    for donor, half in ((lower, "lower"), (upper, "upper")):
-        prefixes = tuple(f"model.layers.{i}." for i in spec.layer_indices(half) or ())
-        for name, tensor in donor.state_dict().items():
-            if name.startswith(prefixes):
-                state[name].copy_(tensor)
-    return merged
+    _copy_layers(merged, lower, spec.layer_indices("lower"))
+    return _copy_layers(merged, upper, spec.layer_indices("upper"))
 
 
 @functools.lru_cache(maxsize=2)
@@ -212,18 +219,25 @@ def _train_family(
             )
         ]
         scores = {"base": score(base)}
-        trained: dict[str, PreTrainedModel] = {}
+        trained: dict[str, PreTrainedModel] = {}  # as released: the base plus the trained layers
+        contexts: dict[str, PreTrainedModel] = {}  # as trained (differs for an on_top_of specialist)
         for i, sp in enumerate(spec.specialists):
             spec_seed = seed + 1000 * (i + 1)
             current[0] = sp.name
             layers = spec.layer_indices(sp.layers)
             model = copy.deepcopy(base)
-            train(model, {sp.skill: pools[sp.skill]}, replace(sp.plan, layers=layers), spec_seed, pad, tick)
+            if sp.on_top_of is not None:
+                below = next(s for s in spec.specialists[:i] if s.name == sp.on_top_of)
+                _copy_layers(model, contexts[below.name], spec.layer_indices(below.layers))
+            plan = replace(sp.plan, layers=layers)
+            train(model, {s: pools[s] for s in plan.weights}, plan, spec_seed, pad, tick)
+            contexts[sp.name] = model
+            if sp.on_top_of is not None:
+                model = _copy_layers(copy.deepcopy(base), model, layers)
             role = "specialist" if layers is None else f"{sp.layers}_layer_specialist"
             digest = _save(model, tokenizer, staging / sp.name)
-            models.append(
-                _entry(sp.name, role, sp.skill, layers, spec_seed, sp.plan.lr, sp.plan.steps, digest)
-            )
+            entry = _entry(sp.name, role, sp.skill, layers, spec_seed, sp.plan.lr, sp.plan.steps, digest)
+            models.append(entry | {"replay": sp.replay, "trained_on_top_of": sp.on_top_of})
             scores[sp.name] = score(model)
             trained[sp.name] = model
         bar.close()
@@ -234,11 +248,16 @@ def _train_family(
         recipe_scores = score(recipe_model)
         recipe = {
             "description": "base, with the lower layers of the lower-layer specialist and the upper layers of the "
-            "upper-layer specialist (the ground truth of a layer-donor search)",
+            "upper-layer specialist (the ground truth of a layer-donor search)"
+            + (
+                f"; {lower.name if lower.on_top_of else upper.name} was trained in exactly this configuration"
+                if lower.on_top_of or upper.on_top_of
+                else ""
+            ),
             "base": "base",
             "layers": {
-                str(i): (lower.name if i in spec.layer_indices("lower") else upper.name)
-                for i in range(spec.num_layers)
+                **{str(i): lower.name for i in spec.layer_indices("lower") or ()},
+                **{str(i): upper.name for i in spec.layer_indices("upper") or ()},
             },
             "lower_model": lower.name,
             "upper_model": upper.name,

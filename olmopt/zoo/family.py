@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from olmopt.errors import InputError
 from olmopt.zoo.train import ARCHS, SIZES, TrainPlan
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 MIXTURE = {"add": 2.0, "rev": 1.5, "fact": 1.0, "mc": 0.5}
 
 # Default seed per (size, arch). llama seeds are verified to pass the acceptance criteria (generation is
@@ -25,12 +25,19 @@ PINNED_SEEDS: dict[tuple[str, str], int] = {
 
 @dataclass(frozen=True)
 class SpecialistPlan:
-    """One specialist: fine-tuned from the base on ``skill`` only, in ``layers`` ("all", "lower" or "upper")."""
+    """One specialist, fine-tuned from the base in ``layers`` ("all", "lower" or "upper").
+
+    ``plan.weights`` is ``skill`` alone, or with ``replay`` > 0 that share of each batch drawn from the
+    base mixture. With ``on_top_of`` (an earlier layer specialist) it trains with that specialist's
+    trained layers swapped in, but is released as the base plus its own trained layers.
+    """
 
     name: str
     skill: str
     layers: str
     plan: TrainPlan
+    replay: float = 0.0
+    on_top_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,17 +48,19 @@ class FamilySpec:
     arch: str
     base: TrainPlan
     specialists: tuple[SpecialistPlan, ...]
+    lower: tuple[int, ...] | None = None  # the lower-layer specialist's layers; None = the lower half
+    upper: tuple[int, ...] | None = None  # the upper-layer specialist's layers; None = the upper half
 
     @property
     def num_layers(self) -> int:
         return SIZES[self.size]["num_hidden_layers"]
 
     def layer_indices(self, layers: str) -> tuple[int, ...] | None:
-        """Layer indices of "lower" / "upper" halves; None for "all"."""
+        """Layer indices of "lower" / "upper" (default: the two halves); None for "all"."""
         half = self.num_layers // 2
-        return {"all": None, "lower": tuple(range(half)), "upper": tuple(range(half, self.num_layers))}[
-            layers
-        ]
+        lower = self.lower if self.lower is not None else tuple(range(half))
+        upper = self.upper if self.upper is not None else tuple(range(half, self.num_layers))
+        return {"all": None, "lower": lower, "upper": upper}[layers]
 
     def scaled(self, factor: float) -> FamilySpec:
         """The same family with every step count multiplied by ``factor`` (at least 2 steps; for tests)."""
@@ -74,19 +83,36 @@ def validate(size: str, arch: str) -> None:
         raise InputError(f"zoo arch {arch!r} is not one of: {', '.join(ARCHS)}")
 
 
+def replay_weights(skill: str, replay: float) -> dict[str, float]:
+    """``skill`` alone, or mixed with ``replay`` of the base mixture (skills in mixture order, zeros dropped)."""
+    if replay <= 0:
+        return {skill: 1.0}
+    total = sum(MIXTURE.values())
+    weights = {s: replay * w / total for s, w in MIXTURE.items()}
+    weights[skill] += 1 - replay
+    return {s: w for s, w in weights.items() if w > 0}
+
+
 def family_spec(size: str, arch: str) -> FamilySpec:
     """The zoo recipe for ``size``/``arch`` (see docs/zoo.md for why these numbers)."""
     validate(size, arch)
     tiny = size == "tiny"
     base_steps, spec_steps, base_lr = (1000, 200, 3e-3) if tiny else (1000, 250, 2e-3)
 
-    def spec(skill: str, layers: str, lr: float) -> SpecialistPlan:
-        return SpecialistPlan(f"spec_{skill}", skill, layers, TrainPlan({skill: 1.0}, spec_steps, lr))
+    def spec(
+        skill: str, layers: str, lr: float, replay: float = 0.0, on_top_of: str | None = None
+    ) -> SpecialistPlan:
+        plan = TrainPlan(replay_weights(skill, replay), spec_steps, lr)
+        return SpecialistPlan(f"spec_{skill}", skill, layers, plan, replay, on_top_of)
 
     if tiny:  # fact memorisation lives in the lower MLPs; mc is read out by the upper layers
         specialists = (spec("add", "all", 5e-4), spec("rev", "all", 5e-4))
         specialists += (spec("fact", "lower", 2e-3), spec("mc", "upper", 1e-3))
-    else:  # the small base already answers mc (~0.9): addition is the upper-layer skill there
-        specialists = (spec("rev", "all", 5e-4), spec("mc", "all", 5e-4))
-        specialists += (spec("fact", "lower", 5e-4), spec("add", "upper", 1e-3))
-    return FamilySpec(size, arch, TrainPlan(dict(MIXTURE), base_steps, base_lr), specialists)
+        return FamilySpec(size, arch, TrainPlan(dict(MIXTURE), base_steps, base_lr), specialists)
+    # small: the base already answers mc (~0.9), so addition is the upper-layer skill. Replay of the base
+    # mixture limits forgetting (task arithmetic then keeps the specialists' shared progress); the fact
+    # specialist is trained on top of spec_add's upper layers, so the layer recipe is its training setup.
+    specialists = (spec("rev", "all", 5e-4, 0.1), spec("mc", "all", 5e-4, 0.1))
+    specialists += (spec("add", "upper", 1e-3, 0.1), spec("fact", "lower", 1e-3, 0.4, on_top_of="spec_add"))
+    base = TrainPlan(dict(MIXTURE), base_steps, base_lr)
+    return FamilySpec(size, arch, base, specialists, lower=(0, 1), upper=(4, 5))
