@@ -78,3 +78,18 @@ def _noisy(model, noise: float, seed: int):
         for p in clone.parameters():
             p.add_(torch.randn(p.shape, generator=g) * noise * (p.std() if p.numel() > 1 else 1.0))
     return clone
+
+
+def damaged_copy(model_dir: Path, out: Path, unit: str, scale: float = 0.7) -> dict[str, torch.Tensor]:
+    """Copy ``model_dir`` to ``out`` with ``unit``'s row norms scaled by exp(N(0, scale)) (seed 0); the new state."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    state = load_file(out / "model.safetensors")
+    w = state[unit + ".weight"]
+    rows = torch.exp(torch.randn(w.shape[0], 1, generator=torch.Generator().manual_seed(0)) * scale)
+    state[unit + ".weight"] = (w.float() * rows).to(w.dtype).contiguous()
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return state

@@ -26,7 +26,7 @@ from olmopt.search.campaign import Campaign
 from olmopt.search.trials import RECIPE_ATTR
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _models import make_family  # noqa: E402
+from _models import damaged_copy, make_family  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -359,18 +359,9 @@ def test_refine_rejects_bad_flags(
 @pytest.mark.slow
 def test_norm_es_repairs_a_damaged_tensor(tiny_zoo: Path, tmp_path: Path) -> None:
     """Row norms of layer 0's v_proj scaled by exp(N(0, 0.7)); two norm-ES generations (sigma 0.1) win some back."""
-    import shutil
-
-    from safetensors.torch import save_file
-
     unit = "model.layers.0.self_attn.v_proj"
     damaged = tmp_path / "damaged"
-    shutil.copytree(tiny_zoo / "base", damaged)
-    state = load_file(damaged / "model.safetensors")
-    w = state[unit + ".weight"]
-    rows = torch.exp(torch.randn(w.shape[0], 1, generator=torch.Generator().manual_seed(0)) * 0.7)
-    state[unit + ".weight"] = (w.float() * rows).to(w.dtype).contiguous()
-    save_file(state, damaged / "model.safetensors", metadata={"format": "pt"})
+    damaged_copy(tiny_zoo / "base", damaged, unit)
     objectives = Path(__file__).resolve().parents[1] / "objectives"
     study = tmp_path / "repair.yaml"
     study.write_text(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import shutil
+import sys
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from olmopt.cli import main
 from olmopt.config import load_study_file
@@ -18,6 +18,9 @@ from olmopt.ops import es as es_ops
 from olmopt.recipe import Recipe
 from olmopt.search import es_tune
 from olmopt.search.campaign import Campaign
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import damaged_copy  # noqa: E402
 
 torch.set_num_threads(1)
 OBJECTIVES = Path(__file__).resolve().parents[1] / "objectives"
@@ -107,12 +110,8 @@ def test_bad_tune_config_is_one_line_error(tiny_zoo: Path, tmp_path: Path, tune:
 def test_sigma_search_repairs_and_steers_the_es_stages(tiny_zoo: Path, tmp_path: Path) -> None:
     """Damaged v_proj row norms; the sigma search picks settings that improve; the ES stages use them."""
     damaged = tmp_path / "damaged"
-    shutil.copytree(tiny_zoo / "base", damaged)
-    state = load_file(damaged / "model.safetensors")
+    state = damaged_copy(tiny_zoo / "base", damaged, UNIT)
     w = state[UNIT + ".weight"]
-    rows = torch.exp(torch.randn(w.shape[0], 1, generator=torch.Generator().manual_seed(0)) * 0.7)
-    state[UNIT + ".weight"] = (w.float() * rows).to(w.dtype).contiguous()
-    save_file(state, damaged / "model.safetensors", metadata={"format": "pt"})
     study = tmp_path / "tune.yaml"
     study.write_text(
         "name: tune\n" + _pool_and_objectives(damaged)
