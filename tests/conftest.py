@@ -6,6 +6,11 @@ import os
 
 os.environ["OLMOPT_THREADS"] = "1"
 os.environ["OMP_NUM_THREADS"] = "1"
+# the zoo's portable CPU kernels for the whole suite: the tiny zoo is built in this process, and
+# figures are the same on every x86-64 machine (olmopt.kernels)
+from olmopt.kernels import request_portable_kernels  # noqa: E402 - torch-free
+
+request_portable_kernels()
 
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,22 @@ def test_same_seed_same_bits_and_second_build_is_cached(quick_zoos: dict[str, Pa
     cached = quick_build(tmp_path / "again")
     assert cached == again and (tmp_path / "again" / "zoo.json").stat().st_mtime_ns == stamp
     assert not list(tmp_path.glob(".*partial*")) and not list(tmp_path.glob(".*old*"))
+
+
+@pytest.mark.slow  # one quick build in a spawned process (~15 s)
+def test_build_moves_to_a_child_process_when_this_one_uses_other_kernels(
+    quick_zoos: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from olmopt.kernels import cpu_has_avx2
+
+    monkeypatch.setattr(zoo_build, "portable_kernels_active", lambda: False)  # as if torch ran AVX-512 kernels
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    child = quick_build(tmp_path / "child")
+    first = load_manifest(quick_zoos["llama"])
+    assert [m["sha256"] for m in child["models"]] == [m["sha256"] for m in first["models"]]
+    if cpu_has_avx2():
+        assert child["cpu_kernels"] == first["cpu_kernels"] == "AVX2"
+    assert "OLMOPT_ZOO_BUILD_CHILD" not in os.environ  # the parent's environment is restored
 
 
 def test_manifest_records_family(quick_zoos: dict[str, Path]) -> None:

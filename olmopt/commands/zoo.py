@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from olmopt.kernels import request_portable_kernels
+
+    request_portable_kernels()  # before torch computes anything: no child process needed
     from olmopt.zoo import build_zoo, cached_manifest
 
     cached = not args.force and cached_manifest(args.out, args.size, args.arch, args.seed) is not None

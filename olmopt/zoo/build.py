@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from olmopt import __version__
 from olmopt.errors import InputError
+from olmopt.kernels import PORTABLE_CPU_ENV, cpu_capability, portable_kernels_active, request_portable_kernels
 from olmopt.runtime import configure_threads
 from olmopt.zoo import acceptance
 from olmopt.zoo.family import PINNED_SEEDS, ZOO_VERSION, FamilySpec, family_spec, validate
@@ -71,12 +72,18 @@ def cached_manifest(out: Path, size: str, arch: str, seed: int | None = None) ->
 def build_family(
     out: Path, spec: FamilySpec, seed: int, progress: bool = True, check: bool = True, force: bool = False
 ) -> dict[str, Any]:
-    """``build_zoo`` for an explicit ``FamilySpec`` (tests use ``spec.scaled(...)`` for quick builds)."""
+    """``build_zoo`` for an explicit ``FamilySpec`` (tests use ``spec.scaled(...)`` for quick builds).
+
+    Trains with the portable CPU kernels (``olmopt.kernels``): when this process already computes with
+    other ones, the build runs in a child process that starts with them.
+    """
     key = build_key(spec, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent builds of one directory: the second one reuses
-        manifest = _build_locked(out, spec, seed, key, progress, force)
+    request_portable_kernels()
+    if portable_kernels_active() or os.environ.get(_CHILD_ENV):
+        manifest = _build_here(out, spec, seed, key, progress, force)
+    else:
+        manifest = _build_in_child(out, spec, seed, progress, force)
     failure = acceptance.first_failure(manifest["acceptance"]["criteria"])
     if check and failure:
         raise acceptance.AcceptanceError(
@@ -84,6 +91,33 @@ def build_family(
             "(the zoo was written; pass --no-check to accept it)"
         )
     return manifest
+
+
+_CHILD_ENV = "OLMOPT_ZOO_BUILD_CHILD"
+
+
+def _build_here(out: Path, spec: FamilySpec, seed: int, key: dict[str, Any], progress: bool, force: bool) -> dict[str, Any]:
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent builds of one directory: the second one reuses
+        return _build_locked(out, spec, seed, key, progress, force)
+
+
+def _build_in_child(out: Path, spec: FamilySpec, seed: int, progress: bool, force: bool) -> dict[str, Any]:
+    """``build_family`` (unchecked) in a fresh process whose torch starts with the portable kernels."""
+    import multiprocessing as mp
+
+    log.info("zoo %s: building in a child process (this one computes with %s kernels)", out, cpu_capability())
+    saved = {name: os.environ.get(name) for name in (*PORTABLE_CPU_ENV, _CHILD_ENV)}
+    os.environ.update({**PORTABLE_CPU_ENV, _CHILD_ENV: "1"})  # a spawned child inherits the environment
+    try:
+        with mp.get_context("spawn").Pool(1) as pool:
+            return pool.apply(build_family, (out, spec, seed), {"progress": progress, "check": False, "force": force})
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _build_locked(
@@ -301,6 +335,7 @@ def _train_family(
                 "passed": all(c["passed"] for c in criteria),
             },
             "threads": threads,
+            "cpu_kernels": cpu_capability(),
             "build_seconds": round(time.perf_counter() - start, 2),
             "cpu_seconds": round(time.process_time() - cpu_start, 2),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
