@@ -330,6 +330,32 @@ def test_prefix_cache_gives_the_same_values(family: Family) -> None:
     assert ev.prefix_layer is None and ev.evaluate(use_prefix=True) == ev.evaluate()
 
 
+def test_capture_pass_starts_from_a_valid_stored_input(family: Family) -> None:
+    a, b, _c = family.pool.names
+    wm = WorkingModel(family.pool, a, device="cpu")
+    ev = Evaluator(wm.model, family.tok, _objectives(family, *FORCED), batch_size=8)
+    ev.capture_prefix(1)
+    earlier = {key: {1: entry[1]} for key, entry in ev.prefix_store.items()}  # the input of layer 1 under a
+    with wm.patched(Recipe(base=a, layers={1: b})):  # layer 1 changes; its own input stays valid
+        ev.capture_prefix(2)
+        full = {key: dict(entry) for key, entry in ev.prefix_store.items()}
+        calls: list[int] = []
+        handle = wm.model.base_model.layers[0].register_forward_pre_hook(lambda *_: calls.append(0))
+        try:
+            ev.capture_prefix(2, start=earlier)
+        finally:
+            handle.remove()
+        assert not calls  # layer 0 did not run
+        assert set(ev.prefix_store) == set(full) and ev.prefix_layer == 2
+        for key, entry in full.items():
+            assert set(ev.prefix_store[key]) == set(entry)
+            for k, tensor in entry.items():
+                assert torch.allclose(ev.prefix_store[key][k], tensor, atol=1e-6), (key, k)
+        values = ev.evaluate(use_prefix=True)
+    with wm.patched(Recipe(base=a, layers={1: b})):
+        assert values == pytest.approx(ev.evaluate(), abs=TOL, rel=TOL)
+
+
 def test_batch_size_does_not_change_results(llama: Family) -> None:
     wm = WorkingModel(llama.pool, llama.pool.names[0], device="cpu")
     objs = _objectives(llama, *FORCED, "exact_match", "accuracy")

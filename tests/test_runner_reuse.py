@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -119,11 +120,15 @@ def test_prefix_cache_follows_the_incumbent_without_new_captures(
     config = load_study_file(study)
     cached, plain = EvalContext(config), EvalContext(config)
     a, b, c = cached.pool.names
-    captures: list[int] = []
+    captures: list[tuple[int, int]] = []  # (layer, deepest stored input the capture pass may start from)
     real_capture = cached.evaluator.capture_prefix
-    monkeypatch.setattr(
-        cached.evaluator, "capture_prefix", lambda layer, split="search": (captures.append(layer), real_capture(layer, split))
-    )
+
+    def spy(layer: int, split: str = "search", start: Any = None) -> None:
+        depths = [max((k for k in entry if k <= layer), default=-1) for entry in (start or {}).values()]
+        captures.append((layer, min(depths, default=-1)))
+        real_capture(layer, split, start)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cached.evaluator, "capture_prefix", spy)
     unit = "model.layers.2.mlp.up_proj"
     stages = [  # (incumbent, prefix layer, candidates)
         (Recipe(base=a), 0, [Recipe(base=a, layers={0: b}), Recipe(base=a, layers={0: c})]),
@@ -131,7 +136,9 @@ def test_prefix_cache_follows_the_incumbent_without_new_captures(
         (Recipe(base=a, layers={0: c, 1: b}), 2, [Recipe(base=a, layers={0: c, 1: b, 2: c})]),
         (Recipe(base=a, layers={0: c, 1: b, 2: c}), 2, [Recipe(base=a, layers={0: c, 1: b, 2: c}, units={unit: a})]),
         (Recipe(base=a, layers={0: c, 1: b, 2: c}, units={unit: a}), 2, [Recipe(base=a, layers={0: c, 1: b, 2: c}, units={unit: b})]),
-        (Recipe(base=a, layers={0: b}), 2, [Recipe(base=a, layers={0: b, 2: b})]),  # never evaluated: captured
+        (Recipe(base=a, layers={0: b}), 1, [Recipe(base=a, layers={0: b, 1: b})]),  # never evaluated: captured
+        # the winner was scored elsewhere (another worker): layer 1 changed, the input of layer 1 is still valid
+        (Recipe(base=a, layers={0: b, 1: c}), 2, [Recipe(base=a, layers={0: b, 1: c, 2: b})]),
     ]
     for incumbent, layer, candidates in stages:
         for recipe in candidates:
@@ -140,5 +147,6 @@ def test_prefix_cache_follows_the_incumbent_without_new_captures(
             assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (recipe, got, want)
     # stages 1 and 2 use the inputs their incumbent's evaluation kept in the stage before, stages 3 and
     # 4 the captures below layer 2, which a unit change in layer 2 leaves valid; only the last
-    # incumbent (evaluated earlier, but not in the stage just before) needs a capture
-    assert captures == [2]
+    # incumbent (evaluated earlier, but not in the stage just before) needs a full capture pass, and
+    # the last one (a winner this process never evaluated) a pass from the input of layer 1 only
+    assert captures == [(1, -1), (2, 1)]

@@ -184,21 +184,31 @@ class Evaluator:
             for handle in handles:
                 handle.remove()
 
-    def _capture(self, batch: _Batch, layers: list[int]) -> dict[int, torch.Tensor]:
-        """Hidden states entering each of ``layers``, from one forward pass."""
-        return self._hidden(batch, None, 0, layers)[1]
+    def _capture(self, batch: _Batch, layers: list[int], earlier: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        """Hidden states entering each of ``layers``, from one forward pass.
+
+        ``earlier``: valid inputs of some layers; the pass starts at the deepest one not after ``layers[0]``.
+        """
+        below = [k for k in (earlier or {}) if k <= layers[0]]
+        if not below:
+            return self._hidden(batch, None, 0, layers)[1]
+        start = max(below)
+        return self._hidden(batch, earlier[start], start, layers)[1]  # type: ignore[index]
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden).float()
 
     # -- public API -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def capture_prefix(self, layer: int, split: Split = "search") -> None:
+    def capture_prefix(self, layer: int, split: Split = "search", start: PrefixStore | None = None) -> None:
         """Store the hidden states entering ``layer`` under the current (incumbent) weights.
 
         One forward pass captures the input of every layer from ``layer`` on when that fits in
         ``prefix_bytes``, so later stages with the same incumbent switch layers with ``use_prefix_layer``.
+        ``start``: stored inputs of earlier layers that the caller guarantees are still valid (the
+        weights below them are unchanged); each batch's pass then starts at the deepest of them.
         """
+        start = dict(start or {})  # may be this evaluator's own store, cleared next
         self.clear_prefix()
         if layer <= 0:
             return
@@ -210,7 +220,7 @@ class Evaluator:
             for n, batch in enumerate(self._batches(enc)):
                 key = (obj.path, split, obj.held_out, obj.samples, n)
                 if key not in self._prefix:
-                    self._prefix[key] = self._capture(batch, layers)
+                    self._prefix[key] = self._capture(batch, layers, start.get(key))
         self.prefix_layer = layer
 
     def use_prefix_layer(self, layer: int) -> bool:

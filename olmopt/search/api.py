@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-from transformers import AutoTokenizer
+from typing import TYPE_CHECKING, Any
 
 from olmopt.config import StudyConfig
 from olmopt.errors import InputError
-from olmopt.evaluate.datasets import file_digest
-from olmopt.evaluate.engine import Evaluator
 from olmopt.search.campaign import Campaign
-from olmopt.search.context import EvalContext, objectives_of, open_pool
 from olmopt.search.plan import Stage, plan_stages
-from olmopt.search.runner import CampaignRunner, RunOutcome
 from olmopt.search.storage import single_writer
 from olmopt.search.workers import Evaluators
+
+if TYPE_CHECKING:
+    from olmopt.search.runner import RunOutcome
+
+# torch and transformers (seconds of imports) are imported inside the functions: `study run --workers K`
+# starts its worker processes first, so their imports overlap this process's own
 
 
 def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
     """Validate pool homology and every dataset (tokenized) before any heavy work; return the plan."""
+    from transformers import AutoTokenizer
+
+    from olmopt.evaluate.datasets import file_digest
+    from olmopt.evaluate.engine import Evaluator
+    from olmopt.search.context import objectives_of, open_pool
+
     pool = open_pool(config)
     pool.check_homology()
     base = config.base_model
@@ -66,9 +72,10 @@ def run_campaign(
 ) -> RunOutcome:
     campaign = Campaign.load(name, url)
     with single_writer(url):
-        context = EvalContext(campaign.config, open_pool(campaign.config)) if workers <= 1 else None
-        evaluators = Evaluators(campaign.config, workers, context)
+        evaluators = Evaluators(campaign.config, workers)  # K > 1: the worker processes start now
         try:
+            from olmopt.search.runner import CampaignRunner
+
             runner = CampaignRunner(campaign, evaluators, progress, n_trials, timeout, log)
             return runner.run()
         finally:

@@ -106,7 +106,8 @@ class EvalContext:
 
         In order of cost: the captures it holds (same incumbent, or one that differs only in later
         layers: an ES step, a later unit); the inputs kept when ``incumbent`` was evaluated as a
-        candidate of the previous stage; a new capture forward pass.
+        candidate of the previous stage; a capture pass from the deepest input that is still valid (the
+        embedding when none is).
         """
         from olmopt.patch import shared_prefix_depth
 
@@ -119,10 +120,10 @@ class EvalContext:
             self._carried_bytes = 0
             merged = carried if carried is not None else valid
             if not self.evaluator.adopt_prefix(merged, layer):
-                self.evaluator.capture_prefix(layer, "search")
+                self.evaluator.capture_prefix(layer, "search", start=valid)  # from the deepest valid input
             self._prefix_recipe = incumbent
         elif not self.evaluator.use_prefix_layer(layer):
-            self.evaluator.capture_prefix(layer, "search")
+            self.evaluator.capture_prefix(layer, "search", start=self.evaluator.prefix_store)
 
     def _score_dfs(self, recipe: Recipe, split: str) -> dict[str, float]:
         if self._resident is None:

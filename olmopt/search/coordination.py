@@ -3,7 +3,8 @@
 ``StageLock`` is a mutex built on Optuna's unique study names: creating the study ``{stage}#lock``
 succeeds for exactly one worker; the others wait until it is deleted (or older than ``stale_after``
 seconds, when its holder is presumed dead). It guards the enqueueing of a stage's candidates, which is
-also idempotent, so a crash between enqueueing and unlocking loses nothing.
+also idempotent, so a crash between enqueueing and unlocking loses nothing. A worker that finds the lock
+taken does not wait for it: it evaluates the candidates as they appear (``acquire``).
 """
 
 from __future__ import annotations
@@ -30,22 +31,33 @@ class StageLock:
         self.poll = poll
 
     def __enter__(self) -> StageLock:
-        while True:
-            try:
-                study = optuna.create_study(storage=self.storage, study_name=self.name)
-                study.set_user_attr(LOCK_ATTR, time.time())
-                return self
-            except DuplicatedStudyError:
-                self._break_if_stale()
-                time.sleep(self.poll)
+        while not self.acquire():
+            time.sleep(self.poll)
+        return self
+
+    def acquire(self) -> bool:
+        """Take the lock if it is free (or its holder presumed dead); False when another worker holds it."""
+        try:
+            study = optuna.create_study(storage=self.storage, study_name=self.name)
+        except DuplicatedStudyError:
+            self._break_if_stale()
+            return False
+        study.set_user_attr(LOCK_ATTR, time.time())
+        return True
+
+    def release(self) -> None:
+        self._delete()
 
     def _break_if_stale(self) -> None:
+        """Delete a lock held for longer than ``stale_after`` (one without a time: since this worker saw it)."""
         try:
-            study = optuna.load_study(storage=self.storage, study_name=self.name)
-        except KeyError:
+            acquired = optuna.load_study(storage=self.storage, study_name=self.name).user_attrs.get(LOCK_ATTR)
+        except KeyError:  # released meanwhile
             return
-        acquired = study.user_attrs.get(LOCK_ATTR)
-        if acquired is not None and time.time() - float(acquired) > self.stale_after:
+        if acquired is None:  # its holder died between creating it and stamping it, or is stamping it now
+            self._unstamped_since = getattr(self, "_unstamped_since", time.time())
+            acquired = self._unstamped_since
+        if time.time() - float(acquired) > self.stale_after:
             self._delete()
 
     def _delete(self) -> None:

@@ -39,7 +39,7 @@ from olmopt.search.storage import is_sqlite, stale_after
 from olmopt.search.workers import Evaluators
 from olmopt.select import degradation_constraints, is_feasible, select
 
-POLL_SECONDS = 1.0
+POLL_SECONDS = (0.05, 1.0)  # waiting for other workers' trials: first poll, then x1.5 up to the second
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -161,17 +161,26 @@ class CampaignRunner:
         return self._decide(study, stage, incumbent, space)
 
     def _enqueue_missing(self, study: optuna.Study, stage: Stage, space: StageSpace) -> None:
-        """Enqueue every candidate that has no waiting, running or complete trial (idempotent, locked)."""
+        """Enqueue every candidate that has no waiting, running or complete trial (idempotent, locked).
+
+        When another worker holds the stage's lock it is enqueueing them: this one goes on and takes
+        trials as they appear (the evaluation loop calls this again while it waits).
+        """
         if not space.enqueue:
             return
         present = T.enqueued_labels(study) | T.exhausted_labels(study)
         if all(label in present for label, _ in space.enqueue):
             return
-        with StageLock(self.c.storage, self.c.stage_study_name(stage)):
+        lock = StageLock(self.c.storage, self.c.stage_study_name(stage))
+        if not lock.acquire():
+            return
+        try:
             present = T.enqueued_labels(study) | T.exhausted_labels(study)
             for label, params in space.enqueue:
                 if label not in present:
                     study.enqueue_trial(params, user_attrs={T.LABEL_ATTR: label})
+        finally:
+            lock.release()
 
     def _sweep_stale(self, study: optuna.Study) -> None:
         """Fail trials of dead workers: by heartbeat on RDB, by age on storages without heartbeats."""
@@ -230,12 +239,14 @@ class CampaignRunner:
         bar = tqdm(total=total, initial=min(complete, total), desc=f"stage {stage.key}", disable=not self.progress, leave=False)
         in_flight: dict[Future[dict[str, float]], tuple[Trial, Recipe]] = {}
         beat = _Heartbeat(study, in_flight) if heartbeat_enabled(self.c.storage) else None
+        poll = POLL_SECONDS[0]
         try:
             while True:
                 while len(in_flight) < self.ev.workers and not self._out_of_time():
                     trial = self._next_trial(study, space, len(in_flight))
                     if trial is None:
                         break
+                    poll = POLL_SECONDS[0]
                     try:
                         label, recipe = space.decode(trial)
                         if trial.user_attrs.get(T.LABEL_ATTR) is None:  # enqueued trials keep their label
@@ -266,7 +277,8 @@ class CampaignRunner:
                         return False
                     self._sweep_stale(study)  # other workers' dead trials get failed ...
                     self._enqueue_missing(study, stage, space)  # ... and their candidates retried
-                    time.sleep(POLL_SECONDS)
+                    time.sleep(poll)  # soon at first: the stage's last trials are about to finish
+                    poll = min(POLL_SECONDS[1], poll * 1.5)
                     continue
                 finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in finished:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from olmopt.config import StudyConfig
 from olmopt.recipe import Recipe
-from olmopt.search.context import EvalContext
+
+if TYPE_CHECKING:  # torch and transformers: imported where a model is loaded
+    from olmopt.search.context import EvalContext
 
 _WORKER_CTX: EvalContext | None = None
 
@@ -24,6 +26,7 @@ def _init_worker(config_json: dict[str, Any], index_queue: Any) -> None:
     import torch
 
     from olmopt.runtime import configure_threads
+    from olmopt.search.context import EvalContext
 
     configure_threads(1)
     config = StudyConfig.model_validate(config_json)
@@ -33,6 +36,10 @@ def _init_worker(config_json: dict[str, Any], index_queue: Any) -> None:
             update={"evaluation": config.evaluation.model_copy(update={"device": f"cuda:{index % torch.cuda.device_count()}"})}
         )
     _WORKER_CTX = EvalContext(config)
+
+
+def _ready() -> bool:
+    return _WORKER_CTX is not None
 
 
 def _score_task(recipe_json: str, incumbent_json: str | None, layer: int | None) -> dict[str, float]:
@@ -61,11 +68,17 @@ class Evaluators:
                 initializer=_init_worker,
                 initargs=(config.model_dump(mode="json"), queue),
             )
+            # start every worker now (the pool spawns one per pending task): their model loads overlap
+            # this process's own start-up instead of delaying the first trials
+            for _ in range(self.workers):
+                self._pool.submit(_ready)
 
     @property
     def local(self) -> EvalContext:
         """An in-process context (built on first use) for held-out checks and single-worker runs."""
         if self._local is None:
+            from olmopt.search.context import EvalContext
+
             self._local = EvalContext(self.config)
         return self._local
 
