@@ -150,3 +150,37 @@ def test_prefix_cache_follows_the_incumbent_without_new_captures(
     # incumbent (evaluated earlier, but not in the stage just before) needs a full capture pass, and
     # the last one (a winner this process never evaluated) a pass from the input of layer 1 only
     assert captures == [(1, -1), (2, 1)]
+
+
+def test_a_layer_0_stage_frees_the_inputs_of_losers_for_the_next_candidates(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stages without prefix (layer 0) keep only the new incumbent's inputs, so room stays for later candidates."""
+    from olmopt.config import load_study_file
+    from olmopt.search.context import EvalContext
+
+    study = tmp_path / "ctx0.yaml"
+    study.write_text(
+        f"name: ctx0\npool: {{models: [{family['a']}, {family['b']}, {family['c']}]}}\n"
+        f"objectives:\n  - {{dataset: {family['data']}, metric: token_accuracy, name: acc, held_out: 0}}\n"
+        "evaluation: {batch_size: 4}\n"
+    )
+    config = load_study_file(study)
+    cached, plain = EvalContext(config), EvalContext(config)
+    cached.evaluator.prefix_bytes = 6 * cached.evaluator._bytes_per_layer("search")  # two full carries, then one layer
+    a, b, c = cached.pool.names
+    captures: list[int] = []
+    real_capture = cached.evaluator.capture_prefix
+    monkeypatch.setattr(cached.evaluator, "capture_prefix", lambda layer, split="search", start=None: (captures.append(layer), real_capture(layer, split, start)))
+    unit = "model.layers.0.mlp.up_proj"
+    x1, x2 = Recipe(base=a, layers={0: c}, units={unit: a}), Recipe(base=a, layers={0: c}, units={unit: b})
+    stages = [
+        (Recipe(base=a), 0, [Recipe(base=a, layers={0: b}), Recipe(base=a, layers={0: c})]),
+        (Recipe(base=a, layers={0: c}), 0, [x1, x2]),  # a unit stage in layer 0 under the new incumbent
+        (x2, 1, [Recipe(base=a, layers={0: c, 1: b}, units={unit: b})]),  # x2 won: its kept inputs serve layer 1
+    ]
+    for incumbent, layer, candidates in stages:
+        for recipe in candidates:
+            got = cached.score(recipe, "search", incumbent, layer)
+            assert got == pytest.approx(plain.score(recipe, "search"), rel=1e-5, abs=1e-6), recipe
+    assert captures == []

@@ -242,6 +242,10 @@ class Evaluator:
         self._prefix, self.prefix_layer = store, layer
         return True
 
+    def hold_prefix(self, store: PrefixStore) -> None:
+        """Keep ``store`` (captures under the current weights) without using it yet: no prefix layer."""
+        self._prefix, self.prefix_layer = store, None
+
     def carry_layers(self, layer: int, budget: int) -> list[int]:
         """Layers after ``layer`` whose inputs a prefix-cached evaluation can keep within ``budget`` bytes."""
         num_layers = len(self.model.base_model.layers)

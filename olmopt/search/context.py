@@ -88,6 +88,8 @@ class EvalContext:
             assert incumbent is not None and layer is not None
             if use_prefix:
                 self._switch_prefix(incumbent, layer)
+            elif self._prefix_recipe != incumbent:  # a layer-0 stage: nothing to reuse, but hold what was kept
+                self._hold_inputs_of(incumbent)
             room = self.evaluator.prefix_bytes - self._carried_bytes
             carry = self.evaluator.carry_layers(layer, room // 2)  # the stage's later candidates get room too
         with self.working.patched(without_fusion(recipe)), fused(self.working.model, recipe):
@@ -100,6 +102,18 @@ class EvalContext:
                 for key, kept in self.evaluator.carried.items()
             }
         return values
+
+    def _take_carried(self, incumbent: Recipe) -> PrefixStore | None:
+        """The inputs kept when ``incumbent`` was a candidate; the other candidates' are dropped."""
+        carried = self._carried.pop(incumbent.digest(), None)
+        self._carried.clear()
+        self._carried_bytes = 0
+        return carried
+
+    def _hold_inputs_of(self, incumbent: Recipe) -> None:
+        """A new incumbent in a stage without prefix (layer 0): keep its inputs for later stages."""
+        self.evaluator.hold_prefix(self._take_carried(incumbent) or {})
+        self._prefix_recipe = incumbent
 
     def _switch_prefix(self, incumbent: Recipe, layer: int) -> None:
         """Make the evaluator's prefix cache hold ``incumbent``'s hidden states entering ``layer``.
@@ -115,9 +129,7 @@ class EvalContext:
             old, store = self._prefix_recipe, self.evaluator.prefix_store
             depth = -1 if old is None else shared_prefix_depth(old, incumbent, self.working.adapter, self.working.param_names)
             valid = {key: {k: v for k, v in entry.items() if k <= depth} for key, entry in store.items()}
-            carried = self._carried.pop(incumbent.digest(), None)
-            self._carried.clear()  # a new incumbent: the other candidates' inputs are of no further use
-            self._carried_bytes = 0
+            carried = self._take_carried(incumbent)
             merged = carried if carried is not None else valid
             if not self.evaluator.adopt_prefix(merged, layer):
                 self.evaluator.capture_prefix(layer, "search", start=valid)  # from the deepest valid input
