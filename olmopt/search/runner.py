@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,9 +222,10 @@ class CampaignRunner:
         budget_done = space.budget is None or len(complete) >= space.budget
         return labels_done and budget_done, len(complete)
 
-    def _next_trial(self, study: optuna.Study, space: StageSpace, in_flight: int) -> Trial | None:
+    def _next_trial(self, study: optuna.Study, space: StageSpace, writer: _Writer) -> Trial | None:
         trial = T.pop_waiting(study)
         if trial is None and space.budget is not None:
+            writer.flush()  # the sampler sees every finished trial: the same suggestions as a sequential run
             live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
             if len(live) < space.budget:
                 trial = study.ask()
@@ -239,11 +240,12 @@ class CampaignRunner:
         bar = tqdm(total=total, initial=min(complete, total), desc=f"stage {stage.key}", disable=not self.progress, leave=False)
         in_flight: dict[Future[dict[str, float]], tuple[Trial, Recipe]] = {}
         beat = _Heartbeat(study, in_flight) if heartbeat_enabled(self.c.storage) else None
+        writer = _Writer()
         poll = POLL_SECONDS[0]
         try:
             while True:
                 while len(in_flight) < self.ev.workers and not self._out_of_time():
-                    trial = self._next_trial(study, space, len(in_flight))
+                    trial = self._next_trial(study, space, writer)
                     if trial is None:
                         break
                     poll = POLL_SECONDS[0]
@@ -270,6 +272,7 @@ class CampaignRunner:
                         raise
                     in_flight[future] = (trial, recipe)
                 if not in_flight:
+                    writer.flush()
                     done, _ = self._stage_complete(study, space)
                     if done:
                         return True
@@ -293,15 +296,17 @@ class CampaignRunner:
                         self.log(f"{stage.key}: trial {trial.number} failed ({type(exc).__name__}: {exc})")
                         del in_flight[future]
                         continue
-                    self._tell(study, trial, recipe, metrics, references)
+                    writer.submit(self._tell, study, trial, recipe, metrics, references)  # the next evaluation starts now
                     del in_flight[future]
                     self.trials_run += 1
                     bar.update(1)
         except BaseException:
+            writer.close()  # finished evaluations are recorded; the ones in flight fail
             for trial, _recipe in list(in_flight.values()):
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
         finally:
+            writer.close()
             if beat is not None:
                 beat.stop()
             bar.close()
@@ -414,6 +419,39 @@ class CampaignRunner:
             if decision.get("recipe") and self._model_key(decision["recipe"]) == key:
                 return decision
         return None
+
+
+class _Writer:
+    """Records finished trials from one background thread while the next evaluation runs.
+
+    ``flush`` waits for every submitted write and re-raises the first failure; the runner flushes
+    before it reads the stage's results (completion, decision) and before a sampler suggests a trial.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future[None]] = []
+
+    def submit(self, func: Callable[..., None], *args: Any) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="olmopt-writer")
+        self._pending.append(self._pool.submit(func, *args))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        """Wait for the submitted writes, raising nothing (on an interrupt; a trial whose write failed stays
+        RUNNING and is failed by the next start on SQLite, by its heartbeat on RDB storages)."""
+        try:
+            wait(self._pending)
+        finally:
+            self._pending = []
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
 
 class _Heartbeat:
