@@ -7,7 +7,7 @@ OLMOPT=".venv/bin/olmopt"
 NAME="${OLMOPT_DEMO_NAME:-zoo}"
 OUT="storage/merged-${NAME}"
 
-$OLMOPT zoo build --out storage/zoo-small --size small
+$OLMOPT zoo build --out storage/zoo-small --size small --refresh  # an outdated zoo there is rebuilt
 if ! $OLMOPT study status "$NAME" >/dev/null 2>&1; then
   $OLMOPT study create studies/zoo.yaml --name "$NAME"
 fi

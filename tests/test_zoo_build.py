@@ -172,6 +172,13 @@ def test_cli_failed_acceptance_exits_1_one_line_and_refuses_foreign_dir(
     assert "pass --force" in capsys.readouterr().err and sorted(p.name for p in foreign.iterdir()) == [
         "keep.txt"
     ]
+    # --refresh replaces a zoo built with other arguments, never a directory that is not a zoo
+    assert main(["zoo", "build", "--out", str(out), "--seed", "4", "--quiet", "--no-check"]) == 2
+    assert "pass --force" in capsys.readouterr().err and load_manifest(out)["seed"] == 3
+    assert main(["zoo", "build", "--out", str(out), "--seed", "4", "--quiet", "--no-check", "--refresh"]) == 0
+    assert load_manifest(out)["seed"] == 4
+    assert main(["zoo", "build", "--out", str(foreign), "--quiet", "--refresh"]) == 2
+    assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
 
 
 @pytest.mark.slow

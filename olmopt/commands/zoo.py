@@ -30,6 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.add_argument("--force", action="store_true", help="rebuild even if DIR holds this zoo; replace DIR")
     build.add_argument(
+        "--refresh",
+        action="store_true",
+        help="rebuild DIR when it holds a zoo built with other arguments or by another olmopt zoo version "
+        "(a directory that is not a zoo is still refused)",
+    )
+    build.add_argument(
         "--no-check", action="store_true", help="keep a family that fails the acceptance criteria"
     )
     build.set_defaults(func=run_build)
@@ -43,6 +49,7 @@ def run_build(args: argparse.Namespace) -> int:
     from olmopt.zoo import build_zoo, cached_manifest
 
     cached = not args.force and cached_manifest(args.out, args.size, args.arch, args.seed) is not None
+    stale_zoo = not cached and (args.out / "zoo.json").is_file()
     if cached:
         print(
             f"zoo {args.out} is already built with these arguments; nothing to do (--force rebuilds)",
@@ -55,7 +62,7 @@ def run_build(args: argparse.Namespace) -> int:
         args.seed,
         progress=not args.quiet,
         check=not args.no_check,
-        force=args.force,
+        force=args.force or (args.refresh and stale_zoo),
     )
     status = "passed" if manifest["acceptance"]["passed"] else "FAILED (kept: --no-check)"
     print(

@@ -23,7 +23,14 @@ from transformers.utils import logging as hf_logging
 
 from olmopt import __version__
 from olmopt.errors import InputError
-from olmopt.kernels import PORTABLE_CPU_ENV, cpu_capability, portable_kernels_active, request_portable_kernels
+from olmopt.kernels import (
+    PORTABLE_CAPABILITY,
+    PORTABLE_CPU_ENV,
+    cpu_capability,
+    cpu_has_avx2,
+    portable_kernels_active,
+    request_portable_kernels,
+)
 from olmopt.runtime import configure_threads
 from olmopt.zoo import acceptance
 from olmopt.zoo.family import PINNED_SEEDS, ZOO_VERSION, FamilySpec, family_spec, validate
@@ -57,9 +64,11 @@ def build_zoo(
 
 
 def build_key(spec: FamilySpec, seed: int) -> dict[str, Any]:
-    """What makes two builds the same: zoo version, size, arch, seed and a digest of the training plans."""
+    """What makes two builds the same: zoo version, size, arch, seed, a digest of the training plans and
+    the CPU kernels (``olmopt.kernels``: the portable ones wherever the CPU runs them)."""
     digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
-    return {"zoo_version": ZOO_VERSION, "size": spec.size, "arch": spec.arch, "seed": seed, "plan": digest}
+    kernels = PORTABLE_CAPABILITY if cpu_has_avx2() else "native"
+    return {"zoo_version": ZOO_VERSION, "size": spec.size, "arch": spec.arch, "seed": seed, "plan": digest, "kernels": kernels}
 
 
 def cached_manifest(out: Path, size: str, arch: str, seed: int | None = None) -> dict[str, Any] | None:
