@@ -184,3 +184,49 @@ def test_a_layer_0_stage_frees_the_inputs_of_losers_for_the_next_candidates(
             got = cached.score(recipe, "search", incumbent, layer)
             assert got == pytest.approx(plain.score(recipe, "search"), rel=1e-5, abs=1e-6), recipe
     assert captures == []
+
+
+def test_one_worker_records_a_decision_the_others_wait_for_it(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    from olmopt.config import load_study_file
+    from olmopt.search.campaign import DECISION_ATTR
+    from olmopt.search.coordination import StageLock
+    from olmopt.search.runner import CampaignRunner, make_sampler
+    from olmopt.search.workers import Evaluators
+
+    study_file = tmp_path / "decide.yaml"
+    study_file.write_text(
+        f"name: decide\npool: {{models: [{family['a']}, {family['b']}]}}\n"
+        f"objectives:\n  - {{dataset: {family['data']}, metric: perplexity, name: ppl, held_out: 0}}\n"
+        "decisions: {layers: {mode: greedy}, boundary: {mode: off}}\n"
+    )
+    url = f"sqlite:///{tmp_path}/d.db"
+    assert main(["study", "create", str(study_file), "--storage", url]) == 0
+    campaign = Campaign.load("decide", url)
+    runner = CampaignRunner(campaign, Evaluators(load_study_file(study_file)), progress=False)
+    recorded: list[str] = []
+    monkeypatch.setattr(runner, "_record_decision", lambda study, stage, *_: (recorded.append(stage.key), {"mine": True})[1])
+    stage = campaign.plan[1]
+    study = campaign.stage_study(stage, make_sampler(campaign, stage))
+
+    held = StageLock(campaign.storage, f"{campaign.stage_study_name(stage)}#decide")
+    assert held.acquire()  # another worker is deciding this stage
+    got: list[dict[str, Any]] = []
+    waiter = threading.Thread(target=lambda: got.append(runner._decide(study, stage, None, None)))  # type: ignore[arg-type]
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive() and not recorded  # waiting, not deciding itself
+    study.set_user_attr(DECISION_ATTR, {"theirs": True})
+    held.release()
+    waiter.join(timeout=10)
+    assert got == [{"theirs": True}] and not recorded
+
+    other = campaign.plan[2]
+    other_study = campaign.stage_study(other, make_sampler(campaign, other))
+    assert runner._decide(other_study, other, None, None) == {"mine": True}  # type: ignore[arg-type]
+    assert recorded == [other.key]
+    assert StageLock(campaign.storage, f"{campaign.stage_study_name(other)}#decide").acquire()  # released

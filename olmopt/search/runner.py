@@ -338,9 +338,25 @@ class CampaignRunner:
         study.tell(trial, [metrics[n] for n in self.names], skip_if_finished=True)
 
     def _decide(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace) -> dict[str, Any]:
-        existing = study.user_attrs.get(DECISION_ATTR)
-        if existing:
-            return existing
+        """The stage's decision: recorded by exactly one worker (the holder of the stage's decide lock);
+        the others wait for it. A decider that dies leaves a stale lock, which the next worker breaks."""
+        lock = StageLock(self.c.storage, f"{self.c.stage_study_name(stage)}#decide")
+        poll = POLL_SECONDS[0]
+        while True:
+            existing = study.user_attrs.get(DECISION_ATTR)
+            if existing:
+                return existing
+            if lock.acquire():
+                break
+            time.sleep(poll)
+            poll = min(POLL_SECONDS[1], poll * 1.5)
+        try:
+            existing = study.user_attrs.get(DECISION_ATTR)  # recorded between the check and the lock
+            return existing if existing else self._record_decision(study, stage, incumbent, space)
+        finally:
+            lock.release()
+
+    def _record_decision(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace) -> dict[str, Any]:
         trials: dict[str, FrozenTrial] = {}
         for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
             trials.setdefault(str(t.user_attrs.get(T.LABEL_ATTR, f"#{t.number}")), t)  # a retry: first result counts
@@ -384,6 +400,7 @@ class CampaignRunner:
             "metrics": metrics,
             "held_out": held_out,
             "reason": reason,
+            "decided_by": WORKER_ID,
             "candidates": {
                 lbl: {"metrics": T.metrics_of(t, self.names), "feasible": feasible[lbl], "trial": t.number}
                 for lbl, t in trials.items()
