@@ -204,7 +204,7 @@ def test_one_worker_records_a_decision_the_others_wait_for_it(
         f"objectives:\n  - {{dataset: {family['data']}, metric: perplexity, name: ppl, held_out: 0}}\n"
         "decisions: {layers: {mode: greedy}, boundary: {mode: off}}\n"
     )
-    url = f"sqlite:///{tmp_path}/d.db"
+    url = f"journal:{tmp_path}/d.log"  # a storage several processes share (on SQLite one process decides alone)
     assert main(["study", "create", str(study_file), "--storage", url]) == 0
     campaign = Campaign.load("decide", url)
     runner = CampaignRunner(campaign, Evaluators(load_study_file(study_file)), progress=False)

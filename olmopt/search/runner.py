@@ -340,6 +340,8 @@ class CampaignRunner:
     def _decide(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace) -> dict[str, Any]:
         """The stage's decision: recorded by exactly one worker (the holder of the stage's decide lock);
         the others wait for it. A decider that dies leaves a stale lock, which the next worker breaks."""
+        if is_sqlite(self.c.url):  # this process is the only writer
+            return study.user_attrs.get(DECISION_ATTR) or self._record_decision(study, stage, incumbent, space)
         lock = StageLock(self.c.storage, f"{self.c.stage_study_name(stage)}#decide")
         poll = POLL_SECONDS[0]
         while True:
