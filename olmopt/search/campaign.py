@@ -76,9 +76,9 @@ class Campaign:
         return [o.name for o in objectives_of(self.config)]
 
     def directions(self) -> dict[str, str]:
-        from olmopt.search.context import objectives_of
+        from olmopt.search.context import directions_of
 
-        return {o.name: o.direction for o in objectives_of(self.config)}
+        return directions_of(self.config)
 
     def stage_study_name(self, stage: Stage) -> str:
         return f"{self.name}/{stage.key}"

@@ -25,6 +25,11 @@ def objectives_of(config: StudyConfig) -> list[Objective]:
     ]
 
 
+def directions_of(config: StudyConfig) -> dict[str, str]:
+    """Objective name -> "minimize" / "maximize"."""
+    return {o.name: o.direction for o in objectives_of(config)}
+
+
 def open_pool(config: StudyConfig) -> ModelPool:
     base_dir = config.path(config.pool.base_dir) if config.pool.base_dir else config.path(".")
     return ModelPool(config.pool.models, base_dir=base_dir, trust_remote_code=config.pool.trust_remote_code)

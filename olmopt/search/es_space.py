@@ -277,7 +277,7 @@ def choose(
 # -- the stage space -------------------------------------------------------------------------------------
 def es_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
     """One ES generation: the parent plus lambda seeded offspring, decided by the acceptance rule."""
-    from olmopt.search.context import objectives_of
+    from olmopt.search.context import directions_of
 
     if incumbent is None:
         raise InputError(
@@ -293,7 +293,7 @@ def es_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpac
         # the sigma search chose fewer generations: no trials, the incumbent stays
         return StageSpace(decode=lambda trial: (PARENT, incumbent), decide=lambda *_: None)
     gen = plan_generation(env, incumbent, kind, unit, generation, sigma0)
-    directions = {o.name: o.direction for o in objectives_of(env.config)}
+    directions = directions_of(env.config)
     rule = env.config.decisions.es.acceptance
     parent_json = incumbent.to_json()
     base_params: dict[str, Any] = {"unit": unit, "generation": generation}

@@ -87,10 +87,10 @@ def mini_es(
 
     Returns (final Recipe, its metrics, the incumbent's metrics, offspring evaluated).
     """
-    from olmopt.search.context import objectives_of
+    from olmopt.search.context import directions_of
     from olmopt.search.es_space import PARENT, choose, plan_generation
 
-    directions = {o.name: o.direction for o in objectives_of(env.config)}
+    directions = directions_of(env.config)
     rule = env.config.decisions.es.acceptance
     layer = env.adapter.layer_of(unit + ".weight")
     context = env.context
@@ -118,7 +118,7 @@ def mini_es(
 def tune_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
     """Sample (sigma, generations), run a short ES on the probe unit, keep the incumbent."""
     from olmopt.errors import InputError
-    from olmopt.search.context import objectives_of
+    from olmopt.search.context import directions_of
     from olmopt.search.es_space import kind_settings
 
     if incumbent is None:
@@ -131,7 +131,7 @@ def tune_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSp
         "generations": min(max(block.generations, gen_low), gen_high),
     }
     unit = probe_unit(env, kind, stage.target)
-    directions = {o.name: o.direction for o in objectives_of(env.config)}
+    directions = directions_of(env.config)
     budget = block.tune.trials if block.tune else 1
 
     def decode(trial: Trial) -> tuple[str, Recipe]:
