@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+import optuna
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,15 +69,12 @@ def run(url: str, zoo: Path, tmp: Path, workers: int, processes: bool, tensor_la
         if t.state.name == "COMPLETE"
     ]
     span = max(t.datetime_complete for t in complete) - min(t.datetime_start for t in complete)
-    reused = sum("reused" not in t.user_attrs for t in complete)
-    drop_campaign(campaign, name)  # a shared server keeps nothing of the benchmark
-    return elapsed, span.total_seconds(), len(complete), reused
+    evaluated = sum("reused" not in t.user_attrs for t in complete)
+    drop_campaign(campaign.storage, name)  # a shared server keeps nothing of the benchmark
+    return elapsed, span.total_seconds(), len(complete), evaluated
 
 
-def drop_campaign(campaign: object, name: str) -> None:
-    import optuna
-
-    storage = campaign.storage  # type: ignore[attr-defined]
+def drop_campaign(storage: optuna.storages.BaseStorage, name: str) -> None:
     for summary in storage.get_all_studies():
         if summary.study_name == name or summary.study_name.startswith(name + "/"):
             optuna.delete_study(study_name=summary.study_name, storage=storage)

@@ -13,6 +13,7 @@ This module imports torch only inside ``portable_kernels_active``.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from pathlib import Path
@@ -27,6 +28,7 @@ def request_portable_kernels() -> None:
         os.environ.setdefault(name, value)
 
 
+@functools.cache
 def cpu_has_avx2() -> bool:
     """An x86-64 CPU with AVX2 (Linux: read off /proc/cpuinfo; elsewhere: assumed for x86-64)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):

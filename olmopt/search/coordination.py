@@ -29,6 +29,7 @@ class StageLock:
         self.name = f"{name}#lock"
         self.stale_after = stale_after
         self.poll = poll
+        self._unstamped_since: float | None = None  # when this worker first saw the lock without a time
 
     def __enter__(self) -> StageLock:
         while not self.acquire():
@@ -55,7 +56,7 @@ class StageLock:
         except KeyError:  # released meanwhile
             return
         if acquired is None:  # its holder died between creating it and stamping it, or is stamping it now
-            self._unstamped_since = getattr(self, "_unstamped_since", time.time())
+            self._unstamped_since = self._unstamped_since or time.time()
             acquired = self._unstamped_since
         if time.time() - float(acquired) > self.stale_after:
             self._delete()

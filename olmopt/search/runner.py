@@ -39,7 +39,11 @@ from olmopt.search.storage import is_sqlite, stale_after
 from olmopt.search.workers import Evaluators
 from olmopt.select import degradation_constraints, is_feasible, select
 
-POLL_SECONDS = (0.05, 1.0)  # waiting for other workers' trials: first poll, then x1.5 up to the second
+POLL_SECONDS = (0.05, 1.0)  # waiting for other workers: first poll, then x1.5 up to the second
+
+
+def _next_poll(poll: float) -> float:
+    return min(POLL_SECONDS[1], poll * 1.5)
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -281,7 +285,7 @@ class CampaignRunner:
                     self._sweep_stale(study)  # other workers' dead trials get failed ...
                     self._enqueue_missing(study, stage, space)  # ... and their candidates retried
                     time.sleep(poll)  # soon at first: the stage's last trials are about to finish
-                    poll = min(POLL_SECONDS[1], poll * 1.5)
+                    poll = _next_poll(poll)
                     continue
                 finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in finished:
@@ -300,8 +304,7 @@ class CampaignRunner:
                     del in_flight[future]
                     self.trials_run += 1
                     bar.update(1)
-        except BaseException:
-            writer.close()  # finished evaluations are recorded; the ones in flight fail
+        except BaseException:  # finished evaluations are still recorded (``finally``); the ones in flight fail
             for trial, _recipe in list(in_flight.values()):
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
@@ -351,7 +354,7 @@ class CampaignRunner:
             if lock.acquire():
                 break
             time.sleep(poll)
-            poll = min(POLL_SECONDS[1], poll * 1.5)
+            poll = _next_poll(poll)
         try:
             existing = study.user_attrs.get(DECISION_ATTR)  # recorded between the check and the lock
             return existing if existing else self._record_decision(study, stage, incumbent, space)
