@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -93,3 +94,13 @@ def damaged_copy(model_dir: Path, out: Path, unit: str, scale: float = 0.7) -> d
     state[unit + ".weight"] = (w.float() * rows).to(w.dtype).contiguous()
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     return state
+
+
+def write_addition_data(path: Path, n: int = 12) -> Path:
+    """A ShareGPT file of ``n`` doubling questions (``i+i=`` -> ``2i``) at ``path``."""
+    data = [
+        {"conversation": [{"from": "human", "value": f"{i}+{i}="}, {"from": "gpt", "value": str(2 * i)}]}
+        for i in range(n)
+    ]
+    path.write_text(json.dumps(data))
+    return path

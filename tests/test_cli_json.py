@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from _models import make_family
+from _models import make_family, write_addition_data
 
 from olmopt.cli import build_parser, main
 
@@ -21,11 +21,7 @@ def done(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A finished greedy campaign (fixed base, 2 layer stages) over a random 3-model family, exported."""
     tmp = tmp_path_factory.mktemp("cli_json")
     fam = make_family(tmp, ["a", "b", "c"], layers=2)
-    data = [
-        {"conversation": [{"from": "human", "value": f"{i}+{i}="}, {"from": "gpt", "value": str(2 * i)}]}
-        for i in range(12)
-    ]
-    (tmp / "add.json").write_text(json.dumps(data))
+    write_addition_data(tmp / "add.json")
     study = {
         "name": NAME,
         "pool": {"models": [str(fam[m]) for m in "abc"]},

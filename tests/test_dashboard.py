@@ -18,7 +18,7 @@ from wsgiref.util import setup_testing_defaults
 import optuna_dashboard
 import pytest
 import yaml
-from _models import make_family
+from _models import make_family, write_addition_data
 
 from olmopt.cli import main
 from olmopt.search import annotate
@@ -35,11 +35,7 @@ def write_study(
 ) -> Path:
     """A study over a random 3-model family (2 layers) with two objectives on one small dataset."""
     fam = make_family(tmp, ["a", "b", "c"], layers=2)
-    data = [
-        {"conversation": [{"from": "human", "value": f"{i}+{i}="}, {"from": "gpt", "value": str(2 * i)}]}
-        for i in range(12)
-    ]
-    (tmp / "add.json").write_text(json.dumps(data))
+    write_addition_data(tmp / "add.json")
     study = {
         "name": name,
         "pool": {"models": [str(fam[m]) for m in "abc"]},

@@ -26,7 +26,7 @@ from olmopt.search.campaign import Campaign
 from olmopt.search.trials import RECIPE_ATTR
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _models import damaged_copy, make_family  # noqa: E402
+from _models import damaged_copy, make_family, write_addition_data  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -105,11 +105,7 @@ def test_accept_picks_copeland_among_qualifiers_else_parent() -> None:
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("es_family")
     models = make_family(root, ["a", "b"], layers=2)
-    data = [
-        {"conversation": [{"from": "human", "value": f"{i}+{i}="}, {"from": "gpt", "value": str(2 * i)}]}
-        for i in range(8)
-    ]
-    (root / "add.json").write_text(json.dumps(data))
+    write_addition_data(root / "add.json", 8)
     return {"root": root, "a": models["a"], "b": models["b"], "data": root / "add.json"}
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from _models import make_family
+from _models import make_family, write_addition_data
 from PIL import Image
 
 from olmopt.cli import main
@@ -28,11 +28,7 @@ UNITS = [
 
 def _study(tmp: Path, name: str, decisions: dict[str, Any]) -> Path:
     fam = make_family(tmp, ["a", "b", "c"], layers=2)
-    data = [
-        {"conversation": [{"from": "human", "value": f"{i}+{i}="}, {"from": "gpt", "value": str(2 * i)}]}
-        for i in range(12)
-    ]
-    (tmp / "add.json").write_text(json.dumps(data))
+    write_addition_data(tmp / "add.json")
     objectives = [
         {"dataset": str(tmp / "add.json"), "metric": "token_accuracy", "name": "acc"},
         {"dataset": str(tmp / "add.json"), "metric": "perplexity", "name": "ppl"},

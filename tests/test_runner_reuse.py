@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from olmopt.search.campaign import Campaign
 from olmopt.search.storage import open_storage
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _models import make_family  # noqa: E402
+from _models import make_family, write_addition_data  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -29,11 +28,7 @@ torch.set_num_threads(1)
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("reuse_family")
     models = make_family(root, ["a", "b", "c"], layers=3)
-    data = [
-        {"conversation": [{"from": "human", "value": f"{i}+{i}="}, {"from": "gpt", "value": str(2 * i)}]}
-        for i in range(12)
-    ]
-    (root / "add.json").write_text(json.dumps(data))
+    write_addition_data(root / "add.json")
     return {"root": root, **models, "data": root / "add.json"}
 
 
