@@ -98,32 +98,54 @@ def test_result_attrs_and_constraints_land_in_one_write(tmp_path: Path) -> None:
         T.record_result(study.ask(), {"acc": 0.5}, {"acc.vs_base": float("nan")}, False, "{}")
 
 
-def test_prefix_cache_follows_the_incumbent_without_new_captures(
-    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Greedy traversal: the winner's kept inputs become the next stage's prefix; values equal full forwards."""
+def _contexts(family: dict[str, Path], tmp_path: Path, metrics: dict[str, str]) -> tuple[Any, Any]:
+    """Two EvalContexts over family a, b, c (objectives name -> metric on the addition data): one
+    whose prefix cache is under test, one scoring by full forwards."""
     from olmopt.config import load_study_file
     from olmopt.search.context import EvalContext
 
+    objectives = "".join(
+        f"  - {{dataset: {family['data']}, metric: {metric}, name: {name}, held_out: 0}}\n" for name, metric in metrics.items()
+    )
     study = tmp_path / "ctx.yaml"
     study.write_text(
         f"name: ctx\npool: {{models: [{family['a']}, {family['b']}, {family['c']}]}}\n"
-        f"objectives:\n  - {{dataset: {family['data']}, metric: perplexity, name: ppl, held_out: 0}}\n"
-        f"  - {{dataset: {family['data']}, metric: token_accuracy, name: acc, held_out: 0}}\n"
-        "evaluation: {batch_size: 4}\n"
+        f"objectives:\n{objectives}evaluation: {{batch_size: 4}}\n"
     )
     config = load_study_file(study)
-    cached, plain = EvalContext(config), EvalContext(config)
-    a, b, c = cached.pool.names
-    captures: list[tuple[int, int]] = []  # (layer, deepest stored input the capture pass may start from)
-    real_capture = cached.evaluator.capture_prefix
+    return EvalContext(config), EvalContext(config)
+
+
+def _spy_captures(monkeypatch: pytest.MonkeyPatch, evaluator: Any) -> list[tuple[int, int]]:
+    """Record every capture pass as (layer, deepest stored input it may start from; -1: the embedding)."""
+    captures: list[tuple[int, int]] = []
+    real_capture = evaluator.capture_prefix
 
     def spy(layer: int, split: str = "search", start: Any = None) -> None:
         depths = [max((k for k in entry if k <= layer), default=-1) for entry in (start or {}).values()]
         captures.append((layer, min(depths, default=-1)))
-        real_capture(layer, split, start)  # type: ignore[arg-type]
+        real_capture(layer, split, start)
 
-    monkeypatch.setattr(cached.evaluator, "capture_prefix", spy)
+    monkeypatch.setattr(evaluator, "capture_prefix", spy)
+    return captures
+
+
+def _score_stages(cached: Any, plain: Any, stages: list[tuple[Recipe, int, list[Recipe]]]) -> None:
+    """Score every (incumbent, prefix layer, candidates) stage with the cache; values equal full forwards."""
+    for incumbent, layer, candidates in stages:
+        for recipe in candidates:
+            got = cached.score(recipe, "search", incumbent, layer)
+            want = plain.score(recipe, "search")
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (recipe, got, want)
+
+
+def test_prefix_cache_follows_the_incumbent_without_new_captures(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy traversal: the winner's kept inputs become the next stage's prefix; values equal full forwards."""
+    cached, plain = _contexts(family, tmp_path, {"ppl": "perplexity", "acc": "token_accuracy"})
+    a, b, c = cached.pool.names
+    captures = _spy_captures(monkeypatch, cached.evaluator)
     unit = "model.layers.2.mlp.up_proj"
     stages = [  # (incumbent, prefix layer, candidates)
         (Recipe(base=a), 0, [Recipe(base=a, layers={0: b}), Recipe(base=a, layers={0: c})]),
@@ -135,11 +157,7 @@ def test_prefix_cache_follows_the_incumbent_without_new_captures(
         # the winner was scored elsewhere (another worker): layer 1 changed, the input of layer 1 is still valid
         (Recipe(base=a, layers={0: b, 1: c}), 2, [Recipe(base=a, layers={0: b, 1: c, 2: b})]),
     ]
-    for incumbent, layer, candidates in stages:
-        for recipe in candidates:
-            got = cached.score(recipe, "search", incumbent, layer)
-            want = plain.score(recipe, "search")
-            assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (recipe, got, want)
+    _score_stages(cached, plain, stages)
     # stages 1 and 2 use the inputs their incumbent's evaluation kept in the stage before, stages 3 and
     # 4 the captures below layer 2, which a unit change in layer 2 leaves valid; only the last
     # incumbent (evaluated earlier, but not in the stage just before) needs a full capture pass, and
@@ -151,22 +169,10 @@ def test_a_layer_0_stage_frees_the_inputs_of_losers_for_the_next_candidates(
     family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stages without prefix (layer 0) keep only the new incumbent's inputs, so room stays for later candidates."""
-    from olmopt.config import load_study_file
-    from olmopt.search.context import EvalContext
-
-    study = tmp_path / "ctx0.yaml"
-    study.write_text(
-        f"name: ctx0\npool: {{models: [{family['a']}, {family['b']}, {family['c']}]}}\n"
-        f"objectives:\n  - {{dataset: {family['data']}, metric: token_accuracy, name: acc, held_out: 0}}\n"
-        "evaluation: {batch_size: 4}\n"
-    )
-    config = load_study_file(study)
-    cached, plain = EvalContext(config), EvalContext(config)
+    cached, plain = _contexts(family, tmp_path, {"acc": "token_accuracy"})
     cached.evaluator.prefix_bytes = 6 * cached.evaluator._bytes_per_layer("search")  # two full carries, then one layer
     a, b, c = cached.pool.names
-    captures: list[int] = []
-    real_capture = cached.evaluator.capture_prefix
-    monkeypatch.setattr(cached.evaluator, "capture_prefix", lambda layer, split="search", start=None: (captures.append(layer), real_capture(layer, split, start)))
+    captures = _spy_captures(monkeypatch, cached.evaluator)
     unit = "model.layers.0.mlp.up_proj"
     x1, x2 = Recipe(base=a, layers={0: c}, units={unit: a}), Recipe(base=a, layers={0: c}, units={unit: b})
     stages = [
@@ -174,10 +180,7 @@ def test_a_layer_0_stage_frees_the_inputs_of_losers_for_the_next_candidates(
         (Recipe(base=a, layers={0: c}), 0, [x1, x2]),  # a unit stage in layer 0 under the new incumbent
         (x2, 1, [Recipe(base=a, layers={0: c, 1: b}, units={unit: b})]),  # x2 won: its kept inputs serve layer 1
     ]
-    for incumbent, layer, candidates in stages:
-        for recipe in candidates:
-            got = cached.score(recipe, "search", incumbent, layer)
-            assert got == pytest.approx(plain.score(recipe, "search"), rel=1e-5, abs=1e-6), recipe
+    _score_stages(cached, plain, stages)
     assert captures == []
 
 
