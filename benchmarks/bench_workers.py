@@ -18,7 +18,6 @@ import time
 import uuid
 from pathlib import Path
 
-import optuna
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +57,7 @@ def run(url: str, zoo: Path, tmp: Path, workers: int, processes: bool, tensor_la
         procs = [olmopt("study", "run", name, "--storage", url, "--quiet", "--workers", str(workers))]
     assert all(p.wait() == 0 for p in procs)
     elapsed = time.perf_counter() - start
-    from olmopt.search.campaign import Campaign
+    from olmopt.search.campaign import Campaign, delete_campaign
 
     campaign = Campaign.load(name, url)
     complete = [
@@ -70,14 +69,8 @@ def run(url: str, zoo: Path, tmp: Path, workers: int, processes: bool, tensor_la
     ]
     span = max(t.datetime_complete for t in complete) - min(t.datetime_start for t in complete)
     evaluated = sum("reused" not in t.user_attrs for t in complete)
-    drop_campaign(campaign.storage, name)  # a shared server keeps nothing of the benchmark
+    delete_campaign(campaign.storage, name)  # a shared server keeps nothing of the benchmark
     return elapsed, span.total_seconds(), len(complete), evaluated
-
-
-def drop_campaign(storage: optuna.storages.BaseStorage, name: str) -> None:
-    for summary in storage.get_all_studies():
-        if summary.study_name == name or summary.study_name.startswith(name + "/"):
-            optuna.delete_study(study_name=summary.study_name, storage=storage)
 
 
 def main() -> None:

@@ -29,13 +29,18 @@ FAST_HEARTBEAT = {"OLMOPT_HEARTBEAT_INTERVAL": "1", "OLMOPT_HEARTBEAT_GRACE": "4
 _STORAGES: dict[str, optuna.storages.BaseStorage] = {}
 
 
+def storage_of(url: str) -> optuna.storages.BaseStorage:
+    """One storage (connection pool) per server URL for the whole module."""
+    if url not in _STORAGES:
+        _STORAGES[url] = optuna.storages.get_storage(url)
+    return _STORAGES[url]
+
+
 def study_list(url: str) -> list:
     """Studies of a storage without reading trials, safe while workers create and drop lock studies."""
     from olmopt.search.campaign import all_studies
 
-    if url not in _STORAGES:
-        _STORAGES[url] = optuna.storages.get_storage(url)
-    return all_studies(_STORAGES[url])
+    return all_studies(storage_of(url))
 
 
 def server_url(kind: str) -> str:
@@ -78,9 +83,9 @@ def create(tiny_zoo: Path, tmp: Path, url: str) -> str:
 
 
 def cleanup(url: str, name: str) -> None:
-    for s in study_list(url):
-        if s.study_name == name or s.study_name.startswith(name + "/"):
-            optuna.delete_study(study_name=s.study_name, storage=url)
+    from olmopt.search.campaign import delete_campaign
+
+    delete_campaign(storage_of(url), name)
 
 
 def assert_exact_candidates(url: str, name: str) -> None:

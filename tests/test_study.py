@@ -375,3 +375,15 @@ def test_olm_config_is_accepted(tiny_zoo, tmp_path) -> None:
     assert [o.metric for o in config.objectives] == ["exact_match", "bigram_loss"]
     assert config.decisions.layers.direction == "backward" and config.decisions.tensors.mode == "off"
     assert config.selection.improve_all == "base"
+
+
+def test_delete_campaign_drops_its_record_stages_and_locks_only(tmp_path: Path) -> None:
+    import optuna
+
+    from olmopt.search.campaign import delete_campaign
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'd.db'}")
+    for name in ("c", "c/000-layer-0", "c/000-layer-0#lock", "cc/000-layer-0", "other"):
+        optuna.create_study(storage=storage, study_name=name)
+    assert delete_campaign(storage, "c") == 3
+    assert sorted(s.study_name for s in storage.get_all_studies()) == ["cc/000-layer-0", "other"]

@@ -128,3 +128,25 @@ def test_cli_choices_match_library() -> None:
     from olmopt.zoo.train import ARCHS, SIZES
 
     assert tuple(SIZES) == zoo_command.SIZES and ARCHS == zoo_command.ARCHS
+
+
+# Plan digests of the pinned families whose acceptance was verified by a full build (docs/zoo.md
+# "Pinned seeds"). Only tiny llama is rebuilt by the suite; a change here silently changes the others.
+VERIFIED_PLANS = {
+    ("tiny", "llama"): "489e2bdee3659f85",
+    ("tiny", "qwen2"): "9d03f2dd5c6da24b",
+    ("tiny", "mistral"): "dfa3c36fc6817309",
+    ("small", "llama"): "98f225e3ed8ad089",
+    ("small", "qwen2"): "ca47430e23886a94",
+    ("small", "mistral"): "c4cfcaacdc004eeb",
+}
+
+
+def test_pinned_family_plans_are_the_verified_ones() -> None:
+    from olmopt.zoo.build import build_key
+    from olmopt.zoo.family import PINNED_SEEDS, family_spec
+
+    assert set(PINNED_SEEDS) == set(VERIFIED_PLANS)
+    for (size, arch), digest in VERIFIED_PLANS.items():
+        plan = build_key(family_spec(size, arch), PINNED_SEEDS[size, arch])["plan"]
+        assert plan == digest, f"{size}/{arch}: plan changed; rebuild it, check acceptance, update docs/zoo.md and this digest"

@@ -159,11 +159,12 @@ class Evaluator:
         base = self.model.base_model
         with self._capturing(keep) as captured:
             if prefix is None:
-                return base(input_ids=batch.ids, attention_mask=batch.attention).last_hidden_state, captured
+                return base(input_ids=batch.ids, attention_mask=batch.attention, use_cache=False).last_hidden_state, captured
             layers = base.layers
             base.layers = nn.ModuleList([_Passthrough() for _ in range(start)] + list(layers[start:]))
             try:
-                return base(inputs_embeds=prefix, attention_mask=batch.attention).last_hidden_state, captured
+                out = base(inputs_embeds=prefix, attention_mask=batch.attention, use_cache=False)
+                return out.last_hidden_state, captured
             finally:
                 base.layers = layers
 

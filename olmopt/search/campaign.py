@@ -157,6 +157,18 @@ def all_studies(storage: optuna.storages.BaseStorage, attempts: int = 5) -> list
     return []
 
 
+def delete_campaign(storage: optuna.storages.BaseStorage, name: str) -> int:
+    """Delete campaign ``name``: its record study and every study under ``name/`` (stages, locks).
+    Returns how many studies were deleted."""
+    doomed = [s.study_name for s in all_studies(storage) if s.study_name == name or s.study_name.startswith(name + "/")]
+    for study_name in doomed:
+        try:
+            optuna.delete_study(study_name=study_name, storage=storage)
+        except KeyError:  # a transient lock study released meanwhile
+            pass
+    return len(doomed)
+
+
 def campaign_names(storage: optuna.storages.BaseStorage) -> list[str]:
     return [
         s.study_name

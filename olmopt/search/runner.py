@@ -40,11 +40,11 @@ from olmopt.search.workers import Evaluators
 from olmopt.select import degradation_constraints, is_feasible, select
 
 POLL_SECONDS = (0.05, 1.0)  # waiting for other workers: first poll, then x1.5 up to the second
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _next_poll(poll: float) -> float:
     return min(POLL_SECONDS[1], poll * 1.5)
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
