@@ -222,6 +222,50 @@ def test_sigterm_all_workers_then_restart_resumes(rdb_url, tiny_zoo, tmp_path, s
         cleanup(rdb_url, name)
 
 
+@pytest.mark.server
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_trials_of_dead_workers_are_failed_whether_or_not_they_ever_beat(rdb_url) -> None:
+    """A worker killed after taking a trial but before its first beat leaves a RUNNING trial that Optuna's
+    heartbeat sweep never fails; it must be failed after 3 intervals, while a beating trial lives on."""
+    from olmopt.search.coordination import fail_dead_workers_trials
+
+    storage = optuna.storages.RDBStorage(rdb_url, heartbeat_interval=1, grace_period=2)
+    name = f"dead-{uuid.uuid4().hex[:10]}"
+    study = optuna.create_study(study_name=name, storage=storage)
+    try:
+        never_beat, beating, stopped = study.ask(), study.ask(), study.ask()
+        never_beat.set_user_attr("worker", "elsewhere:1")  # the worker named itself, then died
+        storage.record_heartbeat(beating._trial_id)
+        storage.record_heartbeat(stopped._trial_id)
+        assert fail_dead_workers_trials(study, storage, stale_after=900) == []  # all young
+        time.sleep(3.5)
+        storage.record_heartbeat(beating._trial_id)
+        assert fail_dead_workers_trials(study, storage, stale_after=900) == [never_beat.number]
+        states = {t.number: t.state for t in study.get_trials()}
+        assert states == {
+            never_beat.number: optuna.trial.TrialState.FAIL,
+            beating.number: optuna.trial.TrialState.RUNNING,
+            stopped.number: optuna.trial.TrialState.FAIL,  # by Optuna's heartbeat sweep
+        }
+    finally:
+        optuna.delete_study(study_name=name, storage=storage)
+
+
+def test_without_heartbeats_trials_are_failed_by_age(tmp_path: Path) -> None:
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from olmopt.search.coordination import fail_dead_workers_trials
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
+    study = optuna.create_study(storage=storage)
+    old = study.ask()
+    time.sleep(1.2)
+    young = study.ask()
+    assert fail_dead_workers_trials(study, storage, stale_after=1.0) == [old.number]
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING]
+    assert young.number == 1
+
+
 def _complete(url: str, name: str) -> int:
     return sum(s["trials"]["complete"] for s in campaign_status(name, url)["stages"])
 

@@ -9,18 +9,57 @@ taken does not wait for it: it evaluates the candidates as they appear (``acquir
 
 from __future__ import annotations
 
+import datetime
 import time
 from types import TracebackType
 
 import optuna
 from optuna.exceptions import DuplicatedStudyError
 from optuna.storages import BaseStorage, RDBStorage
+from optuna.trial import TrialState
 
 LOCK_ATTR = "olmopt.lock_acquired"
 
 
 def heartbeat_enabled(storage: BaseStorage) -> bool:
     return isinstance(storage, RDBStorage) and storage.get_heartbeat_interval() is not None
+
+
+def fail_dead_workers_trials(study: optuna.Study, storage: BaseStorage, stale_after: float) -> list[int]:
+    """Fail the RUNNING trials of workers that died; returns the numbers of those without heartbeats.
+
+    With heartbeats (RDB storages): a trial whose beats stopped (Optuna's ``fail_stale_trials``), and a
+    trial that never beat for 3 intervals: a worker beats a trial as soon as it takes it and then every
+    half interval, so its worker died at once (Optuna skips such trials). Without heartbeats (journal
+    storages): a trial RUNNING for longer than ``stale_after`` seconds. ``storage`` is the one the study
+    was loaded from (a study wraps an RDB storage in a cache that hides its heartbeat settings).
+    """
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    failed: list[int] = []
+    if heartbeat_enabled(storage):
+        assert isinstance(storage, RDBStorage)
+        optuna.storages.fail_stale_trials(study)
+        beating = trials_with_heartbeat(storage, [t._trial_id for t in running])
+        running = [t for t in running if t._trial_id not in beating]
+        stale_after = 3 * (storage.get_heartbeat_interval() or 30)
+    limit = datetime.datetime.now() - datetime.timedelta(seconds=stale_after)
+    for t in running:
+        if t.datetime_start is not None and t.datetime_start < limit:
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            failed.append(t.number)
+    return failed
+
+
+def trials_with_heartbeat(storage: RDBStorage, trial_ids: list[int]) -> set[int]:
+    """Which of ``trial_ids`` have a heartbeat row (Optuna 5 has no public query for it)."""
+    if not trial_ids:
+        return set()
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+    from sqlalchemy import select
+
+    column = TrialHeartbeatModel.__table__.c.trial_id
+    with storage.engine.connect() as conn:
+        return {int(row[0]) for row in conn.execute(select(column).where(column.in_(trial_ids)))}
 
 
 class StageLock:

@@ -12,7 +12,6 @@ last trial before the (deterministic, hence idempotent) decision is recorded.
 
 from __future__ import annotations
 
-import datetime
 import os
 import socket
 import threading
@@ -32,7 +31,7 @@ from olmopt.search import trials as T
 from olmopt.search.annotate import annotate_decision, annotate_trial
 from olmopt.search.campaign import DECISION_ATTR, Campaign
 from olmopt.search.context import objectives_of
-from olmopt.search.coordination import StageLock, heartbeat_enabled
+from olmopt.search.coordination import StageLock, fail_dead_workers_trials, heartbeat_enabled
 from olmopt.search.plan import Stage
 from olmopt.search.spaces import SPACES, StageSpace
 from olmopt.search.storage import is_sqlite, stale_after
@@ -187,22 +186,9 @@ class CampaignRunner:
             lock.release()
 
     def _sweep_stale(self, study: optuna.Study) -> None:
-        """Fail trials of dead workers: by heartbeat on RDB, by age on storages without heartbeats."""
-        if is_sqlite(self.c.url):
-            return  # single writer: orphans were failed at stage start
-        now = datetime.datetime.now()
-        limit = now - datetime.timedelta(seconds=stale_after())
-        orphan_limit = limit
-        if heartbeat_enabled(self.c.storage):
-            optuna.storages.fail_stale_trials(study)
-            # a trial taken by a worker that died before marking it (worker attr, first beat) never beats
-            grace = self.c.storage.get_heartbeat_interval() or 30  # type: ignore[attr-defined]
-            orphan_limit = now - datetime.timedelta(seconds=3 * grace)
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            started = t.datetime_start
-            too_old = started is not None and started < (orphan_limit if "worker" not in t.user_attrs else limit)
-            if too_old:
-                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        """Fail trials of dead workers (so that their candidates are retried)."""
+        if not is_sqlite(self.c.url):  # SQLite has a single writer: its orphans were failed at stage start
+            fail_dead_workers_trials(study, self.c.storage, stale_after())
 
     def _references(self, decisions: dict[str, dict[str, Any]], incumbent: Recipe | None) -> dict[str, dict[str, float]]:
         refs: dict[str, dict[str, float]] = {}
@@ -255,11 +241,11 @@ class CampaignRunner:
                     poll = POLL_SECONDS[0]
                     try:
                         label, recipe = space.decode(trial)
+                        if beat is not None:
+                            beat.record(trial)  # at once: a worker killed after this goes stale in one grace period
                         if trial.user_attrs.get(T.LABEL_ATTR) is None:  # enqueued trials keep their label
                             trial.set_user_attr(T.LABEL_ATTR, label)
                         trial.set_user_attr("worker", WORKER_ID)
-                        if beat is not None:
-                            beat.record(trial)  # at once: a worker killed before its first beat must go stale
                         if space.run is not None:
                             self._run_inline(space, trial, recipe, in_flight)
                             continue
