@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 
+# A shell that starts the suite in the background makes it ignore SIGINT, and child processes inherit
+# that: the Ctrl-C tests could not interrupt their `olmopt` children. Handle it as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ["OLMOPT_THREADS"] = "1"
 os.environ["OMP_NUM_THREADS"] = "1"
 # the zoo's portable CPU kernels for the whole suite: the tiny zoo is built in this process, and
@@ -42,3 +50,44 @@ def tiny_manifest(tiny_zoo: Path) -> dict[str, Any]:
     from olmopt.zoo import load_manifest
 
     return load_manifest(tiny_zoo)
+
+
+class CliProcesses:
+    """``olmopt`` commands a test runs in child processes. Their output goes to files, so a chatty child
+    cannot block on a full pipe, and every child still running when the test ends is killed."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``python -m olmopt.cli ARGS`` with one torch thread (and ``env`` on top of ours)."""
+        n = len(self.procs)
+        full_env = dict(os.environ, OLMOPT_THREADS="1", OMP_NUM_THREADS="1", **(env or {}))
+        with open(self.log_dir / f"cli-{n}.out", "wb") as out, open(self.log_dir / f"cli-{n}.err", "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "olmopt.cli", *args], env=full_env, stdout=out, stderr=err)
+        self.procs.append(proc)
+        return proc
+
+    def stderr(self, proc: subprocess.Popen[bytes]) -> str:
+        return (self.log_dir / f"cli-{self.procs.index(proc)}.err").read_text(errors="replace")
+
+    def finish(self, proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, str]:
+        """Wait for ``proc`` (TimeoutExpired after ``timeout`` s); its exit code and standard error."""
+        return proc.wait(timeout=timeout), self.stderr(proc)
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliProcesses]:
+    """Run ``olmopt`` commands as child processes; none outlives the test."""
+    procs = CliProcesses(tmp_path_factory.mktemp("cli"))
+    try:
+        yield procs
+    finally:
+        procs.kill_all()

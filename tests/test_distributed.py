@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import pytest
@@ -21,6 +20,9 @@ import pytest
 from olmopt.cli import main
 from olmopt.search.api import campaign_status
 from tests.test_study import study_file
+
+if TYPE_CHECKING:
+    from tests.conftest import CliProcesses
 
 SERVERS = {"postgres": "OLMOPT_TEST_POSTGRES_URL", "mysql": "OLMOPT_TEST_MYSQL_URL"}
 FAST_HEARTBEAT = {"OLMOPT_HEARTBEAT_INTERVAL": "1", "OLMOPT_HEARTBEAT_GRACE": "4"}
@@ -65,10 +67,9 @@ def rdb_url(request: pytest.FixtureRequest) -> str:
     return server_url(request.param)
 
 
-def workers(url: str, name: str, n: int, extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    env = dict(os.environ, OLMOPT_THREADS="1", OMP_NUM_THREADS="1", **FAST_HEARTBEAT, **(extra_env or {}))
-    cmd = [sys.executable, "-m", "olmopt.cli", "study", "run", name, "--storage", url, "--quiet"]
-    return [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(n)]
+def workers(cli: CliProcesses, url: str, name: str, n: int) -> list[subprocess.Popen[bytes]]:
+    """``n`` worker processes of campaign ``name`` with fast heartbeats."""
+    return [cli.start("study", "run", name, "--storage", url, "--quiet", env=FAST_HEARTBEAT) for _ in range(n)]
 
 
 LAYERS = [2, 3]  # two greedy stages keep four workers busy without making CI slow
@@ -115,13 +116,12 @@ def single_worker_recipe(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_four_workers_share_a_greedy_campaign(rdb_url, tiny_zoo, tmp_path, single_worker_recipe) -> None:
+def test_four_workers_share_a_greedy_campaign(rdb_url, tiny_zoo, tmp_path, single_worker_recipe, cli) -> None:
     name = create(tiny_zoo, tmp_path, rdb_url)
     try:
-        procs = workers(rdb_url, name, 4)
-        for p in procs:
-            _out, err = p.communicate(timeout=600)
-            assert p.returncode == 0, err.decode()[-2000:]
+        for p in workers(cli, rdb_url, name, 4):
+            code, err = cli.finish(p, timeout=600)
+            assert code == 0, err[-2000:]
         assert_exact_candidates(rdb_url, name)
         assert campaign_status(name, rdb_url)["recipe"] == single_worker_recipe
         # every worker took part: trials carry the worker that ran them
@@ -158,11 +158,11 @@ def _running_trial_worker(url: str, name: str) -> str | None:
 @pytest.mark.server
 @pytest.mark.slow
 def test_kill_9_mid_trial_is_failed_retried_and_finishes_with_the_same_recipe(
-    rdb_url, tiny_zoo, tmp_path, single_worker_recipe
+    rdb_url, tiny_zoo, tmp_path, single_worker_recipe, cli
 ) -> None:
     name = create(tiny_zoo, tmp_path, rdb_url)
     try:
-        procs = workers(rdb_url, name, 2)
+        procs = workers(cli, rdb_url, name, 2)
         by_pid = {p.pid: p for p in procs}
         killed = None
         deadline = time.time() + 300
@@ -175,8 +175,8 @@ def test_kill_9_mid_trial_is_failed_retried_and_finishes_with_the_same_recipe(
         assert killed is not None, "never saw a running trial to kill"
         killed.wait(timeout=30)
         survivor = next(p for p in procs if p is not killed)
-        _out, err = survivor.communicate(timeout=600)
-        assert survivor.returncode == 0, err.decode()[-2000:]
+        code, err = cli.finish(survivor, timeout=600)
+        assert code == 0, err[-2000:]
         assert_exact_candidates(rdb_url, name)
         failed = [
             t
@@ -194,10 +194,10 @@ def test_kill_9_mid_trial_is_failed_retried_and_finishes_with_the_same_recipe(
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_sigterm_all_workers_then_restart_resumes(rdb_url, tiny_zoo, tmp_path, single_worker_recipe) -> None:
+def test_sigterm_all_workers_then_restart_resumes(rdb_url, tiny_zoo, tmp_path, single_worker_recipe, cli) -> None:
     name = create(tiny_zoo, tmp_path, rdb_url)
     try:
-        procs = workers(rdb_url, name, 2)
+        procs = workers(cli, rdb_url, name, 2)
         deadline = time.time() + 300
         while time.time() < deadline and (
             _running_trial_worker(rdb_url, name) is None or _complete(rdb_url, name) < 1
@@ -211,9 +211,9 @@ def test_sigterm_all_workers_then_restart_resumes(rdb_url, tiny_zoo, tmp_path, s
         assert _running_trial_worker(rdb_url, name) is None
         done_before = sum(s["trials"]["complete"] for s in campaign_status(name, rdb_url)["stages"])
         assert not campaign_status(name, rdb_url)["finished"]
-        for p in workers(rdb_url, name, 2):
-            _out, err = p.communicate(timeout=600)
-            assert p.returncode == 0, err.decode()[-2000:]
+        for p in workers(cli, rdb_url, name, 2):
+            code, err = cli.finish(p, timeout=600)
+            assert code == 0, err[-2000:]
         assert_exact_candidates(rdb_url, name)
         assert sum(s["trials"]["complete"] for s in campaign_status(name, rdb_url)["stages"]) == 1 + len(LAYERS) * 5
         assert done_before >= 1
@@ -270,14 +270,12 @@ def _complete(url: str, name: str) -> int:
     return sum(s["trials"]["complete"] for s in campaign_status(name, url)["stages"])
 
 
-def test_a_second_process_on_one_sqlite_file_is_refused(tiny_zoo, tmp_path) -> None:
+def test_a_second_process_on_one_sqlite_file_is_refused(tiny_zoo, tmp_path, cli) -> None:
     """Two `study run` processes on one SQLite file: exactly one runs, the other is refused in one line."""
     url = f"sqlite:///{tmp_path}/s.db"
     name = create(tiny_zoo, tmp_path, url)
-    env = dict(os.environ, OLMOPT_THREADS="1")
-    cmd = [sys.executable, "-m", "olmopt.cli", "study", "run", name, "--storage", url, "--quiet"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
+    procs = [cli.start("study", "run", name, "--storage", url, "--quiet") for _ in range(2)]
+    results = [cli.finish(p, timeout=600) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
     refused = next(err for code, err in results if code == 2).strip().splitlines()

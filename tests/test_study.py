@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -238,15 +235,8 @@ def test_joint_mode_runs_and_exports(tiny_zoo, tmp_path) -> None:
     AutoModelForCausalLM.from_pretrained(tmp_path / "m")
 
 
-def _run_cli(*args: str) -> subprocess.Popen:
-    env = dict(os.environ, OLMOPT_THREADS="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen(
-        [sys.executable, "-m", "olmopt.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-
-
 @pytest.mark.slow
-def test_interrupt_and_resume_gives_the_same_recipe(layer_campaign, tiny_zoo, tmp_path) -> None:
+def test_interrupt_and_resume_gives_the_same_recipe(layer_campaign, tiny_zoo, tmp_path, cli) -> None:
     _tmp, ref_url, ref_name = layer_campaign
     url = f"sqlite:///{tmp_path}/s.db"
     path = study_file(tmp_path, tiny_zoo, "resume", layers={"mode": "greedy"})
@@ -257,7 +247,7 @@ def test_interrupt_and_resume_gives_the_same_recipe(layer_campaign, tiny_zoo, tm
 
     storage = optuna.storages.get_storage(url)
     for sig in (signal.SIGINT, signal.SIGKILL):
-        proc = _run_cli("study", "run", "resume", "--storage", url, "--quiet")
+        proc = cli.start("study", "run", "resume", "--storage", url, "--quiet")
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:  # stop it in the middle of the layer stages
             names = [s.study_name for s in all_studies(storage)]
@@ -269,6 +259,7 @@ def test_interrupt_and_resume_gives_the_same_recipe(layer_campaign, tiny_zoo, tm
         assert not campaign_status("resume", url)["finished"]
     assert main(["study", "run", "resume", "--storage", url, "--quiet"]) == 0
     assert campaign_status("resume", url)["recipe"] == campaign_status(ref_name, ref_url)["recipe"]
+    assert not [s.study_name for s in all_studies(storage) if "#" in s.study_name]  # no lock left behind
     for stage in campaign_status("resume", url)["stages"]:
         assert stage["trials"]["running"] == 0 and stage["trials"]["waiting"] == 0
 

@@ -82,7 +82,11 @@ class StageLock:
         except DuplicatedStudyError:
             self._break_if_stale()
             return False
-        study.set_user_attr(LOCK_ATTR, time.time())
+        try:
+            study.set_user_attr(LOCK_ATTR, time.time())
+        except BaseException:  # Ctrl-C while stamping: do not leave a lock the others wait out
+            self._delete()
+            raise
         return True
 
     def release(self) -> None:

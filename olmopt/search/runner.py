@@ -174,16 +174,23 @@ class CampaignRunner:
         present = T.enqueued_labels(study) | T.exhausted_labels(study)
         if all(label in present for label, _ in space.enqueue):
             return
+        if is_sqlite(self.c.url):  # this process is the only writer
+            self._enqueue_absent(study, space)
+            return
         lock = StageLock(self.c.storage, self.c.stage_study_name(stage))
         if not lock.acquire():
             return
         try:
-            present = T.enqueued_labels(study) | T.exhausted_labels(study)
-            for label, params in space.enqueue:
-                if label not in present:
-                    study.enqueue_trial(params, user_attrs={T.LABEL_ATTR: label})
+            self._enqueue_absent(study, space)
         finally:
             lock.release()
+
+    @staticmethod
+    def _enqueue_absent(study: optuna.Study, space: StageSpace) -> None:
+        present = T.enqueued_labels(study) | T.exhausted_labels(study)
+        for label, params in space.enqueue:
+            if label not in present:
+                study.enqueue_trial(params, user_attrs={T.LABEL_ATTR: label})
 
     def _sweep_stale(self, study: optuna.Study) -> None:
         """Fail trials of dead workers (so that their candidates are retried)."""

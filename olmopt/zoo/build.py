@@ -22,7 +22,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from olmopt import __version__
-from olmopt.errors import InputError
+from olmopt.errors import InputError, OlmoptError
 from olmopt.kernels import (
     PORTABLE_CAPABILITY,
     PORTABLE_CPU_ENV,
@@ -114,13 +114,18 @@ def _build_here(out: Path, spec: FamilySpec, seed: int, key: dict[str, Any], pro
 def _build_in_child(out: Path, spec: FamilySpec, seed: int, progress: bool, force: bool) -> dict[str, Any]:
     """``build_family`` (unchecked) in a fresh process whose torch starts with the portable kernels."""
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     log.info("zoo %s: building in a child process (this one computes with %s kernels)", out, cpu_capability())
     saved = {name: os.environ.get(name) for name in (*PORTABLE_CPU_ENV, _CHILD_ENV)}
     os.environ.update({**PORTABLE_CPU_ENV, _CHILD_ENV: "1"})  # a spawned child inherits the environment
     try:
-        with mp.get_context("spawn").Pool(1) as pool:
-            return pool.apply(build_family, (out, spec, seed), {"progress": progress, "check": False, "force": force})
+        # an executor, not a Pool: a child that dies (killed, out of memory) raises here instead of hanging
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            return pool.submit(build_family, out, spec, seed, progress=progress, check=False, force=force).result()
+    except BrokenProcessPool:
+        raise OlmoptError(f"zoo {out}: the build process died (killed, or out of memory); {out} is unchanged") from None
     finally:
         for name, value in saved.items():
             if value is None:
