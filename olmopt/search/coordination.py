@@ -26,7 +26,7 @@ def heartbeat_enabled(storage: BaseStorage) -> bool:
 
 
 def fail_dead_workers_trials(study: optuna.Study, storage: BaseStorage, stale_after: float) -> list[int]:
-    """Fail the RUNNING trials of workers that died; returns the numbers of those without heartbeats.
+    """Fail the RUNNING trials of workers that died; returns the numbers it failed beyond Optuna's sweep.
 
     With heartbeats (RDB storages): a trial whose beats stopped (Optuna's ``fail_stale_trials``), and a
     trial that never beat for 3 intervals: a worker beats a trial as soon as it takes it and then every
