@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import time
 from types import TracebackType
+from typing import TypeGuard
 
 import optuna
 from optuna.exceptions import DuplicatedStudyError
@@ -21,7 +22,7 @@ from optuna.trial import TrialState
 LOCK_ATTR = "olmopt.lock_acquired"
 
 
-def heartbeat_enabled(storage: BaseStorage) -> bool:
+def heartbeat_enabled(storage: BaseStorage) -> TypeGuard[RDBStorage]:
     return isinstance(storage, RDBStorage) and storage.get_heartbeat_interval() is not None
 
 
@@ -37,7 +38,6 @@ def fail_dead_workers_trials(study: optuna.Study, storage: BaseStorage, stale_af
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     failed: list[int] = []
     if heartbeat_enabled(storage):
-        assert isinstance(storage, RDBStorage)
         optuna.storages.fail_stale_trials(study)
         beating = trials_with_heartbeat(storage, [t._trial_id for t in running])
         running = [t for t in running if t._trial_id not in beating]

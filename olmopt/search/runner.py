@@ -171,12 +171,12 @@ class CampaignRunner:
         """
         if not space.enqueue:
             return
-        present = T.enqueued_labels(study) | T.exhausted_labels(study)
-        if all(label in present for label, _ in space.enqueue):
-            return
-        if is_sqlite(self.c.url):  # this process is the only writer
+        if is_sqlite(self.c.url):  # this process is the only writer: no lock
             self._enqueue_absent(study, space)
             return
+        present = T.enqueued_labels(study) | T.exhausted_labels(study)
+        if all(label in present for label, _ in space.enqueue):
+            return  # the common case while waiting: nothing to enqueue, no lock taken
         lock = StageLock(self.c.storage, self.c.stage_study_name(stage))
         if not lock.acquire():
             return
