@@ -47,16 +47,38 @@ class BaseDecision(_Strict):
     model: str | None = None
 
 
+JointSampler = Literal["tpe", "catcma", "nsga2", "gp", "random"]
+
+
 class SwapDecision(_Strict):
-    """Layer or tensor-unit donors: greedy (OLM traversal, one stage per slot) or joint (one search)."""
+    """Layer or tensor-unit donors: greedy (OLM traversal, one stage per slot) or joint (one search).
+
+    Greedy: ``windows`` are the widths of the blocks of adjacent layers swapped as one slot (``[1]`` is
+    OLM's traversal; ``[2, 1]`` swaps pairs, then single layers), repeated for ``passes`` sweeps; a sweep
+    after one that changed nothing costs no evaluation. ``then_joint`` > 0 adds a joint stage of that many
+    evaluations after the greedy sweeps, warm-started with their winner. Joint: ``warm_start`` enqueues
+    the incumbent and each donor's whole model first; ``sampler`` overrides the campaign's sampler.
+    """
 
     mode: Literal["greedy", "joint", "off"] = "greedy"
     direction: Literal["forward", "backward"] = "forward"
     only: list[int] | None = None  # restrict to these layer indices
     skip_norm: bool = True
     n_trials: int = Field(50, gt=0)
+    windows: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    passes: int = Field(1, ge=1, le=20)
+    then_joint: int = Field(0, ge=0)
+    warm_start: bool = True
+    sampler: JointSampler | None = None
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
+
+    @field_validator("windows")
+    @classmethod
+    def _positive_windows(cls, value: list[int]) -> list[int]:
+        if any(w < 1 for w in value) or len(set(value)) != len(value):
+            raise ValueError("must be distinct block widths >= 1, e.g. [2, 1]")
+        return value
 
 
 class BoundaryDecision(_Strict):
@@ -205,9 +227,17 @@ class SelectionConfig(_Strict):
 
 
 class SamplerConfig(_Strict):
-    name: Literal["tpe", "nsga2", "random"] = "tpe"
+    """The sampler of joint stages (a joint decision's own ``sampler`` overrides ``name``).
+
+    ``population_size``: NSGA-II's generation size (Optuna's default 50 never leaves its random first
+    generation within a budget below 100) and CatCMA's (default: its own rule, 4 + 3 ln n).
+    """
+
+    name: JointSampler = "tpe"
     seed: int = 0
     multivariate: bool = True
+    population_size: int | None = Field(None, ge=2)
+    n_startup_trials: int = Field(10, ge=0)
 
 
 class EvaluationConfig(_Strict):
@@ -237,6 +267,8 @@ class StudyConfig(_Strict):
             raise ValueError(f"decisions.base.model {base.model!r} is not in pool.models")
         if base.mode == "auto" and base.model:
             raise ValueError("decisions.base: 'model' cannot be set with mode 'auto'")
+        if self.decisions.tensors.windows != [1]:
+            raise ValueError("decisions.tensors.windows: blocks are layer windows; tensor units take [1]")
         for i, o in enumerate(self.objectives):
             if not o.dataset and o.metric != "layers_removed":
                 raise ValueError(f"objectives.{i}.dataset: required for metric {o.metric!r}")

@@ -19,9 +19,11 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from olmopt.search.seeding import finished, trial_seed
+
 
 class CatCmaSampler(optuna.samplers.BaseSampler):
-    def __init__(self, space: dict[str, BaseDistribution], seed: int | None = None) -> None:
+    def __init__(self, space: dict[str, BaseDistribution], seed: int | None = None, population_size: int | None = None) -> None:
         self.space = space
         self.continuous = [n for n, d in space.items() if isinstance(d, FloatDistribution)]
         self.discrete = [n for n, d in space.items() if isinstance(d, CategoricalDistribution | IntDistribution)]
@@ -30,10 +32,13 @@ class CatCmaSampler(optuna.samplers.BaseSampler):
             x_space=[[space[n].low, space[n].high] for n in self.continuous] or None,  # type: ignore[attr-defined]
             c_space=[len(self.choices[n]) for n in self.discrete] or None,
             seed=seed,
+            population_size=population_size,
         )
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
+        self._seed = seed or 0
         self._pending: dict[int, Any] = {}
         self._told: list[tuple[Any, Sequence[float]]] = []
+        self._replayed = False
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return dict(self.space)
@@ -41,6 +46,9 @@ class CatCmaSampler(optuna.samplers.BaseSampler):
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         if "fixed_params" in trial.system_attrs:
             return {}
+        if not self._replayed:
+            self._replay(study, trial.number)
+        self.optimizer._rng.seed(trial_seed(self._seed, finished(study)))  # the same draw after a resume
         solution = self.optimizer.ask()
         self._pending[trial._trial_id] = solution
         params: dict[str, Any] = {}
@@ -49,6 +57,26 @@ class CatCmaSampler(optuna.samplers.BaseSampler):
         for i, name in enumerate(self.discrete):
             params[name] = self.choices[name][int(np.argmax(solution.c[i]))]
         return params
+
+    def _replay(self, study: optuna.Study, before: int) -> None:
+        """A resumed stage: tell the optimizer the sampled trials finished before ``before``, in order, so
+        it continues as the uninterrupted run would (exact for categorical spaces; continuous parameters
+        are replayed without CatCMA's raw Gaussian draw, which only its constraint penalty reads)."""
+        self._replayed = True
+        for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
+            if t.number >= before or "fixed_params" in t.system_attrs or t.values is None:
+                continue
+            if any(n not in t.params for n in self.space):
+                continue
+            x = np.array([t.params[n] for n in self.continuous], dtype=float) if self.continuous else None
+            c = None
+            if self.discrete:
+                c = np.zeros((len(self.discrete), max(len(v) for v in self.choices.values())), dtype=bool)
+                for i, n in enumerate(self.discrete):
+                    c[i, self.choices[n].index(t.params[n])] = True
+            solution = CatCMAwM.Solution(x, None, c, x.copy() if x is not None else None)
+            self._pending[t._trial_id] = solution
+            self.after_trial(study, t, TrialState.COMPLETE, t.values)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)

@@ -18,14 +18,16 @@ class Stage:
     """One decision of the campaign. ``target`` is a layer index or unit name (or '' for base/boundary)."""
 
     index: int
-    kind: str  # base | boundary | layer | unit | joint-layers | joint-units | es-svd | es-norm
-    target: str = ""
+    kind: str  # base | boundary | layer | block | unit | joint-layers | joint-units | es-svd | es-norm ...
+    target: str = ""  # a layer index, a block "first-last", a unit name, or ""
     n_trials: int = 0  # joint stages only
+    sweep: int = 1  # greedy stages: which pass over the slots
 
     @property
     def key(self) -> str:
         suffix = f"-{self.target}" if self.target else ""
-        return f"{self.index:03d}-{self.kind}{suffix}"
+        again = f"-pass{self.sweep}" if self.sweep > 1 else ""
+        return f"{self.index:03d}-{self.kind}{suffix}{again}"
 
     @property
     def is_joint(self) -> bool:
@@ -39,8 +41,8 @@ def plan_stages(config: StudyConfig, adapter: ArchitectureAdapter, param_names: 
     """Every stage in execution order."""
     stages: list[Stage] = []
 
-    def add(kind: str, target: str = "", n_trials: int = 0) -> None:
-        stages.append(Stage(len(stages), kind, target, n_trials))
+    def add(kind: str, target: str = "", n_trials: int = 0, sweep: int = 1) -> None:
+        stages.append(Stage(len(stages), kind, target, n_trials, sweep))
 
     d = config.decisions
     add("base")
@@ -48,16 +50,23 @@ def plan_stages(config: StudyConfig, adapter: ArchitectureAdapter, param_names: 
         add("joint-merge", n_trials=d.merge.n_trials)
     if d.boundary.mode == "greedy":
         add("boundary")
-    layers = _ordered(d.layers.only or list(range(adapter.num_layers)), d.layers.direction)
+    layers = sorted(d.layers.only or range(adapter.num_layers))
     if d.layers.mode == "greedy":
-        for i in layers:
-            add("layer", str(i))
+        for sweep in range(1, d.layers.passes + 1):
+            for width in d.layers.windows:
+                for kind, target in layer_slots(layers, width, d.layers.direction):
+                    add(kind, target, sweep=sweep)
+        if d.layers.then_joint:
+            add("joint-layers", n_trials=d.layers.then_joint)
     elif d.layers.mode == "joint":
         add("joint-layers", n_trials=d.layers.n_trials)
     units = tensor_units(config, adapter, param_names)
     if d.tensors.mode == "greedy":
-        for unit in units:
-            add("unit", unit)
+        for sweep in range(1, d.tensors.passes + 1):
+            for unit in units:
+                add("unit", unit, sweep=sweep)
+        if d.tensors.then_joint:
+            add("joint-units", n_trials=d.tensors.then_joint)
     elif d.tensors.mode == "joint":
         add("joint-units", n_trials=d.tensors.n_trials)
     if d.es.svd is not None or d.es.norm is not None:
@@ -72,9 +81,27 @@ def plan_stages(config: StudyConfig, adapter: ArchitectureAdapter, param_names: 
     return stages
 
 
-def _ordered(items: list[int], direction: str) -> list[int]:
-    items = sorted(items)
-    return list(reversed(items)) if direction == "backward" else items
+def layer_slots(layers: list[int], width: int, direction: str) -> list[tuple[str, str]]:
+    """Greedy layer slots: ``("layer", "i")`` for width 1, else ``("block", "i-j")`` for every window of
+    ``width`` adjacent searched layers (stride 1), in traversal order."""
+    runs: list[list[int]] = []
+    for i in layers:  # windows never span a gap in ``layers.only``
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    slots: list[tuple[str, str]] = []
+    for run in runs:
+        for start in range(len(run) - width + 1):
+            window = run[start : start + width]
+            slots.append(("layer", str(window[0])) if width == 1 else ("block", f"{window[0]}-{window[-1]}"))
+    return list(reversed(slots)) if direction == "backward" else slots
+
+
+def block_layers(target: str) -> list[int]:
+    """The layers of a block target ``"i-j"``."""
+    first, _, last = target.partition("-")
+    return list(range(int(first), int(last) + 1))
 
 
 def tensor_units(config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[str]:
@@ -123,6 +150,16 @@ def greedy_candidates(stage: Stage, incumbent: Recipe | None, pool: list[str]) -
     assert incumbent is not None
     if stage.kind == "boundary":
         return {m: incumbent.model_copy(update={"boundary": m}) for m in pool}
+    if stage.kind == "block":
+        out: dict[str, Recipe] = {}
+        for m in pool:
+            recipe = incumbent
+            for layer in block_layers(stage.target):
+                recipe = recipe.with_layer(layer, m)
+            out[m] = recipe
+        if incumbent not in out.values():  # a block of mixed donors: keeping it is a candidate too
+            out["incumbent"] = incumbent
+        return out
     slot = f"{'layer' if stage.kind == 'layer' else 'unit'}.{stage.target}"
     return {m: apply_choice(incumbent, slot, m) for m in pool}
 
@@ -131,6 +168,8 @@ def prefix_layer(stage: Stage, adapter: ArchitectureAdapter) -> int | None:
     """Layer whose incoming hidden states are shared by every candidate of the stage."""
     if stage.kind == "layer":
         return int(stage.target)
+    if stage.kind == "block":
+        return block_layers(stage.target)[0]
     if stage.kind == "unit":
         return adapter.layer_of(stage.target + ".weight")
     return None

@@ -33,6 +33,7 @@ from olmopt.search.campaign import DECISION_ATTR, Campaign
 from olmopt.search.context import objectives_of
 from olmopt.search.coordination import StageLock, fail_dead_workers_trials, heartbeat_enabled
 from olmopt.search.plan import Stage
+from olmopt.search.seeding import TrialSeeded
 from olmopt.search.spaces import SPACES, StageSpace
 from olmopt.search.storage import is_sqlite, stale_after
 from olmopt.search.workers import Evaluators
@@ -54,6 +55,15 @@ class RunOutcome:
     final: Recipe | None
 
 
+REUSE_CAP = 3  # a budget of N evaluations stops after 3 N trials however many repeat earlier ones
+
+
+def _budget_spent(trials: list[FrozenTrial], budget: int) -> bool:
+    """Whether ``trials`` (complete or running) use up a budget of ``budget`` evaluations."""
+    evaluated = sum("reused" not in t.user_attrs for t in trials)
+    return evaluated >= budget or len(trials) >= REUSE_CAP * budget
+
+
 def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0, env: Any = None) -> optuna.samplers.BaseSampler:
     """Greedy stages only pop enqueued trials; joint stages use the configured sampler (per-worker seed)."""
     cfg = campaign.config.sampler
@@ -62,17 +72,34 @@ def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0, env: An
         return optuna.samplers.QMCSampler(seed=seed, scramble=True)
     if not stage.is_joint:
         return optuna.samplers.RandomSampler(seed=seed)
+    from olmopt.search.catcma_sampler import CatCmaSampler
+
     if stage.kind == "joint-dfs" and campaign.config.decisions.dfs.sampler == "cmaes":
-        from olmopt.search.catcma_sampler import CatCmaSampler
         from olmopt.search.dfs_space import dfs_distributions
 
-        return CatCmaSampler(dfs_distributions(env), seed=seed)
-    if cfg.name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if cfg.name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    # group=True keeps conditional parameters (per-method knobs, per-slot scales) in joint models
-    return optuna.samplers.TPESampler(seed=seed, multivariate=cfg.multivariate, group=cfg.multivariate, n_startup_trials=10)
+        return CatCmaSampler(dfs_distributions(env), seed=seed, population_size=cfg.population_size)
+    name = cfg.name
+    own = {"joint-layers": campaign.config.decisions.layers, "joint-units": campaign.config.decisions.tensors}.get(stage.kind)
+    if own is not None and own.sampler is not None:
+        name = own.sampler
+    if name == "catcma" and own is not None:
+        from olmopt.search.spaces import joint_distributions
+
+        return CatCmaSampler(dict(joint_distributions(stage, env)), seed=seed, population_size=cfg.population_size)
+    inner: optuna.samplers.BaseSampler
+    if name == "nsga2":
+        # Optuna's default population (50) never leaves its random first generation in a 100-trial budget
+        population = cfg.population_size or max(4, min(50, stage.n_trials // 5))
+        inner = optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+    elif name == "gp":
+        inner = optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
+    elif name == "random":
+        inner = optuna.samplers.RandomSampler(seed=seed)
+    else:  # group=True keeps conditional parameters (per-method knobs, per-slot scales) in joint models
+        inner = optuna.samplers.TPESampler(
+            seed=seed, multivariate=cfg.multivariate, group=cfg.multivariate, n_startup_trials=cfg.n_startup_trials
+        )
+    return TrialSeeded(inner, seed)  # a resumed stage suggests what an uninterrupted one would
 
 
 @dataclass
@@ -211,12 +238,15 @@ class CampaignRunner:
         return refs
 
     def _stage_complete(self, study: optuna.Study, space: StageSpace) -> tuple[bool, int]:
-        """(every enqueued label and the budget are done, number of COMPLETE trials)."""
+        """(every enqueued label and the budget are done, number of COMPLETE trials).
+
+        A budget counts evaluations: trials whose metrics were reused (a repeated suggestion, the
+        incumbent again) are free, up to ``REUSE_CAP`` times the budget in trials."""
         trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         done_labels = {str(t.user_attrs.get(T.LABEL_ATTR)) for t in complete} | T.exhausted_labels(study)
         labels_done = all(label in done_labels for label, _ in space.enqueue)
-        budget_done = space.budget is None or len(complete) >= space.budget
+        budget_done = space.budget is None or _budget_spent(complete, space.budget)
         return labels_done and budget_done, len(complete)
 
     def _next_trial(self, study: optuna.Study, space: StageSpace, writer: _Writer) -> Trial | None:
@@ -224,9 +254,18 @@ class CampaignRunner:
         if trial is None and space.budget is not None:
             writer.flush()  # the sampler sees every finished trial: the same suggestions as a sequential run
             live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-            if len(live) < space.budget:
+            if not _budget_spent(live, space.budget):
                 trial = study.ask()
         return trial
+
+    def _same_model_in_stage(self, study: optuna.Study, recipe: Recipe) -> FrozenTrial | None:
+        """A COMPLETE trial of this stage with the same weights (a sampler repeating itself)."""
+        key = self._model_key(recipe.to_json())
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            recipe_json = t.user_attrs.get(T.RECIPE_ATTR)
+            if recipe_json and self._model_key(str(recipe_json)) == key:
+                return t
+        return None
 
     def _evaluate(
         self, study: optuna.Study, stage: Stage, space: StageSpace, incumbent: Recipe | None, references: dict[str, dict[str, float]]
@@ -257,10 +296,17 @@ class CampaignRunner:
                             self._run_inline(space, trial, recipe, in_flight)
                             continue
                         earlier = self._earlier_decision(recipe)
-                        if earlier is not None:  # the incumbent again (keep, ES parent): already scored
-                            trial.set_user_attr("reused", earlier["stage"])
+                        same = self._same_model_in_stage(study, recipe) if earlier is None and space.budget else None
+                        if earlier is not None or same is not None:  # the incumbent again, a repeat: already scored
+                            if earlier is not None:
+                                trial.set_user_attr("reused", earlier["stage"])
+                                reused = dict(earlier["metrics"])
+                            else:
+                                assert same is not None
+                                trial.set_user_attr("reused", f"trial {same.number}")
+                                reused = T.metrics_of(same, self.names)
                             future = Future()
-                            future.set_result(dict(earlier["metrics"]))
+                            future.set_result(reused)
                             in_flight[future] = (trial, recipe)
                             continue
                         future = self.ev.submit(recipe, incumbent, space.layer)  # inline when workers == 1

@@ -8,10 +8,12 @@ feasible Pareto set + Copeland.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, Trial
 
 from olmopt.config import StudyConfig
@@ -59,11 +61,17 @@ class StageSpace:
 
 
 def swap_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
-    """Greedy OLM stage: every pool model's version of one slot."""
+    """Greedy stage: every pool model's version of one slot (a layer, a block of layers, a unit ...).
+
+    In a later sweep, when the whole previous sweep changed nothing, the only candidate is the incumbent
+    (its metrics are reused, so the stage costs no evaluation)."""
     pool = env.pool_names
     if stage.kind == "base" and env.config.decisions.base.mode == "fixed":
         pool = [env.config.base_model]  # a fixed base is scored once: the reference for improve_all
-    candidates = greedy_candidates(stage, incumbent, pool)
+    if incumbent is not None and stage.sweep > 1 and not previous_sweep_changed(stage, env):
+        candidates = {"incumbent": incumbent}
+    else:
+        candidates = greedy_candidates(stage, incumbent, pool)
 
     def decode(trial: Trial) -> tuple[str, Recipe]:
         label = str(trial.suggest_categorical("donor", list(candidates)))
@@ -77,7 +85,9 @@ def swap_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSp
 
 
 def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
-    """One sampler over every slot's donor at once; the incumbent is the first trial."""
+    """One sampler over every slot's donor at once. The incumbent is the first trial; with ``warm_start``
+    each donor's whole model (every slot from that donor) follows, so the sampler starts from the
+    points a user would try first. ``stage.n_trials`` counts evaluations: a repeated suggestion is free."""
     assert incumbent is not None
     slots = joint_slots(stage, env.config, env.adapter, env.param_names)
 
@@ -89,13 +99,54 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
         return label, recipe
 
     keep = {slot: current_donor(incumbent, slot, env.adapter) for slot in slots}
-    return StageSpace(decode=decode, enqueue=[("incumbent", keep)], budget=stage.n_trials)
+    enqueue: list[tuple[str, dict[str, Any]]] = [("incumbent", keep)]
+    decision = env.config.decisions.layers if stage.kind == "joint-layers" else env.config.decisions.tensors
+    if decision.warm_start:
+        enqueue += [(f"all-{donor}", dict.fromkeys(slots, donor)) for donor in env.pool_names]
+        enqueue = [(label, params) for i, (label, params) in enumerate(enqueue) if params not in [p for _, p in enqueue[:i]]]
+    return StageSpace(decode=decode, enqueue=enqueue, budget=stage.n_trials)
+
+
+def joint_distributions(stage: Stage, env: SpaceEnv) -> dict[str, CategoricalDistribution]:
+    """The joint stage's search space (for samplers that need it up front, such as CatCMA)."""
+    slots = joint_slots(stage, env.config, env.adapter, env.param_names)
+    return {slot: CategoricalDistribution(list(env.pool_names)) for slot in slots}
+
+
+_SWEEP_KEY = re.compile(r"^\d+-(layer|block|unit)-.+?(?:-pass(\d+))?$")
+
+
+def previous_sweep_changed(stage: Stage, env: SpaceEnv) -> bool:
+    """Whether the previous sweep over the same slots (layers and blocks, or units) changed the recipe:
+    its last decision against the decision just before it began, compared as weights."""
+    from olmopt.patch import model_key  # torch: only where trials run
+
+    family = {"unit"} if stage.kind == "unit" else {"layer", "block"}
+    keys = sorted(env.decisions, key=lambda k: int(k.split("-", 1)[0]))
+    before: str | None = None
+    first = last = None
+    for key in keys:
+        if int(key.split("-", 1)[0]) >= stage.index:
+            break
+        match = _SWEEP_KEY.match(key)
+        in_previous = match is not None and match.group(1) in family and int(match.group(2) or 1) == stage.sweep - 1
+        if in_previous:
+            first = first or key
+            last = key
+        elif first is None:
+            before = key
+    if first is None or last is None or before is None:
+        return True  # nothing to compare with: search
+    recipes = [Recipe.from_json(env.decisions[k]["recipe"]) for k in (before, last)]
+    keys_ = [model_key(r, env.adapter, env.param_names) for r in recipes]
+    return keys_[0] != keys_[1]
 
 
 SPACES: dict[str, Callable[[Stage, Recipe | None, SpaceEnv], StageSpace]] = {
     "base": swap_space,
     "boundary": swap_space,
     "layer": swap_space,
+    "block": swap_space,
     "unit": swap_space,
     "joint-layers": joint_space,
     "joint-units": joint_space,

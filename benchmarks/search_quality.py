@@ -1,0 +1,259 @@
+"""Search quality: which campaign strategy finds the best layer-donor merge, at equal evaluation budgets.
+
+    python benchmarks/search_quality.py [--zoo DIR ...] [--budget 100] [--strategies a,b] [--quick]
+                                        [--out storage/search-quality.json]
+
+For every zoo family (a directory built by ``olmopt zoo build``; missing ones are built with the pinned
+seed named by the directory ``storage/zoo-SIZE-ARCH[-sSEED]``) and every strategy, it runs a campaign
+on SQLite (base fixed to the pool's base, objectives/zoo.yaml), counts the evaluations it spent
+(trials whose metrics were not reused, and held-out checks separately) and scores the final Recipe on:
+
+- the search and held-out parts of objectives/zoo.yaml (the campaign saw the first, checked the second);
+- a **sealed test split** written by this script (``test_split``): 400 items per skill for add, rev and
+  mc, drawn with their own seed and disjoint from every objective item; the 200-entry fact table for
+  fact. Search and selection never read it. rev and mc items are new prompts (a few may occur in the
+  specialists' training pools, < 1 %); add has only 8,100 prompts and the zoo trains on every one outside
+  objectives/, so its test items are trained prompts, like fact's (both measure retained skill).
+
+Per family and strategy it reports the test mean with a 95 % confidence interval (normal approximation
+over the items of all skills), the per-skill test scores, held-out Copeland against the donors, the
+share of the gap closed between the best single donor and the zoo's ground-truth layer recipe on the
+test mean, evaluations and wall time. The ground truth (zoo.json ``layer_recipe``) only scores results:
+no strategy reads it. ``--quick``: the tiny llama family, budget 40, four strategies (about 5 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+TEST_SEED = 20261205
+TEST_ITEMS = 400
+
+
+def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, Any]]:
+    """Layer decisions of every strategy, sized to ``budget`` evaluations (greedy ones may spend less)."""
+    sweep = n_layers * n_pool  # evaluations of one single-layer sweep (an upper bound: kept slots are reused)
+    pairs = (n_layers - 1) * n_pool
+    joint = {"mode": "joint", "n_trials": budget, "warm_start": False}
+    return {
+        "greedy-forward": {"mode": "greedy", "direction": "forward"},
+        "greedy-backward": {"mode": "greedy", "direction": "backward"},
+        "greedy-multipass": {"mode": "greedy", "passes": max(1, budget // sweep)},
+        "block-swaps": {"mode": "greedy", "windows": [2, 3], "passes": max(1, budget // (pairs + (n_layers - 2) * n_pool))},
+        "joint-tpe": {**joint, "sampler": "tpe"},
+        "joint-catcma": {**joint, "sampler": "catcma"},
+        "joint-nsga2": {**joint, "sampler": "nsga2"},
+        "joint-random": {**joint, "sampler": "random"},
+        "joint-tpe-warm": {**joint, "sampler": "tpe", "warm_start": True},
+        # the new default: pairs then single layers (one sweep each), then a warm-started joint search
+        "blocks+joint": {
+            "mode": "greedy",
+            "windows": [2, 1],
+            "then_joint": max(10, budget - pairs - sweep),
+            "sampler": "tpe",
+        },
+    }
+
+
+QUICK = ["greedy-forward", "block-swaps", "joint-tpe", "blocks+joint"]
+
+
+def test_split(directory: Path) -> dict[str, Path]:
+    """Write the sealed test sets (ShareGPT / multiple choice JSON) and return skill -> file."""
+    from olmopt.evaluate.formatting import render_choices
+    from olmopt.zoo.skills import GENERATORS, fact_table, mc_question, objective_items, objective_mc_questions
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(TEST_SEED)
+    files: dict[str, Path] = {}
+    for skill in ("add", "rev", "fact"):
+        if skill == "fact":
+            items = fact_table()
+        else:
+            seen = {p for p, _ in objective_items(skill)}
+            items, prompts = [], set()
+            while len(items) < TEST_ITEMS:
+                prompt, answer = GENERATORS[skill](rng)
+                if prompt not in seen and prompt not in prompts:
+                    prompts.add(prompt)
+                    items.append((prompt, answer))
+        rows = [{"conversation": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]} for p, a in items]
+        files[skill] = directory / f"{skill}.json"
+        files[skill].write_text(json.dumps(rows))
+    seen_mc = {render_choices(q, c) for q, c, _ in objective_mc_questions()}
+    questions, prompts = [], set()
+    while len(questions) < TEST_ITEMS:
+        q, c, a = mc_question(rng)
+        prompt = render_choices(q, c)
+        if prompt not in seen_mc and prompt not in prompts:
+            prompts.add(prompt)
+            questions.append({"question": q, "choices": c, "answer": a})
+    files["mc"] = directory / "mc_choices.json"
+    files["mc"].write_text(json.dumps(questions))
+    return files
+
+
+def zoo_objectives() -> list[dict[str, Any]]:
+    objs = yaml.safe_load((REPO / "objectives" / "zoo.yaml").read_text())["objectives"]
+    return [dict(o, dataset=str(REPO / o["dataset"])) for o in objs]
+
+
+def family(zoo: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(zoo.json, model name -> path), building the zoo when it is missing."""
+    from olmopt.zoo import build_zoo, load_manifest
+
+    if not (zoo / "zoo.json").is_file():
+        parts = zoo.name.split("-")  # zoo-SIZE-ARCH[-sSEED]
+        seed = int(parts[3][1:]) if len(parts) > 3 else None
+        build_zoo(zoo, size=parts[1], arch=parts[2], seed=seed, progress=False)
+    manifest = load_manifest(zoo)
+    return manifest, {m["name"]: str(zoo / m["path"]) for m in manifest["models"]}
+
+
+def run_strategy(tmp: Path, zoo: Path, paths: dict[str, str], name: str, layers: dict[str, Any]) -> dict[str, Any]:
+    """Create and run one campaign; its final Recipe, evaluations spent and wall time."""
+    import optuna
+
+    from olmopt.cli import main
+    from olmopt.search.campaign import Campaign
+
+    spec = {
+        "name": name,
+        "pool": {"models": list(paths.values())},
+        "objectives": zoo_objectives(),
+        "decisions": {"base": {"mode": "fixed", "model": paths["base"]}, "layers": layers},
+        "sampler": {"name": "tpe", "seed": 0},
+    }
+    url = f"sqlite:///{tmp / (name + '.db')}"
+    study_file = tmp / f"{name}.yaml"
+    study_file.write_text(yaml.safe_dump(spec))
+    start = time.perf_counter()
+    for argv in (["study", "create", str(study_file), "--storage", url], ["study", "run", name, "--storage", url, "--quiet"]):
+        if main(argv) != 0:
+            raise SystemExit(f"{name}: olmopt {argv[0]} {argv[1]} failed")
+    wall = time.perf_counter() - start
+    campaign = Campaign.load(name, url)
+    evaluations = trials = held_checks = 0
+    for stage in campaign.plan:
+        study = campaign.existing_stage_study(stage)
+        if study is None:
+            continue
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            trials += 1
+            evaluations += "reused" not in t.user_attrs
+    decisions = campaign.decisions()
+    held_checks = len({d["recipe"] for d in decisions.values() if d.get("held_out")})
+    final = campaign.final_recipe()
+    assert final is not None
+    return {"recipe": final, "evaluations": evaluations, "trials": trials, "held_out_checks": held_checks, "wall_s": wall}
+
+
+def scorer(zoo: Path, paths: dict[str, str], test_files: dict[str, Path]):  # type: ignore[no-untyped-def]
+    """Two evaluation contexts: objectives/zoo.yaml (search + held-out) and the sealed test split."""
+    from olmopt.config import StudyConfig
+    from olmopt.search.context import EvalContext
+
+    def ctx(objs: list[dict[str, Any]]) -> EvalContext:
+        spec = {"name": "score", "pool": {"models": list(paths.values())}, "objectives": objs, "root": str(REPO)}
+        spec["decisions"] = {"base": {"mode": "fixed", "model": paths["base"]}, "layers": {"mode": "off"}}
+        return EvalContext(StudyConfig.model_validate(spec))
+
+    test_objs = [
+        {"name": o["name"], "dataset": str(test_files[o["name"]]), "metric": o["metric"], "held_out": 0.0}
+        for o in zoo_objectives()
+    ]
+    return ctx(zoo_objectives()), ctx(test_objs)
+
+
+def mean_ci(scores: dict[str, float], counts: dict[str, int]) -> tuple[float, float]:
+    """Mean over skills and the half-width of its 95 % interval (skills independent, binomial items)."""
+    k = len(scores)
+    mean = sum(scores.values()) / k
+    var = sum(p * (1 - p) / counts[s] for s, p in scores.items()) / k**2
+    return mean, 1.96 * math.sqrt(var)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", nargs="*", default=None, help="zoo directories (default: every family)")
+    parser.add_argument("--budget", type=int, default=100)
+    parser.add_argument("--strategies", default=None, help="comma-separated subset")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "storage" / "search-quality.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("OLMOPT_THREADS", "1")
+    from olmopt.recipe import Recipe
+    from olmopt.select import copeland, rank_table
+
+    default_zoos = ["zoo-tiny", "zoo-tiny-mistral", "zoo-small-llama", "zoo-small-llama-s3", "zoo-small-llama-s4", "zoo-small-mistral"]
+    zoos = [Path(z) for z in (args.zoo or [str(REPO / "storage" / z) for z in (["zoo-tiny"] if args.quick else default_zoos)])]
+    budget = 40 if args.quick and args.budget == 100 else args.budget
+    wanted = args.strategies.split(",") if args.strategies else (QUICK if args.quick else None)
+    results: list[dict[str, Any]] = []
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        test_files = test_split(tmp / "test-split")
+        for zoo in zoos:
+            manifest, paths = family(zoo)
+            n_layers = int(manifest["model_config"]["num_hidden_layers"])
+            plans = strategies(budget, n_layers, len(paths))
+            search_ctx, test_ctx = scorer(zoo, paths, test_files)
+            counts = {o.name: len(test_ctx.evaluator.encoded(o, "search")) for o in test_ctx.objectives}
+            truth = manifest["layer_recipe"]
+            singles = {name: Recipe(base=path) for name, path in paths.items()}
+            gt = Recipe(base=paths[truth["base"]], layers={int(i): paths[m] for i, m in truth["layers"].items()})
+            reference = {**singles, "ground truth": gt}
+            ref_scores = {n: {s: test_ctx.score(r, "search") for s in ("test",)} | {"held_out": search_ctx.score(r, "held_out")} for n, r in reference.items()}
+            best_single = max(mean_ci(ref_scores[n]["test"], counts)[0] for n in singles)
+            gt_mean = mean_ci(ref_scores["ground truth"]["test"], counts)[0]
+            print(f"\n## {zoo.name} ({manifest['build_key']['arch']}, {manifest['build_key']['size']}, seed {manifest['build_key']['seed']}), budget {budget}")
+            print(f"best single donor test mean {best_single:.3f}; ground-truth recipe {gt_mean:.3f}")
+            for name, layers in plans.items():
+                if wanted and name not in wanted:
+                    continue
+                run = run_strategy(tmp, zoo, paths, f"{zoo.name}-{name}".replace("+", "-"), layers)
+                recipe = run.pop("recipe")
+                test = test_ctx.score(recipe, "search")
+                held = search_ctx.score(recipe, "held_out")
+                mean, half = mean_ci(test, counts)
+                directions = {o: "maximize" for o in held}
+                rows = {n: ref_scores[n]["held_out"] for n in singles} | {"merged": held}
+                cope = copeland(rank_table({o: {m: v[o] for m, v in rows.items()} for o in directions}, directions))
+                gap = gt_mean - best_single
+                row = {
+                    "family": zoo.name, "strategy": name, "budget": budget, **run,
+                    "test_mean": mean, "test_ci95": half, "test": test, "held_out": held,
+                    "held_out_copeland": cope["merged"], "held_out_copeland_best_donor": max(cope[n] for n in singles),
+                    "gap_closed": (mean - best_single) / gap if gap > 0 else None,
+                    "best_single_test_mean": best_single, "ground_truth_test_mean": gt_mean,
+                    "recipe": json.loads(recipe.to_json()),
+                }  # fmt: skip
+                results.append(row)
+                closed = f"{row['gap_closed']:+.2f}" if row["gap_closed"] is not None else "n/a"
+                print(
+                    f"| {name} | {mean:.3f} ± {half:.3f} | "
+                    + " ".join(f"{test[s]:.2f}" for s in test)
+                    + f" | {cope['merged']:+.0f} | {closed} | {run['evaluations']} (+{run['held_out_checks']}) | {run['wall_s']:.0f} s |",
+                    flush=True,
+                )
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

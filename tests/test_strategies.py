@@ -1,0 +1,183 @@
+"""Campaign strategies beyond OLM's one-layer traversal: block swaps, sweeps, warm-started joint search,
+per-space samplers, evaluation budgets that do not pay twice, and samplers that resume exactly."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+
+from olmopt.cli import main
+from olmopt.config import StudyConfig
+from olmopt.recipe import Recipe
+from olmopt.search.api import campaign_status
+from olmopt.search.plan import Stage, greedy_candidates, layer_slots, plan_stages, prefix_layer
+from olmopt.search.seeding import TrialSeeded
+from tests.test_study import study_file
+
+
+def _config(**layers: object) -> StudyConfig:
+    return StudyConfig.model_validate(
+        {
+            "name": "plan",
+            "pool": {"models": ["a", "b"]},
+            "objectives": [{"dataset": "x.json", "metric": "token_accuracy"}],
+            "decisions": {"base": {"mode": "fixed", "model": "a"}, "layers": layers},
+        }
+    )
+
+
+_ADAPTER = SimpleNamespace(num_layers=4, all_units=lambda names: [])
+
+
+def test_layer_slots_are_windows_of_adjacent_searched_layers() -> None:
+    assert layer_slots([0, 1, 2, 3], 1, "forward") == [("layer", "0"), ("layer", "1"), ("layer", "2"), ("layer", "3")]
+    assert layer_slots([0, 1, 2, 3], 2, "forward") == [("block", "0-1"), ("block", "1-2"), ("block", "2-3")]
+    assert layer_slots([0, 1, 2, 3], 3, "backward") == [("block", "1-3"), ("block", "0-2")]
+    assert layer_slots([0, 1, 3], 2, "forward") == [("block", "0-1")]  # never across a gap in layers.only
+    assert layer_slots([0, 1], 3, "forward") == []
+
+
+def test_plan_of_windows_passes_and_a_joint_stage_after_them() -> None:
+    plan = plan_stages(_config(mode="greedy", windows=[2, 1], passes=2, then_joint=30), _ADAPTER, [])  # type: ignore[arg-type]
+    keys = [s.key for s in plan]
+    assert keys[:8] == [
+        "000-base", "001-block-0-1", "002-block-1-2", "003-block-2-3",
+        "004-layer-0", "005-layer-1", "006-layer-2", "007-layer-3",
+    ]  # fmt: skip
+    assert keys[8] == "008-block-0-1-pass2" and keys[14] == "014-layer-3-pass2"
+    assert plan[15] == Stage(15, "joint-layers", "", 30, 1)
+    assert [s.sweep for s in plan[1:15]] == [1] * 7 + [2] * 7
+    # OLM's plan is unchanged by the new keys
+    olm = plan_stages(_config(mode="greedy", direction="backward"), _ADAPTER, [])  # type: ignore[arg-type]
+    assert [s.key for s in olm] == ["000-base", "001-layer-3", "002-layer-2", "003-layer-1", "004-layer-0"]
+
+
+@pytest.mark.parametrize(
+    ("layers", "needle"),
+    [
+        ({"windows": [0]}, "decisions.layers.windows"),
+        ({"windows": [2, 2]}, "decisions.layers.windows"),
+        ({"passes": 0}, "decisions.layers.passes"),
+        ({"sampler": "cmaes-typo"}, "decisions.layers.sampler"),
+    ],
+)
+def test_bad_strategy_keys_are_one_line_errors(tmp_path: Path, tiny_zoo: Path, capsys, layers, needle) -> None:
+    path = study_file(tmp_path, tiny_zoo, "bad", layers={"mode": "greedy", **layers})
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(path), "--storage", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_block_candidates_swap_every_layer_and_keep_a_mixed_block() -> None:
+    incumbent = Recipe(base="a", layers={1: "b"})
+    stage = Stage(1, "block", "1-2")
+    cands = greedy_candidates(stage, incumbent, ["a", "b"])
+    assert cands["a"].layers == {1: "a", 2: "a"}
+    assert cands["b"].layers == {1: "b", 2: "b"}
+    assert cands["incumbent"] == incumbent  # layers 1-2 are b, a: no donor's block equals it
+    assert prefix_layer(stage, _ADAPTER) == 1  # type: ignore[arg-type]
+    uniform = greedy_candidates(stage, Recipe(base="a", layers={1: "b", 2: "b"}), ["a", "b"])
+    assert set(uniform) == {"a", "b"}
+
+
+def _evaluated(url: str, study_name: str) -> tuple[int, int]:
+    """(trials that were evaluated, COMPLETE trials) of one stage study."""
+    study = optuna.load_study(study_name=study_name, storage=url)
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    return sum("reused" not in t.user_attrs for t in done), len(done)
+
+
+def test_joint_budget_counts_evaluations_and_repeats_are_free(tiny_zoo: Path, tmp_path: Path) -> None:
+    """Layer 3 alone has 5 possible recipes: the warm start enqueues all of them, the incumbent is the
+    base stage's model, so 4 evaluations exhaust the space; the sampler's repeats cost nothing and the
+    stage stops after 3 x budget trials."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    path = study_file(tmp_path, tiny_zoo, "repeat", layers={"mode": "joint", "only": [3], "n_trials": 6, "sampler": "random"})
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    assert main(["study", "run", "repeat", "--storage", url, "--quiet"]) == 0
+    evaluated, complete = _evaluated(url, "repeat/001-joint-layers")
+    assert (evaluated, complete) == (4, 18)
+    study = optuna.load_study(study_name="repeat/001-joint-layers", storage=url)
+    labels = {t.user_attrs["candidate"] for t in study.trials}
+    assert {"incumbent", "all-" + str(tiny_zoo / "spec_mc")} <= labels
+
+
+def test_a_sweep_after_one_that_changed_nothing_costs_nothing(tiny_zoo: Path, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    path = study_file(tmp_path, tiny_zoo, "sweeps", layers={"mode": "greedy", "only": [3], "passes": 3})
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    assert main(["study", "run", "sweeps", "--storage", url, "--quiet"]) == 0
+    stages = {s["stage"]: s for s in campaign_status("sweeps", url)["stages"]}
+    first = _evaluated(url, "sweeps/001-layer-3")
+    second = _evaluated(url, "sweeps/002-layer-3-pass2")
+    third = _evaluated(url, "sweeps/003-layer-3-pass3")
+    assert first[0] >= 4  # the four other donors were evaluated
+    # one slot: the second sweep searches again only if the first changed it (then the base's and the
+    # incumbent's versions are reused, 3 donors are evaluated), the third never does
+    changed = stages["001-layer-3"]["winner"] != str(tiny_zoo / "base")
+    assert second[0] == (3 if changed else 0)
+    assert third == (0, 1)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
+def test_trial_seeded_samplers_resume_exactly(sampler: str) -> None:
+    def make() -> optuna.samplers.BaseSampler:
+        if sampler == "tpe":
+            return optuna.samplers.TPESampler(seed=1, multivariate=True, group=True, n_startup_trials=3)
+        if sampler == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=1, population_size=4)
+        return optuna.samplers.RandomSampler(seed=1)
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        donors = [trial.suggest_categorical(f"layer.{i}", ["a", "b", "c"]) for i in range(4)]
+        return float(donors.count("a")), float(donors[0] == "c") + trial.number % 3
+
+    def params(interrupt_after: int) -> list[dict[str, object]]:
+        storage = optuna.storages.InMemoryStorage()
+        study = optuna.create_study(directions=["maximize"] * 2, storage=storage, sampler=TrialSeeded(make(), 5))
+        study.optimize(objective, n_trials=interrupt_after)
+        resumed = optuna.load_study(study_name=study.study_name, storage=storage, sampler=TrialSeeded(make(), 5))
+        resumed.optimize(objective, n_trials=14 - interrupt_after)
+        return [t.params for t in resumed.trials]
+
+    assert params(3) == params(8) == params(14)
+    assert len({tuple(p.values()) for p in params(14)}) > 3  # it does explore
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["catcma", "tpe"])
+def test_blocks_then_joint_is_reproducible_and_resumes_to_the_same_recipe(
+    tiny_zoo: Path, tmp_path: Path, sampler: str, cli
+) -> None:
+    layers = {"mode": "greedy", "windows": [2], "then_joint": 12, "sampler": sampler}
+    recipes = []
+    for name, interrupt in (("straight", False), ("again", False), ("resumed", True)):
+        url = f"sqlite:///{tmp_path}/{name}.db"
+        path = study_file(tmp_path, tiny_zoo, name, layers=layers)
+        assert main(["study", "create", str(path), "--storage", url]) == 0
+        if interrupt:  # Ctrl-C inside the joint stage, then resume
+            proc = cli.start("study", "run", name, "--storage", url, "--quiet")
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None:
+                try:
+                    study = optuna.load_study(study_name=f"{name}/004-joint-layers", storage=url)
+                    if len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) >= 8:
+                        break
+                except KeyError:
+                    pass
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+            assert not campaign_status(name, url)["finished"]
+        assert main(["study", "run", name, "--storage", url, "--quiet"]) == 0
+        recipes.append(campaign_status(name, url)["recipe"])
+        evaluated, _ = _evaluated(url, f"{name}/004-joint-layers")
+        assert evaluated == 12
+    assert recipes[0] == recipes[1] == recipes[2]
