@@ -38,7 +38,7 @@ class ParamMerge(_Strict):
     method: str
     base: str | None = None  # defaults to the recipe's base (filled in by Recipe validation)
     models: tuple[str, ...]
-    params: dict[str, float | int | bool | str] = Field(default_factory=dict)
+    params: dict[str, float | int | bool | str | tuple[float, ...]] = Field(default_factory=dict)  # tuple: per variant
     seed: int = 0
 
 
