@@ -32,7 +32,7 @@ def _check(p: Mapping[str, Any], count: int) -> None:
             search=(0.0, 1.0),
             help="weight per variant",
         ),
-        Param("base_weight", 1.0, search=(0.0, 1.0), help="weight of the base model"),
+        Param("base_weight", 1.0, search=(0.05, 1.0), help="weight of the base model"),
         Param("normalize", True, kind="bool", help="divide by the sum of all weights"),
     ),
     check=_check,
