@@ -508,5 +508,7 @@ def test_a_toy_method_is_searched_by_a_merge_stage(toy_method: str, tiny_zoo: Pa
     assert json.loads(toy.user_attrs["recipe"])["param_merge"]["method"] == "toy_shift"
     ties = next(tr for tr in trials if tr.user_attrs["candidate"] == "ties@defaults")
     assert ties.params["ties.weights.1"] == 1.0 and ties.params["ties.density.0"] == 1.0
+    ties_recipe = Recipe.from_dict(json.loads(ties.user_attrs["recipe"]))  # per-variant values round-trip
+    assert ties_recipe.param_merge is not None and ties_recipe.param_merge.params["weights"] == (1.0, 1.0)
     recipe = Recipe.from_dict(campaign_status("toy", url)["recipe"])
     assert recipe.param_merge is not None and recipe.param_merge.method in {"toy_shift", "ties"}

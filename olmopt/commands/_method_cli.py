@@ -28,14 +28,18 @@ def add_param_flags(parser: argparse.ArgumentParser, specs: Iterable[MethodSpec]
     """Add one flag per distinct parameter of ``specs``; returns parameter name -> declaration."""
     specs = list(specs)
     owners: dict[str, list[str]] = {}
+    defaults: dict[str, set[str]] = {}
     params: dict[str, Param] = {}
     for spec in specs:
         for param in spec.params:
             owners.setdefault(param.name, []).append(spec.name)
-            params.setdefault(param.name, param)
+            defaults.setdefault(param.name, set()).add(_shown(param.default))
+            if param.name not in params or (param.per_variant and not params[param.name].per_variant):
+                params[param.name] = param  # a per-variant declaration makes the flag take several values
     for name, param in params.items():
         label = "/".join(owners[name]) if len(owners[name]) < len(specs) else ""
-        text = f"{label + ': ' if label else ''}{param.help or name} (default {_shown(param.default)})"
+        default = defaults[name].pop() if len(defaults[name]) == 1 else "per method"
+        text = f"{label + ': ' if label else ''}{param.help or name} (default {default})"
         if param.kind == "bool":
             parser.add_argument(
                 param.flag, dest=dest(param), action=argparse.BooleanOptionalAction, help=text
