@@ -86,8 +86,8 @@ class TopK:
     def _select(self, chunks: Callable[[], Iterator[torch.Tensor]]) -> None:
         high_counts = torch.zeros(1 << 15, dtype=torch.int64)
         for magnitude in chunks():
-            high = magnitude.view(torch.int32).bitwise_right_shift(16).to(torch.int64)
-            high_counts += torch.bincount(high, minlength=1 << 15)
+            top_bits = magnitude.view(torch.int32).bitwise_right_shift(16).to(torch.int64)
+            high_counts += torch.bincount(top_bits, minlength=1 << 15)
         high, above = _from_top(high_counts, self.k)
         low_counts = torch.zeros(1 << 16, dtype=torch.int64)
         for magnitude in chunks():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from olmopt.methods.delta.ties import DENSITY, LAMBDA, WEIGHTS
+from olmopt.methods.delta._params import DENSITY, LAMBDA, WEIGHTS
 from olmopt.methods.registry import Param, merge_method
 
 if TYPE_CHECKING:

@@ -69,10 +69,10 @@ def model_stock(
             ]
             cos = torch.stack(pairs).mean(0)
             denominator = cos.mul(count - 1).add_(1.0)
-            t = torch.where(denominator.abs() < 1e-12, 0.0, cos * count / denominator).to(torch.float32)
-            t = t.unsqueeze(1)
+            ratio = torch.where(denominator.abs() < 1e-12, 0.0, cos * count / denominator).to(torch.float32)
+            ratio = ratio.unsqueeze(1)
             average = torch.stack([v[row:stop].to(torch.float32) for v in rows_variants]).sum(0).div_(count)
-            out[row:stop] = average.mul_(t).add_(base64.to(torch.float32).mul_(1.0 - t))
+            out[row:stop] = average.mul_(ratio).add_(base64.to(torch.float32).mul_(1.0 - ratio))
         return out.reshape(base.shape)
     flat_base, flats = flatten(base, variants)
     t = stock_ratio(count, mean_cosine(gram(flats, subtract=flat_base)))
