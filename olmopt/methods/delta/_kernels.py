@@ -86,13 +86,13 @@ class TopK:
     def _select(self, chunks: Callable[[], Iterator[torch.Tensor]]) -> None:
         high_counts = torch.zeros(1 << 15, dtype=torch.int64)
         for magnitude in chunks():
-            top_bits = magnitude.view(torch.int32).bitwise_right_shift(16).to(torch.int64)
+            top_bits = magnitude.view(torch.int32).bitwise_right_shift(16)
             high_counts += torch.bincount(top_bits, minlength=1 << 15)
         high, above = _from_top(high_counts, self.k)
         low_counts = torch.zeros(1 << 16, dtype=torch.int64)
         for magnitude in chunks():
             bits = magnitude.view(torch.int32)
-            chosen = bits[bits.bitwise_right_shift(16) == high].bitwise_and(0xFFFF).to(torch.int64)
+            chosen = bits[bits.bitwise_right_shift(16) == high].bitwise_and(0xFFFF)
             low_counts += torch.bincount(chosen, minlength=1 << 16)
         low, above_low = _from_top(low_counts, self.k - above)
         self.threshold = (high << 16) | low
@@ -105,11 +105,16 @@ class TopK:
         if self.k >= self.numel:
             return torch.ones_like(magnitude)
         bits = magnitude.view(torch.int32)
-        keep = bits > self.threshold
         ties = bits == self.threshold
-        rank = ties.to(torch.int64).cumsum(0).add_(self.seen_ties)
-        keep |= ties & (rank <= self.ties_needed)
-        self.seen_ties += int(ties.sum())
+        count = int(ties.sum())
+        if self.seen_ties + count <= self.ties_needed:  # every tie here is kept
+            keep = bits >= self.threshold
+        else:
+            keep = bits > self.threshold
+            if self.seen_ties < self.ties_needed:  # the chunk where the kept ties run out
+                rank = ties.to(torch.int64).cumsum(0).add_(self.seen_ties)
+                keep |= ties & (rank <= self.ties_needed)
+        self.seen_ties += count
         return keep.to(torch.float32)
 
 
