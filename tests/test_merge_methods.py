@@ -512,3 +512,32 @@ def test_a_toy_method_is_searched_by_a_merge_stage(toy_method: str, tiny_zoo: Pa
     assert ties_recipe.param_merge is not None and ties_recipe.param_merge.params["weights"] == (1.0, 1.0)
     recipe = Recipe.from_dict(campaign_status("toy", url)["recipe"])
     assert recipe.param_merge is not None and recipe.param_merge.method in {"toy_shift", "ties"}
+
+
+@pytest.mark.slow
+def test_a_merge_stage_refuses_a_method_that_cannot_take_the_variants(
+    tiny_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = {
+        "name": "s3",
+        "pool": {"models": [str(tiny_zoo / m) for m in ("base", "spec_add", "spec_fact")]},
+        "objectives": [
+            {"dataset": str(REPO / "objectives/add.json"), "metric": "token_accuracy", "samples": 10}
+        ],
+        "decisions": {
+            "base": {"mode": "fixed", "model": str(tiny_zoo / "base")},
+            "layers": {"mode": "off"},
+            "merge": {"mode": "joint", "n_trials": 2, "methods": ["slerp"]},
+        },
+    }
+    url = f"sqlite:///{tmp_path}/s3.db"
+    path = tmp_path / "s3.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    capsys.readouterr()
+    assert main(["study", "run", "s3", "--storage", url, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "olmopt: error: decisions.merge.methods: slerp: takes exactly 1 variant (2 models with the base), "
+        "got 2 variants"
+    )
