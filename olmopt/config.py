@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from olmopt.errors import InputError
+from olmopt.methods.delta import canonical_name  # torch-free: the merge-method registry
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -168,17 +169,29 @@ class EsDecision(_Strict):
 
 
 class MergeDecision(_Strict):
-    """Parameter-space merge (Circuit-Merge / DELLA / task arithmetic) searched jointly."""
+    """Parameter-space merge searched jointly over ``methods`` (names in ``olmopt.methods.registry``)."""
 
     mode: Literal["joint", "off"] = "off"
-    methods: list[Literal["circuit", "della", "task_arithmetic"]] = Field(
-        default_factory=lambda: ["circuit", "della", "task_arithmetic"], min_length=1
-    )
+    methods: list[str] = Field(default_factory=lambda: ["circuit", "della", "task_arithmetic"], min_length=1)
     models: list[str] | None = None  # variants; default: every pool model but the base
     n_trials: int = Field(40, gt=0)
-    search_order: bool = True  # search the variants' priority order (circuit)
+    search_order: bool = True  # search the variants' priority order (methods where it matters: circuit)
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
+
+    @field_validator("methods")
+    @classmethod
+    def _registered_methods(cls, methods: list[str]) -> list[str]:
+        """Registered merge methods, aliases resolved; duplicates refused."""
+        names = []
+        for method in methods:
+            try:
+                names.append(canonical_name(method))
+            except InputError as exc:
+                raise ValueError(str(exc)) from None
+        if len(set(names)) != len(names):
+            raise ValueError(f"a method is listed twice: {methods}")
+        return names
 
 
 class FusionDecision(_Strict):

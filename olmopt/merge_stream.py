@@ -1,4 +1,4 @@
-"""Stream a task-vector merge (circuit, della, task_arithmetic) from model directories to a new one.
+"""Stream a per-tensor merge (any registered method) from model directories to a new one.
 
 ``merge_directories`` checks everything first (configs, tensor names, shapes, parameters), then merges
 tensor by tensor with bounded memory and writes a loadable Hugging Face directory atomically.
@@ -30,8 +30,7 @@ from tqdm import tqdm
 
 from olmopt import __version__
 from olmopt.errors import InputError, ModelError
-from olmopt.ops.circuit import DEFAULT_CHUNK_ELEMS
-from olmopt.ops.delta_merge import MergeParams, get_method, params_to_dict, validate_params
+from olmopt.methods.delta import DEFAULT_CHUNK_ELEMS, MethodParams, check_shapes, get_method, make_params
 from olmopt.outdir import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardedSafetensorsWriter,
@@ -200,7 +199,7 @@ def merge_directories(
     variant_dirs: Sequence[str | Path],
     out_dir: str | Path,
     method: str,
-    params: MergeParams | None,
+    params: MethodParams | None,
     seed: int = 0,
     force: bool = False,
     threads: int = 2,
@@ -216,13 +215,14 @@ def merge_directories(
     started = time.perf_counter()
     spec = get_method(method)
     if params is None:
-        params = spec.params_type()
-    validate_params(params)
+        params = make_params(spec.name)
+    elif params.method != spec.name:
+        raise ValueError(f"parameters of {params.method!r} passed to method {spec.name!r}")
     if not variant_dirs:
         raise InputError("merge: give at least one variant model")
+    resolved = params.resolve(len(variant_dirs))  # counts, lengths, cross-parameter checks: before any IO
     base = PreadModel(base_dir)
     variants = [PreadModel(d) for d in variant_dirs]
-    _check_per_variant_lengths(params, len(variants))
     names = preflight(base, variants)
     out = Path(out_dir)
     if out.exists() and not force:
@@ -237,7 +237,10 @@ def merge_directories(
             for slot, m in enumerate(models)
         ]
         if tensors[0].is_floating_point():
-            merged = spec.merge(tensors[0], tensors[1:], params, seed, name, chunk_elems)
+            check_shapes(tensors[0], tensors[1:], name)
+            merged = spec.function(
+                tensors[0], tensors[1:], resolved, seed=seed, name=name, chunk_elems=chunk_elems
+            )
         else:
             merged = tensors[0]
         writer.add(name, merged)  # planned writer: pwrite at the tensor's offset, thread-safe
@@ -250,7 +253,11 @@ def merge_directories(
             plan = [(n, SAFETENSORS_DTYPES[base.entries[n].dtype], base.entries[n].shape) for n in names]
             writer = ShardedSafetensorsWriter(tmp, max_shard_bytes, plan=plan)
             bar = tqdm(
-                total=len(names), desc=f"merge {method}", unit="tensor", disable=not progress, file=sys.stderr
+                total=len(names),
+                desc=f"merge {spec.name}",
+                unit="tensor",
+                disable=not progress,
+                file=sys.stderr,
             )
             with writer:
                 for _ in _ordered_map(merge_one, names, max(1, threads)):
@@ -259,8 +266,8 @@ def merge_directories(
             shards = writer.close()
             copy_side_files(base.directory, tmp)
             record = {
-                "method": method,
-                "params": params_to_dict(params),
+                "method": spec.name,
+                "params": params.as_dict(),
                 "seed": seed,
                 "base_model": str(base.directory),
                 "variant_models": [str(v.directory) for v in variants],
@@ -271,18 +278,12 @@ def merge_directories(
         torch.set_num_threads(previous_threads)
     return {
         "out": str(out),
-        "method": method,
+        "method": spec.name,
         "tensors": len(names),
         "bytes": writer.total_size,
         "shards": len(shards),
         "seconds": round(time.perf_counter() - started, 3),
     }
-
-
-def _check_per_variant_lengths(params: MergeParams, count: int) -> None:
-    for field, value in params_to_dict(params).items():
-        if isinstance(value, list) and len(value) != count:
-            raise InputError(f"merge: parameter {field} has {len(value)} values for {count} variants")
 
 
 def _ordered_map(func: Callable[[str], str], items: Sequence[str], threads: int) -> Iterator[tuple[str, str]]:

@@ -122,7 +122,7 @@ _ES_CACHE: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
 
 def merged_tensor(pool: ModelPool, name: str, merge: ParamMerge) -> torch.Tensor:
     """One tensor of a parameter-space merge: the base against ``merge.models`` (highest priority first)."""
-    from olmopt.ops.delta_merge import make_params, merge_tensor
+    from olmopt.methods.delta import make_params, merge_tensor
 
     base_name = merge.base or ""
     base = pool.tensor(base_name, name).float().clone()  # clones: pool tensors are a shared read-only cache

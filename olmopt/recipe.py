@@ -38,7 +38,8 @@ class ParamMerge(_Strict):
     method: str
     base: str | None = None  # defaults to the recipe's base (filled in by Recipe validation)
     models: tuple[str, ...]
-    params: dict[str, float | int | bool | str] = Field(default_factory=dict)
+    # a tuple holds one value per variant (``olmopt.methods.registry`` per-variant parameters)
+    params: dict[str, float | int | bool | str | tuple[float, ...]] = Field(default_factory=dict)
     seed: int = 0
 
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from olmopt.cli import main
 from olmopt.merge_stream import merge_directories
-from olmopt.ops.delta_merge import make_params
+from olmopt.methods.delta import make_params
 
 torch.set_num_threads(1)
 
@@ -150,7 +150,7 @@ def test_bad_input_exits_2_with_one_line_and_no_output(
     _fails_cleanly([*base, str(family["partial"]), "--out", str(out)], out, capsys, "model.norm.weight")
     _fails_cleanly([*base, str(tmp_path / "nope"), "--out", str(out)], out, capsys, "does not exist")
     _fails_cleanly(
-        [*base, str(family["B"]), "--out", str(out), "--base-droprate", "1.0"], out, capsys, "drop rate"
+        [*base, str(family["B"]), "--out", str(out), "--base-droprate", "1.0"], out, capsys, "base_droprate"
     )
     _fails_cleanly(
         [*base, str(family["B"]), "--out", str(out), "--temperature", "-0.1"], out, capsys, "temperature"

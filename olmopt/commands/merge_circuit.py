@@ -1,68 +1,46 @@
-"""``olmopt merge circuit``: Circuit-Merge!, DELLA or task arithmetic of local model directories.
+"""``olmopt merge circuit``: Circuit-Merge! (or any registered per-tensor method via ``--method``).
 
 Accepts the original Circuit-Merge YAML (``base_model``, ``variant_models: [{model: path}]``,
 ``output_dir``, ``parameters: {...}``); command-line flags override it. Variants are listed highest
-priority first.
+priority first. The flags are generated from the merge-method registry (``olmopt.methods.registry``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from olmopt.commands._merge_group import merge_subparsers
+from olmopt.commands._method_cli import add_common_arguments, add_param_flags, flag_values, run_merge
 from olmopt.errors import InputError
+from olmopt.methods.delta import get_method, make_params, registered
+from olmopt.methods.registry import per_variant_names
 
-METHODS = ("circuit", "della", "task_arithmetic")  # olmopt.ops.delta_merge.METHODS, named here to keep --help light
-
-METHOD_ALIASES = {"circuit_merge": "circuit", "circuit-merge": "circuit", "della_magprune": "della"}
-PER_VARIANT_KEYS = ("density", "epsilon", "weight", "weights")
-# flag (argparse dest) -> parameter name, and the methods the flag applies to
-FLAG_PARAMS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "temperature": ("temperature", ("circuit",)),
-    "base_droprate": ("base_droprate", ("circuit",)),
-    "threshold": ("threshold", ("circuit",)),
-    "density": ("density", ("della",)),
-    "epsilon": ("epsilon", ("circuit", "della")),
-    "lambda_": ("lambda", ("della", "task_arithmetic")),
-    "weights": ("weights", ("della", "task_arithmetic")),
-}
+_FLAGS: dict[str, Any] = {}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = merge_subparsers(subparsers).add_parser(
         "circuit",
-        help="Circuit-Merge! (or DELLA / task arithmetic) of variants onto a base model",
+        help="Circuit-Merge! (or --method: any per-tensor method) of variants onto a base model",
         description=(
             "Merge the task vectors (variant - base) of VARIANT models onto BASE. Variants are listed "
             "highest priority first. Writes a Hugging Face model directory atomically."
         ),
     )
-    parser.add_argument("base", nargs="?", metavar="BASE", help="base model directory")
-    parser.add_argument("variants", nargs="*", metavar="VARIANT", help="variant model directories")
-    parser.add_argument("--out", type=Path, help="output model directory (must not exist unless --force)")
+    add_common_arguments(parser)
     parser.add_argument("--config", type=Path, help="Circuit-Merge YAML (base_model, variant_models, ...)")
-    parser.add_argument("--method", choices=sorted(METHODS), help="merge method (default: circuit)")
-    parser.add_argument("--temperature", type=float, help="circuit: 0 = priority decay, 1 = running mean")
-    parser.add_argument("--base-droprate", type=float, help="circuit: drop rate of the top-priority variant")
-    parser.add_argument("--threshold", type=float, help="circuit: |delta| below this counts as unchanged")
-    parser.add_argument("--skip-rescaling", action="store_true", help="do not rescale survivors by 1/(1-p)")
-    parser.add_argument("--density", type=float, help="della: keep fraction")
-    parser.add_argument("--epsilon", type=float, help="circuit/della: spread of drop probabilities")
-    parser.add_argument("--lambda", dest="lambda_", type=float, help="della/task_arithmetic: delta scale")
     parser.add_argument(
-        "--weights", type=float, nargs="+", help="della/task_arithmetic: one weight per variant (or one)"
+        "--method",
+        metavar="METHOD",
+        help=f"merge method (default: circuit; one of {', '.join(sorted(registered()))})",
     )
+    parser.add_argument("--skip-rescaling", action="store_true", help="same as --no-rescale")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
-    parser.add_argument("--threads", type=int, default=2, help="worker threads (default 2)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
+    _FLAGS.update(add_param_flags(parser, registered().values()))
     parser.set_defaults(func=run)
 
 
@@ -83,6 +61,7 @@ def _variant_entries(config: dict[str, Any], path: Path) -> tuple[list[str], dic
     """Variant paths and per-variant parameters (``variant_models: [{model, parameters}]``)."""
     paths: list[str] = []
     per_variant: dict[str, list[Any]] = {}
+    allowed = per_variant_names(registered().values())
     entries = config.get("variant_models") or []
     if not isinstance(entries, list):
         raise InputError(f"config {path}: variant_models must be a list")
@@ -93,9 +72,10 @@ def _variant_entries(config: dict[str, Any], path: Path) -> tuple[list[str], dic
             raise InputError(f"config {path}: variant_models[{position}] needs a 'model' path")
         paths.append(str(entry["model"]))
         for key, value in (entry.get("parameters") or {}).items():
-            if key not in PER_VARIANT_KEYS:
+            if key not in allowed:
                 raise InputError(
-                    f"config {path}: per-variant parameter {key!r} is not one of {PER_VARIANT_KEYS}"
+                    f"config {path}: variant_models[{position}].parameters.{key} is not a per-variant "
+                    f"parameter (one of {', '.join(sorted(allowed))})"
                 )
             per_variant.setdefault("weights" if key == "weight" else key, [None] * len(entries))[position] = (
                 value
@@ -104,7 +84,7 @@ def _variant_entries(config: dict[str, Any], path: Path) -> tuple[list[str], dic
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
-    """Combine YAML and flags into base, variants, out, method, params values and seed."""
+    """Combine YAML and flags into base, variants, out, method, params and seed."""
     config: dict[str, Any] = {}
     variants: list[str] = []
     per_variant: dict[str, list[Any]] = {}
@@ -118,9 +98,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     raw_params = dict(config.get("parameters") or {})
     method = args.method or config.get("merge_method") or raw_params.pop("merge_method", None) or "circuit"
     raw_params.pop("merge_method", None)
-    method = METHOD_ALIASES.get(str(method), str(method))
-    if method not in METHODS:
-        raise InputError(f"unknown merge method {method!r} (choose from {', '.join(sorted(METHODS))})")
+    spec = get_method(str(method))
     seed = raw_params.pop("seed", 0)
     if args.seed is not None:
         seed = args.seed
@@ -134,58 +112,25 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         if any(v is None for v in values):
             raise InputError(f"config {args.config}: set {key} for every variant or for none")
         raw_params[key] = values
-    for dest, (param, methods) in FLAG_PARAMS.items():
-        value = getattr(args, dest)
-        if value is None:
-            continue
-        if method not in methods:
-            raise InputError(f"--{dest.rstrip('_').replace('_', '-')} does not apply to method {method}")
-        raw_params[param] = value[0] if isinstance(value, list) and len(value) == 1 else value
+    raw_params.update(flag_values(args, spec, _FLAGS))
     if args.skip_rescaling:
-        if method == "task_arithmetic":
-            raise InputError("--skip-rescaling does not apply to method task_arithmetic")
-        raw_params["skip_rescaling"] = True
-    try:
-        seed = int(seed)
-    except (TypeError, ValueError):
-        raise InputError(f"seed must be an integer, got {seed!r}") from None
+        if not any(p.name == "rescale" for p in spec.params):
+            raise InputError(f"--skip-rescaling does not apply to method {spec.name}")
+        raw_params["rescale"] = False
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be an integer, got {seed!r}")
     return {
         "base": Path(str(base)),
         "variants": [Path(v) for v in variants],
         "out": Path(str(out)),
-        "method": method,
-        "params": _make_params(method, raw_params),
+        "method": spec.name,
+        "params": make_params(spec.name, raw_params),
         "seed": seed,
     }
 
 
 def run(args: argparse.Namespace) -> int:
     plan = resolve(args)
-    from olmopt.merge_stream import merge_directories
-
-    summary = merge_directories(
-        plan["base"],
-        plan["variants"],
-        plan["out"],
-        plan["method"],
-        plan["params"],
-        seed=plan["seed"],
-        force=args.force,
-        threads=max(1, args.threads),
-        progress=not (args.quiet or args.json),
+    return run_merge(
+        args, plan["base"], plan["variants"], plan["out"], plan["method"], plan["params"], plan["seed"]
     )
-    if args.json:
-        print(json.dumps(summary))
-    elif not args.quiet:
-        print(
-            f"merged {summary['tensors']} tensors ({summary['method']}) into {summary['out']} "
-            f"in {summary['seconds']:.1f} s",
-            file=sys.stdout,
-        )
-    return 0
-
-
-def _make_params(method: str, raw: dict[str, Any]) -> Any:
-    from olmopt.ops.delta_merge import make_params
-
-    return make_params(method, raw)

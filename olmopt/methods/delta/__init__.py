@@ -1,0 +1,86 @@
+"""Per-tensor delta merge methods, one module each, registered in ``olmopt.methods.registry``.
+
+Import this package (not the registry alone) to see every built-in method: it imports each method
+module, and re-exports the registry's lookups and ``merge_tensor``. Importing it loads no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from olmopt.methods.delta import (  # noqa: F401 - each import registers its methods
+    breadcrumbs,
+    circuit,
+    dare,
+    della,
+    linear,
+    model_stock,
+    multislerp,
+    slerp,
+    task_arithmetic,
+    ties,
+)
+from olmopt.methods.registry import (
+    MethodParams,
+    MethodSpec,
+    canonical_name,
+    get_method,
+    make_params,
+    registered,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_CHUNK_ELEMS = 1 << 18
+
+__all__ = [
+    "DEFAULT_CHUNK_ELEMS",
+    "MethodParams",
+    "MethodSpec",
+    "canonical_name",
+    "get_method",
+    "make_params",
+    "merge_tensor",
+    "registered",
+]
+
+
+def merge_tensor(
+    method: str,
+    base: torch.Tensor,
+    variants: Sequence[torch.Tensor],
+    params: MethodParams | Mapping[str, Any] | None = None,
+    seed: int = 0,
+    name: str = "",
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> torch.Tensor:
+    """Merge one tensor with ``method`` (``params``: validated values, a raw mapping, or None = defaults)."""
+    spec = get_method(method)
+    if not isinstance(params, MethodParams):
+        params = make_params(spec.name, params)
+    elif params.method != spec.name:
+        raise ValueError(f"parameters of {params.method!r} passed to method {spec.name!r}")
+    check_shapes(base, variants, name)
+    return spec.function(
+        base,
+        list(variants),
+        params.resolve(len(variants)),
+        seed=int(seed),
+        name=name,
+        chunk_elems=int(chunk_elems),
+    )
+
+
+def check_shapes(base: torch.Tensor, variants: Sequence[torch.Tensor], name: str) -> None:
+    from olmopt.errors import InputError
+
+    if not variants:
+        raise InputError(f"tensor {name!r}: no variants to merge")
+    for index, variant in enumerate(variants):
+        if variant.shape != base.shape:
+            raise InputError(
+                f"tensor {name!r}: variant {index + 1} has shape {tuple(variant.shape)}, "
+                f"base has {tuple(base.shape)}"
+            )

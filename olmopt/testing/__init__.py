@@ -1,0 +1,1 @@
+"""Conformance kits for olmopt's plug-ins, shipped in the package so plug-in authors can run them."""
