@@ -237,6 +237,8 @@ class SelectionConfig(_Strict):
     improve_all: str | None = None  # None, "base", "all" or a metric name
     held_out_check: bool = True
     tolerance: float = Field(0.0, ge=0.0)  # differences within it are ties (evaluation noise)
+    # joint stages: the winner is the best held-out mean among the top K of the search selection (0, 1: off)
+    held_out_guard: int = Field(0, ge=0)
 
 
 class SamplerConfig(_Strict):
