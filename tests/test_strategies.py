@@ -230,3 +230,29 @@ def test_held_out_guard_picks_the_best_held_out_mean_among_the_top_candidates(ti
     means = {lbl: sum(v.values()) / len(v) for lbl, v in guarded.items()}
     assert means[decision["winner"]] == max(means.values())
     assert decision["held_out"] == guarded[decision["winner"]]
+
+
+@pytest.mark.parametrize(
+    ("layers", "recovers_both"),
+    [
+        ({"mode": "greedy", "direction": "forward"}, False),
+        ({"mode": "greedy", "direction": "backward"}, False),
+        ({"mode": "greedy", "windows": [2]}, True),
+    ],
+)
+def test_block_swaps_recover_both_layer_specialists(tiny_zoo: Path, tmp_path: Path, tiny_manifest, layers, recovers_both) -> None:
+    """Searched on the layer specialists' own skills (fact: layers 0-1, mc: layers 2-3), a one-layer
+    traversal in either direction misses one of the two, while block swaps of pairs recover both."""
+    truth = tiny_manifest["layer_recipe"]
+    url = f"sqlite:///{tmp_path}/s.db"
+    path = study_file(tmp_path, tiny_zoo, "both", layers=layers)
+    data = yaml.safe_load(path.read_text())
+    data["objectives"] = [o for o in data["objectives"] if o["name"] in (truth["lower_skill"], truth["upper_skill"])]
+    path.write_text(yaml.safe_dump(data))
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    assert main(["study", "run", "both", "--storage", url, "--quiet"]) == 0
+    recipe = campaign_status("both", url)["recipe"]
+    donors = {int(i): Path(m).name for i, m in recipe.get("layers", {}).items()}
+    expected = {int(i): m for i, m in truth["layers"].items()}
+    found = {i for i, m in expected.items() if donors.get(i) == m}
+    assert (found == set(expected)) is recovers_both, (donors, expected)
