@@ -112,13 +112,13 @@ def _verbose() -> bool:
 
 
 @contextlib.contextmanager
-def quiet(streams: bool = False) -> Iterator[None]:
+def quiet(streams: bool = False, loggers_named: Sequence[str] = QUIET_LOGGERS) -> Iterator[None]:
     """Hide lm-eval's (and its libraries') logging and warnings; with ``streams`` also stdout/stderr
     prints (progress bars). Nothing is hidden at DEBUG (``--verbose``)."""
     if _verbose():
         yield
         return
-    loggers = [logging.getLogger(n) for n in QUIET_LOGGERS]
+    loggers = [logging.getLogger(n) for n in loggers_named]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -230,12 +230,12 @@ def split_doc_ids(n: int, held_out: float, seed: int, split: str, limit: int | N
 
 def _fewshot_from_eval_docs(task: Any) -> bool:
     """Whether few-shot examples would be drawn from the documents being evaluated."""
-    cfg = task.config
-    fewshot = cfg.fewshot_split or (cfg.fewshot_config or {}).get("split")
+    cfg, fewshot_cfg = task.config, getattr(task, "fewshot_cfg", None)  # as ConfigurableTask.fewshot_docs
+    fewshot = getattr(fewshot_cfg, "split", None)
     if fewshot is not None:
         eval_split = cfg.test_split if task.has_test_docs() else cfg.validation_split
         return fewshot == eval_split
-    if (cfg.fewshot_config or {}).get("samples") is not None:
+    if cfg.fewshot_config is not None and getattr(fewshot_cfg, "samples", None) is not None:
         return False
     return not (task.has_training_docs() or (task.has_validation_docs() and task.has_test_docs()))
 
@@ -294,6 +294,9 @@ class LmEvalEvaluator:
 
         self.objectives = [o for o in objectives if o.lm_eval is not None]
         self.specs: dict[str, LmEvalSpec] = {o.name: o.lm_eval for o in self.objectives}  # type: ignore[misc]
+        if not _verbose():  # lm-eval's own loggers stay quiet in this process (levels are costly to flip)
+            for name in ("lm_eval", "lm-eval"):
+                logging.getLogger(name).setLevel(logging.ERROR)
         with quiet(streams=True):
             self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
         self._tasks: dict[str, Any] = {}
@@ -347,6 +350,7 @@ class LmEvalEvaluator:
         docs = [eval_docs[i] for i in ids]
         by_doc = [sorted(by_doc_id[pos], key=lambda x: x.idx) for pos in range(len(ids))]
         part = _Part(task, ids, docs, by_doc, instances)
+        _memoize_doc_fields(task, docs)
         for inst in instances:  # lm-eval's own tokenization (TemplateLM.loglikelihood), done once
             if inst.request_type == "loglikelihood":
                 part.encoded[id(inst)] = self._encode_pair(*inst.args)
@@ -375,11 +379,13 @@ class LmEvalEvaluator:
         if model is not None:
             self.lm._model = model
         try:
-            with quiet():
+            with quiet(loggers_named=("transformers",)):  # lm-eval's own loggers are quiet already
                 self._run(parts)
         finally:
             self.lm._model = held
-        return {obj.name: self._score(obj, part) for obj, part in parts}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {obj.name: self._score(obj, part) for obj, part in parts}
 
     def _run(self, parts: list[tuple[Objective, _Part]]) -> None:
         """lm-eval's request loop (``evaluator.evaluate``): every request type once over all objectives."""
@@ -404,15 +410,13 @@ class LmEvalEvaluator:
         task = part.task
         metric, flt = self._metric[obj.name]
         task._instances = part.instances
-        with quiet():
-            task.apply_filters()
+        task.apply_filters()
         key = flt or next(iter(part.instances[0].filtered_resps))
         values: list[Any] = []
         scores: dict[int, float] = {}
         samples: list[dict[str, Any]] = []
         for doc_id, doc, reqs in zip(part.doc_ids, part.docs, part.by_doc, strict=True):
-            with quiet():
-                metrics = task.process_results(doc, [req.filtered_resps[key] for req in reqs])
+            metrics = task.process_results(doc, [req.filtered_resps[key] for req in reqs])
             values.append(metrics[metric])
             scores[doc_id] = _as_float(metrics[metric])
             samples.append(
@@ -428,6 +432,30 @@ class LmEvalEvaluator:
         self.item_scores[obj.name] = scores
         self.samples[obj.name] = samples
         return _as_float(task.aggregation()[metric](values))
+
+
+def _memoize_doc_fields(task: Any, docs: list[Any]) -> None:
+    """Per-document targets and choices computed once: lm-eval renders (and compiles) their Jinja
+    templates on every ``process_results`` call. Pure functions of the document, so the values are the
+    same; documents other than ``docs`` (kept alive by the part) fall through to lm-eval."""
+    for name in ("doc_to_target", "doc_to_choice"):
+        if name == "doc_to_choice" and task.config.doc_to_choice is None:
+            continue
+        wrapper = getattr(task, name)
+        if not hasattr(wrapper, "olmopt_memo"):
+            original, memo = wrapper, {}
+
+            def cached(doc: Any, *args: Any, _memo: dict[int, Any] = memo, _orig: Any = original, **kwargs: Any) -> Any:
+                if args or kwargs or id(doc) not in _memo:
+                    return _orig(doc, *args, **kwargs)
+                return _memo[id(doc)]
+
+            cached.olmopt_memo = memo  # type: ignore[attr-defined]
+            cached.olmopt_original = original  # type: ignore[attr-defined]
+            setattr(task, name, cached)
+            wrapper = cached
+        for doc in docs:
+            wrapper.olmopt_memo[id(doc)] = wrapper.olmopt_original(doc)
 
 
 def _as_float(value: Any) -> float:
