@@ -298,7 +298,9 @@ class LmEvalEvaluator:
             for name in ("lm_eval", "lm-eval"):
                 logging.getLogger(name).setLevel(logging.ERROR)
         with quiet(streams=True):
-            self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+            self.lm = _resident_lm_class(HFLM)(
+                pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device)
+            )
         self._tasks: dict[str, Any] = {}
         self._metric: dict[str, tuple[str, str | None]] = {}
         self._parts: dict[tuple[str, str], _Part] = {}
@@ -432,6 +434,62 @@ class LmEvalEvaluator:
         self.item_scores[obj.name] = scores
         self.samples[obj.name] = samples
         return _as_float(task.aggregation()[metric](values))
+
+
+# generation settings under which transformers' greedy generate() applies no logits processor
+_PLAIN_GREEDY = {
+    "num_beams": (None, 1), "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "min_length": (None, 0),
+    "min_new_tokens": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "sequence_bias": (None,),
+    "renormalize_logits": (None, False), "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0), "watermarking_config": (None,), "stop_strings": (None,),
+}  # fmt: skip
+
+
+def plain_greedy(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether ``model.generate(**kwargs)`` (lm-eval's call) is plain greedy decoding that stops at the
+    tokenizer's EOS: then olmopt's KV-cached decoder produces the same tokens."""
+    if set(kwargs) - {"attention_mask", "do_sample"} or kwargs.get("do_sample") is not False:
+        return False
+    gc = getattr(model, "generation_config", None)
+    if gc is None:
+        return False
+    eos = gc.eos_token_id
+    if isinstance(eos, list):
+        eos = eos[0] if len(eos) == 1 else "many"
+    if eos not in (None, tokenizer.eos_token_id):
+        return False
+    return all(getattr(gc, k, None) in ok for k, ok in _PLAIN_GREEDY.items())
+
+
+def _resident_lm_class(hflm: type) -> type:
+    """lm-eval's HFLM for the resident model: greedy generation runs on olmopt's KV-cached decoder
+    (``Evaluator.greedy``) when it is plain greedy decoding (``plain_greedy``), else on transformers'
+    ``generate()`` as in lm-eval. lm-eval still builds the contexts, tokenizes, batches, cuts at the
+    stop sequences and decodes; only the decoding loop differs (no per-step logits processors and
+    stopping criteria decoding text)."""
+
+    class ResidentHFLM(hflm):  # type: ignore[misc, valid-type]
+        def _model_generate(self, context: Any, max_length: int, stop: list[str], **generation_kwargs: Any) -> Any:
+            import torch
+
+            from olmopt.evaluate.engine import Evaluator
+
+            kwargs = dict(generation_kwargs)  # normalised as HFLM._model_generate does
+            kwargs["temperature"] = kwargs.get("temperature", 0.0)
+            if kwargs["temperature"] == 0.0 and kwargs.get("do_sample") is None:
+                kwargs["do_sample"] = False
+            if kwargs.get("do_sample") is False and kwargs["temperature"] == 0.0:
+                kwargs.pop("temperature")
+            if not plain_greedy(self.model, self.tokenizer, kwargs):
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            mask = kwargs["attention_mask"].bool()
+            prompts = [row[m].tolist() for row, m in zip(context, mask, strict=True)]
+            preds, _ = Evaluator(self.model, self.tokenizer, []).greedy(prompts, max_length - context.shape[1])
+            return torch.cat([context, preds.to(context.device)], dim=1)
+
+    return ResidentHFLM
 
 
 def _memoize_doc_fields(task: Any, docs: list[Any]) -> None:
