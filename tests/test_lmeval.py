@@ -169,6 +169,7 @@ def test_campaign_runs_resumes_and_exports(tiny_zoo: Path, tmp_path: Path) -> No
     assert main(["export", "best", "lme", "--storage", url, "--out", str(out), "--quiet"]) == 0
     report = json.loads((out / "merge_report.json").read_text())
     assert set(report["merged"]["search"]) == {"mc", "add"} and set(report["merged"]["held_out"]) == {"mc", "add"}
+    assert report["objectives"]["mc"]["lm_eval_task"] == "zoo_mc" and report["objectives"]["add"]["metric"] == "exact_match"
     config = load_study_file(path)
     preflight(config)
     ctx = EvalContext(config)
