@@ -148,12 +148,15 @@ def test_held_out_documents_are_never_seen_by_the_search(tiny_zoo: Path, tmp_pat
         preflight(config)
 
 
-def test_campaign_runs_resumes_and_exports(tiny_zoo: Path, tmp_path: Path) -> None:
+def test_campaign_runs_resumes_and_exports(tiny_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     path = study_file(tmp_path, tiny_zoo, "lme")
     assert main(["study", "create", str(path), "--storage", url]) == 0
     assert main(["study", "run", "lme", "--storage", url, "--quiet", "--timeout", "0.01"]) in (0, 3)
     assert main(["study", "run", "lme", "--storage", url, "--quiet"]) == 0
+    err = capsys.readouterr().err
+    for chatter in ("Custom kwargs", "Running loglikelihood", "Building contexts", "lm_eval", "max_new_tokens"):
+        assert chatter not in err  # lm-eval's console output stays hidden without --verbose
     status = campaign_status("lme", url)
     assert status["finished"] and status["objectives"] == {"mc": "maximize", "add": "maximize"}
     for stage in status["stages"]:
@@ -233,3 +236,15 @@ def test_missing_lm_eval_names_the_extra(tiny_zoo: Path, tmp_path: Path) -> None
         [sys.executable, "-m", "olmopt.cli", "study", "list", "--storage", f"sqlite:///{db}", "--json"],
         env=env, capture_output=True, text=True, timeout=120,
     ).stdout  # fmt: skip
+
+
+def test_shipped_task_data_matches_its_generator() -> None:
+    sys.path.insert(0, str(TASKS))
+    try:
+        import make_tasks  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(TASKS))
+    mc = make_tasks.mc_rows(json.loads((REPO / "objectives/mc_choices.json").read_text()))
+    add = make_tasks.generate_rows(json.loads((REPO / "objectives/add.json").read_text()))
+    for name, rows in (("zoo_mc.jsonl", mc), ("zoo_add.jsonl", add)):
+        assert (TASKS / name).read_text() == "".join(json.dumps(r) + "\n" for r in rows)
