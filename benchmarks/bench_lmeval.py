@@ -92,16 +92,19 @@ def olmopt_config(zoo: Path, names: list[str], lm_ctx: EvalContext, tmp: Path) -
 
 
 def per_candidate(contexts: list[EvalContext], recipes: list[Recipe], repeats: int) -> list[tuple[float, float]]:
-    """(median, min) over passes of the mean wall seconds per candidate, per context; the contexts take
-    turns within each pass so that load from other processes hits them alike."""
-    passes: list[list[float]] = [[] for _ in contexts]
+    """(wall, CPU) medians over passes of the mean seconds per candidate, per context; the contexts take
+    turns within each pass so that load from other processes hits them alike (CPU time, which
+    contention inflates far less, is the figure to compare on a busy machine)."""
+    wall: list[list[float]] = [[] for _ in contexts]
+    cpu: list[list[float]] = [[] for _ in contexts]
     for _ in range(repeats):
         for i, ctx in enumerate(contexts):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for r in recipes:
                 ctx.score(r)
-            passes[i].append((time.perf_counter() - start) / len(recipes))
-    return [(statistics.median(p), min(p)) for p in passes]
+            wall[i].append((time.perf_counter() - start) / len(recipes))
+            cpu[i].append((time.process_time() - start_cpu) / len(recipes))
+    return [(statistics.median(w), statistics.median(c)) for w, c in zip(wall, cpu, strict=True)]
 
 
 def profile(fn: Callable[[], None]) -> list[tuple[str, float]]:
@@ -152,12 +155,12 @@ def main() -> None:
             t_lm, t_ol = per_candidate([lm_one, ol_one], recipes, args.repeats)
             agree = all(abs(lm_one.score(r)[n] - ol_one.score(r)[n]) < 1e-6 for r in recipes for n in names)
             rows.append(("+".join(names), t_lm, t_ol, agree))
-    print("ms per candidate, median (min) over passes")
-    print(f"{'objectives':<10} {'lm-eval':>14} {'olmopt':>14} {'ratio':>12}  same values")
-    for label, (lm_med, lm_min), (ol_med, ol_min), agree in rows:
+    print(f"load average {os.getloadavg()[0]:.1f}; ms per candidate, wall (CPU), medians over {args.repeats} passes")
+    print("| objectives | lm-eval | olmopt | ratio | same values |\n|---|---:|---:|---:|---|")
+    for label, (lm_w, lm_c), (ol_w, ol_c), agree in rows:
         print(
-            f"{label:<10} {lm_med * 1e3:>7.1f} ({lm_min * 1e3:5.1f}) {ol_med * 1e3:>7.1f} ({ol_min * 1e3:5.1f})"
-            f" {lm_med / ol_med:>5.2f} ({lm_min / ol_min:4.2f})  {agree}"
+            f"| {label} | {lm_w * 1e3:.1f} ({lm_c * 1e3:.1f}) | {ol_w * 1e3:.1f} ({ol_c * 1e3:.1f}) "
+            f"| {lm_w / ol_w:.2f} ({lm_c / ol_c:.2f}) | {agree} |"
         )
     if args.profile:
         print("\nlm-eval path, one pass over the candidates (cumulative seconds):")
