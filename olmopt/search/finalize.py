@@ -110,7 +110,11 @@ def export_best(
     report.update(
         {
             "recipe": recipe.to_dict(),
-            "objectives": {o.name: {"metric": o.metric, "direction": o.direction, "dataset": str(o.path), "held_out": o.held_out} for o in ctx.objectives},
+            "objectives": {
+                o.name: {"metric": o.metric, "direction": o.direction, "dataset": str(o.path), "held_out": o.held_out}
+                | ({"lm_eval_task": o.lm_eval.task} if o.lm_eval is not None else {})
+                for o in ctx.objectives
+            },
             "stages": [
                 {k: d[k] for k in ("stage", "winner", "trial", "kept_incumbent", "metrics", "held_out", "reason")}
                 for d in (decisions[s.key] for s in campaign.plan if s.key in decisions)
