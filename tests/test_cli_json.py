@@ -92,7 +92,8 @@ def test_json_documents_carry_the_documented_fields(
 def test_exit_codes(done: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["study", "status", "missing", "--storage", url]) == 2  # bad input
-    assert capsys.readouterr().err.startswith("olmopt: error: no campaign named 'missing'")
+    assert capsys.readouterr().err.startswith(f"olmopt: error: no storage at {tmp_path}/s.db")
+    assert not (tmp_path / "s.db").exists()  # a read-only command creates no storage
     study = yaml.safe_load(done["study"].read_text()) | {"name": "halted"}
     (tmp_path / "h.yaml").write_text(yaml.safe_dump(study))
     assert main(["study", "create", str(tmp_path / "h.yaml"), "--storage", url]) == 0

@@ -11,11 +11,17 @@ from typing import Any
 from olmopt.defaults import DEFAULT_STORAGE
 
 
-def add_storage_flag(parser: argparse.ArgumentParser) -> None:
+def add_storage_flag(parser: argparse.ArgumentParser, study_file: bool = False) -> None:
+    """--storage URL; only ``study create`` reads a study file, so only it names the file's ``storage:``."""
+    from_file = "the study file's `storage:`, " if study_file else ""
+    default = DEFAULT_STORAGE.removeprefix("sqlite:///")
     parser.add_argument(
         "--storage",
         metavar="URL",
-        help=f"Optuna storage URL (default: $OLMOPT_STORAGE, the study file's, or {DEFAULT_STORAGE})",
+        help=(
+            f"Optuna storage URL (default: $OLMOPT_STORAGE, {from_file}else SQLite {default} in the current "
+            "directory or the nearest parent directory that has one)"
+        ),
     )
 
 

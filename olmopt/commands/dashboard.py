@@ -78,16 +78,11 @@ def make_dashboard_server(url: str, host: str, port: int, artifact_dir: Path) ->
     """A threaded WSGI server running optuna-dashboard on ``url`` (not yet serving)."""
     import optuna_dashboard
 
-    from olmopt.errors import InputError, StorageError
+    from olmopt.errors import InputError
     from olmopt.search.annotate import artifact_store
-    from olmopt.search.storage import open_storage, redact, sqlite_path
+    from olmopt.search.storage import open_storage, redact
 
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():
-        raise StorageError(f"no storage at {path} (create a campaign first, or pass --storage URL)")
-    if url.startswith("journal:") and not Path(url.removeprefix("journal:")).is_file():
-        raise StorageError(f"no journal storage at {url.removeprefix('journal:')}")
-    storage = open_storage(url, heartbeat=False)
+    storage = open_storage(url, heartbeat=False, create=False)
     app = optuna_dashboard.wsgi(storage, artifact_store=artifact_store(artifact_dir))
     server_class = _Server6 if ":" in host else _Server
     try:

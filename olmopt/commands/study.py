@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create = sub.add_parser("create", help="validate a study file and create its campaign")
     create.add_argument("study_file", metavar="STUDY.yaml")
     create.add_argument("--name", help="campaign name (default: the study file's `name`)")
-    add_storage_flag(create)
+    add_storage_flag(create, study_file=True)
     create.add_argument("--json", action="store_true", help="print the plan as JSON")
     create.set_defaults(func=cmd_create)
 
@@ -34,6 +34,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="print the status as JSON (see docs/monitoring.md)")
     status.set_defaults(func=cmd_status)
 
+    delete = sub.add_parser(
+        "delete",
+        help="delete a campaign (its record, stages and trials) from a storage",
+        description=(
+            "Delete campaign NAME: its root study, every stage study and their trials. Refused while a worker "
+            "runs it (SQLite: another olmopt process holds the file; shared storages: a stage lock or a running "
+            "trial that still beats). Asks for confirmation on a terminal; --yes skips it (needed in scripts). "
+            "Re-create a campaign by deleting it and running `study create` again."
+        ),
+    )
+    delete.add_argument("name")
+    add_storage_flag(delete)
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    delete.set_defaults(func=cmd_delete)
+
     lst = sub.add_parser("list", help="campaigns in a storage")
     add_storage_flag(lst)
     lst.add_argument("--json", action="store_true", help="print the campaigns as a JSON list")
@@ -43,12 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_create(args: argparse.Namespace) -> int:
     from olmopt.config import load_study_file
     from olmopt.search.api import create_campaign
-    from olmopt.search.storage import redact, storage_url
+    from olmopt.search.storage import redact, resolve_storage
 
     config = load_study_file(args.study_file)
     if args.name:
         config = config.model_copy(update={"name": args.name})
-    url = storage_url(args.storage, config.storage)
+    url, source = resolve_storage(args.storage, config.storage)
     campaign = create_campaign(config, url)
     if args.json:
         print_json({"name": campaign.name, "storage": redact(url), "stages": [s.to_dict() | {"key": s.key} for s in campaign.plan]})
@@ -57,7 +72,9 @@ def cmd_create(args: argparse.Namespace) -> int:
     for stage in campaign.plan:
         extra = f" ({stage.n_trials} trials)" if stage.is_joint else ""
         print(f"  {stage.key}{extra}")
-    print(f"next: olmopt study run {campaign.name}" + (f" --storage {redact(url)}" if args.storage else ""))
+    # every later command reads --storage, $OLMOPT_STORAGE or the default, never the study file: say where it lives
+    where = f" --storage {redact(url)}" if source in ("--storage", "the study file") else ""
+    print(f"next: olmopt study run {campaign.name}{where}")
     return 0
 
 
@@ -115,4 +132,31 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no campaigns")
     for r in rows:
         print(f"{r['name']:<32} {r['decided']:>4}/{r['stages']:<4} stages  {'finished' if r['finished'] else 'in progress'}  {r['created']}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from olmopt.errors import InputError, StorageError
+    from olmopt.search.campaign import Campaign, delete_campaign, live_work
+    from olmopt.search.storage import is_sqlite, redact, single_writer, stale_after, storage_url
+
+    url = storage_url(args.storage)
+    campaign = Campaign.load(args.name, url)  # nothing there: one line, exit 2
+    decided = len(campaign.decisions())
+    what = f"campaign {args.name!r} ({len(campaign.plan)} stages, {decided} decided) from {redact(url)}"
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InputError(f"not deleting {what}: no terminal to confirm on; add --yes")
+        if input(f"delete {what}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    with single_writer(url):  # SQLite: refused while another olmopt process has the file, and none starts now
+        if not is_sqlite(url):
+            busy = live_work(campaign, stale_after())
+            if busy:
+                raise StorageError(
+                    f"not deleting campaign {args.name!r}: a worker is running it ({'; '.join(busy)}); stop it first"
+                )
+        n = delete_campaign(campaign.storage, args.name)
+    print(f"deleted {what} ({n} studies)")
     return 0

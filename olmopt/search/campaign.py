@@ -57,11 +57,15 @@ class Campaign:
 
     @classmethod
     def load(cls, name: str, url: str) -> Campaign:
-        storage = open_storage(url)
+        storage = open_storage(url, create=False)
         try:
             root = optuna.load_study(storage=storage, study_name=name)
         except KeyError:
-            raise StorageError(f"no campaign named {name!r} in {redact(url)} (see `olmopt study list`)") from None
+            names = campaign_names(storage)
+            there = f"campaigns there: {', '.join(names)}" if names else "it holds no campaign"
+            raise StorageError(
+                f"no campaign named {name!r} in {redact(url)} ({there}; pass --storage URL or set OLMOPT_STORAGE)"
+            ) from None
         info = root.user_attrs.get(CAMPAIGN_ATTR)
         if not info:
             raise StorageError(f"study {name!r} in {redact(url)} is not an olmopt campaign")
@@ -169,6 +173,45 @@ def delete_campaign(storage: optuna.storages.BaseStorage, name: str) -> int:
     return len(doomed)
 
 
+def live_work(campaign: Campaign, stale_after: float) -> list[str]:
+    """What shows a worker running ``campaign`` on a shared storage (empty: none does): a stage lock taken
+    less than ``stale_after`` s ago, or a RUNNING trial that still beats (RDB storages), that started less
+    than 3 heartbeat intervals ago and has not beaten yet, or (no heartbeats: journal storages) that
+    started less than ``stale_after`` s ago. SQLite needs none of this: its single-writer file lock says it."""
+    from olmopt.search.coordination import LOCK_ATTR, heartbeat_enabled, trials_with_heartbeat
+
+    storage = campaign.storage
+    now = time.time()
+    found: list[str] = []
+    for s in all_studies(storage):
+        if not s.study_name.startswith(campaign.name + "/"):
+            continue
+        stage = s.study_name[len(campaign.name) + 1 :]
+        if "#" in stage:
+            acquired = s.user_attrs.get(LOCK_ATTR)
+            if acquired is None or now - float(acquired) < stale_after:
+                found.append(f"stage {stage.split('#')[0]} is locked by a worker")
+            continue
+        running = storage.get_all_trials(s._study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not running:
+            continue
+        if heartbeat_enabled(storage):
+            stale = set(storage._get_stale_trial_ids(s._study_id))
+            beaten = trials_with_heartbeat(storage, [t._trial_id for t in running])
+            limit = now - 3 * (storage.get_heartbeat_interval() or 30)
+            alive = [
+                t
+                for t in running
+                if (t._trial_id in beaten and t._trial_id not in stale)
+                or (t._trial_id not in beaten and t.datetime_start is not None and t.datetime_start.timestamp() > limit)
+            ]
+        else:
+            alive = [t for t in running if t.datetime_start is not None and t.datetime_start.timestamp() > now - stale_after]
+        if alive:
+            found.append(f"stage {stage} has {len(alive)} running trial(s)")
+    return found
+
+
 def campaign_names(storage: optuna.storages.BaseStorage) -> list[str]:
     return [
         s.study_name
@@ -178,7 +221,7 @@ def campaign_names(storage: optuna.storages.BaseStorage) -> list[str]:
 
 
 def list_campaigns(url: str) -> list[dict[str, Any]]:
-    storage = open_storage(url)
+    storage = open_storage(url, create=False)
     summaries = all_studies(storage)
     out = []
     for s in summaries:

@@ -1,0 +1,203 @@
+"""Everyday use: where a campaign's storage is, read-only commands that create nothing, deleting campaigns,
+logs without a terminal, a light `study status` with meaningful states."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from _models import make_family, write_addition_data
+
+from olmopt.cli import main
+from olmopt.search.storage import default_storage_url, resolve_storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("olmopt: error: "), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A random 3-model family (2 layers) and a study file over it with a fixed base and greedy layers."""
+    tmp = tmp_path_factory.mktemp("everyday")
+    fam = make_family(tmp, ["a", "b", "c"], layers=2)
+    write_addition_data(tmp / "add.json")
+    study = {
+        "name": "ev",
+        "pool": {"models": [str(fam[m]) for m in "abc"]},
+        "objectives": [
+            {"dataset": str(tmp / "add.json"), "metric": "token_accuracy", "name": "acc"},
+            {"dataset": str(tmp / "add.json"), "metric": "perplexity", "name": "ppl"},
+        ],
+        "decisions": {"base": {"mode": "fixed", "model": str(fam["a"])}, "layers": {"mode": "greedy"}},
+    }
+    return {"tmp": tmp, "study": study}
+
+
+def write_study(directory: Path, study: dict[str, Any], **changes: Any) -> Path:
+    path = directory / f"{changes.get('name', study['name'])}.yaml"
+    path.write_text(yaml.safe_dump({**study, **changes}))
+    return path
+
+
+# -- 1, 2: the default storage is resolved once; read-only commands never create one --------------------
+def test_default_storage_is_found_from_any_subdirectory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OLMOPT_STORAGE", raising=False)
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    # none yet: the current directory's storage/olmopt.db, as an absolute path
+    assert default_storage_url(deep) == f"sqlite:///{deep}/storage/olmopt.db"
+    (tmp_path / "storage").mkdir()
+    (tmp_path / "storage" / "olmopt.db").touch()
+    assert default_storage_url(deep) == f"sqlite:///{tmp_path}/storage/olmopt.db"
+    monkeypatch.chdir(deep)
+    assert resolve_storage() == (f"sqlite:///{tmp_path}/storage/olmopt.db", "default")
+    assert resolve_storage(None, "sqlite:///x.db") == ("sqlite:///x.db", "the study file")
+    monkeypatch.setenv("OLMOPT_STORAGE", "sqlite:///env.db")
+    assert resolve_storage(None, "sqlite:///x.db") == ("sqlite:///env.db", "$OLMOPT_STORAGE")
+    assert resolve_storage("sqlite:///flag.db", "sqlite:///x.db") == ("sqlite:///flag.db", "--storage")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["study", "list"],
+        ["study", "status", "ev"],
+        ["study", "status", "ev", "--json"],
+        ["study", "run", "ev"],
+        ["study", "delete", "ev", "--yes"],
+        ["report", "ev", "--out", "rep"],
+        ["export", "best", "ev", "--out", "model"],
+        ["dashboard", "--port", "0"],
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
+@pytest.mark.parametrize("storage", ["default", "sqlite", "journal"])
+def test_commands_on_a_missing_storage_create_nothing(
+    argv: list[str], storage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("OLMOPT_STORAGE", raising=False)
+    monkeypatch.delenv("OLMOPT_ARTIFACT_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    extra = {
+        "default": [],
+        "sqlite": ["--storage", f"sqlite:///{tmp_path}/sub/s.db"],
+        "journal": ["--storage", f"journal:{tmp_path}/sub/j.log"],
+    }[storage]
+    assert main([*argv, *extra]) == 2
+    line = _one_line_error(capsys)
+    where = {"default": tmp_path / "storage" / "olmopt.db", "sqlite": tmp_path / "sub" / "s.db", "journal": tmp_path / "sub" / "j.log"}
+    assert f"no storage at {where[storage]}" in line and "--storage URL" in line
+    assert _tree(tmp_path) == []
+
+
+def test_create_says_where_the_campaign_lives(
+    family: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The study file's `storage:` is read by `study create` only: its `next:` hint carries it."""
+    monkeypatch.delenv("OLMOPT_STORAGE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path}/elsewhere/c.db"
+    path = write_study(tmp_path, family["study"], name="where", storage=url)
+    capsys.readouterr()
+    assert main(["study", "create", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"next: olmopt study run where --storage {url}" in out
+    assert not (tmp_path / "storage").exists()  # the default was not touched
+    # the default storage: the hint needs no flag, and later commands find it from a subdirectory
+    path = write_study(tmp_path, family["study"], name="here")
+    assert main(["study", "create", str(path)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("next: olmopt study run here")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert main(["study", "list", "--json"]) == 0
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["here"]
+    assert main(["study", "status", "where"]) == 2
+    line = _one_line_error(capsys)
+    assert f"no campaign named 'where' in sqlite:///{tmp_path}/storage/olmopt.db" in line
+    assert "campaigns there: here" in line and "--storage URL" in line
+
+
+# -- 3: study delete -------------------------------------------------------------------------------------
+def test_study_delete_on_sqlite(family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from olmopt.search.storage import single_writer
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    for name in ("ev", "ev2"):
+        assert main(["study", "create", str(write_study(tmp_path, family["study"], name=name)), "--storage", url]) == 0
+    assert main(["study", "run", "ev", "--storage", url, "--quiet"]) == 0
+    capsys.readouterr()
+
+    def names() -> list[str]:
+        assert main(["study", "list", "--storage", url, "--json"]) == 0
+        return [r["name"] for r in json.loads(capsys.readouterr().out)]
+
+    # no terminal to confirm on: refused without --yes
+    assert main(["study", "delete", "ev", "--storage", url]) == 2
+    assert "add --yes" in _one_line_error(capsys) and names() == ["ev", "ev2"]
+    # another olmopt process holds the SQLite file (a running `study run`): refused
+    with single_writer(url):
+        assert main(["study", "delete", "ev", "--storage", url, "--yes"]) == 2
+        assert "another olmopt process is running" in _one_line_error(capsys)
+    assert sorted(names()) == ["ev", "ev2"]
+    assert main(["study", "delete", "ev", "--storage", url, "--yes"]) == 0
+    assert "deleted campaign 'ev' (3 stages, 3 decided)" in capsys.readouterr().out
+    assert names() == ["ev2"]
+    import optuna
+
+    assert not [s.study_name for s in optuna.storages.get_storage(url).get_all_studies() if s.study_name.startswith("ev/")]
+    assert main(["study", "delete", "ev", "--storage", url, "--yes"]) == 2
+    assert "no campaign named 'ev'" in _one_line_error(capsys)
+    # the name is free again
+    assert main(["study", "create", str(tmp_path / "ev.yaml"), "--storage", url]) == 0
+    capsys.readouterr()
+    assert sorted(names()) == ["ev", "ev2"]
+
+
+@pytest.mark.server
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_study_delete_on_postgresql_refuses_while_a_worker_runs(
+    family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import uuid
+
+    import optuna
+
+    from olmopt.search.campaign import Campaign
+    from olmopt.search.coordination import LOCK_ATTR
+    from tests.test_distributed import server_url
+
+    url = server_url("postgres")
+    name = f"del-{uuid.uuid4().hex[:10]}"
+    assert main(["study", "create", str(write_study(tmp_path, family["study"], name=name)), "--storage", url]) == 0
+    campaign = Campaign.load(name, url)  # opened with heartbeats, as a worker opens it
+    storage = campaign.storage
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    stage = campaign.plan[1]
+    study = campaign.stage_study(stage)
+    trial = study.ask()  # a worker's trial, beating
+    storage.record_heartbeat(trial._trial_id)
+    capsys.readouterr()
+    assert main(["study", "delete", name, "--storage", url, "--yes"]) == 2
+    line = _one_line_error(capsys)
+    assert f"a worker is running it (stage {stage.key} has 1 running trial(s))" in line
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    lock = optuna.create_study(storage=storage, study_name=f"{campaign.stage_study_name(stage)}#lock")
+    lock.set_user_attr(LOCK_ATTR, time.time())
+    assert main(["study", "delete", name, "--storage", url, "--yes"]) == 2
+    assert f"stage {stage.key} is locked by a worker" in _one_line_error(capsys)
+    optuna.delete_study(study_name=lock.study_name, storage=storage)
+    assert main(["study", "delete", name, "--storage", url, "--yes"]) == 0
+    assert not [s.study_name for s in storage.get_all_studies() if s.study_name.split("/")[0] == name]
