@@ -52,7 +52,10 @@ def test_json_documents_carry_the_documented_fields(
     capsys.readouterr()
     assert main(["study", "run", NAME, "--storage", url, "--quiet"]) == 0
     run_out = capsys.readouterr()
-    assert "campaign cj: finished" in run_out.out and run_out.err == ""  # --quiet: no bars, no stage log
+    assert "campaign cj: finished" in run_out.out
+    # --quiet: no bars; the campaign line and one line per stage stay
+    assert [line.split(" ")[1] for line in run_out.err.splitlines()] == ["campaign", "000-base:", "001-layer-0:", "002-layer-1:"]
+    assert "\r" not in run_out.err
 
     status = run_json(capsys, "study", "status", NAME, "--storage", url, "--json")
     assert {"name", "finished", "objectives", "stages", "recipe"} <= set(status)

@@ -4,6 +4,10 @@ logs without a terminal, a light `study status` with meaningful states."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -201,3 +205,68 @@ def test_study_delete_on_postgresql_refuses_while_a_worker_runs(
     optuna.delete_study(study_name=lock.study_name, storage=storage)
     assert main(["study", "delete", name, "--storage", url, "--yes"]) == 0
     assert not [s.study_name for s in storage.get_all_studies() if s.study_name.split("/")[0] == name]
+
+
+# -- 6, 7: logs people can read -----------------------------------------------------------------------------
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
+
+
+def _run_cli(args: list[str], stderr: Any, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+    env = dict(os.environ, OLMOPT_THREADS="1", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "olmopt.cli", *args], stdout=subprocess.PIPE, stderr=stderr, env=env, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["plain", "quiet"])
+def test_study_run_without_a_terminal_logs_one_timestamped_line_per_stage(
+    family: dict[str, Any], tmp_path: Path, quiet: bool
+) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(write_study(tmp_path, family["study"])), "--storage", url]) == 0
+    log = tmp_path / "run.log"
+    with open(log, "wb") as handle:
+        proc = _run_cli(["study", "run", "ev", "--storage", url, *(["--quiet"] if quiet else [])], handle)
+    assert proc.returncode == 0, log.read_text()
+    raw = log.read_bytes()
+    assert b"\r" not in raw and b"\x1b" not in raw  # no progress frames, no colours
+    lines = raw.decode().splitlines()
+    assert re.fullmatch(STAMP + r" campaign ev: 3 of 3 stages to run \(about \d+ trials\)", lines[0]), lines
+    stage_lines = lines[1:]
+    assert [line.split(" ")[1] for line in stage_lines] == ["000-base:", "001-layer-0:", "002-layer-1:"], lines
+    for line in stage_lines:
+        # timestamp, stage, winner (why), trials, and every objective's value
+        figure = r"[\d.e+-]+( \[[\d.e+-]+\])?"  # held-out figure in brackets
+        assert re.fullmatch(STAMP + rf" \d{{3}}-[\w-]+: winner \S+ \(.+\); \d+ trials; acc {figure} ppl {figure}", line), line
+    assert "campaign ev: finished" in proc.stdout.decode()
+
+
+def test_study_run_on_a_terminal_keeps_its_bars(family: dict[str, Any], tmp_path: Path) -> None:
+    import pty
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(write_study(tmp_path, family["study"])), "--storage", url]) == 0
+    primary, secondary = pty.openpty()
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws nothing at 0 columns
+    try:
+        proc = _run_cli(["study", "run", "ev", "--storage", url], secondary)
+        os.close(secondary)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(primary)
+    assert proc.returncode == 0
+    out = b"".join(chunks).decode(errors="replace")
+    assert "\r" in out and ("trial/s" in out or "s/trial" in out), repr(out)  # a tqdm bar counting trials
+    assert re.search(STAMP + r" 002-layer-1: ", out)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
 
 from olmopt.commands._common import add_storage_flag, print_json, sigterm_as_interrupt
 
@@ -25,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--workers", type=int, default=1, metavar="K", help="evaluate K candidates at once (processes)")
     run.add_argument("--n-trials", type=int, metavar="N", help="trial budget of joint stages (overrides the study)")
     run.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds (resume later)")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--quiet", action="store_true", help="no progress bars (the timestamped line per stage stays)"
+    )
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="stages, trials, winners and metrics of a campaign")
@@ -87,17 +91,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         raise InputError("--workers must be >= 1")
     sigterm_as_interrupt()
-    from tqdm import tqdm
-
-    log = (lambda _m: None) if args.quiet else (lambda m: tqdm.write(m, file=sys.stderr))
+    # bars only on a terminal: redirected output gets plain lines, no carriage-return frames or colours
+    bars = not args.quiet and sys.stderr.isatty()
     outcome = run_campaign(
-        args.name, storage_url(args.storage), args.workers, args.n_trials, args.timeout, not args.quiet, log
+        args.name, storage_url(args.storage), args.workers, args.n_trials, args.timeout, bars, stage_logger(bars)
     )
     state = "finished" if outcome.finished else "stopped (resume with the same command)"
     print(f"campaign {args.name}: {state}; {outcome.stages_run} stages and {outcome.trials_run} trials this run")
     if outcome.final is not None and outcome.finished:
         print(f"recipe: {outcome.final.to_json()}")
     return 0 if outcome.finished else 3
+
+
+def stage_logger(bars: bool) -> Callable[[str], None]:
+    """One timestamped line per message on stderr (above the bars when there are bars)."""
+
+    def log(message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {message}"
+        if bars:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    return log
 
 
 def cmd_status(args: argparse.Namespace) -> int:
