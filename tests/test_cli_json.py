@@ -58,7 +58,7 @@ def test_json_documents_carry_the_documented_fields(
     assert "\r" not in run_out.err
 
     status = run_json(capsys, "study", "status", NAME, "--storage", url, "--json")
-    assert {"name", "finished", "objectives", "stages", "recipe"} <= set(status)
+    assert {"name", "state", "error", "pool", "finished", "objectives", "stages", "recipe"} <= set(status)
     assert status["finished"] is True and status["objectives"] == {"acc": "maximize", "ppl": "minimize"}
     for stage in status["stages"]:
         assert {"stage", "kind", "target", "state", "trials", "winner", "metrics", "held_out"} <= set(stage)
@@ -69,7 +69,8 @@ def test_json_documents_carry_the_documented_fields(
         assert set(stage["metrics"]) == {"acc", "ppl"}
 
     rows = run_json(capsys, "study", "list", "--storage", url, "--json")
-    assert [set(r) for r in rows] == [{"name", "stages", "decided", "finished", "created"}]
+    assert [set(r) for r in rows] == [{"name", "stages", "decided", "finished", "state", "created"}]
+    assert rows[0]["state"] == status["state"] == "finished"
     assert rows[0]["decided"] == rows[0]["stages"] == 3
 
     out = tmp / "model"

@@ -270,3 +270,83 @@ def test_study_run_on_a_terminal_keeps_its_bars(family: dict[str, Any], tmp_path
     out = b"".join(chunks).decode(errors="replace")
     assert "\r" in out and ("trial/s" in out or "s/trial" in out), repr(out)  # a tqdm bar counting trials
     assert re.search(STAMP + r" 002-layer-1: ", out)
+
+
+# -- 8, 9: a light `study status` with states that mean something -------------------------------------------
+def test_status_and_list_do_not_import_torch(family: dict[str, Any], tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(write_study(tmp_path, family["study"])), "--storage", url]) == 0
+    assert main(["study", "run", "ev", "--storage", url, "--quiet"]) == 0
+    for argv in (["study", "status", "ev"], ["study", "status", "ev", "--json"], ["study", "list"]):
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "olmopt.cli", *argv, "--storage", url],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        heavy = {m for m in imported if m.split(".")[0] in ("torch", "transformers", "safetensors")}
+        assert not heavy, (argv, sorted(heavy)[:5])
+
+
+def test_status_states(family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from olmopt.search.api import campaign_status, run_campaign
+    from olmopt.search.campaign import Campaign
+    from olmopt.search.storage import single_writer
+
+    data = tmp_path / "add.json"
+    shutil.copy(family["tmp"] / "add.json", data)
+    study = {**family["study"], "objectives": [{**o, "dataset": str(data)} for o in family["study"]["objectives"]]}
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(write_study(tmp_path, study)), "--storage", url]) == 0
+
+    def state() -> str:
+        s = campaign_status("ev", url)
+        return s["state"] + (f": {s['error']}" if s["error"] else "")
+
+    assert state() == "not started"
+    # Ctrl-C (here: raised by the first log line of the run)
+    def interrupt(_line: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_campaign("ev", url, progress=False, log=interrupt)
+    assert state() == "interrupted"
+    assert main(["study", "run", "ev", "--storage", url, "--quiet", "--timeout", "0.001"]) == 3
+    assert state() == "stopped"
+    # a run that is killed (kill -9) leaves its "running" note and no process: interrupted; one that holds
+    # the SQLite file is running
+    Campaign.load("ev", url).record_run("running")
+    assert state() == "interrupted"
+    with single_writer(url):
+        assert state() == "running"
+    # a run that fails: its one-line error
+    data.unlink()
+    assert main(["study", "run", "ev", "--storage", url, "--quiet"]) == 2
+    assert state().startswith("failed: ") and "add.json" in state()
+    shutil.copy(family["tmp"] / "add.json", data)
+    assert main(["study", "run", "ev", "--storage", url, "--quiet"]) == 0
+    assert state() == "finished"
+    capsys.readouterr()
+    assert main(["study", "list", "--storage", url]) == 0
+    assert "finished" in capsys.readouterr().out
+
+
+def test_status_table_shows_whole_winners(family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from olmopt.search.api import short_names
+
+    assert short_names(["/x/m/model", "/y/n/model", "org/other", "solo"]) == {
+        "/x/m/model": "m/model", "/y/n/model": "n/model", "org/other": "other", "solo": "solo"
+    }
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(write_study(tmp_path, family["study"])), "--storage", url]) == 0
+    assert main(["study", "run", "ev", "--storage", url, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["study", "status", "ev", "--storage", url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "campaign ev: finished (3 of 3 stages decided)"
+    assert lines[1].split() == ["stage", "state", "trials", "winner", "acc", "ppl"]
+    for line, key in zip(lines[2:], ["000-base", "001-layer-0", "002-layer-1"], strict=True):
+        stage, state, _trials, winner, *_ = line.split()
+        assert (stage, state) == (key, "decided") and winner in ("a", "b", "c")

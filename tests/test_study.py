@@ -117,7 +117,7 @@ def test_status_and_list_json(layer_campaign, capsys) -> None:
     assert main(["study", "list", "--storage", url, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows == [
-        {"name": name, "stages": 5, "decided": 5, "finished": True, "created": rows[0]["created"]}
+        {"name": name, "stages": 5, "decided": 5, "finished": True, "state": "finished", "created": rows[0]["created"]}
     ]
 
 

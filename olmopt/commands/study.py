@@ -127,14 +127,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_json(status)
         return 0
     names = list(status["objectives"])
-    print(f"campaign {status['name']}: {'finished' if status['finished'] else 'in progress'}")
-    header = f"{'stage':<40} {'state':<8} {'trials':>6}  {'winner':<28} " + " ".join(f"{n[:14]:>14}" for n in names)
-    print(header)
-    for s in status["stages"]:
+    stages = status["stages"]
+    decided = sum(s["state"] == "decided" for s in stages)
+    error = f": {status['error']}" if status.get("error") else ""
+    print(f"campaign {status['name']}: {status['state']}{error} ({decided} of {len(stages)} stages decided)")
+    short = status["pool"]
+    winners = [short.get(s["winner"], s["winner"]) if s["winner"] else "-" for s in stages]
+    ws = max([len("stage"), *(len(s["stage"]) for s in stages)])  # nothing is cut: columns fit their cells
+    ww = max([len("winner"), *(len(w) for w in winners)])
+    mw = max([10, *(len(n) for n in names)])
+    print(f"{'stage':<{ws}}  {'state':<8} {'trials':>6}  {'winner':<{ww}}  " + " ".join(f"{n:>{mw}}" for n in names))
+    for s, winner in zip(stages, winners, strict=True):
         metrics = s["metrics"] or {}
-        vals = " ".join(f"{metrics[n]:>14.4f}" if n in metrics else f"{'-':>14}" for n in names)
-        winner = str(s["winner"] or "-")[-28:]
-        print(f"{s['stage'][:40]:<40} {s['state']:<8} {s['trials']['complete']:>6}  {winner:<28} {vals}")
+        vals = " ".join(f"{metrics[n]:>{mw}.4f}" if n in metrics else f"{'-':>{mw}}" for n in names)
+        print(f"{s['stage']:<{ws}}  {s['state']:<8} {s['trials']['complete']:>6}  {winner:<{ww}}  {vals}")
     return 0
 
 
@@ -148,8 +154,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         print("no campaigns")
+    width = max(len(r["name"]) for r in rows) if rows else 0
     for r in rows:
-        print(f"{r['name']:<32} {r['decided']:>4}/{r['stages']:<4} stages  {'finished' if r['finished'] else 'in progress'}  {r['created']}")
+        print(f"{r['name']:<{width}}  {r['decided']:>4}/{r['stages']:<4} stages  {r['state']:<11}  created {r['created']}")
     return 0
 
 

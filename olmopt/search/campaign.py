@@ -23,6 +23,9 @@ from olmopt.search.storage import open_storage, redact
 
 CAMPAIGN_ATTR = "olmopt.campaign"
 DECISION_ATTR = "olmopt.decision"
+RUN_ATTR = "olmopt.last_run"  # on the root study: {state, at, error?} of the last `study run` (any worker)
+DIRECTIONS_KEY = "directions"  # in the campaign record: objective name -> minimize | maximize
+STATES = ("not started", "running", "interrupted", "stopped", "failed", "finished")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -41,6 +44,9 @@ class Campaign:
     # -- creation and lookup ---------------------------------------------------------------------------
     @classmethod
     def create(cls, config: StudyConfig, url: str, plan: list[Stage], extra: dict[str, Any]) -> Campaign:
+        from olmopt.search.context import directions_of
+
+        extra = {DIRECTIONS_KEY: directions_of(config), **extra}
         storage = open_storage(url)
         if config.name in campaign_names(storage):
             raise StorageError(f"campaign {config.name!r} already exists in {redact(url)} (pick another name)")
@@ -75,11 +81,22 @@ class Campaign:
 
     # -- stages -------------------------------------------------------------------------------------------
     def objective_names(self) -> list[str]:
-        from olmopt.search.context import objectives_of
+        """The objectives' names (as ``search.context.objectives_of`` names them, without importing torch)."""
+        from olmopt.config import default_objective_name
 
-        return [o.name for o in objectives_of(self.config)]
+        return [o.name or default_objective_name(o) for o in self.config.objectives]
 
     def directions(self) -> dict[str, str]:
+        """Objective name -> "minimize" / "maximize". Read from the campaign record (or, for campaigns
+        created before it kept them, from a stage study) so that read-only commands never import torch;
+        the metric registry is the last resort."""
+        stored = self.info.get(DIRECTIONS_KEY)
+        if stored:
+            return dict(stored)
+        for stage in self.plan:
+            study = self.existing_stage_study(stage)
+            if study is not None and study.metric_names:
+                return {n: d.name.lower() for n, d in zip(study.metric_names, study.directions, strict=True)}
         from olmopt.search.context import directions_of
 
         return directions_of(self.config)
@@ -138,6 +155,42 @@ class Campaign:
     def is_finished(self) -> bool:
         decisions = self.decisions()
         return all(s.key in decisions for s in self.plan)
+
+    def record_run(self, state: str, error: str | None = None) -> None:
+        """Note on the root study how the last `study run` ended (best effort: never fails a run)."""
+        record: dict[str, Any] = {"state": state, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if error:
+            record["error"] = error[:300]
+        try:
+            self.storage.set_study_user_attr(self.storage.get_study_id_from_name(self.name), RUN_ATTR, record)
+        except Exception:  # noqa: BLE001 - a status note must not mask the run's own outcome
+            pass
+
+    def state(self, decisions: dict[str, dict[str, Any]] | None = None) -> tuple[str, str | None]:
+        """(one of STATES, detail): finished when every stage is decided; running while a worker runs it
+        (SQLite: a `study run` of this campaign holds the file; shared storages: `live_work`); else how the
+        last run ended (interrupted, also when killed without a word; stopped by --timeout; failed, with its
+        error); not started when no run and no stage has begun."""
+        from olmopt.search.storage import is_sqlite, sqlite_busy, stale_after
+
+        decisions = self.decisions() if decisions is None else decisions
+        if all(s.key in decisions for s in self.plan):
+            return "finished", None
+        root = self.storage.get_study_user_attrs(self.storage.get_study_id_from_name(self.name))
+        last = root.get(RUN_ATTR) or {}
+        if is_sqlite(self.url):
+            if last.get("state") == "running" and sqlite_busy(self.url):
+                return "running", None
+        elif live_work(self, stale_after()):
+            return "running", None
+        if last.get("state") in ("failed", "stopped", "interrupted"):
+            return last["state"], last.get("error")
+        if last.get("state") == "running":  # its process is gone without a word (killed)
+            return "interrupted", None
+        prefix = self.name + "/"
+        if not decisions and not any(s.study_name.startswith(prefix) for s in all_studies(self.storage)):
+            return "not started", None
+        return "interrupted", None
 
     def extend_plan(self, specs: list[tuple[str, str]], info_update: dict[str, Any] | None = None) -> list[Stage]:
         """Append stages ``(kind, target)`` to the stored plan (e.g. ``export best --refine es``)."""
@@ -229,13 +282,24 @@ def list_campaigns(url: str) -> list[dict[str, Any]]:
         if not info:
             continue
         prefix = s.study_name + "/"
-        decided = sum(1 for t in summaries if t.study_name.startswith(prefix) and DECISION_ATTR in t.user_attrs)
+        decisions = {
+            t.study_name[len(prefix) :]: t.user_attrs[DECISION_ATTR]
+            for t in summaries
+            if t.study_name.startswith(prefix) and DECISION_ATTR in t.user_attrs
+        }
+        decided = len(decisions)
+        campaign = Campaign(
+            s.study_name, url, storage, StudyConfig.model_validate(info["config"]),
+            [Stage(**d) for d in info["plan"]], info,
+        )  # fmt: skip
+        state, _detail = campaign.state(decisions)
         out.append(
             {
                 "name": s.study_name,
                 "stages": len(info["plan"]),
                 "decided": decided,
                 "finished": decided == len(info["plan"]),
+                "state": state,
                 "created": info.get("created"),
             }
         )

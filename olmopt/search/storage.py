@@ -149,6 +149,21 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor.close()
 
 
+def sqlite_busy(url: str) -> bool:
+    """Whether an olmopt process holds the single-writer lock of a SQLite storage (creates nothing)."""
+    path = sqlite_path(url)
+    lock_path = path.with_name(path.name + ".lock") if path is not None else None
+    if lock_path is None or not lock_path.is_file():
+        return False
+    with open(lock_path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts only with a writer's exclusive lock
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 @contextmanager
 def single_writer(url: str) -> Iterator[None]:
     """Hold an exclusive lock on a SQLite file for the duration (several writers corrupt the queue)."""
