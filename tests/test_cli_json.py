@@ -85,8 +85,9 @@ def test_json_documents_carry_the_documented_fields(
     assert all({"model", "search", "held_out"} <= set(row) for row in exported["comparison"])
 
     rebuilt = run_json(
-        capsys, "rebuild", str(out / "merge_report.json"), "--out", str(tmp / "rebuilt"), "--quiet", "--json"
-    )
+        capsys, "rebuild", str(out / "merge_report.json"), "--out", str(tmp / "rebuilt"), "--quiet", "--json",
+        "--models-dir", str(tmp),
+    )  # fmt: skip
     assert set(rebuilt) == {"out", "recipe"} and rebuilt["recipe"] == exported["recipe"]
 
     report = run_json(capsys, "report", NAME, "--storage", url, "--out", str(tmp / "report"), "--json")

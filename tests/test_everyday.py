@@ -334,7 +334,7 @@ def test_status_states(family: dict[str, Any], tmp_path: Path, capsys: pytest.Ca
 
 
 def test_status_table_shows_whole_winners(family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from olmopt.search.api import short_names
+    from olmopt.model_ids import short_names
 
     assert short_names(["/x/m/model", "/y/n/model", "org/other", "solo"]) == {
         "/x/m/model": "m/model", "/y/n/model": "n/model", "org/other": "other", "solo": "solo"
@@ -350,3 +350,70 @@ def test_status_table_shows_whole_winners(family: dict[str, Any], tmp_path: Path
     for line, key in zip(lines[2:], ["000-base", "001-layer-0", "002-layer-1"], strict=True):
         stage, state, _trials, winner, *_ = line.split()
         assert (stage, state) == (key, "decided") and winner in ("a", "b", "c")
+
+
+# -- 5: a model card ready for the Hub -------------------------------------------------------------------------
+def test_exported_card_and_report_name_models_by_id_without_local_paths(
+    family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(write_study(tmp_path, family["study"])), "--storage", url]) == 0
+    assert main(["study", "run", "ev", "--storage", url, "--quiet"]) == 0
+    out = tmp_path / "model"
+    assert main(["export", "best", "ev", "--storage", url, "--out", str(out), "--quiet"]) == 0
+    card = (out / "README.md").read_text()
+    raw_report = (out / "merge_report.json").read_text()
+    for text in (card, raw_report):
+        assert str(family["tmp"]) not in text and str(tmp_path) not in text and "/tmp/" not in text
+    report = json.loads(raw_report)
+    assert report["pool"] == {m: {"source": "local"} for m in "abc"}
+    assert report["recipe"]["base"] == "a" and set(report["recipe"]["layers"].values()) <= {"a", "b", "c"}
+    assert report["provenance"]["storage"] == "sqlite:///s.db"
+    assert {o["dataset"] for o in report["objectives"].values()} == {"add.json"}
+    # front matter: no base_model for local models, a note saying so; donors with roles; the recipe in words
+    front = card.split("---")[1]
+    assert "base_model" not in front and "library_name: transformers" in front
+    assert "are local models, named here by directory name" in card
+    assert "| `a` | base: every tensor not supplied by another model" in card
+    layers = report["recipe"]["layers"]
+    for donor in set(layers.values()) - {"a"}:
+        assert f"| `{donor}` | layer" in card
+    assert "- **base model:** `a`" in card and "- **whole layers:** 0 ← `" in card
+    assert "## Objectives" in card and "| acc | token_accuracy | maximize | add.json |" in card
+    assert "| a (base) |" in card  # the metrics table by id
+    # rebuild: local models need --models-dir, then the weights are bit-identical
+    capsys.readouterr()
+    assert main(["rebuild", str(out / "merge_report.json"), "--out", str(tmp_path / "r1"), "--quiet"]) == 2
+    assert "was a local directory (pass --models-dir DIR" in _one_line_error(capsys)
+    assert not (tmp_path / "r1").exists()
+    argv = ["rebuild", str(out / "merge_report.json"), "--out", str(tmp_path / "r2"), "--quiet"]
+    assert main([*argv, "--models-dir", str(family["tmp"])]) == 0
+    a = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    b = {k: v for f in (tmp_path / "r2").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_card_front_matter_lists_hub_models(tmp_path: Path) -> None:
+    from olmopt.export import model_card
+    from olmopt.model_ids import public_ids
+    from olmopt.recipe import Recipe
+
+    (tmp_path / "mine").mkdir()
+    ids = public_ids([str(tmp_path / "mine"), "Qwen/Qwen2.5-0.5B", "org/other"])
+    assert ids == {
+        str(tmp_path / "mine"): {"id": "mine", "source": "local"},
+        "Qwen/Qwen2.5-0.5B": {"id": "Qwen/Qwen2.5-0.5B", "source": "hub"},
+        "org/other": {"id": "org/other", "source": "hub"},
+    }
+    recipe = Recipe(base="Qwen/Qwen2.5-0.5B", boundary="mine", units={"model.layers.1.mlp.up_proj": "org/other"})
+    table = [{"model": "merged (olmopt)", "search": {"acc": 0.5}, "held_out": {"acc": 0.4}}]
+    pool = {v["id"]: {"source": v["source"]} for v in ids.values()}
+    card = model_card("t", recipe, table, ["acc"], {"acc": "maximize"}, pool=pool)
+    front = card.split("---")[1]
+    assert "base_model:\n- Qwen/Qwen2.5-0.5B\n- org/other\nbase_model_relation: merge" in front
+    assert "`mine` is a local model" in card
+    assert "| `mine` | boundary: embeddings, final norm and head |" in card
+    assert "| `org/other` | 1 tensor unit: `model.layers.1.mlp.up_proj` |" in card
+    assert "  - `model.layers.1.mlp.up_proj` ← `org/other`" in card

@@ -28,7 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rebuild = subparsers.add_parser("rebuild", help="rebuild a model from a merge_report.json alone")
     rebuild.add_argument("report", type=Path, metavar="REPORT.json")
     rebuild.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory to write (must not exist unless --force)")
-    rebuild.add_argument("--models-dir", type=Path, help="where OLM kept its models (org/name -> DIR/org_name)")
+    rebuild.add_argument(
+        "--models-dir", type=Path, metavar="DIR",
+        help="where the report's local models are (NAME -> DIR/NAME; OLM's org/name -> DIR/org_name)",
+    )  # fmt: skip
     rebuild.add_argument("--force", action="store_true", help="replace an existing output directory")
     rebuild.add_argument("--json", action="store_true", help="print {out, recipe} as JSON")
     rebuild.add_argument("--quiet", action="store_true", help="no progress bars")

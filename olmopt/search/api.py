@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from olmopt.config import StudyConfig
 from olmopt.errors import InputError
+from olmopt.model_ids import short_names
 from olmopt.search.campaign import Campaign
 from olmopt.search.plan import Stage, plan_stages
 from olmopt.search.storage import single_writer
@@ -141,17 +142,3 @@ def campaign_status(name: str, url: str) -> dict[str, Any]:
 
 
 
-
-def short_names(models: list[str]) -> dict[str, str]:
-    """Pool model (path or hub id) -> the shortest trailing part of it that no other pool model shares."""
-    out: dict[str, str] = {}
-    for model in models:
-        parts = model.rstrip("/").split("/")
-        for n in range(1, len(parts) + 1):
-            short = "/".join(parts[-n:])
-            if sum(1 for other in models if other.rstrip("/").endswith("/" + short) or other == short) == 1:
-                out[model] = short
-                break
-        else:
-            out[model] = model
-    return out
