@@ -417,3 +417,14 @@ def test_card_front_matter_lists_hub_models(tmp_path: Path) -> None:
     assert "| `mine` | boundary: embeddings, final norm and head |" in card
     assert "| `org/other` | 1 tensor unit: `model.layers.1.mlp.up_proj` |" in card
     assert "  - `model.layers.1.mlp.up_proj` ← `org/other`" in card
+
+
+# -- 10: the dashboard tells the truth ----------------------------------------------------------------------
+def test_root_study_carries_the_objectives_directions(family: dict[str, Any], tmp_path: Path) -> None:
+    import optuna
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(write_study(tmp_path, family["study"])), "--storage", url]) == 0
+    root = optuna.load_study(study_name="ev", storage=url)
+    assert root.metric_names == ["acc", "ppl"]
+    assert root.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]

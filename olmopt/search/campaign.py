@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 
 from olmopt import __version__
-from olmopt.config import StudyConfig
+from olmopt.config import StudyConfig, default_objective_name
 from olmopt.errors import StorageError
 from olmopt.recipe import Recipe
 from olmopt.search.plan import Stage
@@ -57,7 +57,12 @@ class Campaign:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **extra,
         }
-        root = optuna.create_study(storage=storage, study_name=config.name, direction="minimize")
+        # the root study holds no trials; its directions and metric names are the objectives' (the dashboard
+        # shows them on the campaign's page)
+        names = [o.name or default_objective_name(o) for o in config.objectives]
+        directions = extra[DIRECTIONS_KEY]
+        root = optuna.create_study(storage=storage, study_name=config.name, directions=[directions[n] for n in names])
+        root.set_metric_names(names)
         root.set_user_attr(CAMPAIGN_ATTR, info)
         return cls(config.name, url, storage, config, plan, info)
 
@@ -82,8 +87,6 @@ class Campaign:
     # -- stages -------------------------------------------------------------------------------------------
     def objective_names(self) -> list[str]:
         """The objectives' names (as ``search.context.objectives_of`` names them, without importing torch)."""
-        from olmopt.config import default_objective_name
-
         return [o.name or default_objective_name(o) for o in self.config.objectives]
 
     def directions(self) -> dict[str, str]:
