@@ -428,3 +428,52 @@ def test_root_study_carries_the_objectives_directions(family: dict[str, Any], tm
     root = optuna.load_study(study_name="ev", storage=url)
     assert root.metric_names == ["acc", "ppl"]
     assert root.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+
+
+# -- 12: small things -------------------------------------------------------------------------------------------
+def test_export_to_an_existing_directory_fails_before_loading_anything(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "olmopt.cli", "export", "best", "ev", "--out", str(tmp_path / "out"),
+         "--storage", f"sqlite:///{tmp_path}/s.db"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert lines == [f"olmopt: error: output {tmp_path / 'out'} already exists (pass --force to replace it)"]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"torch", "transformers", "optuna"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_single_shard_needs_no_index_and_files_are_0644(tmp_path: Path) -> None:
+    import torch
+
+    from olmopt.outdir import INDEX_FILE, ShardedSafetensorsWriter
+
+    umask = os.umask(0o022)
+    try:
+        with ShardedSafetensorsWriter(tmp_path) as writer:
+            writer.add("w", torch.zeros(4))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+        assert not (tmp_path / INDEX_FILE).exists()
+        assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
+
+
+def test_zoo_weights_are_written_0644(tmp_path: Path) -> None:
+    from _models import char_tokenizer, make_config
+    from transformers import AutoModelForCausalLM
+
+    from olmopt.zoo.build import _save
+
+    tokenizer = char_tokenizer()
+    model = AutoModelForCausalLM.from_config(make_config("llama", 1, vocab=len(tokenizer)))
+    umask = os.umask(0o022)
+    try:
+        _save(model, tokenizer, tmp_path / "m")
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes

@@ -39,6 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_export_best(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.force:  # before the seconds of imports and loading below
+        from olmopt.errors import InputError
+
+        raise InputError(f"output {args.out} already exists (pass --force to replace it)")
     from olmopt.search.finalize import export_best
     from olmopt.search.storage import storage_url
 
