@@ -477,3 +477,53 @@ def test_zoo_weights_are_written_0644(tmp_path: Path) -> None:
         os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+@pytest.fixture(scope="module")
+def zoo_layer0(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A finished campaign 'ev' on the tiny zoo: fixed base, one greedy stage over layer 0 (5 candidates,
+    several of them on the Pareto front of its 4 objectives)."""
+    from tests.test_study import study_file
+
+    tmp = tmp_path_factory.mktemp("zoo_layer0")
+    url = f"sqlite:///{tmp}/s.db"
+    path = study_file(tmp, tiny_zoo, "ev", layers={"mode": "greedy", "only": [0]})
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    assert main(["study", "run", "ev", "--storage", url, "--quiet"]) == 0
+    return url
+
+
+def test_dashboard_marks_the_selected_trial_as_best(zoo_layer0: str, tmp_path: Path) -> None:
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard._pareto_front import get_pareto_front_trials
+
+    from olmopt.commands.dashboard import dashboard_app
+    from olmopt.search.campaign import Campaign
+    from olmopt.search.storage import open_storage
+
+    url = zoo_layer0
+    campaign = Campaign.load("ev", url)
+    layer_study = campaign.existing_stage_study(campaign.plan[1])
+    assert layer_study is not None  # the dashboard's own front has several trials: every one was "Best Trial"
+    assert len(get_pareto_front_trials(layer_study.get_trials(), layer_study.directions)) > 1
+    app = dashboard_app(open_storage(url, heartbeat=False), tmp_path / "artifacts")
+
+    def get(path: str) -> Any:
+        environ: dict[str, Any] = {}
+        setup_testing_defaults(environ)
+        environ["PATH_INFO"] = path
+        status: list[str] = []
+        body = b"".join(app(environ, lambda s, _h, _e=None: status.append(s)))
+        assert status[0].startswith("200"), status
+        return json.loads(body)
+
+    ids = {s["study_name"]: s["study_id"] for s in get("/api/studies")["study_summaries"]}
+    root = get(f"/api/studies/{ids['ev']}")
+    assert root["directions"] == ["maximize"] * 4 and root["objective_names"] == ["add", "rev", "fact", "mc"]
+    for stage in campaign.plan:
+        decision = campaign.decision(stage)
+        assert decision is not None
+        detail = get(f"/api/studies/{ids['ev/' + stage.key]}")
+        assert len(detail["trials"]) >= 1
+        assert [t["number"] for t in detail["best_trials"]] == [decision["trial"]], stage.key
