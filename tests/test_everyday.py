@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -527,3 +529,53 @@ def test_dashboard_marks_the_selected_trial_as_best(zoo_layer0: str, tmp_path: P
         detail = get(f"/api/studies/{ids['ev/' + stage.key]}")
         assert len(detail["trials"]) >= 1
         assert [t["number"] for t in detail["best_trials"]] == [decision["trial"]], stage.key
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not CHROMIUM.exists() and not os.environ.get("OLMOPT_REQUIRE_CHROMIUM"),
+    reason="needs Debian chromium at /usr/bin/chromium (apt-get install -y chromium)",
+)
+def test_screenshot_of_the_trial_list_marks_only_the_winner(zoo_layer0: str, tmp_path: Path) -> None:
+    """Headless Chromium on `olmopt dashboard`: in a decided stage's trial list only the winner is "Best Trial"."""
+    from PIL import Image
+
+    from olmopt.search.campaign import Campaign
+
+    campaign = Campaign.load("ev", zoo_layer0)
+    decision = campaign.decision(campaign.plan[1])
+    assert decision is not None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "olmopt.cli", "dashboard", "--storage", zoo_layer0, "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]  # type: ignore[union-attr]
+        base = lines[1].split()[1].removesuffix("/dashboard")
+        with urllib.request.urlopen(base + "/api/studies", timeout=30) as response:
+            ids = {s["study_name"]: s["study_id"] for s in json.loads(response.read())["study_summaries"]}
+        page = f"{base}/dashboard/studies/{ids['ev/' + campaign.plan[1].key]}/trials"
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        flags += ["--disable-component-update", "--disable-sync", "--no-first-run", "--virtual-time-budget=15000"]
+        flags += ["--window-size=1400,1000"]
+        shot = tmp_path / "trials.png"
+        for extra, profile in (([f"--screenshot={shot}"], "p1"), (["--dump-dom"], "p2")):
+            result = subprocess.run(
+                [str(CHROMIUM), *flags, f"--user-data-dir={tmp_path / profile}", *extra, page],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+        dom = result.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    image = Image.open(shot).convert("RGB")
+    colours = image.getcolors(maxcolors=1 << 20) or []
+    assert len(colours) > 200 and max(c for c, _ in colours) < 0.9 * image.size[0] * image.size[1]
+    # the list: "Trial N" items, each followed by its chips; exactly one "Best Trial" chip, on the winner
+    items = re.split(r">Trial (\d+)<", dom)
+    chips = {int(items[i]): items[i + 1].count(">Best Trial<") for i in range(1, len(items) - 1, 2)}
+    assert len(chips) == 5, sorted(chips)
+    assert {n for n, count in chips.items() if count} == {decision["trial"]}, chips
