@@ -579,3 +579,27 @@ def test_screenshot_of_the_trial_list_marks_only_the_winner(zoo_layer0: str, tmp
     chips = {int(items[i]): items[i + 1].count(">Best Trial<") for i in range(1, len(items) - 1, 2)}
     assert len(chips) == 5, sorted(chips)
     assert {n for n, count in chips.items() if count} == {decision["trial"]}, chips
+
+
+def test_pareto_plot_of_four_objectives_is_parallel_coordinates(tmp_path: Path) -> None:
+    """Four objectives are not squeezed onto two axes: every trial is a line over all of them, better up."""
+    from matplotlib.figure import Figure
+
+    from olmopt.report import plots
+
+    objectives = {"a": "maximize", "b": "maximize", "c": "minimize", "d": "maximize"}
+    points = [
+        {"number": 0, "values": {"a": 0.9, "b": 0.9, "c": 5.0, "d": 0.1}, "feasible": True, "pareto": True},
+        {"number": 1, "values": {"a": 0.5, "b": 0.5, "c": 1.0, "d": 0.9}, "feasible": True, "pareto": True},
+        {"number": 2, "values": {"a": 0.4, "b": 0.4, "c": 6.0, "d": 0.0}, "feasible": False, "pareto": False},
+    ]
+    ax = Figure().subplots()
+    plots._parallel_coordinates(ax, points, objectives, selected=1)
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    # the selected trial looks dominated by trial 0 on (a, b) but is best on c (minimized) and d: up there
+    assert lines["selected (trial 1)"] == pytest.approx([0.2, 0.2, 1.0, 1.0])
+    assert lines["Pareto set (all objectives)"] == pytest.approx([1.0, 1.0, 0.2, 1 / 9])
+    assert lines["infeasible"] == pytest.approx([0.0, 0.0, 0.0, 0.0])
+    assert [t.get_text().split("\n")[0] for t in ax.get_xticklabels()] == ["a ↑", "b ↑", "c ↓", "d ↑"]
+    stage = {"key": "001-joint-layers", "points": points, "decision": {"trial": 1}}
+    assert plots.pareto_png(stage, objectives, tmp_path / "p.png").stat().st_size > 1000
