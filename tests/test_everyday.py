@@ -603,3 +603,52 @@ def test_pareto_plot_of_four_objectives_is_parallel_coordinates(tmp_path: Path) 
     assert [t.get_text().split("\n")[0] for t in ax.get_xticklabels()] == ["a ↑", "b ↑", "c ↓", "d ↑"]
     stage = {"key": "001-joint-layers", "points": points, "decision": {"trial": 1}}
     assert plots.pareto_png(stage, objectives, tmp_path / "p.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_ctrl_c_message_gets_its_own_line_below_the_bars(tiny_zoo: Path, tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    from tests.test_study import study_file
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    path = study_file(tmp_path, tiny_zoo, "ev", layers={"mode": "greedy", "only": [0, 1]})
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    env = dict(os.environ, OLMOPT_THREADS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "olmopt.cli", "study", "run", "ev", "--storage", url],
+        stdout=subprocess.DEVNULL, stderr=secondary, env=env,
+    )  # fmt: skip
+    os.close(secondary)
+    out, sent = b"", False
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([primary], [], [], 0.5)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+            if not sent and b"000-base: winner" in out:
+                proc.send_signal(signal.SIGINT)  # while stage 001's bar is drawn
+                sent = True
+    finally:
+        os.close(primary)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.wait(timeout=60) == 130 and sent
+    text = out.decode(errors="replace").replace("\r\n", "\n")
+    assert re.search(r"(^|\n)olmopt: interrupted", text), text[-600:]

@@ -135,17 +135,19 @@ class CampaignRunner:
         overall = tqdm(total=expected, desc=f"campaign {self.c.name}", unit="trial", disable=not self.progress)
         self._overall = overall
         self.log(f"campaign {self.c.name}: {len(pending)} of {len(self.c.plan)} stages to run (about {expected} trials)")
-        for stage in self.c.plan:
-            if stage.key in decisions:
-                continue
-            if self._out_of_time():
-                break
-            decision = self.run_stage(stage, decisions)
-            if decision is None:
-                break
-            decisions[stage.key] = decision
-            stages_run += 1
-        overall.close()
+        try:
+            for stage in self.c.plan:
+                if stage.key in decisions:
+                    continue
+                if self._out_of_time():
+                    break
+                decision = self.run_stage(stage, decisions)
+                if decision is None:
+                    break
+                decisions[stage.key] = decision
+                stages_run += 1
+        finally:
+            overall.close()  # also on Ctrl-C: the bar ends its line, so the message that follows has its own
         finished = all(s.key in decisions for s in self.c.plan)
         return RunOutcome(finished, stages_run, self.trials_run, self.c.final_recipe())
 
