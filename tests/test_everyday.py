@@ -652,3 +652,32 @@ def test_ctrl_c_message_gets_its_own_line_below_the_bars(tiny_zoo: Path, tmp_pat
     assert proc.wait(timeout=60) == 130 and sent
     text = out.decode(errors="replace").replace("\r\n", "\n")
     assert re.search(r"(^|\n)olmopt: interrupted", text), text[-600:]
+
+
+def test_postgres_scheme_gets_a_suggestion(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["study", "list", "--storage", "postgres://me:secret@db-host/olmopt"]) == 2
+    line = _one_line_error(capsys)
+    assert "postgresql+psycopg://me:***@db-host/olmopt" in line and "secret" not in line
+
+
+@pytest.mark.server
+def test_state_on_postgresql(family: dict[str, Any], tmp_path: Path) -> None:
+    import uuid
+
+    from olmopt.search.api import campaign_status
+    from olmopt.search.campaign import RUN_ATTR, Campaign
+    from tests.test_distributed import server_url
+
+    url = server_url("postgres")
+    name = f"state-{uuid.uuid4().hex[:10]}"
+    assert main(["study", "create", str(write_study(tmp_path, family["study"], name=name)), "--storage", url]) == 0
+    try:
+        assert campaign_status(name, url)["state"] == "not started"
+        campaign = Campaign.load(name, url)
+        campaign.record_run("running")  # a worker that just started (loading models, no trial yet)
+        assert campaign_status(name, url)["state"] == "running"
+        root_id = campaign.storage.get_study_id_from_name(name)
+        campaign.storage.set_study_user_attr(root_id, RUN_ATTR, {"state": "running", "at": "2020-01-01T00:00:00Z"})
+        assert campaign_status(name, url)["state"] == "interrupted"  # a worker killed long ago
+    finally:
+        assert main(["study", "delete", name, "--storage", url, "--yes"]) == 0

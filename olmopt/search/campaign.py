@@ -184,8 +184,8 @@ class Campaign:
         if is_sqlite(self.url):
             if last.get("state") == "running" and sqlite_busy(self.url):
                 return "running", None
-        elif live_work(self, stale_after()):
-            return "running", None
+        elif live_work(self, stale_after()) or (last.get("state") == "running" and _age(last) < stale_after()):
+            return "running", None  # a worker's trial beats, or a worker started lately (loading models)
         if last.get("state") in ("failed", "stopped", "interrupted"):
             return last["state"], last.get("error")
         if last.get("state") == "running":  # its process is gone without a word (killed)
@@ -227,6 +227,16 @@ def delete_campaign(storage: optuna.storages.BaseStorage, name: str) -> int:
         except KeyError:  # a transient lock study released meanwhile
             pass
     return len(doomed)
+
+
+def _age(record: dict[str, Any]) -> float:
+    """Seconds since a last-run note was written (infinite when it has no readable time)."""
+    import calendar
+
+    try:
+        return time.time() - calendar.timegm(time.strptime(str(record.get("at")), "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return float("inf")
 
 
 def live_work(campaign: Campaign, stale_after: float) -> list[str]:

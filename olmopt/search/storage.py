@@ -117,6 +117,9 @@ def open_storage(url: str, heartbeat: bool = True, create: bool = True) -> optun
         parsed = make_url(url)
     except ArgumentError:
         raise StorageError(f"malformed storage URL {redact(url)!r} (e.g. sqlite:///storage/olmopt.db)") from None
+    if parsed.drivername.split("+")[0] == "postgres":  # libpq's scheme; SQLAlchemy knows only postgresql
+        fixed = redact(url).replace(parsed.drivername, "postgresql+psycopg", 1)
+        raise StorageError(f"unsupported storage 'postgres': SQLAlchemy spells it postgresql, e.g. {fixed}")
     if parsed.drivername.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
         raise StorageError(f"unsupported storage {parsed.drivername!r}: use sqlite, postgresql, mysql or journal:PATH")
     path = sqlite_path(url)
