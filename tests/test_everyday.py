@@ -681,3 +681,19 @@ def test_state_on_postgresql(family: dict[str, Any], tmp_path: Path) -> None:
         assert campaign_status(name, url)["state"] == "interrupted"  # a worker killed long ago
     finally:
         assert main(["study", "delete", name, "--storage", url, "--yes"]) == 0
+
+
+# -- 11: help with examples -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv",
+    [["study", "create"], ["study", "run"], ["study", "status"], ["study", "list"], ["study", "delete"],
+     ["export", "best"], ["rebuild"], ["report"], ["dashboard"]],
+    ids=" ".join,
+)  # fmt: skip
+def test_help_ends_with_examples(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    tail = out[out.index("\nexamples:\n") :].strip().splitlines()[1:]
+    assert tail and all(line.startswith(f"  olmopt {' '.join(argv)}") for line in tail), tail

@@ -25,6 +25,20 @@ def add_storage_flag(parser: argparse.ArgumentParser, study_file: bool = False) 
     )
 
 
+class _ExamplesFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual; keeps an ``examples:`` epilog's lines as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def examples(*lines: str) -> dict[str, Any]:
+    """``add_parser`` keywords for an ``examples:`` section at the end of ``--help``."""
+    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": _ExamplesFormatter}
+
+
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")

@@ -14,7 +14,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from olmopt.commands._common import add_storage_flag, sigterm_as_interrupt
+from olmopt.commands._common import add_storage_flag, examples, sigterm_as_interrupt
 
 DEFAULT_PORT = 8080
 NO_AUTH_FLAG = "--i-know-there-is-no-auth"
@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             f"127.0.0.1 unless {NO_AUTH_FLAG} is given; reach it remotely through an SSH tunnel. "
             "Stop it with Ctrl-C or SIGTERM."
         ),
+        **examples("olmopt dashboard", "olmopt dashboard --storage postgresql+psycopg://me@db/olmopt --port 8081"),
     )
     add_storage_flag(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

@@ -5,13 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from olmopt.commands._common import add_storage_flag, print_json
+from olmopt.commands._common import add_storage_flag, examples, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser("export", help="write a campaign's merged model as a Hugging Face directory")
     sub = export.add_subparsers(dest="export_command", metavar="WHAT", required=True)
-    best = sub.add_parser("best", help="the campaign's winning Recipe (or --trial N)")
+    best = sub.add_parser(
+        "best",
+        help="the campaign's winning Recipe (or --trial N)",
+        **examples(
+            "olmopt export best zoo-tiny --out storage/merged-zoo-tiny",
+            "olmopt export best zoo --stage 001-joint-layers --trial 7 --out /tmp/t7 --no-compare",
+        ),
+    )
     best.add_argument("name")
     best.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory to write (must not exist unless --force)")
     best.add_argument("--trial", type=int, metavar="N", help="export trial N of the last stage (or of --stage)")
@@ -25,7 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_storage_flag(best)
     best.set_defaults(func=cmd_export_best)
 
-    rebuild = subparsers.add_parser("rebuild", help="rebuild a model from a merge_report.json alone")
+    rebuild = subparsers.add_parser(
+        "rebuild",
+        help="rebuild a model from a merge_report.json alone",
+        **examples("olmopt rebuild storage/merged-zoo-tiny/merge_report.json --out /tmp/again --models-dir storage/zoo-tiny"),
+    )
     rebuild.add_argument("report", type=Path, metavar="REPORT.json")
     rebuild.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory to write (must not exist unless --force)")
     rebuild.add_argument(

@@ -7,21 +7,35 @@ import sys
 import time
 from collections.abc import Callable
 
-from olmopt.commands._common import add_storage_flag, print_json, sigterm_as_interrupt
+from olmopt.commands._common import add_storage_flag, examples, print_json, sigterm_as_interrupt
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     study = subparsers.add_parser("study", help="create, run and inspect merge campaigns")
     sub = study.add_subparsers(dest="study_command", metavar="ACTION", required=True)
 
-    create = sub.add_parser("create", help="validate a study file and create its campaign")
+    create = sub.add_parser(
+        "create",
+        help="validate a study file and create its campaign",
+        **examples(
+            "olmopt study create studies/zoo-tiny.yaml",
+            "olmopt study create studies/zoo.yaml --name zoo-2 --storage postgresql+psycopg://me@db/olmopt",
+        ),
+    )
     create.add_argument("study_file", metavar="STUDY.yaml")
     create.add_argument("--name", help="campaign name (default: the study file's `name`)")
     add_storage_flag(create, study_file=True)
     create.add_argument("--json", action="store_true", help="print the plan as JSON")
     create.set_defaults(func=cmd_create)
 
-    run = sub.add_parser("run", help="run (or resume) a campaign's stages")
+    run = sub.add_parser(
+        "run",
+        help="run (or resume) a campaign's stages",
+        **examples(
+            "olmopt study run zoo-tiny",
+            "olmopt study run zoo --workers 2 --timeout 3600 2> run.log   # timestamped stage lines in run.log",
+        ),
+    )
     run.add_argument("name")
     add_storage_flag(run)
     run.add_argument("--workers", type=int, default=1, metavar="K", help="evaluate K candidates at once (processes)")
@@ -32,7 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.set_defaults(func=cmd_run)
 
-    status = sub.add_parser("status", help="stages, trials, winners and metrics of a campaign")
+    status = sub.add_parser(
+        "status",
+        help="stages, trials, winners and metrics of a campaign",
+        **examples("olmopt study status zoo-tiny", "olmopt study status zoo-tiny --json | jq .state"),
+    )
     status.add_argument("name")
     add_storage_flag(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON (see docs/monitoring.md)")
@@ -47,13 +65,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "trial that still beats). Asks for confirmation on a terminal; --yes skips it (needed in scripts). "
             "Re-create a campaign by deleting it and running `study create` again."
         ),
+        **examples("olmopt study delete zoo-tiny", "olmopt study delete zoo-tiny --yes --storage sqlite:///other.db"),
     )
     delete.add_argument("name")
     add_storage_flag(delete)
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     delete.set_defaults(func=cmd_delete)
 
-    lst = sub.add_parser("list", help="campaigns in a storage")
+    lst = sub.add_parser(
+        "list", help="campaigns in a storage", **examples("olmopt study list", "olmopt study list --json")
+    )
     add_storage_flag(lst)
     lst.add_argument("--json", action="store_true", help="print the campaigns as a JSON list")
     lst.set_defaults(func=cmd_list)
