@@ -139,6 +139,3 @@ def campaign_status(name: str, url: str) -> dict[str, Any]:
         "stages": stages,
         "recipe": final.to_dict() if final else None,
     }
-
-
-
