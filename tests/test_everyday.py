@@ -1,5 +1,6 @@
-"""Everyday use: where a campaign's storage is, read-only commands that create nothing, deleting campaigns,
-logs without a terminal, a light `study status` with meaningful states."""
+"""Everyday use (issue 19): where a campaign's storage is and read-only commands that create nothing,
+`study delete`, logs without a terminal, a light `study status` with meaningful states, a model card
+ready for the Hub, a dashboard and report that tell the truth, help examples and small things."""
 
 from __future__ import annotations
 
