@@ -24,8 +24,8 @@ from transformers.utils import logging as hf_logging
 from olmopt import __version__
 from olmopt.errors import InputError, OlmoptError
 from olmopt.kernels import (
-    PORTABLE_KERNELS_KEY,
     PORTABLE_CPU_ENV,
+    PORTABLE_KERNELS_KEY,
     cpu_capability,
     cpu_has_avx2,
     portable_kernels_active,
