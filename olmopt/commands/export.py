@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "olmopt export best zoo --stage 001-joint-layers --trial 7 --out /tmp/t7 --no-compare",
         ),
     )
-    best.add_argument("name")
+    best.add_argument("name", metavar="NAME", help="campaign name (see `olmopt study list`)")
     best.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory to write (must not exist unless --force)")
     best.add_argument("--trial", type=int, metavar="N", help="export trial N of the last stage (or of --stage)")
     best.add_argument("--stage", metavar="KEY", help="stage key as shown by `olmopt study status`")

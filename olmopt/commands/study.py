@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "olmopt study run zoo --workers 2 --timeout 3600 2> run.log   # timestamped stage lines in run.log",
         ),
     )
-    run.add_argument("name")
+    run.add_argument("name", metavar="NAME", help="campaign name (see `olmopt study list`)")
     add_storage_flag(run)
     run.add_argument("--workers", type=int, default=1, metavar="K", help="evaluate K candidates at once (processes)")
     run.add_argument("--n-trials", type=int, metavar="N", help="trial budget of joint stages (overrides the study)")
@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="stages, trials, winners and metrics of a campaign",
         **examples("olmopt study status zoo-tiny", "olmopt study status zoo-tiny --json | jq .state"),
     )
-    status.add_argument("name")
+    status.add_argument("name", metavar="NAME", help="campaign name (see `olmopt study list`)")
     add_storage_flag(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON (see docs/monitoring.md)")
     status.set_defaults(func=cmd_status)
@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         **examples("olmopt study delete zoo-tiny", "olmopt study delete zoo-tiny --yes --storage sqlite:///other.db"),
     )
-    delete.add_argument("name")
+    delete.add_argument("name", metavar="NAME", help="campaign name (see `olmopt study list`)")
     add_storage_flag(delete)
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     delete.set_defaults(func=cmd_delete)
