@@ -108,22 +108,71 @@ def _per_dataset(decision: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def model_card(title: str, recipe: Recipe, table: list[dict[str, Any]], objectives: list[str], directions: dict[str, str]) -> str:
-    """README.md with front matter and a metrics table (search vs held-out for base, donors, merged)."""
+def model_card(
+    title: str,
+    recipe: Recipe,
+    table: list[dict[str, Any]],
+    objectives: list[str],
+    directions: dict[str, str],
+    pool: dict[str, dict[str, str]] | None = None,
+    objective_info: dict[str, dict[str, Any]] | None = None,
+    campaign: str | None = None,
+) -> str:
+    """README.md ready for the Hub: front matter (``base_model`` lists the Hub ids among the merged
+    models), the merged models with their roles, the recipe in words and as JSON, the objectives and the
+    search / held-out metrics table. ``recipe``, ``table`` and ``pool`` (model id -> {source}) already
+    name models by their public ids (``model_ids.public_ids``): no local path appears."""
+    pool = pool or {}
+    used = _roles(recipe)
+    hub = [m for m in used if pool.get(m, {}).get("source") == "hub"]
+    local = [m for m in [*used, *pool] if pool.get(m, {}).get("source") == "local"]
+    front = ["---"]
+    if hub:
+        front += ["base_model:", *(f"- {m}" for m in hub), "base_model_relation: merge"]
+    front += ["library_name: transformers", "tags:", "- merge", "- olmopt", "---"]
+    what = f"campaign `{campaign}`" if campaign else "a campaign"
     lines = [
-        "---",
-        f"base_model: {recipe.base}",
-        "library_name: transformers",
-        "tags: [merge, olmopt]",
-        "---",
+        *front,
         f"# {title}",
         "",
-        f"Merged with olmopt {__version__}. Recipe (relative to the pool):",
+        f"A merge of {len(used)} model{'s' if len(used) != 1 else ''} found by [olmopt](https://github.com/) "
+        f"{__version__}: {what} searched the merge decisions below by black-box optimization and selected "
+        "each one on the search data; held-out figures are on items the search never saw.",
+        "",
+    ]
+    if local:
+        names = ", ".join(f"`{m}`" for m in dict.fromkeys(local))
+        lines += [
+            f"> **Note:** {names} {'are local models' if len(set(local)) > 1 else 'is a local model'}, named here by "
+            "directory name: not a Hugging Face Hub id. Replace such names by Hub ids before uploading if the "
+            "models are published (`olmopt rebuild --models-dir DIR` finds them as `DIR/NAME`).",
+            "",
+        ]
+    lines += ["## Merged models", "", "| model | role |", "|---|---|"]
+    for model, roles in used.items():
+        lines.append(f"| `{model}` | {'; '.join(roles)} |")
+    for model in pool:
+        if model not in used:
+            lines.append(f"| `{model}` | in the pool, not selected |")
+    lines += ["", "## Recipe", "", *_recipe_lines(recipe), ""]
+    lines += [
+        "<details><summary>The recipe as JSON (<code>merge_report.json</code> holds it too; "
+        "<code>olmopt rebuild</code> rebuilds the model from it)</summary>",
         "",
         "```json",
         json.dumps(recipe.to_dict(), indent=2, sort_keys=True),
         "```",
         "",
+        "</details>",
+        "",
+    ]
+    if objective_info:
+        lines += ["## Objectives", "", "| objective | metric | direction | dataset | held-out fraction |", "|---|---|---|---|---|"]
+        for n in objectives:
+            o = objective_info.get(n, {})
+            lines.append(f"| {n} | {o.get('metric', '-')} | {directions[n]} | {o.get('dataset', '-')} | {o.get('held_out', '-')} |")
+        lines.append("")
+    lines += [
         "## Metrics",
         "",
         "Arrows give each objective's direction; `search` is the data the search saw, `held-out` is not.",
@@ -140,18 +189,86 @@ def model_card(title: str, recipe: Recipe, table: list[dict[str, Any]], objectiv
     return "\n".join(lines) + "\n"
 
 
+def _listing(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(f"`{i}`" for i in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _roles(recipe: Recipe) -> dict[str, list[str]]:
+    """Model -> what it supplies in ``recipe`` (the base first)."""
+    roles: dict[str, list[str]] = {recipe.base: ["base: every tensor not supplied by another model"]}
+
+    def add(model: str, role: str) -> None:
+        roles.setdefault(model, []).append(role)
+
+    if recipe.boundary:
+        add(recipe.boundary, "boundary: embeddings, final norm and head")
+    by_layer: dict[str, list[int]] = {}
+    for layer, donor in sorted(recipe.layers.items()):
+        by_layer.setdefault(donor, []).append(layer)
+    for donor, layers in by_layer.items():
+        add(donor, f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}")
+    by_unit: dict[str, list[str]] = {}
+    for unit, donor in sorted(recipe.units.items()):
+        by_unit.setdefault(donor, []).append(unit)
+    for donor, units in by_unit.items():
+        add(donor, f"{len(units)} tensor unit{'s' if len(units) > 1 else ''}: {_listing(units)}")
+    if recipe.param_merge:
+        for model in recipe.param_merge.models:
+            add(model, f"delta merged into the base ({recipe.param_merge.method})")
+    if recipe.dfs:
+        hops: dict[str, int] = {}
+        for model, _layer in recipe.dfs.hops:
+            hops[model] = hops.get(model, 0) + 1
+        for model, n in hops.items():
+            add(model, f"{n} layer{'s' if n > 1 else ''} of the data-flow path")
+    return roles
+
+
+def _recipe_lines(recipe: Recipe) -> list[str]:
+    """The recipe in words, one bullet per kind of decision."""
+    out = [f"- **base model:** `{recipe.base}`"]
+    if recipe.boundary:
+        out.append(f"- **boundary** (embeddings, final norm, head) **from** `{recipe.boundary}`")
+    if recipe.layers:
+        out.append("- **whole layers:** " + ", ".join(f"{i} ← `{d}`" for i, d in sorted(recipe.layers.items())))
+    if recipe.units:
+        out.append("- **tensor units:**")
+        out += [f"  - `{u}` ← `{d}`" for u, d in sorted(recipe.units.items())]
+    if recipe.es:
+        out.append(f"- **evolution-strategy steps:** {len(recipe.es)} (replayed from their seeds):")
+        out += [f"  - {s.kind} on `{s.unit}`, sigma {s.sigma:g}, seed {s.seed}" for s in recipe.es]
+    if recipe.param_merge:
+        pm = recipe.param_merge
+        params = ", ".join(f"{k} {v}" for k, v in sorted(pm.params.items())) or "defaults"
+        models = ", ".join(f"`{m}`" for m in pm.models)
+        out.append(f"- **parameter merge:** {pm.method} of {models} onto `{pm.base}` ({params}; seed {pm.seed})")
+    if recipe.fusion:
+        steps = ", ".join(f"{json.dumps(step.model_dump(mode='json'), sort_keys=True)}" for step in recipe.fusion)
+        out.append(f"- **depth fusion:** {len(recipe.fusion)} step(s): {steps}")
+    if recipe.dfs:
+        path = " → ".join(f"`{m}`[{layer}]" for m, layer in recipe.dfs.hops)
+        out.append(f"- **data-flow path** ({len(recipe.dfs.hops)} layers): {path}")
+    return out
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
 def provenance(url_redacted: str, campaign: str, stage: str | None, trial: int | None, datasets: dict[str, Any]) -> dict[str, Any]:
+    """Where the model came from, without local paths: a file storage and the datasets by file name."""
+    storage = url_redacted
+    for prefix in ("sqlite:///", "journal:"):
+        if storage.startswith(prefix):
+            storage = prefix + Path(storage.removeprefix(prefix)).name
     return {
         "olmopt_version": __version__,
-        "storage": url_redacted,
+        "storage": storage,
         "campaign": campaign,
         "stage": stage,
         "trial": trial,
-        "datasets": datasets,
+        "datasets": {n: {**d, "path": Path(d["path"]).name} if "path" in d else d for n, d in datasets.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -174,12 +291,19 @@ def recipe_from_report(report: dict[str, Any]) -> Recipe:
     return Recipe(base=base, boundary=boundary, layers=layers, units=units)
 
 
-def resolve_report_models(recipe: Recipe, models_dir: Path | None) -> dict[str, str]:
-    """Donor name -> pool reference; OLM kept ``org/name`` under ``models_dir/org_name``."""
+def resolve_report_models(recipe: Recipe, models_dir: Path | None, pool: dict[str, Any] | None = None) -> dict[str, str]:
+    """Donor name -> pool reference: ``models_dir/NAME`` (OLM kept ``org/name`` as ``models_dir/org_name``),
+    else the name itself (a hub id, or a path in reports written before ids). ``pool`` (the report's
+    model id -> {source}) says which names were local directories: those need ``models_dir``."""
     refs = {}
     for name in [recipe.base, *sorted(recipe.donors() - {recipe.base})]:
-        local = models_dir / name.replace("/", "_") if models_dir else None
-        refs[name] = str(local) if local is not None and local.is_dir() else name
+        found = None
+        if models_dir is not None:
+            found = next((p for p in (models_dir / name, models_dir / name.replace("/", "_")) if p.is_dir()), None)
+        if found is None and (pool or {}).get(name, {}).get("source") == "local":
+            where = f"no {models_dir / name}" if models_dir is not None else "pass --models-dir DIR, the directory that holds it"
+            raise InputError(f"report: model {name!r} was a local directory ({where})")
+        refs[name] = str(found) if found is not None else name
     return refs
 
 
@@ -194,7 +318,7 @@ def rebuild(report_path: Path, out: Path, models_dir: Path | None = None, force:
     if not isinstance(report, dict):
         raise InputError(f"report {report_path}: expected a JSON object")
     recipe = recipe_from_report(report)
-    mapping = resolve_report_models(recipe, models_dir)
+    mapping = resolve_report_models(recipe, models_dir, report.get("pool"))
     recipe = recipe.renamed(mapping)
     pool = ModelPool(list(dict.fromkeys(mapping.values())))
     pool.check_homology()

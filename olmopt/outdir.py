@@ -172,7 +172,7 @@ class ShardedSafetensorsWriter:
 
     Without ``plan``, ``add`` buffers tensors until the current shard is full, then writes it (a
     temporary ``part-*.safetensors``); ``close`` names the shards ``model-0000i-of-0000N.safetensors``
-    (``model.safetensors`` when there is one) and writes ``model.safetensors.index.json``.
+    (``model.safetensors`` when there is one) and, for several, writes ``model.safetensors.index.json``.
 
     With ``plan`` (every tensor's name, dtype and shape, known up front) the shard files and headers
     are laid out at construction and ``add`` writes each tensor straight to its offset (``os.pwrite``),
@@ -282,7 +282,7 @@ class ShardedSafetensorsWriter:
         self._pending_bytes = 0
 
     def close(self) -> list[Path]:
-        """Finish the shards, write ``model.safetensors.index.json``; returns the shard paths."""
+        """Finish the shards, write ``model.safetensors.index.json`` (several shards); returns the shard paths."""
         with self._lock:
             if self._closed:
                 return list(self._final)
@@ -311,8 +311,9 @@ class ShardedSafetensorsWriter:
                 target.chmod(mode)
                 final.append(target)
                 weight_map.update(dict.fromkeys(names, target.name))
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if len(final) > 1:  # one model.safetensors needs no index (the Hugging Face layout)
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         self._final = final
         return list(final)
 

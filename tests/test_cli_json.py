@@ -52,10 +52,13 @@ def test_json_documents_carry_the_documented_fields(
     capsys.readouterr()
     assert main(["study", "run", NAME, "--storage", url, "--quiet"]) == 0
     run_out = capsys.readouterr()
-    assert "campaign cj: finished" in run_out.out and run_out.err == ""  # --quiet: no bars, no stage log
+    assert "campaign cj: finished" in run_out.out
+    # --quiet: no bars; the campaign line and one line per stage stay
+    assert [line.split(" ")[1] for line in run_out.err.splitlines()] == ["campaign", "000-base:", "001-layer-0:", "002-layer-1:"]
+    assert "\r" not in run_out.err
 
     status = run_json(capsys, "study", "status", NAME, "--storage", url, "--json")
-    assert {"name", "finished", "objectives", "stages", "recipe"} <= set(status)
+    assert {"name", "state", "error", "pool", "finished", "objectives", "stages", "recipe"} <= set(status)
     assert status["finished"] is True and status["objectives"] == {"acc": "maximize", "ppl": "minimize"}
     for stage in status["stages"]:
         assert {"stage", "kind", "target", "state", "trials", "winner", "metrics", "held_out"} <= set(stage)
@@ -66,7 +69,8 @@ def test_json_documents_carry_the_documented_fields(
         assert set(stage["metrics"]) == {"acc", "ppl"}
 
     rows = run_json(capsys, "study", "list", "--storage", url, "--json")
-    assert [set(r) for r in rows] == [{"name", "stages", "decided", "finished", "created"}]
+    assert [set(r) for r in rows] == [{"name", "stages", "decided", "finished", "state", "created"}]
+    assert rows[0]["state"] == status["state"] == "finished"
     assert rows[0]["decided"] == rows[0]["stages"] == 3
 
     out = tmp / "model"
@@ -81,8 +85,9 @@ def test_json_documents_carry_the_documented_fields(
     assert all({"model", "search", "held_out"} <= set(row) for row in exported["comparison"])
 
     rebuilt = run_json(
-        capsys, "rebuild", str(out / "merge_report.json"), "--out", str(tmp / "rebuilt"), "--quiet", "--json"
-    )
+        capsys, "rebuild", str(out / "merge_report.json"), "--out", str(tmp / "rebuilt"), "--quiet", "--json",
+        "--models-dir", str(tmp),
+    )  # fmt: skip
     assert set(rebuilt) == {"out", "recipe"} and rebuilt["recipe"] == exported["recipe"]
 
     report = run_json(capsys, "report", NAME, "--storage", url, "--out", str(tmp / "report"), "--json")
@@ -92,7 +97,8 @@ def test_json_documents_carry_the_documented_fields(
 def test_exit_codes(done: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["study", "status", "missing", "--storage", url]) == 2  # bad input
-    assert capsys.readouterr().err.startswith("olmopt: error: no campaign named 'missing'")
+    assert capsys.readouterr().err.startswith(f"olmopt: error: no storage at {tmp_path}/s.db")
+    assert not (tmp_path / "s.db").exists()  # a read-only command creates no storage
     study = yaml.safe_load(done["study"].read_text()) | {"name": "halted"}
     (tmp_path / "h.yaml").write_text(yaml.safe_dump(study))
     assert main(["study", "create", str(tmp_path / "h.yaml"), "--storage", url]) == 0

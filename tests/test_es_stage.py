@@ -172,8 +172,10 @@ def test_es_stages_run_record_and_replay_bit_exactly(family: dict[str, Any], tmp
         main(["export", "best", "es1", "--storage", url, "--out", str(out), "--no-compare", "--quiet"]) == 0
     )
     report = json.loads((out / "merge_report.json").read_text())
-    assert Recipe.from_dict(report["recipe"]) == final
-    assert main(["rebuild", str(out / "merge_report.json"), "--out", str(rebuilt), "--quiet"]) == 0
+    ids = {str(family[m]): m for m in "ab"}  # the report names local models by directory name
+    assert Recipe.from_dict(report["recipe"]) == final.renamed(ids)
+    root = str(family["root"])
+    assert main(["rebuild", str(out / "merge_report.json"), "--out", str(rebuilt), "--quiet", "--models-dir", root]) == 0
     exported, again = _tensors(out), _tensors(rebuilt)
     assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
     replayed = base_w.clone()
@@ -205,7 +207,7 @@ def test_es_stages_run_record_and_replay_bit_exactly(family: dict[str, Any], tmp
     assert main([*args, "--refine", "es", "--force"]) == 0
     assert len(Campaign.load("es1", url).plan) == 7
     assert (
-        main(["rebuild", str(refined / "merge_report.json"), "--out", str(tmp_path / "rb2"), "--quiet"]) == 0
+        main(["rebuild", str(refined / "merge_report.json"), "--out", str(tmp_path / "rb2"), "--quiet", "--models-dir", str(family["root"])]) == 0
     )
     a, b = _tensors(refined), _tensors(tmp_path / "rb2")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -7,13 +7,14 @@ import ipaddress
 import logging
 import socket
 import sys
+import threading
 import warnings
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from olmopt.commands._common import add_storage_flag, sigterm_as_interrupt
+from olmopt.commands._common import add_storage_flag, examples, sigterm_as_interrupt
 
 DEFAULT_PORT = 8080
 NO_AUTH_FLAG = "--i-know-there-is-no-auth"
@@ -29,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             f"127.0.0.1 unless {NO_AUTH_FLAG} is given; reach it remotely through an SSH tunnel. "
             "Stop it with Ctrl-C or SIGTERM."
         ),
+        **examples("olmopt dashboard", "olmopt dashboard --storage postgresql+psycopg://me@db/olmopt --port 8081"),
     )
     add_storage_flag(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -74,21 +76,61 @@ class _Handler(WSGIRequestHandler):
         logging.getLogger("olmopt.dashboard").debug(format, *args)
 
 
-def make_dashboard_server(url: str, host: str, port: int, artifact_dir: Path) -> WSGIServer:
-    """A threaded WSGI server running optuna-dashboard on ``url`` (not yet serving)."""
+def mark_selected_trials() -> None:
+    """Make optuna-dashboard's "Best Trial" the trial olmopt selected, on decided stages.
+
+    For a multi-objective study the dashboard marks every trial of the Pareto front (computed without
+    constraints) as "Best Trial": on a greedy stage that is often every candidate, and olmopt's winner
+    (Copeland over the feasible front) is not told apart. In this process, a study whose user attrs hold
+    olmopt's decision gets its winning trial as its only best trial (badge, "Best Trial (number=N)" card,
+    highlighted point); other studies keep the dashboard's front. Wraps two names in
+    ``optuna_dashboard._app`` (0.21); the study detail handler calls ``get_study`` and then
+    ``get_pareto_front_trials`` in the same thread."""
+    from optuna.trial import TrialState
+    from optuna_dashboard import _app
+
+    from olmopt.search.campaign import DECISION_ATTR
+
+    if getattr(_app, "_olmopt_marks_selected", False):
+        return
+    seen = threading.local()
+    get_study, pareto_front = _app.get_study, _app.get_pareto_front_trials
+
+    def get_study_noting_decision(storage: Any, study_id: int) -> Any:
+        study = get_study(storage, study_id)
+        seen.decision = study.user_attrs.get(DECISION_ATTR) if study is not None else None
+        return study
+
+    def selected_or_front(trials: Any, directions: Any) -> Any:
+        decision, seen.decision = getattr(seen, "decision", None), None
+        if isinstance(decision, dict) and decision.get("trial") is not None:
+            chosen = [t for t in trials if t.number == decision["trial"] and t.state == TrialState.COMPLETE]
+            if chosen:
+                return chosen
+        return pareto_front(trials=trials, directions=directions)
+
+    _app.get_study = get_study_noting_decision
+    _app.get_pareto_front_trials = selected_or_front
+    _app._olmopt_marks_selected = True
+
+
+def dashboard_app(storage: Any, artifact_dir: Path) -> Any:
+    """optuna-dashboard's WSGI app over ``storage`` with olmopt's artifact store and winners marked."""
     import optuna_dashboard
 
-    from olmopt.errors import InputError, StorageError
     from olmopt.search.annotate import artifact_store
-    from olmopt.search.storage import open_storage, redact, sqlite_path
 
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():
-        raise StorageError(f"no storage at {path} (create a campaign first, or pass --storage URL)")
-    if url.startswith("journal:") and not Path(url.removeprefix("journal:")).is_file():
-        raise StorageError(f"no journal storage at {url.removeprefix('journal:')}")
-    storage = open_storage(url, heartbeat=False)
-    app = optuna_dashboard.wsgi(storage, artifact_store=artifact_store(artifact_dir))
+    mark_selected_trials()
+    return optuna_dashboard.wsgi(storage, artifact_store=artifact_store(artifact_dir))
+
+
+def make_dashboard_server(url: str, host: str, port: int, artifact_dir: Path) -> WSGIServer:
+    """A threaded WSGI server running optuna-dashboard on ``url`` (not yet serving)."""
+    from olmopt.errors import InputError
+    from olmopt.search.storage import open_storage, redact
+
+    storage = open_storage(url, heartbeat=False, create=False)
+    app = dashboard_app(storage, artifact_dir)
     server_class = _Server6 if ":" in host else _Server
     try:
         return make_server(host, port, app, server_class=server_class, handler_class=_Handler)

@@ -6,14 +6,21 @@ import argparse
 from typing import Any
 from pathlib import Path
 
-from olmopt.commands._common import add_storage_flag, print_json
+from olmopt.commands._common import add_storage_flag, examples, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser("export", help="write a campaign's merged model as a Hugging Face directory")
     sub = export.add_subparsers(dest="export_command", metavar="WHAT", required=True)
-    best = sub.add_parser("best", help="the campaign's winning Recipe (or --trial N)")
-    best.add_argument("name")
+    best = sub.add_parser(
+        "best",
+        help="the campaign's winning Recipe (or --trial N)",
+        **examples(
+            "olmopt export best zoo-tiny --out storage/merged-zoo-tiny",
+            "olmopt export best zoo --stage 001-joint-layers --trial 7 --out /tmp/t7 --no-compare",
+        ),
+    )
+    best.add_argument("name", metavar="NAME", help="campaign name (see `olmopt study list`)")
     best.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory to write (must not exist unless --force)")
     best.add_argument("--trial", type=int, metavar="N", help="export trial N of the last stage (or of --stage)")
     best.add_argument("--stage", metavar="KEY", help="stage key as shown by `olmopt study status`")
@@ -26,10 +33,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_storage_flag(best)
     best.set_defaults(func=cmd_export_best)
 
-    rebuild = subparsers.add_parser("rebuild", help="rebuild a model from a merge_report.json alone")
+    rebuild = subparsers.add_parser(
+        "rebuild",
+        help="rebuild a model from a merge_report.json alone",
+        **examples("olmopt rebuild storage/merged-zoo-tiny/merge_report.json --out /tmp/again --models-dir storage/zoo-tiny"),
+    )
     rebuild.add_argument("report", type=Path, metavar="REPORT.json")
     rebuild.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory to write (must not exist unless --force)")
-    rebuild.add_argument("--models-dir", type=Path, help="where OLM kept its models (org/name -> DIR/org_name)")
+    rebuild.add_argument(
+        "--models-dir", type=Path, metavar="DIR",
+        help="where the report's local models are (NAME -> DIR/NAME; OLM's org/name -> DIR/org_name)",
+    )  # fmt: skip
     rebuild.add_argument("--force", action="store_true", help="replace an existing output directory")
     rebuild.add_argument("--json", action="store_true", help="print {out, recipe} as JSON")
     rebuild.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -37,6 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_export_best(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.force:  # before the seconds of imports and loading below
+        from olmopt.errors import InputError
+
+        raise InputError(f"output {args.out} already exists (pass --force to replace it)")
     from olmopt.search.finalize import export_best
     from olmopt.search.storage import storage_url
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from olmopt.commands._common import add_storage_flag, print_json
+from olmopt.commands._common import add_storage_flag, examples, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "objective across stages (search and held-out), the Pareto front of each joint stage with the "
             "selected trial marked, and ES progress. Works on unfinished campaigns too."
         ),
+        **examples("olmopt report zoo-tiny --out /tmp/zoo-tiny-report", "olmopt report zoo --out report --embed"),
     )
     parser.add_argument("name", metavar="NAME", help="campaign name (see `olmopt study list`)")
     parser.add_argument(

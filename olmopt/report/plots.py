@@ -193,16 +193,20 @@ def _num(value: Any) -> float:
 
 # -- Pareto front of a joint stage ------------------------------------------------------------------
 def pareto_png(stage: dict[str, Any], objectives: dict[str, str], path: Path) -> Path:
-    """Trials of a joint stage on the first two objectives; Pareto set highlighted, selected trial starred.
-
-    With one objective: the objective against the trial number, with the best-so-far line.
+    """Trials of a joint stage: with two objectives, a scatter with the Pareto set highlighted and the
+    selected trial starred; with three or more, parallel coordinates (a scatter of two of them would show
+    points of the Pareto set, the selected one included, as dominated); with one objective, the
+    objective against the trial number, with the best-so-far line.
     """
     names = list(objectives)
     points = stage["points"]
     selected = (stage.get("decision") or {}).get("trial")
     fig = _figure(*PARETO_SIZE)
     ax = fig.subplots()
-    if len(names) >= 2:
+    if len(names) > 2:
+        # 3+ objectives on two axes would make Pareto points look dominated: one line per trial instead
+        chosen = _parallel_coordinates(ax, points, objectives, selected)
+    elif len(names) == 2:
         fx, fy = names[0], names[1]
 
         def xy(p: dict[str, Any]) -> tuple[float, float]:
@@ -239,7 +243,7 @@ def pareto_png(stage: dict[str, Any], objectives: dict[str, str], path: Path) ->
         chosen = [
             (float(p["number"]), _num(p["values"].get(name))) for p in ordered if p["number"] == selected
         ]
-    if chosen:
+    if chosen and len(names) <= 2:
         ax.scatter(
             [chosen[0][0]],
             [chosen[0][1]],
@@ -255,6 +259,47 @@ def pareto_png(stage: dict[str, Any], objectives: dict[str, str], path: Path) ->
     if points:
         ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
+
+
+def _parallel_coordinates(
+    ax: Any, points: list[dict[str, Any]], objectives: dict[str, str], selected: int | None
+) -> list[tuple[float, float]]:
+    """Every objective on its own vertical axis, scaled to the stage's range with better up; one line per
+    trial (infeasible, feasible, Pareto set over all objectives), the selected trial drawn on top."""
+    names = list(objectives)
+    seen = {n: [v for p in points if not math.isnan(v := _num(p["values"].get(n)))] for n in names}
+    lo = {n: min(seen[n], default=0.0) for n in names}
+    hi = {n: max(seen[n], default=1.0) for n in names}
+
+    def scaled(p: dict[str, Any]) -> list[float]:
+        out = []
+        for n in names:
+            v, span = _num(p["values"].get(n)), hi[n] - lo[n]
+            x = 0.5 if not span or math.isnan(v) else (v - lo[n]) / span
+            out.append(1.0 - x if objectives[n] == "minimize" else x)
+        return out
+
+    xs = list(range(len(names)))
+    styles = [
+        ("infeasible", lambda p: not p["feasible"], dict(color="#e15759", alpha=0.5, linestyle=":")),
+        ("feasible", lambda p: p["feasible"] and not p["pareto"], dict(color="#9e9e9e", alpha=0.6)),
+        ("Pareto set (all objectives)", lambda p: p["pareto"], dict(color="#4e79a7", alpha=0.8)),
+    ]
+    for label, keep, style in styles:
+        for i, p in enumerate(q for q in points if keep(q) and q["number"] != selected):
+            ax.plot(xs, scaled(p), marker="o", markersize=3, linewidth=1, label=label if i == 0 else None, **style)
+    chosen = [p for p in points if p["number"] == selected]
+    if chosen:
+        ax.plot(xs, scaled(chosen[0]), marker="*", markersize=14, linewidth=3, color="#edc948",
+                markeredgecolor="black", zorder=5, label=f"selected (trial {selected})")  # fmt: skip
+    ax.set_xticks(xs, [f"{n} {_arrow(objectives[n])}\n{_span(lo[n], hi[n])}" for n in names], fontsize=8)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel("within the stage's range (better up)")
+    return []
+
+
+def _span(lo: float, hi: float) -> str:
+    return f"{lo:.3g}" if lo == hi else f"{lo:.3g} .. {hi:.3g}"
 
 
 # -- ES progress ------------------------------------------------------------------------------------

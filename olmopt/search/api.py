@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from olmopt.config import StudyConfig
 from olmopt.errors import InputError
+from olmopt.model_ids import short_names
 from olmopt.search.campaign import Campaign
 from olmopt.search.plan import Stage, plan_stages
 from olmopt.search.storage import single_writer
@@ -79,14 +80,24 @@ def run_campaign(
 ) -> RunOutcome:
     campaign = Campaign.load(name, url)
     with single_writer(url):
-        evaluators = Evaluators(campaign.config, workers)  # K > 1: the worker processes start now
+        campaign.record_run("running")  # `study status` tells running, interrupted, stopped and failed apart
         try:
-            from olmopt.search.runner import CampaignRunner
+            evaluators = Evaluators(campaign.config, workers)  # K > 1: the worker processes start now
+            try:
+                from olmopt.search.runner import CampaignRunner
 
-            runner = CampaignRunner(campaign, evaluators, progress, n_trials, timeout, log)
-            return runner.run()
-        finally:
-            evaluators.close()
+                runner = CampaignRunner(campaign, evaluators, progress, n_trials, timeout, log)
+                outcome = runner.run()
+            finally:
+                evaluators.close()
+        except KeyboardInterrupt:
+            campaign.record_run("interrupted")
+            raise
+        except BaseException as exc:
+            campaign.record_run("failed", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            raise
+        campaign.record_run("finished" if outcome.finished else "stopped")
+        return outcome
 
 
 def campaign_status(name: str, url: str) -> dict[str, Any]:
@@ -95,6 +106,8 @@ def campaign_status(name: str, url: str) -> dict[str, Any]:
 
     campaign = Campaign.load(name, url)
     decisions = campaign.decisions()
+    state, detail = campaign.state(decisions)
+    running = state == "running"
     stages = []
     for stage in campaign.plan:
         study = campaign.existing_stage_study(stage)
@@ -115,7 +128,7 @@ def campaign_status(name: str, url: str) -> dict[str, Any]:
                 "stage": stage.key,
                 "kind": stage.kind,
                 "target": stage.target,
-                "state": "decided" if d else ("running" if study is not None else "pending"),
+                "state": "decided" if d else ("pending" if study is None else ("running" if running else "started")),
                 "trials": counts,
                 "winner": d["winner"] if d else None,
                 "metrics": d["metrics"] if d else None,
@@ -125,10 +138,11 @@ def campaign_status(name: str, url: str) -> dict[str, Any]:
     final = campaign.final_recipe()
     return {
         "name": name,
+        "pool": short_names(list(campaign.config.pool.models)),
+        "state": state,
+        "error": detail,
         "finished": all(s["state"] == "decided" for s in stages),
         "objectives": campaign.directions(),
         "stages": stages,
         "recipe": final.to_dict() if final else None,
     }
-
-

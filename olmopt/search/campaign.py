@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 
 from olmopt import __version__
-from olmopt.config import StudyConfig
+from olmopt.config import StudyConfig, default_objective_name
 from olmopt.errors import StorageError
 from olmopt.recipe import Recipe
 from olmopt.search.plan import Stage
@@ -23,6 +23,9 @@ from olmopt.search.storage import open_storage, redact
 
 CAMPAIGN_ATTR = "olmopt.campaign"
 DECISION_ATTR = "olmopt.decision"
+RUN_ATTR = "olmopt.last_run"  # on the root study: {state, at, error?} of the last `study run` (any worker)
+DIRECTIONS_KEY = "directions"  # in the campaign record: objective name -> minimize | maximize
+STATES = ("not started", "running", "interrupted", "stopped", "failed", "finished")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -41,6 +44,9 @@ class Campaign:
     # -- creation and lookup ---------------------------------------------------------------------------
     @classmethod
     def create(cls, config: StudyConfig, url: str, plan: list[Stage], extra: dict[str, Any]) -> Campaign:
+        from olmopt.search.context import directions_of
+
+        extra = {DIRECTIONS_KEY: directions_of(config), **extra}
         storage = open_storage(url)
         if config.name in campaign_names(storage):
             raise StorageError(f"campaign {config.name!r} already exists in {redact(url)} (pick another name)")
@@ -51,17 +57,26 @@ class Campaign:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **extra,
         }
-        root = optuna.create_study(storage=storage, study_name=config.name, direction="minimize")
+        # the root study holds no trials; its directions and metric names are the objectives' (the dashboard
+        # shows them on the campaign's page)
+        names = [o.name or default_objective_name(o) for o in config.objectives]
+        directions = extra[DIRECTIONS_KEY]
+        root = optuna.create_study(storage=storage, study_name=config.name, directions=[directions[n] for n in names])
+        root.set_metric_names(names)
         root.set_user_attr(CAMPAIGN_ATTR, info)
         return cls(config.name, url, storage, config, plan, info)
 
     @classmethod
     def load(cls, name: str, url: str) -> Campaign:
-        storage = open_storage(url)
+        storage = open_storage(url, create=False)
         try:
             root = optuna.load_study(storage=storage, study_name=name)
         except KeyError:
-            raise StorageError(f"no campaign named {name!r} in {redact(url)} (see `olmopt study list`)") from None
+            names = campaign_names(storage)
+            there = f"campaigns there: {', '.join(names)}" if names else "it holds no campaign"
+            raise StorageError(
+                f"no campaign named {name!r} in {redact(url)} ({there}; pass --storage URL or set OLMOPT_STORAGE)"
+            ) from None
         info = root.user_attrs.get(CAMPAIGN_ATTR)
         if not info:
             raise StorageError(f"study {name!r} in {redact(url)} is not an olmopt campaign")
@@ -71,11 +86,20 @@ class Campaign:
 
     # -- stages -------------------------------------------------------------------------------------------
     def objective_names(self) -> list[str]:
-        from olmopt.search.context import objectives_of
-
-        return [o.name for o in objectives_of(self.config)]
+        """The objectives' names (as ``search.context.objectives_of`` names them, without importing torch)."""
+        return [o.name or default_objective_name(o) for o in self.config.objectives]
 
     def directions(self) -> dict[str, str]:
+        """Objective name -> "minimize" / "maximize". Read from the campaign record (or, for campaigns
+        created before it kept them, from a stage study) so that read-only commands never import torch;
+        the metric registry is the last resort."""
+        stored = self.info.get(DIRECTIONS_KEY)
+        if stored:
+            return dict(stored)
+        for stage in self.plan:
+            study = self.existing_stage_study(stage)
+            if study is not None and study.metric_names:
+                return {n: d.name.lower() for n, d in zip(study.metric_names, study.directions, strict=True)}
         from olmopt.search.context import directions_of
 
         return directions_of(self.config)
@@ -135,6 +159,42 @@ class Campaign:
         decisions = self.decisions()
         return all(s.key in decisions for s in self.plan)
 
+    def record_run(self, state: str, error: str | None = None) -> None:
+        """Note on the root study how the last `study run` ended (best effort: never fails a run)."""
+        record: dict[str, Any] = {"state": state, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if error:
+            record["error"] = error[:300]
+        try:
+            self.storage.set_study_user_attr(self.storage.get_study_id_from_name(self.name), RUN_ATTR, record)
+        except Exception:  # noqa: BLE001 - a status note must not mask the run's own outcome
+            pass
+
+    def state(self, decisions: dict[str, dict[str, Any]] | None = None) -> tuple[str, str | None]:
+        """(one of STATES, detail): finished when every stage is decided; running while a worker runs it
+        (SQLite: a `study run` of this campaign holds the file; shared storages: `live_work`); else how the
+        last run ended (interrupted, also when killed without a word; stopped by --timeout; failed, with its
+        error); not started when no run and no stage has begun."""
+        from olmopt.search.storage import is_sqlite, sqlite_busy, stale_after
+
+        decisions = self.decisions() if decisions is None else decisions
+        if all(s.key in decisions for s in self.plan):
+            return "finished", None
+        root = self.storage.get_study_user_attrs(self.storage.get_study_id_from_name(self.name))
+        last = root.get(RUN_ATTR) or {}
+        if is_sqlite(self.url):
+            if last.get("state") == "running" and sqlite_busy(self.url):
+                return "running", None
+        elif live_work(self, stale_after()) or (last.get("state") == "running" and _age(last) < stale_after()):
+            return "running", None  # a worker's trial beats, or a worker started lately (loading models)
+        if last.get("state") in ("failed", "stopped", "interrupted"):
+            return last["state"], last.get("error")
+        if last.get("state") == "running":  # its process is gone without a word (killed)
+            return "interrupted", None
+        prefix = self.name + "/"
+        if not decisions and not any(s.study_name.startswith(prefix) for s in all_studies(self.storage)):
+            return "not started", None
+        return "interrupted", None
+
     def extend_plan(self, specs: list[tuple[str, str]], info_update: dict[str, Any] | None = None) -> list[Stage]:
         """Append stages ``(kind, target)`` to the stored plan (e.g. ``export best --refine es``)."""
         added = [Stage(len(self.plan) + i, kind, target) for i, (kind, target) in enumerate(specs)]
@@ -169,6 +229,55 @@ def delete_campaign(storage: optuna.storages.BaseStorage, name: str) -> int:
     return len(doomed)
 
 
+def _age(record: dict[str, Any]) -> float:
+    """Seconds since a last-run note was written (infinite when it has no readable time)."""
+    import calendar
+
+    try:
+        return time.time() - calendar.timegm(time.strptime(str(record.get("at")), "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return float("inf")
+
+
+def live_work(campaign: Campaign, stale_after: float) -> list[str]:
+    """What shows a worker running ``campaign`` on a shared storage (empty: none does): a stage lock taken
+    less than ``stale_after`` s ago, or a RUNNING trial that still beats (RDB storages), that started less
+    than 3 heartbeat intervals ago and has not beaten yet, or (no heartbeats: journal storages) that
+    started less than ``stale_after`` s ago. SQLite needs none of this: its single-writer file lock says it."""
+    from olmopt.search.coordination import LOCK_ATTR, heartbeat_enabled, trials_with_heartbeat
+
+    storage = campaign.storage
+    now = time.time()
+    found: list[str] = []
+    for s in all_studies(storage):
+        if not s.study_name.startswith(campaign.name + "/"):
+            continue
+        stage = s.study_name[len(campaign.name) + 1 :]
+        if "#" in stage:
+            acquired = s.user_attrs.get(LOCK_ATTR)
+            if acquired is None or now - float(acquired) < stale_after:
+                found.append(f"stage {stage.split('#')[0]} is locked by a worker")
+            continue
+        running = storage.get_all_trials(s._study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not running:
+            continue
+        if heartbeat_enabled(storage):
+            stale = set(storage._get_stale_trial_ids(s._study_id))
+            beaten = trials_with_heartbeat(storage, [t._trial_id for t in running])
+            limit = now - 3 * (storage.get_heartbeat_interval() or 30)
+            alive = [
+                t
+                for t in running
+                if (t._trial_id in beaten and t._trial_id not in stale)
+                or (t._trial_id not in beaten and t.datetime_start is not None and t.datetime_start.timestamp() > limit)
+            ]
+        else:
+            alive = [t for t in running if t.datetime_start is not None and t.datetime_start.timestamp() > now - stale_after]
+        if alive:
+            found.append(f"stage {stage} has {len(alive)} running trial(s)")
+    return found
+
+
 def campaign_names(storage: optuna.storages.BaseStorage) -> list[str]:
     return [
         s.study_name
@@ -178,7 +287,7 @@ def campaign_names(storage: optuna.storages.BaseStorage) -> list[str]:
 
 
 def list_campaigns(url: str) -> list[dict[str, Any]]:
-    storage = open_storage(url)
+    storage = open_storage(url, create=False)
     summaries = all_studies(storage)
     out = []
     for s in summaries:
@@ -186,13 +295,24 @@ def list_campaigns(url: str) -> list[dict[str, Any]]:
         if not info:
             continue
         prefix = s.study_name + "/"
-        decided = sum(1 for t in summaries if t.study_name.startswith(prefix) and DECISION_ATTR in t.user_attrs)
+        decisions = {
+            t.study_name[len(prefix) :]: t.user_attrs[DECISION_ATTR]
+            for t in summaries
+            if t.study_name.startswith(prefix) and DECISION_ATTR in t.user_attrs
+        }
+        decided = len(decisions)
+        campaign = Campaign(
+            s.study_name, url, storage, StudyConfig.model_validate(info["config"]),
+            [Stage(**d) for d in info["plan"]], info,
+        )  # fmt: skip
+        state, _detail = campaign.state(decisions)
         out.append(
             {
                 "name": s.study_name,
                 "stages": len(info["plan"]),
                 "decided": decided,
                 "finished": decided == len(info["plan"]),
+                "state": state,
                 "created": info.get("created"),
             }
         )

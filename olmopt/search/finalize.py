@@ -14,6 +14,7 @@ from olmopt.export import (
     provenance,
     write_model_dir,
 )
+from olmopt.model_ids import public_ids, renamed_everywhere
 from olmopt.recipe import Recipe
 from olmopt.report import add_donor_map
 from olmopt.search.annotate import annotate_export
@@ -127,7 +128,18 @@ def export_best(
     )
     if refine_report is not None:
         report["refine"] = refine_report
-    card = model_card(f"{name} (olmopt merge)", recipe, table, names, directions)
+    # the directory is meant to be shared: models by hub id or directory name, no local path anywhere
+    config = campaign.config
+    ids = public_ids(list(config.pool.models), config.path(config.pool.base_dir or "."))
+    to_id = {m: v["id"] for m, v in ids.items()}
+    report = renamed_everywhere(report, to_id)
+    report["pool"] = {v["id"]: {"source": v["source"]} for v in ids.values()}
+    for info in report["objectives"].values():
+        info["dataset"] = Path(info["dataset"]).name
+    card = model_card(
+        f"{name} (olmopt merge)", recipe.renamed(to_id), renamed_everywhere(table, to_id), names, directions,
+        pool=report["pool"], objective_info=report["objectives"], campaign=name,
+    )  # fmt: skip
     write_model_dir(ctx.pool, recipe, out, report, card, force=force, progress=progress)
     adapter = ctx.pool.adapter
     add_donor_map(out, recipe, adapter.all_units(ctx.pool[recipe.base].checkpoint.keys()), adapter.num_layers)

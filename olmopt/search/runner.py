@@ -139,6 +139,7 @@ class CampaignRunner:
         self.pool_names = list(campaign.config.pool.models)
         self.trials_run = 0
         self._env: _Env | None = None
+        self._overall: tqdm | None = None  # the campaign bar, in trials
         self._keys: dict[str, str] = {}  # Recipe JSON -> model_key
 
     @property
@@ -155,22 +156,33 @@ class CampaignRunner:
         stages_run = 0
         decisions = self.c.decisions()
         self.env.decisions = decisions  # spaces read earlier decisions (the ES sigma search)
-        done = sum(s.key in decisions for s in self.c.plan)
-        overall = tqdm(total=len(self.c.plan), initial=done, desc=f"campaign {self.c.name}", unit="stage", disable=not self.progress)
-        for stage in self.c.plan:
-            if stage.key in decisions:
-                continue
-            if self._out_of_time():
-                break
-            decision = self.run_stage(stage, decisions)
-            if decision is None:
-                break
-            decisions[stage.key] = decision
-            stages_run += 1
-            overall.update(1)
-        overall.close()
+        pending = [s for s in self.c.plan if s.key not in decisions]
+        # the campaign bar counts trials (its ETA follows them); a stage's estimate is corrected when it starts
+        expected = sum(self._expected_trials(s) for s in pending)
+        overall = tqdm(total=expected, desc=f"campaign {self.c.name}", unit="trial", disable=not self.progress)
+        self._overall = overall
+        self.log(f"campaign {self.c.name}: {len(pending)} of {len(self.c.plan)} stages to run (about {expected} trials)")
+        try:
+            for stage in self.c.plan:
+                if stage.key in decisions:
+                    continue
+                if self._out_of_time():
+                    break
+                decision = self.run_stage(stage, decisions)
+                if decision is None:
+                    break
+                decisions[stage.key] = decision
+                stages_run += 1
+        finally:
+            overall.close()  # also on Ctrl-C: the bar ends its line, so the message that follows has its own
         finished = all(s.key in decisions for s in self.c.plan)
         return RunOutcome(finished, stages_run, self.trials_run, self.c.final_recipe())
+
+    def _expected_trials(self, stage: Stage) -> int:
+        """Trials a stage will probably take before its space is built: its budget, else one per pool model."""
+        if stage.n_trials:
+            return self.n_trials or stage.n_trials
+        return len(self.pool_names)
 
     # -- one stage -------------------------------------------------------------------------------------
     def run_stage(self, stage: Stage, decisions: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -273,7 +285,12 @@ class CampaignRunner:
         """Evaluate until the stage is complete. False when stopped early (timeout)."""
         total = space.budget if space.budget is not None else len(space.enqueue)
         _, complete = self._stage_complete(study, space)
-        bar = tqdm(total=total, initial=min(complete, total), desc=f"stage {stage.key}", disable=not self.progress, leave=False)
+        bar = tqdm(total=total, initial=min(complete, total), desc=f"stage {stage.key}", unit="trial", disable=not self.progress, leave=False)
+        overall = self._overall
+        remaining = max(total - complete, 0)
+        if overall is not None:  # the stage's estimate becomes what it really has left
+            overall.total += remaining - self._expected_trials(stage)
+            overall.refresh()
         in_flight: dict[Future[dict[str, float]], tuple[Trial, Recipe]] = {}
         beat = _Heartbeat(study, in_flight) if heartbeat_enabled(self.c.storage) else None
         writer = _Writer()
@@ -343,6 +360,9 @@ class CampaignRunner:
                     del in_flight[future]
                     self.trials_run += 1
                     bar.update(1)
+                    if overall is not None:
+                        overall.update(1)
+                        remaining -= 1
         except BaseException:  # finished evaluations are still recorded (``finally``); the ones in flight fail
             for trial, _recipe in list(in_flight.values()):
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -352,6 +372,9 @@ class CampaignRunner:
             if beat is not None:
                 beat.stop()
             bar.close()
+            if overall is not None and remaining > 0:  # others' trials, or fewer than budgeted: not ahead any more
+                overall.total -= remaining
+                overall.refresh()
 
     @staticmethod
     def _run_inline(
@@ -469,7 +492,8 @@ class CampaignRunner:
             decision.update(space.details(trials))
         study.set_user_attr(DECISION_ATTR, decision)
         annotate_decision(self.c, study, decision)
-        self.log(f"{stage.key}: {label} ({reason})")
+        why = reason.removeprefix(f"{label!r}: ")
+        self.log(f"{stage.key}: winner {label} ({why}); {len(trials)} trials; {self._figures(metrics, held_out)}")
         return decision
 
 
@@ -492,6 +516,14 @@ class CampaignRunner:
         if best != top[0]:
             reason = f"{reason}; held-out guard: {best!r} has the best held-out mean of the top {len(top)}"
         return best, reason, figures
+
+    def _figures(self, metrics: dict[str, float], held_out: dict[str, float]) -> str:
+        """``acc 0.9333 ppl 1.204`` (held-out figures in brackets) for log lines."""
+        def cell(n: str) -> str:
+            held = f" [{held_out[n]:.4g}]" if n in held_out else ""
+            return f"{n} {metrics[n]:.4g}{held}" if n in metrics else f"{n} -"
+
+        return " ".join(cell(n) for n in self.names)
 
     def _model_key(self, recipe_json: str) -> str:
         from olmopt.patch import model_key  # torch: only where trials are run

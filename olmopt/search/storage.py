@@ -33,9 +33,50 @@ def stale_after() -> float:
     return float(os.environ.get("OLMOPT_STALE_AFTER", STALE_AFTER))
 
 
+def default_storage_url(cwd: Path | None = None) -> str:
+    """The embedded SQLite default, resolved once to an absolute path: ``storage/olmopt.db`` in the
+    current directory or in the nearest parent directory that has one (as git finds ``.git``), else in
+    the current directory (where ``study create`` makes it)."""
+    here = (cwd or Path.cwd()).resolve()
+    relative = Path(DEFAULT_STORAGE.removeprefix("sqlite:///"))
+    for directory in (here, *here.parents):
+        if (directory / relative).is_file():
+            return f"sqlite:///{directory / relative}"
+    return f"sqlite:///{here / relative}"
+
+
+def resolve_storage(flag: str | None = None, from_file: str | None = None) -> tuple[str, str]:
+    """(url, where it came from): --storage, then $OLMOPT_STORAGE, then the study file's ``storage:``
+    (``study create`` only), then the default (`default_storage_url`)."""
+    if flag:
+        return flag, "--storage"
+    env = os.environ.get("OLMOPT_STORAGE")
+    if env:
+        return env, "$OLMOPT_STORAGE"
+    if from_file:
+        return from_file, "the study file"
+    return default_storage_url(), "default"
+
+
 def storage_url(flag: str | None = None, from_file: str | None = None) -> str:
-    """--storage, then OLMOPT_STORAGE, then the study file, then the embedded SQLite default."""
-    return flag or os.environ.get("OLMOPT_STORAGE") or from_file or DEFAULT_STORAGE
+    """The storage URL `resolve_storage` picks."""
+    return resolve_storage(flag, from_file)[0]
+
+
+def missing_storage(url: str) -> Path | None:
+    """The file of a SQLite or journal storage that does not exist yet (None for servers, or when it exists)."""
+    try:
+        path = Path(url.removeprefix("journal:")) if url.startswith("journal:") else sqlite_path(url)
+    except ArgumentError:
+        return None  # open_storage names the malformed URL
+    return path if path is not None and not path.is_file() else None
+
+
+def no_storage_error(path: Path) -> StorageError:
+    return StorageError(
+        f"no storage at {path.absolute()} (nothing created; pass --storage URL or set OLMOPT_STORAGE, "
+        "or create a campaign there first)"
+    )
 
 
 def redact(url: str) -> str:
@@ -59,8 +100,12 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
-def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """Open (and for SQLite create the directory of) a storage; one-line StorageError on failure."""
+def open_storage(url: str, heartbeat: bool = True, create: bool = True) -> optuna.storages.BaseStorage:
+    """Open (and for SQLite create the directory of) a storage; one-line StorageError on failure.
+    ``create=False`` (read-only commands): a SQLite or journal file that does not exist is an error,
+    and nothing is created."""
+    if not create and (missing := missing_storage(url)) is not None:
+        raise no_storage_error(missing)
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -72,6 +117,9 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
         parsed = make_url(url)
     except ArgumentError:
         raise StorageError(f"malformed storage URL {redact(url)!r} (e.g. sqlite:///storage/olmopt.db)") from None
+    if parsed.drivername.split("+")[0] == "postgres":  # libpq's scheme; SQLAlchemy knows only postgresql
+        fixed = redact(url).replace(parsed.drivername, "postgresql+psycopg", 1)
+        raise StorageError(f"unsupported storage 'postgres': SQLAlchemy spells it postgresql, e.g. {fixed}")
     if parsed.drivername.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
         raise StorageError(f"unsupported storage {parsed.drivername!r}: use sqlite, postgresql, mysql or journal:PATH")
     path = sqlite_path(url)
@@ -102,6 +150,21 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def sqlite_busy(url: str) -> bool:
+    """Whether an olmopt process holds the single-writer lock of a SQLite storage (creates nothing)."""
+    path = sqlite_path(url)
+    lock_path = path.with_name(path.name + ".lock") if path is not None else None
+    if lock_path is None or not lock_path.is_file():
+        return False
+    with open(lock_path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts only with a writer's exclusive lock
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
 
 
 @contextmanager

@@ -184,6 +184,9 @@ def _save(model: PreTrainedModel, tokenizer, directory: Path) -> str:  # type: i
         if shards_bar:
             hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    (directory / WEIGHTS).chmod(0o666 & ~umask)  # safetensors writes 0600; the other files are 0644
     return sha256_file(directory / WEIGHTS)
 
 
