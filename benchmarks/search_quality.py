@@ -234,9 +234,10 @@ def main() -> None:
             gt_mean = mean_ci(ref_scores["ground truth"]["test"], counts)[0]
             print(f"\n## {zoo.name} ({manifest['build_key']['arch']}, {manifest['build_key']['size']}, seed {manifest['build_key']['seed']}), budget {budget}")
             print(f"best single donor test mean {best_single:.3f}; ground-truth recipe {gt_mean:.3f}")
-            for name, layers in plans.items():
-                if wanted and name not in wanted:
-                    continue
+            for name in wanted or list(plans):
+                if name not in plans:
+                    raise SystemExit(f"unknown strategy {name!r}; known: {', '.join(plans)}")
+                layers = plans[name]
                 run = run_strategy(tmp, zoo, paths, f"{zoo.name}-{name}".replace("+", "-"), layers)
                 recipe = run.pop("recipe")
                 test = test_ctx.score(recipe, "search")

@@ -71,36 +71,6 @@ def layer_campaign(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return tmp, url, "layers"
 
 
-@pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_greedy_layer_search_recovers_ground_truth(tiny_zoo, tiny_manifest, tmp_path, direction) -> None:
-    """Objectives = the two layer-localised skills; 0.02 tolerance (1.5 items of 150) absorbs noise.
-
-    In the tiny family the two layer specialists interfere (their combination loses the lower skill),
-    so a greedy traversal keeps the donor it meets first: forward recovers the lower specialist's
-    layers, backward the upper specialist's. Each run must find exactly those ground-truth donors.
-    """
-    recipe = tiny_manifest["layer_recipe"]
-    lower, upper = recipe["lower_model"], recipe["upper_model"]
-    skill_of = {m["name"]: m["skill"] for m in tiny_manifest["models"]}
-    data = yaml.safe_load(study_file(tmp_path, tiny_zoo, f"gt-{direction}", layers={"mode": "greedy"}).read_text())
-    data["objectives"] = [
-        {k: v for k, v in o.items() if k != "samples"}  # the whole search split: 0.02 is then ~3 items
-        for o in data["objectives"]
-        if o["name"] in (skill_of[lower], skill_of[upper])
-    ]
-    data["decisions"]["layers"]["direction"] = direction
-    data["selection"] = {"tolerance": 0.02, "held_out_check": False}
-    path = tmp_path / "gt.yaml"
-    path.write_text(yaml.safe_dump(data))
-    url = f"sqlite:///{tmp_path}/s.db"
-    assert main(["study", "create", str(path), "--storage", url]) == 0
-    assert main(["study", "run", data["name"], "--storage", url, "--quiet"]) == 0
-    found = {int(k): Path(v).name for k, v in campaign_status(data["name"], url)["recipe"].get("layers", {}).items()}
-    expected = lower if direction == "forward" else upper
-    trained = next(m["trained_layers"] for m in tiny_manifest["models"] if m["name"] == expected)
-    assert {i: found.get(i) for i in trained} == dict.fromkeys(trained, expected), found
-
-
 def test_status_and_list_json(layer_campaign, capsys) -> None:
     _tmp, url, name = layer_campaign
     capsys.readouterr()

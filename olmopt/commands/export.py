@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from olmopt.commands._common import add_storage_flag, examples, print_json
 
