@@ -13,6 +13,7 @@ from olmopt.evaluate.lmeval import LmEvalEvaluator, spec_of
 from olmopt.patch import WorkingModel
 from olmopt.pool.model_pool import ModelPool
 from olmopt.recipe import Recipe
+from olmopt.runtime import configure_threads
 
 
 def objectives_of(config: StudyConfig) -> list[Objective]:
@@ -43,6 +44,7 @@ class EvalContext:
     """Scores Recipes on one resident model; keeps the prefix cache valid for the current incumbent."""
 
     def __init__(self, config: StudyConfig, pool: ModelPool | None = None) -> None:
+        configure_threads()  # OLMOPT_THREADS, default 1: torch's own default (every core) thrashes a busy machine
         self.config = config
         self.pool = pool or open_pool(config)
         self.working = WorkingModel(self.pool, config.base_model, device=config.evaluation.device)
