@@ -82,3 +82,14 @@ class Checkpoint:
 
     def dtype_name(self, name: str) -> str:
         return str(self._handle(self._file_of[name]).get_slice(name).get_dtype())
+
+    def first_nonfinite(self) -> str | None:
+        """The first floating-point tensor (in name order) holding NaN or inf, or None.
+
+        One tensor at a time (memory-mapped), so a large checkpoint costs one read, not its size in RAM.
+        """
+        for name in sorted(self._file_of):
+            tensor = self.get(name)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return name
+        return None

@@ -128,6 +128,13 @@ class ModelPool:
                     "is in one checkpoint only"
                 )
 
+    def check_finite(self) -> None:
+        """Raise a one-line ModelError naming the first model and tensor holding NaN or inf."""
+        for model in self.models.values():
+            bad = model.checkpoint.first_nonfinite()
+            if bad is not None:
+                raise ModelError(f"model {model.name}: tensor {bad!r} holds NaN or inf values (a damaged checkpoint)")
+
 
 def tokenizer_vocab(path: Path) -> dict[str, int] | None:
     """The token -> id map from tokenizer.json (None when the model ships no tokenizer.json)."""

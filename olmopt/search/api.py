@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
-    """Validate pool homology and every dataset (tokenized) before any heavy work; return the plan."""
+    """Validate pool homology, finite weights and every dataset (tokenized) before any heavy work; return the plan."""
     from transformers import AutoTokenizer
 
     from olmopt.evaluate.datasets import file_digest
@@ -29,6 +29,7 @@ def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
 
     pool = open_pool(config)
     pool.check_homology()
+    pool.check_finite()  # a damaged checkpoint would score as a (bad but finite-looking) model otherwise
     base = config.base_model
     tokenizer = AutoTokenizer.from_pretrained(pool[base].path)
     objectives = objectives_of(config)

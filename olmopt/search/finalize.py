@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from olmopt.errors import InputError
+from olmopt.errors import InputError, ModelError
 from olmopt.export import (
     ReproductionError,
     metrics_match,
@@ -21,7 +21,7 @@ from olmopt.search.campaign import Campaign
 from olmopt.search.context import EvalContext
 from olmopt.search.es_space import REFINE_INFO, refine_targets
 from olmopt.search.storage import redact
-from olmopt.search.trials import RECIPE_ATTR
+from olmopt.search.trials import RECIPE_ATTR, nonfinite_objectives
 
 
 def pick_recipe(campaign: Campaign, trial: int | None, stage_key: str | None) -> tuple[Recipe, dict[str, float], str, int | None]:
@@ -81,6 +81,10 @@ def export_best(
     refined = refine_es(campaign, ctx, es_units, progress) if refine else None
     recipe, expected, key, trial_number = pick_recipe(campaign, trial, stage_key)
     got = ctx.score(recipe, "search")
+    nonfinite = nonfinite_objectives(got, list(got))
+    if nonfinite:
+        where = f"trial {trial_number} of stage {key}" if trial_number is not None else f"stage {key}"
+        raise ModelError(f"{where}: the model gives non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}; not exported")
     if not metrics_match(expected, got):
         raise ReproductionError(f"rebuilt recipe does not reproduce the trial's metrics: expected {expected}, got {got}")
     has_held = any(o.held_out > 0 for o in ctx.objectives)

@@ -1,0 +1,130 @@
+"""Bad input and damaged models (issue 20): every case is refused in one line with exit 2 and nothing
+written, or, for a damaged model met during a search, made infeasible with its reason.
+
+Damaged checkpoints are built here from copies of the tiny zoo (never shipped as binaries).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from olmopt.cli import main
+from tests.test_study import ZOO_MODELS, _one_line_error, study_file
+
+REPO = Path(__file__).resolve().parents[1]
+DAMAGED_TENSOR = "model.layers.3.mlp.down_proj.weight"
+
+
+# -- fixtures and helpers -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo(request: pytest.FixtureRequest) -> Path:
+    """The tiny zoo's trained models. These tests only copy and damage them, so a built zoo is used as
+    it is (its acceptance verdict does not matter here); otherwise the suite's fixture builds it."""
+    from tests.conftest import TINY_ZOO_DIR
+
+    if (TINY_ZOO_DIR / "zoo.json").is_file():
+        return TINY_ZOO_DIR
+    return request.getfixturevalue("tiny_zoo")
+
+
+def copy_zoo(zoo: Path, dest: Path, models: list[str] = ZOO_MODELS) -> Path:
+    """A private copy of the tiny zoo's model directories (the shared zoo is never written)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        shutil.copytree(zoo / name, dest / name)
+    return dest
+
+
+def write_nonfinite(model_dir: Path, tensor: str = DAMAGED_TENSOR, value: float = math.nan) -> None:
+    """Overwrite a few elements of one tensor of a single-file checkpoint with NaN (or inf)."""
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    damaged = tensors[tensor].clone()
+    damaged.view(-1)[:3] = value
+    tensors[tensor] = damaged
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+# -- 1. non-finite models ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_evaluator_scores_nonfinite_logits_as_nan(zoo: Path, tmp_path: Path, value: float) -> None:
+    """Token accuracy, letter-logit multiple choice and greedy decoding of a model whose logits are not
+    finite are NaN and named in ``nonfinite`` (before: 0, the first choice's share, 0)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from olmopt.evaluate.engine import Evaluator, Objective
+
+    model_dir = copy_zoo(zoo, tmp_path, ["base"]) / "base"
+    objectives = [
+        Objective("add", REPO / "objectives/add.json", "token_accuracy", samples=8),
+        Objective("mc", REPO / "objectives/mc_choices.json", "mc_accuracy", samples=8),
+        Objective("rev", REPO / "objectives/rev.json", "exact_match", samples=8),
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    healthy = Evaluator(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, objectives).evaluate()
+    assert all(math.isfinite(v) for v in healthy.values())
+    write_nonfinite(model_dir, "model.norm.weight", value)
+    evaluator = Evaluator(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, objectives)
+    got = evaluator.evaluate()
+    assert all(math.isnan(v) for v in got.values()), got
+    assert sorted(evaluator.nonfinite) == ["add", "mc", "rev"]
+
+
+def test_nonfinite_candidate_is_infeasible_and_says_why(zoo: Path, tmp_path: Path, capsys) -> None:
+    """A donor damaged after `study create` cannot win its stage, and `export best` refuses its trial."""
+    import optuna
+
+    models = copy_zoo(zoo, tmp_path / "zoo")
+    url = f"sqlite:///{tmp_path}/s.db"
+    path = study_file(tmp_path, models, "nan", layers={"mode": "greedy", "only": [3]})
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    write_nonfinite(models / "spec_fact")  # its layer 3 now makes every logit NaN
+    assert main(["study", "run", "nan", "--storage", url, "--quiet"]) == 0
+
+    study = optuna.load_study(study_name="nan/001-layer-3", storage=url)
+    by_label = {t.user_attrs["candidate"]: t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    damaged = [t for label, t in by_label.items() if label.endswith("spec_fact")]
+    assert len(damaged) == 1, sorted(by_label)
+    bad = damaged[0]
+    assert bad.user_attrs["feasible"] == 0
+    assert "non-finite" in bad.user_attrs["infeasible"] and "add" in bad.user_attrs["infeasible"]
+    assert all(v == -math.inf for v in bad.values)  # every objective is maximized: the worst value
+    assert all(bad.user_attrs[f"m.{n}"] is None for n in ("add", "rev", "fact", "mc"))
+    healthy = [t for label, t in by_label.items() if t is not bad]
+    assert healthy and all(t.user_attrs["feasible"] == 1 for t in healthy)
+    decision = study.user_attrs["olmopt.decision"]
+    assert not decision["winner"].endswith("spec_fact")
+
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main(["export", "best", "nan", "--storage", url, "--stage", "001-layer-3", "--trial", str(bad.number), "--out", str(out), "--quiet"])
+    assert code == 2
+    assert "non-finite" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_preflight_refuses_a_nonfinite_checkpoint(zoo: Path, tmp_path: Path, capsys) -> None:
+    models = copy_zoo(zoo, tmp_path / "zoo")
+    write_nonfinite(models / "spec_rev", value=math.inf)
+    path = study_file(tmp_path, models, "damaged", layers={"mode": "greedy"})
+    capsys.readouterr()
+    assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    line = _one_line_error(capsys)
+    assert "spec_rev" in line and DAMAGED_TENSOR in line and "NaN or inf" in line
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_write_nonfinite_damages_only_the_named_tensor(tmp_path: Path) -> None:
+    """Guard for the helpers above: a damaged copy differs from the zoo only in the damaged tensor."""
+    src = tmp_path / "m"
+    src.mkdir()
+    save_file({"a": torch.ones(4), "b": torch.zeros(2)}, src / "model.safetensors")
+    write_nonfinite(src, "a")
+    got = load_file(src / "model.safetensors")
+    assert torch.isnan(got["a"][:3]).all() and got["a"][3] == 1 and torch.equal(got["b"], torch.zeros(2))
