@@ -4,8 +4,10 @@ PyTorch picks its CPU kernels by the widest vector unit it finds (AVX-512 on rec
 parts, AVX2 on older ones), and MKL does the same for matrix products. The two give slightly different
 rounding, and the zoo's skills are learned by sudden jumps, so a family trained with AVX-512 kernels is
 a different family (measured: tiny llama seed 1 fails acceptance with AVX-512 kernels and passes with
-AVX2 ones). The zoo is therefore built with the AVX2 kernels (``ATEN_CPU_CAPABILITY``, ``MKL_CBWR``),
-which every x86-64 CPU of the last decade runs. Both are read once, when torch first dispatches a
+AVX2 ones). MKL's own AVX2 paths still differ between vendors (the same seed built with
+``MKL_CBWR=AVX2`` on an AMD EPYC passed and on an Intel Xeon failed acceptance), so matrix products use
+MKL's ``COMPATIBLE`` branch, which is the same on every x86-64 CPU. The zoo is therefore built with
+torch's AVX2 kernels and MKL's compatible ones (``ATEN_CPU_CAPABILITY``, ``MKL_CBWR``). Both are read once, when torch first dispatches a
 kernel, so they must be set before torch is used; ``portable_kernels_active`` tells whether they took.
 
 This module imports torch only inside ``portable_kernels_active``.
@@ -18,8 +20,10 @@ import os
 import platform
 from pathlib import Path
 
-PORTABLE_CPU_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+PORTABLE_CPU_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 PORTABLE_CAPABILITY = "AVX2"
+# what a zoo build key records for builds with these kernels (a change rebuilds cached zoos)
+PORTABLE_KERNELS_KEY = "AVX2/MKL-COMPATIBLE"
 
 
 def request_portable_kernels() -> None:

@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 from olmopt import __version__
 from olmopt.errors import InputError, OlmoptError
 from olmopt.kernels import (
-    PORTABLE_CAPABILITY,
+    PORTABLE_KERNELS_KEY,
     PORTABLE_CPU_ENV,
     cpu_capability,
     cpu_has_avx2,
@@ -67,7 +67,7 @@ def build_key(spec: FamilySpec, seed: int) -> dict[str, Any]:
     """What makes two builds the same: zoo version, size, arch, seed, a digest of the training plans and
     the CPU kernels (``olmopt.kernels``: the portable ones wherever the CPU runs them)."""
     digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
-    kernels = PORTABLE_CAPABILITY if cpu_has_avx2() else "native"
+    kernels = PORTABLE_KERNELS_KEY if cpu_has_avx2() else "native"
     return {"zoo_version": ZOO_VERSION, "size": spec.size, "arch": spec.arch, "seed": seed, "plan": digest, "kernels": kernels}
 
 
