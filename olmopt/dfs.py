@@ -483,7 +483,7 @@ def export_path(
     _check_structure(models)
     check_exportable([m.config for m in models], path, type(models[path.output_model]).__name__)
     config = exported_config(models, path)
-    with atomic_output_dir(out_dir, force) as tmp:
+    with atomic_output_dir(out_dir, force, inputs=[side_files_from] if side_files_from is not None else []) as tmp:
         if side_files_from is not None:
             copy_side_files(side_files_from, tmp)
         writer_kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from olmopt import __version__
 from olmopt.errors import InputError, OlmoptError
-from olmopt.outdir import ShardedSafetensorsWriter, atomic_output_dir, copy_side_files
+from olmopt.outdir import ShardedSafetensorsWriter, atomic_output_dir, check_output, copy_side_files
 from olmopt.patch import materialize
 from olmopt.pool.model_pool import ModelPool
 from olmopt.recipe import Recipe
@@ -48,7 +48,7 @@ def write_model_dir(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Materialise ``recipe`` from ``pool`` into ``out`` atomically, with report and model card."""
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=[m.path for m in pool.models.values()]) as tmp:
         copy_side_files(pool[recipe.base].path, tmp)
         if recipe.fusion or recipe.dfs:
             _write_architecture_recipe(pool, recipe, tmp)
@@ -197,6 +197,7 @@ def rebuild(report_path: Path, out: Path, models_dir: Path | None = None, force:
     mapping = resolve_report_models(recipe, models_dir)
     recipe = recipe.renamed(mapping)
     pool = ModelPool(list(dict.fromkeys(mapping.values())))
+    check_output(out, [report_path, *(m.path for m in pool.models.values())], force)
     pool.check_homology()
     card = f"# Rebuilt merge\n\nRebuilt by olmopt {__version__} from `{report_path.name}`.\n"
     write_model_dir(pool, recipe, out, report, card, force=force, progress=progress)

@@ -36,6 +36,7 @@ from olmopt.outdir import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardedSafetensorsWriter,
     atomic_output_dir,
+    check_output,
     copy_side_files,
 )
 from olmopt.pool.checkpoint import Checkpoint
@@ -225,8 +226,8 @@ def merge_directories(
     _check_per_variant_lengths(params, len(variants))
     names = preflight(base, variants)
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise InputError(f"output {out} already exists (pass --force to replace it)")
+    inputs = [base_dir, *variant_dirs]
+    check_output(out, inputs, force)
 
     buffers = _ReadBuffers()
 
@@ -246,7 +247,7 @@ def merge_directories(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with atomic_output_dir(out, force=force) as tmp:
+        with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
             plan = [(n, SAFETENSORS_DTYPES[base.entries[n].dtype], base.entries[n].shape) for n in names]
             writer = ShardedSafetensorsWriter(tmp, max_shard_bytes, plan=plan)
             bar = tqdm(

@@ -6,6 +6,7 @@ Damaged checkpoints are built here from copies of the tiny zoo (never shipped as
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -128,3 +129,84 @@ def test_write_nonfinite_damages_only_the_named_tensor(tmp_path: Path) -> None:
     write_nonfinite(src, "a")
     got = load_file(src / "model.safetensors")
     assert torch.isnan(got["a"][:3]).all() and got["a"][3] == 1 and torch.equal(got["b"], torch.zeros(2))
+
+
+# -- 2. an output that is one of the command's inputs ------------------------------------------------------
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes (what a refused command must leave as it was)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+DFS_RECIPE = """\
+model_paths: [{a}, {b}]
+layer_mask: [[[true, true, false, false], [false, false, true, true]]]
+input_layer_model: 0
+output_layer_model: 1
+num_r: 1
+"""
+
+
+@pytest.fixture()
+def workdir(zoo: Path, tmp_path: Path) -> Path:
+    """Two zoo models, an alphas file, a DFS recipe and an OLM report, all under ``tmp_path/in``."""
+    root = copy_zoo(zoo, tmp_path / "in", ["base", "spec_add"])
+    (root / "alphas.json").write_text("[0.5]")
+    (root / "dfs.yml").write_text(DFS_RECIPE.format(a=root / "base", b=root / "spec_add"))
+    (root / "report.json").write_text(json.dumps({"base_model": {"name": str(root / "base")}}))
+    (root / "link").symlink_to(root / "base")
+    return root
+
+
+# (command line with {in} for the inputs' folder, the output that is or holds an input)
+OVERWRITES = [
+    ("merge circuit {in}/base {in}/spec_add", "{in}/base"),
+    ("merge circuit {in}/base {in}/spec_add", "{in}/spec_add"),
+    ("merge circuit {in}/base {in}/spec_add", "{in}"),  # the folder holding both
+    ("merge circuit {in}/base {in}/spec_add", "{in}/link"),  # a symbolic link to the base
+    ("merge circuit {in}/base {in}/spec_add", "{in}/spec_add/../base"),
+    ("merge circuit {in}/link {in}/spec_add", "{in}/base"),
+    ("merge fuse {in}/base --alphas {in}/alphas.json", "{in}/base"),
+    ("merge fuse {in}/spec_add --alphas {in}/alphas.json", "{in}"),  # holds the alphas file
+    ("merge dfs {in}/dfs.yml", "{in}/spec_add"),
+    ("merge dfs {in}/dfs.yml", "{in}"),
+    ("rebuild {in}/report.json", "{in}/base"),
+    ("rebuild {in}/report.json", "{in}"),  # holds the report
+]
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+@pytest.mark.parametrize(("command", "out"), OVERWRITES)
+def test_no_command_writes_over_its_own_input(workdir: Path, capsys, command: str, out: str, force: bool) -> None:
+    before = snapshot(workdir)
+    args = [*command.format(**{"in": workdir}).split(), "--out", out.format(**{"in": workdir}), "--quiet"]
+    capsys.readouterr()
+    assert main([*args, *(["--force"] if force else [])]) == 2
+    assert "would overwrite the input" in _one_line_error(capsys)
+    assert snapshot(workdir) == before
+    assert not [p for p in workdir.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_export_best_does_not_write_over_its_storage(zoo: Path, tmp_path: Path, capsys) -> None:
+    models = copy_zoo(zoo, tmp_path / "zoo")
+    home = tmp_path / "home"
+    home.mkdir()
+    url = f"sqlite:///{home}/s.db"
+    path = study_file(tmp_path, models, "mine", layers={"mode": "greedy", "only": [3]})
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    capsys.readouterr()
+    assert main(["export", "best", "mine", "--storage", url, "--out", str(home), "--force", "--quiet"]) == 2
+    line = _one_line_error(capsys)
+    assert "would overwrite the input" in line and line.endswith("s.db (write the result somewhere else)")
+    # SQLite may checkpoint its WAL on open: compare what the storage holds, not its bytes
+    assert {p.name for p in home.iterdir() if not p.name.endswith(("-wal", "-shm"))} == {"s.db"}
+    assert main(["study", "list", "--storage", url, "--json"]) == 0
+    assert '"mine"' in capsys.readouterr().out
+
+
+def test_outputs_beside_the_inputs_are_still_written(workdir: Path) -> None:
+    """The check refuses overlap only: a sibling output (and one inside no input) is written."""
+    base, variant = workdir / "base", workdir / "spec_add"
+    assert main(["merge", "circuit", str(base), str(variant), "--out", str(workdir / "merged"), "--quiet"]) == 0
+    assert (workdir / "merged" / "config.json").is_file()
+    assert main(["rebuild", str(workdir / "report.json"), "--out", str(workdir / "rebuilt"), "--quiet"]) == 0
+    assert (workdir / "rebuilt" / "merge_report.json").is_file()

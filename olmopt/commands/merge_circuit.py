@@ -162,6 +162,9 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     plan = resolve(args)
     from olmopt.merge_stream import merge_directories
+    from olmopt.outdir import check_output
+
+    check_output(plan["out"], [plan["base"], *plan["variants"], *([args.config] if args.config else [])], args.force)
 
     summary = merge_directories(
         plan["base"],

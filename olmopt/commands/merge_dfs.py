@@ -75,13 +75,13 @@ def _merge(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from olmopt.dfs import check_exportable, export_path, load_dfs_recipe
+    from olmopt.outdir import check_output
     from olmopt.pool.resolve import resolve_model
 
-    if args.out.exists() and not args.force:
-        raise InputError(f"output {args.out} already exists (pass --force to replace it)")
     recipe = load_dfs_recipe(args.config)
     base_dir = args.config.resolve().parent
     directories = [resolve_model(ref, base_dir=base_dir, revision=rev) for ref, rev in recipe.models]
+    check_output(args.out, [args.config, *directories], args.force)
     configs = []
     for (ref, _), directory in zip(recipe.models, directories, strict=True):
         try:

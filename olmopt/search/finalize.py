@@ -14,13 +14,14 @@ from olmopt.export import (
     provenance,
     write_model_dir,
 )
+from olmopt.outdir import check_output
 from olmopt.recipe import Recipe
 from olmopt.report import add_donor_map
 from olmopt.search.annotate import annotate_export
 from olmopt.search.campaign import Campaign
 from olmopt.search.context import EvalContext
 from olmopt.search.es_space import REFINE_INFO, refine_targets
-from olmopt.search.storage import redact
+from olmopt.search.storage import redact, sqlite_path
 from olmopt.search.trials import RECIPE_ATTR, nonfinite_objectives
 
 
@@ -69,8 +70,7 @@ def export_best(
 ) -> dict[str, Any]:
     """Export the campaign's winner; ``refine="es"`` first runs ES stages on its units (resumable)."""
     campaign = Campaign.load(name, url)
-    if out.exists() and not force:
-        raise InputError(f"output {out} already exists (pass --force to replace it)")
+    check_output(out, _campaign_inputs(campaign, url), force)
     if refine not in (None, "es"):
         raise InputError(f"--refine {refine!r}: the only refinement is 'es'")
     if refine and (trial is not None or stage_key is not None):
@@ -78,6 +78,7 @@ def export_best(
     if refine and REFINE_INFO not in campaign.info:
         pick_recipe(campaign, None, None)  # the campaign must be finished before it is refined
     ctx = EvalContext(campaign.config)
+    check_output(out, [m.path for m in ctx.pool.models.values()], force)
     refined = refine_es(campaign, ctx, es_units, progress) if refine else None
     recipe, expected, key, trial_number = pick_recipe(campaign, trial, stage_key)
     got = ctx.score(recipe, "search")
@@ -199,3 +200,13 @@ def copeland_verdict(table: list[dict[str, Any]], directions: dict[str, str]) ->
     merged = table[0]["model"]
     best_single = max(v for m, v in cope.items() if m != merged)
     return {"scores": cope, "merged_is_sole_winner": cope[merged] > best_single}
+
+
+def _campaign_inputs(campaign: Campaign, url: str) -> list[Path]:
+    """Files ``export best`` reads besides the pool: the datasets and the storage's file."""
+    inputs = [campaign.config.path(o.dataset) for o in campaign.config.objectives]
+    if url.startswith("journal:"):
+        inputs.append(Path(url[len("journal:") :]))
+    elif (database := sqlite_path(url)) is not None:
+        inputs.append(database)
+    return inputs
