@@ -88,7 +88,8 @@ class PreadModel:
     def __init__(self, directory: str | Path, name: str | None = None) -> None:
         self.directory = Path(directory)
         self.name = name or str(directory)
-        Checkpoint(self.directory, self.name)  # existence, pickle refusal, index format
+        checkpoint = Checkpoint(self.directory, self.name)  # existence, pickle refusal, index, damaged files
+        checkpoint.check_complete()  # every tensor its config.json implies, with its shape
         self.entries: dict[str, TensorEntry] = {}
         for path in self._weight_files():
             self.entries.update(self._read_header(path))

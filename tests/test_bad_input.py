@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -148,12 +149,13 @@ num_r: 1
 
 @pytest.fixture()
 def workdir(zoo: Path, tmp_path: Path) -> Path:
-    """Two zoo models, an alphas file, a DFS recipe and an OLM report, all under ``tmp_path/in``."""
-    root = copy_zoo(zoo, tmp_path / "in", ["base", "spec_add"])
+    """The zoo's models, an alphas file, a DFS recipe, an OLM report and a study file, all under ``tmp_path/in``."""
+    root = copy_zoo(zoo, tmp_path / "in")
     (root / "alphas.json").write_text("[0.5]")
     (root / "dfs.yml").write_text(DFS_RECIPE.format(a=root / "base", b=root / "spec_add"))
     (root / "report.json").write_text(json.dumps({"base_model": {"name": str(root / "base")}}))
     (root / "link").symlink_to(root / "base")
+    study_file(root, root, "study", layers={"mode": "greedy"})  # root/study.yaml
     return root
 
 
@@ -210,3 +212,97 @@ def test_outputs_beside_the_inputs_are_still_written(workdir: Path) -> None:
     assert (workdir / "merged" / "config.json").is_file()
     assert main(["rebuild", str(workdir / "report.json"), "--out", str(workdir / "rebuilt"), "--quiet"]) == 0
     assert (workdir / "rebuilt" / "merge_report.json").is_file()
+
+
+# -- 3 and 6. incomplete and damaged checkpoints, in every command that reads models -------------------------
+SHAPED = "model.layers.1.mlp.up_proj.weight"
+
+
+def _drop_tensor(model: Path) -> None:
+    tensors = load_file(model / "model.safetensors")
+    del tensors[SHAPED]
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def _wrong_shape(model: Path) -> None:
+    tensors = load_file(model / "model.safetensors")
+    tensors[SHAPED] = tensors[SHAPED][1:].clone()
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def _missing_shard(model: Path) -> None:
+    tensors = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in halves.items():
+        save_file({n: tensors[n] for n in part}, model / file, metadata={"format": "pt"})
+    weight_map = {n: file for file, part in halves.items() for n in part}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (model / "model-00002-of-00002.safetensors").unlink()
+
+
+def _truncated(model: Path) -> None:
+    path = model / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _header_inconsistent(model: Path) -> None:
+    """A header that claims one more row for a tensor than its data offsets hold."""
+    path = model / "model.safetensors"
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header[SHAPED]["shape"][0] += 1
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
+
+
+DAMAGES = {
+    "missing-tensor": (_drop_tensor, f"lacks tensor '{SHAPED}'"),
+    "wrong-shape": (_wrong_shape, f"tensor '{SHAPED}' has shape [171, 64] in its checkpoint but [172, 64] by config.json"),
+    "missing-shard": (_missing_shard, "names shard model-00002-of-00002.safetensors, which is missing"),
+    "truncated": (_truncated, "damaged safetensors file model.safetensors"),
+    "header-inconsistent": (_header_inconsistent, "damaged safetensors file model.safetensors"),
+}
+READERS = {
+    "study-create": "study create {in}/study.yaml --storage sqlite:///{out}.db",
+    "merge-circuit": "merge circuit {in}/base {in}/spec_add --out {out} --quiet",
+    "merge-fuse": "merge fuse {in}/base --alphas {in}/alphas.json --out {out} --quiet",
+    "merge-dfs": "merge dfs {in}/dfs.yml --out {out} --quiet",
+    "rebuild": "rebuild {in}/report.json --out {out} --quiet",
+}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_incomplete_or_damaged_checkpoint_is_one_line(workdir: Path, tmp_path: Path, capsys, reader: str, damage: str) -> None:
+    """No command reads a checkpoint that lacks a tensor, disagrees with its config or is damaged:
+    one line naming the model and the tensor or file, exit 2, nothing written."""
+    make, needle = DAMAGES[damage]
+    make(workdir / "base")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(READERS[reader].format(**{"in": workdir, "out": out}).split()) == 2
+    line = _one_line_error(capsys)
+    assert f"model {workdir / 'base'}:" in line and needle in line, line
+    assert not out.exists() and not Path(f"{out}.db").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_complete_sharded_checkpoint_is_read(workdir: Path) -> None:
+    """A valid sharded checkpoint passes the same checks and reads back its tensors."""
+    from olmopt.pool.checkpoint import Checkpoint
+
+    model = workdir / "spec_add"
+    tensors = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    save_file({k: v for k, v in tensors.items() if k < SHAPED}, model / "model-00001-of-00002.safetensors")
+    save_file({k: v for k, v in tensors.items() if k >= SHAPED}, model / "model-00002-of-00002.safetensors")
+    weight_map = {k: f"model-0000{1 if k < SHAPED else 2}-of-00002.safetensors" for k in tensors}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    checkpoint = Checkpoint(model)
+    checkpoint.check_complete()
+    assert sorted(checkpoint.keys()) == sorted(tensors)
+    assert torch.equal(checkpoint.get(SHAPED), tensors[SHAPED])

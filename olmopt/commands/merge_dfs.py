@@ -76,6 +76,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     from olmopt.dfs import check_exportable, export_path, load_dfs_recipe
     from olmopt.outdir import check_output
+    from olmopt.pool.checkpoint import Checkpoint
     from olmopt.pool.resolve import resolve_model
 
     recipe = load_dfs_recipe(args.config)
@@ -98,6 +99,8 @@ def _merge(args: argparse.Namespace) -> int:
         raise InputError(f"{args.config}: {exc}") from None
 
     auto = AutoModelForSequenceClassification if recipe.classification else AutoModelForCausalLM
+    for (ref, _), directory, config in zip(recipe.models, directories, configs, strict=True):
+        Checkpoint(directory, ref).check_complete(config, auto)  # from_pretrained would fill gaps at random
     models = []
     for (ref, _), directory in zip(recipe.models, directories, strict=True):
         try:

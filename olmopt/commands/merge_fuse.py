@@ -86,11 +86,13 @@ def _load_config(model_dir: Path) -> Any:
         raise ModelError(f"model {model_dir}: directory does not exist")
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"model {model_dir}: no config.json (not a Hugging Face model directory)")
-    Checkpoint(model_dir)  # refuses missing or pickle-only weights with a clear message
+    checkpoint = Checkpoint(model_dir)  # refuses missing or pickle-only weights with a clear message
     try:
-        return AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"model {model_dir}: cannot read config.json: {exc}") from None
+    checkpoint.check_complete(config)  # from_pretrained would fill a missing tensor with random values
+    return config
 
 
 def _load_model(model_dir: Path, quiet: bool) -> Any:

@@ -67,7 +67,9 @@ class ModelPool:
         for ref in refs:
             path = resolve_model(ref, base_dir)
             config = load_config(ref, path, trust_remote_code)
-            self.models[ref] = PoolModel(ref, path, config, Checkpoint(path, ref))
+            checkpoint = Checkpoint(path, ref)
+            checkpoint.check_complete(config, trust_remote_code=trust_remote_code)
+            self.models[ref] = PoolModel(ref, path, config, checkpoint)
         first = next(iter(self.models.values()))
         self.adapter = ArchitectureAdapter.from_config(first.config, first.name)
         self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
