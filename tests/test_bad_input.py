@@ -306,3 +306,42 @@ def test_a_complete_sharded_checkpoint_is_read(workdir: Path) -> None:
     checkpoint.check_complete()
     assert sorted(checkpoint.keys()) == sorted(tensors)
     assert torch.equal(checkpoint.get(SHAPED), tensors[SHAPED])
+
+
+# -- 4. the zoo's tokenizer as users load it -------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_zoo_tokenizer_round_trips_every_training_prompt_through_autotokenizer(tmp_path: Path, arch: str) -> None:
+    """The zoo's tokenizer files next to a config.json of ``arch``, loaded with AutoTokenizer as olmopt and
+    users load them (transformers 5 picks Qwen2Tokenizer for qwen2), give the ids the family was trained on
+    for every training and objective prompt and answer, decode back to the text, and keep the chat contract."""
+    from transformers import AutoTokenizer
+
+    from olmopt.evaluate.formatting import encode_example
+    from olmopt.zoo.family import PINNED_SEEDS
+    from olmopt.zoo.objectives import load_objective
+    from olmopt.zoo.skills import SKILLS, training_pool
+    from olmopt.zoo.tokenizer import build_tokenizer
+    from olmopt.zoo.train import data_rng
+    from tests._models import make_config
+
+    trained = build_tokenizer()  # the in-process tokenizer whose ids every family is trained and scored with
+    build_tokenizer(arch).save_pretrained(tmp_path)
+    make_config(arch, vocab=len(trained)).save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    texts: set[str] = set()
+    for seed in sorted({s for (_size, a), s in PINNED_SEEDS.items() if a == arch}):
+        rng = data_rng(seed)
+        for skill in SKILLS:
+            texts.update(t for item in training_pool(skill, rng) for t in item)
+    for skill in SKILLS:
+        texts.update(t for item in load_objective(skill) for t in item)
+    texts_list = sorted(texts)
+    assert any(" " in t for t in texts_list)  # the case that broke: prompts with spaces
+    want = trained(texts_list, add_special_tokens=False)["input_ids"]
+    got = loaded(texts_list, add_special_tokens=False)["input_ids"]
+    assert got == want
+    assert loaded.batch_decode(got) == texts_list
+    assert all(len(ids) == len(text) for ids, text in zip(got, texts_list, strict=True))  # one id per character
+    messages = [{"role": "user", "content": "larger? A) 17 B) 42"}]
+    assert encode_example(loaded, messages, "B") == encode_example(trained, messages, "B")
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id, len(loaded)) == (2, 3, 0, 103)
