@@ -15,12 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from olmopt.errors import InputError
+from olmopt.textio import read_text
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # nan/inf in a study file: one line
 
 
 def _off_from_yaml(value: object) -> object:
@@ -263,10 +264,9 @@ def default_objective_name(obj: ObjectiveConfig) -> str:
 
 
 def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
+    text = read_text(path)  # missing, a directory, not UTF-8: one line
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -39,6 +39,7 @@ from olmopt.ops.dfs import (
     validate_path,
 )
 from olmopt.outdir import ShardedSafetensorsWriter, atomic_output_dir, copy_side_files
+from olmopt.textio import read_text
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -640,10 +641,7 @@ class DfsRecipe:
 def load_dfs_recipe(file: str | Path) -> DfsRecipe:
     """Read a DFS recipe (the seed's YAML layout, python tags included) without running any code."""
     file = Path(file)
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise InputError(f"{file}: cannot read: {exc.strerror}") from None
+    text = read_text(file)
     try:
         data = yaml.load(text, Loader=SeedRecipeLoader)  # noqa: S506 - SafeLoader subclass, two tags only
     except yaml.YAMLError as exc:

@@ -21,6 +21,7 @@ from olmopt.outdir import ShardedSafetensorsWriter, atomic_output_dir, check_out
 from olmopt.patch import materialize
 from olmopt.pool.model_pool import ModelPool
 from olmopt.recipe import Recipe
+from olmopt.textio import read_text
 
 REPORT_FILE = "merge_report.json"
 DEFAULT_SHARD_BYTES = 2 * 10**9
@@ -186,9 +187,7 @@ def resolve_report_models(recipe: Recipe, models_dir: Path | None) -> dict[str, 
 def rebuild(report_path: Path, out: Path, models_dir: Path | None = None, force: bool = False, progress: bool = True) -> Recipe:
     """Rebuild a model directory from a merge report alone (olmopt's or the original OLM's)."""
     try:
-        report = json.loads(report_path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"report {report_path}: file not found") from None
+        report = json.loads(read_text(report_path, "report"))
     except json.JSONDecodeError as exc:
         raise InputError(f"report {report_path}: not valid JSON ({exc})") from None
     if not isinstance(report, dict):

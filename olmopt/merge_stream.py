@@ -40,6 +40,7 @@ from olmopt.outdir import (
     copy_side_files,
 )
 from olmopt.pool.checkpoint import Checkpoint
+from olmopt.textio import read_text
 
 MERGE_CONFIG_FILE = "merge_config.json"
 
@@ -125,7 +126,7 @@ class PreadModel:
         if not path.is_file():
             return {}
         try:
-            return json.loads(path.read_text())
+            return json.loads(read_text(path, f"model {self.name}:", ModelError))
         except ValueError as exc:
             raise ModelError(f"model {self.name}: malformed config.json: {exc}") from None
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 
@@ -25,7 +23,9 @@ def configure_threads(threads: int | None = None) -> int:
     One thread is the safe default: two OpenMP threads on a busy 2-core machine spin and run 10-100x
     slower. Returns the number set.
     """
-    n = threads or int(os.environ.get("OLMOPT_THREADS", "1"))
+    from olmopt.envvars import env_int
+
+    n = threads or env_int("OLMOPT_THREADS", 1)
     torch.set_num_threads(max(1, n))
     return n
 

@@ -11,16 +11,17 @@ from pathlib import Path
 from olmopt.errors import InputError
 
 
-def read_text(path: str | Path, what: str = "file") -> str:
-    """The UTF-8 text of ``path``; ``what`` names the file's role in messages ("study file", "report")."""
+def read_text(path: str | Path, what: str = "", error: type[InputError] = InputError) -> str:
+    """The UTF-8 text of ``path``; ``what`` names the file's role in messages ("report", "config")."""
     path = Path(path)
+    name = f"{what} {path}" if what else str(path)
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{what} {path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})") from None
+        raise error(f"{name}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})") from None
     except FileNotFoundError:
-        raise InputError(f"{what} {path}: file not found") from None
+        raise error(f"{name} does not exist") from None
     except IsADirectoryError:
-        raise InputError(f"{what} {path}: is a directory, not a file") from None
+        raise error(f"{name}: is a directory, not a file") from None
     except OSError as exc:
-        raise InputError(f"{what} {path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+        raise error(f"{name}: cannot read ({exc.strerror or type(exc).__name__})") from None

@@ -6,14 +6,19 @@ Damaged checkpoints are built here from copies of the tiny zoo (never shipped as
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from olmopt.cli import main
@@ -345,3 +350,159 @@ def test_zoo_tokenizer_round_trips_every_training_prompt_through_autotokenizer(t
     messages = [{"role": "user", "content": "larger? A) 17 B) 42"}]
     assert encode_example(loaded, messages, "B") == encode_example(trained, messages, "B")
     assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id, len(loaded)) == (2, 3, 0, 103)
+
+
+# -- 5. one line instead of a traceback -----------------------------------------------------------------------
+NOT_UTF8 = b"name: caf\xe9\n"  # Latin-1, as an editor might save it
+
+TEXT_FILES = {  # command line, the text file it reads
+    "study-file": ("study create {in}/study.yaml --storage sqlite:///{out}.db", "study.yaml"),
+    "circuit-config": ("merge circuit --config {in}/circuit.yaml --out {out} --quiet", "circuit.yaml"),
+    "dfs-recipe": ("merge dfs {in}/dfs.yml --out {out} --quiet", "dfs.yml"),
+    "report": ("rebuild {in}/report.json --out {out} --quiet", "report.json"),
+    "alphas": ("merge fuse {in}/base --alphas {in}/alphas.json --out {out} --quiet", "alphas.json"),
+    "tokenizer": ("study create {in}/study.yaml --storage sqlite:///{out}.db", "spec_add/tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TEXT_FILES))
+def test_text_that_is_not_utf8_is_one_line(workdir: Path, tmp_path: Path, capsys, case: str) -> None:
+    command, name = TEXT_FILES[case]
+    (workdir / "circuit.yaml").write_text(f"base_model: {workdir / 'base'}\nvariant_models: [{workdir / 'spec_add'}]\n")
+    path = workdir / name
+    path.write_bytes(path.read_bytes()[:20] + NOT_UTF8)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(command.format(**{"in": workdir, "out": out}).split()) == 2
+    line = _one_line_error(capsys)
+    assert str(path) in line and "not UTF-8 text" in line, line
+    assert not out.exists() and not Path(f"{out}.db").exists()
+
+
+def test_rebuild_given_a_directory_is_one_line(workdir: Path, tmp_path: Path, capsys) -> None:
+    capsys.readouterr()
+    assert main(["rebuild", str(workdir / "base"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert f"report {workdir / 'base'}: is a directory, not a file" in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///{tmp}/afile/s.db",  # a folder under a regular file
+        "journal:{tmp}/afile/log",
+        "sqlite:////proc/olmopt-test/s.db",  # cannot be created
+        "sqlite:///{tmp}",  # a directory where the database file belongs
+    ],
+)
+def test_storage_that_cannot_be_created_is_one_line(workdir: Path, tmp_path: Path, capsys, url: str) -> None:
+    (tmp_path / "afile").write_text("mine")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main(["study", "create", str(workdir / "study.yaml"), "--storage", url.format(tmp=tmp_path)]) == 2
+    assert "cannot open storage" in _one_line_error(capsys)
+    assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(("name", "value"), [("OLMOPT_THREADS", "two"), ("OLMOPT_THREADS", "0"), ("OLMOPT_THREADS", "-3")])
+def test_bad_thread_count_is_one_line(workdir: Path, tmp_path: Path, capsys, monkeypatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["merge", "fuse", str(workdir / "base"), "--alphas", str(workdir / "alphas.json"), "--out", str(out)]) == 2
+    assert f"environment variable {name}={value!r}: expected an integer >= 1" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("OLMOPT_HEARTBEAT_INTERVAL", "20s"), ("OLMOPT_HEARTBEAT_GRACE", "0"), ("OLMOPT_STALE_AFTER", "nan"), ("OLMOPT_STALE_AFTER", "-1")],
+)
+def test_bad_heartbeat_settings_are_input_errors(monkeypatch, name: str, value: str) -> None:
+    from olmopt.errors import InputError
+    from olmopt.search.storage import heartbeat_settings, stale_after
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(InputError, match=f"environment variable {name}="):
+        heartbeat_settings() if "HEARTBEAT" in name else stale_after()
+    monkeypatch.setenv(name, "30")
+    assert (heartbeat_settings()[0 if name.endswith("INTERVAL") else 1] if "HEARTBEAT" in name else stale_after()) == 30
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--n-trials", "-1"], "--n-trials must be >= 1"),
+        (["--n-trials", "0"], "--n-trials must be >= 1"),
+        (["--timeout", "-5"], "--timeout must be a positive number"),
+        (["--timeout", "nan"], "--timeout must be a positive number"),
+        (["--workers", "0"], "--workers must be >= 1"),
+    ],
+)
+def test_run_flags_out_of_range_are_refused_before_any_work(tmp_path: Path, capsys, flags: list[str], needle: str) -> None:
+    capsys.readouterr()
+    assert main(["study", "run", "any", "--storage", f"sqlite:///{tmp_path}/s.db", "--quiet", *flags]) == 2
+    assert needle in _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []  # not even the storage
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--method", "task_arithmetic", "--lambda", "nan"],
+        ["--method", "della", "--density", "inf"],
+        ["--method", "task_arithmetic", "--weights", "1", "inf"],
+        ["--temperature", "nan"],
+    ],
+)
+def test_non_finite_merge_parameters_are_refused(workdir: Path, tmp_path: Path, capsys, extra: list[str]) -> None:
+    out = tmp_path / "out"
+    argv = ["merge", "circuit", str(workdir / "base"), str(workdir / "spec_add"), str(workdir / "spec_rev"), "--out", str(out)]
+    capsys.readouterr()
+    assert main([*argv, *extra, "--quiet"]) == 2
+    assert "must be a finite number" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_non_finite_numbers_in_merge_and_study_files_are_refused(workdir: Path, tmp_path: Path, capsys) -> None:
+    config = workdir / "circuit.yaml"
+    config.write_text(
+        f"base_model: {workdir / 'base'}\nvariant_models: [{workdir / 'spec_add'}]\n"
+        "merge_method: task_arithmetic\nparameters: {{lambda: .nan}}\n".replace("{{", "{").replace("}}", "}")
+    )
+    capsys.readouterr()
+    assert main(["merge", "circuit", "--config", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "lambda must be a finite number" in _one_line_error(capsys)
+    study = workdir / "study.yaml"
+    data = yaml.safe_load(study.read_text())
+    data["objectives"][0]["held_out"] = float("nan")
+    study.write_text(yaml.safe_dump(data))
+    assert main(["study", "create", str(study), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    assert "held_out" in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s.db").exists()
+
+
+def test_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
+    """`olmopt ... | head` whose reader has gone: exit 141 (SIGPIPE's), nothing on stderr."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "olmopt.cli", "study", "list", "--storage", f"sqlite:///{tmp_path}/s.db", "--json"],
+            stdout=write, stderr=subprocess.PIPE, cwd=REPO, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr.decode()) == (141, "")
+
+
+def test_a_full_disk_is_one_line_naming_the_path(monkeypatch, capsys) -> None:
+    from olmopt.commands import merge_circuit
+
+    def full(_args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/model-00001-of-00002.safetensors")
+
+    monkeypatch.setattr(merge_circuit, "run", full)
+    capsys.readouterr()
+    assert main(["merge", "circuit", "a", "b", "--out", "c"]) == 1
+    assert "no space left on the device writing /data/out/model-00001-of-00002.safetensors" in _one_line_error(capsys)

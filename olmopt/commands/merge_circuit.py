@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_config(path: Path) -> dict[str, Any]:
     """Read a Circuit-Merge style YAML into a plain dict (one-line InputError when malformed)."""
+    from olmopt.textio import read_text
+
+    text = read_text(path, "config")
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise InputError(f"config {path}: cannot read ({exc.strerror})") from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InputError(f"config {path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -141,6 +143,10 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         if method not in methods:
             raise InputError(f"--{dest.rstrip('_').replace('_', '-')} does not apply to method {method}")
         raw_params[param] = value[0] if isinstance(value, list) and len(value) == 1 else value
+    for key, value in raw_params.items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise InputError(f"{key} must be a finite number, got {item}")
     if args.skip_rescaling:
         if method == "task_arithmetic":
             raise InputError("--skip-rescaling does not apply to method task_arithmetic")

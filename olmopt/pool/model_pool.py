@@ -19,6 +19,7 @@ from olmopt.errors import ModelError
 from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.pool.checkpoint import Checkpoint
 from olmopt.pool.resolve import resolve_model
+from olmopt.textio import read_text
 
 HOMOLOGY_FIELDS = (
     "model_type",
@@ -143,7 +144,10 @@ def tokenizer_vocab(path: Path) -> dict[str, int] | None:
     file = path / "tokenizer.json"
     if not file.is_file():
         return None
-    data = json.loads(file.read_text())
+    try:
+        data = json.loads(read_text(file, error=ModelError))
+    except ValueError as exc:
+        raise ModelError(f"{file}: not valid JSON ({exc})") from None
     vocab = dict(data.get("model", {}).get("vocab", {}) or {})
     if isinstance(data.get("model", {}).get("vocab"), list):  # unigram: [[piece, score], ...]
         vocab = {piece: i for i, (piece, _score) in enumerate(data["model"]["vocab"])}

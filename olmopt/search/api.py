@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,7 @@ def run_campaign(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> RunOutcome:
+    check_run_limits(workers, n_trials, timeout)
     campaign = Campaign.load(name, url)
     with single_writer(url):
         evaluators = Evaluators(campaign.config, workers)  # K > 1: the worker processes start now
@@ -81,6 +83,16 @@ def run_campaign(
             return runner.run()
         finally:
             evaluators.close()
+
+
+def check_run_limits(workers: int, n_trials: int | None, timeout: float | None) -> None:
+    """``--workers``, ``--n-trials`` and ``--timeout`` of ``study run``: positive (and finite), or refused."""
+    if workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
+    if n_trials is not None and n_trials < 1:
+        raise InputError(f"--n-trials must be >= 1, got {n_trials}")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise InputError(f"--timeout must be a positive number of seconds, got {timeout:g}")
 
 
 def campaign_status(name: str, url: str) -> dict[str, Any]:
