@@ -506,3 +506,57 @@ def test_a_full_disk_is_one_line_naming_the_path(monkeypatch, capsys) -> None:
     capsys.readouterr()
     assert main(["merge", "circuit", "a", "b", "--out", "c"]) == 1
     assert "no space left on the device writing /data/out/model-00001-of-00002.safetensors" in _one_line_error(capsys)
+
+
+# -- 13 and 14. cross-field checks at `study create`, names from the command line -------------------------------
+def _edit_study(workdir: Path, edit) -> Path:  # type: ignore[no-untyped-def]
+    path = workdir / "study.yaml"
+    data = yaml.safe_load(path.read_text())
+    edit(data)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda d: d["decisions"].update(fusion={"mode": "joint", "alpha_low": 0.8, "alpha_high": 0.2}), "alpha_low 0.8 is above alpha_high 0.2"),
+        (lambda d: d["decisions"].update(dfs={"mode": "joint", "scale_low": 2.0, "scale_high": 1.0}), "scale_low 2.0 is above scale_high 1.0"),
+        (lambda d: d["decisions"]["layers"].update(only=[1, 4]), "decisions.layers.only: layer 4 is outside the model (layers 0..3)"),
+        (lambda d: d["decisions"]["layers"].update(only=[-1]), "decisions.layers.only: layer -1 is outside the model"),
+        (lambda d: d["decisions"]["layers"].update(only=[2, 2]), "decisions.layers.only lists a layer twice"),
+        (lambda d: d["decisions"].update(merge={"mode": "joint", "models": ["/elsewhere/m"]}), "decisions.merge.models: '/elsewhere/m' is not in pool.models"),
+        (lambda d: d["decisions"].update(dfs={"mode": "joint", "models": ["nope"]}), "decisions.dfs.models: 'nope' is not in pool.models"),
+        (lambda d: d["pool"]["models"].append(d["pool"]["models"][0] + "/"), "the model pool lists one model twice"),
+    ],
+    ids=["alpha-range", "scale-range", "layer-above", "layer-negative", "layer-twice", "merge-models", "dfs-models", "two-spellings"],
+)
+def test_study_create_cross_field_checks(workdir: Path, tmp_path: Path, capsys, edit, needle: str) -> None:
+    path = _edit_study(workdir, edit)
+    capsys.readouterr()
+    assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    assert needle in _one_line_error(capsys)
+    assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.parametrize("text", ["name: a\nname: b\n", "pool:\n  models: [a]\n  models: [b]\n"])
+def test_yaml_with_a_duplicated_key_is_refused(tmp_path: Path, capsys, text: str) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(text + "objectives: []\n")
+    capsys.readouterr()
+    assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    assert "duplicated key" in _one_line_error(capsys)
+    assert not (tmp_path / "s.db").exists()
+    config = tmp_path / "circuit.yaml"
+    config.write_text("base_model: a\nbase_model: b\nvariant_models: [c]\n")
+    assert main(["merge", "circuit", "--config", str(config), "--out", str(tmp_path / "out")]) == 2
+    assert "duplicated key" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("name", ["has space", "a/b", "-dash", "x" * 65, "café"])
+def test_campaign_name_from_the_command_line_is_validated(workdir: Path, tmp_path: Path, capsys, name: str) -> None:
+    capsys.readouterr()
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(workdir / "study.yaml"), "--storage", url, f"--name={name}"]) == 2
+    assert "must be 1-64 letters" in _one_line_error(capsys)
+    assert not (tmp_path / "s.db").exists()

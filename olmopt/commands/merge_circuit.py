@@ -69,11 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_config(path: Path) -> dict[str, Any]:
     """Read a Circuit-Merge style YAML into a plain dict (one-line InputError when malformed)."""
-    from olmopt.textio import read_text
+    from olmopt.textio import load_yaml, read_text
 
     text = read_text(path, "config")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise InputError(f"config {path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):

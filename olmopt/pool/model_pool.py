@@ -65,8 +65,12 @@ class ModelPool:
         if len(set(refs)) != len(refs):
             raise ModelError(f"the model pool lists a model twice: {refs}")
         self.models: dict[str, PoolModel] = {}
+        seen: dict[Path, str] = {}
         for ref in refs:
             path = resolve_model(ref, base_dir)
+            if path.resolve() in seen:
+                raise ModelError(f"the model pool lists one model twice: {seen[path.resolve()]!r} and {ref!r} are both {path.resolve()}")
+            seen[path.resolve()] = ref
             config = load_config(ref, path, trust_remote_code)
             checkpoint = Checkpoint(path, ref)
             checkpoint.check_complete(config, trust_remote_code=trust_remote_code)

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from olmopt.config import StudyConfig
+from olmopt.config import NAME_RE, StudyConfig
 from olmopt.errors import InputError
 from olmopt.search.campaign import Campaign
 from olmopt.search.plan import Stage, plan_stages
@@ -29,6 +29,7 @@ def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
     from olmopt.search.context import objectives_of, open_pool
 
     pool = open_pool(config)
+    check_against_pool(config, pool.names, pool.adapter.num_layers)
     pool.check_homology()
     pool.check_finite()  # a damaged checkpoint would score as a (bad but finite-looking) model otherwise
     base = config.base_model
@@ -54,11 +55,29 @@ def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
     return plan, extra
 
 
+def check_against_pool(config: StudyConfig, pool_names: list[str], num_layers: int) -> None:
+    """Cross-field checks that need the opened pool: layer indices within the model, decision models in
+    the pool (each a one-line InputError naming the key)."""
+    d = config.decisions
+    for key, swap in (("layers", d.layers), ("tensors", d.tensors)):
+        for index in swap.only or []:
+            if not 0 <= index < num_layers:
+                raise InputError(f"decisions.{key}.only: layer {index} is outside the model (layers 0..{num_layers - 1})")
+        if swap.only is not None and len(set(swap.only)) != len(swap.only):
+            raise InputError(f"decisions.{key}.only lists a layer twice: {swap.only}")
+    for key, models in (("merge", d.merge.models), ("dfs", d.dfs.models)):
+        for model in models or []:
+            if model not in pool_names:
+                raise InputError(f"decisions.{key}.models: {model!r} is not in pool.models")
+
+
 class _NoModel:
     """Stand-in model for tokenizing datasets without loading weights."""
 
 
 def create_campaign(config: StudyConfig, url: str) -> Campaign:
+    if not NAME_RE.match(config.name):  # a name given on the command line skipped the study file's check
+        raise InputError(f"campaign name {config.name!r} must be 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)")
     plan, extra = preflight(config)
     return Campaign.create(config, url, plan, extra)
 
