@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,12 @@ def write_model_dir(
     force: bool = False,
     progress: bool = True,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    finish: Callable[[Path], object] | None = None,
 ) -> Path:
-    """Materialise ``recipe`` from ``pool`` into ``out`` atomically, with report and model card."""
+    """Materialise ``recipe`` from ``pool`` into ``out`` atomically, with report and model card.
+
+    ``finish(tmp)`` adds the last files (the donor map) before the directory appears at ``out``.
+    """
     with atomic_output_dir(out, force, inputs=[m.path for m in pool.models.values()]) as tmp:
         copy_side_files(pool[recipe.base].path, tmp)
         if recipe.fusion or recipe.dfs:
@@ -60,6 +65,8 @@ def write_model_dir(
                     writer.add(name, tensor)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=True) + "\n")
         (tmp / "README.md").write_text(card)
+        if finish is not None:
+            finish(tmp)
     return out
 
 

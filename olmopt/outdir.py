@@ -97,7 +97,8 @@ def atomic_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        _remove_stale(parent, out.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
     except OSError as exc:
         raise InputError(f"output {out}: cannot create a directory in {parent}: {exc.strerror}") from None
     try:
@@ -107,6 +108,24 @@ def atomic_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` left next to ``NAME`` by a killed olmopt process."""
+    for path in [*parent.glob(f".{name}.tmp-*"), *parent.glob(f".{name}.old-*")]:
+        pid = path.name.rsplit(".", 1)[-1].split("-")[1] if path.name.count("-") >= 2 else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _current_umask() -> int:
@@ -121,7 +140,7 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
         return
     if not force:
         raise InputError(f"output {out} appeared while writing (pass --force to replace it)")
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     aside.rmdir()
     os.replace(out, aside)
     try:

@@ -560,3 +560,38 @@ def test_campaign_name_from_the_command_line_is_validated(workdir: Path, tmp_pat
     assert main(["study", "create", str(workdir / "study.yaml"), "--storage", url, f"--name={name}"]) == 2
     assert "must be 1-64 letters" in _one_line_error(capsys)
     assert not (tmp_path / "s.db").exists()
+
+
+# -- 22. export complete or absent ------------------------------------------------------------------------------
+def test_export_adds_its_last_files_before_the_directory_appears(workdir: Path, tmp_path: Path) -> None:
+    """`export best` writes the donor map inside the temporary directory (a kill after the move used to
+    leave a model directory without it, which the rerun then refused as existing)."""
+    from olmopt.export import write_model_dir
+    from olmopt.pool.model_pool import ModelPool
+    from olmopt.recipe import Recipe
+
+    out = tmp_path / "merged"
+    seen: list[bool] = []
+
+    def finish(tmp: Path) -> None:
+        seen.append(out.exists())
+        (tmp / "donor_map.png").write_bytes(b"png")
+
+    pool = ModelPool([str(workdir / "base"), str(workdir / "spec_add")])
+    write_model_dir(pool, Recipe(base=str(workdir / "base")), out, {}, "# card\n", progress=False, finish=finish)
+    assert seen == [False] and (out / "donor_map.png").read_bytes() == b"png"
+
+
+def test_stale_temporary_directories_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    from olmopt.outdir import atomic_output_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale = tmp_path / f".out.tmp-{dead.stdout.strip()}-abc123"
+    live = tmp_path / f".out.tmp-{os.getpid()}-def456"  # a process still writing: left alone
+    foreign = tmp_path / ".out.tmp-notours"
+    for path in (stale, live, foreign):
+        path.mkdir()
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    assert not stale.exists() and live.exists() and foreign.exists()
+    assert (tmp_path / "out" / "f").read_text() == "x"

@@ -128,9 +128,12 @@ def export_best(
     if refine_report is not None:
         report["refine"] = refine_report
     card = model_card(f"{name} (olmopt merge)", recipe, table, names, directions)
-    write_model_dir(ctx.pool, recipe, out, report, card, force=force, progress=progress)
     adapter = ctx.pool.adapter
-    add_donor_map(out, recipe, adapter.all_units(ctx.pool[recipe.base].checkpoint.keys()), adapter.num_layers)
+    units = adapter.all_units(ctx.pool[recipe.base].checkpoint.keys())
+    write_model_dir(  # the donor map is written before the directory appears: complete or absent
+        ctx.pool, recipe, out, report, card, force=force, progress=progress,
+        finish=lambda tmp: add_donor_map(tmp, recipe, units, adapter.num_layers),
+    )  # fmt: skip
     annotate_export(campaign, out)
     result = {"out": str(out), "recipe": recipe.to_dict(), "stage": key, "trial": trial_number}
     result.update({"metrics": got, "held_out": held, "comparison": table, "held_out_copeland": verdict})
