@@ -595,3 +595,13 @@ def test_stale_temporary_directories_of_dead_processes_are_removed(tmp_path: Pat
         (tmp / "f").write_text("x")
     assert not stale.exists() and live.exists() and foreign.exists()
     assert (tmp_path / "out" / "f").read_text() == "x"
+
+
+@pytest.mark.parametrize("file", ["tokenizer_config.json", "chat_template.jinja"])
+def test_a_base_tokenizer_that_cannot_be_loaded_is_one_line(workdir: Path, tmp_path: Path, capsys, file: str) -> None:
+    path = workdir / "base" / file
+    path.write_bytes(path.read_bytes()[:10] + NOT_UTF8)
+    capsys.readouterr()
+    assert main(["study", "create", str(workdir / "study.yaml"), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    assert f"model {workdir / 'base'}: cannot load its tokenizer" in _one_line_error(capsys)
+    assert not (tmp_path / "s.db").exists()

@@ -41,7 +41,7 @@ class Checkpoint:
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(read_text(index))["weight_map"]
+                weight_map = json.loads(read_text(index, f"model {self.name}:", ModelError))["weight_map"]
                 if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                     raise ValueError("weight_map must map tensor names to file names")
             except (ValueError, KeyError, TypeError) as exc:

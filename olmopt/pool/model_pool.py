@@ -143,6 +143,18 @@ class ModelPool:
                 raise ModelError(f"model {model.name}: tensor {bad!r} holds NaN or inf values (a damaged checkpoint)")
 
 
+def load_tokenizer(model: PoolModel) -> Any:
+    """The model's tokenizer through ``AutoTokenizer`` (as users load it); failures are one ModelError line."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model.path)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for unreadable tokenizer files
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        raise ModelError(f"model {model.name}: cannot load its tokenizer from {model.path}: {reason}") from None
+
+
 def tokenizer_vocab(path: Path) -> dict[str, int] | None:
     """The token -> id map from tokenizer.json (None when the model ships no tokenizer.json)."""
     file = path / "tokenizer.json"

@@ -22,10 +22,9 @@ if TYPE_CHECKING:
 
 def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
     """Validate pool homology, finite weights and every dataset (tokenized) before any heavy work; return the plan."""
-    from transformers import AutoTokenizer
-
     from olmopt.evaluate.datasets import file_digest
     from olmopt.evaluate.engine import Evaluator
+    from olmopt.pool.model_pool import load_tokenizer
     from olmopt.search.context import objectives_of, open_pool
 
     pool = open_pool(config)
@@ -33,7 +32,7 @@ def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
     pool.check_homology()
     pool.check_finite()  # a damaged checkpoint would score as a (bad but finite-looking) model otherwise
     base = config.base_model
-    tokenizer = AutoTokenizer.from_pretrained(pool[base].path)
+    tokenizer = load_tokenizer(pool[base])
     objectives = objectives_of(config)
     evaluator = Evaluator(_NoModel(), tokenizer, objectives)  # type: ignore[arg-type]
     for split in ("search", "held_out"):
