@@ -605,3 +605,36 @@ def test_a_base_tokenizer_that_cannot_be_loaded_is_one_line(workdir: Path, tmp_p
     assert main(["study", "create", str(workdir / "study.yaml"), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
     assert f"model {workdir / 'base'}: cannot load its tokenizer" in _one_line_error(capsys)
     assert not (tmp_path / "s.db").exists()
+
+
+# -- 4 (issue). inputs that change or vanish after `study create` ---------------------------------------------
+@pytest.mark.parametrize("change", ["edited", "deleted"])
+def test_a_dataset_changed_after_create_is_named_by_run_and_export(workdir: Path, tmp_path: Path, capsys, change: str) -> None:
+    import optuna
+
+    data = workdir / "add.json"
+    shutil.copy(REPO / "objectives/add.json", data)
+    study = _edit_study(workdir, lambda d: (d["objectives"][0].update(dataset=str(data)), d["decisions"]["layers"].update(only=[3])))
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(study), "--storage", url]) == 0
+    if change == "edited":
+        data.write_text(data.read_text().replace("=", " = ", 1))
+    else:
+        data.unlink()
+    needle = "changed since `study create`" if change == "edited" else "is gone since `study create`"
+    capsys.readouterr()
+    assert main(["study", "run", "study", "--storage", url, "--quiet"]) == 2
+    line = _one_line_error(capsys)
+    assert f"dataset {data} (objective add)" in line and needle in line
+    assert optuna.get_all_study_names(url) == ["study"]  # no stage was started
+    assert main(["export", "best", "study", "--storage", url, "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert needle in _one_line_error(capsys) and not (tmp_path / "out").exists()
+
+
+def test_a_deleted_local_model_is_not_fetched_from_the_hub(tmp_path: Path) -> None:
+    from olmopt.errors import ModelError
+    from olmopt.pool.resolve import resolve_model
+
+    (tmp_path / "zoo").mkdir()
+    with pytest.raises(ModelError, match=r"model zoo/base: no such directory .*zoo/base \(its folder .*zoo exists"):
+        resolve_model("zoo/base", base_dir=tmp_path)

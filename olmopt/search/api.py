@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from olmopt.config import NAME_RE, StudyConfig
@@ -92,6 +93,7 @@ def run_campaign(
 ) -> RunOutcome:
     check_run_limits(workers, n_trials, timeout)
     campaign = Campaign.load(name, url)
+    check_inputs_unchanged(campaign)
     with single_writer(url):
         evaluators = Evaluators(campaign.config, workers)  # K > 1: the worker processes start now
         try:
@@ -101,6 +103,22 @@ def run_campaign(
             return runner.run()
         finally:
             evaluators.close()
+
+
+def check_inputs_unchanged(campaign: Campaign) -> None:
+    """The datasets recorded at ``study create`` are still there with the same bytes (their sha256), so a
+    campaign never mixes scores of two versions of a file; else one line naming the file."""
+    from olmopt.evaluate.datasets import file_digest
+
+    for objective, entry in sorted((campaign.info.get("datasets") or {}).items()):
+        path = Path(entry["path"])
+        if not path.is_file():
+            raise InputError(f"dataset {path} (objective {objective}) is gone since `study create`; restore it")
+        if file_digest(path) != entry["sha256"]:
+            raise InputError(
+                f"dataset {path} (objective {objective}) changed since `study create` (sha256 differs); "
+                "restore it, or create a new campaign for the new data"
+            )
 
 
 def check_run_limits(workers: int, n_trials: int | None, timeout: float | None) -> None:

@@ -18,6 +18,7 @@ from olmopt.outdir import check_output
 from olmopt.recipe import Recipe
 from olmopt.report import add_donor_map
 from olmopt.search.annotate import annotate_export
+from olmopt.search.api import check_inputs_unchanged
 from olmopt.search.campaign import Campaign
 from olmopt.search.context import EvalContext
 from olmopt.search.es_space import REFINE_INFO, refine_targets
@@ -71,6 +72,7 @@ def export_best(
     """Export the campaign's winner; ``refine="es"`` first runs ES stages on its units (resumable)."""
     campaign = Campaign.load(name, url)
     check_output(out, _campaign_inputs(campaign, url), force)
+    check_inputs_unchanged(campaign)
     if refine not in (None, "es"):
         raise InputError(f"--refine {refine!r}: the only refinement is 'es'")
     if refine and (trial is not None or stage_key is not None):
