@@ -173,13 +173,51 @@ def recipe_from_report(report: dict[str, Any]) -> Recipe:
         base = report["base_model"]["name"]
     except (KeyError, TypeError):
         raise InputError("report: neither 'recipe' nor OLM's 'base_model.name' is present") from None
-    boundary = (report.get("boundary_layers") or {}).get("name")
-    layers = {int(k): v["best_model"] for k, v in (report.get("layers") or {}).items() if v.get("best_model")}
+    boundary_entry = report.get("boundary_layers") or {}
+    if isinstance(boundary_entry, dict):  # OLM: {"name": model, ...}
+        boundary_entry = boundary_entry.get("name")
+    boundary = _olm_model(boundary_entry, "boundary_layers")
+    layers = {}
+    for key, entry in _olm_section(report, "layers").items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            raise InputError(f"report: layers: key {key!r} is not a layer index") from None
+        model = _olm_model(entry, f"layers.{key}")
+        if model:
+            layers[index] = model
     units = {}
-    for name, entry in (report.get("tensors") or {}).items():
-        if entry.get("best_model"):
-            units[name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name] = entry["best_model"]
+    for name, entry in _olm_section(report, "tensors").items():
+        model = _olm_model(entry, f"tensors.{name}")
+        if model:
+            units[name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name] = model
+    if not isinstance(base, str) or not base:
+        raise InputError("report: base_model.name must be a model name")
     return Recipe(base=base, boundary=boundary, layers=layers, units=units)
+
+
+def _olm_section(report: dict[str, Any], key: str) -> dict[str, Any]:
+    section = report.get(key) or {}
+    if isinstance(section, list):  # [{"layer": 3, "best_model": ...}, ...] or [model, ...] by position
+        out: dict[str, Any] = {}
+        for i, entry in enumerate(section):
+            where = entry.get("layer", entry.get("name", i)) if isinstance(entry, dict) else i
+            out[str(where)] = entry
+        return out
+    if not isinstance(section, dict):
+        raise InputError(f"report: {key} must be a mapping (or a list) of entries, got {type(section).__name__}")
+    return section
+
+
+def _olm_model(entry: Any, where: str) -> str | None:
+    """The model an OLM entry names: ``{"best_model": M}``, ``{"name": M}`` or ``M`` itself."""
+    if entry is None or isinstance(entry, str):
+        return entry or None
+    if isinstance(entry, dict):
+        model = entry.get("best_model", entry.get("name"))
+        if model is None or isinstance(model, str):
+            return model or None
+    raise InputError(f"report: {where}: expected a model name or an entry with 'best_model', got {entry!r}"[:200])
 
 
 def resolve_report_models(recipe: Recipe, models_dir: Path | None) -> dict[str, str]:
@@ -205,6 +243,10 @@ def rebuild(report_path: Path, out: Path, models_dir: Path | None = None, force:
     pool = ModelPool(list(dict.fromkeys(mapping.values())))
     check_output(out, [report_path, *(m.path for m in pool.models.values())], force)
     pool.check_homology()
+    try:  # a recipe that does not fit the models it names (a layer they lack) is refused, not written
+        recipe.validate_against(pool.names, pool.adapter.num_layers, pool.adapter.all_units(pool[recipe.base].checkpoint.keys()))
+    except InputError as exc:
+        raise InputError(f"report {report_path}: {exc}") from None
     card = f"# Rebuilt merge\n\nRebuilt by olmopt {__version__} from `{report_path.name}`.\n"
     write_model_dir(pool, recipe, out, report, card, force=force, progress=progress)
     return recipe

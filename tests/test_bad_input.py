@@ -638,3 +638,93 @@ def test_a_deleted_local_model_is_not_fetched_from_the_hub(tmp_path: Path) -> No
     (tmp_path / "zoo").mkdir()
     with pytest.raises(ModelError, match=r"model zoo/base: no such directory .*zoo/base \(its folder .*zoo exists"):
         resolve_model("zoo/base", base_dir=tmp_path)
+
+
+# -- 9, 12, 16, 17, 19 ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["sqlite:///{tmp}/sub/s.db", "journal:{tmp}/sub/log"])
+def test_read_only_commands_do_not_create_a_storage(tmp_path: Path, capsys, scheme: str) -> None:
+    url = scheme.format(tmp=tmp_path)
+    capsys.readouterr()
+    assert main(["study", "list", "--storage", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    for argv in (["study", "status", "x"], ["study", "run", "x", "--quiet"], ["export", "best", "x", "--out", str(tmp_path / "o")]):
+        assert main([*argv, "--storage", url]) == 2
+        assert "no campaign named 'x'" in _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("device", "needle"),
+    [("cuda:99", "CUDA device"), ("tpu", "is not a torch device"), ("mps", "not available")],
+)
+def test_a_device_this_machine_lacks_is_refused_at_create(workdir: Path, tmp_path: Path, capsys, device: str, needle: str) -> None:
+    if device == "mps":
+        torch_mps = getattr(torch.backends, "mps", None)
+        if torch_mps is not None and torch_mps.is_available():
+            pytest.skip("this machine has MPS")
+    path = _edit_study(workdir, lambda d: d.update(evaluation={"device": device}))
+    capsys.readouterr()
+    assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    line = _one_line_error(capsys)
+    assert "evaluation.device" in line and needle in line
+    assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("items", "needle"),
+    [
+        ([{"conversation": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "12+34="}]}], "the last turn must be the assistant's answer"),
+        ([{"conversation": [{"from": "human", "value": "12+34="}, {"from": "gpt", "value": "4" * 500}]}], "more than the model's context of"),
+    ],
+    ids=["no-answer", "beyond-context"],
+)
+def test_datasets_that_cannot_be_scored_are_refused_at_create(workdir: Path, tmp_path: Path, capsys, items: list, needle: str) -> None:
+    data = workdir / "bad.json"
+    data.write_text(json.dumps(items * 8))
+    path = _edit_study(workdir, lambda d: d["objectives"][0].update(dataset=str(data)))
+    capsys.readouterr()
+    assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    line = _one_line_error(capsys)
+    assert f"dataset {data}: item 0" in line and needle in line
+    assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("report", "needle"),
+    [
+        ({"layers": {"9": {"best_model": "{in}/spec_add"}}}, "recipe: layer 9 out of range"),
+        ({"tensors": {"model.layers.0.nope.weight": {"best_model": "{in}/spec_add"}}}, "does not exist in this architecture"),
+        ({"layers": {"x": {"best_model": "{in}/spec_add"}}}, "key 'x' is not a layer index"),
+        ({"layers": {"1": ["{in}/spec_add"]}}, "layers.1: expected a model name"),
+        ({"layers": "all"}, "layers must be a mapping"),
+    ],
+    ids=["layer-beyond", "unknown-unit", "layer-key", "entry-shape", "section-shape"],
+)
+def test_rebuild_refuses_reports_that_do_not_fit(workdir: Path, tmp_path: Path, capsys, report: dict, needle: str) -> None:
+    text = json.dumps({"base_model": {"name": "{in}/base"}, **report}).replace("{in}", str(workdir))
+    (workdir / "bad.json").write_text(text)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["rebuild", str(workdir / "bad.json"), "--out", str(out), "--quiet"]) == 2
+    assert needle in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_rebuild_accepts_olm_reports_in_other_shapes(workdir: Path, tmp_path: Path) -> None:
+    """Layer entries as plain names or as a list of {layer, best_model}: the same model as the mapping form."""
+    from safetensors.torch import load_file as load
+
+    base, donor = str(workdir / "base"), str(workdir / "spec_add")
+    shapes = {
+        "mapping": {"layers": {"2": {"best_model": donor}}},
+        "names": {"layers": {"2": donor}},
+        "list": {"layers": [{"layer": 2, "best_model": donor}]},
+    }
+    built = {}
+    for shape, extra in shapes.items():
+        (workdir / f"{shape}.json").write_text(json.dumps({"base_model": {"name": base}, **extra}))
+        assert main(["rebuild", str(workdir / f"{shape}.json"), "--out", str(tmp_path / shape), "--quiet"]) == 0
+        built[shape] = load(next((tmp_path / shape).glob("*.safetensors")))
+    key = "model.layers.2.mlp.up_proj.weight"
+    assert torch.equal(built["mapping"][key], load(workdir / "spec_add" / "model.safetensors")[key])
+    assert all(torch.equal(built[s][key], built["mapping"][key]) for s in ("names", "list"))

@@ -28,6 +28,7 @@ def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
     from olmopt.pool.model_pool import load_tokenizer
     from olmopt.search.context import objectives_of, open_pool
 
+    check_device(config.evaluation.device)
     pool = open_pool(config)
     check_against_pool(config, pool.names, pool.adapter.num_layers)
     pool.check_homology()
@@ -45,6 +46,7 @@ def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
             enc = evaluator.encoded(obj, split)  # type: ignore[arg-type]
             if obj.kind == "choice" and not enc.choice_ids:
                 raise InputError(f"dataset {obj.path}: metric {obj.metric} needs multiple-choice items")
+            check_context(obj.path, enc, getattr(pool[base].config, "max_position_embeddings", None))
     names = pool[base].checkpoint.keys()
     if pool.adapter.tied_embeddings:
         names = [n for n in names if not n.startswith(pool.adapter.lm_head)]
@@ -118,6 +120,40 @@ def check_inputs_unchanged(campaign: Campaign) -> None:
             raise InputError(
                 f"dataset {path} (objective {objective}) changed since `study create` (sha256 differs); "
                 "restore it, or create a new campaign for the new data"
+            )
+
+
+def check_device(device: str | None) -> None:
+    """``evaluation.device`` names a device this machine has (found at create, not after writes at run)."""
+    if not device:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"evaluation.device: {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"evaluation.device: {device!r} but this machine has no CUDA device")
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"evaluation.device: {device!r} but this machine has {count} CUDA device(s)")
+    elif dev.type not in ("cpu", "meta"):
+        available = getattr(torch, dev.type, None)
+        if available is None or not getattr(available, "is_available", lambda: False)():
+            raise InputError(f"evaluation.device: {device!r} is not available on this machine")
+
+
+def check_context(path: Path, enc: Any, context: int | None) -> None:
+    """Every item (prompt and answer) fits the model's context window; else one line naming the item."""
+    if not context:
+        return
+    for i, (prompt, answer) in enumerate(zip(enc.prompts, enc.answers, strict=True)):
+        if len(prompt) + len(answer) > context:
+            raise InputError(
+                f"dataset {path}: item {i} has {len(prompt) + len(answer)} tokens, more than the model's "
+                f"context of {context} (max_position_embeddings)"
             )
 
 

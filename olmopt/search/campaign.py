@@ -19,7 +19,7 @@ from olmopt.config import StudyConfig
 from olmopt.errors import StorageError
 from olmopt.recipe import Recipe
 from olmopt.search.plan import Stage
-from olmopt.search.storage import open_storage, redact
+from olmopt.search.storage import open_storage, redact, storage_exists
 
 CAMPAIGN_ATTR = "olmopt.campaign"
 DECISION_ATTR = "olmopt.decision"
@@ -57,6 +57,8 @@ class Campaign:
 
     @classmethod
     def load(cls, name: str, url: str) -> Campaign:
+        if not storage_exists(url):  # never create a storage only to find it empty
+            raise StorageError(f"no campaign named {name!r} in {redact(url)} (that storage does not exist)")
         storage = open_storage(url)
         try:
             root = optuna.load_study(storage=storage, study_name=name)
@@ -178,6 +180,8 @@ def campaign_names(storage: optuna.storages.BaseStorage) -> list[str]:
 
 
 def list_campaigns(url: str) -> list[dict[str, Any]]:
+    if not storage_exists(url):  # nothing to list, and nothing to create
+        return []
     storage = open_storage(url)
     summaries = all_studies(storage)
     out = []

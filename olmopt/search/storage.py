@@ -60,6 +60,20 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
+def storage_exists(url: str) -> bool:
+    """False when a file storage (SQLite, journal) has no file yet: a read-only command must not create it.
+
+    Server storages (PostgreSQL, MySQL) count as existing; a malformed URL too (``open_storage`` reports it).
+    """
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:")).exists()
+    try:
+        path = sqlite_path(url)
+    except ArgumentError:
+        return True
+    return path is None or path.exists()
+
+
 def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
     """Open (and for SQLite create the directory of) a storage; one-line StorageError on failure."""
     if url.startswith("journal:"):
