@@ -675,6 +675,8 @@ def _recipe_from_dict(data: Any) -> DfsRecipe:
     if mask.shape[1] != len(models):
         raise InputError(f"layer_mask covers {mask.shape[1]} models but model_paths lists {len(models)}")
     num_r = data.get("num_r")
+    if num_r is not None and (isinstance(num_r, bool) or not isinstance(num_r, int)):
+        raise InputError(f"num_r must be an integer, got {num_r!r}")
     if num_r is not None and num_r != mask.shape[0]:
         raise InputError(f"num_r = {num_r} but layer_mask has {mask.shape[0]} repetitions")
     flags = {}

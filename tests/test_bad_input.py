@@ -728,3 +728,45 @@ def test_rebuild_accepts_olm_reports_in_other_shapes(workdir: Path, tmp_path: Pa
     key = "model.layers.2.mlp.up_proj.weight"
     assert torch.equal(built["mapping"][key], load(workdir / "spec_add" / "model.safetensors")[key])
     assert all(torch.equal(built[s][key], built["mapping"][key]) for s in ("names", "list"))
+
+
+# -- 10. loosely typed config files of the merge commands -------------------------------------------------------
+@pytest.mark.parametrize(
+    ("parameters", "needle"),
+    [
+        ('{lambda: "0.5"}', "lambda must be a number, got '0.5'"),
+        ("{lambda: true}", "lambda must be a number, got True"),
+        ("{weights: {a: 1}}", "weights must be a number, got {'a': 1}"),
+        ("{lambda: [0.5, 1]}", "lambda must be a number, got [0.5, 1]"),
+        ("[1, 2]", "parameters must be a mapping"),
+        ('"x"', "parameters must be a mapping"),
+        ('{normalize: "yes"}', "normalize must be true or false"),
+    ],
+)
+def test_loosely_typed_circuit_config_is_one_line(workdir: Path, tmp_path: Path, capsys, parameters: str, needle: str) -> None:
+    config = workdir / "circuit.yaml"
+    config.write_text(
+        f"base_model: {workdir / 'base'}\nvariant_models: [{workdir / 'spec_add'}]\n"
+        f"merge_method: task_arithmetic\nparameters: {parameters}\n"
+    )
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["merge", "circuit", "--config", str(config), "--out", str(out), "--quiet"]) == 2
+    assert needle in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_loosely_typed_variant_parameters_and_dfs_num_r_are_one_line(workdir: Path, tmp_path: Path, capsys) -> None:
+    config = workdir / "circuit.yaml"
+    config.write_text(
+        f"base_model: {workdir / 'base'}\n"
+        f"variant_models: [{{model: {workdir / 'spec_add'}, parameters: [0.5]}}]\nmerge_method: della\n"
+    )
+    capsys.readouterr()
+    assert main(["merge", "circuit", "--config", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "variant_models[0].parameters must be a mapping" in _one_line_error(capsys)
+    recipe = workdir / "dfs.yml"
+    recipe.write_text(recipe.read_text().replace("num_r: 1", 'num_r: "1"'))
+    assert main(["merge", "dfs", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "num_r must be an integer, got '1'" in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists()

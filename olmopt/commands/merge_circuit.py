@@ -94,7 +94,10 @@ def _variant_entries(config: dict[str, Any], path: Path) -> tuple[list[str], dic
         if not isinstance(entry, dict) or "model" not in entry:
             raise InputError(f"config {path}: variant_models[{position}] needs a 'model' path")
         paths.append(str(entry["model"]))
-        for key, value in (entry.get("parameters") or {}).items():
+        parameters = entry.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InputError(f"config {path}: variant_models[{position}].parameters must be a mapping")
+        for key, value in parameters.items():
             if key not in PER_VARIANT_KEYS:
                 raise InputError(
                     f"config {path}: per-variant parameter {key!r} is not one of {PER_VARIANT_KEYS}"
@@ -117,6 +120,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.variants:
         variants, per_variant = list(args.variants), {}
     out = args.out or config.get("output_dir")
+    if not isinstance(config.get("parameters") or {}, dict):
+        raise InputError(f"config {args.config}: parameters must be a mapping (name: value)")
     raw_params = dict(config.get("parameters") or {})
     method = args.method or config.get("merge_method") or raw_params.pop("merge_method", None) or "circuit"
     raw_params.pop("merge_method", None)
@@ -143,10 +148,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         if method not in methods:
             raise InputError(f"--{dest.rstrip('_').replace('_', '-')} does not apply to method {method}")
         raw_params[param] = value[0] if isinstance(value, list) and len(value) == 1 else value
-    for key, value in raw_params.items():
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, float) and not math.isfinite(item):
-                raise InputError(f"{key} must be a finite number, got {item}")
+    _check_types(raw_params)
     if args.skip_rescaling:
         if method == "task_arithmetic":
             raise InputError("--skip-rescaling does not apply to method task_arithmetic")
@@ -163,6 +165,27 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         "params": _make_params(method, raw_params),
         "seed": seed,
     }
+
+
+NUMERIC_PARAMS = {"temperature", "base_droprate", "threshold", "density", "epsilon", "lambda", "weights"}
+BOOLEAN_PARAMS = {"skip_rescaling", "normalize"}
+
+
+def _check_types(raw: dict[str, Any]) -> None:
+    """Numbers (finite, not quoted, not booleans) and booleans where the methods expect them: a loosely
+    typed YAML value is one line naming the parameter, not a traceback from the tensor maths."""
+    for key, value in raw.items():
+        if key in BOOLEAN_PARAMS:
+            if not isinstance(value, bool):
+                raise InputError(f"{key} must be true or false, got {value!r}")
+            continue
+        if key not in NUMERIC_PARAMS:
+            continue  # unknown names are reported by the method's parameters
+        for item in value if isinstance(value, list) and key in PER_VARIANT_KEYS + ("weights",) else [value]:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                raise InputError(f"{key} must be a number, got {item!r}")
+            if not math.isfinite(item):
+                raise InputError(f"{key} must be a finite number, got {item}")
 
 
 def run(args: argparse.Namespace) -> int:
