@@ -39,6 +39,7 @@ from olmopt.ops.dfs import (
     validate_path,
 )
 from olmopt.outdir import ShardedSafetensorsWriter, atomic_output_dir, copy_side_files
+from olmopt.runtime import cache_kwarg
 from olmopt.textio import read_text
 
 SUPPORTED_ARCHITECTURES = (
@@ -174,15 +175,15 @@ class DfsExecutor(nn.Module):
                     config=config,
                     inputs_embeds=embeds,
                     attention_mask=attention_mask,
-                    past_key_values=None,
                     position_ids=position_ids,
+                    **{cache_kwarg(make): None},
                 )
             if m not in rope:
                 rope[m] = _base(self.models[m]).rotary_emb(embeds, position_ids=position_ids)
             return {
                 "attention_mask": masks[(m, kind)],
                 "position_ids": position_ids,
-                "past_key_values": None,
+                cache_kwarg(type(_base(self.models[m]).layers[0]).forward): None,
                 "use_cache": False,
                 "position_embeddings": rope[m],
             }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 
 
@@ -36,3 +39,13 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def cache_kwarg(forward: Any) -> str:
+    """The name a model's forward takes its KV cache by: ``cache`` in current transformers 5 (the old
+    ``past_key_values`` warns that it goes in 5.40), ``past_key_values`` in early 5.x releases."""
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "cache"
+    return "cache" if "cache" in parameters or "past_key_values" not in parameters else "past_key_values"

@@ -770,3 +770,41 @@ def test_loosely_typed_variant_parameters_and_dfs_num_r_are_one_line(workdir: Pa
     assert main(["merge", "dfs", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "num_r must be an integer, got '1'" in _one_line_error(capsys)
     assert not (tmp_path / "out").exists()
+
+
+# -- 24. tomorrow's breakage -------------------------------------------------------------------------------------
+def test_greedy_decoding_uses_the_current_cache_api(zoo: Path) -> None:
+    """KV-cached decoding passes ``cache=`` (``past_key_values`` warns that it goes in transformers 5.40)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from olmopt.evaluate.engine import Evaluator, Objective
+
+    model_dir = zoo / "base"
+    evaluator = Evaluator(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        AutoTokenizer.from_pretrained(model_dir),
+        [Objective("rev", REPO / "objectives/rev.json", "exact_match", samples=4)],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert math.isfinite(evaluator.evaluate()["rev"])
+
+
+def test_a_data_flow_model_refuses_cached_generation() -> None:
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from olmopt.architecture_recipes import DfsEvalModel
+    from olmopt.errors import InputError
+    from olmopt.evaluate.engine import Evaluator
+
+    model = DfsEvalModel(None, nn.Linear(4, 4), None)  # type: ignore[arg-type]
+    for kwargs in ({"cache": object()}, {"past_key_values": object()}, {"inputs_embeds": torch.zeros(1)}):
+        with pytest.raises(InputError, match="teacher-forced and multiple-choice metrics only"):
+            model.base_model(torch.zeros(1, 2, dtype=torch.long), **kwargs)
+    evaluator = Evaluator(model, SimpleNamespace(pad_token_id=0, eos_token_id=3), [])
+    with pytest.raises(InputError, match="teacher-forced and multiple-choice metrics only"):
+        evaluator.greedy([[1, 2]], 2)  # the engine's cached decoding, as a generation metric would run it

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from olmopt.errors import InputError
 from olmopt.evaluate import metrics as M
 from olmopt.evaluate.datasets import Encoded, Split, encode, load_examples, split_examples
+from olmopt.runtime import cache_kwarg
 
 PrefixStore = dict[tuple[Path, str, float, "int | None", int], dict[int, torch.Tensor]]  # batch key -> layer -> input
 
@@ -406,8 +407,8 @@ class Evaluator:
         ids, attention = ids.to(dev), attention.to(dev)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         base = self.model.base_model
-        cache = DynamicCache(config=self.model.config)
-        out = base(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True)
+        cache = {cache_kwarg(getattr(base, "forward", base)): DynamicCache(config=self.model.config)}
+        out = base(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, **cache)
         hidden = out.last_hidden_state[:, -1]
         preds = torch.full((len(prompts), max_new), self.pad_id, dtype=torch.long, device=dev)
         pmax = torch.zeros((len(prompts), max_new), device=dev)
@@ -429,7 +430,7 @@ class Evaluator:
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
             out = base(
-                input_ids=tok[:, None], attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
+                input_ids=tok[:, None], attention_mask=attention, position_ids=positions, use_cache=True, **cache
             )
             hidden = out.last_hidden_state[:, -1]
         return preds, pmax

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,8 +46,8 @@ def redact(url: str) -> str:
         return url
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<malformed storage URL>"
+    except (ArgumentError, ValueError):  # show what the user typed, less any password
+        return re.sub(r"(://[^/:@]*):[^/]*@", r"\1:***@", url)
 
 
 def is_sqlite(url: str) -> bool:
@@ -69,7 +70,7 @@ def storage_exists(url: str) -> bool:
         return Path(url.removeprefix("journal:")).exists()
     try:
         path = sqlite_path(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return True
     return path is None or path.exists()
 
@@ -88,7 +89,7 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
             raise StorageError(f"cannot open storage {url}: {exc.strerror or type(exc).__name__} ({path})") from None
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # a port that is not a number raises ValueError
         raise StorageError(f"malformed storage URL {redact(url)!r} (e.g. sqlite:///storage/olmopt.db)") from None
     if parsed.drivername.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
         raise StorageError(f"unsupported storage {parsed.drivername!r}: use sqlite, postgresql, mysql or journal:PATH")
