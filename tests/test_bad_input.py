@@ -14,6 +14,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -808,3 +809,41 @@ def test_a_data_flow_model_refuses_cached_generation() -> None:
     evaluator = Evaluator(model, SimpleNamespace(pad_token_id=0, eos_token_id=3), [])
     with pytest.raises(InputError, match="teacher-forced and multiple-choice metrics only"):
         evaluator.greedy([[1, 2]], 2)  # the engine's cached decoding, as a generation metric would run it
+
+
+# -- 20. worker processes die with their coordinator ---------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_kill_9_of_study_run_takes_its_evaluation_processes_with_it(workdir: Path, tmp_path: Path, cli) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(workdir / "study.yaml"), "--storage", url]) == 0
+    proc = cli.start("study", "run", "study", "--storage", url, "--workers", "2", "--quiet")
+
+
+    def spawned() -> list[int]:  # the evaluation processes (and any helper process multiprocessing started)
+        return [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(spawned()) < 2:
+        time.sleep(0.1)
+    time.sleep(1.0)  # past their start-up: the signal is armed
+    workers = spawned()
+    assert len(workers) >= 2, "the evaluation processes did not start"
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)]
