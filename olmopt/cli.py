@@ -71,6 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"olmopt: error: no space left on the device writing {exc.filename or 'the output'}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if not type(exc).__module__.startswith("sqlalchemy"):
+            raise
+        # the storage server went away or refused a statement mid-run: one line, not the driver's pages
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        print(f"olmopt: error: storage failure ({type(exc).__name__}): {reason[0] if reason else ''}; rerun to resume", file=sys.stderr)
+        return 1
 
 
 def _discard_stdout() -> None:

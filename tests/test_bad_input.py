@@ -847,3 +847,18 @@ def test_kill_9_of_study_run_takes_its_evaluation_processes_with_it(workdir: Pat
     while time.time() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.1)
     assert not [p for p in workers if _alive(p)]
+
+
+def test_a_lost_storage_connection_is_one_line(monkeypatch, capsys) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from olmopt.commands import merge_circuit
+
+    def lost(_args: object) -> int:
+        raise OperationalError("SELECT trials.trial_id FROM trials\nWHERE ...", {}, Exception("server closed the connection unexpectedly\n\tThis probably means the server terminated"))
+
+    monkeypatch.setattr(merge_circuit, "run", lost)
+    capsys.readouterr()
+    assert main(["merge", "circuit", "a", "b", "--out", "c"]) == 1
+    line = _one_line_error(capsys)
+    assert "storage failure (OperationalError): server closed the connection unexpectedly; rerun to resume" in line
