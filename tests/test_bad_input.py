@@ -461,7 +461,7 @@ def test_non_finite_merge_parameters_are_refused(workdir: Path, tmp_path: Path, 
     argv = ["merge", "circuit", str(workdir / "base"), str(workdir / "spec_add"), str(workdir / "spec_rev"), "--out", str(out)]
     capsys.readouterr()
     assert main([*argv, *extra, "--quiet"]) == 2
-    assert "must be a finite number" in _one_line_error(capsys)
+    assert "must be finite" in _one_line_error(capsys)
     assert not out.exists()
 
 
@@ -473,7 +473,7 @@ def test_non_finite_numbers_in_merge_and_study_files_are_refused(workdir: Path, 
     )
     capsys.readouterr()
     assert main(["merge", "circuit", "--config", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 2
-    assert "lambda must be a finite number" in _one_line_error(capsys)
+    assert "lambda must be finite" in _one_line_error(capsys)
     study = workdir / "study.yaml"
     data = yaml.safe_load(study.read_text())
     data["objectives"][0]["held_out"] = float("nan")
@@ -485,6 +485,9 @@ def test_non_finite_numbers_in_merge_and_study_files_are_refused(workdir: Path, 
 
 def test_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
     """`olmopt ... | head` whose reader has gone: exit 141 (SIGPIPE's), nothing on stderr."""
+    import optuna
+
+    optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/s.db")  # an empty storage: `study list` prints []
     read, write = os.pipe()
     os.close(read)
     try:
@@ -646,11 +649,12 @@ def test_a_deleted_local_model_is_not_fetched_from_the_hub(tmp_path: Path) -> No
 def test_read_only_commands_do_not_create_a_storage(tmp_path: Path, capsys, scheme: str) -> None:
     url = scheme.format(tmp=tmp_path)
     capsys.readouterr()
-    assert main(["study", "list", "--storage", url, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == []
-    for argv in (["study", "status", "x"], ["study", "run", "x", "--quiet"], ["export", "best", "x", "--out", str(tmp_path / "o")]):
+    for argv in (
+        ["study", "list"], ["study", "status", "x"], ["study", "run", "x", "--quiet"],
+        ["export", "best", "x", "--out", str(tmp_path / "o")],
+    ):  # fmt: skip
         assert main([*argv, "--storage", url]) == 2
-        assert "no campaign named 'x'" in _one_line_error(capsys)
+        assert "no storage at" in _one_line_error(capsys)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -738,7 +742,7 @@ def test_rebuild_accepts_olm_reports_in_other_shapes(workdir: Path, tmp_path: Pa
         ('{lambda: "0.5"}', "lambda must be a number, got '0.5'"),
         ("{lambda: true}", "lambda must be a number, got True"),
         ("{weights: {a: 1}}", "weights must be a number, got {'a': 1}"),
-        ("{lambda: [0.5, 1]}", "lambda must be a number, got [0.5, 1]"),
+        ("{lambda: [0.5, 1]}", "lambda takes one value, got a list"),
         ("[1, 2]", "parameters must be a mapping"),
         ('"x"', "parameters must be a mapping"),
         ('{normalize: "yes"}', "normalize must be true or false"),

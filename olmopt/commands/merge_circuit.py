@@ -99,7 +99,10 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.variants:
         variants, per_variant = list(args.variants), {}
     out = args.out or config.get("output_dir")
-    raw_params = dict(config.get("parameters") or {})
+    given = config.get("parameters") or {}
+    if not isinstance(given, dict):
+        raise InputError(f"config {args.config}: parameters must be a mapping")
+    raw_params = dict(given)
     method = args.method or config.get("merge_method") or raw_params.pop("merge_method", None) or "circuit"
     raw_params.pop("merge_method", None)
     spec = get_method(str(method))
