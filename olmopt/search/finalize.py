@@ -147,7 +147,6 @@ def export_best(
         f"{name} (olmopt merge)", recipe.renamed(to_id), renamed_everywhere(table, to_id), names, directions,
         pool=report["pool"], objective_info=report["objectives"], campaign=name,
     )  # fmt: skip
-    write_model_dir(ctx.pool, recipe, out, report, card, force=force, progress=progress)
     adapter = ctx.pool.adapter
     units = adapter.all_units(ctx.pool[recipe.base].checkpoint.keys())
     write_model_dir(  # the donor map is written before the directory appears: complete or absent
@@ -215,7 +214,7 @@ def refinement_report(
 
 def held_out_items(ctx: EvalContext, objective: Any) -> int:
     """Number of held-out items of an objective (0 when it has none)."""
-    if objective.held_out <= 0:
+    if objective.held_out <= 0 or objective.lm_eval is not None:  # lm-eval documents: not counted here
         return 0
     return len(ctx.evaluator.encoded(objective, "held_out"))
 
