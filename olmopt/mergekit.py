@@ -33,7 +33,7 @@ from olmopt.errors import InputError
 from olmopt.methods.delta import get_method, make_params
 from olmopt.methods.registry import MethodSpec, Param, canonical_name
 from olmopt.pool.adapter import ArchitectureAdapter
-from olmopt.recipe import ParamMerge, Recipe
+from olmopt.recipe import MERGE_DONOR, ParamMerge, Recipe
 
 PER_MODEL_NAMES = {"weights": "weight"}  # olmopt per-variant name -> mergekit's (others are the same)
 NOT_IN_MERGEKIT = {"circuit"}  # olmopt methods mergekit lacks
@@ -58,7 +58,10 @@ def recipe_to_mergekit(recipe: Recipe, adapter: ArchitectureAdapter) -> dict[str
     if recipe.dfs:
         raise NotExpressible("the Recipe is a data-flow path with per-hop scales")
     if recipe.param_merge is not None:
-        if recipe.layers or recipe.units or recipe.boundary:
+        picks = {recipe.boundary, *recipe.layers.values(), *recipe.units.values()} - {None}
+        if picks == {MERGE_DONOR}:  # every pick keeps the PS merge: the PS merge alone
+            return _ps_config(recipe.param_merge, adapter)
+        if picks:
             raise NotExpressible(
                 "the Recipe mixes a parameter-space merge with donor layers or tensors (mergekit runs one method)"
             )

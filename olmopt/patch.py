@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from olmopt.errors import InputError
 from olmopt.pool.adapter import ArchitectureAdapter, unit_of
 from olmopt.pool.model_pool import ModelPool
-from olmopt.recipe import EsStep, ParamMerge, Recipe
+from olmopt.recipe import MERGE_DONOR, EsStep, ParamMerge, Recipe
 from olmopt.runtime import compute_dtype, pick_device, quiet_transformers
 
 Source = tuple[str | ParamMerge, tuple[EsStep, ...]]
@@ -47,6 +47,10 @@ def param_sources(recipe: Recipe, adapter: ArchitectureAdapter, param_names: lis
         if layer is not None and layer in recipe.layers:
             donor = recipe.layers[layer]
         donor = recipe.units.get(unit, donor)
+        if donor == MERGE_DONOR:
+            if recipe.param_merge is None:
+                raise InputError(f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not set")
+            donor = recipe.param_merge
         sources[name] = (donor, tuple(es_by_param.get(name, ())))
     return sources
 

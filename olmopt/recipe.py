@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from olmopt.errors import InputError
 
 RECIPE_VERSION = 1
+# a donor name for the Recipe's own parameter-space merge: ``layers={3: "@merge"}`` takes layer 3 from
+# ``param_merge`` (what later donor-choice stages pick to keep a PS-merged layer, Sakana's PS then layers)
+MERGE_DONOR = "@merge"
 
 
 class _Strict(BaseModel):
@@ -209,9 +212,11 @@ class Recipe(_Strict):
         return self.model_copy(update=update)
 
     def donors(self) -> set[str]:
+        """The pool models the Recipe reads (``MERGE_DONOR`` is not one: it names ``param_merge``)."""
         names = {self.base, *self.layers.values(), *self.units.values()}
         if self.boundary:
             names.add(self.boundary)
+        names.discard(MERGE_DONOR)
         if self.param_merge:
             names.update(self.param_merge.models)
         if self.dfs:
@@ -221,6 +226,9 @@ class Recipe(_Strict):
 
     def validate_against(self, pool_names: list[str], num_layers: int, units: list[str]) -> None:
         """One-line InputError for donors outside the pool, layers out of range, unknown units."""
+        uses_merge = MERGE_DONOR in {self.boundary, *self.layers.values(), *self.units.values()}
+        if uses_merge and self.param_merge is None:
+            raise InputError(f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not set")
         for name in sorted(self.donors()):
             if name not in pool_names:
                 raise InputError(f"recipe: donor {name!r} is not in the pool ({', '.join(pool_names)})")

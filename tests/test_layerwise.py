@@ -140,3 +140,35 @@ def test_bad_layer_lists_are_one_line(layer_params: dict, group_size: int, messa
     with pytest.raises(InputError, match=message) as info:
         recipe.validate_against(["base", "a", "b"], 4, [])
     assert "\n" not in str(info.value)
+
+
+def test_ps_merge_as_a_donor_of_later_stages(pool: ModelPool, tmp_path: Path) -> None:
+    """Sakana's PS then layers: layers and tensors may name the Recipe's own PS merge (MERGE_DONOR)."""
+    from olmopt.patch import model_key
+    from olmopt.recipe import MERGE_DONOR
+
+    base, add, fact = pool.names
+    ps = _recipe(pool, {"weights": PER_LAYER})
+    recipe = ps.model_copy(update={"boundary": base, "layers": {1: fact, 2: MERGE_DONOR}, "units": {"lm_head": MERGE_DONOR}})
+    merged, plain = dict(materialize(pool, recipe)), dict(materialize(pool, ps))
+    for name, tensor in merged.items():
+        layer = pool.adapter.layer_of(name)
+        if layer == 1:
+            assert torch.equal(tensor, pool.tensor(fact, name)), name
+        elif name.startswith(("model.embed_tokens", "model.norm")):
+            assert torch.equal(tensor, pool.tensor(base, name)), name
+        else:  # layers 0, 2, 3 and the head: the PS merge
+            assert torch.equal(tensor, plain[name]), name
+    names = list(merged)
+    same = ps.model_copy(update={"boundary": base, "layers": {1: fact}, "units": {"lm_head": MERGE_DONOR}})
+    assert model_key(recipe, pool.adapter, names) == model_key(same, pool.adapter, names)
+    working = WorkingModel(pool, base, device="cpu")
+    with working.patched(recipe):
+        assert all(torch.equal(p.detach(), merged[n]) for n, p in working.params.items())
+    out, again = tmp_path / "out", tmp_path / "again"
+    write_model_dir(pool, recipe, out, {"recipe": recipe.to_dict()}, "card", progress=False)
+    rebuild(out / "merge_report.json", again, progress=False)
+    a, b = _weights(out), _weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="'@merge' names the parameter-space merge, but param_merge is not set"):
+        Recipe(base=base, layers={2: MERGE_DONOR}).validate_against(pool.names, 4, [])

@@ -16,7 +16,7 @@ from olmopt.cli import main
 from olmopt.config import StudyConfig
 from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.recipe import Recipe
-from olmopt.search.merge_space import BordaCmaEs, borda, merge_sampler, merge_space
+from olmopt.search.merge_space import BordaCmaEs, borda, donor_pool, merge_sampler, merge_space
 from olmopt.search.plan import Stage
 from olmopt.search.seeding import TrialSeeded
 
@@ -200,3 +200,11 @@ def test_layerwise_cmaes_stage_exports_and_rebuilds(tiny_zoo: Path, tmp_path: Pa
     assert merge is not None and merge.group_size == 2 and len(merge.layer_params["weights"]) == 2
     assert math.isclose(merge.params["lambda"], merge.params["lambda"])
     export_and_rebuild(tmp_path, url, "lw")
+
+
+def test_donor_pool_offers_the_ps_merge_after_a_merge_stage() -> None:
+    from olmopt.recipe import MERGE_DONOR, ParamMerge
+
+    assert donor_pool(["base", "a"], Recipe(base="base")) == ["base", "a"]
+    ps = Recipe(base="base", param_merge=ParamMerge(method="ties", models=("a",)))
+    assert donor_pool(["base", "a"], ps) == ["base", "a", MERGE_DONOR]

@@ -24,7 +24,7 @@ from olmopt.mergekit import (
 from olmopt.methods.delta import merge_tensor
 from olmopt.patch import materialize
 from olmopt.pool.model_pool import ModelPool
-from olmopt.recipe import EsStep, ParamMerge, Recipe
+from olmopt.recipe import MERGE_DONOR, EsStep, ParamMerge, Recipe
 
 MODELS = ("base", "spec_add", "spec_fact")
 
@@ -59,12 +59,23 @@ def _recipes(pool: ModelPool) -> dict[str, Recipe]:
         "breadcrumbs": ps("breadcrumbs", params={"gamma": (0.05, 0.02), "density": 0.7}),
         "passthrough": Recipe(base=base, layers={1: add, 2: fact, 3: add}, boundary=None).with_unit("model.norm", add).with_unit("lm_head", add),
         "passthrough-boundary": Recipe(base=base, boundary=fact, layers={0: fact, 1: add, 3: fact}),
+        "ps-kept-by-later-stages": ps("ties", params={"density": 0.5}).model_copy(update={"layers": {2: MERGE_DONOR}}),
     }
 
 
 @pytest.mark.parametrize(
     "label",
-    ["ties-global", "dare-ties-layerwise", "ta-per-layer", "slerp-t-layerwise", "linear-base-weight", "breadcrumbs", "passthrough", "passthrough-boundary"],
+    [
+        "ties-global",
+        "dare-ties-layerwise",
+        "ta-per-layer",
+        "slerp-t-layerwise",
+        "linear-base-weight",
+        "breadcrumbs",
+        "passthrough",
+        "passthrough-boundary",
+        "ps-kept-by-later-stages",
+    ],
 )
 def test_recipe_yaml_recipe_round_trip_gives_the_same_weights(pool: ModelPool, label: str) -> None:
     recipe = _recipes(pool)[label]
