@@ -13,7 +13,8 @@ slice the same models, layer ranges at their own position), ``parameters`` at th
 level with mergekit's precedence (model, slice, top), scalars or gradient lists evaluated exactly as
 mergekit does (``t`` = index / (layers in the slice - 1); the embedding takes t = 0 of the first slice,
 the final norm and head t = 1 of the last), ``dtype`` (ignored: olmopt computes in float32),
-``tokenizer_source: base``. Anything else is an error naming its key.
+``out_dtype`` (must be the base's dtype: olmopt writes that), ``tokenizer_source: base``, and
+olmopt's ``seed`` for random methods. Anything else is an error naming its key.
 
 This module imports neither torch nor Optuna.
 """
@@ -40,8 +41,9 @@ NOT_IN_MERGEKIT = {"circuit"}  # olmopt methods mergekit lacks
 OLMOPT_ONLY = {"sign_election", "base_weight", "drop_rates"}  # parameters mergekit lacks (base_weight: base's weight)
 IGNORED_PARAMS = {"int8_mask"}  # mergekit's memory option: olmopt accepts and ignores it
 # ``seed``: olmopt's extension for random methods (mergekit ignores keys it does not know)
-TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "tokenizer_source", "seed"}
-UNSUPPORTED_TOP_KEYS = {"modules", "tokenizer", "chat_template", "out_dtype"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "seed"}
+UNSUPPORTED_TOP_KEYS = {"modules", "tokenizer", "chat_template"}
+OUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # mergekit's names -> safetensors'
 
 
 class NotExpressible(Exception):
@@ -191,6 +193,7 @@ class MergekitConfig:
     models: tuple[str, ...]
     keys: tuple[str, ...]  # the YAML key naming each model (for errors)
     build: Callable[[ArchitectureAdapter], Recipe]
+    out_dtype: str | None = None  # safetensors dtype name asked for by ``out_dtype`` (F32, BF16, F16)
 
 
 def load_mergekit(path: Path) -> MergekitConfig:
@@ -261,6 +264,10 @@ def parse_mergekit(data: Any) -> MergekitConfig:
     if ("models" in top) == ("slices" in top):
         raise InputError("models, slices: give exactly one of them")
     top_params = _mapping(top.get("parameters") or {}, "parameters")
+    out_dtype = top.get("out_dtype")
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise InputError(f"out_dtype: expected one of {', '.join(OUT_DTYPES)}, got {out_dtype!r}")
+    out_dtype = OUT_DTYPES.get(out_dtype) if out_dtype is not None else None
     seed = top.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise InputError(f"seed: expected an integer >= 0, got {seed!r}")
@@ -301,6 +308,9 @@ def parse_mergekit(data: Any) -> MergekitConfig:
     if base_ref is not None:
         refs[base_ref] = "base_model"
     for sources, _, _ in slices:
+        if len({src.model for src in sources}) != len(sources):
+            twice = next(src for i, src in enumerate(sources) if src.model in [o.model for o in sources[:i]])
+            raise InputError(f"{twice.key}.model: {twice.model} is listed twice")
         for src in sources:
             refs.setdefault(src.model, f"{src.key}.model")
     if method == "passthrough":
@@ -315,7 +325,9 @@ def parse_mergekit(data: Any) -> MergekitConfig:
             raise InputError("models: passthrough takes one model (or slices)")
         base = base_ref or slices[0][0][0].model
         models = [base, *[m for m in refs if m != base]]
-        return MergekitConfig(tuple(models), tuple(refs[m] for m in models), lambda a: _passthrough_recipe(slices, base, a))
+        return MergekitConfig(
+            tuple(models), tuple(refs[m] for m in models), lambda a: _passthrough_recipe(slices, base, a), out_dtype
+        )
 
     spec = get_method(method)
     first = [src.model for src in slices[0][0]]
@@ -340,6 +352,7 @@ def parse_mergekit(data: Any) -> MergekitConfig:
         tuple(models),
         tuple(refs[m] for m in models),
         lambda adapter: _ps_recipe(spec, slices, top_params, base, variants, adapter, seed),
+        out_dtype,
     )
 
 
@@ -528,9 +541,14 @@ def write_mergekit_config(recipe: Recipe, model_dir: Path, path: Path) -> None:
     import os
     from types import SimpleNamespace
 
-    config = SimpleNamespace(**json.loads((model_dir / "config.json").read_text()))
-    adapter = ArchitectureAdapter.from_config(config, str(model_dir))
-    text = mergekit_yaml(recipe_to_mergekit(recipe, adapter), recipe)
+    raw = json.loads((model_dir / "config.json").read_text())
+    adapter = ArchitectureAdapter.from_config(SimpleNamespace(**raw), str(model_dir))
+    config = recipe_to_mergekit(recipe, adapter)
+    config["dtype"] = "float32"  # olmopt's maths; the output in the base's dtype
+    out_dtype = raw.get("dtype") or raw.get("torch_dtype")
+    if out_dtype in OUT_DTYPES:
+        config["out_dtype"] = out_dtype
+    text = mergekit_yaml(config, recipe)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -169,6 +169,9 @@ def test_merge_mergekit_cli_applies_gradient_lists_per_layer(pool: ModelPool, ti
         (lambda c: c.update(parameters={"weight": [{"filter": "self_attn", "value": 0.5}]}), "parameters.weight[0].filter: per-tensor filters"),
         (lambda c: c.update(merge_method="slerp"), "merge_method: slerp: takes exactly 1 variant"),
         (lambda c: c.update(seed=-1), "seed: expected an integer"),
+        (lambda c: c.update(out_dtype="float16"), "out_dtype: olmopt writes the base model's dtype (F32), got F16"),
+        (lambda c: c.update(out_dtype="int4"), "out_dtype: expected one of float32, bfloat16, float16"),
+        (lambda c: c["models"].append({"model": c["models"][1]["model"]}), "models[3].model: "),
     ],
 )
 def test_bad_mergekit_yaml_is_one_line_exit_2_nothing_written(
@@ -226,6 +229,7 @@ def test_export_best_writes_mergekit_config_that_rebuilds_the_same_weights(tiny_
     assert main(args) == 0
     config = yaml.safe_load(mk.read_text())
     assert config["merge_method"] == "ties" and "slices" in config
+    assert config["dtype"] == "float32" and config["out_dtype"] == "float32"
     again = tmp_path / "again"
     assert main(["merge", "mergekit", str(mk), "--out", str(again), "--quiet"]) == 0
     a, b = _weights(out), _weights(again)

@@ -59,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
         recipe = config.build(pool.adapter)
     except InputError as exc:
         raise InputError(f"{args.config}: {exc}") from None
+    checkpoint = pool[recipe.base].checkpoint
+    base_dtype = checkpoint.dtype_name(checkpoint.keys()[0])
+    if config.out_dtype is not None and config.out_dtype != base_dtype:
+        raise InputError(f"{args.config}: out_dtype: olmopt writes the base model's dtype ({base_dtype}), got {config.out_dtype}")
     recipe.validate_against(pool.names, pool.adapter.num_layers, pool.adapter.all_units(pool[recipe.base].checkpoint.keys()))
     report = {
         "recipe": recipe.to_dict(),
