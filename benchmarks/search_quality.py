@@ -65,10 +65,19 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
             "then_joint": max(10, budget - pairs - sweep),
             "sampler": "tpe",
         },
+        # the same with the overfitting guard: the best held-out mean among the joint stage's top 5
+        "blocks+joint+guard": {
+            "mode": "greedy",
+            "windows": [2, 1],
+            "then_joint": max(10, budget - pairs - sweep),
+            "sampler": "tpe",
+            "_selection": {"held_out_guard": 5},
+        },
+        "joint-tpe-warm+guard": {**joint, "sampler": "tpe", "warm_start": True, "_selection": {"held_out_guard": 5}},
     }
 
 
-QUICK = ["greedy-forward", "block-swaps", "joint-tpe", "blocks+joint"]
+QUICK = ["greedy-forward", "block-swaps", "joint-tpe", "blocks+joint", "blocks+joint+guard"]
 
 
 def test_split(directory: Path) -> dict[str, Path]:
@@ -116,9 +125,10 @@ def family(zoo: Path) -> tuple[dict[str, Any], dict[str, str]]:
     from olmopt.zoo import build_zoo, load_manifest
 
     if not (zoo / "zoo.json").is_file():
-        parts = zoo.name.split("-")  # zoo-SIZE-ARCH[-sSEED]
+        parts = zoo.name.split("-")  # zoo-SIZE[-ARCH[-sSEED]] (zoo-tiny, zoo-small: the pinned llama families)
+        arch = parts[2] if len(parts) > 2 else "llama"
         seed = int(parts[3][1:]) if len(parts) > 3 else None
-        build_zoo(zoo, size=parts[1], arch=parts[2], seed=seed, progress=False)
+        build_zoo(zoo, size=parts[1], arch=arch, seed=seed, progress=False)
     manifest = load_manifest(zoo)
     return manifest, {m["name"]: str(zoo / m["path"]) for m in manifest["models"]}
 
@@ -130,10 +140,12 @@ def run_strategy(tmp: Path, zoo: Path, paths: dict[str, str], name: str, layers:
     from olmopt.cli import main
     from olmopt.search.campaign import Campaign
 
+    layers = dict(layers)
     spec = {
         "name": name,
         "pool": {"models": list(paths.values())},
         "objectives": zoo_objectives(),
+        "selection": layers.pop("_selection", {}),
         "decisions": {"base": {"mode": "fixed", "model": paths["base"]}, "layers": layers},
         "sampler": {"name": "tpe", "seed": 0},
     }
@@ -198,7 +210,7 @@ def main() -> None:
     from olmopt.recipe import Recipe
     from olmopt.select import copeland, rank_table
 
-    default_zoos = ["zoo-tiny", "zoo-tiny-mistral", "zoo-small-llama", "zoo-small-llama-s3", "zoo-small-llama-s4", "zoo-small-mistral"]
+    default_zoos = ["zoo-tiny", "zoo-tiny-mistral", "zoo-small", "zoo-small-llama-s3", "zoo-small-llama-s4", "zoo-small-mistral"]
     zoos = [Path(z) for z in (args.zoo or [str(REPO / "storage" / z) for z in (["zoo-tiny"] if args.quick else default_zoos)])]
     budget = 40 if args.quick and args.budget == 100 else args.budget
     wanted = args.strategies.split(",") if args.strategies else (QUICK if args.quick else None)

@@ -35,12 +35,49 @@ class PoolConfig(_Strict):
     trust_remote_code: bool = False
 
 
+LM_EVAL_KEYS = (
+    "task", "include_path", "num_fewshot", "limit", "apply_chat_template", "fewshot_as_multiturn", "gen_kwargs", "seed",
+)  # fmt: skip
+
+
 class ObjectiveConfig(_Strict):
+    """A dataset scored with a metric (``kind: dataset``) or an lm-evaluation-harness task (``kind: lm_eval``,
+    docs/lmeval.md: ``task``, ``include_path``, ``metric`` from the task, ``limit``, few-shot/chat options)."""
+
+    kind: Literal["dataset", "lm_eval"] = "dataset"
     dataset: str = ""  # not needed by metrics read off the Recipe (layers_removed)
-    metric: str
+    metric: str = ""  # required for datasets; lm_eval: default the task's first metric
     name: str | None = None
     held_out: float = Field(0.25, ge=0.0, lt=1.0)
     samples: int | None = Field(None, gt=0)
+    # lm_eval only
+    task: str | None = None
+    include_path: str | None = None
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, gt=0)
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    gen_kwargs: dict[str, Any] | None = None
+    seed: int = 1234  # shuffles the task's documents before the held-out split
+    direction: Literal["maximize", "minimize"] | None = None  # lm_eval: read from the task at create
+
+    @model_validator(mode="after")
+    def _kind_keys(self) -> ObjectiveConfig:
+        if self.kind == "lm_eval":
+            if not self.task:
+                raise ValueError("task: required for kind lm_eval")
+            for key in ("dataset", "samples"):
+                if getattr(self, key):
+                    raise ValueError(f"{key}: not a key of kind lm_eval (use task / limit)")
+            if self.fewshot_as_multiturn and not self.apply_chat_template:
+                raise ValueError("fewshot_as_multiturn: needs apply_chat_template: true")
+        else:
+            if not self.metric:
+                raise ValueError("metric: required")
+            for key in (*LM_EVAL_KEYS, "direction"):
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise ValueError(f"{key}: only for kind lm_eval")
+        return self
 
 
 class BaseDecision(_Strict):
@@ -250,6 +287,8 @@ class SelectionConfig(_Strict):
     improve_all: str | None = None  # None, "base", "all" or a metric name
     held_out_check: bool = True
     tolerance: float = Field(0.0, ge=0.0)  # differences within it are ties (evaluation noise)
+    # joint stages: the winner is the best held-out mean among the top K of the search selection (0, 1: off)
+    held_out_guard: int = Field(0, ge=0)
 
 
 class SamplerConfig(_Strict):
@@ -296,7 +335,7 @@ class StudyConfig(_Strict):
         if self.decisions.tensors.windows != [1]:
             raise ValueError("decisions.tensors.windows: blocks are layer windows; tensor units take [1]")
         for i, o in enumerate(self.objectives):
-            if not o.dataset and o.metric != "layers_removed":
+            if o.kind == "dataset" and not o.dataset and o.metric != "layers_removed":
                 raise ValueError(f"objectives.{i}.dataset: required for metric {o.metric!r}")
         names = [o.name or default_objective_name(o) for o in self.objectives]
         if len(set(names)) != len(names):
@@ -317,6 +356,8 @@ class StudyConfig(_Strict):
 
 
 def default_objective_name(obj: ObjectiveConfig) -> str:
+    if obj.kind == "lm_eval":
+        return f"{obj.task}.{obj.metric.split(',')[0]}" if obj.metric else str(obj.task)
     return f"{Path(obj.dataset).stem}.{obj.metric}" if obj.dataset else obj.metric
 
 

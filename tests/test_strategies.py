@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
+import yaml
 
 from olmopt.cli import main
 from olmopt.config import StudyConfig
@@ -181,3 +182,77 @@ def test_blocks_then_joint_is_reproducible_and_resumes_to_the_same_recipe(
         evaluated, _ = _evaluated(url, f"{name}/004-joint-layers")
         assert evaluated == 12
     assert recipes[0] == recipes[1] == recipes[2]
+
+
+def test_export_verdict_reports_means_draws_and_higher_donors() -> None:
+    """The verdict shows the donor with a higher mean (spec_add: 0.42 against the merge's 0.405) and the
+    draw (against spec_rev the merge wins add and mc and loses rev and fact)."""
+    from olmopt.commands.export import verdict_lines
+    from olmopt.search.finalize import copeland_verdict, mean_with_interval
+
+    directions = {"add": "maximize", "rev": "maximize", "fact": "maximize", "mc": "maximize"}
+    table = [
+        {"model": "merged", "held_out": {"add": 0.40, "rev": 0.06, "fact": 0.18, "mc": 0.98}},
+        {"model": "base", "held_out": {"add": 0.34, "rev": 0.04, "fact": 0.18, "mc": 0.90}},
+        {"model": "spec_add", "held_out": {"add": 0.54, "rev": 0.02, "fact": 0.18, "mc": 0.94}},
+        {"model": "spec_rev", "held_out": {"add": 0.24, "rev": 0.22, "fact": 0.30, "mc": 0.84}},
+    ]
+    counts = dict.fromkeys(directions, 50)
+    verdict = copeland_verdict(table, directions, counts)
+    assert verdict["higher_mean"] == ["spec_add"]
+    assert verdict["draws"] == ["spec_rev"]
+    means = verdict["means"]
+    assert means["merged"][0] == pytest.approx((0.40 + 0.06 + 0.18 + 0.98) / 4)
+    assert means["spec_add"][0] == pytest.approx((0.54 + 0.02 + 0.18 + 0.94) / 4)
+    # var = sum p(1-p)/50 / 16 for the merge
+    var = (0.4 * 0.6 + 0.06 * 0.94 + 0.18 * 0.82 + 0.98 * 0.02) / 50 / 16
+    assert means["merged"][1] == pytest.approx(1.96 * var**0.5)
+    assert mean_with_interval({"ppl": 3.0}, {"ppl": "minimize"}, None) is None
+    lines = verdict_lines("merged", verdict)
+    assert lines[0].startswith("held-out mean (95% interval): merged 0.405 ± ")
+    assert lines[-2] == "draws (as many held-out objectives won as lost) with: spec_rev"
+    assert lines[-1] == "a higher held-out mean than the merge's: spec_add"
+
+
+def test_held_out_guard_picks_the_best_held_out_mean_among_the_top_candidates(tiny_zoo: Path, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    path = study_file(tmp_path, tiny_zoo, "guard", layers={"mode": "joint", "only": [2, 3], "n_trials": 8})
+    data = yaml.safe_load(path.read_text())
+    data["objectives"] = [dict(o, held_out=0.25) for o in data["objectives"]]
+    data["selection"] = {"held_out_guard": 4}
+    path.write_text(yaml.safe_dump(data))
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    assert main(["study", "run", "guard", "--storage", url, "--quiet"]) == 0
+    study = optuna.load_study(study_name="guard/001-joint-layers", storage=url)
+    decision = study.user_attrs["olmopt.decision"]
+    guarded = {lbl: decision["candidates"][lbl]["held_out"] for lbl in decision["held_out_guard"]}
+    assert len(guarded) == 4
+    means = {lbl: sum(v.values()) / len(v) for lbl, v in guarded.items()}
+    assert means[decision["winner"]] == max(means.values())
+    assert decision["held_out"] == guarded[decision["winner"]]
+
+
+@pytest.mark.parametrize(
+    ("layers", "recovers_both"),
+    [
+        ({"mode": "greedy", "direction": "forward"}, False),
+        ({"mode": "greedy", "direction": "backward"}, False),
+        ({"mode": "greedy", "windows": [2]}, True),
+    ],
+)
+def test_block_swaps_recover_both_layer_specialists(tiny_zoo: Path, tmp_path: Path, tiny_manifest, layers, recovers_both) -> None:
+    """Searched on the layer specialists' own skills (fact: layers 0-1, mc: layers 2-3), a one-layer
+    traversal in either direction misses one of the two, while block swaps of pairs recover both."""
+    truth = tiny_manifest["layer_recipe"]
+    url = f"sqlite:///{tmp_path}/s.db"
+    path = study_file(tmp_path, tiny_zoo, "both", layers=layers)
+    data = yaml.safe_load(path.read_text())
+    data["objectives"] = [o for o in data["objectives"] if o["name"] in (truth["lower_skill"], truth["upper_skill"])]
+    path.write_text(yaml.safe_dump(data))
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    assert main(["study", "run", "both", "--storage", url, "--quiet"]) == 0
+    recipe = campaign_status("both", url)["recipe"]
+    donors = {int(i): Path(m).name for i, m in recipe.get("layers", {}).items()}
+    expected = {int(i): m for i, m in truth["layers"].items()}
+    found = {i for i, m in expected.items() if donors.get(i) == m}
+    assert (found == set(expected)) is recovers_both, (donors, expected)

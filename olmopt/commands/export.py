@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from olmopt.commands._common import add_storage_flag, print_json
 
@@ -68,10 +69,8 @@ def cmd_export_best(args: argparse.Namespace) -> int:
         print(f"ES refinement: {steps} accepted steps in {stages} stages (before: {r['before']['stage']})")
     verdict = result.get("held_out_copeland")
     if verdict:
-        merged = result["comparison"][0]["model"]
-        scores = verdict["scores"]
-        outcome = "beats the base and every single donor" if verdict["merged_is_sole_winner"] else "is NOT the sole winner"
-        print(f"held-out Copeland: merged {scores[merged]:g} of {len(scores) - 1}; the merged model {outcome}")
+        for line in verdict_lines(result["comparison"][0]["model"], verdict):
+            print(line)
     return status
 
 
@@ -90,6 +89,27 @@ def _write_mergekit(result: dict, out: Path, path: Path) -> int:
         return 1
     result["mergekit_config"] = str(path)
     return 0
+
+
+def verdict_lines(merged: str, verdict: dict[str, Any]) -> list[str]:
+    """What export says about the merge against the single models: means first, then Copeland."""
+    lines = []
+    means = verdict.get("means") or {}
+    if means.get(merged):
+        cells = [f"{m[-28:]} {v[0]:.3f} ± {v[1]:.3f}" for m, v in means.items() if v]
+        lines.append("held-out mean (95% interval): " + "; ".join(cells))
+    scores = verdict["scores"]
+    line = f"held-out Copeland: merged {scores[merged]:g} of {len(scores) - 1}"
+    if verdict["merged_is_sole_winner"]:
+        line += "; the merged model beats the base and every single donor on Copeland"
+    else:
+        line += "; the merged model is NOT the sole Copeland winner"
+    lines.append(line)
+    if verdict.get("draws"):
+        lines.append("draws (as many held-out objectives won as lost) with: " + ", ".join(verdict["draws"]))
+    if verdict.get("higher_mean"):
+        lines.append("a higher held-out mean than the merge's: " + ", ".join(verdict["higher_mean"]))
+    return lines
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from olmopt.errors import InputError
 from olmopt.evaluate import metrics as M
 from olmopt.evaluate.datasets import Encoded, Split, encode, load_examples, split_examples
+from olmopt.evaluate.lmeval import LmEvalSpec
 
 PrefixStore = dict[tuple[Path, str, float, "int | None", int], dict[int, torch.Tensor]]  # batch key -> layer -> input
 
@@ -34,14 +35,19 @@ class Objective:
     metric: str
     held_out: float = 0.25
     samples: int | None = None
+    lm_eval: LmEvalSpec | None = None  # an lm-evaluation-harness task (olmopt.evaluate.lmeval), not a dataset
 
     @property
     def direction(self) -> str:
+        if self.lm_eval is not None:
+            from olmopt.evaluate.lmeval import task_direction
+
+            return task_direction(self.lm_eval)
         return M.get_metric(self.metric).direction
 
     @property
     def kind(self) -> str:
-        return M.get_metric(self.metric).kind
+        return "lm_eval" if self.lm_eval is not None else M.get_metric(self.metric).kind
 
 
 class _Passthrough(nn.Module):

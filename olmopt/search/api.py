@@ -31,7 +31,12 @@ def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
     pool.check_homology()
     base = config.base_model
     tokenizer = AutoTokenizer.from_pretrained(pool[base].path)
-    objectives = objectives_of(config)
+    lm_eval_info = {}
+    if any(o.kind == "lm_eval" for o in config.objectives):
+        from olmopt.evaluate.lmeval import resolve_objectives
+
+        lm_eval_info = resolve_objectives(config)  # fills in metric and direction from each task
+    objectives = [o for o in objectives_of(config) if o.kind != "lm_eval"]
     evaluator = Evaluator(_NoModel(), tokenizer, objectives)  # type: ignore[arg-type]
     for split in ("search", "held_out"):
         if split == "held_out" and not any(o.held_out > 0 for o in objectives):
@@ -49,6 +54,8 @@ def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
     extra = {
         "datasets": {o.name: {"path": str(o.path), "sha256": file_digest(o.path)} for o in objectives if o.kind != "recipe"}
     }
+    if lm_eval_info:
+        extra["lm_eval"] = lm_eval_info
     return plan, extra
 
 

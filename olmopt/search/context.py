@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import AutoTokenizer
 
 from olmopt.architecture_recipes import ResidentPool, dfs_eval_model, fused, layers_removed, without_fusion
 from olmopt.config import StudyConfig, default_objective_name
 from olmopt.evaluate.engine import Evaluator, Objective, PrefixStore
+from olmopt.evaluate.lmeval import LmEvalEvaluator, spec_of
 from olmopt.patch import WorkingModel
 from olmopt.pool.model_pool import ModelPool
 from olmopt.recipe import Recipe
@@ -16,10 +19,11 @@ def objectives_of(config: StudyConfig) -> list[Objective]:
     return [
         Objective(
             name=o.name or default_objective_name(o),
-            path=config.path(o.dataset),
+            path=config.path(o.dataset if o.kind == "dataset" else (o.include_path or ".")),
             metric=o.metric,
             held_out=o.held_out,
             samples=o.samples,
+            lm_eval=spec_of(o, Path(config.root)) if o.kind == "lm_eval" else None,
         )
         for o in config.objectives
     ]
@@ -48,11 +52,13 @@ class EvalContext:
         self.evaluator = Evaluator(
             self.working.model,
             tokenizer,
-            self.objectives,
+            [o for o in self.objectives if o.kind != "lm_eval"],
             batch_size=ev.batch_size,
             max_new_tokens=ev.max_new_tokens,
             stop_at_first_mismatch=ev.stop_at_first_mismatch,
         )
+        lm_objs = [o for o in self.objectives if o.kind == "lm_eval"]  # lm-eval tasks wrap the same resident model
+        self.lm_eval = LmEvalEvaluator(self.working.model, tokenizer, lm_objs, ev.batch_size) if lm_objs else None
         self._prefix_recipe: Recipe | None = None  # the incumbent whose hidden states the evaluator holds
         self._carried: dict[str, PrefixStore] = {}  # candidate digest -> inputs of the layers after its own
         self._carried_bytes = 0
@@ -63,6 +69,8 @@ class EvalContext:
             if split == "held_out" and not any(o.held_out > 0 for o in self.objectives):
                 continue
             self.evaluator.prepare(split)  # type: ignore[arg-type]
+            if self.lm_eval is not None:
+                self.lm_eval.prepare(split)
 
     def score(
         self, recipe: Recipe, split: str = "search", incumbent: Recipe | None = None, layer: int | None = None
@@ -81,7 +89,12 @@ class EvalContext:
         for obj in self.objectives:
             if obj.kind == "recipe":
                 values[obj.name] = layers_removed(recipe, self.pool.adapter.num_layers)
-        return values
+        return {o.name: values[o.name] for o in self.objectives if o.name in values}
+
+    @property
+    def item_scores(self) -> dict[str, dict[int, float]]:
+        """Per-item results of the last evaluation's lm-eval objectives: name -> document index -> value."""
+        return self.lm_eval.item_scores if self.lm_eval is not None else {}
 
     def _score_patched(self, recipe: Recipe, split: str, incumbent: Recipe | None, layer: int | None) -> dict[str, float]:
         if incumbent is not None and not incumbent.dfs and self.working.recipe != without_fusion(incumbent):
@@ -99,6 +112,8 @@ class EvalContext:
             carry = self.evaluator.carry_layers(layer, room // 2)  # the stage's later candidates get room too
         with self.working.patched(without_fusion(recipe)), fused(self.working.model, recipe):
             values = self.evaluator.evaluate(split, use_prefix=use_prefix, carry=carry)  # type: ignore[arg-type]
+            if self.lm_eval is not None:
+                values.update(self.lm_eval.evaluate(split))
         if self.evaluator.carried:
             below = self.evaluator.prefix_store if use_prefix else {}
             self._carried_bytes += sum(t.numel() * t.element_size() for e in self.evaluator.carried.values() for t in e.values())
@@ -146,6 +161,9 @@ class EvalContext:
         if self._resident is None:
             self._resident = ResidentPool(self.pool, self.working.device, self.working.dtype)
         model = dfs_eval_model(self._resident, recipe.dfs)  # type: ignore[arg-type]
-        evaluator = Evaluator(model, self.evaluator.tokenizer, self.objectives, batch_size=self.evaluator.batch_size)
+        evaluator = Evaluator(model, self.evaluator.tokenizer, self.evaluator.objectives, batch_size=self.evaluator.batch_size)
         evaluator._encoded = self.evaluator._encoded  # share the tokenization cache
-        return evaluator.evaluate(split)  # type: ignore[arg-type]
+        values = evaluator.evaluate(split)  # type: ignore[arg-type]
+        if self.lm_eval is not None:
+            values.update(self.lm_eval.evaluate(split, model=model))
+        return values

@@ -103,13 +103,18 @@ def export_best(
             )
     names = campaign.objective_names()
     directions = campaign.directions()
-    verdict = copeland_verdict(table, directions) if has_held and compare_donors else None
+    counts = {o.name: held_out_items(ctx, o) for o in ctx.objectives if o.kind != "recipe"} if has_held else {}
+    verdict = copeland_verdict(table, directions, counts) if has_held and compare_donors else None
     decisions = campaign.decisions()
     report = olm_report_sections(campaign.info["plan"], decisions)
     report.update(
         {
             "recipe": recipe.to_dict(),
-            "objectives": {o.name: {"metric": o.metric, "direction": o.direction, "dataset": str(o.path), "held_out": o.held_out} for o in ctx.objectives},
+            "objectives": {
+                o.name: {"metric": o.metric, "direction": o.direction, "dataset": str(o.path), "held_out": o.held_out}
+                | ({"lm_eval_task": o.lm_eval.task} if o.lm_eval is not None else {})
+                for o in ctx.objectives
+            },
             "stages": [
                 {k: d[k] for k in ("stage", "winner", "trial", "kept_incumbent", "metrics", "held_out", "reason")}
                 for d in (decisions[s.key] for s in campaign.plan if s.key in decisions)
@@ -185,8 +190,22 @@ def refinement_report(
     }
 
 
-def copeland_verdict(table: list[dict[str, Any]], directions: dict[str, str]) -> dict[str, Any]:
-    """Copeland scores over the held-out objectives of the merged model and every single pool model."""
+def held_out_items(ctx: EvalContext, objective: Any) -> int:
+    """Number of held-out items of an objective (0 when it has none)."""
+    if objective.held_out <= 0:
+        return 0
+    return len(ctx.evaluator.encoded(objective, "held_out"))
+
+
+def copeland_verdict(
+    table: list[dict[str, Any]], directions: dict[str, str], counts: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """The merged model (``table[0]``) against every single pool model on the held-out objectives.
+
+    Copeland scores hide magnitudes, so the verdict also gives each model's held-out mean with a 95 %
+    interval (``mean_with_interval``; only when every objective is maximised accuracy-like), the donors
+    whose mean is higher than the merge's, and the donors the merge only draws with (as many held-out
+    objectives won as lost)."""
     from olmopt.select import copeland, rank_table
 
     held = {row["model"]: row["held_out"] for row in table}
@@ -194,4 +213,35 @@ def copeland_verdict(table: list[dict[str, Any]], directions: dict[str, str]) ->
     cope = copeland(rank_table(scores, directions))
     merged = table[0]["model"]
     best_single = max(v for m, v in cope.items() if m != merged)
-    return {"scores": cope, "merged_is_sole_winner": cope[merged] > best_single}
+    means = {m: mean_with_interval(v, directions, counts) for m, v in held.items()}
+    merged_mean = means[merged]
+    higher = [m for m, mv in means.items() if m != merged and mv and merged_mean and mv[0] > merged_mean[0]]
+    draws = []
+    for m, values in held.items():
+        if m == merged:
+            continue
+        sign = {o: 1 if d == "maximize" else -1 for o, d in directions.items()}
+        wins = sum(sign[o] * (held[merged][o] - values[o]) > 0 for o in directions)
+        losses = sum(sign[o] * (held[merged][o] - values[o]) < 0 for o in directions)
+        if wins == losses:
+            draws.append(m)
+    return {
+        "scores": cope,
+        "merged_is_sole_winner": cope[merged] > best_single,
+        "means": means,
+        "higher_mean": higher,
+        "draws": draws,
+    }
+
+
+def mean_with_interval(values: dict[str, float], directions: dict[str, str], counts: dict[str, int] | None) -> list[float] | None:
+    """[mean over objectives, half-width of its 95 % interval] for maximised scores in [0, 1] (each
+    objective a binomial share of its ``counts`` items, objectives independent); None otherwise."""
+    if not values or any(d != "maximize" for d in directions.values()) or any(not 0 <= v <= 1 for v in values.values()):
+        return None
+    k = len(values)
+    mean = sum(values.values()) / k
+    if not counts or any(counts.get(o, 0) <= 0 for o in values):
+        return [mean, float("nan")]
+    var = sum(p * (1 - p) / counts[o] for o, p in values.items()) / k**2
+    return [mean, 1.96 * var**0.5]

@@ -29,7 +29,7 @@ def calibration_items(env: SpaceEnv, limit: int) -> list[dict[str, Any]]:
 
     items: list[dict[str, Any]] = []
     for obj in env.context.objectives:
-        if obj.kind == "recipe":
+        if obj.kind in ("recipe", "lm_eval"):
             continue
         raw = json.loads(obj.path.read_text())
         keep = len(split_examples(load_examples(obj.path), obj.held_out, "search", None))

@@ -411,6 +411,7 @@ class CampaignRunner:
         scores = {n: {label: float(t.values[i]) for label, t in trials.items()} for i, n in enumerate(self.names)}
         feasible = {label: bool(t.user_attrs.get("feasible", True)) for label, t in trials.items()}
         keep = None
+        guarded: dict[str, dict[str, float]] = {}  # held-out figures of the guard's candidates
         if incumbent is not None:
             same = [lbl for lbl, t in trials.items() if t.user_attrs.get(T.RECIPE_ATTR) == incumbent.to_json()]
             named = [lbl for lbl, _ in space.enqueue if lbl in same]  # the enqueued parent/incumbent first
@@ -425,6 +426,9 @@ class CampaignRunner:
                 tolerance=self.c.config.selection.tolerance,
             )  # fmt: skip
             winner, reason = selection.winner, selection.reason
+            guard = self.c.config.selection.held_out_guard
+            if stage.is_joint and guard > 1 and winner is not None and self._has_held_out():
+                winner, reason, guarded = self._held_out_guard(trials, selection.order[:guard], reason)
         earlier = self._earlier_decision(incumbent)
         if winner is None:  # nothing acceptable and the incumbent was not evaluated here
             assert incumbent is not None
@@ -435,7 +439,9 @@ class CampaignRunner:
             recipe, trial_number, label = Recipe.from_json(t.user_attrs[T.RECIPE_ATTR]), t.number, winner
             metrics = T.metrics_of(t, self.names)
         held_out = {}
-        if self.c.config.selection.held_out_check and any(o.held_out > 0 for o in self.c.config.objectives):
+        if winner is not None and winner in guarded:
+            held_out = guarded[winner]
+        elif self.c.config.selection.held_out_check and self._has_held_out():
             same = earlier is not None and self._model_key(earlier["recipe"]) == self._model_key(recipe.to_json())
             same = same and bool(earlier.get("held_out"))  # type: ignore[union-attr]
             held_out = dict(earlier["held_out"]) if same else self.ev.local.score(recipe, "held_out")  # type: ignore[index]
@@ -454,9 +460,13 @@ class CampaignRunner:
                 for lbl, t in trials.items()
             },
         }
+        for lbl, figures in guarded.items():
+            decision["candidates"][lbl]["held_out"] = figures
+        if guarded:
+            decision["held_out_guard"] = list(guarded)  # the candidates it compared, search order
         if held_out and stage.is_joint:  # named starting points (baselines) get held-out figures too
             for lbl, _params in space.enqueue:
-                if lbl in trials and lbl != label:
+                if lbl in trials and lbl != label and lbl not in guarded:
                     named = Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR])
                     decision["candidates"][lbl]["held_out"] = self.ev.local.score(named, "held_out")
         if space.details is not None:
@@ -466,6 +476,26 @@ class CampaignRunner:
         self.log(f"{stage.key}: {label} ({reason})")
         return decision
 
+
+    def _has_held_out(self) -> bool:
+        return any(o.held_out > 0 for o in self.c.config.objectives)
+
+    def _held_out_guard(
+        self, trials: dict[str, FrozenTrial], top: list[str], reason: str
+    ) -> tuple[str, str, dict[str, dict[str, float]]]:
+        """The overfitting guard of a joint stage: among the ``top`` candidates of the search-split
+        selection, the one with the best held-out mean (maximised objectives; others count negated),
+        ties to the search order. Returns (winner, reason, held-out figures of every guarded candidate)."""
+        figures = {lbl: self.ev.local.score(Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR]), "held_out") for lbl in top}
+        sign = {n: 1.0 if d == "maximize" else -1.0 for n, d in self.directions.items()}
+
+        def held_mean(lbl: str) -> float:
+            return sum(sign[n] * figures[lbl][n] for n in self.names if n in figures[lbl]) / max(1, len(self.names))
+
+        best = max(top, key=lambda lbl: (held_mean(lbl), -top.index(lbl)))
+        if best != top[0]:
+            reason = f"{reason}; held-out guard: {best!r} has the best held-out mean of the top {len(top)}"
+        return best, reason, figures
 
     def _model_key(self, recipe_json: str) -> str:
         from olmopt.patch import model_key  # torch: only where trials are run
