@@ -220,6 +220,8 @@ class MergeDecision(_Strict):
     # the stage's sampler (None: the study's ``sampler.name``); cmaes: Optuna's CmaEsSampler on the Borda
     # scalarisation of the objectives, one method at a time
     sampler: Literal["tpe", "gp", "cmaes"] | None = None
+    # mergekit YAMLs enqueued as the stage's first trials (their values must lie in the stage's space)
+    enqueue: list[str] = Field(default_factory=list)
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
 

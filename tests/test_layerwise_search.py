@@ -189,11 +189,24 @@ def test_layerwise_cmaes_stage_exports_and_rebuilds(tiny_zoo: Path, tmp_path: Pa
     for o in data["objectives"]:
         o["samples"] = 20
     data["sampler"] = {"population_size": 4}
+    add, fact = (str(tiny_zoo / m) for m in ("spec_add", "spec_fact"))
+    mk = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(tiny_zoo / "base"),
+        "models": [{"model": add, "parameters": {"weight": 0.5}}, {"model": fact, "parameters": {"weight": 0.25}}],
+        "parameters": {"lambda": 0.8},
+    }
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(mk))
+    data["decisions"]["merge"]["enqueue"] = [str(tmp_path / "mk.yml")]
     url, status = run(tmp_path, data)
     study = optuna.load_study(study_name="lw/001-joint-merge", storage=url)
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 6 and all(len(t.values) == 2 for t in trials)
     assert trials[0].user_attrs["candidate"] == "task_arithmetic@1/n"
+    assert trials[1].user_attrs["candidate"] == "mk.yml".join(("mergekit:", ""))
+    enqueued = Recipe.from_json(trials[1].user_attrs["recipe"]).param_merge
+    assert enqueued is not None and enqueued.params["lambda"] == 0.8
+    assert enqueued.layer_params["weights"] == ((0.5, 0.25), (0.5, 0.25))
     assert any("cma:generation" in t.system_attrs for t in trials[1:])
     recipe = Recipe.from_dict(status["recipe"])
     merge = recipe.param_merge
@@ -208,3 +221,62 @@ def test_donor_pool_offers_the_ps_merge_after_a_merge_stage() -> None:
     assert donor_pool(["base", "a"], Recipe(base="base")) == ["base", "a"]
     ps = Recipe(base="base", param_merge=ParamMerge(method="ties", models=("a",)))
     assert donor_pool(["base", "a"], ps) == ["base", "a", MERGE_DONOR]
+
+
+def _space_with(tmp_path: Path, configs: list[dict], **merge: Any):  # noqa: ANN202 - a StageSpace
+    paths = []
+    for i, config in enumerate(configs):
+        path = tmp_path / f"mk{i}.yml"
+        path.write_text(yaml.safe_dump(config))
+        paths.append(str(path))
+    env = Env(_config(enqueue=paths, **merge), ["base", "a", "b"])
+    return merge_space(Stage(index=1, kind="joint-merge", n_trials=5), Recipe(base="base"), env)
+
+
+def _ties(**slices_or_models: Any) -> dict:
+    return {"merge_method": "ties", "base_model": "base", **slices_or_models}
+
+
+def test_mergekit_configs_are_enqueued_as_points_of_the_stage(tmp_path: Path) -> None:
+    from olmopt.mergekit import parse_mergekit
+
+    glob = _ties(models=[{"model": "a", "parameters": {"weight": 0.3, "density": 0.5}}, {"model": "b", "parameters": {"weight": 0.6}}])
+    per_pair = _ties(
+        slices=[
+            {"sources": [{"model": "base", "layer_range": [a, a + 2]}, *({"model": m, "layer_range": [a, a + 2], "parameters": {"weight": w, "density": 0.8}} for m, w in (("a", 0.1 + 0.2 * a), ("b", 0.2)))]}
+            for a in (0, 2)
+        ]
+    )
+    space = _space_with(tmp_path, [glob], methods=["ties", "task_arithmetic"])
+    label, point = space.enqueue[1]
+    assert label == "mergekit:mk0.yml"
+    assert point == {"method": "ties", "ties.weights.0": 0.3, "ties.weights.1": 0.6, "ties.density.0": 0.5, "ties.density.1": 1.0}
+    space = _space_with(tmp_path, [per_pair], methods=["ties"], group_size=2)
+    label, point = space.enqueue[0]
+    merge = _decode(space, point).param_merge
+    want = parse_mergekit(yaml.safe_load((tmp_path / "mk0.yml").read_text())).build(ArchitectureAdapter("llama", 4, False)).param_merge
+    assert merge is not None and want is not None and merge.group_size == 2 and want.group_size == 2
+    from olmopt.methods.delta import make_params
+
+    for layer in range(4):
+        assert make_params("ties", merge.params_at(layer)).resolve(2) == make_params("ties", want.params_at(layer)).resolve(2)
+
+
+@pytest.mark.parametrize(
+    ("config", "merge", "fragment"),
+    [
+        (_ties(models=[{"model": "a", "parameters": {"weight": [0.1, 0.9]}}, {"model": "b"}]), {"group_size": 2}, "weights on layer 1 is (0.3666"),
+        (_ties(models=[{"model": "a"}, {"model": "b"}], parameters={"lambda": 0.5}), {}, "lambda on layer 0 is 0.5"),
+        (_ties(models=[{"model": "a"}, {"model": "c"}]), {}, "models[1].model: model c is not in the pool"),
+        ({"merge_method": "slerp", "base_model": "base", "models": [{"model": "a"}], "parameters": {"t": 0.5}}, {}, "method slerp is not in decisions.merge.methods"),
+        (_ties(models=[{"model": "b"}, {"model": "a"}]), {}, "list the models in the stage's order"),
+        (_ties(models=[{"model": "a"}, {"model": "b"}], colour=1), {}, "colour: unknown key"),
+    ],
+)
+def test_mergekit_configs_the_stage_cannot_represent_are_one_line(tmp_path: Path, config: dict, merge: dict, fragment: str) -> None:
+    from olmopt.errors import InputError
+
+    with pytest.raises(InputError, match=None) as info:
+        _space_with(tmp_path, [config], methods=["ties"], **merge)
+    message = str(info.value)
+    assert message.startswith("decisions.merge.enqueue[0]: ") and fragment in message and "\n" not in message, message

@@ -27,6 +27,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -55,6 +56,7 @@ class Layout:
     count: int  # variants
     groups: int  # layer groups (1: no layer-wise dimensions)
     layerwise: tuple[str, ...]  # parameters searched per group
+    size: int = 1  # layers per group
 
     def dims(self) -> list[SearchDim]:
         out = [d for d in self.spec.search_dims(self.count) if d.name.split(".")[0] not in self.layerwise]
@@ -93,7 +95,7 @@ def layout(spec: MethodSpec, count: int, num_layers: int, group_size: int | None
     names: tuple[str, ...] = ()
     if groups > 1 and spec.search is None:  # methods with their own search mapping (DELLA) stay global
         names = tuple(p.name for p in spec.params if p.per_variant and p.name in wanted)
-    return Layout(spec, count, groups if names else 1, names)
+    return Layout(spec, count, groups if names else 1, names, group_size or num_layers)
 
 
 def variants_of(env: SpaceEnv, base: str) -> list[str]:
@@ -183,6 +185,7 @@ def merge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
                 {"method": "circuit", **point, "circuit.order": order_choices[0], "circuit.seed": 0},
             )
         )
+    enqueue.extend(mergekit_points(env, base, variants, specs, layouts, order_choices))
     for name, spec in specs.items():
         if name in LEGACY_ENQUEUED:
             continue
@@ -196,6 +199,117 @@ def merge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
 
 
 register_space("joint-merge", merge_space)
+
+
+# -- mergekit configurations as first trials ---------------------------------------------------------
+def mergekit_points(
+    env: SpaceEnv,
+    base: str,
+    variants: list[str],
+    specs: dict[str, MethodSpec],
+    layouts: dict[str, Layout],
+    order_choices: list[str],
+) -> list[tuple[str, dict[str, object]]]:
+    """``decisions.merge.enqueue``: each mergekit YAML as a point of this stage's space (label
+    ``mergekit:FILE``), refused (one line naming the entry) when the stage cannot represent it exactly."""
+    from olmopt.mergekit import load_mergekit
+
+    points: list[tuple[str, dict[str, object]]] = []
+    for index, item in enumerate(env.config.decisions.merge.enqueue):
+        key = f"decisions.merge.enqueue[{index}]"
+        path = env.config.path(item)
+        try:
+            config = load_mergekit(path)
+            names = _pool_names(config.models, config.keys, env)
+            merge = config.build(env.adapter).renamed(names).param_merge
+            point = _project(merge, base, variants, specs, layouts, order_choices, env.adapter.num_layers)
+        except InputError as exc:
+            raise InputError(f"{key}: {exc}") from None
+        points.append((f"mergekit:{path.name}", point))
+    return points
+
+
+def _pool_names(refs: Sequence[str], keys: Sequence[str], env: SpaceEnv) -> dict[str, str]:
+    """mergekit model reference -> pool name (same directory, or the same string without a pool)."""
+    from olmopt.pool.resolve import resolve_model
+
+    out = {}
+    for ref, key in zip(refs, keys, strict=True):
+        if ref in env.pool_names:
+            out[ref] = ref
+            continue
+        if env.pool is None:
+            raise InputError(f"{key}: model {ref} is not in the pool")
+        try:
+            directory = resolve_model(ref, base_dir=Path(env.config.root))
+        except Exception:  # noqa: BLE001 - any failure: the model is not one of the pool's
+            directory = None
+        match = [name for name in env.pool_names if directory is not None and env.pool[name].path == directory]
+        if not match:
+            raise InputError(f"{key}: model {ref} is not in the pool")
+        out[ref] = match[0]
+    return out
+
+
+def _project(
+    merge: ParamMerge | None,
+    base: str,
+    variants: list[str],
+    specs: dict[str, MethodSpec],
+    layouts: dict[str, Layout],
+    order_choices: list[str],
+    num_layers: int,
+) -> dict[str, object]:
+    """The stage's search values that decode into ``merge``'s weights (InputError when none do)."""
+    from olmopt.methods.delta import make_params
+
+    if merge is None:
+        raise InputError("not a parameter-space merge (passthrough)")
+    if merge.method not in specs:
+        raise InputError(f"method {merge.method} is not in decisions.merge.methods")
+    spec, lay = specs[merge.method], layouts[merge.method]
+    if spec.search is not None:
+        raise InputError(f"{spec.name} is searched through derived dimensions; it cannot be enqueued from mergekit")
+    if merge.base != base:
+        raise InputError(f"base_model is {merge.base}, the stage's base is {base}")
+    if sorted(merge.models) != sorted(variants):
+        raise InputError(f"merges {', '.join(merge.models)}; the stage merges {', '.join(variants)}")
+    count = len(variants)
+    order = [variants.index(m) for m in merge.models]  # the config's priority order, as stage indices
+    want = [make_params(spec.name, merge.params_at(layer)).resolve(count) for layer in range(num_layers)]
+    size = lay.size
+    values: dict[str, float] = {}
+    for dim in lay.dims():
+        name, *rest = dim.name.split(".")
+        layer = int(rest[1][1:]) * size if len(rest) == 2 else 0
+        value = want[layer][name]
+        values[dim.name] = float(value[int(rest[0])] if rest else value)
+    params, layer_params = lay.params(values)
+    got = ParamMerge(
+        method=spec.name, base=base, models=tuple(merge.models), params=params, layer_params=layer_params,
+        group_size=size if layer_params else 1, seed=merge.seed,
+    )  # fmt: skip
+    for layer in range(num_layers):
+        have = make_params(spec.name, got.params_at(layer)).resolve(count)
+        for name, value in want[layer].items():
+            if have[name] != value:
+                raise InputError(
+                    f"{name} on layer {layer} is {value}, the nearest point of this stage gives {have[name]} "
+                    "(a value the stage keeps fixed, or finer layer groups than group_size)"
+                )
+    point: dict[str, object] = {"method": spec.name, **{f"{spec.name}.{k}": v for k, v in values.items()}}
+    if spec.priority_ordered:
+        text = ",".join(map(str, order))
+        if text not in order_choices:
+            raise InputError(f"the model order {', '.join(merge.models)} is not searched by this stage")
+        point[f"{spec.name}.order"] = text
+    elif order != sorted(order):
+        raise InputError(f"list the models in the stage's order ({', '.join(variants)})")
+    if spec.stochastic:
+        if not 0 <= merge.seed <= SEED_HIGH:
+            raise InputError(f"seed must be in [0, {SEED_HIGH}], got {merge.seed}")
+        point[f"{spec.name}.seed"] = merge.seed
+    return point
 
 
 # -- samplers -----------------------------------------------------------------------------------------
