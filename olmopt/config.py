@@ -214,8 +214,23 @@ class MergeDecision(_Strict):
     models: list[str] | None = None  # variants; default: every pool model but the base
     n_trials: int = Field(40, gt=0)
     search_order: bool = True  # search the variants' priority order (methods where it matters: circuit)
+    # layer-wise search (docs/methods.md): ``layerwise`` parameters (per variant) get one value per group of
+    # ``group_size`` adjacent layers (1 = per layer); None keeps one global value (the setting before)
+    group_size: int | None = Field(None, gt=0)
+    layerwise: list[str] = Field(default_factory=lambda: ["weights", "density"], min_length=1)
+    # the stage's sampler (None: the study's ``sampler.name``); cmaes: Optuna's CmaEsSampler on the Borda
+    # scalarisation of the objectives, one method at a time
+    sampler: Literal["tpe", "gp", "cmaes"] | None = None
+    # mergekit YAMLs enqueued as the stage's first trials (their values must lie in the stage's space)
+    enqueue: list[str] = Field(default_factory=list)
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
+
+    @model_validator(mode="after")
+    def _cmaes_one_method(self) -> MergeDecision:
+        if self.sampler == "cmaes" and len(self.methods) != 1:
+            raise ValueError(f"sampler cmaes searches one method; list one in methods (got {', '.join(self.methods)})")
+        return self
 
     @field_validator("methods")
     @classmethod

@@ -72,6 +72,10 @@ def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0, env: An
         return optuna.samplers.QMCSampler(seed=seed, scramble=True)
     if not stage.is_joint:
         return optuna.samplers.RandomSampler(seed=seed)
+    if stage.kind == "joint-merge" and campaign.config.decisions.merge.sampler is not None:
+        from olmopt.search.merge_space import merge_sampler  # decisions.merge.sampler: tpe, gp, cmaes
+
+        return merge_sampler(campaign.config, seed)  # type: ignore[return-value]
     from olmopt.search.catcma_sampler import CatCmaSampler
 
     if stage.kind == "joint-dfs" and campaign.config.decisions.dfs.sampler == "cmaes":
