@@ -74,6 +74,7 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
             "_selection": {"held_out_guard": 5},
         },
         "joint-tpe-warm+guard": {**joint, "sampler": "tpe", "warm_start": True, "_selection": {"held_out_guard": 5}},
+        "joint-tpe-warm+mean": {**joint, "sampler": "tpe", "warm_start": True, "_selection": {"score": "mean"}},
         # the main job's layer decision (studies/zoo.yaml) at this budget
         "default": {**main_job_layers(), "n_trials": budget},
     }
@@ -205,6 +206,32 @@ def mean_ci(scores: dict[str, float], counts: dict[str, int]) -> tuple[float, fl
     return mean, 1.96 * math.sqrt(var)
 
 
+def render(paths: list[str]) -> str:
+    """Markdown tables (one per family) from result files this script wrote."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        rows += json.loads(Path(path).read_text())
+    out = []
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        mine = sorted((r for r in rows if r["family"] == fam), key=lambda r: -r["test_mean"])
+        first = mine[0]
+        out.append(
+            f"\n**{fam}** (budget {first['budget']}): best single donor {first['best_single_test_mean']:.3f}, "
+            f"ground-truth recipe {first['ground_truth_test_mean']:.3f} (test means)\n"
+        )
+        out.append("| strategy | test mean ± 95 % | add | rev | fact | mc | held-out Copeland (best donor) | gap closed | evaluations (+held-out checks) | wall |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in mine:
+            t = r["test"]
+            gap = f"{r['gap_closed']:+.2f}" if r["gap_closed"] is not None else "n/a"
+            out.append(
+                f"| {r['strategy']} | {r['test_mean']:.3f} ± {r['test_ci95']:.3f} | {t['add']:.2f} | {t['rev']:.2f} | "
+                f"{t['fact']:.2f} | {t['mc']:.2f} | {r['held_out_copeland']:+.0f} ({r['held_out_copeland_best_donor']:+.0f}) | "
+                f"{gap} | {r['evaluations']} (+{r['held_out_checks']}) | {r['wall_s']:.0f} s |"
+            )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", nargs="*", default=None, help="zoo directories (default: every family)")
@@ -212,7 +239,11 @@ def main() -> None:
     parser.add_argument("--strategies", default=None, help="comma-separated subset")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(REPO / "storage" / "search-quality.json"))
+    parser.add_argument("--render", nargs="+", metavar="JSON", help="print markdown tables of earlier results and exit")
     args = parser.parse_args()
+    if args.render:
+        print(render(args.render))
+        return
     os.environ.setdefault("OLMOPT_THREADS", "1")
     from olmopt.recipe import Recipe
     from olmopt.select import copeland, rank_table
