@@ -81,8 +81,9 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
 
 
 def main_job_layers() -> dict[str, Any]:
-    """The layer decision of the main job, read from studies/zoo.yaml (what `make demo` runs)."""
-    return dict(yaml.safe_load((REPO / "studies" / "zoo.yaml").read_text())["decisions"]["layers"])
+    """The layer decision and selection rules of the main job, read from studies/zoo.yaml (`make demo`)."""
+    study = yaml.safe_load((REPO / "studies" / "zoo.yaml").read_text())
+    return {**study["decisions"]["layers"], "_selection": dict(study.get("selection") or {})}
 
 
 QUICK = ["greedy-forward", "block-swaps", "joint-tpe", "default"]
@@ -248,7 +249,7 @@ def main() -> None:
     from olmopt.recipe import Recipe
     from olmopt.select import copeland, rank_table
 
-    default_zoos = ["zoo-tiny", "zoo-tiny-mistral", "zoo-small", "zoo-small-llama-s3", "zoo-small-llama-s4", "zoo-small-mistral"]
+    default_zoos = ["zoo-tiny", "zoo-small", "zoo-small-llama-s0", "zoo-small-llama-s1", "zoo-small-llama-s2"]
     zoos = [Path(z) for z in (args.zoo or [str(REPO / "storage" / z) for z in (["zoo-tiny"] if args.quick else default_zoos)])]
     budget = 40 if args.quick and args.budget == 100 else args.budget
     wanted = args.strategies.split(",") if args.strategies else (QUICK if args.quick else None)
