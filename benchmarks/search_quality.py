@@ -137,7 +137,7 @@ def family(zoo: Path) -> tuple[dict[str, Any], dict[str, str]]:
         parts = zoo.name.split("-")  # zoo-SIZE[-ARCH[-sSEED]] (zoo-tiny, zoo-small: the pinned llama families)
         arch = parts[2] if len(parts) > 2 else "llama"
         seed = int(parts[3][1:]) if len(parts) > 3 else None
-        build_zoo(zoo, size=parts[1], arch=arch, seed=seed, progress=False)
+        build_zoo(zoo, size=parts[1], arch=arch, seed=seed, progress=False, check=False)  # acceptance is reported
     manifest = load_manifest(zoo)
     return manifest, {m["name"]: str(zoo / m["path"]) for m in manifest["models"]}
 
@@ -216,8 +216,9 @@ def render(paths: list[str]) -> str:
     for fam in dict.fromkeys(r["family"] for r in rows):
         mine = sorted((r for r in rows if r["family"] == fam), key=lambda r: -r["test_mean"])
         first = mine[0]
+        accepted = "" if first.get("accepted", True) else ", fails the zoo's acceptance criteria"
         out.append(
-            f"\n**{fam}** (budget {first['budget']}): best single donor {first['best_single_test_mean']:.3f}, "
+            f"\n**{fam}** (budget {first['budget']}{accepted}): best single donor {first['best_single_test_mean']:.3f}, "
             f"ground-truth recipe {first['ground_truth_test_mean']:.3f} (test means)\n"
         )
         out.append("| strategy | test mean ± 95 % | add | rev | fact | mc | held-out Copeland (best donor) | gap closed | evaluations (+held-out checks) | wall |")
@@ -288,6 +289,7 @@ def main() -> None:
                 gap = gt_mean - best_single
                 row = {
                     "family": zoo.name, "strategy": name, "budget": budget, **run,
+                    "accepted": bool(manifest["acceptance"]["passed"]),
                     "test_mean": mean, "test_ci95": half, "test": test, "held_out": held,
                     "held_out_copeland": cope["merged"], "held_out_copeland_best_donor": max(cope[n] for n in singles),
                     "gap_closed": (mean - best_single) / gap if gap > 0 else None,
