@@ -114,7 +114,7 @@ def verdict_lines(merged: str, verdict: dict[str, Any]) -> list[str]:
     lines = []
     means = verdict.get("means") or {}
     if means.get(merged):
-        cells = [f"{m[-28:]} {v[0]:.3f} ± {v[1]:.3f}" for m, v in means.items() if v]
+        cells = [f"{m.rsplit('/', 1)[-1]} {v[0]:.3f} ± {v[1]:.3f}" for m, v in means.items() if v]
         lines.append("held-out mean (95% interval): " + "; ".join(cells))
     scores = verdict["scores"]
     line = f"held-out Copeland: merged {scores[merged]:g} of {len(scores) - 1}"
