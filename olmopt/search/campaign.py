@@ -18,7 +18,7 @@ from olmopt import __version__
 from olmopt.config import StudyConfig, default_objective_name
 from olmopt.errors import StorageError
 from olmopt.recipe import Recipe
-from olmopt.search.plan import Stage
+from olmopt.search.kind import Stage
 from olmopt.search.storage import open_storage, redact
 
 CAMPAIGN_ATTR = "olmopt.campaign"

@@ -20,7 +20,7 @@ from olmopt.report import add_donor_map
 from olmopt.search.annotate import annotate_export
 from olmopt.search.campaign import Campaign
 from olmopt.search.context import EvalContext
-from olmopt.search.es_space import REFINE_INFO, refine_targets
+from olmopt.search.kinds.es import REFINE_INFO, refine_targets
 from olmopt.search.storage import redact
 from olmopt.search.trials import RECIPE_ATTR
 

@@ -1,7 +1,7 @@
 """Run a campaign's stages in order: enqueue candidates, evaluate trials, select, record the decision.
 
-Each stage's search space comes from ``olmopt.search.spaces`` (greedy swaps enqueue every candidate,
-joint stages sample within a budget). Selection: feasible Pareto set, then Copeland over
+Each stage's search space comes from its registered decision kind (``olmopt.search.kinds``: greedy
+swaps enqueue every candidate, joint stages sample within a budget). Selection: feasible Pareto set, then Copeland over
 per-objective ranks, Borda and a fixed order breaking ties; with nothing feasible the incumbent stays.
 
 Resumable and shareable: decided stages are skipped, finished trials are kept, candidates are enqueued
@@ -32,9 +32,9 @@ from olmopt.search.annotate import annotate_decision, annotate_trial
 from olmopt.search.campaign import DECISION_ATTR, Campaign
 from olmopt.search.context import objectives_of
 from olmopt.search.coordination import StageLock, fail_dead_workers_trials, heartbeat_enabled
-from olmopt.search.plan import Stage
+from olmopt.search.kind import Stage, StageSpace
+from olmopt.search.kinds import get_kind
 from olmopt.search.seeding import TrialSeeded
-from olmopt.search.spaces import SPACES, StageSpace
 from olmopt.search.storage import is_sqlite, stale_after
 from olmopt.search.workers import Evaluators
 from olmopt.select import degradation_constraints, is_feasible, select
@@ -65,27 +65,23 @@ def _budget_spent(trials: list[FrozenTrial], budget: int) -> bool:
 
 
 def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0, env: Any = None) -> optuna.samplers.BaseSampler:
-    """Greedy stages only pop enqueued trials; joint stages use the configured sampler (per-worker seed)."""
+    """The kind's own sampler if it has one; else greedy stages only pop enqueued trials and joint stages
+    use the configured sampler (per-worker seed)."""
     cfg = campaign.config.sampler
     seed = cfg.seed + 1000 * stage.index + worker_seed
-    if stage.kind.startswith("es-tune"):  # a few trials over (sigma, generations): space-filling
-        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
-    if not stage.is_joint:
+    kind = get_kind(stage.kind)
+    own = kind.sampler(stage, campaign.config, seed, env)
+    if own is not None:
+        return own
+    if not kind.joint:
         return optuna.samplers.RandomSampler(seed=seed)
-    from olmopt.search.catcma_sampler import CatCmaSampler
+    name = kind.sampler_name(campaign.config) or cfg.name
+    if name == "catcma":
+        space = kind.distributions(stage, env)
+        if space is not None:  # a kind that cannot declare its space up front gets TPE
+            from olmopt.search.catcma_sampler import CatCmaSampler
 
-    if stage.kind == "joint-dfs" and campaign.config.decisions.dfs.sampler == "cmaes":
-        from olmopt.search.dfs_space import dfs_distributions
-
-        return CatCmaSampler(dfs_distributions(env), seed=seed, population_size=cfg.population_size)
-    name = cfg.name
-    own = {"joint-layers": campaign.config.decisions.layers, "joint-units": campaign.config.decisions.tensors}.get(stage.kind)
-    if own is not None and own.sampler is not None:
-        name = own.sampler
-    if name == "catcma" and own is not None:
-        from olmopt.search.spaces import joint_distributions
-
-        return CatCmaSampler(dict(joint_distributions(stage, env)), seed=seed, population_size=cfg.population_size)
+            return CatCmaSampler(space, seed=seed, population_size=cfg.population_size)
     inner: optuna.samplers.BaseSampler
     if name == "nsga2":
         # Optuna's default population (50) never leaves its random first generation in a 100-trial budget
@@ -191,7 +187,7 @@ class CampaignRunner:
         existing = study.user_attrs.get(DECISION_ATTR)
         if existing:
             return existing
-        space = SPACES[stage.kind](stage, incumbent, self.env)
+        space = get_kind(stage.kind).build(stage, incumbent, self.env)
         if self.n_trials and space.budget is not None:
             space.budget = self.n_trials
         if is_sqlite(self.c.url):
@@ -446,7 +442,7 @@ class CampaignRunner:
             )  # fmt: skip
             winner, reason = selection.winner, selection.reason
             guard = self.c.config.selection.held_out_guard
-            if stage.is_joint and guard > 1 and winner is not None and self._has_held_out():
+            if get_kind(stage.kind).joint and guard > 1 and winner is not None and self._has_held_out():
                 winner, reason, guarded = self._held_out_guard(trials, selection.order[:guard], reason)
         earlier = self._earlier_decision(incumbent)
         if winner is None:  # nothing acceptable and the incumbent was not evaluated here
@@ -483,7 +479,7 @@ class CampaignRunner:
             decision["candidates"][lbl]["held_out"] = figures
         if guarded:
             decision["held_out_guard"] = list(guarded)  # the candidates it compared, search order
-        if held_out and stage.is_joint:  # named starting points (baselines) get held-out figures too
+        if held_out and get_kind(stage.kind).joint:  # named starting points (baselines) get held-out figures too
             for lbl, _params in space.enqueue:
                 if lbl in trials and lbl != label and lbl not in guarded:
                     named = Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR])

@@ -11,7 +11,7 @@ DELLA) at its defaults.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optuna.trial import Trial
 
@@ -19,8 +19,12 @@ from olmopt.errors import InputError
 from olmopt.methods.delta import MethodSpec, get_method
 from olmopt.methods.registry import SearchDim
 from olmopt.recipe import ParamMerge, Recipe
-from olmopt.search.plan import Stage
-from olmopt.search.spaces import SpaceEnv, StageSpace, register_space
+from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
+from olmopt.search.kind_registry import register_kind
+
+if TYPE_CHECKING:
+    from olmopt.config import StudyConfig
+    from olmopt.pool.adapter import ArchitectureAdapter
 
 MAX_ORDERS = 24  # orders searched as one categorical; beyond 4 variants the given order is kept
 SEED_HIGH = 1023
@@ -113,4 +117,20 @@ def merge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
     return StageSpace(decode=decode, enqueue=enqueue, budget=stage.n_trials)
 
 
-register_space("joint-merge", merge_space)
+class MergeKind(DecisionKind):
+    """``decisions.merge: joint``: the parameter-space merge, right after the base."""
+
+    stage_kinds = ("joint-merge",)
+    order = 10
+    joint = True
+    plots_trials = True
+
+    def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
+        d = config.decisions.merge
+        return [planned("joint-merge", n_trials=d.n_trials)] if d.mode == "joint" else []
+
+    def build(self, stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+        return merge_space(stage, incumbent, env)
+
+
+register_kind(MergeKind())
