@@ -142,7 +142,9 @@ class DecisionKind:
         """The search space of one planned stage (``incumbent``: the decision so far, None at the start)."""
         raise NotImplementedError
 
-    def sampler(self, stage: Stage, config: StudyConfig, seed: int, env: SpaceEnv | None) -> BaseSampler | None:
+    def sampler(
+        self, stage: Stage, config: StudyConfig, seed: int, env: SpaceEnv | None
+    ) -> BaseSampler | None:
         """A sampler of the kind's own (None: the default for its kind, see the lifecycle)."""
         return None
 

@@ -33,7 +33,12 @@ def dfs_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpa
     cfg = env.config.decisions.dfs
     models = dfs_models(env)
     num_layers = env.adapter.num_layers
-    slots = [(r, m, layer) for r in range(cfg.repetitions) for m in range(len(models)) for layer in range(num_layers)]
+    slots = [
+        (r, m, layer)
+        for r in range(cfg.repetitions)
+        for m in range(len(models))
+        for layer in range(num_layers)
+    ]
 
     def decode(trial: Trial) -> tuple[str, Recipe]:
         frame = str(trial.suggest_categorical("io_model", models))
@@ -88,13 +93,17 @@ class DfsKind(DecisionKind):
     def build(self, stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
         return dfs_space(stage, incumbent, env)
 
-    def sampler(self, stage: Stage, config: StudyConfig, seed: int, env: SpaceEnv | None) -> BaseSampler | None:
+    def sampler(
+        self, stage: Stage, config: StudyConfig, seed: int, env: SpaceEnv | None
+    ) -> BaseSampler | None:
         if config.decisions.dfs.sampler != "cmaes":
             return None
         from olmopt.search.catcma_sampler import CatCmaSampler
 
         assert env is not None
-        return CatCmaSampler(dfs_distributions(env), seed=seed, population_size=config.sampler.population_size)
+        return CatCmaSampler(
+            dfs_distributions(env), seed=seed, population_size=config.sampler.population_size
+        )
 
 
 register_kind(DfsKind())

@@ -245,7 +245,8 @@ def plan_generation(
         gen.sigma, d = sigma, tensor.shape[0]
     seed = env.config.sampler.seed
     gen.seeds = [
-        offspring_seed(seed, seed_tag + kind, unit, generation, i) for i in range(es_ops.es_population_size(d))
+        offspring_seed(seed, seed_tag + kind, unit, generation, i)
+        for i in range(es_ops.es_population_size(d))
     ]
     return gen
 

@@ -119,7 +119,9 @@ def tune_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSp
     from olmopt.search.context import directions_of
 
     if incumbent is None:
-        raise InputError(f"stage {stage.key}: the sigma search needs a decided model (it cannot be the first stage)")
+        raise InputError(
+            f"stage {stage.key}: the sigma search needs a decided model (it cannot be the first stage)"
+        )
     kind = TUNE_KINDS[stage.kind]
     block = kind_settings(env.config, kind)
     (sigma_low, sigma_high), (gen_low, gen_high) = block.tune_ranges()
@@ -147,7 +149,10 @@ def tune_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSp
         return final, metrics
 
     def decide(
-        trials: dict[str, FrozenTrial], scores: dict[str, dict[str, float]], feasible: dict[str, bool], keep: str | None
+        trials: dict[str, FrozenTrial],
+        scores: dict[str, dict[str, float]],
+        feasible: dict[str, bool],
+        keep: str | None,
     ) -> str | None:
         return None  # the incumbent stays; ``details`` records the chosen settings
 
@@ -172,11 +177,24 @@ def best_settings(
     With no trial improving at all, the configured settings stay.
     """
     scored = [
-        (float(t.user_attrs["es.gain_per_evaluation"]), float(t.user_attrs["es.improvement"]), -t.number, label, t)
+        (
+            float(t.user_attrs["es.gain_per_evaluation"]),
+            float(t.user_attrs["es.improvement"]),
+            -t.number,
+            label,
+            t,
+        )
         for label, t in trials.items()
         if math.isfinite(float(t.user_attrs.get("es.gain_per_evaluation", math.nan)))
     ]
-    found = {"kind": kind, "unit_kind": target, "probe_unit": unit, **configured, "trial": None, "gain_per_evaluation": 0.0}
+    found = {
+        "kind": kind,
+        "unit_kind": target,
+        "probe_unit": unit,
+        **configured,
+        "trial": None,
+        "gain_per_evaluation": 0.0,
+    }
     if scored:
         per_eval, _, _, label, t = max(scored, key=lambda row: row[:3])
         if per_eval > 0:
@@ -204,7 +222,9 @@ class EsTuneKind(DecisionKind):
     def build(self, stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
         return tune_space(stage, incumbent, env)
 
-    def sampler(self, stage: Stage, config: StudyConfig, seed: int, env: SpaceEnv | None) -> BaseSampler | None:
+    def sampler(
+        self, stage: Stage, config: StudyConfig, seed: int, env: SpaceEnv | None
+    ) -> BaseSampler | None:
         import optuna
 
         return optuna.samplers.QMCSampler(seed=seed, scramble=True)  # a few trials: space-filling

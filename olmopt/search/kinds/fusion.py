@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 def with_fusion(incumbent: Recipe, num_layers: int, alphas: list[float]) -> Recipe:
     from olmopt.ops.fusion import fusion_steps  # torch: only where trials are decoded
 
-    steps = tuple(FusionStep(into=s.into, remove=s.remove, alpha=s.alpha) for s in fusion_steps(num_layers, alphas))
+    steps = tuple(
+        FusionStep(into=s.into, remove=s.remove, alpha=s.alpha) for s in fusion_steps(num_layers, alphas)
+    )
     return incumbent.model_copy(update={"fusion": steps})
 
 
@@ -78,7 +80,10 @@ def fusion_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> Stage
             }
             for name in cfg.baselines:
                 alphas = [min(high, max(low, a)) for a in sources[name]()]
-                params: dict[str, object] = {"steps": max_steps, **{f"alpha.{k}": a for k, a in enumerate(alphas)}}
+                params: dict[str, object] = {
+                    "steps": max_steps,
+                    **{f"alpha.{k}": a for k, a in enumerate(alphas)},
+                }
                 enqueue.append((name, params))
     return StageSpace(decode=decode, enqueue=enqueue, budget=stage.n_trials)
 

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from olmopt.recipe import Recipe
 
 
-def joint_slots(stage: Stage, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[str]:
+def joint_slots(
+    stage: Stage, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]
+) -> list[str]:
     """Parameter names of a joint stage: ``layer.{i}`` or ``unit.{name}``."""
     if stage.kind == "joint-layers":
         return [f"layer.{i}" for i in sorted(config.decisions.layers.only or range(adapter.num_layers))]
@@ -45,7 +47,9 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
     if decision.warm_start:
         enqueue += [(f"all-{donor}", dict.fromkeys(slots, donor)) for donor in env.pool_names]
         enqueue = [
-            (label, params) for i, (label, params) in enumerate(enqueue) if params not in [p for _, p in enqueue[:i]]
+            (label, params)
+            for i, (label, params) in enumerate(enqueue)
+            if params not in [p for _, p in enqueue[:i]]
         ]
     return StageSpace(decode=decode, enqueue=enqueue, budget=stage.n_trials)
 

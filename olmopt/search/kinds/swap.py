@@ -151,7 +151,9 @@ def previous_sweep_changed(stage: Stage, env: SpaceEnv) -> bool:
         if int(key.split("-", 1)[0]) >= stage.index:
             break
         match = _SWEEP_KEY.match(key)
-        in_previous = match is not None and match.group(1) in family and int(match.group(2) or 1) == stage.sweep - 1
+        in_previous = (
+            match is not None and match.group(1) in family and int(match.group(2) or 1) == stage.sweep - 1
+        )
         if in_previous:
             first = first or key
             last = key
