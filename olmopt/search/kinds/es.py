@@ -301,7 +301,9 @@ def choose(
     if not qualified:
         return PARENT
     sub = {o: {label: offspring[label][o] for label in qualified} for o in directions}
-    return select(sub, directions, tie_key=tie_key).winner
+    winner = select(sub, directions, tie_key=tie_key).winner
+    assert winner is not None  # every qualified offspring is a candidate
+    return winner
 
 
 # -- the stage space -------------------------------------------------------------------------------------
