@@ -23,7 +23,8 @@ from olmopt.cli import main
 tree, out = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
 out.mkdir(parents=True, exist_ok=True)
 repo = Path(__file__).resolve().parents[1]
-zoo = Path(sys.argv[3]).resolve() if len(sys.argv) > 3 else repo / "storage" / "zoo-tiny"  # the same for both runs
+# the same zoo for both runs (recipes name models by path)
+zoo = Path(sys.argv[3]).resolve() if len(sys.argv) > 3 else repo / "storage" / "zoo-tiny"
 unit = "model.layers.1.mlp.down_proj"
 data = {
     "name": "every",
