@@ -73,7 +73,7 @@ class ResidentPool:
         for name in self.pool.names:
             if name not in self._models:
                 model = AutoModelForCausalLM.from_pretrained(self.pool[name].path, dtype=self.dtype)
-                self._models[name] = model.to(self.device).eval().requires_grad_(False)
+                self._models[name] = model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers types PreTrainedModel.to's wrapper wrongly
         return [self._models[n] for n in self.pool.names]
 
 

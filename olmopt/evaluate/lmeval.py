@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from olmopt.errors import InputError
 
@@ -197,7 +197,7 @@ def load_task(spec: LmEvalSpec) -> Any:
     return task
 
 
-def metric_of(task: Any, spec: LmEvalSpec) -> tuple[str, str | None, str]:
+def metric_of(task: Any, spec: LmEvalSpec) -> tuple[str, str | None, Literal["maximize", "minimize"]]:
     """(metric, filter or None, direction) of ``spec`` on ``task``; a metric the task does not produce is
     a one-line InputError listing those it does."""
     better = task.higher_is_better() or {}
@@ -510,7 +510,7 @@ def _memoize_doc_fields(task: Any, docs: list[Any]) -> None:
             continue
         wrapper = getattr(task, name)
         if not hasattr(wrapper, "olmopt_memo"):
-            original, memo = wrapper, {}
+            original, memo = wrapper, dict[int, Any]()
 
             def cached(doc: Any, *args: Any, _memo: dict[int, Any] = memo, _orig: Any = original, **kwargs: Any) -> Any:
                 if args or kwargs or id(doc) not in _memo:
