@@ -321,7 +321,7 @@ class ShardedSafetensorsWriter:
     def __enter__(self) -> ShardedSafetensorsWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
         elif self._planned is not None:

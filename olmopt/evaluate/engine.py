@@ -86,7 +86,7 @@ class Evaluator:
             raise InputError(f"objective names must be unique: {names}")
         for obj in objectives:
             M.get_metric(obj.metric)
-        self.model = model
+        self.model: Any = model  # a transformers causal LM: submodules are read by name (base_model, layers)
         self.tokenizer = tokenizer
         self.objectives = list(objectives)
         self.batch_size = batch_size
@@ -403,9 +403,9 @@ class Evaluator:
         eos = self.tokenizer.eos_token_id
         for t in range(max_new):
             probs = torch.softmax(self._head(hidden), dim=-1)
-            p, tok = probs.max(dim=-1)
+            best, tok = probs.max(dim=-1)
             preds[:, t] = torch.where(done, preds[:, t], tok)
-            pmax[:, t] = torch.where(done, pmax[:, t], p)
+            pmax[:, t] = torch.where(done, pmax[:, t], best)
             done = done | (tok == eos)
             if target is not None and t < target.shape[1]:
                 done = done | (tok != target[:, t])

@@ -481,7 +481,7 @@ def _resident_lm_class(hflm: type, greedy: Greedy | None = None) -> type:
     contexts, tokenizes, batches, cuts at the stop sequences and decodes; only the decoding loop differs
     (no per-step logits processors and stopping criteria decoding text)."""
 
-    class ResidentHFLM(hflm):  # type: ignore[misc, valid-type]
+    class ResidentHFLM(hflm):
         def _model_generate(self, context: Any, max_length: int, stop: list[str], **generation_kwargs: Any) -> Any:
             import torch
 

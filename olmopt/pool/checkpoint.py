@@ -53,7 +53,7 @@ class Checkpoint:
                 for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                     self._file_of[key] = path
 
-    def _handle(self, path: Path):  # type: ignore[no-untyped-def]
+    def _handle(self, path: Path):
         handle = self._handles.get(path)
         if handle is None:
             handle = safe_open(str(path), framework="pt")

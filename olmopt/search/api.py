@@ -45,7 +45,7 @@ def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
         for obj in objectives:
             if obj.kind == "recipe":
                 continue
-            enc = evaluator.encoded(obj, split)  # type: ignore[arg-type]
+            enc = evaluator.encoded(obj, split)
             if obj.kind == "choice" and not enc.choice_ids:
                 raise InputError(f"dataset {obj.path}: metric {obj.metric} needs multiple-choice items")
     names = pool[base].checkpoint.keys()

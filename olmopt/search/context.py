@@ -73,7 +73,7 @@ class EvalContext:
         for split in ("search", "held_out"):
             if split == "held_out" and not any(o.held_out > 0 for o in self.objectives):
                 continue
-            self.evaluator.prepare(split)  # type: ignore[arg-type]
+            self.evaluator.prepare(split)
             if self.lm_eval is not None:
                 self.lm_eval.prepare(split)
 

@@ -31,7 +31,7 @@ ARCHS = ("llama", "qwen2", "mistral")
 MAX_POSITIONS = 64
 
 
-def make_model(size: str, arch: str, tokenizer, seed: int) -> PreTrainedModel:  # type: ignore[no-untyped-def]
+def make_model(size: str, arch: str, tokenizer, seed: int) -> PreTrainedModel:
     """A freshly initialised float32 model; ``torch.manual_seed(seed)`` precedes the init."""
     common = dict(
         SIZES[size],
@@ -60,7 +60,7 @@ def make_model(size: str, arch: str, tokenizer, seed: int) -> PreTrainedModel:  
     return model.to(torch.float32)  # type: ignore[arg-type]  # transformers types PreTrainedModel.to's wrapper wrongly
 
 
-def encode_items(tokenizer, items: Sequence[Item]) -> list[Encoded]:  # type: ignore[no-untyped-def]
+def encode_items(tokenizer, items: Sequence[Item]) -> list[Encoded]:
     """Chat-encode (prompt, answer) items with the shared ``encode_example`` (one user turn)."""
     return [encode_example(tokenizer, [{"role": "user", "content": p}], a) for p, a in items]
 
