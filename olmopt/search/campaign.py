@@ -113,7 +113,7 @@ class Campaign:
         study = optuna.create_study(
             storage=self.storage,
             study_name=self.stage_study_name(stage),
-            directions=[directions[n] for n in names],
+            directions=[optuna.study.StudyDirection[directions[n].upper()] for n in names],
             sampler=sampler,
             load_if_exists=True,
         )

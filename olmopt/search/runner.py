@@ -318,7 +318,7 @@ class CampaignRunner:
                                 assert same is not None
                                 trial.set_user_attr("reused", f"trial {same.number}")
                                 reused = T.metrics_of(same, self.names)
-                            future = Future()
+                            future: Future[dict[str, float]] = Future()
                             future.set_result(reused)
                             in_flight[future] = (trial, recipe)
                             continue
@@ -430,7 +430,7 @@ class CampaignRunner:
         if incumbent is not None:
             same = [lbl for lbl, t in trials.items() if t.user_attrs.get(T.RECIPE_ATTR) == incumbent.to_json()]
             named = [lbl for lbl, _ in space.enqueue if lbl in same]  # the enqueued parent/incumbent first
-            keep = (named or same or [None])[0]
+            keep = named[0] if named else (same[0] if same else None)
         if space.decide is not None:
             winner, reason = space.decide(trials, scores, feasible, keep), "stage acceptance rule"
         else:
@@ -453,14 +453,16 @@ class CampaignRunner:
             t = trials[winner]
             recipe, trial_number, label = Recipe.from_json(t.user_attrs[T.RECIPE_ATTR]), t.number, winner
             metrics = T.metrics_of(t, self.names)
-        held_out = {}
+        held_out: dict[str, float] = {}
         if winner is not None and winner in guarded:
             held_out = guarded[winner]
         elif self.c.config.selection.held_out_check and self._has_held_out():
-            same = earlier is not None and self._model_key(earlier["recipe"]) == self._model_key(recipe.to_json())
-            same = same and bool(earlier.get("held_out"))  # type: ignore[union-attr]
-            held_out = dict(earlier["held_out"]) if same else self.ev.local.score(recipe, "held_out")  # type: ignore[index]
-        decision = {
+            same_model = earlier is not None and self._model_key(earlier["recipe"]) == self._model_key(recipe.to_json())
+            if earlier is not None and same_model and earlier.get("held_out"):
+                held_out = dict(earlier["held_out"])
+            else:
+                held_out = self.ev.local.score(recipe, "held_out")
+        decision: dict[str, Any] = {
             "stage": stage.key,
             "winner": label,
             "trial": trial_number,
@@ -482,8 +484,8 @@ class CampaignRunner:
         if held_out and get_kind(stage.kind).joint:  # named starting points (baselines) get held-out figures too
             for lbl, _params in space.enqueue:
                 if lbl in trials and lbl != label and lbl not in guarded:
-                    named = Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR])
-                    decision["candidates"][lbl]["held_out"] = self.ev.local.score(named, "held_out")
+                    baseline = Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR])
+                    decision["candidates"][lbl]["held_out"] = self.ev.local.score(baseline, "held_out")
         if space.details is not None:
             decision.update(space.details(trials))
         study.set_user_attr(DECISION_ATTR, decision)

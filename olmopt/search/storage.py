@@ -110,9 +110,9 @@ def open_storage(url: str, heartbeat: bool = True, create: bool = True) -> optun
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        journal = Path(url.removeprefix("journal:"))
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(journal)))
     try:
         parsed = make_url(url)
     except ArgumentError:
