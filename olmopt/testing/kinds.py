@@ -12,7 +12,8 @@ rule:
   JSON round trip), reads only the params it fixes, and decodes to the same Recipe again;
 - the budget is the planned one (a joint kind: ``budget == stage.n_trials > 0``; others: None, or a
   positive budget), and trials the sampler adds beyond the enqueued ones decode to valid Recipes,
-  the same for the same params;
+  the same for the same params. (The runner stops asking the sampler at ``budget`` evaluations, but
+  evaluates every enqueued point: a warm start larger than the budget is spent in full.)
 - ``decide`` and ``details`` are deterministic functions of the stage's finished trials (checked on
   trials with made-up metrics) and ``decide`` names a trial's label or None; ``details`` is JSON.
 
