@@ -74,10 +74,17 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
             "_selection": {"held_out_guard": 5},
         },
         "joint-tpe-warm+guard": {**joint, "sampler": "tpe", "warm_start": True, "_selection": {"held_out_guard": 5}},
+        # the main job's layer decision (studies/zoo.yaml) at this budget
+        "default": {**main_job_layers(), "n_trials": budget},
     }
 
 
-QUICK = ["greedy-forward", "block-swaps", "joint-tpe", "blocks+joint", "blocks+joint+guard"]
+def main_job_layers() -> dict[str, Any]:
+    """The layer decision of the main job, read from studies/zoo.yaml (what `make demo` runs)."""
+    return dict(yaml.safe_load((REPO / "studies" / "zoo.yaml").read_text())["decisions"]["layers"])
+
+
+QUICK = ["greedy-forward", "block-swaps", "joint-tpe", "default"]
 
 
 def test_split(directory: Path) -> dict[str, Path]:

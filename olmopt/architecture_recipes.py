@@ -89,7 +89,7 @@ class DfsEvalModel(nn.Module):
     @property
     def base_model(self) -> Any:
         def run(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-            if "inputs_embeds" in kwargs or "past_key_values" in kwargs:
+            if "inputs_embeds" in kwargs or "past_key_values" in kwargs or "cache" in kwargs:
                 raise InputError("data-flow paths support teacher-forced and multiple-choice metrics only")
             return SimpleNamespace(last_hidden_state=self.executor.hidden_states(input_ids, attention_mask))
 

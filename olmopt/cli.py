@@ -9,8 +9,10 @@ turns errors into one line and an exit code (0 ok, 1 failure, 2 bad input, 3 sto
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -52,13 +54,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(func(args) or 0)
+        code = int(func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
+        return code
     except OlmoptError as exc:
         print(f"olmopt: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("olmopt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `olmopt study list | head`: the reader left; say nothing more
+        _discard_stdout()
+        return 141
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"olmopt: error: no space left on the device writing {exc.filename or 'the output'}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if not type(exc).__module__.startswith("sqlalchemy"):
+            raise
+        # the storage server went away or refused a statement mid-run: one line, not the driver's pages
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        print(f"olmopt: error: storage failure ({type(exc).__name__}): {reason[0] if reason else ''}; rerun to resume", file=sys.stderr)
+        return 1
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor behind stdout
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,12 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from olmopt.errors import InputError
 from olmopt.methods.delta import canonical_name  # torch-free: the merge-method registry
+from olmopt.textio import load_yaml, read_text
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # nan/inf in a study file: one line
 
 
 def _off_from_yaml(value: object) -> object:
@@ -213,8 +214,23 @@ class MergeDecision(_Strict):
     models: list[str] | None = None  # variants; default: every pool model but the base
     n_trials: int = Field(40, gt=0)
     search_order: bool = True  # search the variants' priority order (methods where it matters: circuit)
+    # layer-wise search (docs/methods.md): ``layerwise`` parameters (per variant) get one value per group of
+    # ``group_size`` adjacent layers (1 = per layer); None keeps one global value (the setting before)
+    group_size: int | None = Field(None, gt=0)
+    layerwise: list[str] = Field(default_factory=lambda: ["weights", "density"], min_length=1)
+    # the stage's sampler (None: the study's ``sampler.name``); cmaes: Optuna's CmaEsSampler on the Borda
+    # scalarisation of the objectives, one method at a time
+    sampler: Literal["tpe", "gp", "cmaes"] | None = None
+    # mergekit YAMLs enqueued as the stage's first trials (their values must lie in the stage's space)
+    enqueue: list[str] = Field(default_factory=list)
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
+
+    @model_validator(mode="after")
+    def _cmaes_one_method(self) -> MergeDecision:
+        if self.sampler == "cmaes" and len(self.methods) != 1:
+            raise ValueError(f"sampler cmaes searches one method; list one in methods (got {', '.join(self.methods)})")
+        return self
 
     @field_validator("methods")
     @classmethod
@@ -247,6 +263,12 @@ class FusionDecision(_Strict):
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
 
+    @model_validator(mode="after")
+    def _range(self) -> FusionDecision:
+        if self.alpha_low > self.alpha_high:
+            raise ValueError(f"alpha_low {self.alpha_low} is above alpha_high {self.alpha_high}")
+        return self
+
 
 class DfsDecision(_Strict):
     """Data-flow-space layer path over two or more pool models."""
@@ -260,6 +282,12 @@ class DfsDecision(_Strict):
     sampler: Literal["tpe", "cmaes"] = "tpe"
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
+
+    @model_validator(mode="after")
+    def _range(self) -> DfsDecision:
+        if self.scale_low > self.scale_high:
+            raise ValueError(f"scale_low {self.scale_low} is above scale_high {self.scale_high}")
+        return self
 
 
 class Decisions(_Strict):
@@ -352,14 +380,15 @@ def default_objective_name(obj: ObjectiveConfig) -> str:
 
 
 def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
+    text = read_text(path)  # missing, a directory, not UTF-8: one line
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml(text)  # a duplicated key is refused, not silently dropped
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise InputError(f"{path}: not valid YAML{where}") from None
+        problem = getattr(exc, "problem", None)
+        reason = f": {problem}" if problem and str(problem).startswith("duplicated key") else ""
+        raise InputError(f"{path}: not valid YAML{where}{reason}") from None
 
 
 def _validation_message(path: Path, exc: ValidationError) -> str:

@@ -39,6 +39,8 @@ from olmopt.ops.dfs import (
     validate_path,
 )
 from olmopt.outdir import ShardedSafetensorsWriter, atomic_output_dir, copy_side_files
+from olmopt.runtime import cache_kwarg
+from olmopt.textio import read_text
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -177,15 +179,15 @@ class DfsExecutor(nn.Module):
                     config=config,
                     inputs_embeds=embeds,
                     attention_mask=attention_mask,
-                    past_key_values=None,
                     position_ids=position_ids,
+                    **{cache_kwarg(make): None},
                 )
             if m not in rope:
                 rope[m] = _base(self.models[m]).rotary_emb(embeds, position_ids=position_ids)
             return {
                 "attention_mask": masks[(m, kind)],
                 "position_ids": position_ids,
-                "past_key_values": None,
+                cache_kwarg(type(_base(self.models[m]).layers[0]).forward): None,
                 "use_cache": False,
                 "position_embeddings": rope[m],
             }
@@ -487,7 +489,7 @@ def export_path(
     _check_structure(models)
     check_exportable([m.config for m in models], path, type(models[path.output_model]).__name__)
     config = exported_config(models, path)
-    with atomic_output_dir(out_dir, force) as tmp:
+    with atomic_output_dir(out_dir, force, inputs=[side_files_from] if side_files_from is not None else []) as tmp:
         if side_files_from is not None:
             copy_side_files(side_files_from, tmp)
         writer = (
@@ -648,10 +650,7 @@ class DfsRecipe:
 def load_dfs_recipe(file: str | Path) -> DfsRecipe:
     """Read a DFS recipe (the seed's YAML layout, python tags included) without running any code."""
     file = Path(file)
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise InputError(f"{file}: cannot read: {exc.strerror}") from None
+    text = read_text(file)
     try:
         data = yaml.load(text, Loader=SeedRecipeLoader)  # noqa: S506 - SafeLoader subclass, two tags only
     except yaml.YAMLError as exc:
@@ -685,6 +684,8 @@ def _recipe_from_dict(data: Any) -> DfsRecipe:
     if mask.shape[1] != len(models):
         raise InputError(f"layer_mask covers {mask.shape[1]} models but model_paths lists {len(models)}")
     num_r = data.get("num_r")
+    if num_r is not None and (isinstance(num_r, bool) or not isinstance(num_r, int)):
+        raise InputError(f"num_r must be an integer, got {num_r!r}")
     if num_r is not None and num_r != mask.shape[0]:
         raise InputError(f"num_r = {num_r} but layer_mask has {mask.shape[0]} repetitions")
     flags = {}

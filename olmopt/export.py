@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,11 @@ from tqdm import tqdm
 
 from olmopt import __version__
 from olmopt.errors import InputError, OlmoptError
-from olmopt.outdir import ShardedSafetensorsWriter, atomic_output_dir, copy_side_files
+from olmopt.outdir import ShardedSafetensorsWriter, atomic_output_dir, check_output, copy_side_files
 from olmopt.patch import materialize
 from olmopt.pool.model_pool import ModelPool
 from olmopt.recipe import Recipe
+from olmopt.textio import read_text
 
 REPORT_FILE = "merge_report.json"
 DEFAULT_SHARD_BYTES = 2 * 10**9
@@ -46,9 +48,13 @@ def write_model_dir(
     force: bool = False,
     progress: bool = True,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    finish: Callable[[Path], object] | None = None,
 ) -> Path:
-    """Materialise ``recipe`` from ``pool`` into ``out`` atomically, with report and model card."""
-    with atomic_output_dir(out, force) as tmp:
+    """Materialise ``recipe`` from ``pool`` into ``out`` atomically, with report and model card.
+
+    ``finish(tmp)`` adds the last files (the donor map) before the directory appears at ``out``.
+    """
+    with atomic_output_dir(out, force, inputs=[m.path for m in pool.models.values()]) as tmp:
         copy_side_files(pool[recipe.base].path, tmp)
         if recipe.fusion or recipe.dfs:
             _write_architecture_recipe(pool, recipe, tmp)
@@ -59,6 +65,8 @@ def write_model_dir(
                     writer.add(name, tensor)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=True) + "\n")
         (tmp / "README.md").write_text(card)
+        if finish is not None:
+            finish(tmp)
     return out
 
 
@@ -282,13 +290,51 @@ def recipe_from_report(report: dict[str, Any]) -> Recipe:
         base = report["base_model"]["name"]
     except (KeyError, TypeError):
         raise InputError("report: neither 'recipe' nor OLM's 'base_model.name' is present") from None
-    boundary = (report.get("boundary_layers") or {}).get("name")
-    layers = {int(k): v["best_model"] for k, v in (report.get("layers") or {}).items() if v.get("best_model")}
+    boundary_entry = report.get("boundary_layers") or {}
+    if isinstance(boundary_entry, dict):  # OLM: {"name": model, ...}
+        boundary_entry = boundary_entry.get("name")
+    boundary = _olm_model(boundary_entry, "boundary_layers")
+    layers = {}
+    for key, entry in _olm_section(report, "layers").items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            raise InputError(f"report: layers: key {key!r} is not a layer index") from None
+        model = _olm_model(entry, f"layers.{key}")
+        if model:
+            layers[index] = model
     units = {}
-    for name, entry in (report.get("tensors") or {}).items():
-        if entry.get("best_model"):
-            units[name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name] = entry["best_model"]
+    for name, entry in _olm_section(report, "tensors").items():
+        model = _olm_model(entry, f"tensors.{name}")
+        if model:
+            units[name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name] = model
+    if not isinstance(base, str) or not base:
+        raise InputError("report: base_model.name must be a model name")
     return Recipe(base=base, boundary=boundary, layers=layers, units=units)
+
+
+def _olm_section(report: dict[str, Any], key: str) -> dict[str, Any]:
+    section = report.get(key) or {}
+    if isinstance(section, list):  # [{"layer": 3, "best_model": ...}, ...] or [model, ...] by position
+        out: dict[str, Any] = {}
+        for i, entry in enumerate(section):
+            where = entry.get("layer", entry.get("name", i)) if isinstance(entry, dict) else i
+            out[str(where)] = entry
+        return out
+    if not isinstance(section, dict):
+        raise InputError(f"report: {key} must be a mapping (or a list) of entries, got {type(section).__name__}")
+    return section
+
+
+def _olm_model(entry: Any, where: str) -> str | None:
+    """The model an OLM entry names: ``{"best_model": M}``, ``{"name": M}`` or ``M`` itself."""
+    if entry is None or isinstance(entry, str):
+        return entry or None
+    if isinstance(entry, dict):
+        model = entry.get("best_model", entry.get("name"))
+        if model is None or isinstance(model, str):
+            return model or None
+    raise InputError(f"report: {where}: expected a model name or an entry with 'best_model', got {entry!r}"[:200])
 
 
 def resolve_report_models(recipe: Recipe, models_dir: Path | None, pool: dict[str, Any] | None = None) -> dict[str, str]:
@@ -310,9 +356,7 @@ def resolve_report_models(recipe: Recipe, models_dir: Path | None, pool: dict[st
 def rebuild(report_path: Path, out: Path, models_dir: Path | None = None, force: bool = False, progress: bool = True) -> Recipe:
     """Rebuild a model directory from a merge report alone (olmopt's or the original OLM's)."""
     try:
-        report = json.loads(report_path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"report {report_path}: file not found") from None
+        report = json.loads(read_text(report_path, "report"))
     except json.JSONDecodeError as exc:
         raise InputError(f"report {report_path}: not valid JSON ({exc})") from None
     if not isinstance(report, dict):
@@ -321,7 +365,12 @@ def rebuild(report_path: Path, out: Path, models_dir: Path | None = None, force:
     mapping = resolve_report_models(recipe, models_dir, report.get("pool"))
     recipe = recipe.renamed(mapping)
     pool = ModelPool(list(dict.fromkeys(mapping.values())))
+    check_output(out, [report_path, *(m.path for m in pool.models.values())], force)
     pool.check_homology()
+    try:  # a recipe that does not fit the models it names (a layer they lack) is refused, not written
+        recipe.validate_against(pool.names, pool.adapter.num_layers, pool.adapter.all_units(pool[recipe.base].checkpoint.keys()))
+    except InputError as exc:
+        raise InputError(f"report {report_path}: {exc}") from None
     card = f"# Rebuilt merge\n\nRebuilt by olmopt {__version__} from `{report_path.name}`.\n"
     write_model_dir(pool, recipe, out, report, card, force=force, progress=progress)
     return recipe

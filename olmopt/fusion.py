@@ -35,6 +35,7 @@ from olmopt.ops.fusion import (
     layer_similarity,
     rank_normalise,
 )
+from olmopt.textio import read_text
 
 #: The linear modules of a decoder layer that the chain fuses (weights and, when present, biases).
 FUSED_LINEARS = (
@@ -287,11 +288,7 @@ def load_alphas(path: str | Path, num_layers: int | None = None, steps: int | No
     """Read and validate an alphas file (see ``parse_alphas``)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"alphas file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"alphas file {path}: cannot read: {exc}") from None
+        data = json.loads(read_text(path, "alphas file"))
     except json.JSONDecodeError as exc:
         raise InputError(f"alphas file {path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     return parse_alphas(data, f"alphas file {path}", num_layers, steps)

@@ -35,9 +35,11 @@ from olmopt.outdir import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardedSafetensorsWriter,
     atomic_output_dir,
+    check_output,
     copy_side_files,
 )
 from olmopt.pool.checkpoint import Checkpoint
+from olmopt.textio import read_text
 
 MERGE_CONFIG_FILE = "merge_config.json"
 
@@ -86,7 +88,8 @@ class PreadModel:
     def __init__(self, directory: str | Path, name: str | None = None) -> None:
         self.directory = Path(directory)
         self.name = name or str(directory)
-        Checkpoint(self.directory, self.name)  # existence, pickle refusal, index format
+        checkpoint = Checkpoint(self.directory, self.name)  # existence, pickle refusal, index, damaged files
+        checkpoint.check_complete()  # every tensor its config.json implies, with its shape
         self.entries: dict[str, TensorEntry] = {}
         for path in self._weight_files():
             self.entries.update(self._read_header(path))
@@ -122,7 +125,7 @@ class PreadModel:
         if not path.is_file():
             return {}
         try:
-            return json.loads(path.read_text())
+            return json.loads(read_text(path, f"model {self.name}:", ModelError))
         except ValueError as exc:
             raise ModelError(f"model {self.name}: malformed config.json: {exc}") from None
 
@@ -225,8 +228,8 @@ def merge_directories(
     variants = [PreadModel(d) for d in variant_dirs]
     names = preflight(base, variants)
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise InputError(f"output {out} already exists (pass --force to replace it)")
+    inputs = [base_dir, *variant_dirs]
+    check_output(out, inputs, force)
 
     buffers = _ReadBuffers()
 
@@ -249,7 +252,7 @@ def merge_directories(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with atomic_output_dir(out, force=force) as tmp:
+        with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
             plan = [(n, SAFETENSORS_DTYPES[base.entries[n].dtype], base.entries[n].shape) for n in names]
             writer = ShardedSafetensorsWriter(tmp, max_shard_bytes, plan=plan)
             bar = tqdm(

@@ -16,7 +16,7 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,23 +51,54 @@ SIDE_FILE_NAMES = frozenset(
 )
 
 
-@contextmanager
-def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out``; move it to ``out`` only when the block succeeds.
+def check_output(out: str | Path, inputs: Iterable[str | Path] = (), force: bool = False) -> None:
+    """The one check before a command writes the model directory ``out`` (call it before heavy work).
 
-    An existing ``out`` is refused unless ``force``; with ``force`` the old directory is moved aside
-    and deleted only after the new one is in place. On any exception (KeyboardInterrupt included) the
-    temporary directory is removed and the exception re-raised, so no partial output is left behind.
+    ``out`` may be none of the command's ``inputs`` (model directories, config, alphas, report,
+    datasets, storage files) nor a directory holding one, with or without ``force``: replacing it
+    would destroy the input. Symbolic links, ``..`` and hard-linked or bind-mounted directories are
+    seen through. An existing ``out`` is refused unless ``force``; one that is not a directory always.
     """
     out = Path(out)
+    for item in inputs:
+        if _covers(out, Path(item)):
+            raise InputError(f"output {out} would overwrite the input {item} (write the result somewhere else)")
     if out.exists() and not force:
         raise InputError(f"output {out} already exists (pass --force to replace it)")
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a directory")
+
+
+def _covers(out: Path, item: Path) -> bool:
+    """True when ``item`` is ``out`` or lies inside it."""
+    target, source = out.resolve(), item.resolve()
+    if source == target or target in source.parents:
+        return True
+    if not out.exists():
+        return False
+    for path in (source, *source.parents):
+        with contextlib.suppress(OSError):
+            if path.exists() and os.path.samefile(path, out):
+                return True
+    return False
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out``; move it to ``out`` only when the block succeeds.
+
+    ``check_output`` first: ``out`` may not be or hold one of ``inputs``, and an existing ``out`` is
+    refused unless ``force``; with ``force`` the old directory is moved aside and deleted only after
+    the new one is in place. On any exception (KeyboardInterrupt included) the temporary directory is
+    removed and the exception re-raised, so no partial output is left behind.
+    """
+    out = Path(out)
+    check_output(out, inputs, force)
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        _remove_stale(parent, out.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
     except OSError as exc:
         raise InputError(f"output {out}: cannot create a directory in {parent}: {exc.strerror}") from None
     try:
@@ -77,6 +108,24 @@ def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` left next to ``NAME`` by a killed olmopt process."""
+    for path in [*parent.glob(f".{name}.tmp-*"), *parent.glob(f".{name}.old-*")]:
+        pid = path.name.rsplit(".", 1)[-1].split("-")[1] if path.name.count("-") >= 2 else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _current_umask() -> int:
@@ -91,7 +140,7 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
         return
     if not force:
         raise InputError(f"output {out} appeared while writing (pass --force to replace it)")
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     aside.rmdir()
     os.replace(out, aside)
     try:

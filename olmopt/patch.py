@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from olmopt.errors import InputError
 from olmopt.pool.adapter import ArchitectureAdapter, unit_of
 from olmopt.pool.model_pool import ModelPool
-from olmopt.recipe import EsStep, ParamMerge, Recipe
+from olmopt.recipe import MERGE_DONOR, EsStep, ParamMerge, Recipe
 from olmopt.runtime import compute_dtype, pick_device, quiet_transformers
 
 Source = tuple[str | ParamMerge, tuple[EsStep, ...]]
@@ -47,6 +47,10 @@ def param_sources(recipe: Recipe, adapter: ArchitectureAdapter, param_names: lis
         if layer is not None and layer in recipe.layers:
             donor = recipe.layers[layer]
         donor = recipe.units.get(unit, donor)
+        if donor == MERGE_DONOR:
+            if recipe.param_merge is None:
+                raise InputError(f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not set")
+            donor = recipe.param_merge
         sources[name] = (donor, tuple(es_by_param.get(name, ())))
     return sources
 
@@ -120,6 +124,15 @@ ES_CACHE_ENTRIES = 8
 _ES_CACHE: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
 
 
+def merge_layer(adapter: ArchitectureAdapter, name: str) -> int:
+    """The layer whose layer-wise merge parameters tensor ``name`` takes (mergekit's convention outside the
+    layers: the embedding takes layer 0's, the final norm and the head the last layer's)."""
+    layer = adapter.layer_of(name)
+    if layer is not None:
+        return layer
+    return 0 if unit_of(name) == adapter.embed else adapter.num_layers - 1
+
+
 def merged_tensor(pool: ModelPool, name: str, merge: ParamMerge) -> torch.Tensor:
     """One tensor of a parameter-space merge: the base against ``merge.models`` (highest priority first)."""
     from olmopt.methods.delta import make_params, merge_tensor
@@ -127,7 +140,7 @@ def merged_tensor(pool: ModelPool, name: str, merge: ParamMerge) -> torch.Tensor
     base_name = merge.base or ""
     base = pool.tensor(base_name, name).float().clone()  # clones: pool tensors are a shared read-only cache
     variants = [pool.tensor(m, name).float().clone() for m in merge.models]
-    params = make_params(merge.method, merge.params)
+    params = make_params(merge.method, merge.params_at(merge_layer(pool.adapter, name)))
     return merge_tensor(merge.method, base, variants, params, merge.seed, pool.adapter.storage_name(name))
 
 
@@ -208,6 +221,8 @@ def materialize(pool: ModelPool, recipe: Recipe, dtype: torch.dtype | None = Non
     """Stream ``(checkpoint tensor name, tensor)`` of the merged model, in the base checkpoint's layout."""
     base = pool[recipe.base].checkpoint
     names = base.keys()
+    if recipe.param_merge is not None:
+        recipe.param_merge.check_layers(pool.adapter.num_layers)
     sources = param_sources(recipe, pool.adapter, names)
     cpu = torch.device("cpu")
     for name in names:

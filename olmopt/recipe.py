@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from olmopt.errors import InputError
 
 RECIPE_VERSION = 1
+# a donor name for the Recipe's own parameter-space merge: ``layers={3: "@merge"}`` takes layer 3 from
+# ``param_merge`` (what later donor-choice stages pick to keep a PS-merged layer, Sakana's PS then layers)
+MERGE_DONOR = "@merge"
 
 
 class _Strict(BaseModel):
@@ -32,8 +35,19 @@ class EsStep(_Strict):
     seed: int = Field(ge=0)
 
 
+LayerValue = float | tuple[float, ...]
+
+
 class ParamMerge(_Strict):
-    """A parameter-space merge: ``models`` (highest priority first) as deltas against ``base``."""
+    """A parameter-space merge: ``models`` (highest priority first) as deltas against ``base``.
+
+    ``layer_params`` makes parameters layer-wise: ``{name: (value of group 0, value of group 1, ...)}``
+    where group g is layers ``g*group_size .. (g+1)*group_size - 1`` (the last group may be shorter) and
+    a value is what ``params`` would hold (a scalar, or a tuple with one value per variant). A layer's
+    values are ``params`` overridden by its group's ``layer_params``; tensors outside the layers take
+    mergekit's convention: the embedding those of layer 0, the final norm and the head those of the last
+    layer.
+    """
 
     method: str
     base: str | None = None  # defaults to the recipe's base (filled in by Recipe validation)
@@ -41,6 +55,45 @@ class ParamMerge(_Strict):
     # a tuple holds one value per variant (``olmopt.methods.registry`` per-variant parameters)
     params: dict[str, float | int | bool | str | tuple[float, ...]] = Field(default_factory=dict)
     seed: int = 0
+    layer_params: dict[str, tuple[LayerValue, ...]] = Field(default_factory=dict)
+    group_size: int = Field(1, ge=1)
+
+    @field_validator("layer_params")
+    @classmethod
+    def _non_empty(cls, value: dict[str, tuple[LayerValue, ...]]) -> dict[str, tuple[LayerValue, ...]]:
+        for key, groups in value.items():
+            if not groups:
+                raise ValueError(f"layer_params.{key} is an empty list")
+        return value
+
+    def num_groups(self, num_layers: int) -> int:
+        """How many layer groups a model of ``num_layers`` layers has (what ``layer_params`` lists hold)."""
+        return -(-num_layers // self.group_size)
+
+    def params_at(self, layer: int) -> dict[str, Any]:
+        """The raw parameter values of layer ``layer`` (``params`` with its group's layer-wise values)."""
+        if not self.layer_params:
+            return dict(self.params)
+        group = layer // self.group_size
+        return {**self.params, **{k: v[group] for k, v in self.layer_params.items()}}
+
+    def check_layers(self, num_layers: int) -> None:
+        """One-line InputError for layer-wise lists of the wrong length or values a group cannot take."""
+        from olmopt.methods.delta import make_params  # the registry: no torch
+
+        want = self.num_groups(num_layers)
+        for key, groups in sorted(self.layer_params.items()):
+            if len(groups) != want:
+                raise InputError(
+                    f"recipe: param_merge.layer_params.{key} has {len(groups)} values for {want} layer groups "
+                    f"({num_layers} layers, group_size {self.group_size})"
+                )
+        for group in range(want if self.layer_params else 1):
+            try:
+                make_params(self.method, self.params_at(group * self.group_size)).resolve(len(self.models))
+            except InputError as exc:
+                where = f"layer group {group}: " if self.layer_params else ""
+                raise InputError(f"recipe: param_merge: {where}{exc}") from None
 
 
 class FusionStep(_Strict):
@@ -159,9 +212,11 @@ class Recipe(_Strict):
         return self.model_copy(update=update)
 
     def donors(self) -> set[str]:
+        """The pool models the Recipe reads (``MERGE_DONOR`` is not one: it names ``param_merge``)."""
         names = {self.base, *self.layers.values(), *self.units.values()}
         if self.boundary:
             names.add(self.boundary)
+        names.discard(MERGE_DONOR)
         if self.param_merge:
             names.update(self.param_merge.models)
         if self.dfs:
@@ -171,9 +226,14 @@ class Recipe(_Strict):
 
     def validate_against(self, pool_names: list[str], num_layers: int, units: list[str]) -> None:
         """One-line InputError for donors outside the pool, layers out of range, unknown units."""
+        uses_merge = MERGE_DONOR in {self.boundary, *self.layers.values(), *self.units.values()}
+        if uses_merge and self.param_merge is None:
+            raise InputError(f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not set")
         for name in sorted(self.donors()):
             if name not in pool_names:
                 raise InputError(f"recipe: donor {name!r} is not in the pool ({', '.join(pool_names)})")
+        if self.param_merge is not None:
+            self.param_merge.check_layers(num_layers)
         for index in self.layers:
             if not 0 <= index < num_layers:
                 raise InputError(f"recipe: layer {index} out of range (model has {num_layers} layers)")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import inspect
+from typing import Any
 
 import torch
 
@@ -25,7 +26,9 @@ def configure_threads(threads: int | None = None) -> int:
     One thread is the safe default: two OpenMP threads on a busy 2-core machine spin and run 10-100x
     slower. Returns the number set.
     """
-    n = threads or int(os.environ.get("OLMOPT_THREADS", "1"))
+    from olmopt.envvars import env_int
+
+    n = threads or env_int("OLMOPT_THREADS", 1)
     torch.set_num_threads(max(1, n))
     return n
 
@@ -36,3 +39,13 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def cache_kwarg(forward: Any) -> str:
+    """The name a model's forward takes its KV cache by: ``cache`` in current transformers 5 (the old
+    ``past_key_values`` warns that it goes in 5.40), ``past_key_values`` in early 5.x releases."""
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "cache"
+    return "cache" if "cache" in parameters or "past_key_values" not in parameters else "past_key_values"

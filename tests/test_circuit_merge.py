@@ -166,7 +166,7 @@ def test_bad_input_exits_2_with_one_line_and_no_output(
 def test_base_lacking_a_variant_tensor_is_named(family: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = tmp_path / "bad"
     argv = ["merge", "circuit", str(family["partial"]), str(family["A"]), "--out", str(out)]
-    _fails_cleanly(argv, out, capsys, "missing from base")
+    _fails_cleanly(argv, out, capsys, "lacks tensor 'model.norm.weight'")
 
 
 def test_existing_output_needs_force(family: dict[str, Path], tmp_path: Path, capsys) -> None:

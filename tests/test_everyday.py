@@ -291,7 +291,9 @@ def test_status_and_list_do_not_import_torch(family: dict[str, Any], tmp_path: P
         assert not heavy, (argv, sorted(heavy)[:5])
 
 
-def test_status_states(family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_states(
+    family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
 
     from olmopt.search.api import campaign_status, run_campaign
@@ -324,11 +326,22 @@ def test_status_states(family: dict[str, Any], tmp_path: Path, capsys: pytest.Ca
     assert state() == "interrupted"
     with single_writer(url):
         assert state() == "running"
-    # a run that fails: its one-line error
+    # a run refused before it starts (a dataset gone since create) writes nothing: the state stays
     data.unlink()
     assert main(["study", "run", "ev", "--storage", url, "--quiet"]) == 2
-    assert state().startswith("failed: ") and "add.json" in state()
+    assert state() == "interrupted"
     shutil.copy(family["tmp"] / "add.json", data)
+    # a run that fails: its one-line error
+    from olmopt.errors import OlmoptError
+    from olmopt.search.runner import CampaignRunner
+
+    def fail(self: object) -> None:
+        raise OlmoptError("evaluation failed on add.json")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CampaignRunner, "run", fail)
+        assert main(["study", "run", "ev", "--storage", url, "--quiet"]) == 1
+    assert state().startswith("failed: ") and "add.json" in state()
     assert main(["study", "run", "ev", "--storage", url, "--quiet"]) == 0
     assert state() == "finished"
     capsys.readouterr()

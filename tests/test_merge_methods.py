@@ -536,7 +536,7 @@ def test_a_merge_stage_refuses_a_method_that_cannot_take_the_variants(
     assert main(["study", "create", str(path), "--storage", url]) == 0
     capsys.readouterr()
     assert main(["study", "run", "s3", "--storage", url, "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's log lines
     assert err == (
         "olmopt: error: decisions.merge.methods: slerp: takes exactly 1 variant (2 models with the base), "
         "got 2 variants"

@@ -106,7 +106,10 @@ def run_merge(
 ) -> int:
     """Stream the merge and print the summary (shared by every ``olmopt merge <method>``)."""
     from olmopt.merge_stream import merge_directories
+    from olmopt.outdir import check_output
 
+    config = getattr(args, "config", None)
+    check_output(out, [base, *variants, *([config] if config else [])], args.force)
     summary = merge_directories(
         base,
         variants,

@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     best.add_argument("--refine", choices=["es"], help="first refine the winner's units by ES (docs/es.md)")
     best.add_argument("--es-unit", action="append", metavar="UNIT", help="with --refine es: refine UNIT")
     best.add_argument("--json", action="store_true", help="print the result as JSON (see docs/monitoring.md)")
+    best.add_argument("--mergekit-config", type=Path, metavar="FILE", help="also write the winner as a mergekit YAML (exit 1 when mergekit cannot express it)")
     best.add_argument("--quiet", action="store_true", help="no progress bars")
     add_storage_flag(best)
     best.set_defaults(func=cmd_export_best)
@@ -58,14 +59,22 @@ def cmd_export_best(args: argparse.Namespace) -> int:
     from olmopt.search.finalize import export_best
     from olmopt.search.storage import storage_url
 
+    mergekit = args.mergekit_config
+    if mergekit is not None and mergekit.exists() and not args.force:
+        from olmopt.errors import InputError
+
+        raise InputError(f"--mergekit-config {mergekit} already exists (pass --force to replace it)")
     result = export_best(
         args.name, storage_url(args.storage), args.out, args.trial, args.stage, args.force,
         progress=not args.quiet, compare_donors=not args.no_compare,
         refine=args.refine, es_units=args.es_unit,
     )  # fmt: skip
+    status = 0
+    if mergekit is not None:
+        status = _write_mergekit(result, args.out, mergekit)
     if args.json:
         print_json(result)
-        return 0
+        return status
     print(f"exported {args.name} ({result['stage']}, trial {result['trial']}) to {args.out}")
     names = list(result["metrics"])
     print(f"{'model':<44} " + " ".join(f"{n[:12]:>12} {'(held)':>8}" for n in names))
@@ -80,6 +89,23 @@ def cmd_export_best(args: argparse.Namespace) -> int:
     if verdict:
         for line in verdict_lines(result["comparison"][0]["model"], verdict):
             print(line)
+    return status
+
+
+def _write_mergekit(result: dict, out: Path, path: Path) -> int:
+    """Write the winner's mergekit YAML; 1 (and why, on stderr) when mergekit cannot express it."""
+    import sys
+
+    from olmopt.mergekit import NotExpressible, write_mergekit_config
+    from olmopt.recipe import Recipe
+
+    try:
+        write_mergekit_config(Recipe.from_dict(result["recipe"]), out, path)
+    except NotExpressible as exc:
+        result["mergekit_config"] = None
+        print(f"olmopt: model exported to {out}; mergekit config NOT written: mergekit cannot express this Recipe: {exc}", file=sys.stderr)
+        return 1
+    result["mergekit_config"] = str(path)
     return 0
 
 

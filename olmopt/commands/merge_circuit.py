@@ -46,10 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_config(path: Path) -> dict[str, Any]:
     """Read a Circuit-Merge style YAML into a plain dict (one-line InputError when malformed)."""
+    from olmopt.textio import load_yaml, read_text
+
+    text = read_text(path, "config")
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise InputError(f"config {path}: cannot read ({exc.strerror})") from None
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise InputError(f"config {path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -71,7 +72,10 @@ def _variant_entries(config: dict[str, Any], path: Path) -> tuple[list[str], dic
         if not isinstance(entry, dict) or "model" not in entry:
             raise InputError(f"config {path}: variant_models[{position}] needs a 'model' path")
         paths.append(str(entry["model"]))
-        for key, value in (entry.get("parameters") or {}).items():
+        parameters = entry.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InputError(f"config {path}: variant_models[{position}].parameters must be a mapping")
+        for key, value in parameters.items():
             if key not in allowed:
                 raise InputError(
                     f"config {path}: variant_models[{position}].parameters.{key} is not a per-variant "
@@ -95,7 +99,10 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.variants:
         variants, per_variant = list(args.variants), {}
     out = args.out or config.get("output_dir")
-    raw_params = dict(config.get("parameters") or {})
+    given = config.get("parameters") or {}
+    if not isinstance(given, dict):
+        raise InputError(f"config {args.config}: parameters must be a mapping")
+    raw_params = dict(given)
     method = args.method or config.get("merge_method") or raw_params.pop("merge_method", None) or "circuit"
     raw_params.pop("merge_method", None)
     spec = get_method(str(method))

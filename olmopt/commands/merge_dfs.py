@@ -75,13 +75,14 @@ def _merge(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from olmopt.dfs import check_exportable, export_path, load_dfs_recipe
+    from olmopt.outdir import check_output
+    from olmopt.pool.checkpoint import Checkpoint
     from olmopt.pool.resolve import resolve_model
 
-    if args.out.exists() and not args.force:
-        raise InputError(f"output {args.out} already exists (pass --force to replace it)")
     recipe = load_dfs_recipe(args.config)
     base_dir = args.config.resolve().parent
     directories = [resolve_model(ref, base_dir=base_dir, revision=rev) for ref, rev in recipe.models]
+    check_output(args.out, [args.config, *directories], args.force)
     configs = []
     for (ref, _), directory in zip(recipe.models, directories, strict=True):
         try:
@@ -98,6 +99,8 @@ def _merge(args: argparse.Namespace) -> int:
         raise InputError(f"{args.config}: {exc}") from None
 
     auto = AutoModelForSequenceClassification if recipe.classification else AutoModelForCausalLM
+    for (ref, _), directory, config in zip(recipe.models, directories, configs, strict=True):
+        Checkpoint(directory, ref).check_complete(config, auto)  # from_pretrained would fill gaps at random
     models = []
     for (ref, _), directory in zip(recipe.models, directories, strict=True):
         try:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from olmopt.commands._merge_group import merge_subparsers
-from olmopt.errors import InputError, ModelError
+from olmopt.errors import ModelError
 
 ALPHAS_FILE_NAME = "fusion_alphas.json"
 
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_fuse(args: argparse.Namespace) -> int:
     from olmopt.fusion import alphas_records, fuse_model, load_alphas
     from olmopt.ops.fusion import fusion_coefficients
-    from olmopt.outdir import atomic_output_dir, copy_side_files
+    from olmopt.outdir import atomic_output_dir, check_output, copy_side_files
     from olmopt.pool.adapter import ArchitectureAdapter
     from olmopt.runtime import configure_threads
 
@@ -50,13 +50,10 @@ def run_fuse(args: argparse.Namespace) -> int:
     config = _load_config(model_dir)
     num_layers = ArchitectureAdapter.from_config(config, str(model_dir)).num_layers
     alphas = load_alphas(args.alphas, num_layers, args.steps)
-    if out.exists() and not args.force:
-        raise InputError(f"output {out} already exists (pass --force to replace it)")
-    if out.resolve() == model_dir.resolve():
-        raise InputError(f"output {out} is the input model directory")
+    check_output(out, [model_dir, args.alphas], args.force)
     model = _load_model(model_dir, quiet=args.quiet or args.as_json)
     fuse_model(model, alphas)
-    with atomic_output_dir(out, args.force) as tmp:
+    with atomic_output_dir(out, args.force, inputs=[model_dir, args.alphas]) as tmp:
         copy_side_files(model_dir, tmp)
         model.save_pretrained(tmp)
         records = alphas_records(num_layers, alphas)
@@ -89,11 +86,13 @@ def _load_config(model_dir: Path) -> Any:
         raise ModelError(f"model {model_dir}: directory does not exist")
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"model {model_dir}: no config.json (not a Hugging Face model directory)")
-    Checkpoint(model_dir)  # refuses missing or pickle-only weights with a clear message
+    checkpoint = Checkpoint(model_dir)  # refuses missing or pickle-only weights with a clear message
     try:
-        return AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"model {model_dir}: cannot read config.json: {exc}") from None
+    checkpoint.check_complete(config)  # from_pretrained would fill a missing tensor with random values
+    return config
 
 
 def _load_model(model_dir: Path, quiet: bool) -> Any:

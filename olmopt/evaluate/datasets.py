@@ -16,6 +16,7 @@ from typing import Any, Literal
 from olmopt.errors import InputError
 from olmopt.evaluate.formatting import (
     LETTERS,
+    ROLE_OF,
     encode_answer,
     encode_prompt,
     render_choices,
@@ -76,6 +77,8 @@ def _parse_item(path: Path, index: int, item: Any) -> Example:
         )
         if not ok or len(conv) < 2:
             raise _fail(path, f"item {index}: 'conversation' must list >= 2 turns with 'from' and 'value'")
+        if ROLE_OF.get(conv[-1]["from"]) != "assistant":
+            raise _fail(path, f"item {index}: the last turn must be the assistant's answer ('gpt'), not {conv[-1]['from']!r}")
         messages, answer = sharegpt_to_messages(conv)
         return Example(tuple((m["role"], m["content"]) for m in messages), answer)
     if isinstance(item, dict) and {"question", "choices", "answer"} <= item.keys():

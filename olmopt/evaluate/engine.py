@@ -22,6 +22,7 @@ from olmopt.errors import InputError
 from olmopt.evaluate import metrics as M
 from olmopt.evaluate.datasets import Encoded, Split, encode, load_examples, split_examples
 from olmopt.evaluate.lmeval import LmEvalSpec
+from olmopt.runtime import cache_kwarg
 
 PrefixStore = dict[tuple[Path, str, float, "int | None", int], dict[int, torch.Tensor]]  # batch key -> layer -> input
 
@@ -100,6 +101,8 @@ class Evaluator:
         self._batch_cache: dict[int, list[_Batch]] = {}
         self.prefix_layer: int | None = None
         self.prefix_bytes = prefix_bytes
+        self.nonfinite: list[str] = []  # objectives whose logits held NaN/inf in the last ``evaluate``
+        self._saw_nonfinite = False
 
     # -- data --------------------------------------------------------------------------------------
     def encoded(self, obj: Objective, split: Split) -> Encoded:
@@ -286,8 +289,12 @@ class Evaluator:
         prefix layer (and the embedding) equal those at capture time. ``carry``: layers whose inputs
         under the evaluated weights are kept in ``carried`` (a prefix store for when this candidate
         becomes the incumbent).
+
+        An objective whose scored logits hold NaN or inf has the value NaN (whatever its metric would
+        make of them) and is listed in ``nonfinite``: a damaged model never gets a finite score.
         """
         self.model.eval()
+        self.nonfinite = []
         self.carried = {}
         self._carry = list(carry)
         results: dict[str, float] = {}
@@ -302,7 +309,11 @@ class Evaluator:
             if forced:
                 results.update(self._score_forced(forced, split, use_prefix))
             for obj in generated:
+                self._saw_nonfinite = False
                 results[obj.name] = self._score_generated(obj, split)
+                if self._saw_nonfinite:
+                    self.nonfinite.append(obj.name)
+                    results[obj.name] = float("nan")
         return {o.name: results[o.name] for o in self.objectives if o.kind != "recipe"}
 
     def _score_forced(self, objs: list[Objective], split: Split, use_prefix: bool) -> dict[str, float]:
@@ -310,6 +321,7 @@ class Evaluator:
         enc = self.encoded(first, split)
         sums: dict[str, list[torch.Tensor]] = {o.name: [] for o in objs}
         ce_sum, ce_n = 0.0, 0
+        bad: set[str] = set()
         for n, batch in enumerate(self._batches(enc)):
             key = (first.path, split, first.held_out, first.samples, n)
             store = self._prefix.get(key) if use_prefix and self.prefix_layer else None
@@ -319,7 +331,11 @@ class Evaluator:
                 self.carried[key] = kept
             idx = batch.gather.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             logits = self._head(torch.gather(hidden, 1, idx))
+            answer_finite = bool(torch.isfinite(logits[batch.mask]).all())
+            first_finite = bool(torch.isfinite(logits[:, 0, :]).all())
             for obj in objs:
+                if not (first_finite if obj.kind == "choice" else answer_finite):
+                    bad.add(obj.name)
                 if obj.metric == "perplexity":
                     s, c = M.cross_entropy_sums(logits, batch.target, batch.mask)
                     ce_sum += float(s.sum())
@@ -338,6 +354,9 @@ class Evaluator:
                 out[obj.name] = M.perplexity_from_sums(ce_sum, ce_n)
             else:
                 out[obj.name] = float(torch.cat(sums[obj.name]).float().mean())
+            if obj.name in bad:
+                out[obj.name] = float("nan")
+                self.nonfinite.append(obj.name)
         return out
 
     @staticmethod
@@ -394,15 +413,18 @@ class Evaluator:
         ids, attention = ids.to(dev), attention.to(dev)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         base = self.model.base_model
-        cache = DynamicCache(config=self.model.config)
-        out = base(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True)
+        cache = {cache_kwarg(getattr(base, "forward", base)): DynamicCache(config=self.model.config)}
+        out = base(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, **cache)
         hidden = out.last_hidden_state[:, -1]
         preds = torch.full((len(prompts), max_new), self.pad_id, dtype=torch.long, device=dev)
         pmax = torch.zeros((len(prompts), max_new), device=dev)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
         eos = self.tokenizer.eos_token_id
         for t in range(max_new):
-            probs = torch.softmax(self._head(hidden), dim=-1)
+            logits = self._head(hidden)
+            if not bool(torch.isfinite(logits[~done]).all()):
+                self._saw_nonfinite = True
+            probs = torch.softmax(logits, dim=-1)
             best, tok = probs.max(dim=-1)
             preds[:, t] = torch.where(done, preds[:, t], tok)
             pmax[:, t] = torch.where(done, pmax[:, t], best)
@@ -414,7 +436,7 @@ class Evaluator:
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
             out = base(
-                input_ids=tok[:, None], attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
+                input_ids=tok[:, None], attention_mask=attention, position_ids=positions, use_cache=True, **cache
             )
             hidden = out.last_hidden_state[:, -1]
         return preds, pmax

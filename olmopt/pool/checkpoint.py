@@ -7,13 +7,20 @@ reads one tensor at a time with ``safe_open`` (memory-mapped, nothing else loade
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from olmopt.errors import ModelError
+from olmopt.textio import read_text
+
+log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -34,10 +41,19 @@ class Checkpoint:
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
+                weight_map = json.loads(read_text(index, f"model {self.name}:", ModelError))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError("weight_map must map tensor names to file names")
+            except (ValueError, KeyError, TypeError) as exc:
                 raise ModelError(f"model {self.name}: malformed {index.name}: {exc}") from None
             self._file_of = {k: self.directory / v for k, v in weight_map.items()}
+            for shard in sorted(set(self._file_of.values())):
+                if not shard.is_file():
+                    raise ModelError(f"model {self.name}: {index.name} names shard {shard.name}, which is missing")
+                present = set(self._open(shard).keys())
+                for key in sorted(k for k, v in self._file_of.items() if v == shard):
+                    if key not in present:
+                        raise ModelError(f"model {self.name}: {index.name} puts tensor {key!r} in {shard.name}, which lacks it")
             return
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:
@@ -49,16 +65,22 @@ class Checkpoint:
                 )
             raise ModelError(f"model {self.name}: no *.safetensors weights in {self.directory}")
         for path in files:
-            with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    self._file_of[key] = path
+            for key in self._open(path).keys():  # noqa: SIM118 - safe_open has no __iter__
+                self._file_of[key] = path
 
-    def _handle(self, path: Path):
+    def _open(self, path: Path):
+        """A safe_open handle; a truncated or inconsistent file is a one-line ModelError naming it."""
         handle = self._handles.get(path)
         if handle is None:
-            handle = safe_open(str(path), framework="pt")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise ModelError(f"model {self.name}: damaged safetensors file {path.name} ({_first_line(exc)})") from None
             self._handles[path] = handle
         return handle
+
+    def _handle(self, path: Path):
+        return self._open(path)
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -75,10 +97,126 @@ class Checkpoint:
             path = self._file_of[name]
         except KeyError:
             raise ModelError(f"model {self.name}: has no tensor {name!r}") from None
-        return self._handle(path).get_tensor(name)
+        try:
+            return self._handle(path).get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"model {self.name}: tensor {name!r} cannot be read from {path.name} ({_first_line(exc)})") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self._file_of[name]).get_slice(name).get_shape())
 
     def dtype_name(self, name: str) -> str:
         return str(self._handle(self._file_of[name]).get_slice(name).get_dtype())
+
+    def first_nonfinite(self) -> str | None:
+        """The first floating-point tensor (in name order) holding NaN or inf, or None.
+
+        One tensor at a time (memory-mapped), so a large checkpoint costs one read, not its size in RAM.
+        """
+        for name in sorted(self._file_of):
+            tensor = self.get(name)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return name
+        return None
+
+    def check_complete(self, config: Any = None, auto_class: Any = None, trust_remote_code: bool = False) -> None:
+        """Every tensor the model's class expects is in the checkpoint with the shape its config gives.
+
+        ``from_pretrained`` would otherwise initialise a missing tensor at random (and a shape that
+        disagrees with config.json fails deep inside transformers). ``config``: the model's config
+        (read from the directory when None; nothing to compare without a config.json). Tied weights
+        may be absent when the config ties them. Architectures whose checkpoints transformers renames
+        on load (a conversion mapping) are not compared by name.
+        """
+        if config is None:
+            if not (self.directory / "config.json").is_file():
+                return
+            config = load_config(self.name, self.directory, trust_remote_code)
+        expected = expected_tensors(config, auto_class, trust_remote_code)
+        if expected is None:
+            return
+        names, prefix = set(self._file_of), expected.prefix
+        for name, shape in expected.shapes.items():
+            stored = _stored_name(name, names, prefix)
+            if stored is None:
+                if name in expected.optional:
+                    continue
+                raise ModelError(
+                    f"model {self.name}: the checkpoint lacks tensor {name!r} (transformers would initialise it at random)"
+                )
+            got = self.shape(stored)
+            if got != shape:
+                raise ModelError(
+                    f"model {self.name}: tensor {stored!r} has shape {list(got)} in its checkpoint but {list(shape)} "
+                    "by config.json"
+                )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _stored_name(name: str, names: set[str], prefix: str) -> str | None:
+    """The checkpoint's name of the model's tensor ``name`` (with or without the base-model prefix)."""
+    if name in names:
+        return name
+    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in names:
+        return name[len(prefix) + 1 :]
+    if prefix and f"{prefix}.{name}" in names:
+        return f"{prefix}.{name}"
+    return None
+
+
+@dataclass(frozen=True)
+class ExpectedTensors:
+    shapes: dict[str, tuple[int, ...]]
+    optional: frozenset[str]  # tied weights the checkpoint may omit
+    prefix: str  # the base model's attribute name ("model")
+
+
+_EXPECTED: dict[tuple[str, str], ExpectedTensors | None] = {}
+
+
+def expected_tensors(config: Any, auto_class: Any = None, trust_remote_code: bool = False) -> ExpectedTensors | None:
+    """The state dict (names and shapes) a model of ``config`` loads, built on the meta device (no memory).
+
+    None when it cannot be compared by name (transformers renames this architecture's checkpoints).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    auto_class = auto_class or AutoModelForCausalLM
+    key = (auto_class.__name__, config.to_json_string())
+    if key in _EXPECTED:
+        return _EXPECTED[key]
+    result: ExpectedTensors | None = None
+    if not get_checkpoint_conversion_mapping(getattr(config, "model_type", "")):
+        try:
+            with torch.device("meta"):
+                model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - an architecture transformers cannot build is reported on load
+            log.debug("cannot build %s on the meta device: %s", type(config).__name__, exc)
+        else:
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            tied = getattr(model, "_tied_weights_keys", None) or {}
+            optional = set(tied) if getattr(text, "tie_word_embeddings", False) else set()
+            ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
+            shapes = {
+                name: tuple(t.shape)
+                for name, t in model.state_dict().items()
+                if not any(p.search(name) for p in ignore)
+            }
+            result = ExpectedTensors(shapes, frozenset(optional), getattr(model, "base_model_prefix", "") or "")
+    _EXPECTED[key] = result
+    return result
+
+
+def load_config(name: str, path: Path, trust_remote_code: bool = False) -> Any:
+    """The model's transformers config; a config.json transformers cannot read is a one-line ModelError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"model {name}: cannot read config.json in {path}: {str(exc).splitlines()[0]}") from None

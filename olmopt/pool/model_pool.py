@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 from olmopt.errors import ModelError
 from olmopt.pool.adapter import ArchitectureAdapter
-from olmopt.pool.checkpoint import Checkpoint
+from olmopt.pool.checkpoint import Checkpoint, load_config
 from olmopt.pool.resolve import resolve_model
+from olmopt.textio import read_text
 
 HOMOLOGY_FIELDS = (
     "model_type",
@@ -42,13 +42,6 @@ class PoolModel:
     checkpoint: Checkpoint
 
 
-def load_config(name: str, path: Path, trust_remote_code: bool = False) -> Any:
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise ModelError(f"model {name}: cannot read config.json in {path}: {str(exc).splitlines()[0]}") from None
-
-
 class ModelPool:
     """Homologous models addressed by name, with a byte-bounded tensor cache."""
 
@@ -64,10 +57,16 @@ class ModelPool:
         if len(set(refs)) != len(refs):
             raise ModelError(f"the model pool lists a model twice: {refs}")
         self.models: dict[str, PoolModel] = {}
+        seen: dict[Path, str] = {}
         for ref in refs:
             path = resolve_model(ref, base_dir)
+            if path.resolve() in seen:
+                raise ModelError(f"the model pool lists one model twice: {seen[path.resolve()]!r} and {ref!r} are both {path.resolve()}")
+            seen[path.resolve()] = ref
             config = load_config(ref, path, trust_remote_code)
-            self.models[ref] = PoolModel(ref, path, config, Checkpoint(path, ref))
+            checkpoint = Checkpoint(path, ref)
+            checkpoint.check_complete(config, trust_remote_code=trust_remote_code)
+            self.models[ref] = PoolModel(ref, path, config, checkpoint)
         first = next(iter(self.models.values()))
         self.adapter = ArchitectureAdapter.from_config(first.config, first.name)
         self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
@@ -128,13 +127,35 @@ class ModelPool:
                     "is in one checkpoint only"
                 )
 
+    def check_finite(self) -> None:
+        """Raise a one-line ModelError naming the first model and tensor holding NaN or inf."""
+        for model in self.models.values():
+            bad = model.checkpoint.first_nonfinite()
+            if bad is not None:
+                raise ModelError(f"model {model.name}: tensor {bad!r} holds NaN or inf values (a damaged checkpoint)")
+
+
+def load_tokenizer(model: PoolModel) -> Any:
+    """The model's tokenizer through ``AutoTokenizer`` (as users load it); failures are one ModelError line."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model.path)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for unreadable tokenizer files
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        raise ModelError(f"model {model.name}: cannot load its tokenizer from {model.path}: {reason}") from None
+
 
 def tokenizer_vocab(path: Path) -> dict[str, int] | None:
     """The token -> id map from tokenizer.json (None when the model ships no tokenizer.json)."""
     file = path / "tokenizer.json"
     if not file.is_file():
         return None
-    data = json.loads(file.read_text())
+    try:
+        data = json.loads(read_text(file, error=ModelError))
+    except ValueError as exc:
+        raise ModelError(f"{file}: not valid JSON ({exc})") from None
     vocab = dict(data.get("model", {}).get("vocab", {}) or {})
     if isinstance(data.get("model", {}).get("vocab"), list):  # unigram: [[piece, score], ...]
         vocab = {piece: i for i, (piece, _score) in enumerate(data["model"]["vocab"])}

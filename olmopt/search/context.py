@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from olmopt.architecture_recipes import ResidentPool, dfs_eval_model, fused, layers_removed, without_fusion
 from olmopt.config import StudyConfig, default_objective_name
 from olmopt.evaluate.engine import Evaluator, Objective, PrefixStore
 from olmopt.evaluate.lmeval import LmEvalEvaluator, spec_of
 from olmopt.patch import WorkingModel
-from olmopt.pool.model_pool import ModelPool
+from olmopt.pool.model_pool import ModelPool, load_tokenizer
 from olmopt.recipe import Recipe
 from olmopt.runtime import configure_threads
 
@@ -49,7 +47,7 @@ class EvalContext:
         self.config = config
         self.pool = pool or open_pool(config)
         self.working = WorkingModel(self.pool, config.base_model, device=config.evaluation.device)
-        tokenizer = AutoTokenizer.from_pretrained(self.pool[config.base_model].path)
+        tokenizer = load_tokenizer(self.pool[config.base_model])
         ev = config.evaluation
         self.objectives = objectives_of(config)
         self.evaluator = Evaluator(

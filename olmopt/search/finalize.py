@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from olmopt.errors import InputError
+from olmopt.errors import InputError, ModelError
 from olmopt.export import (
     ReproductionError,
     metrics_match,
@@ -15,14 +15,16 @@ from olmopt.export import (
     write_model_dir,
 )
 from olmopt.model_ids import public_ids, renamed_everywhere
+from olmopt.outdir import check_output
 from olmopt.recipe import Recipe
 from olmopt.report import add_donor_map
 from olmopt.search.annotate import annotate_export
+from olmopt.search.api import check_inputs_unchanged
 from olmopt.search.campaign import Campaign
 from olmopt.search.context import EvalContext
 from olmopt.search.kinds.es import REFINE_INFO, refine_targets
-from olmopt.search.storage import redact
-from olmopt.search.trials import RECIPE_ATTR
+from olmopt.search.storage import redact, sqlite_path
+from olmopt.search.trials import RECIPE_ATTR, nonfinite_objectives
 
 
 def pick_recipe(campaign: Campaign, trial: int | None, stage_key: str | None) -> tuple[Recipe, dict[str, float], str, int | None]:
@@ -70,8 +72,8 @@ def export_best(
 ) -> dict[str, Any]:
     """Export the campaign's winner; ``refine="es"`` first runs ES stages on its units (resumable)."""
     campaign = Campaign.load(name, url)
-    if out.exists() and not force:
-        raise InputError(f"output {out} already exists (pass --force to replace it)")
+    check_output(out, _campaign_inputs(campaign, url), force)
+    check_inputs_unchanged(campaign)
     if refine not in (None, "es"):
         raise InputError(f"--refine {refine!r}: the only refinement is 'es'")
     if refine and (trial is not None or stage_key is not None):
@@ -79,9 +81,14 @@ def export_best(
     if refine and REFINE_INFO not in campaign.info:
         pick_recipe(campaign, None, None)  # the campaign must be finished before it is refined
     ctx = EvalContext(campaign.config)
+    check_output(out, [m.path for m in ctx.pool.models.values()], force)
     refined = refine_es(campaign, ctx, es_units, progress) if refine else None
     recipe, expected, key, trial_number = pick_recipe(campaign, trial, stage_key)
     got = ctx.score(recipe, "search")
+    nonfinite = nonfinite_objectives(got, list(got))
+    if nonfinite:
+        where = f"trial {trial_number} of stage {key}" if trial_number is not None else f"stage {key}"
+        raise ModelError(f"{where}: the model gives non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}; not exported")
     if not metrics_match(expected, got):
         raise ReproductionError(f"rebuilt recipe does not reproduce the trial's metrics: expected {expected}, got {got}")
     has_held = any(o.held_out > 0 for o in ctx.objectives)
@@ -140,11 +147,14 @@ def export_best(
         f"{name} (olmopt merge)", recipe.renamed(to_id), renamed_everywhere(table, to_id), names, directions,
         pool=report["pool"], objective_info=report["objectives"], campaign=name,
     )  # fmt: skip
-    write_model_dir(ctx.pool, recipe, out, report, card, force=force, progress=progress)
     adapter = ctx.pool.adapter
-    add_donor_map(out, recipe, adapter.all_units(ctx.pool[recipe.base].checkpoint.keys()), adapter.num_layers)
+    units = adapter.all_units(ctx.pool[recipe.base].checkpoint.keys())
+    write_model_dir(  # the donor map is written before the directory appears: complete or absent
+        ctx.pool, recipe, out, report, card, force=force, progress=progress,
+        finish=lambda tmp: add_donor_map(tmp, recipe, units, adapter.num_layers),
+    )  # fmt: skip
     annotate_export(campaign, out)
-    result = {"out": str(out), "recipe": recipe.to_dict(), "stage": key, "trial": trial_number}
+    result: dict[str, Any] = {"out": str(out), "recipe": recipe.to_dict(), "stage": key, "trial": trial_number}
     result.update({"metrics": got, "held_out": held, "comparison": table, "held_out_copeland": verdict})
     if refine_report is not None:
         result["refine"] = refine_report
@@ -204,7 +214,7 @@ def refinement_report(
 
 def held_out_items(ctx: EvalContext, objective: Any) -> int:
     """Number of held-out items of an objective (0 when it has none)."""
-    if objective.held_out <= 0:
+    if objective.held_out <= 0 or objective.lm_eval is not None:  # lm-eval documents: not counted here
         return 0
     return len(ctx.evaluator.encoded(objective, "held_out"))
 
@@ -257,3 +267,13 @@ def mean_with_interval(values: dict[str, float], directions: dict[str, str], cou
         return [mean, float("nan")]
     var = sum(p * (1 - p) / counts[o] for o, p in values.items()) / k**2
     return [mean, 1.96 * var**0.5]
+
+
+def _campaign_inputs(campaign: Campaign, url: str) -> list[Path]:
+    """Files ``export best`` reads besides the pool: the datasets and the storage's file."""
+    inputs = [campaign.config.path(o.dataset) for o in campaign.config.objectives]
+    if url.startswith("journal:"):
+        inputs.append(Path(url[len("journal:") :]))
+    elif (database := sqlite_path(url)) is not None:
+        inputs.append(database)
+    return inputs

@@ -394,9 +394,12 @@ class CampaignRunner:
     def _tell(self, study: optuna.Study, trial: Trial, recipe: Recipe, metrics: dict[str, float], references: dict[str, dict[str, float]]) -> None:
         rule = self.c.config.selection.improve_all
         constraints = degradation_constraints(metrics, references, self.directions, rule, self.metric_of) if "base" in references else {}
-        T.record_result(trial, metrics, constraints, is_feasible(constraints), recipe.to_json())
+        nonfinite = T.nonfinite_objectives(metrics, self.names)  # a damaged model: infeasible, and why
+        T.record_result(trial, metrics, constraints, is_feasible(constraints) and not nonfinite, recipe.to_json())
+        if nonfinite:
+            trial.set_user_attr(T.INFEASIBLE_ATTR, f"non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}")
         annotate_trial(self.c, trial, recipe.to_json())  # before tell: a finished trial takes no artifacts
-        study.tell(trial, [metrics[n] for n in self.names], skip_if_finished=True)
+        study.tell(trial, T.told_values(metrics, self.names, self.directions), skip_if_finished=True)
 
     def _decide(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace) -> dict[str, Any]:
         """The stage's decision: recorded by exactly one worker (the holder of the stage's decide lock);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from olmopt.defaults import DEFAULT_STORAGE
+from olmopt.envvars import env_float, env_int
 from olmopt.errors import StorageError
 
 HEARTBEAT_INTERVAL = 20
@@ -24,13 +26,13 @@ STALE_AFTER = 900  # journal storages have no heartbeat: RUNNING longer than thi
 
 def heartbeat_settings() -> tuple[int, int]:
     """(interval, grace period) in seconds; OLMOPT_HEARTBEAT_INTERVAL / OLMOPT_HEARTBEAT_GRACE override."""
-    interval = int(os.environ.get("OLMOPT_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL))
-    grace = int(os.environ.get("OLMOPT_HEARTBEAT_GRACE", max(GRACE_PERIOD, 3 * interval)))
+    interval = env_int("OLMOPT_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL)
+    grace = env_int("OLMOPT_HEARTBEAT_GRACE", max(GRACE_PERIOD, 3 * interval))
     return interval, grace
 
 
 def stale_after() -> float:
-    return float(os.environ.get("OLMOPT_STALE_AFTER", STALE_AFTER))
+    return env_float("OLMOPT_STALE_AFTER", STALE_AFTER)
 
 
 def default_storage_url(cwd: Path | None = None) -> str:
@@ -85,8 +87,8 @@ def redact(url: str) -> str:
         return url
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<malformed storage URL>"
+    except (ArgumentError, ValueError):  # show what the user typed, less any password
+        return re.sub(r"(://[^/:@]*):[^/]*@", r"\1:***@", url)
 
 
 def is_sqlite(url: str) -> bool:
@@ -111,11 +113,14 @@ def open_storage(url: str, heartbeat: bool = True, create: bool = True) -> optun
         from optuna.storages.journal import JournalFileBackend
 
         journal = Path(url.removeprefix("journal:"))
-        journal.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(journal)))
+        _make_parent(journal, url)
+        try:
+            return JournalStorage(JournalFileBackend(str(journal)))
+        except OSError as exc:
+            raise StorageError(f"cannot open storage {url}: {exc.strerror or type(exc).__name__} ({journal})") from None
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # a port that is not a number raises ValueError
         raise StorageError(f"malformed storage URL {redact(url)!r} (e.g. sqlite:///storage/olmopt.db)") from None
     if parsed.drivername.split("+")[0] == "postgres":  # libpq's scheme; SQLAlchemy knows only postgresql
         fixed = redact(url).replace(parsed.drivername, "postgresql+psycopg", 1)
@@ -124,7 +129,7 @@ def open_storage(url: str, heartbeat: bool = True, create: bool = True) -> optun
         raise StorageError(f"unsupported storage {parsed.drivername!r}: use sqlite, postgresql, mysql or journal:PATH")
     path = sqlite_path(url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path, url)
     kwargs: dict[str, object] = {}
     if heartbeat and not is_sqlite(url):
         interval, grace = heartbeat_settings()
@@ -142,6 +147,19 @@ def open_storage(url: str, heartbeat: bool = True, create: bool = True) -> optun
         event.listen(storage.engine, "connect", _sqlite_pragmas)
         storage.engine.dispose()  # reconnect so the pragmas apply to every pooled connection
     return storage
+
+
+def _make_parent(path: Path, url: str) -> None:
+    """Create the folder of a storage file; one that cannot be created (under a file, read-only, /proc) is
+    a one-line StorageError naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot open storage {redact(url)}: cannot create the folder {path.parent} ({exc.strerror or type(exc).__name__})"
+        ) from None
+    if path.is_dir():
+        raise StorageError(f"cannot open storage {redact(url)}: {path} is a directory")
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
@@ -175,8 +193,12 @@ def single_writer(url: str) -> Iterator[None]:
         yield
         return
     lock_path = path.with_name(path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
+    _make_parent(lock_path, url)
+    try:
+        handle = open(lock_path, "w")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise StorageError(f"cannot lock storage {redact(url)}: {lock_path}: {exc.strerror or type(exc).__name__}") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -93,6 +93,24 @@ def _rdb_backend(storage: Any) -> RDBStorage | None:
     return backend if isinstance(backend, RDBStorage) else None
 
 
+INFEASIBLE_ATTR = "infeasible"  # why a trial is infeasible beyond its constraints (non-finite outputs)
+
+
+def nonfinite_objectives(metrics: Mapping[str, float], names: list[str]) -> list[str]:
+    """Objectives whose value is NaN, inf or missing: the model's outputs were not finite."""
+    return [n for n in names if not math.isfinite(float(metrics.get(n, math.nan)))]
+
+
+def told_values(metrics: Mapping[str, float], names: list[str], directions: Mapping[str, str]) -> list[float]:
+    """Objective values for ``study.tell``: NaN (which Optuna would turn into a failed trial, retried)
+    becomes the worst value of its direction, so the trial completes and ranks last."""
+    out = []
+    for n in names:
+        v = float(metrics.get(n, math.nan))
+        out.append(v if not math.isnan(v) else (math.inf if directions[n] == "minimize" else -math.inf))
+    return out
+
+
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 

@@ -7,8 +7,12 @@ workers receive Recipes as JSON and send back objective values. Each worker owns
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing as mp
 import os
+import signal
+import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +25,21 @@ if TYPE_CHECKING:  # torch and transformers: imported where a model is loaded
 _WORKER_CTX: EvalContext | None = None
 
 
-def _init_worker(config_json: dict[str, Any], index_queue: Any) -> None:
+def _die_with(parent: int) -> None:
+    """End this worker when its coordinator ends, even by ``kill -9`` (Linux: the parent-death signal)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the coordinator died before the signal was armed
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _init_worker(config_json: dict[str, Any], index_queue: Any, parent: int) -> None:
     global _WORKER_CTX
+    _die_with(parent)
     import torch
 
     from olmopt.runtime import configure_threads
@@ -58,7 +75,7 @@ class Evaluators:
         self._pool: ProcessPoolExecutor | None = None
         if self.workers > 1:
             ctx = mp.get_context("spawn")
-            queue = ctx.Manager().Queue()
+            queue = ctx.Queue()  # handed over at spawn; no manager process that could outlive us
             for i in range(self.workers):
                 queue.put(i)
             os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -66,7 +83,7 @@ class Evaluators:
                 max_workers=self.workers,
                 mp_context=ctx,
                 initializer=_init_worker,
-                initargs=(config.model_dump(mode="json"), queue),
+                initargs=(config.model_dump(mode="json"), queue, os.getpid()),
             )
             # start every worker now (the pool spawns one per pending task): their model loads overlap
             # this process's own start-up instead of delaying the first trials

@@ -38,7 +38,7 @@ from olmopt.zoo.manifest import WEIGHTS, reusable, sha256_file, write_manifest
 from olmopt.zoo.objectives import HELDOUT_FRACTION, load_objective, objective_file, split
 from olmopt.zoo.score import exact_match
 from olmopt.zoo.skills import SKILL_INFO, SKILLS, training_pool
-from olmopt.zoo.tokenizer import build_tokenizer
+from olmopt.zoo.tokenizer import BYTE_LEVEL_ARCHS, build_tokenizer
 from olmopt.zoo.train import data_rng, encode_items, make_model, train
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,14 @@ def build_zoo(
 
 def build_key(spec: FamilySpec, seed: int) -> dict[str, Any]:
     """What makes two builds the same: zoo version, size, arch, seed, a digest of the training plans and
-    the CPU kernels (``olmopt.kernels``: the portable ones wherever the CPU runs them)."""
+    the CPU kernels (``olmopt.kernels``: the portable ones wherever the CPU runs them); for the
+    byte-level-tokenizer architectures, that tokenizer (docs/zoo.md "Tokenizer and encoding")."""
     digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
     kernels = PORTABLE_KERNELS_KEY if cpu_has_avx2() else "native"
-    return {"zoo_version": ZOO_VERSION, "size": spec.size, "arch": spec.arch, "seed": seed, "plan": digest, "kernels": kernels}
+    key = {"zoo_version": ZOO_VERSION, "size": spec.size, "arch": spec.arch, "seed": seed, "plan": digest, "kernels": kernels}
+    if spec.arch in BYTE_LEVEL_ARCHS:  # its tokenizer files changed (same ids): a zoo with the old ones is rebuilt
+        key["tokenizer"] = "byte-level"
+    return key
 
 
 def cached_manifest(out: Path, size: str, arch: str, seed: int | None = None) -> dict[str, Any] | None:
@@ -227,7 +231,7 @@ def _train_family(
     previous_threads = torch.get_num_threads()
     threads = configure_threads()
     try:
-        tokenizer = build_tokenizer()
+        tokenizer = build_tokenizer(spec.arch)  # the files saved with each model; the same ids for every arch
         pad = tokenizer.pad_token_id
         pools, parts, evals = _encoded_data(seed)
 
