@@ -74,14 +74,16 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
             "_selection": {"held_out_guard": 5},
         },
         "joint-tpe-warm+guard": {**joint, "sampler": "tpe", "warm_start": True, "_selection": {"held_out_guard": 5}},
+        "joint-tpe-warm+mean": {**joint, "sampler": "tpe", "warm_start": True, "_selection": {"score": "mean"}},
         # the main job's layer decision (studies/zoo.yaml) at this budget
         "default": {**main_job_layers(), "n_trials": budget},
     }
 
 
 def main_job_layers() -> dict[str, Any]:
-    """The layer decision of the main job, read from studies/zoo.yaml (what `make demo` runs)."""
-    return dict(yaml.safe_load((REPO / "studies" / "zoo.yaml").read_text())["decisions"]["layers"])
+    """The layer decision and selection rules of the main job, read from studies/zoo.yaml (`make demo`)."""
+    study = yaml.safe_load((REPO / "studies" / "zoo.yaml").read_text())
+    return {**study["decisions"]["layers"], "_selection": dict(study.get("selection") or {})}
 
 
 QUICK = ["greedy-forward", "block-swaps", "joint-tpe", "default"]
@@ -135,7 +137,7 @@ def family(zoo: Path) -> tuple[dict[str, Any], dict[str, str]]:
         parts = zoo.name.split("-")  # zoo-SIZE[-ARCH[-sSEED]] (zoo-tiny, zoo-small: the pinned llama families)
         arch = parts[2] if len(parts) > 2 else "llama"
         seed = int(parts[3][1:]) if len(parts) > 3 else None
-        build_zoo(zoo, size=parts[1], arch=arch, seed=seed, progress=False)
+        build_zoo(zoo, size=parts[1], arch=arch, seed=seed, progress=False, check=False)  # acceptance is reported
     manifest = load_manifest(zoo)
     return manifest, {m["name"]: str(zoo / m["path"]) for m in manifest["models"]}
 
@@ -205,6 +207,33 @@ def mean_ci(scores: dict[str, float], counts: dict[str, int]) -> tuple[float, fl
     return mean, 1.96 * math.sqrt(var)
 
 
+def render(paths: list[str]) -> str:
+    """Markdown tables (one per family) from result files this script wrote."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        rows += json.loads(Path(path).read_text())
+    out = []
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        mine = sorted((r for r in rows if r["family"] == fam), key=lambda r: -r["test_mean"])
+        first = mine[0]
+        accepted = "" if first.get("accepted", True) else ", fails the zoo's acceptance criteria"
+        out.append(
+            f"\n**{fam}** (budget {first['budget']}{accepted}): best single donor {first['best_single_test_mean']:.3f}, "
+            f"ground-truth recipe {first['ground_truth_test_mean']:.3f} (test means)\n"
+        )
+        out.append("| strategy | test mean ± 95 % | add | rev | fact | mc | held-out Copeland (best donor) | gap closed | evaluations (+held-out checks) | wall |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in mine:
+            t = r["test"]
+            gap = f"{r['gap_closed']:+.2f}" if r["gap_closed"] is not None else "n/a"
+            out.append(
+                f"| {r['strategy']} | {r['test_mean']:.3f} ± {r['test_ci95']:.3f} | {t['add']:.2f} | {t['rev']:.2f} | "
+                f"{t['fact']:.2f} | {t['mc']:.2f} | {r['held_out_copeland']:+.0f} ({r['held_out_copeland_best_donor']:+.0f}) | "
+                f"{gap} | {r['evaluations']} (+{r['held_out_checks']}) | {r['wall_s']:.0f} s |"
+            )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", nargs="*", default=None, help="zoo directories (default: every family)")
@@ -212,12 +241,16 @@ def main() -> None:
     parser.add_argument("--strategies", default=None, help="comma-separated subset")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(REPO / "storage" / "search-quality.json"))
+    parser.add_argument("--render", nargs="+", metavar="JSON", help="print markdown tables of earlier results and exit")
     args = parser.parse_args()
+    if args.render:
+        print(render(args.render))
+        return
     os.environ.setdefault("OLMOPT_THREADS", "1")
     from olmopt.recipe import Recipe
     from olmopt.select import copeland, rank_table
 
-    default_zoos = ["zoo-tiny", "zoo-tiny-mistral", "zoo-small", "zoo-small-llama-s3", "zoo-small-llama-s4", "zoo-small-mistral"]
+    default_zoos = ["zoo-tiny", "zoo-small", "zoo-small-llama-s0", "zoo-small-llama-s1", "zoo-small-llama-s2"]
     zoos = [Path(z) for z in (args.zoo or [str(REPO / "storage" / z) for z in (["zoo-tiny"] if args.quick else default_zoos)])]
     budget = 40 if args.quick and args.budget == 100 else args.budget
     wanted = args.strategies.split(",") if args.strategies else (QUICK if args.quick else None)
@@ -256,6 +289,7 @@ def main() -> None:
                 gap = gt_mean - best_single
                 row = {
                     "family": zoo.name, "strategy": name, "budget": budget, **run,
+                    "accepted": bool(manifest["acceptance"]["passed"]),
                     "test_mean": mean, "test_ci95": half, "test": test, "held_out": held,
                     "held_out_copeland": cope["merged"], "held_out_copeland_best_donor": max(cope[n] for n in singles),
                     "gap_closed": (mean - best_single) / gap if gap > 0 else None,

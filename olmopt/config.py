@@ -307,6 +307,9 @@ class SelectionConfig(_Strict):
     tolerance: float = Field(0.0, ge=0.0)  # differences within it are ties (evaluation noise)
     # joint stages: the winner is the best held-out mean among the top K of the search selection (0, 1: off)
     held_out_guard: int = Field(0, ge=0)
+    # how a stage orders its feasible candidates: Copeland over per-objective ranks (OLM's), or the mean of
+    # the objective values (magnitudes count; for objectives on one scale, such as accuracies)
+    score: Literal["copeland", "mean"] = "copeland"
 
 
 class SamplerConfig(_Strict):

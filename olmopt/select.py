@@ -148,6 +148,7 @@ def select(
     keep: str | None = None,
     tie_key: Callable[[str], Any] | None = None,
     tolerance: float = 0.0,
+    score: str = "copeland",
 ) -> Selection:
     """Pick the winner among the feasible candidates.
 
@@ -156,6 +157,8 @@ def select(
     dominating candidate beats everything its dominated rival beats, plus the rival itself. Candidates
     absent from ``feasible`` count as feasible (Optuna's convention). If no candidate is feasible the
     winner is ``keep`` (the incumbent). ``tolerance`` makes differences within it ties (ranks and front).
+    ``score="mean"`` orders by the mean of the objective values instead (minimised ones negated; then
+    Copeland, Borda and ``tie_key``): the winner is still on the front, as the best mean is never dominated.
     """
     candidates = _candidates(scores)
     ok = frozenset(c for c in candidates if feasible is None or feasible.get(c, True))
@@ -166,13 +169,31 @@ def select(
     ranks = rank_table(sub, directions, tolerance)
     cope, bord = copeland(ranks), borda(ranks)
     order = _order(sorted(ok), cope, bord, tie_key)
+    if score == "mean":
+        mean = {c: objective_mean(sub, directions, c) for c in ok}
+        order = sorted(order, key=lambda c: -mean[c])  # stable: Copeland order among equal means
+    elif score != "copeland":
+        raise InputError(f"selection score {score!r}: expected 'copeland' or 'mean'")
     front = pareto_front(sub, directions, tolerance)
     winner = order[0]
     reason = (
         f"{winner!r}: Copeland {cope[winner]:g} of {len(order) - 1}, Borda {bord[winner]:g}, "
         f"{len(ok)} of {len(candidates)} feasible, front of {len(front)}"
     )
+    if score == "mean":
+        reason = f"{winner!r}: best mean {mean[winner]:.4g}; " + reason.split(": ", 1)[1]
     return Selection(winner, order, cope, bord, ranks, front, ok, reason)
+
+
+def objective_mean(scores: Scores, directions: Mapping[str, str], candidate: str) -> float:
+    """Mean over objectives of ``candidate``'s values, minimised ones negated; non-finite or missing: -inf."""
+    total = 0.0
+    for objective, per in scores.items():
+        value = per.get(candidate)
+        if value is None or not math.isfinite(value):
+            return -math.inf
+        total += value if _direction(directions, objective) == "maximize" else -value
+    return total / max(1, len(scores))
 
 
 def improves_on(

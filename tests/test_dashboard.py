@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from wsgiref.util import setup_testing_defaults
 
+import optuna
 import optuna_dashboard
 import pytest
 import yaml
@@ -134,7 +135,9 @@ def test_api_shows_metric_names_flat_attrs_notes_and_artifacts(campaign: dict[st
     c = Campaign.load(NAME, campaign["url"])
     decision = c.decision(c.plan[1])  # the dashboard truncates long attrs in its JSON; read it from Optuna
     assert decision is not None
-    assert len(stage["trials"]) == 6
+    study = optuna.load_study(study_name=f"{NAME}/001-joint-layers", storage=campaign["url"])
+    assert len(stage["trials"]) == len(study.trials)  # every trial, the free (reused) ones too
+    assert sum("reused" not in t.user_attrs for t in study.trials) == 6  # the budget counts evaluations
     for trial in stage["trials"]:
         (artifact,) = trial["artifacts"]
         assert artifact["filename"] == "recipe.json"

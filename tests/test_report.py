@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 import yaml
 from _models import make_family, write_addition_data
@@ -94,7 +95,11 @@ def test_report_writes_page_and_plots_of_the_expected_size(
     for stage in data["stages"]:
         assert stage["key"] in page
     assert "&quot;units&quot;" in page and "model.layers.1." in page  # the final Recipe, unit swaps included
-    assert len(data["stages"][1]["points"]) == 6 and any(p["pareto"] for p in data["stages"][1]["points"])
+    joint = optuna.load_study(study_name=f"{NAME}/001-joint-layers", storage=url)
+    complete = joint.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert sum("reused" not in t.user_attrs for t in complete) == 6  # the budget counts evaluations
+    points = data["stages"][1]["points"]
+    assert len(points) == len(complete) and any(p["pareto"] for p in points)
 
 
 def test_report_embeds_images_on_request(campaign: tuple[Path, str]) -> None:

@@ -258,3 +258,19 @@ def test_tolerance_turns_noise_into_ties() -> None:
     assert noisy.ranks["mc"] == {"keep": 1.0, "cand": 1.0}
     assert pareto_front(scores, directions, tolerance=0.01) == ["cand"]
     assert pareto_front(scores, directions) == ["cand", "keep"]
+
+
+def test_mean_score_counts_magnitudes_where_copeland_counts_wins() -> None:
+    """x wins two objectives by a hair and loses one by a lot: Copeland prefers it, the mean does not."""
+    from olmopt.select import objective_mean
+
+    scores = {"add": {"x": 0.51, "y": 0.50}, "rev": {"x": 0.31, "y": 0.30}, "fact": {"x": 0.05, "y": 0.45}}
+    directions = dict.fromkeys(scores, "maximize")
+    assert select(scores, directions).winner == "x"
+    chosen = select(scores, directions, score="mean")
+    assert chosen.winner == "y"
+    assert objective_mean(scores, directions, "y") == pytest.approx((0.50 + 0.30 + 0.45) / 3)
+    assert chosen.reason.startswith("'y': best mean 0.4167")
+    # minimised objectives count negated; a non-finite value makes the mean the worst
+    assert objective_mean({"ppl": {"a": 2.0}}, {"ppl": "minimize"}, "a") == -2.0
+    assert objective_mean({"acc": {"a": float("nan")}}, {"acc": "maximize"}, "a") == float("-inf")

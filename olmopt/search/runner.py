@@ -441,7 +441,7 @@ class CampaignRunner:
             selection = select(
                 scores, self.directions, feasible, keep=keep,
                 tie_key=lambda c: (c != keep, order.get(c, len(order)), c),
-                tolerance=self.c.config.selection.tolerance,
+                tolerance=self.c.config.selection.tolerance, score=self.c.config.selection.score,
             )  # fmt: skip
             winner, reason = selection.winner, selection.reason
             guard = self.c.config.selection.held_out_guard
