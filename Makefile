@@ -25,6 +25,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check olmopt tests benchmarks
+	$(VENV)/bin/mypy olmopt
 
 clean-storage:
 	rm -rf storage/olmopt.db storage/olmopt.db.lock storage/artifacts storage/merged-*

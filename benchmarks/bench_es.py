@@ -81,10 +81,10 @@ def run(kind: str, generations: int, unit: str | None, tmp: Path, profile: bool 
     from olmopt.config import StudyConfig
     from olmopt.evaluate.engine import Evaluator
     from olmopt.patch import WorkingModel
-    from olmopt.search import es_space
     from olmopt.search.api import preflight
     from olmopt.search.campaign import Campaign
     from olmopt.search.context import EvalContext
+    from olmopt.search.kinds import es as es_space
     from olmopt.search.runner import CampaignRunner
     from olmopt.search.workers import Evaluators
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from olmopt.dfs import DfsExecutor, export_path
 from olmopt.errors import InputError
@@ -67,13 +67,13 @@ class ResidentPool:
         self.pool = pool
         self.device = device
         self.dtype = dtype
-        self._models: dict[str, nn.Module] = {}
+        self._models: dict[str, PreTrainedModel] = {}
 
-    def models(self) -> list[nn.Module]:
+    def models(self) -> list[PreTrainedModel]:
         for name in self.pool.names:
             if name not in self._models:
                 model = AutoModelForCausalLM.from_pretrained(self.pool[name].path, dtype=self.dtype)
-                self._models[name] = model.to(self.device).eval().requires_grad_(False)
+                self._models[name] = model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers types PreTrainedModel.to's wrapper wrongly
         return [self._models[n] for n in self.pool.names]
 
 
@@ -87,7 +87,7 @@ class DfsEvalModel(nn.Module):
         self.config = config
 
     @property
-    def base_model(self) -> Any:  # type: ignore[override]
+    def base_model(self) -> Any:
         def run(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
             if "inputs_embeds" in kwargs or "past_key_values" in kwargs or "cache" in kwargs:
                 raise InputError("data-flow paths support teacher-forced and multiple-choice metrics only")
@@ -106,7 +106,9 @@ def dfs_eval_model(resident: ResidentPool, path: DataFlowPath) -> DfsEvalModel:
     return DfsEvalModel(executor, output.get_output_embeddings(), output.config)
 
 
-def export_architecture_recipe(pool: ModelPool, recipe: Recipe, build_dir: Path, patched_model: nn.Module | None = None) -> None:
+def export_architecture_recipe(
+    pool: ModelPool, recipe: Recipe, build_dir: Path, patched_model: PreTrainedModel | None = None
+) -> None:
     """Write the model of a fusion or data-flow recipe into ``build_dir`` (an existing empty temp dir)."""
     if recipe.dfs is not None:
         resident = ResidentPool(pool, torch.device("cpu"), torch.float32)

@@ -247,6 +247,9 @@ class MergeDecision(_Strict):
         return names
 
 
+FUSION_BASELINES: tuple[Literal["mka", "gradient"], ...] = ("mka", "gradient")
+
+
 class FusionDecision(_Strict):
     """Depth fusion of the last layers: number of steps and one alpha per step."""
 
@@ -255,7 +258,7 @@ class FusionDecision(_Strict):
     alpha_low: float = Field(0.0, ge=0.0, le=1.0)
     alpha_high: float = Field(1.0, ge=0.0, le=1.0)
     n_trials: int = Field(30, gt=0)
-    baselines: list[Literal["mka", "gradient"]] = Field(default_factory=lambda: ["mka", "gradient"])
+    baselines: list[Literal["mka", "gradient"]] = Field(default_factory=lambda: list(FUSION_BASELINES))
     calibration_samples: int = Field(64, gt=0)
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)

@@ -73,15 +73,19 @@ _NOT_PER_LAYER = frozenset({"architectures"})
 # model structure helpers
 
 
-def _base(model: PreTrainedModel) -> nn.Module:
+# transformers models are read by submodule and config names (``base_model.layers``, ``config.layer_types``),
+# which torch types as ``Tensor | Module``: these helpers take and give ``Any``
+
+
+def _base(model: Any) -> Any:
     return model.base_model
 
 
-def _is_classifier(model: PreTrainedModel) -> bool:
+def _is_classifier(model: Any) -> bool:
     return isinstance(getattr(model, "score", None), nn.Linear)
 
 
-def _head(model: PreTrainedModel) -> nn.Module:
+def _head(model: Any) -> Any:
     if _is_classifier(model):
         return model.score
     head = model.get_output_embeddings()
@@ -103,7 +107,7 @@ def _check_structure(models: Sequence[PreTrainedModel]) -> None:
             )
 
 
-def _attention_kind(config: PretrainedConfig, layer: int) -> str:
+def _attention_kind(config: Any, layer: int) -> str:
     """``full_attention`` or ``sliding_attention`` for one layer, as the model's forward picks it."""
     types = getattr(config, "layer_types", None)
     if types:
@@ -202,7 +206,7 @@ class DfsExecutor(nn.Module):
         return _base(self.models[path.output_model]).norm(x)
 
     def _branch_step(
-        self, layer: nn.Module, x: torch.Tensor, next_hop: int, kwargs: dict[str, Any]
+        self, layer: Any, x: torch.Tensor, next_hop: int, kwargs: dict[str, Any]
     ) -> torch.Tensor:
         """One decoder layer (same sub-module calls as its forward) with T_next on its MLP output."""
         attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
@@ -223,7 +227,7 @@ class DfsExecutor(nn.Module):
         return _pad_token_id(self.models[self.path.input_model].config)
 
 
-def _pad_token_id(config: PretrainedConfig) -> int | None:
+def _pad_token_id(config: Any) -> int | None:
     getter = getattr(config, "get_text_config", None)
     text_config = getter() if callable(getter) else config
     return getattr(text_config, "pad_token_id", None)
@@ -391,7 +395,7 @@ def exported_tensors(models: Sequence[PreTrainedModel], path: DfsPath) -> Iterat
 
     A layer used by several hops is copied for every hop after the first (no two names share memory).
     """
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, Any]] = set()
     for name, tensor in _exported_tensors(models, path):
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         if key in seen:
@@ -488,8 +492,11 @@ def export_path(
     with atomic_output_dir(out_dir, force, inputs=[side_files_from] if side_files_from is not None else []) as tmp:
         if side_files_from is not None:
             copy_side_files(side_files_from, tmp)
-        writer_kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-        writer = ShardedSafetensorsWriter(tmp, **writer_kwargs)
+        writer = (
+            ShardedSafetensorsWriter(tmp)
+            if max_shard_bytes is None
+            else ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
+        )
         for name, tensor in exported_tensors(models, path):
             writer.add(name, tensor)
         writer.close()
@@ -511,7 +518,8 @@ def build_exported_model(models: Sequence[PreTrainedModel], path: DfsPath) -> Pr
         )
     if config.tie_word_embeddings:
         model.tie_weights()
-    return model.to(next(models[path.output_model].parameters()).dtype).eval()
+    dtype = next(models[path.output_model].parameters()).dtype
+    return model.to(dtype).eval()  # type: ignore[arg-type]  # transformers types PreTrainedModel.to's wrapper wrongly
 
 
 # ----------------------------------------------------------------------------------------------
@@ -719,7 +727,7 @@ def _recipe_from_dict(data: Any) -> DfsRecipe:
 def _model_refs(value: Any) -> tuple[tuple[str, str | None], ...]:
     if not isinstance(value, list | tuple) or not value:
         raise InputError("'model_paths' must be a non-empty list of model paths or [path, revision] pairs")
-    refs = []
+    refs: list[tuple[str, str | None]] = []
     for i, item in enumerate(value):
         if isinstance(item, str):
             refs.append((item, None))

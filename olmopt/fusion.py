@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -175,12 +175,12 @@ def _reindex_layers(layers: nn.ModuleList) -> None:
     for index, layer in enumerate(layers):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
-                module.layer_idx = index
+                cast(Any, module).layer_idx = index
 
 
 def _update_config(model: nn.Module, old_count: int, kept: list[int]) -> None:
     """Make ``model.config`` describe the kept layers: count, per-layer lists, Qwen2 window layers."""
-    config = model.config
+    config: Any = model.config
     for key, value in list(vars(config).items()):
         if not (key.endswith("layer_types") or key in PER_LAYER_CONFIG_KEYS) or value is None:
             continue
@@ -272,6 +272,7 @@ def _parse_step(entry: Any, where: str) -> tuple[Any, tuple[int, int] | None]:
         return alpha, None
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (into, remove)):
         raise InputError(f"{where}: layer_to_merge_into and layer_to_remove must both be integers")
+    assert isinstance(into, int) and isinstance(remove, int)  # checked just above
     return alpha, (into, remove)
 
 
@@ -349,14 +350,14 @@ def layer_representations(
     layers = decoder_layers(model)
     encoded = []
     for i, text in enumerate(texts):
-        ids = list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
-        if not ids:
+        tokens = list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+        if not tokens:
             raise InputError(f"MKA text {i} encodes to no tokens")
-        encoded.append(ids)
+        encoded.append(tokens)
     captured: dict[int, torch.Tensor] = {}
 
-    def hook(index: int):  # type: ignore[no-untyped-def]
-        def record(_module, _inputs, output) -> None:  # type: ignore[no-untyped-def]
+    def hook(index: int):
+        def record(_module, _inputs, output) -> None:
             captured[index] = output[0] if isinstance(output, tuple) else output
 
         return record
@@ -520,17 +521,18 @@ def _fused_view(model: nn.Module, survivor: int) -> Iterator[str]:
     inner = getattr(model, "model", model)
     prefix = next(name for name, module in model.named_modules() if module is layers)
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    old_count = model.config.num_hidden_layers
+    config: Any = model.config
+    old_count = config.num_hidden_layers
     for p, _ in flags:
         p.requires_grad_(False)
     inner.layers = nn.ModuleList(list(layers)[: survivor + 1])
-    model.config.num_hidden_layers = survivor + 1
+    config.num_hidden_layers = survivor + 1
     try:
         with _eval_mode(model):
             yield prefix
     finally:
         inner.layers = layers
-        model.config.num_hidden_layers = old_count
+        config.num_hidden_layers = old_count
         for p, flag in flags:
             p.requires_grad_(flag)
 

@@ -141,7 +141,7 @@ class PreadModel:
         if buffer is None or buffer.numel() < size:
             buffer = torch.empty(size, dtype=torch.uint8)
         raw = buffer[:size]
-        view, done = memoryview(raw.numpy()), 0
+        view, done = memoryview(raw.numpy()), 0  # type: ignore[arg-type]  # numpy arrays are buffers
         fd = os.open(entry.path, os.O_RDONLY)
         try:
             while done < size:

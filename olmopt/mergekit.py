@@ -409,8 +409,8 @@ def _slice_ranges(slices: list[tuple[list[_Source], dict[str, Any], str]], n: in
                     f"{src.key}.layer_range: [{a}, {b}] must start at layer {position} and end by {n} "
                     "(olmopt keeps layer i at position i: no reordering, repetition or depth change)"
                 )
-        ranges.append(sources[0].layer_range)  # type: ignore[arg-type]
-        position = sources[0].layer_range[1]  # type: ignore[index]
+        ranges.append(sources[0].layer_range)
+        position = sources[0].layer_range[1]
     if position != n:
         raise InputError(f"slices: cover layers 0-{position - 1} of {n} (olmopt keeps the depth)")
     return ranges

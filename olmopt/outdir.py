@@ -184,7 +184,8 @@ def _safetensors_dtype(name: str, dtype: torch.dtype) -> str:
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    # numpy arrays are buffers; numpy's stubs do not say so to memoryview
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]
 
 
 @dataclass
@@ -369,7 +370,7 @@ class ShardedSafetensorsWriter:
     def __enter__(self) -> ShardedSafetensorsWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
         elif self._planned is not None:

@@ -161,7 +161,7 @@ class WorkingModel:
         self.device = pick_device(device)
         self.dtype = compute_dtype(self.device)
         self.model = AutoModelForCausalLM.from_pretrained(pool[base].path, dtype=self.dtype)
-        self.model.to(self.device).eval()
+        self.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types PreTrainedModel.to's wrapper wrongly
         self.model.requires_grad_(False)
         self.adapter = pool.adapter
         self.params = dict(self.model.named_parameters())

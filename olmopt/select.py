@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from olmopt.errors import InputError
-from olmopt.evaluate.metrics import METRIC_ALIASES
 
 Scores = Mapping[str, Mapping[str, float]]
 Ranks = Mapping[str, Mapping[str, float]]
@@ -216,6 +215,8 @@ def _rule_targets(
         return objectives, ("base",)
     if rule == "all":
         return objectives, ("base", "incumbent")
+    from olmopt.evaluate.metrics import METRIC_ALIASES  # torch: importing select must not load it
+
     metric = METRIC_ALIASES.get(rule, rule)
     chosen = [o for o in objectives if metric_of.get(o) == metric]
     if not chosen:

@@ -21,8 +21,8 @@ from olmopt.ops import es as es_ops
 from olmopt.patch import WorkingModel
 from olmopt.pool.model_pool import ModelPool
 from olmopt.recipe import EsStep, Recipe
-from olmopt.search import es_space
 from olmopt.search.campaign import Campaign
+from olmopt.search.kinds import es as es_space
 from olmopt.search.trials import RECIPE_ATTR
 
 sys.path.insert(0, str(Path(__file__).parent))

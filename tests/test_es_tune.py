@@ -16,8 +16,8 @@ from olmopt.config import load_study_file
 from olmopt.errors import InputError
 from olmopt.ops import es as es_ops
 from olmopt.recipe import Recipe
-from olmopt.search import es_tune
 from olmopt.search.campaign import Campaign
+from olmopt.search.kinds import es_tune
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _models import damaged_copy  # noqa: E402

@@ -16,7 +16,7 @@ from olmopt.cli import main
 from olmopt.config import StudyConfig
 from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.recipe import Recipe
-from olmopt.search.merge_space import BordaCmaEs, borda, donor_pool, merge_sampler, merge_space
+from olmopt.search.kinds.merge import BordaCmaEs, borda, donor_pool, merge_sampler, merge_space
 from olmopt.search.plan import Stage
 from olmopt.search.seeding import TrialSeeded
 

@@ -83,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_create(args: argparse.Namespace) -> int:
     from olmopt.config import load_study_file
     from olmopt.search.api import create_campaign
+    from olmopt.search.kinds import get_kind
     from olmopt.search.storage import redact, resolve_storage
 
     config = load_study_file(args.study_file)
@@ -95,7 +96,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         return 0
     print(f"created campaign {campaign.name!r} in {redact(url)} with {len(campaign.plan)} stages:")
     for stage in campaign.plan:
-        extra = f" ({stage.n_trials} trials)" if stage.is_joint else ""
+        extra = f" ({stage.n_trials} trials)" if get_kind(stage.kind).joint else ""
         print(f"  {stage.key}{extra}")
     # every later command reads --storage, $OLMOPT_STORAGE or the default, never the study file: say where it lives
     where = f" --storage {redact(url)}" if source in ("--storage", "the study file") else ""

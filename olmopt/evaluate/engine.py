@@ -87,7 +87,7 @@ class Evaluator:
             raise InputError(f"objective names must be unique: {names}")
         for obj in objectives:
             M.get_metric(obj.metric)
-        self.model = model
+        self.model: Any = model  # a transformers causal LM: submodules are read by name (base_model, layers)
         self.tokenizer = tokenizer
         self.objectives = list(objectives)
         self.batch_size = batch_size
@@ -425,9 +425,9 @@ class Evaluator:
             if not bool(torch.isfinite(logits[~done]).all()):
                 self._saw_nonfinite = True
             probs = torch.softmax(logits, dim=-1)
-            p, tok = probs.max(dim=-1)
+            best, tok = probs.max(dim=-1)
             preds[:, t] = torch.where(done, preds[:, t], tok)
-            pmax[:, t] = torch.where(done, pmax[:, t], p)
+            pmax[:, t] = torch.where(done, pmax[:, t], best)
             done = done | (tok == eos)
             if target is not None and t < target.shape[1]:
                 done = done | (tok != target[:, t])

@@ -31,11 +31,11 @@ import os
 import random
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from olmopt.errors import InputError
 
@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from olmopt.evaluate.engine import Objective
 
 EXTRA_HINT = "pip install 'olmopt[lmeval]'"
+# greedy(model, tokenizer, prompts (token ids), max_new_tokens) -> generated ids [B, max_new_tokens]: olmopt's
+# KV-cached decoder, passed in by the caller (``Evaluator.greedy``; this module does not import the engine)
+Greedy = Callable[[Any, Any, list[list[int]], int], Any]
 QUIET_LOGGERS = ("lm_eval", "lm-eval", "transformers", "datasets", "accelerate", "evaluate", "absl")
 
 
@@ -194,7 +197,7 @@ def load_task(spec: LmEvalSpec) -> Any:
     return task
 
 
-def metric_of(task: Any, spec: LmEvalSpec) -> tuple[str, str | None, str]:
+def metric_of(task: Any, spec: LmEvalSpec) -> tuple[str, str | None, Literal["maximize", "minimize"]]:
     """(metric, filter or None, direction) of ``spec`` on ``task``; a metric the task does not produce is
     a one-line InputError listing those it does."""
     better = task.higher_is_better() or {}
@@ -288,7 +291,14 @@ class _Part:
 class LmEvalEvaluator:
     """Scores lm-eval objectives on a resident causal LM (no copy, no reload): HFLM wraps ``model``."""
 
-    def __init__(self, model: Any, tokenizer: Any, objectives: Sequence[Objective], batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        objectives: Sequence[Objective],
+        batch_size: int = 32,
+        greedy: Greedy | None = None,
+    ) -> None:
         require_lm_eval()
         from lm_eval.models.huggingface import HFLM
 
@@ -298,7 +308,7 @@ class LmEvalEvaluator:
             for name in ("lm_eval", "lm-eval"):
                 logging.getLogger(name).setLevel(logging.ERROR)
         with quiet(streams=True):
-            self.lm = _resident_lm_class(HFLM)(
+            self.lm = _resident_lm_class(HFLM, greedy)(
                 pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device)
             )
         self._tasks: dict[str, Any] = {}
@@ -464,18 +474,16 @@ def plain_greedy(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> bool:
     return all(getattr(gc, k, None) in ok for k, ok in _PLAIN_GREEDY.items())
 
 
-def _resident_lm_class(hflm: type) -> type:
+def _resident_lm_class(hflm: type, greedy: Greedy | None = None) -> type:
     """lm-eval's HFLM for the resident model: greedy generation runs on olmopt's KV-cached decoder
-    (``Evaluator.greedy``) when it is plain greedy decoding (``plain_greedy``), else on transformers'
-    ``generate()`` as in lm-eval. lm-eval still builds the contexts, tokenizes, batches, cuts at the
-    stop sequences and decodes; only the decoding loop differs (no per-step logits processors and
-    stopping criteria decoding text)."""
+    (``greedy``, the engine's ``Evaluator.greedy``) when it is plain greedy decoding (``plain_greedy``),
+    else (and without ``greedy``) on transformers' ``generate()`` as in lm-eval. lm-eval still builds the
+    contexts, tokenizes, batches, cuts at the stop sequences and decodes; only the decoding loop differs
+    (no per-step logits processors and stopping criteria decoding text)."""
 
-    class ResidentHFLM(hflm):  # type: ignore[misc, valid-type]
+    class ResidentHFLM(hflm):
         def _model_generate(self, context: Any, max_length: int, stop: list[str], **generation_kwargs: Any) -> Any:
             import torch
-
-            from olmopt.evaluate.engine import Evaluator
 
             kwargs = dict(generation_kwargs)  # normalised as HFLM._model_generate does
             kwargs["temperature"] = kwargs.get("temperature", 0.0)
@@ -483,11 +491,11 @@ def _resident_lm_class(hflm: type) -> type:
                 kwargs["do_sample"] = False
             if kwargs.get("do_sample") is False and kwargs["temperature"] == 0.0:
                 kwargs.pop("temperature")
-            if not plain_greedy(self.model, self.tokenizer, kwargs):
+            if greedy is None or not plain_greedy(self.model, self.tokenizer, kwargs):
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
             mask = kwargs["attention_mask"].bool()
             prompts = [row[m].tolist() for row, m in zip(context, mask, strict=True)]
-            preds, _ = Evaluator(self.model, self.tokenizer, []).greedy(prompts, max_length - context.shape[1])
+            preds = greedy(self.model, self.tokenizer, prompts, max_length - context.shape[1])
             return torch.cat([context, preds.to(context.device)], dim=1)
 
     return ResidentHFLM
@@ -502,7 +510,7 @@ def _memoize_doc_fields(task: Any, docs: list[Any]) -> None:
             continue
         wrapper = getattr(task, name)
         if not hasattr(wrapper, "olmopt_memo"):
-            original, memo = wrapper, {}
+            original, memo = wrapper, dict[int, Any]()
 
             def cached(doc: Any, *args: Any, _memo: dict[int, Any] = memo, _orig: Any = original, **kwargs: Any) -> Any:
                 if args or kwargs or id(doc) not in _memo:

@@ -22,7 +22,7 @@ Contract of the function (checked for every registered method by ``olmopt.testin
   and config validation read this registry, and ``olmopt --help`` must not load torch.
 
 The registry derives from the declarations: config validation (``MergeDecision.methods``), the search
-space of the ``merge`` decision (``search/merge_space.py``), the ``olmopt merge`` flags and parameter
+space of the ``merge`` decision (``search/kinds/merge.py``), the ``olmopt merge`` flags and parameter
 validation (bounds, finiteness, per-variant lengths). Adding a method is one new module in
 ``olmopt/methods/delta/`` imported by that package's ``__init__``.
 

@@ -144,8 +144,8 @@ def _mix(weighted: list[torch.Tensor], weights: list[float], params: DellaParams
         mixed = torch.stack(weighted).sum(0)
         total = sum(weights)
         return mixed.div_(total) if params.normalize and abs(total) >= 1e-8 else mixed
-    total = torch.stack(weighted).sum(0)
-    majority = total.sign_().add_(0.5).sign_()  # sign of the sum, ties -> +1
+    summed = torch.stack(weighted).sum(0)
+    majority = summed.sign_().add_(0.5).sign_()  # sign of the sum, ties -> +1
     mixed = torch.zeros_like(majority)
     divisor = torch.zeros_like(majority)
     for tensor, weight in zip(weighted, weights, strict=True):

@@ -117,7 +117,7 @@ def fuse_tail(tail: Sequence[torch.Tensor], alphas: torch.Tensor) -> torch.Tenso
         )
     coefficients = tail_coefficients(alphas.float())
     fused = sum(c * w.float() for c, w in zip(coefficients, tail, strict=True))
-    return fused.to(tail[0].dtype)  # type: ignore[union-attr]
+    return fused.to(tail[0].dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ class Checkpoint:
             for key in self._open(path).keys():  # noqa: SIM118 - safe_open has no __iter__
                 self._file_of[key] = path
 
-    def _open(self, path: Path):  # type: ignore[no-untyped-def]
+    def _open(self, path: Path):
         """A safe_open handle; a truncated or inconsistent file is a one-line ModelError naming it."""
         handle = self._handles.get(path)
         if handle is None:
@@ -79,7 +79,7 @@ class Checkpoint:
             self._handles[path] = handle
         return handle
 
-    def _handle(self, path: Path):  # type: ignore[no-untyped-def]
+    def _handle(self, path: Path):
         return self._open(path)
 
     def keys(self) -> list[str]:
@@ -131,8 +131,6 @@ class Checkpoint:
         if config is None:
             if not (self.directory / "config.json").is_file():
                 return
-            from olmopt.pool.model_pool import load_config
-
             config = load_config(self.name, self.directory, trust_remote_code)
         expected = expected_tensors(config, auto_class, trust_remote_code)
         if expected is None:
@@ -212,3 +210,13 @@ def expected_tensors(config: Any, auto_class: Any = None, trust_remote_code: boo
             result = ExpectedTensors(shapes, frozenset(optional), getattr(model, "base_model_prefix", "") or "")
     _EXPECTED[key] = result
     return result
+
+
+def load_config(name: str, path: Path, trust_remote_code: bool = False) -> Any:
+    """The model's transformers config; a config.json transformers cannot read is a one-line ModelError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"model {name}: cannot read config.json in {path}: {str(exc).splitlines()[0]}") from None

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 from olmopt.errors import ModelError
 from olmopt.pool.adapter import ArchitectureAdapter
-from olmopt.pool.checkpoint import Checkpoint
+from olmopt.pool.checkpoint import Checkpoint, load_config
 from olmopt.pool.resolve import resolve_model
 from olmopt.textio import read_text
 
@@ -41,13 +40,6 @@ class PoolModel:
     path: Path
     config: Any
     checkpoint: Checkpoint
-
-
-def load_config(name: str, path: Path, trust_remote_code: bool = False) -> Any:
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise ModelError(f"model {name}: cannot read config.json in {path}: {str(exc).splitlines()[0]}") from None
 
 
 class ModelPool:

@@ -30,6 +30,7 @@ from optuna_dashboard import save_note
 
 from olmopt.errors import OlmoptError
 from olmopt.search.campaign import Campaign
+from olmopt.search.kinds import get_kind
 from olmopt.search.storage import redact, sqlite_path
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def campaign_report_data(name: str, url: str) -> dict[str, Any]:
             else {k: d.get(k) for k in ("winner", "trial", "reason", "metrics", "held_out", "candidates")},
             "points": [],
         }
-        if stage.is_joint or stage.kind.startswith("es"):
+        if get_kind(stage.kind).plots_trials:
             study = campaign.existing_stage_study(stage)
             if study is not None:
                 entry["state"] = entry["state"] if d else "running"

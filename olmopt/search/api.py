@@ -49,7 +49,7 @@ def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
         for obj in objectives:
             if obj.kind == "recipe":
                 continue
-            enc = evaluator.encoded(obj, split)  # type: ignore[arg-type]
+            enc = evaluator.encoded(obj, split)
             if obj.kind == "choice" and not enc.choice_ids:
                 raise InputError(f"dataset {obj.path}: metric {obj.metric} needs multiple-choice items")
             check_context(obj.path, enc, getattr(pool[base].config, "max_position_embeddings", None))

@@ -18,7 +18,7 @@ from olmopt import __version__
 from olmopt.config import StudyConfig, default_objective_name
 from olmopt.errors import StorageError
 from olmopt.recipe import Recipe
-from olmopt.search.plan import Stage
+from olmopt.search.kind import Stage
 from olmopt.search.storage import open_storage, redact
 
 CAMPAIGN_ATTR = "olmopt.campaign"
@@ -113,7 +113,7 @@ class Campaign:
         study = optuna.create_study(
             storage=self.storage,
             study_name=self.stage_study_name(stage),
-            directions=[directions[n] for n in names],
+            directions=[optuna.study.StudyDirection[directions[n].upper()] for n in names],
             sampler=sampler,
             load_if_exists=True,
         )

@@ -99,7 +99,7 @@ def _choices(dist: BaseDistribution) -> list[Any]:
     return list(range(dist.low, dist.high + 1, dist.step))
 
 
-def borda_scores(values: list[list[float]], directions: Sequence[StudyDirection]) -> list[float]:
+def borda_scores(values: Sequence[Sequence[float]], directions: Sequence[StudyDirection]) -> list[float]:
     """Sum over objectives of each solution's rank (1 = best); lower is better."""
     scores = [0.0] * len(values)
     for k, direction in enumerate(directions):

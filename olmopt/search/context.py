@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from olmopt.architecture_recipes import ResidentPool, dfs_eval_model, fused, layers_removed, without_fusion
 from olmopt.config import StudyConfig, default_objective_name
@@ -58,7 +59,9 @@ class EvalContext:
             stop_at_first_mismatch=ev.stop_at_first_mismatch,
         )
         lm_objs = [o for o in self.objectives if o.kind == "lm_eval"]  # lm-eval tasks wrap the same resident model
-        self.lm_eval = LmEvalEvaluator(self.working.model, tokenizer, lm_objs, ev.batch_size) if lm_objs else None
+        self.lm_eval = (
+            LmEvalEvaluator(self.working.model, tokenizer, lm_objs, ev.batch_size, greedy=_kv_greedy) if lm_objs else None
+        )
         self._prefix_recipe: Recipe | None = None  # the incumbent whose hidden states the evaluator holds
         self._carried: dict[str, PrefixStore] = {}  # candidate digest -> inputs of the layers after its own
         self._carried_bytes = 0
@@ -68,7 +71,7 @@ class EvalContext:
         for split in ("search", "held_out"):
             if split == "held_out" and not any(o.held_out > 0 for o in self.objectives):
                 continue
-            self.evaluator.prepare(split)  # type: ignore[arg-type]
+            self.evaluator.prepare(split)
             if self.lm_eval is not None:
                 self.lm_eval.prepare(split)
 
@@ -167,3 +170,9 @@ class EvalContext:
         if self.lm_eval is not None:
             values.update(self.lm_eval.evaluate(split, model=model))
         return values
+
+
+def _kv_greedy(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> Any:
+    """olmopt's KV-cached greedy decoder, for lm-eval's generation requests on the resident model."""
+    preds, _ = Evaluator(model, tokenizer, []).greedy(prompts, max_new_tokens)
+    return preds

@@ -22,7 +22,7 @@ from olmopt.search.annotate import annotate_export
 from olmopt.search.api import check_inputs_unchanged
 from olmopt.search.campaign import Campaign
 from olmopt.search.context import EvalContext
-from olmopt.search.es_space import REFINE_INFO, refine_targets
+from olmopt.search.kinds.es import REFINE_INFO, refine_targets
 from olmopt.search.storage import redact, sqlite_path
 from olmopt.search.trials import RECIPE_ATTR, nonfinite_objectives
 
@@ -154,7 +154,7 @@ def export_best(
         finish=lambda tmp: add_donor_map(tmp, recipe, units, adapter.num_layers),
     )  # fmt: skip
     annotate_export(campaign, out)
-    result = {"out": str(out), "recipe": recipe.to_dict(), "stage": key, "trial": trial_number}
+    result: dict[str, Any] = {"out": str(out), "recipe": recipe.to_dict(), "stage": key, "trial": trial_number}
     result.update({"metrics": got, "held_out": held, "comparison": table, "held_out_copeland": verdict})
     if refine_report is not None:
         result["refine"] = refine_report

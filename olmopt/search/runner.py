@@ -1,7 +1,7 @@
 """Run a campaign's stages in order: enqueue candidates, evaluate trials, select, record the decision.
 
-Each stage's search space comes from ``olmopt.search.spaces`` (greedy swaps enqueue every candidate,
-joint stages sample within a budget). Selection: feasible Pareto set, then Copeland over
+Each stage's search space comes from its registered decision kind (``olmopt.search.kinds``: greedy
+swaps enqueue every candidate, joint stages sample within a budget). Selection: feasible Pareto set, then Copeland over
 per-objective ranks, Borda and a fixed order breaking ties; with nothing feasible the incumbent stays.
 
 Resumable and shareable: decided stages are skipped, finished trials are kept, candidates are enqueued
@@ -32,9 +32,9 @@ from olmopt.search.annotate import annotate_decision, annotate_trial
 from olmopt.search.campaign import DECISION_ATTR, Campaign
 from olmopt.search.context import objectives_of
 from olmopt.search.coordination import StageLock, fail_dead_workers_trials, heartbeat_enabled
-from olmopt.search.plan import Stage
+from olmopt.search.kind import Stage, StageSpace
+from olmopt.search.kinds import get_kind
 from olmopt.search.seeding import TrialSeeded
-from olmopt.search.spaces import SPACES, StageSpace
 from olmopt.search.storage import is_sqlite, stale_after
 from olmopt.search.workers import Evaluators
 from olmopt.select import degradation_constraints, is_feasible, select
@@ -65,31 +65,23 @@ def _budget_spent(trials: list[FrozenTrial], budget: int) -> bool:
 
 
 def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0, env: Any = None) -> optuna.samplers.BaseSampler:
-    """Greedy stages only pop enqueued trials; joint stages use the configured sampler (per-worker seed)."""
+    """The kind's own sampler if it has one; else greedy stages only pop enqueued trials and joint stages
+    use the configured sampler (per-worker seed)."""
     cfg = campaign.config.sampler
     seed = cfg.seed + 1000 * stage.index + worker_seed
-    if stage.kind.startswith("es-tune"):  # a few trials over (sigma, generations): space-filling
-        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
-    if not stage.is_joint:
+    kind = get_kind(stage.kind)
+    own = kind.sampler(stage, campaign.config, seed, env)
+    if own is not None:
+        return own
+    if not kind.joint:
         return optuna.samplers.RandomSampler(seed=seed)
-    if stage.kind == "joint-merge" and campaign.config.decisions.merge.sampler is not None:
-        from olmopt.search.merge_space import merge_sampler  # decisions.merge.sampler: tpe, gp, cmaes
+    name = kind.sampler_name(campaign.config) or cfg.name
+    if name == "catcma":
+        space = kind.distributions(stage, env)
+        if space is not None:  # a kind that cannot declare its space up front gets TPE
+            from olmopt.search.catcma_sampler import CatCmaSampler
 
-        return merge_sampler(campaign.config, seed)  # type: ignore[return-value]
-    from olmopt.search.catcma_sampler import CatCmaSampler
-
-    if stage.kind == "joint-dfs" and campaign.config.decisions.dfs.sampler == "cmaes":
-        from olmopt.search.dfs_space import dfs_distributions
-
-        return CatCmaSampler(dfs_distributions(env), seed=seed, population_size=cfg.population_size)
-    name = cfg.name
-    own = {"joint-layers": campaign.config.decisions.layers, "joint-units": campaign.config.decisions.tensors}.get(stage.kind)
-    if own is not None and own.sampler is not None:
-        name = own.sampler
-    if name == "catcma" and own is not None:
-        from olmopt.search.spaces import joint_distributions
-
-        return CatCmaSampler(dict(joint_distributions(stage, env)), seed=seed, population_size=cfg.population_size)
+            return CatCmaSampler(space, seed=seed, population_size=cfg.population_size)
     inner: optuna.samplers.BaseSampler
     if name == "nsga2":
         # Optuna's default population (50) never leaves its random first generation in a 100-trial budget
@@ -195,7 +187,7 @@ class CampaignRunner:
         existing = study.user_attrs.get(DECISION_ATTR)
         if existing:
             return existing
-        space = SPACES[stage.kind](stage, incumbent, self.env)
+        space = get_kind(stage.kind).build(stage, incumbent, self.env)
         if self.n_trials and space.budget is not None:
             space.budget = self.n_trials
         if is_sqlite(self.c.url):
@@ -326,7 +318,7 @@ class CampaignRunner:
                                 assert same is not None
                                 trial.set_user_attr("reused", f"trial {same.number}")
                                 reused = T.metrics_of(same, self.names)
-                            future = Future()
+                            future: Future[dict[str, float]] = Future()
                             future.set_result(reused)
                             in_flight[future] = (trial, recipe)
                             continue
@@ -441,7 +433,7 @@ class CampaignRunner:
         if incumbent is not None:
             same = [lbl for lbl, t in trials.items() if t.user_attrs.get(T.RECIPE_ATTR) == incumbent.to_json()]
             named = [lbl for lbl, _ in space.enqueue if lbl in same]  # the enqueued parent/incumbent first
-            keep = (named or same or [None])[0]
+            keep = named[0] if named else (same[0] if same else None)
         if space.decide is not None:
             winner, reason = space.decide(trials, scores, feasible, keep), "stage acceptance rule"
         else:
@@ -453,7 +445,7 @@ class CampaignRunner:
             )  # fmt: skip
             winner, reason = selection.winner, selection.reason
             guard = self.c.config.selection.held_out_guard
-            if stage.is_joint and guard > 1 and winner is not None and self._has_held_out():
+            if get_kind(stage.kind).joint and guard > 1 and winner is not None and self._has_held_out():
                 winner, reason, guarded = self._held_out_guard(trials, selection.order[:guard], reason)
         earlier = self._earlier_decision(incumbent)
         if winner is None:  # nothing acceptable and the incumbent was not evaluated here
@@ -464,14 +456,16 @@ class CampaignRunner:
             t = trials[winner]
             recipe, trial_number, label = Recipe.from_json(t.user_attrs[T.RECIPE_ATTR]), t.number, winner
             metrics = T.metrics_of(t, self.names)
-        held_out = {}
+        held_out: dict[str, float] = {}
         if winner is not None and winner in guarded:
             held_out = guarded[winner]
         elif self.c.config.selection.held_out_check and self._has_held_out():
-            same = earlier is not None and self._model_key(earlier["recipe"]) == self._model_key(recipe.to_json())
-            same = same and bool(earlier.get("held_out"))  # type: ignore[union-attr]
-            held_out = dict(earlier["held_out"]) if same else self.ev.local.score(recipe, "held_out")  # type: ignore[index]
-        decision = {
+            same_model = earlier is not None and self._model_key(earlier["recipe"]) == self._model_key(recipe.to_json())
+            if earlier is not None and same_model and earlier.get("held_out"):
+                held_out = dict(earlier["held_out"])
+            else:
+                held_out = self.ev.local.score(recipe, "held_out")
+        decision: dict[str, Any] = {
             "stage": stage.key,
             "winner": label,
             "trial": trial_number,
@@ -490,11 +484,11 @@ class CampaignRunner:
             decision["candidates"][lbl]["held_out"] = figures
         if guarded:
             decision["held_out_guard"] = list(guarded)  # the candidates it compared, search order
-        if held_out and stage.is_joint:  # named starting points (baselines) get held-out figures too
+        if held_out and get_kind(stage.kind).joint:  # named starting points (baselines) get held-out figures too
             for lbl, _params in space.enqueue:
                 if lbl in trials and lbl != label and lbl not in guarded:
-                    named = Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR])
-                    decision["candidates"][lbl]["held_out"] = self.ev.local.score(named, "held_out")
+                    baseline = Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR])
+                    decision["candidates"][lbl]["held_out"] = self.ev.local.score(baseline, "held_out")
         if space.details is not None:
             decision.update(space.details(trials))
         study.set_user_attr(DECISION_ATTR, decision)

@@ -112,12 +112,12 @@ def open_storage(url: str, heartbeat: bool = True, create: bool = True) -> optun
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        path = Path(url.removeprefix("journal:"))
-        _make_parent(path, url)
+        journal = Path(url.removeprefix("journal:"))
+        _make_parent(journal, url)
         try:
-            return JournalStorage(JournalFileBackend(str(path)))
+            return JournalStorage(JournalFileBackend(str(journal)))
         except OSError as exc:
-            raise StorageError(f"cannot open storage {url}: {exc.strerror or type(exc).__name__} ({path})") from None
+            raise StorageError(f"cannot open storage {url}: {exc.strerror or type(exc).__name__} ({journal})") from None
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # a port that is not a number raises ValueError

@@ -172,7 +172,7 @@ def _swap_in(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _save(model: PreTrainedModel, tokenizer, directory: Path) -> str:  # type: ignore[no-untyped-def]
+def _save(model: PreTrainedModel, tokenizer, directory: Path) -> str:
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -206,7 +206,7 @@ def _copy_layers(
     return model
 
 
-def _layer_recipe(base: PreTrainedModel, lower: PreTrainedModel, upper: PreTrainedModel, spec: FamilySpec):  # type: ignore[no-untyped-def]
+def _layer_recipe(base: PreTrainedModel, lower: PreTrainedModel, upper: PreTrainedModel, spec: FamilySpec):
     """The ground-truth layer recipe: base, lower layers from ``lower``, upper layers from ``upper``."""
     merged = copy.deepcopy(base)
     _copy_layers(merged, lower, spec.layer_indices("lower"))

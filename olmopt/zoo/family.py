@@ -109,6 +109,7 @@ def family_spec(size: str, arch: str) -> FamilySpec:
         plan = TrainPlan(replay_weights(skill, replay), steps or spec_steps, lr)
         return SpecialistPlan(f"spec_{skill}", skill, layers, plan, replay, on_top_of)
 
+    specialists: tuple[SpecialistPlan, ...]
     if tiny and arch == "qwen2":
         # tied embeddings learn more slowly: with the llama plan rev and fact never take off. A longer
         # base with rev upweighted; the fact specialist gets more steps at a higher LR with replay (it
@@ -136,7 +137,10 @@ def family_spec(size: str, arch: str) -> FamilySpec:
     # specialists (spec_fact 250) shorten the build (spec_fact needs its 250 steps to be clearly best).
     qwen2 = arch == "qwen2"
     mc_lr, steps = (1e-3, 200) if qwen2 else (5e-4, spec_steps)
-    specialists = (spec("rev", "all", 5e-4, 0.1, steps=steps), spec("mc", "all", mc_lr, 0.1, steps=steps))
+    specialists = (
+        spec("rev", "all", 5e-4, 0.1, steps=steps),
+        spec("mc", "all", mc_lr, 0.1, steps=steps),
+    )
     specialists += (
         spec("add", "upper", 1e-3, 0.1, steps=steps),
         spec("fact", "lower", 1e-3, 0.4, on_top_of="spec_add"),

@@ -31,7 +31,7 @@ ARCHS = ("llama", "qwen2", "mistral")
 MAX_POSITIONS = 64
 
 
-def make_model(size: str, arch: str, tokenizer, seed: int) -> PreTrainedModel:  # type: ignore[no-untyped-def]
+def make_model(size: str, arch: str, tokenizer, seed: int) -> PreTrainedModel:
     """A freshly initialised float32 model; ``torch.manual_seed(seed)`` precedes the init."""
     common = dict(
         SIZES[size],
@@ -43,24 +43,24 @@ def make_model(size: str, arch: str, tokenizer, seed: int) -> PreTrainedModel:  
         dtype="float32",
     )
     heads = SIZES[size]["num_attention_heads"]
+    build: Callable[[], PreTrainedModel]  # the config first; the seeded init below
     if arch == "llama":
-        config, cls = LlamaConfig(**common, tie_word_embeddings=False), LlamaForCausalLM
+        llama = LlamaConfig(**common, tie_word_embeddings=False)
+        build = lambda: LlamaForCausalLM(llama)  # noqa: E731
     elif arch == "qwen2":  # q/k/v biases, tied embeddings
-        config, cls = (
-            Qwen2Config(**common, tie_word_embeddings=True, num_key_value_heads=heads),
-            Qwen2ForCausalLM,
-        )
+        qwen2 = Qwen2Config(**common, tie_word_embeddings=True, num_key_value_heads=heads)
+        build = lambda: Qwen2ForCausalLM(qwen2)  # noqa: E731
     else:  # mistral with grouped-query attention
-        config = MistralConfig(
+        mistral = MistralConfig(
             **common, tie_word_embeddings=False, num_key_value_heads=heads // 2, sliding_window=None
         )
-        cls = MistralForCausalLM
+        build = lambda: MistralForCausalLM(mistral)  # noqa: E731
     torch.manual_seed(seed)
-    model = cls(config)
-    return model.to(torch.float32)
+    model = build()
+    return model.to(torch.float32)  # type: ignore[arg-type]  # transformers types PreTrainedModel.to's wrapper wrongly
 
 
-def encode_items(tokenizer, items: Sequence[Item]) -> list[Encoded]:  # type: ignore[no-untyped-def]
+def encode_items(tokenizer, items: Sequence[Item]) -> list[Encoded]:
     """Chat-encode (prompt, answer) items with the shared ``encode_example`` (one user turn)."""
     return [encode_example(tokenizer, [{"role": "user", "content": p}], a) for p, a in items]
 

@@ -18,26 +18,36 @@ the configured sigma and generations, so the search can only confirm or beat the
 from __future__ import annotations
 
 import math
-import re
 from typing import TYPE_CHECKING, Any
 
 from olmopt.config import EsKindDecision
 from olmopt.recipe import EsStep, Recipe
-from olmopt.search.plan import Stage
-from olmopt.search.spaces import SpaceEnv, StageSpace, register_space
+from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
+from olmopt.search.kind_registry import register_kind
+from olmopt.search.kinds.es import (
+    PARENT,
+    TUNED,
+    choose,
+    es_stage_targets,
+    es_units,
+    kind_settings,
+    parse_target,
+    plan_generation,
+    tuned,
+    unit_kind,
+)
 
 if TYPE_CHECKING:
+    from optuna.samplers import BaseSampler
     from optuna.trial import FrozenTrial, Trial
+
+    from olmopt.config import StudyConfig
+    from olmopt.pool.adapter import ArchitectureAdapter
 
 TUNE_KINDS = {"es-tune-svd": "svd", "es-tune-norm": "norm"}
 CONFIGURED = "configured"
-DETAILS = "es_tune"
-_LAYER_PREFIX = re.compile(r"^.*?\.\d+\.")
-
-
-def unit_kind(unit: str) -> str:
-    """``model.layers.3.mlp.down_proj`` -> ``mlp.down_proj``; a unit outside the layers is its own kind."""
-    return _LAYER_PREFIX.sub("", unit, count=1)
+DETAILS = TUNED
+__all__ = ["tuned", "unit_kind"]  # re-exported: they live with the ES stages that read the settings
 
 
 def tune_targets(settings: dict[str, EsKindDecision], units: dict[str, list[str]]) -> list[tuple[str, str]]:
@@ -52,23 +62,12 @@ def tune_targets(settings: dict[str, EsKindDecision], units: dict[str, list[str]
 
 def probe_unit(env: SpaceEnv, kind: str, target: str) -> str:
     """The first ES unit of this strategy whose kind is ``target``."""
-    from olmopt.search.es_space import es_stage_targets, parse_target
-
     for stage_kind, es_target in es_stage_targets(env.config, env.adapter, env.param_names):
         if stage_kind == f"es-{kind}":
             unit, _ = parse_target(es_target)
             if unit_kind(unit) == target:
                 return unit
     raise AssertionError(f"no {kind} ES unit of kind {target!r}")  # the plan made this stage from one
-
-
-def tuned(env: SpaceEnv, kind: str, unit: str) -> tuple[float | None, int | None]:
-    """(sigma, generations) the sigma search chose for ``unit``'s kind; (None, None) without one."""
-    for decision in (getattr(env, "decisions", None) or {}).values():
-        found = decision.get(DETAILS)
-        if found and found["kind"] == kind and found["unit_kind"] == unit_kind(unit):
-            return float(found["sigma"]), int(found["generations"])
-    return None, None
 
 
 def gain(start: dict[str, float], end: dict[str, float], directions: dict[str, str]) -> float:
@@ -88,7 +87,6 @@ def mini_es(
     Returns (final Recipe, its metrics, the incumbent's metrics, offspring evaluated).
     """
     from olmopt.search.context import directions_of
-    from olmopt.search.es_space import PARENT, choose, plan_generation
 
     directions = directions_of(env.config)
     rule = env.config.decisions.es.acceptance
@@ -119,10 +117,11 @@ def tune_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSp
     """Sample (sigma, generations), run a short ES on the probe unit, keep the incumbent."""
     from olmopt.errors import InputError
     from olmopt.search.context import directions_of
-    from olmopt.search.es_space import kind_settings
 
     if incumbent is None:
-        raise InputError(f"stage {stage.key}: the sigma search needs a decided model (it cannot be the first stage)")
+        raise InputError(
+            f"stage {stage.key}: the sigma search needs a decided model (it cannot be the first stage)"
+        )
     kind = TUNE_KINDS[stage.kind]
     block = kind_settings(env.config, kind)
     (sigma_low, sigma_high), (gen_low, gen_high) = block.tune_ranges()
@@ -150,7 +149,10 @@ def tune_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSp
         return final, metrics
 
     def decide(
-        trials: dict[str, FrozenTrial], scores: dict[str, dict[str, float]], feasible: dict[str, bool], keep: str | None
+        trials: dict[str, FrozenTrial],
+        scores: dict[str, dict[str, float]],
+        feasible: dict[str, bool],
+        keep: str | None,
     ) -> str | None:
         return None  # the incumbent stays; ``details`` records the chosen settings
 
@@ -175,11 +177,24 @@ def best_settings(
     With no trial improving at all, the configured settings stay.
     """
     scored = [
-        (float(t.user_attrs["es.gain_per_evaluation"]), float(t.user_attrs["es.improvement"]), -t.number, label, t)
+        (
+            float(t.user_attrs["es.gain_per_evaluation"]),
+            float(t.user_attrs["es.improvement"]),
+            -t.number,
+            label,
+            t,
+        )
         for label, t in trials.items()
         if math.isfinite(float(t.user_attrs.get("es.gain_per_evaluation", math.nan)))
     ]
-    found = {"kind": kind, "unit_kind": target, "probe_unit": unit, **configured, "trial": None, "gain_per_evaluation": 0.0}
+    found = {
+        "kind": kind,
+        "unit_kind": target,
+        "probe_unit": unit,
+        **configured,
+        "trial": None,
+        "gain_per_evaluation": 0.0,
+    }
     if scored:
         per_eval, _, _, label, t = max(scored, key=lambda row: row[:3])
         if per_eval > 0:
@@ -190,5 +205,29 @@ def best_settings(
     return found
 
 
-for _kind in TUNE_KINDS:
-    register_space(_kind, tune_space)
+class EsTuneKind(DecisionKind):
+    """``decisions.es.{svd,norm}.tune``: the ES sigma search, one stage per strategy and unit kind,
+    before the ES stages."""
+
+    stage_kinds = tuple(TUNE_KINDS)
+    order = 70
+    plots_trials = True
+
+    def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
+        if config.decisions.es.svd is None and config.decisions.es.norm is None:
+            return []
+        settings, per_kind = es_units(config, adapter, param_names)
+        return [planned(kind, target) for kind, target in tune_targets(settings, per_kind)]
+
+    def build(self, stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+        return tune_space(stage, incumbent, env)
+
+    def sampler(
+        self, stage: Stage, config: StudyConfig, seed: int, env: SpaceEnv | None
+    ) -> BaseSampler | None:
+        import optuna
+
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True)  # a few trials: space-filling
+
+
+register_kind(EsTuneKind())

@@ -7,19 +7,25 @@ are enqueued as named trials, Bayesian optimisation (TPE, or GP via the sampler)
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optuna.trial import Trial
 
-from olmopt.fusion import fit_alphas, mka_alphas
-from olmopt.ops.fusion import fusion_steps
 from olmopt.recipe import FusionStep, Recipe
-from olmopt.search.plan import Stage
-from olmopt.search.spaces import SpaceEnv, StageSpace, register_space
+from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
+from olmopt.search.kind_registry import register_kind
+
+if TYPE_CHECKING:
+    from olmopt.config import StudyConfig
+    from olmopt.pool.adapter import ArchitectureAdapter
 
 
 def with_fusion(incumbent: Recipe, num_layers: int, alphas: list[float]) -> Recipe:
-    steps = tuple(FusionStep(into=s.into, remove=s.remove, alpha=s.alpha) for s in fusion_steps(num_layers, alphas))
+    from olmopt.ops.fusion import fusion_steps  # torch: only where trials are decoded
+
+    steps = tuple(
+        FusionStep(into=s.into, remove=s.remove, alpha=s.alpha) for s in fusion_steps(num_layers, alphas)
+    )
     return incumbent.model_copy(update={"fusion": steps})
 
 
@@ -61,6 +67,8 @@ def fusion_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> Stage
 
     enqueue: list[tuple[str, dict[str, object]]] = []
     if cfg.baselines:
+        from olmopt.fusion import fit_alphas, mka_alphas  # torch
+
         ctx = env.context
         items = calibration_items(env, cfg.calibration_samples)
         tokenizer = ctx.evaluator.tokenizer
@@ -72,9 +80,28 @@ def fusion_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> Stage
             }
             for name in cfg.baselines:
                 alphas = [min(high, max(low, a)) for a in sources[name]()]
-                params: dict[str, object] = {"steps": max_steps, **{f"alpha.{k}": a for k, a in enumerate(alphas)}}
+                params: dict[str, object] = {
+                    "steps": max_steps,
+                    **{f"alpha.{k}": a for k, a in enumerate(alphas)},
+                }
                 enqueue.append((name, params))
     return StageSpace(decode=decode, enqueue=enqueue, budget=stage.n_trials)
 
 
-register_space("joint-fusion", fusion_space)
+class FusionKind(DecisionKind):
+    """``decisions.fusion: joint``: depth fusion, after the donor and ES decisions."""
+
+    stage_kinds = ("joint-fusion",)
+    order = 90
+    joint = True
+    plots_trials = True
+
+    def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
+        d = config.decisions.fusion
+        return [planned("joint-fusion", n_trials=d.n_trials)] if d.mode == "joint" else []
+
+    def build(self, stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+        return fusion_space(stage, incumbent, env)
+
+
+register_kind(FusionKind())

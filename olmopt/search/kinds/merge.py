@@ -28,7 +28,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.distributions import BaseDistribution
@@ -39,8 +39,12 @@ from olmopt.errors import InputError
 from olmopt.methods.delta import MethodSpec, get_method
 from olmopt.methods.registry import SearchDim
 from olmopt.recipe import MERGE_DONOR, ParamMerge, Recipe
-from olmopt.search.plan import Stage
-from olmopt.search.spaces import SpaceEnv, StageSpace, register_space
+from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
+from olmopt.search.kind_registry import register_kind
+
+if TYPE_CHECKING:
+    from olmopt.config import StudyConfig
+    from olmopt.pool.adapter import ArchitectureAdapter
 
 MAX_ORDERS = 24  # orders searched as one categorical; beyond 4 variants the given order is kept
 SEED_HIGH = 1023
@@ -196,9 +200,6 @@ def merge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
             point[f"{name}.seed"] = 0
         enqueue.append((f"{name}@defaults", {"method": name, **point}))
     return StageSpace(decode=decode, enqueue=enqueue, budget=stage.n_trials)
-
-
-register_space("joint-merge", merge_space)
 
 
 # -- mergekit configurations as first trials ---------------------------------------------------------
@@ -414,3 +415,28 @@ class BordaCmaEs(optuna.samplers.BaseSampler):
 
     def reseed_rng(self) -> None:
         self.cma.reseed_rng()
+
+
+class MergeKind(DecisionKind):
+    """``decisions.merge: joint``: the parameter-space merge, right after the base."""
+
+    stage_kinds = ("joint-merge",)
+    order = 10
+    joint = True
+    plots_trials = True
+
+    def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
+        d = config.decisions.merge
+        return [planned("joint-merge", n_trials=d.n_trials)] if d.mode == "joint" else []
+
+    def build(self, stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+        return merge_space(stage, incumbent, env)
+
+    def sampler(
+        self, stage: Stage, config: StudyConfig, seed: int, env: SpaceEnv | None
+    ) -> optuna.samplers.BaseSampler | None:
+        """``decisions.merge.sampler`` (tpe, gp, cmaes); None: the study's sampler."""
+        return merge_sampler(config, seed) if config.decisions.merge.sampler is not None else None
+
+
+register_kind(MergeKind())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,8 +31,9 @@ from olmopt.config import EsKindDecision, StudyConfig
 from olmopt.errors import InputError
 from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.recipe import EsStep, Recipe
-from olmopt.search.plan import Stage, tensor_units
-from olmopt.search.spaces import SpaceEnv, StageSpace, register_space
+from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
+from olmopt.search.kind_registry import register_kind
+from olmopt.search.kinds.swap import tensor_units
 
 if TYPE_CHECKING:  # torch and the operators load with the first ES stage, not with every CLI command
     import torch
@@ -44,6 +46,8 @@ ES_KINDS = {"es-svd": "svd", "es-norm": "norm"}
 PARENT = "parent"
 SEED_SPACE = 2**53  # seeds stay exact through Optuna's float64 parameter storage
 REJECTED_ATTR = "es.rejected"
+TUNED = "es_tune"  # the decision field where the ES sigma search (``es_tune``) records its settings
+_LAYER_PREFIX = re.compile(r"^.*?\.\d+\.")
 
 
 # -- plan ---------------------------------------------------------------------------------------------
@@ -81,20 +85,17 @@ def check_units(
     return units
 
 
-def es_stage_targets(
+def es_units(
     config: StudyConfig,
     adapter: ArchitectureAdapter,
     param_names: list[str],
     units: list[str] | None = None,
     settings: dict[str, EsKindDecision] | None = None,
-    first_generation: Callable[[str, str], int] | None = None,
-) -> list[tuple[str, str]]:
-    """(stage kind, target) of the ES stages, per unit: SVD-ES generations, then norm-ES generations.
+) -> tuple[dict[str, EsKindDecision], dict[str, list[str]]]:
+    """(strategy -> its ``decisions.es`` block, strategy -> the units it refines), checked.
 
-    ``settings`` (kind -> block) defaults to ``decisions.es``; ``units`` overrides every block's unit
-    list; ``first_generation(kind, unit)`` numbers generations after earlier ES stages (refinement,
-    which plans no sigma search). Blocks with ``tune`` get one ``es-tune-{kind}`` stage per unit kind
-    first (see ``olmopt.search.es_tune``).
+    ``settings`` defaults to the blocks of ``decisions.es`` that are on; ``units`` overrides every
+    block's unit list.
     """
     if settings is None:
         es = config.decisions.es
@@ -108,12 +109,26 @@ def es_stage_targets(
                 raise InputError(f"{where}: tensor stages are off, so list the units to refine")
             chosen = tensor_units(config, adapter, param_names)
         per_kind[kind] = check_units(list(chosen), adapter, param_names, where)
+    return settings, per_kind
+
+
+def es_stage_targets(
+    config: StudyConfig,
+    adapter: ArchitectureAdapter,
+    param_names: list[str],
+    units: list[str] | None = None,
+    settings: dict[str, EsKindDecision] | None = None,
+    first_generation: Callable[[str, str], int] | None = None,
+) -> list[tuple[str, str]]:
+    """(stage kind, target) of the ES stages, per unit: SVD-ES generations, then norm-ES generations.
+
+    ``settings`` and ``units`` as :func:`es_units`; ``first_generation(kind, unit)`` numbers
+    generations after earlier ES stages (refinement). The sigma search's ``es-tune-{kind}`` stages,
+    planned before these, come from ``olmopt.search.kinds.es_tune``.
+    """
+    settings, per_kind = es_units(config, adapter, param_names, units, settings)
     order = list(dict.fromkeys(u for kind in per_kind for u in per_kind[kind]))
     targets = []
-    if first_generation is None:  # the "ES sigma" decisions come before the main ES run
-        from olmopt.search.es_tune import tune_targets
-
-        targets += tune_targets(settings, per_kind)
     for unit in order:
         for kind, block in settings.items():
             if unit not in per_kind[kind]:
@@ -127,6 +142,20 @@ def offspring_seed(sampler_seed: int, kind: str, unit: str, generation: int, ind
     """Deterministic seed of one offspring from (campaign sampler seed, kind, unit, generation, index)."""
     key = json.dumps([sampler_seed, kind, unit, generation, index]).encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % SEED_SPACE
+
+
+def unit_kind(unit: str) -> str:
+    """``model.layers.3.mlp.down_proj`` -> ``mlp.down_proj``; a unit outside the layers is its own kind."""
+    return _LAYER_PREFIX.sub("", unit, count=1)
+
+
+def tuned(env: SpaceEnv, kind: str, unit: str) -> tuple[float | None, int | None]:
+    """(sigma, generations) the sigma search chose for ``unit``'s kind; (None, None) without one."""
+    for decision in (getattr(env, "decisions", None) or {}).values():
+        found = decision.get(TUNED)
+        if found and found["kind"] == kind and found["unit_kind"] == unit_kind(unit):
+            return float(found["sigma"]), int(found["generations"])
+    return None, None
 
 
 # -- the parent tensor -----------------------------------------------------------------------------------
@@ -216,7 +245,8 @@ def plan_generation(
         gen.sigma, d = sigma, tensor.shape[0]
     seed = env.config.sampler.seed
     gen.seeds = [
-        offspring_seed(seed, seed_tag + kind, unit, generation, i) for i in range(es_ops.es_population_size(d))
+        offspring_seed(seed, seed_tag + kind, unit, generation, i)
+        for i in range(es_ops.es_population_size(d))
     ]
     return gen
 
@@ -271,7 +301,9 @@ def choose(
     if not qualified:
         return PARENT
     sub = {o: {label: offspring[label][o] for label in qualified} for o in directions}
-    return select(sub, directions, tie_key=tie_key).winner
+    winner = select(sub, directions, tie_key=tie_key).winner
+    assert winner is not None  # every qualified offspring is a candidate
+    return winner
 
 
 # -- the stage space -------------------------------------------------------------------------------------
@@ -286,8 +318,6 @@ def es_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpac
     kind = ES_KINDS[stage.kind]
     unit, generation = parse_target(stage.target)
     check_units([unit], env.adapter, env.param_names, f"stage {stage.key}")
-    from olmopt.search.es_tune import tuned
-
     sigma0, generations = tuned(env, kind, unit)
     if generations is not None and generations < generation <= kind_settings(env.config, kind).generations:
         # the sigma search chose fewer generations: no trials, the incumbent stays
@@ -331,8 +361,23 @@ def es_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpac
     return StageSpace(decode=decode, enqueue=enqueue, layer=layer, decide=decide)
 
 
-for _kind in ES_KINDS:
-    register_space(_kind, es_space)
+class EsKind(DecisionKind):
+    """``decisions.es``: one SVD-ES or norm-ES generation of one unit per stage."""
+
+    stage_kinds = tuple(ES_KINDS)
+    order = 80
+    plots_trials = True
+
+    def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
+        if config.decisions.es.svd is None and config.decisions.es.norm is None:
+            return []
+        return [planned(kind, target) for kind, target in es_stage_targets(config, adapter, param_names)]
+
+    def build(self, stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+        return es_space(stage, incumbent, env)
+
+
+register_kind(EsKind())
 
 
 # -- refinement of a finished campaign (export best --refine es) -------------------------------------

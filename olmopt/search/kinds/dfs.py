@@ -7,12 +7,20 @@ head frame the path. The identity path of each model is enqueued first.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import Trial
 
 from olmopt.recipe import DataFlowPath, Recipe
-from olmopt.search.plan import Stage
-from olmopt.search.spaces import SpaceEnv, StageSpace, register_space
+from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
+from olmopt.search.kind_registry import register_kind
+
+if TYPE_CHECKING:
+    from optuna.samplers import BaseSampler
+
+    from olmopt.config import StudyConfig
+    from olmopt.pool.adapter import ArchitectureAdapter
 
 
 def dfs_models(env: SpaceEnv) -> list[str]:
@@ -25,7 +33,12 @@ def dfs_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpa
     cfg = env.config.decisions.dfs
     models = dfs_models(env)
     num_layers = env.adapter.num_layers
-    slots = [(r, m, layer) for r in range(cfg.repetitions) for m in range(len(models)) for layer in range(num_layers)]
+    slots = [
+        (r, m, layer)
+        for r in range(cfg.repetitions)
+        for m in range(len(models))
+        for layer in range(num_layers)
+    ]
 
     def decode(trial: Trial) -> tuple[str, Recipe]:
         frame = str(trial.suggest_categorical("io_model", models))
@@ -65,4 +78,32 @@ def dfs_distributions(env: SpaceEnv) -> dict[str, BaseDistribution]:
     return space
 
 
-register_space("joint-dfs", dfs_space)
+class DfsKind(DecisionKind):
+    """``decisions.dfs: joint``: a data-flow path, the last decision of a campaign."""
+
+    stage_kinds = ("joint-dfs",)
+    order = 100
+    joint = True
+    plots_trials = True
+
+    def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
+        d = config.decisions.dfs
+        return [planned("joint-dfs", n_trials=d.n_trials)] if d.mode == "joint" else []
+
+    def build(self, stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+        return dfs_space(stage, incumbent, env)
+
+    def sampler(
+        self, stage: Stage, config: StudyConfig, seed: int, env: SpaceEnv | None
+    ) -> BaseSampler | None:
+        if config.decisions.dfs.sampler != "cmaes":
+            return None
+        from olmopt.search.catcma_sampler import CatCmaSampler
+
+        assert env is not None
+        return CatCmaSampler(
+            dfs_distributions(env), seed=seed, population_size=config.sampler.population_size
+        )
+
+
+register_kind(DfsKind())

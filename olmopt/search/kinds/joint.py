@@ -1,0 +1,111 @@
+"""Joint donor decisions: one sampler over every layer's (``joint-layers``) or unit's (``joint-units``)
+donor at once, within a budget of evaluations (docs/strategies.md)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
+from olmopt.search.kind_registry import register_kind
+from olmopt.search.kinds.swap import apply_choice, current_donor, tensor_units
+
+if TYPE_CHECKING:
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import Trial
+
+    from olmopt.config import StudyConfig, SwapDecision
+    from olmopt.pool.adapter import ArchitectureAdapter
+    from olmopt.recipe import Recipe
+
+
+def joint_slots(
+    stage: Stage, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]
+) -> list[str]:
+    """Parameter names of a joint stage: ``layer.{i}`` or ``unit.{name}``."""
+    if stage.kind == "joint-layers":
+        return [f"layer.{i}" for i in sorted(config.decisions.layers.only or range(adapter.num_layers))]
+    return [f"unit.{u}" for u in tensor_units(config, adapter, param_names)]
+
+
+def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+    """One sampler over every slot's donor at once. The incumbent is the first trial; with ``warm_start``
+    each donor's whole model (every slot from that donor) follows, so the sampler starts from the
+    points a user would try first. ``stage.n_trials`` counts evaluations: a repeated suggestion is free."""
+    assert incumbent is not None
+    slots = joint_slots(stage, env.config, env.adapter, env.param_names)
+
+    def decode(trial: Trial) -> tuple[str, Recipe]:
+        recipe = incumbent
+        for slot in slots:
+            recipe = apply_choice(recipe, slot, str(trial.suggest_categorical(slot, env.pool_names)))
+        label = "incumbent" if recipe == incumbent else f"#{trial.number}"
+        return label, recipe
+
+    keep = {slot: current_donor(incumbent, slot, env.adapter) for slot in slots}
+    enqueue: list[tuple[str, dict[str, Any]]] = [("incumbent", keep)]
+    decision = env.config.decisions.layers if stage.kind == "joint-layers" else env.config.decisions.tensors
+    if decision.warm_start:
+        enqueue += [(f"all-{donor}", dict.fromkeys(slots, donor)) for donor in env.pool_names]
+        enqueue = [
+            (label, params)
+            for i, (label, params) in enumerate(enqueue)
+            if params not in [p for _, p in enqueue[:i]]
+        ]
+    return StageSpace(decode=decode, enqueue=enqueue, budget=stage.n_trials)
+
+
+def joint_distributions(stage: Stage, env: SpaceEnv) -> dict[str, CategoricalDistribution]:
+    """The joint stage's search space (for samplers that need it up front, such as CatCMA)."""
+    from optuna.distributions import CategoricalDistribution
+
+    slots = joint_slots(stage, env.config, env.adapter, env.param_names)
+    return {slot: CategoricalDistribution(list(env.pool_names)) for slot in slots}
+
+
+class _JointDonors(DecisionKind):
+    joint = True
+    plots_trials = True
+
+    def decision(self, config: StudyConfig) -> SwapDecision:
+        raise NotImplementedError
+
+    def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
+        d = self.decision(config)
+        if d.mode == "greedy" and d.then_joint:  # after the greedy stages
+            return [planned(self.stage_kinds[0], n_trials=d.then_joint)]
+        if d.mode == "joint":
+            return [planned(self.stage_kinds[0], n_trials=d.n_trials)]
+        return []
+
+    def build(self, stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+        return joint_space(stage, incumbent, env)
+
+    def sampler_name(self, config: StudyConfig) -> str | None:
+        return self.decision(config).sampler
+
+    def distributions(self, stage: Stage, env: SpaceEnv) -> dict[str, Any]:
+        return dict(joint_distributions(stage, env))
+
+
+class JointLayersKind(_JointDonors):
+    """``decisions.layers: joint`` (or ``then_joint``): every layer's donor in one search."""
+
+    stage_kinds = ("joint-layers",)
+    order = 40
+
+    def decision(self, config: StudyConfig) -> SwapDecision:
+        return config.decisions.layers
+
+
+class JointUnitsKind(_JointDonors):
+    """``decisions.tensors: joint`` (or ``then_joint``): every unit's donor in one search."""
+
+    stage_kinds = ("joint-units",)
+    order = 60
+
+    def decision(self, config: StudyConfig) -> SwapDecision:
+        return config.decisions.tensors
+
+
+register_kind(JointLayersKind())
+register_kind(JointUnitsKind())

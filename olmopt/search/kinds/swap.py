@@ -1,0 +1,232 @@
+"""Greedy swap decisions: the base model, the boundary donor, layer and block donors, unit donors.
+
+A greedy stage has a finite candidate set around the incumbent: every pool model's version of one slot
+(base, boundary, a layer, a block of adjacent layers, a tensor unit). Layer and unit decisions may run
+several sweeps (``passes``); a later sweep after one that changed nothing costs no evaluation.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from olmopt.recipe import Recipe
+from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
+from olmopt.search.kind_registry import register_kind
+
+if TYPE_CHECKING:
+    from optuna.trial import Trial
+
+    from olmopt.config import StudyConfig
+    from olmopt.pool.adapter import ArchitectureAdapter
+
+
+# -- slots ---------------------------------------------------------------------------------------------
+def layer_slots(layers: list[int], width: int, direction: str) -> list[tuple[str, str]]:
+    """Greedy layer slots: ``("layer", "i")`` for width 1, else ``("block", "i-j")`` for every window of
+    ``width`` adjacent searched layers (stride 1), in traversal order."""
+    runs: list[list[int]] = []
+    for i in layers:  # windows never span a gap in ``layers.only``
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    slots: list[tuple[str, str]] = []
+    for run in runs:
+        for start in range(len(run) - width + 1):
+            window = run[start : start + width]
+            slots.append(("layer", str(window[0])) if width == 1 else ("block", f"{window[0]}-{window[-1]}"))
+    return list(reversed(slots)) if direction == "backward" else slots
+
+
+def block_layers(target: str) -> list[int]:
+    """The layers of a block target ``"i-j"``."""
+    first, _, last = target.partition("-")
+    return list(range(int(first), int(last) + 1))
+
+
+def tensor_units(config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[str]:
+    """Units searched by tensor stages: OLM grouping, norms skipped if asked, optional layer filter."""
+    t = config.decisions.tensors
+    units = adapter.all_units(param_names)
+    if t.skip_norm:
+        units = [u for u in units if not any("norm" in part for part in u.split("."))]
+    if t.only is not None:
+        wanted = set(t.only)
+        units = [u for u in units if adapter.layer_of(u + ".weight") in wanted]
+    return list(reversed(units)) if t.direction == "backward" else units
+
+
+def apply_choice(incumbent: Recipe, slot: str, donor: str) -> Recipe:
+    """``incumbent`` with ``slot`` (``layer.{i}`` or ``unit.{name}``) taken from ``donor``."""
+    kind, _, target = slot.partition(".")
+    return incumbent.with_layer(int(target), donor) if kind == "layer" else incumbent.with_unit(target, donor)
+
+
+def current_donor(incumbent: Recipe, slot: str, adapter: ArchitectureAdapter) -> str:
+    """The donor that supplies ``slot`` in the incumbent (what "keep" means)."""
+    kind, _, target = slot.partition(".")
+    if kind == "layer":
+        return incumbent.layers.get(int(target), incumbent.base)
+    if target in incumbent.units:
+        return incumbent.units[target]
+    layer = adapter.layer_of(target + ".weight")
+    if layer is not None:
+        return incumbent.layers.get(layer, incumbent.base)
+    if incumbent.boundary and target in (*adapter.boundary_units(), adapter.lm_head):
+        return incumbent.boundary
+    return incumbent.base
+
+
+def greedy_candidates(stage: Stage, incumbent: Recipe | None, pool: list[str]) -> dict[str, Recipe]:
+    """Candidate label (a donor name) -> Recipe, for a greedy stage."""
+    if stage.kind == "base":
+        return {m: Recipe(base=m) for m in pool}
+    assert incumbent is not None
+    if stage.kind == "boundary":
+        return {m: incumbent.model_copy(update={"boundary": m}) for m in pool}
+    if stage.kind == "block":
+        out: dict[str, Recipe] = {}
+        for m in pool:
+            recipe = incumbent
+            for layer in block_layers(stage.target):
+                recipe = recipe.with_layer(layer, m)
+            out[m] = recipe
+        if incumbent not in out.values():  # a block of mixed donors: keeping it is a candidate too
+            out["incumbent"] = incumbent
+        return out
+    slot = f"{'layer' if stage.kind == 'layer' else 'unit'}.{stage.target}"
+    return {m: apply_choice(incumbent, slot, m) for m in pool}
+
+
+def prefix_layer(stage: Stage, adapter: ArchitectureAdapter) -> int | None:
+    """Layer whose incoming hidden states are shared by every candidate of the stage."""
+    if stage.kind == "layer":
+        return int(stage.target)
+    if stage.kind == "block":
+        return block_layers(stage.target)[0]
+    if stage.kind == "unit":
+        return adapter.layer_of(stage.target + ".weight")
+    return None
+
+
+# -- the stage space -------------------------------------------------------------------------------------
+def swap_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+    """Greedy stage: every pool model's version of one slot (a layer, a block of layers, a unit ...).
+
+    In a later sweep, when the whole previous sweep changed nothing, the only candidate is the incumbent
+    (its metrics are reused, so the stage costs no evaluation)."""
+    pool = env.pool_names
+    if stage.kind == "base" and env.config.decisions.base.mode == "fixed":
+        pool = [env.config.base_model]  # a fixed base is scored once: the reference for improve_all
+    if incumbent is not None and stage.sweep > 1 and not previous_sweep_changed(stage, env):
+        candidates = {"incumbent": incumbent}
+    else:
+        candidates = greedy_candidates(stage, incumbent, pool)
+
+    def decode(trial: Trial) -> tuple[str, Recipe]:
+        label = str(trial.suggest_categorical("donor", list(candidates)))
+        return label, candidates[label]
+
+    return StageSpace(
+        decode=decode,
+        enqueue=[(label, {"donor": label}) for label in candidates],
+        layer=prefix_layer(stage, env.adapter),
+    )
+
+
+_SWEEP_KEY = re.compile(r"^\d+-(layer|block|unit)-.+?(?:-pass(\d+))?$")
+
+
+def previous_sweep_changed(stage: Stage, env: SpaceEnv) -> bool:
+    """Whether the previous sweep over the same slots (layers and blocks, or units) changed the recipe:
+    its last decision against the decision just before it began, compared as weights."""
+    from olmopt.patch import model_key  # torch: only where trials run
+
+    family = {"unit"} if stage.kind == "unit" else {"layer", "block"}
+    keys = sorted(env.decisions, key=lambda k: int(k.split("-", 1)[0]))
+    before: str | None = None
+    first = last = None
+    for key in keys:
+        if int(key.split("-", 1)[0]) >= stage.index:
+            break
+        match = _SWEEP_KEY.match(key)
+        in_previous = (
+            match is not None and match.group(1) in family and int(match.group(2) or 1) == stage.sweep - 1
+        )
+        if in_previous:
+            first = first or key
+            last = key
+        elif first is None:
+            before = key
+    if first is None or last is None or before is None:
+        return True  # nothing to compare with: search
+    recipes = [Recipe.from_json(env.decisions[k]["recipe"]) for k in (before, last)]
+    keys_ = [model_key(r, env.adapter, env.param_names) for r in recipes]
+    return keys_[0] != keys_[1]
+
+
+# -- the kinds -------------------------------------------------------------------------------------------
+class _SwapKind(DecisionKind):
+    """A greedy swap: every enqueued candidate is evaluated, Copeland decides."""
+
+    def build(self, stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+        return swap_space(stage, incumbent, env)
+
+
+class BaseKind(_SwapKind):
+    """``decisions.base``: the base model (the fixed one, or every pool model), always the first stage."""
+
+    stage_kinds = ("base",)
+    order = 0
+
+    def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
+        return [planned("base")]
+
+
+class BoundaryKind(_SwapKind):
+    """``decisions.boundary: greedy``: the donor of the embeddings, final norm and head."""
+
+    stage_kinds = ("boundary",)
+    order = 20
+
+    def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
+        return [planned("boundary")] if config.decisions.boundary.mode == "greedy" else []
+
+
+class LayerKind(_SwapKind):
+    """``decisions.layers: greedy``: one stage per layer (``layer``) or window of layers (``block``), per
+    width of ``windows``, per sweep of ``passes``."""
+
+    stage_kinds = ("layer", "block")
+    order = 30
+
+    def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
+        d = config.decisions.layers
+        if d.mode != "greedy":
+            return []
+        layers = sorted(d.only or range(adapter.num_layers))
+        return [
+            planned(kind, target, sweep=sweep)
+            for sweep in range(1, d.passes + 1)
+            for width in d.windows
+            for kind, target in layer_slots(layers, width, d.direction)
+        ]
+
+
+class UnitKind(_SwapKind):
+    """``decisions.tensors: greedy``: one stage per tensor unit, per sweep of ``passes``."""
+
+    stage_kinds = ("unit",)
+    order = 50
+
+    def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
+        d = config.decisions.tensors
+        if d.mode != "greedy":
+            return []
+        units = tensor_units(config, adapter, param_names)
+        return [planned("unit", unit, sweep=sweep) for sweep in range(1, d.passes + 1) for unit in units]
+
+
+for _kind in (BaseKind(), BoundaryKind(), LayerKind(), UnitKind()):
+    register_kind(_kind)
