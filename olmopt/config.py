@@ -325,6 +325,11 @@ class SamplerConfig(_Strict):
     population_size: int | None = Field(None, ge=2)
     n_startup_trials: int = Field(10, ge=0)
 
+    def nsga2_population(self, n_trials: int) -> int:
+        """NSGA-II's generation size for a budget: ``population_size``, else budget / 5 within [4, 50]
+        (Optuna's default 50 never leaves its random first generation in a 100-evaluation budget)."""
+        return self.population_size or max(4, min(50, n_trials // 5))
+
 
 class EvaluationConfig(_Strict):
     batch_size: int = Field(32, gt=0)

@@ -263,3 +263,27 @@ def test_block_swaps_take_the_step_a_one_layer_traversal_cannot(
     donors = {int(i): Path(m).name for i, m in campaign_status("one", url)["recipe"].get("layers", {}).items()}
     trained = next(m["trained_layers"] for m in tiny_manifest["models"] if m["name"] == model)
     assert all(donors.get(i) == model for i in trained) is recovered, donors
+
+
+@pytest.mark.parametrize(
+    ("layers", "sampler", "needle"),
+    [
+        ({"mode": "joint", "n_trials": 30, "sampler": "nsga2"}, {"population_size": 20}, "never leaves its random first generation"),
+        ({"mode": "joint", "n_trials": 8, "sampler": "tpe"}, {}, "it is random search"),
+        ({"mode": "greedy", "sampler": "catcma"}, {}, "decisions.layers.sampler 'catcma' has no effect"),
+        ({"mode": "greedy"}, {"name": "nsga2"}, "every stage of this campaign is greedy"),
+        ({"mode": "joint", "n_trials": 30, "sampler": "nsga2"}, {}, None),  # population 6: five generations
+    ],
+)
+def test_create_warns_about_samplers_that_cannot_work(tiny_zoo: Path, tmp_path: Path, capsys, layers, sampler, needle) -> None:
+    path = study_file(tmp_path, tiny_zoo, "warn", layers=layers)
+    data = yaml.safe_load(path.read_text())
+    data["sampler"] = sampler
+    path.write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("olmopt: warning: ")]
+    if needle is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and needle in warnings[0], warnings

@@ -91,6 +91,10 @@ def cmd_create(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"name": args.name})
     url, source = resolve_storage(args.storage, config.storage)
     campaign = create_campaign(config, url)
+    from olmopt.search.advice import sampler_warnings
+
+    for warning in sampler_warnings(config, campaign.plan):
+        print(f"olmopt: warning: {warning}", file=sys.stderr)
     if args.json:
         print_json({"name": campaign.name, "storage": redact(url), "stages": [s.to_dict() | {"key": s.key} for s in campaign.plan]})
         return 0

@@ -84,9 +84,7 @@ def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0, env: An
             return CatCmaSampler(space, seed=seed, population_size=cfg.population_size)
     inner: optuna.samplers.BaseSampler
     if name == "nsga2":
-        # Optuna's default population (50) never leaves its random first generation in a 100-trial budget
-        population = cfg.population_size or max(4, min(50, stage.n_trials // 5))
-        inner = optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+        inner = optuna.samplers.NSGAIISampler(seed=seed, population_size=cfg.nsga2_population(stage.n_trials))
     elif name == "gp":
         inner = optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
     elif name == "random":
