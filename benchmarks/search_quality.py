@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -200,11 +199,12 @@ def scorer(zoo: Path, paths: dict[str, str], test_files: dict[str, Path]):  # ty
 
 
 def mean_ci(scores: dict[str, float], counts: dict[str, int]) -> tuple[float, float]:
-    """Mean over skills and the half-width of its 95 % interval (skills independent, binomial items)."""
-    k = len(scores)
-    mean = sum(scores.values()) / k
-    var = sum(p * (1 - p) / counts[s] for s, p in scores.items()) / k**2
-    return mean, 1.96 * math.sqrt(var)
+    """Mean over skills and the half-width of its 95 % interval (the export verdict's rule)."""
+    from olmopt.search.finalize import mean_with_interval
+
+    result = mean_with_interval(scores, dict.fromkeys(scores, "maximize"), counts)
+    assert result is not None  # zoo skills are accuracies
+    return result[0], result[1]
 
 
 def render(paths: list[str]) -> str:
@@ -248,7 +248,7 @@ def main() -> None:
         return
     os.environ.setdefault("OLMOPT_THREADS", "1")
     from olmopt.recipe import Recipe
-    from olmopt.select import copeland, rank_table
+    from olmopt.search.finalize import copeland_verdict
 
     default_zoos = ["zoo-tiny", "zoo-small", "zoo-small-llama-s0", "zoo-small-llama-s1", "zoo-small-llama-s2"]
     zoos = [Path(z) for z in (args.zoo or [str(REPO / "storage" / z) for z in (["zoo-tiny"] if args.quick else default_zoos)])]
@@ -283,9 +283,9 @@ def main() -> None:
                 test = test_ctx.score(recipe, "search")
                 held = search_ctx.score(recipe, "held_out")
                 mean, half = mean_ci(test, counts)
-                directions = {o: "maximize" for o in held}
-                rows = {n: ref_scores[n]["held_out"] for n in singles} | {"merged": held}
-                cope = copeland(rank_table({o: {m: v[o] for m, v in rows.items()} for o in directions}, directions))
+                table = [{"model": "merged", "held_out": held}]
+                table += [{"model": n, "held_out": ref_scores[n]["held_out"]} for n in singles]
+                cope = copeland_verdict(table, dict.fromkeys(held, "maximize"))["scores"]
                 gap = gt_mean - best_single
                 row = {
                     "family": zoo.name, "strategy": name, "budget": budget, **run,

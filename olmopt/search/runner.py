@@ -37,7 +37,7 @@ from olmopt.search.kinds import get_kind
 from olmopt.search.seeding import TrialSeeded
 from olmopt.search.storage import is_sqlite, stale_after
 from olmopt.search.workers import Evaluators
-from olmopt.select import degradation_constraints, is_feasible, select
+from olmopt.select import degradation_constraints, is_feasible, objective_mean, select
 
 POLL_SECONDS = (0.05, 1.0)  # waiting for other workers: first poll, then x1.5 up to the second
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -506,12 +506,8 @@ class CampaignRunner:
         selection, the one with the best held-out mean (maximised objectives; others count negated),
         ties to the search order. Returns (winner, reason, held-out figures of every guarded candidate)."""
         figures = {lbl: self.ev.local.score(Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR]), "held_out") for lbl in top}
-        sign = {n: 1.0 if d == "maximize" else -1.0 for n, d in self.directions.items()}
-
-        def held_mean(lbl: str) -> float:
-            return sum(sign[n] * figures[lbl][n] for n in self.names if n in figures[lbl]) / max(1, len(self.names))
-
-        best = max(top, key=lambda lbl: (held_mean(lbl), -top.index(lbl)))
+        by_objective = {n: {lbl: figures[lbl][n] for lbl in top} for n in self.names}
+        best = max(top, key=lambda lbl: (objective_mean(by_objective, self.directions, lbl), -top.index(lbl)))
         if best != top[0]:
             reason = f"{reason}; held-out guard: {best!r} has the best held-out mean of the top {len(top)}"
         return best, reason, figures
