@@ -36,11 +36,9 @@ TINY_ZOO_DIR = REPO_ROOT / "storage" / "zoo-tiny"
 def tiny_zoo() -> Path:
     """The tiny llama zoo at storage/zoo-tiny (built once, ~1.5 min; reused while zoo.json and hashes match)."""
     from olmopt.zoo import build_zoo
-    from olmopt.zoo.build import cached_manifest
 
     # storage/zoo-tiny is the suite's own cache: one from an older zoo version is rebuilt, not refused
-    stale = TINY_ZOO_DIR.exists() and cached_manifest(TINY_ZOO_DIR, "tiny", "llama") is None
-    build_zoo(TINY_ZOO_DIR, size="tiny", arch="llama", progress=False, force=stale)
+    build_zoo(TINY_ZOO_DIR, size="tiny", arch="llama", progress=False, refresh=True)
     return TINY_ZOO_DIR
 
 

@@ -335,7 +335,7 @@ def test_zoo_tokenizer_round_trips_every_training_prompt_through_autotokenizer(t
     make_config(arch, vocab=len(trained)).save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     texts: set[str] = set()
-    for seed in sorted({s for (_size, a), s in PINNED_SEEDS.items() if a == arch}):
+    for seed in sorted({s for (_size, a), seeds in PINNED_SEEDS.items() if a == arch for s in seeds}):
         rng = data_rng(seed)
         for skill in SKILLS:
             texts.update(t for item in training_pool(skill, rng) for t in item)

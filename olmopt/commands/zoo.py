@@ -49,7 +49,6 @@ def run_build(args: argparse.Namespace) -> int:
     from olmopt.zoo import build_zoo, cached_manifest
 
     cached = not args.force and cached_manifest(args.out, args.size, args.arch, args.seed) is not None
-    stale_zoo = not cached and (args.out / "zoo.json").is_file()
     if cached:
         print(
             f"zoo {args.out} is already built with these arguments; nothing to do (--force rebuilds)",
@@ -62,7 +61,8 @@ def run_build(args: argparse.Namespace) -> int:
         args.seed,
         progress=not args.quiet,
         check=not args.no_check,
-        force=args.force or (args.refresh and stale_zoo),
+        force=args.force,
+        refresh=args.refresh,
     )
     status = "passed" if manifest["acceptance"]["passed"] else "FAILED (kept: --no-check)"
     print(
