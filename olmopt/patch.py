@@ -91,7 +91,7 @@ def shared_prefix_depth(old: Recipe, new: Recipe, adapter: ArchitectureAdapter, 
 
 def apply_es_steps(tensor: torch.Tensor, steps: tuple[EsStep, ...]) -> torch.Tensor:
     """Replay ES steps on a tensor (each step regenerates its noise from its seed)."""
-    from olmopt.ops import es as es_ops
+    from olmopt.methods.es import maths as es_ops
 
     for step in steps:
         fn = es_ops.svd_es_step if step.kind == "svd" else es_ops.norm_es_step

@@ -22,23 +22,17 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from olmopt.dfs import (
-    DfsExecutor,
-    build_exported_model,
-    classification_accuracy,
-    export_path,
-    exported_config,
-)
 from olmopt.errors import InputError
-from olmopt.ops.dfs import (
-    DfsPath,
-    HopAffine,
+from olmopt.methods.dfs.executor import DfsExecutor, classification_accuracy
+from olmopt.methods.dfs.folded_model import build_exported_model, export_path, exported_config
+from olmopt.methods.dfs.maths import (
     fold_into_output_projection,
     path_from_mask,
     rms_norm_fold_error_bound,
     stream_equivalent_eps,
     stream_ratios,
 )
+from olmopt.methods.dfs.path import DfsPath, HopAffine
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from olmopt.ops.fusion import (
+from olmopt.methods.fusion.maths import (
     check_chain,
     diffusion_embedding,
     fuse_chain,

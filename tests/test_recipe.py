@@ -8,7 +8,8 @@ import json
 import pytest
 
 from olmopt.errors import InputError
-from olmopt.recipe import DataFlowPath, EsStep, FusionStep, ParamMerge, Recipe
+from olmopt.methods.dfs.path import DfsPath
+from olmopt.recipe import EsStep, FusionStep, ParamMerge, Recipe
 
 UNITS = ["model.embed_tokens", "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj", "model.norm"]
 
@@ -27,7 +28,7 @@ def _full() -> Recipe:
             method="della", models=("b", "c"), params={"drop": 0.3, "rescale": True}, seed=3
         ),
         fusion=(FusionStep(into=2, remove=3, alpha=0.625),),
-        dfs=DataFlowPath(hops=(("a", 0), ("b", 1)), scales=(1.0, 0.5), input_model="a", output_model="b"),
+        dfs=DfsPath(hops=(("a", 0), ("b", 1)), scales=(1.0, 0.5), input_model="a", output_model="b"),
     )
 
 

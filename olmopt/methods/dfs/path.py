@@ -1,31 +1,27 @@
-"""Data-flow-space (DFS) paths: mask decoding, validation and the exact fold maths.
+"""The data-flow-space (DFS) path: one type for a layer path, in a Recipe and on loaded models.
 
-A DFS path is a sequence of hops, each running one decoder layer ``(model, layer)`` of a pool of
-homologous models, with a transform on what enters the hop. Pure: tensors in, tensors out; no model
-objects, no Optuna, no file I/O. The path executor and the export live in ``olmopt.dfs``; the
-semantics and the fold derivation are in docs/dfs.md.
-
-Transform of hop ``k`` (``scale_target="branch"``, the seed's semantics)::
-
-    T_k(v) = s_k * (W_k @ v) + b_k      (W_k = identity and b_k = 0 when absent)
-
-applied to the *branch output* entering hop ``k``: the embedding at hop 0, else the MLP output of hop
-``k-1`` (before it is added to the residual stream). ``scale_target="stream"`` instead multiplies the
-whole residual stream entering hop ``k`` by ``s_k`` (scalar scales only).
+A path is a sequence of hops, each running one decoder layer ``(model, layer)`` of a pool of
+homologous models, with a transform on what enters the hop (a scale, optionally an affine map). A
+model is named by its pool name in a Recipe (``Recipe.dfs``) and by its position in a list of loaded
+models when a path runs or is exported (``DfsPath.indexed(names)``). Torch-free at import (tensors
+only appear in affine maps); the maths is ``olmopt.methods.dfs.maths``, the semantics and the fold
+derivation are in docs/dfs.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from olmopt.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 ScaleTarget = Literal["branch", "stream"]
 SCALE_TARGETS: tuple[str, ...] = ("branch", "stream")
@@ -56,7 +52,7 @@ class HopAffine:
                 f"affine bias has {self.bias.shape[0]} entries but the weight is {tuple(self.weight.shape)}"
             )
         for name, tensor in (("weight", self.weight), ("bias", self.bias)):
-            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            if tensor is not None and not bool(tensor.isfinite().all()):
                 raise InputError(f"affine {name} contains NaN or infinite values")
 
     @property
@@ -84,33 +80,42 @@ class HopAffine:
 
 
 def _float_tensor(value: Any, what: str) -> torch.Tensor:
+    import torch  # affine maps only: the path type itself needs no torch
+
     try:
         return torch.tensor(value, dtype=torch.float32)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{what}: not a numeric array ({exc})") from None
 
 
+ModelRef = int | str
+"""A model on a path: its pool name (in a Recipe) or its position in a list of loaded models."""
+
+
 @dataclass(frozen=True, eq=False)
 class DfsPath:
-    """A typed DFS path: hops ``(model, layer)``, a scale per hop, optional affine maps per hop.
+    """A DFS path: hops ``(model, layer)``, a scale per hop, optional affine maps per hop.
 
     ``input_model`` supplies the embedding, ``output_model`` the final norm and the head (``lm_head``
-    or ``score``). ``affine`` is empty (no affine maps) or has one entry (``HopAffine`` or ``None``) per
-    hop. ``scale_target`` is ``"branch"`` (seed semantics) or ``"stream"`` (see the module docstring).
+    or ``score``). Models are all pool names (a Recipe's path) or all indices into a list of loaded
+    models (what runs and exports; ``indexed``). ``affine`` is empty (no affine maps) or has one entry
+    (``HopAffine`` or ``None``) per hop. ``scale_target`` is ``"branch"`` (seed semantics) or
+    ``"stream"`` (see ``olmopt.methods.dfs.maths``). Two paths are equal when every field is, affine
+    tensors included. In a Recipe's JSON the path is ``recipe_dict()``.
     """
 
-    hops: tuple[tuple[int, int], ...]
+    hops: tuple[tuple[ModelRef, int], ...]
     scales: tuple[float, ...]
     affine: tuple[HopAffine | None, ...] = field(default=())
-    input_model: int = 0
-    output_model: int = 0
+    input_model: ModelRef = 0
+    output_model: ModelRef = 0
     scale_target: ScaleTarget = "branch"
 
     def __post_init__(self) -> None:
-        hops = tuple((_index(m, "hop model"), _index(l_, "hop layer")) for m, l_ in self.hops)
+        hops = tuple((_model_ref(m, "hop model"), _index(l_, "hop layer")) for m, l_ in self.hops)
         object.__setattr__(self, "hops", hops)
         object.__setattr__(
-            self, "scales", tuple(_finite(s, f"scales[{k}]") for k, s in enumerate(self.scales))
+            self, "scales", tuple(finite_number(s, f"scales[{k}]") for k, s in enumerate(self.scales))
         )
         object.__setattr__(self, "affine", tuple(self.affine))
         if not hops:
@@ -121,8 +126,10 @@ class DfsPath:
             raise InputError(f"DFS path has {len(hops)} hops but {len(self.affine)} affine entries")
         if self.affine and all(a is None for a in self.affine):
             object.__setattr__(self, "affine", ())
-        _index(self.input_model, "input_model")
-        _index(self.output_model, "output_model")
+        object.__setattr__(self, "input_model", _model_ref(self.input_model, "input_model"))
+        object.__setattr__(self, "output_model", _model_ref(self.output_model, "output_model"))
+        if len({type(m) for m in self.models_used}) > 1:
+            raise InputError("DFS path mixes model names and model indices: use one or the other")
         if self.scale_target not in SCALE_TARGETS:
             raise InputError(f"scale_target must be one of {SCALE_TARGETS}, got {self.scale_target!r}")
         if self.scale_target == "stream" and self.affine:
@@ -136,9 +143,60 @@ class DfsPath:
         return len(self.hops)
 
     @property
-    def models_used(self) -> list[int]:
-        """Model indices the path touches (hops, input and output), sorted."""
+    def models_used(self) -> list[ModelRef]:
+        """Models the path touches (hops, input and output), sorted."""
         return sorted({m for m, _ in self.hops} | {self.input_model, self.output_model})
+
+    @property
+    def is_indexed(self) -> bool:
+        """True when the models are indices into a list of loaded models (not pool names)."""
+        return isinstance(self.input_model, int)
+
+    @property
+    def input_index(self) -> int:
+        """``input_model`` of an indexed path (a named path is refused: see ``indexed``)."""
+        return _position(self.input_model)
+
+    @property
+    def output_index(self) -> int:
+        """``output_model`` of an indexed path."""
+        return _position(self.output_model)
+
+    @property
+    def hop_indices(self) -> tuple[tuple[int, int], ...]:
+        """``hops`` of an indexed path: (model index, layer)."""
+        return tuple((_position(m), layer) for m, layer in self.hops)
+
+    def indexed(self, names: Sequence[str]) -> DfsPath:
+        """The same path with models as positions in ``names`` (a pool's order); an indexed path as is."""
+        if self.is_indexed:
+            return self
+        position = {name: i for i, name in enumerate(names)}
+
+        def index(model: ModelRef) -> int:
+            if model not in position:
+                raise InputError(f"DFS path: model {model!r} is not in the pool ({', '.join(names)})")
+            return position[str(model)]
+
+        return dataclasses.replace(
+            self,
+            hops=tuple((index(m), layer) for m, layer in self.hops),
+            input_model=index(self.input_model),
+            output_model=index(self.output_model),
+        )
+
+    def renamed(self, mapping: dict[str, str]) -> DfsPath:
+        """The same path with the named models renamed by ``mapping`` (others, and indices, kept)."""
+
+        def rename(model: ModelRef) -> ModelRef:
+            return mapping.get(model, model) if isinstance(model, str) else model
+
+        return dataclasses.replace(
+            self,
+            hops=tuple((rename(m), layer) for m, layer in self.hops),
+            input_model=rename(self.input_model),
+            output_model=rename(self.output_model),
+        )
 
     def affine_at(self, hop: int) -> HopAffine | None:
         return self.affine[hop] if self.affine else None
@@ -147,19 +205,23 @@ class DfsPath:
         """True when hop ``hop``'s transform leaves its input unchanged (scale 1, no affine map)."""
         return self.scales[hop] == NEUTRAL_SCALE and self.affine_at(hop) is None
 
+    def _plain_fields(self) -> tuple[Any, ...]:
+        return (self.hops, self.scales, self.input_model, self.output_model, self.scale_target, len(self.affine))
+
     def equals(self, other: DfsPath) -> bool:
         """Exact equality, affine tensors included."""
-        if (self.hops, self.scales, self.input_model, self.output_model, self.scale_target) != (
-            other.hops,
-            other.scales,
-            other.input_model,
-            other.output_model,
-            other.scale_target,
-        ):
+        if self._plain_fields() != other._plain_fields():
             return False
         return all(_same_affine(self.affine_at(k), other.affine_at(k)) for k in range(self.num_hops))
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DfsPath) and self.equals(other)
+
+    def __hash__(self) -> int:
+        return hash(self._plain_fields())
+
     def to_dict(self) -> dict[str, Any]:
+        """Every field (the form of ``dfs_path.json`` and of ``to_json``)."""
         return {
             "hops": [[m, l_] for m, l_ in self.hops],
             "scales": list(self.scales),
@@ -168,6 +230,15 @@ class DfsPath:
             "output_model": self.output_model,
             "scale_target": self.scale_target,
         }
+
+    def recipe_dict(self) -> dict[str, Any]:
+        """The form in a Recipe's JSON: hops, scales, input and output model, other fields when set."""
+        data = {key: value for key, value in self.to_dict().items() if key not in ("affine", "scale_target")}
+        if self.affine:
+            data["affine"] = self.to_dict()["affine"]
+        if self.scale_target != "branch":
+            data["scale_target"] = self.scale_target
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DfsPath:
@@ -179,15 +250,17 @@ class DfsPath:
         if "hops" not in data:
             raise InputError("DFS path: missing key 'hops'")
         hops = data["hops"]
-        if not isinstance(hops, list) or not all(isinstance(h, list | tuple) and len(h) == 2 for h in hops):
+        if not isinstance(hops, list | tuple) or not all(
+            isinstance(h, list | tuple) and len(h) == 2 for h in hops
+        ):
             raise InputError("DFS path: 'hops' must be a list of [model, layer] pairs")
         scales = data.get("scales")
         if scales is None:
             scales = [NEUTRAL_SCALE] * len(hops)
-        if not isinstance(scales, list):
+        if not isinstance(scales, list | tuple):
             raise InputError("DFS path: 'scales' must be a list of numbers")
         affine = data.get("affine") or []
-        if not isinstance(affine, list):
+        if not isinstance(affine, list | tuple):
             raise InputError("DFS path: 'affine' must be null or a list with one entry per hop")
         return cls(
             hops=tuple((h[0], h[1]) for h in hops),
@@ -209,242 +282,60 @@ class DfsPath:
             raise InputError(f"DFS path: invalid JSON ({exc})") from None
         return cls.from_dict(data)
 
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        """As a pydantic field (``Recipe.dfs``): validated by ``from_dict``, serialised by ``recipe_dict``."""
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_plain_validator_function(
+            cls._validate,
+            serialization=core_schema.plain_serializer_function_ser_schema(lambda path: path.recipe_dict()),
+        )
+
+    @classmethod
+    def _validate(cls, value: Any) -> DfsPath:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls.from_dict(value)
+        except InputError as exc:  # pydantic reports a ValueError with the field's location
+            raise ValueError(str(exc)) from None
+
 
 def _same_affine(a: HopAffine | None, b: HopAffine | None) -> bool:
     if a is None or b is None:
         return a is b
 
     def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
-        return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+        return (x is None and y is None) or (x is not None and y is not None and x.equal(y))
 
     return same(a.weight, b.weight) and same(a.bias, b.bias)
 
 
+def _model_ref(value: Any, what: str) -> ModelRef:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise InputError(f"{what} must be a pool model name or a non-negative index, got {value!r}")
+    return int(value)
+
+
+def _position(model: ModelRef) -> int:
+    if not isinstance(model, int):
+        raise InputError(f"DFS path names its models ({model!r}): index it over the pool's names first")
+    return model
+
+
 def _index(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise InputError(f"{what} must be a non-negative integer, got {value!r}")
     return int(value)
 
 
-def _finite(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+def finite_number(value: Any, what: str) -> float:
+    """``value`` as a float; a one-line InputError naming ``what`` for a non-number, NaN or infinity."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InputError(f"{what} must be a number, got {value!r}")
     if not math.isfinite(float(value)):
         raise InputError(f"{what} must be finite, got {value!r}")
     return float(value)
-
-
-def as_layer_mask(mask: Any) -> np.ndarray:
-    """A boolean (repetitions, models, layers) array; anything else is an InputError."""
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    try:
-        array = np.asarray(mask)
-    except ValueError:
-        array = None
-    if array is None or array.dtype == object:
-        raise InputError("layer_mask must be a rectangular (repetitions, models, layers) array of booleans")
-    if array.ndim != 3:
-        raise InputError(
-            f"layer_mask must have 3 dimensions (repetitions, models, layers), got shape {array.shape}"
-        )
-    if array.dtype != np.bool_:
-        if array.size and not np.isin(array, (0, 1)).all():
-            raise InputError("layer_mask must hold booleans (true/false or 0/1)")
-        array = array.astype(bool)
-    return array
-
-
-def path_from_mask(
-    mask: Any,
-    scales: Any = None,
-    *,
-    affine: Sequence[HopAffine | None] | None = None,
-    input_model: int = 0,
-    output_model: int = 0,
-    layer_counts: Sequence[int] | None = None,
-    append_last_layer: bool = False,
-    last_layer_scale: float = NEUTRAL_SCALE,
-    scale_target: ScaleTarget = "branch",
-) -> DfsPath:
-    """Decode a layer mask of shape ``(repetitions, models, layers)`` into a ``DfsPath``.
-
-    Hop order is the seed's: repetition-major, then model, then layer ascending. ``scales`` is
-    ``None`` (all 1), one number per active slot (hop order), or an array of the mask's shape whose
-    inactive slots hold 1.0 (a different value there is an error: it would have no effect).
-    ``affine`` has one entry per active slot. ``layer_counts`` (layers per model), when given, checks
-    the model axis and that no slot past a model's depth is active. ``append_last_layer`` adds the
-    seed's final hop ``(output_model, last layer)`` with ``last_layer_scale`` and no affine map.
-    """
-    array = as_layer_mask(mask)
-    repetitions, num_models, width = array.shape
-    if layer_counts is not None:
-        if num_models != len(layer_counts):
-            raise InputError(f"layer_mask covers {num_models} models but the pool has {len(layer_counts)}")
-        if width != max(layer_counts):
-            raise InputError(
-                f"layer_mask has {width} layer slots but the deepest model has {max(layer_counts)} layers"
-            )
-        for m, count in enumerate(layer_counts):
-            beyond = np.argwhere(array[:, m, count:])
-            if beyond.size:
-                r, l_ = int(beyond[0][0]), int(beyond[0][1]) + count
-                raise InputError(
-                    f"layer_mask[{r}][{m}][{l_}] is active but model {m} has only {count} layers"
-                )
-    active = [tuple(int(i) for i in idx) for idx in np.argwhere(array)]  # C order = hop order
-    hop_scales = _decode_scales(scales, array, len(active))
-    hop_affine = list(affine) if affine is not None else []
-    if hop_affine and len(hop_affine) != len(active):
-        raise InputError(
-            f"affine has {len(hop_affine)} entries but layer_mask has {len(active)} active slots"
-        )
-    hops = [(m, l_) for _, m, l_ in active]
-    if append_last_layer:
-        if layer_counts is None:
-            raise InputError("append_last_layer needs layer_counts (the output model's depth)")
-        hops.append((output_model, layer_counts[output_model] - 1))
-        hop_scales.append(_finite(last_layer_scale, "last_layer_scale"))
-        if hop_affine:
-            hop_affine.append(None)
-    if not hops:
-        raise InputError("layer_mask selects no layer: the DFS path is empty")
-    del repetitions
-    return DfsPath(
-        hops=tuple(hops),
-        scales=tuple(hop_scales),
-        affine=tuple(hop_affine),
-        input_model=input_model,
-        output_model=output_model,
-        scale_target=scale_target,
-    )
-
-
-def _decode_scales(scales: Any, mask: np.ndarray, n_active: int) -> list[float]:
-    if scales is None:
-        return [NEUTRAL_SCALE] * n_active
-    if isinstance(scales, torch.Tensor):
-        scales = scales.detach().cpu().numpy()
-    try:
-        array = np.asarray(scales, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InputError(
-            "scaling_factors must be one number per active slot or an array shaped like layer_mask"
-        ) from None
-    if array.shape == mask.shape:
-        inactive = np.argwhere(~mask & (array != NEUTRAL_SCALE))
-        if inactive.size:
-            r, m, l_ = (int(i) for i in inactive[0])
-            raise InputError(
-                f"scaling_factors[{r}][{m}][{l_}] = {array[r, m, l_]:g} is set for an inactive layer_mask slot "
-                "(inactive slots must hold 1.0)"
-            )
-        values = array[mask]
-    elif array.ndim == 1 and array.shape[0] == n_active:
-        values = array
-    else:
-        raise InputError(
-            f"scaling_factors has shape {array.shape}; expected {mask.shape} (like layer_mask) "
-            f"or ({n_active},) (one per active slot)"
-        )
-    return [_finite(float(v), f"scaling_factors (hop {k})") for k, v in enumerate(values)]
-
-
-def validate_path(
-    path: DfsPath, layer_counts: Sequence[int], hidden_sizes: Sequence[int] | None = None
-) -> None:
-    """Check a path against a pool: model and layer indices in range, one hidden size, affine sizes."""
-    n = len(layer_counts)
-    for what, m in (("input_model", path.input_model), ("output_model", path.output_model)):
-        if m >= n:
-            raise InputError(f"{what} = {m} but the pool has {n} models")
-    for k, (m, l_) in enumerate(path.hops):
-        if m >= n:
-            raise InputError(f"hop {k} uses model {m} but the pool has {n} models")
-        if l_ >= layer_counts[m]:
-            raise InputError(f"hop {k} uses layer {l_} of model {m}, which has {layer_counts[m]} layers")
-    if hidden_sizes is None:
-        return
-    used = path.models_used
-    sizes = {m: hidden_sizes[m] for m in used}
-    if len(set(sizes.values())) > 1:
-        detail = ", ".join(f"model {m}: {h}" for m, h in sizes.items())
-        raise InputError(f"models on a DFS path must share one hidden size ({detail})")
-    hidden = next(iter(sizes.values()))
-    for k in range(path.num_hops):
-        a = path.affine_at(k)
-        if a is not None and a.size != hidden:
-            raise InputError(f"hop {k}: affine map is {a.size}-dimensional but the hidden size is {hidden}")
-
-
-def apply_transform(value: torch.Tensor, scale: float, affine: HopAffine | None) -> torch.Tensor:
-    """``T(v) = scale * (W @ v) + b`` on the last dimension (W, b from ``affine``, when given)."""
-    if affine is None:
-        return affine_transform(value, scale)
-    return affine_transform(value, scale, affine.weight, affine.bias)
-
-
-def affine_transform(
-    value: torch.Tensor, scale: float, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``scale * (weight @ v) + bias`` on the last dimension of ``value`` (absent parts are skipped)."""
-    if weight is not None:
-        value = value @ weight.to(device=value.device, dtype=value.dtype).T
-    if scale != NEUTRAL_SCALE:
-        value = value * scale
-    if bias is not None:
-        value = value + bias.to(device=value.device, dtype=value.dtype)
-    return value
-
-
-def fold_into_embedding(embedding: torch.Tensor, scale: float, affine: HopAffine | None) -> torch.Tensor:
-    """The embedding table whose rows are ``T_0`` of the original rows (exact: a lookup is linear)."""
-    out = apply_transform(embedding.double(), scale, affine)
-    return out.to(embedding.dtype)
-
-
-def fold_into_output_projection(
-    weight: torch.Tensor, bias: torch.Tensor | None, scale: float, affine: HopAffine | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fold ``T`` into a linear layer ``y = D x + d`` that produces the branch: ``T(y) = D' x + d'``.
-
-    ``D' = s * W @ D`` and ``d' = s * W @ d + b``. The bias is ``None`` when neither ``d`` nor ``b``
-    exists (so the result needs no bias parameter).
-    """
-    folded_w = weight.double()
-    if affine is not None and affine.weight is not None:
-        folded_w = affine.weight.double() @ folded_w
-    if scale != NEUTRAL_SCALE:
-        folded_w = folded_w * scale
-    folded_b: torch.Tensor | None = None
-    if bias is not None:
-        folded_b = apply_transform(bias.double(), scale, affine)
-    elif affine is not None and affine.bias is not None:
-        folded_b = affine.bias.double().clone()
-    return folded_w.to(weight.dtype), None if folded_b is None else folded_b.to(weight.dtype)
-
-
-def stream_ratios(scales: Sequence[float]) -> list[float]:
-    """Cumulative factors ``r_k = s_1 * ... * s_k`` (``r_0 = 1``) for ``scale_target="stream"``.
-
-    With the embedding scaled by ``s_0``, the residual stream entering hop ``k`` of the scaled path is
-    ``r_k`` times the stream of a plain stack whose hop-``k`` layer has its ``o_proj`` and
-    ``down_proj`` divided by ``r_k``, up to RMSNorm's eps (see ``stream_equivalent_eps``).
-    """
-    ratios = [1.0]
-    for s in scales[1:]:
-        ratios.append(ratios[-1] * float(s))
-    return ratios
-
-
-def stream_equivalent_eps(eps: float, ratio: float) -> float:
-    """RMSNorm(r x; eps) == RMSNorm(x; eps / r**2) for r > 0: the eps the folded stack would need."""
-    return eps / (ratio * ratio)
-
-
-def rms_norm_fold_error_bound(eps: float, ratio: float, mean_square: float) -> float:
-    """Relative error of a norm when the folded stack keeps ``eps`` instead of ``eps / r**2``.
-
-    ``|sqrt((ms + eps/r^2) / (ms + eps)) - 1|`` for an input of mean square ``ms`` (folded scale).
-    """
-    return abs(math.sqrt((mean_square + eps / ratio**2) / (mean_square + eps)) - 1.0)

@@ -1,14 +1,12 @@
-"""Recipes that change the architecture (depth fusion, data-flow paths): evaluate and export them.
+"""A Recipe's data-flow path on the pool's resident models: evaluated in place, or exported.
 
-Swap and parameter-merge recipes are patched into the resident model (olmopt.patch). Fusion is
-applied on top of that, in place and undone exactly (``temporarily_fused``). A data-flow path runs
-on the resident layers of the pool models through ``DfsExecutor`` (a reused layer is never copied).
+The path runs on the resident layers of the pool models through ``DfsExecutor`` (a reused layer is
+never copied); the Recipe names models by pool name, the executor takes them by position
+(``DfsPath.indexed``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,47 +15,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from olmopt.dfs import DfsExecutor, export_path
 from olmopt.errors import InputError
-from olmopt.fusion import fuse_model, temporarily_fused
-from olmopt.ops.dfs import DfsPath
+from olmopt.methods.dfs.executor import DfsExecutor
+from olmopt.methods.dfs.folded_model import export_path
+from olmopt.methods.dfs.path import DfsPath
 from olmopt.pool.model_pool import ModelPool
-from olmopt.recipe import DataFlowPath, Recipe
-
-
-def fusion_alphas(recipe: Recipe) -> list[float]:
-    return [step.alpha for step in recipe.fusion]
-
-
-def without_fusion(recipe: Recipe) -> Recipe:
-    return recipe.model_copy(update={"fusion": ()}) if recipe.fusion else recipe
-
-
-@contextmanager
-def fused(model: nn.Module, recipe: Recipe) -> Iterator[nn.Module]:
-    """The resident model with the recipe's fusion steps applied for the ``with`` block."""
-    if not recipe.fusion:
-        yield model
-        return
-    with temporarily_fused(model, fusion_alphas(recipe)) as out:
-        yield out
-
-
-def layers_removed(recipe: Recipe, num_layers: int) -> float:
-    if recipe.dfs is not None:
-        return float(num_layers - len(recipe.dfs.hops))
-    return float(len(recipe.fusion))
-
-
-def dfs_path(path: DataFlowPath, names: list[str]) -> DfsPath:
-    """A Recipe's named path as the executor's indexed path over ``names``."""
-    index = {n: i for i, n in enumerate(names)}
-    return DfsPath(
-        hops=tuple((index[m], layer) for m, layer in path.hops),
-        scales=path.scales,
-        input_model=index[path.input_model],
-        output_model=index[path.output_model],
-    )
 
 
 class ResidentPool:
@@ -99,27 +61,22 @@ class DfsEvalModel(nn.Module):
         return self.head
 
 
-def dfs_eval_model(resident: ResidentPool, path: DataFlowPath) -> DfsEvalModel:
+def dfs_eval_model(resident: ResidentPool, path: DfsPath) -> DfsEvalModel:
+    """The Evaluator's view of a Recipe's path (models named by pool name) on the resident models."""
     models = resident.models()
-    executor = DfsExecutor(models, dfs_path(path, resident.pool.names))
-    output = models[resident.pool.names.index(path.output_model)]
+    indexed = path.indexed(resident.pool.names)
+    executor = DfsExecutor(models, indexed)
+    output = models[indexed.output_index]
     return DfsEvalModel(executor, output.get_output_embeddings(), output.config)
 
 
-def export_architecture_recipe(
-    pool: ModelPool, recipe: Recipe, build_dir: Path, patched_model: PreTrainedModel | None = None
-) -> None:
-    """Write the model of a fusion or data-flow recipe into ``build_dir`` (an existing empty temp dir)."""
-    if recipe.dfs is not None:
-        resident = ResidentPool(pool, torch.device("cpu"), torch.float32)
-        export_path(
-            resident.models(), dfs_path(recipe.dfs, pool.names), build_dir / "model", force=True,
-            side_files_from=pool[recipe.dfs.input_model].path,
-        )  # fmt: skip
-        for item in (build_dir / "model").iterdir():
-            item.rename(build_dir / item.name)
-        (build_dir / "model").rmdir()
-        return
-    assert patched_model is not None
-    fuse_model(patched_model, fusion_alphas(recipe))
-    patched_model.save_pretrained(build_dir)
+def export_dfs(pool: ModelPool, path: DfsPath, build_dir: Path) -> None:
+    """Write the folded model of a Recipe's path into ``build_dir`` (an existing empty temp dir)."""
+    resident = ResidentPool(pool, torch.device("cpu"), torch.float32)
+    export_path(
+        resident.models(), path.indexed(pool.names), build_dir / "model", force=True,
+        side_files_from=pool[str(path.input_model)].path,
+    )  # fmt: skip
+    for item in (build_dir / "model").iterdir():
+        item.rename(build_dir / item.name)
+    (build_dir / "model").rmdir()
