@@ -31,6 +31,7 @@ from olmopt.methods.dfs.maths import (
     rms_norm_fold_error_bound,
     stream_equivalent_eps,
     stream_ratios,
+    validate_path,
 )
 from olmopt.methods.dfs.path import DfsPath, HopAffine
 
@@ -150,6 +151,22 @@ def test_path_json_round_trip_keeps_affine_maps() -> None:
         DfsPath.from_dict({"hops": [[0, 0]], "scale": [1.0]})
     with pytest.raises(InputError, match="2 hops but 1 scales"):
         DfsPath(hops=((0, 0), (0, 1)), scales=(1.0,))
+
+
+def test_one_path_type_names_models_in_a_recipe_and_indexes_them_to_run() -> None:
+    named = DfsPath(hops=(("b", 0), ("a", 2), ("b", 3)), scales=(1.0, 0.5, 2.0), input_model="a", output_model="b")
+    indexed = named.indexed(["a", "b", "c"])
+    assert indexed == DfsPath(hops=((1, 0), (0, 2), (1, 3)), scales=(1.0, 0.5, 2.0), input_model=0, output_model=1)
+    assert (indexed.input_index, indexed.output_index, indexed.hop_indices) == (0, 1, ((1, 0), (0, 2), (1, 3)))
+    assert indexed.indexed(["x"]) is indexed and not named.is_indexed and indexed.is_indexed
+    assert named.renamed({"a": "/m/a"}).models_used == ["/m/a", "b"]
+    assert named != indexed and hash(named) == hash(DfsPath.from_dict(named.to_dict()))
+    with pytest.raises(InputError, match="model 'b' is not in the pool"):
+        named.indexed(["a", "c"])
+    with pytest.raises(InputError, match="names its models"):
+        validate_path(named, [4, 4])
+    with pytest.raises(InputError, match="mixes model names and model indices"):
+        DfsPath(hops=(("a", 0),), scales=(1.0,), input_model=0, output_model="a")
 
 
 def test_fold_into_output_projection_is_the_affine_of_the_output() -> None:

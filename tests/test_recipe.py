@@ -51,6 +51,23 @@ def test_json_round_trip_every_field() -> None:
     assert back.to_json() == recipe.to_json()
 
 
+def test_a_data_flow_path_in_recipe_json() -> None:
+    path = DfsPath(hops=(("a", 0), ("b", 1)), scales=(1.0, 0.5), input_model="a", output_model="b")
+    text = Recipe(base="a", dfs=path).to_json()
+    assert text == (
+        '{"base":"a","dfs":{"hops":[["a",0],["b",1]],"input_model":"a","output_model":"b","scales":[1.0,0.5]},'
+        '"version":1}'
+    )
+    assert Recipe.from_json(text).dfs == path
+    bad = {"hops": [["a", 0]], "scales": [1.0, 2.0], "input_model": "a", "output_model": "a"}
+    with pytest.raises(InputError) as exc:
+        Recipe.from_dict({"base": "a", "dfs": bad})
+    assert _one_line(exc).startswith("recipe: dfs:") and "1 hops but 2 scales" in str(exc.value)
+    indexed = {"hops": [[0, 0]], "scales": [1.0], "input_model": 0, "output_model": 0}
+    with pytest.raises(InputError, match="names pool models, not model indices"):
+        Recipe.from_dict({"base": "a", "dfs": indexed})
+
+
 def test_minimal_json_form() -> None:
     assert Recipe(base="a").to_json() == '{"base":"a","version":1}'
     assert Recipe(base="a", layers={1: "b"}).to_dict() == {"base": "a", "layers": {"1": "b"}, "version": 1}

@@ -128,7 +128,7 @@ class DfsPath:
             object.__setattr__(self, "affine", ())
         object.__setattr__(self, "input_model", _model_ref(self.input_model, "input_model"))
         object.__setattr__(self, "output_model", _model_ref(self.output_model, "output_model"))
-        if len({type(m) for m in self.models_used}) > 1:
+        if len({type(m) for m, _ in hops} | {type(self.input_model), type(self.output_model)}) > 1:
             raise InputError("DFS path mixes model names and model indices: use one or the other")
         if self.scale_target not in SCALE_TARGETS:
             raise InputError(f"scale_target must be one of {SCALE_TARGETS}, got {self.scale_target!r}")
