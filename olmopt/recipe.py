@@ -238,7 +238,7 @@ class Recipe(_Strict):
 
 
 def layers_removed(recipe: Recipe, num_layers: int) -> float:
-    """How many decoder layers fewer than ``num_layers`` the Recipe's model runs (the ``layers_removed`` metric)."""
+    """How many fewer decoder layers than ``num_layers`` the Recipe's model runs (``layers_removed``)."""
     if recipe.dfs is not None:
         return float(num_layers - len(recipe.dfs.hops))
     return float(len(recipe.fusion))

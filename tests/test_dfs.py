@@ -154,10 +154,12 @@ def test_path_json_round_trip_keeps_affine_maps() -> None:
 
 
 def test_one_path_type_names_models_in_a_recipe_and_indexes_them_to_run() -> None:
-    named = DfsPath(hops=(("b", 0), ("a", 2), ("b", 3)), scales=(1.0, 0.5, 2.0), input_model="a", output_model="b")
+    scales = (1.0, 0.5, 2.0)
+    named = DfsPath(hops=(("b", 0), ("a", 2), ("b", 3)), scales=scales, input_model="a", output_model="b")
     indexed = named.indexed(["a", "b", "c"])
-    assert indexed == DfsPath(hops=((1, 0), (0, 2), (1, 3)), scales=(1.0, 0.5, 2.0), input_model=0, output_model=1)
-    assert (indexed.input_index, indexed.output_index, indexed.hop_indices) == (0, 1, ((1, 0), (0, 2), (1, 3)))
+    hops = ((1, 0), (0, 2), (1, 3))
+    assert indexed == DfsPath(hops=hops, scales=scales, input_model=0, output_model=1)
+    assert (indexed.input_index, indexed.output_index, indexed.hop_indices) == (0, 1, hops)
     assert indexed.indexed(["x"]) is indexed and not named.is_indexed and indexed.is_indexed
     assert named.renamed({"a": "/m/a"}).models_used == ["/m/a", "b"]
     assert named != indexed and hash(named) == hash(DfsPath.from_dict(named.to_dict()))

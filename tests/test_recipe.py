@@ -55,8 +55,8 @@ def test_a_data_flow_path_in_recipe_json() -> None:
     path = DfsPath(hops=(("a", 0), ("b", 1)), scales=(1.0, 0.5), input_model="a", output_model="b")
     text = Recipe(base="a", dfs=path).to_json()
     assert text == (
-        '{"base":"a","dfs":{"hops":[["a",0],["b",1]],"input_model":"a","output_model":"b","scales":[1.0,0.5]},'
-        '"version":1}'
+        '{"base":"a","dfs":{"hops":[["a",0],["b",1]],"input_model":"a","output_model":"b",'
+        '"scales":[1.0,0.5]},"version":1}'
     )
     assert Recipe.from_json(text).dfs == path
     bad = {"hops": [["a", 0]], "scales": [1.0, 2.0], "input_model": "a", "output_model": "a"}

@@ -1,4 +1,4 @@
-"""Circuit-Merge! (priority drop rates, MAGPRUNE, sign-conflict overwrite); maths in ``olmopt.methods.delta.circuit_maths``."""
+"""Circuit-Merge! (priority drop rates, MAGPRUNE, sign-conflict overwrite); maths in ``circuit_maths``."""
 
 from __future__ import annotations
 

@@ -206,7 +206,9 @@ class DfsPath:
         return self.scales[hop] == NEUTRAL_SCALE and self.affine_at(hop) is None
 
     def _plain_fields(self) -> tuple[Any, ...]:
-        return (self.hops, self.scales, self.input_model, self.output_model, self.scale_target, len(self.affine))
+        return (
+            self.hops, self.scales, self.input_model, self.output_model, self.scale_target, len(self.affine)
+        )
 
     def equals(self, other: DfsPath) -> bool:
         """Exact equality, affine tensors included."""

@@ -1,4 +1,4 @@
-"""The DFS seed's YAML recipe (``model_paths``, ``layer_mask``, scales, biases): read safely, decoded to a path."""
+"""The DFS seed's YAML recipe (``model_paths``, ``layer_mask``, scales, biases): read safely, made a path."""
 
 from __future__ import annotations
 

@@ -200,6 +200,8 @@ def apply_es_steps(tensor: Tensor, steps: Sequence[EsStep]) -> Tensor:
         fn = svd_es_step if step.kind == "svd" else norm_es_step
         out = fn(tensor, step.sigma, step.seed)
         if out is None:
-            raise InputError(f"recipe: ES step on {step.unit} (seed {step.seed}) is not applicable to this tensor")
+            raise InputError(
+                f"recipe: ES step on {step.unit} (seed {step.seed}) is not applicable to this tensor"
+            )
         tensor = out
     return tensor

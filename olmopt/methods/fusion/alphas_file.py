@@ -1,4 +1,4 @@
-"""Fusion alphas files: the seed's ``fusion_alphas.json`` records (or plain lists) read, checked and written."""
+"""Fusion alphas files: the seed's ``fusion_alphas.json`` records (or plain lists), read, checked, written."""
 
 from __future__ import annotations
 

@@ -46,9 +46,7 @@ def fusion_pairs(num_layers: int, num_steps: int) -> list[tuple[int, int]]:
 def fusion_steps(num_layers: int, alphas: Sequence[float]) -> list[FusionStep]:
     """The chain's steps for ``alphas`` on a stack of ``num_layers`` layers."""
     pairs = fusion_pairs(num_layers, len(alphas))
-    return [
-        FusionStep(into=into, remove=remove, alpha=float(a)) for (into, remove), a in zip(pairs, alphas, strict=True)
-    ]
+    return [FusionStep(into=i, remove=r, alpha=float(a)) for (i, r), a in zip(pairs, alphas, strict=True)]
 
 
 def tail_coefficients(alphas: torch.Tensor) -> torch.Tensor:

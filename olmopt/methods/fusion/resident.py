@@ -36,6 +36,6 @@ def fused(model: nn.Module, recipe: Recipe) -> Iterator[nn.Module]:
 
 
 def export_fused(patched_model: PreTrainedModel, recipe: Recipe, build_dir: Path) -> None:
-    """Fuse ``patched_model`` (the recipe without its fusion, freshly patched) and save it into ``build_dir``."""
+    """Fuse ``patched_model`` (the recipe without its fusion, just patched) and save it to ``build_dir``."""
     fuse_model(patched_model, fusion_alphas(recipe))
     patched_model.save_pretrained(build_dir)
