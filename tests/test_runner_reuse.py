@@ -116,17 +116,17 @@ def _contexts(family: dict[str, Path], tmp_path: Path, metrics: dict[str, str]) 
     return EvalContext(config), EvalContext(config)
 
 
-def _spy_captures(monkeypatch: pytest.MonkeyPatch, evaluator: Any) -> list[tuple[int, int]]:
+def _spy_captures(monkeypatch: pytest.MonkeyPatch, cache: Any) -> list[tuple[int, int]]:
     """Record every capture pass as (layer, deepest stored input it may start from; -1: the embedding)."""
     captures: list[tuple[int, int]] = []
-    real_capture = evaluator.capture_prefix
+    real_capture = cache.capture
 
     def spy(layer: int, split: str = "search", start: Any = None) -> None:
         depths = [max((k for k in entry if k <= layer), default=-1) for entry in (start or {}).values()]
         captures.append((layer, min(depths, default=-1)))
         real_capture(layer, split, start)
 
-    monkeypatch.setattr(evaluator, "capture_prefix", spy)
+    monkeypatch.setattr(cache, "capture", spy)
     return captures
 
 
@@ -145,7 +145,7 @@ def test_prefix_cache_follows_the_incumbent_without_new_captures(
     """Greedy traversal: the winner's kept inputs become the next stage's prefix; values equal full forwards."""
     cached, plain = _contexts(family, tmp_path, {"ppl": "perplexity", "acc": "token_accuracy"})
     a, b, c = cached.pool.names
-    captures = _spy_captures(monkeypatch, cached.evaluator)
+    captures = _spy_captures(monkeypatch, cached.prefix)
     unit = "model.layers.2.mlp.up_proj"
     stages = [  # (incumbent, prefix layer, candidates)
         (Recipe(base=a), 0, [Recipe(base=a, layers={0: b}), Recipe(base=a, layers={0: c})]),
@@ -170,9 +170,9 @@ def test_a_layer_0_stage_frees_the_inputs_of_losers_for_the_next_candidates(
 ) -> None:
     """Stages without prefix (layer 0) keep only the new incumbent's inputs, so room stays for later candidates."""
     cached, plain = _contexts(family, tmp_path, {"acc": "token_accuracy"})
-    cached.evaluator.prefix_bytes = 6 * cached.evaluator._bytes_per_layer("search")  # two full carries, then one layer
+    cached.prefix.max_bytes = 6 * cached.prefix.bytes_per_layer("search")  # two full carries, then one layer
     a, b, c = cached.pool.names
-    captures = _spy_captures(monkeypatch, cached.evaluator)
+    captures = _spy_captures(monkeypatch, cached.prefix)
     unit = "model.layers.0.mlp.up_proj"
     x1, x2 = Recipe(base=a, layers={0: c}, units={unit: a}), Recipe(base=a, layers={0: c}, units={unit: b})
     stages = [
