@@ -127,14 +127,14 @@ def test_api_shows_metric_names_flat_attrs_notes_and_artifacts(campaign: dict[st
         assert status.startswith("200")
         recipe_attr = next(a["value"] for a in trial["user_attrs"] if a["key"] == "recipe")
         assert json.loads(body) == json.loads(recipe_attr)
-        selected = trial["number"] == decision["trial"]
+        selected = trial["number"] == decision.trial
         assert ("Selected: winner of stage `001-joint-layers`" in trial["note"]["body"]) is selected
-    assert f"Winner: **{decision['winner']}** (trial {decision['trial']})" in stage["note"]["body"]
+    assert f"Winner: **{decision.winner}** (trial {decision.trial})" in stage["note"]["body"]
     (summary,) = stage["artifacts"]
     assert summary["filename"] == "stage-summary.json"
     status, body = client.get(f"/artifacts/{ids[NAME + '/001-joint-layers']}/{summary['artifact_id']}")
-    assert json.loads(body)["winner"] == decision["winner"] and json.loads(body)["recipe"] == json.loads(
-        decision["recipe"]
+    assert json.loads(body)["winner"] == decision.winner and json.loads(body)["recipe"] == json.loads(
+        decision.recipe.to_json()
     )
 
 

@@ -65,7 +65,7 @@ def test_kept_candidate_reuses_the_incumbents_metrics(family: dict[str, Path], t
     for stage in campaign.plan[1:]:
         study_ = campaign.existing_stage_study(stage)
         assert study_ is not None
-        incumbent_key = model_key(Recipe.from_json(previous["recipe"]), pool.adapter, names)
+        incumbent_key = model_key(previous.recipe, pool.adapter, names)
         for t in study_.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
             same = model_key(Recipe.from_json(t.user_attrs[T.RECIPE_ATTR]), pool.adapter, names) == incumbent_key
             # exactly the candidate with the incumbent's weights is not evaluated again, and its
@@ -73,11 +73,11 @@ def test_kept_candidate_reuses_the_incumbents_metrics(family: dict[str, Path], t
             assert ("reused" in t.user_attrs) == same
             if same:
                 reused += 1
-                assert t.user_attrs["reused"] == previous["stage"]
-                assert t.values == [previous["metrics"]["ppl"]]
+                assert t.user_attrs["reused"] == previous.stage
+                assert t.values == [previous.metrics["ppl"]]
         d = decisions[stage.key]
-        if Recipe.from_json(d["recipe"]) == Recipe.from_json(previous["recipe"]) or d["winner"] == "incumbent":
-            assert d["held_out"] == previous["held_out"]
+        if d.recipe == previous.recipe or d.winner == "incumbent":
+            assert d.held_out == previous.held_out
         previous = d
     assert reused == len(campaign.plan) - 1  # one per layer stage
 
@@ -191,8 +191,9 @@ def test_one_worker_records_a_decision_the_others_wait_for_it(
     import time
 
     from olmopt.config import load_study_file
-    from olmopt.search.campaign import DECISION_ATTR
+    from olmopt.search.campaign import record_decision
     from olmopt.search.coordination import StageLock
+    from olmopt.search.decision import Decision
     from olmopt.search.runner import CampaignRunner, make_sampler
     from olmopt.search.workers import Evaluators
 
@@ -213,15 +214,16 @@ def test_one_worker_records_a_decision_the_others_wait_for_it(
 
     held = StageLock(campaign.storage, f"{campaign.stage_study_name(stage)}#decide")
     assert held.acquire()  # another worker is deciding this stage
-    got: list[dict[str, Any]] = []
+    got: list[Any] = []
     waiter = threading.Thread(target=lambda: got.append(runner._decide(study, stage, None, None)))  # type: ignore[arg-type]
     waiter.start()
     time.sleep(0.5)
     assert waiter.is_alive() and not recorded  # waiting, not deciding itself
-    study.set_user_attr(DECISION_ATTR, {"theirs": True})
+    theirs = Decision(stage.key, "theirs", None, Recipe(base=str(family["a"])), {"ppl": 1.5})
+    record_decision(study, theirs)
     held.release()
     waiter.join(timeout=10)
-    assert got == [{"theirs": True}] and not recorded
+    assert got == [theirs] and not recorded
 
     other = campaign.plan[2]
     other_study = campaign.stage_study(other, make_sampler(campaign, other))

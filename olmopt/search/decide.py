@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from optuna.trial import FrozenTrial
 
 from olmopt.config import SelectionConfig
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
+from olmopt.search.decision import CandidateResult, Decision
 from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import Stage, StageSpace
 from olmopt.select import objective_mean, select
@@ -44,10 +44,10 @@ def decide(
     incumbent: Recipe | None,
     rules: DecideRules,
     keys: ModelKeys,
-    earlier: dict[str, Any] | None,
+    earlier: Decision | None,
     score: Scorer,
     decided_by: str,
-) -> dict[str, Any]:
+) -> Decision:
     """The decision of ``stage`` from its COMPLETE ``trials`` (by label, first result of a retried label).
 
     ``earlier``: the latest earlier decision of the same model as ``incumbent`` (its metrics and held-out
@@ -57,7 +57,7 @@ def decide(
     names = rules.names
     scores = {n: {label: float(t.values[i]) for label, t in trials.items()} for i, n in enumerate(names)}
     feasible = {label: bool(t.user_attrs.get("feasible", True)) for label, t in trials.items()}
-    keep = _kept_label(trials, space, incumbent)
+    keep = _kept_label(trials, space, incumbent, keys)
     guarded: dict[str, dict[str, float]] = {}  # held-out figures of the guard's candidates
     if space.decide is not None:
         winner, reason = space.decide(trials, scores, feasible, keep), "stage acceptance rule"
@@ -75,7 +75,7 @@ def decide(
     if winner is None:  # nothing acceptable and the incumbent was not evaluated here
         assert incumbent is not None
         recipe, trial_number, label = incumbent, None, "incumbent"
-        metrics = earlier["metrics"] if earlier else score(recipe, "search")
+        metrics = earlier.metrics if earlier else score(recipe, "search")
     else:
         t = trials[winner]
         recipe, trial_number, label = Recipe.from_json(t.user_attrs[T.RECIPE_ATTR]), t.number, winner
@@ -84,45 +84,46 @@ def decide(
     if winner is not None and winner in guarded:
         held_out = guarded[winner]
     elif rules.selection.held_out_check and rules.has_held_out:
-        same_model = earlier is not None and keys.same_json(earlier["recipe"], recipe.to_json())
-        if earlier is not None and same_model and earlier.get("held_out"):
-            held_out = dict(earlier["held_out"])
+        if earlier is not None and earlier.held_out and keys.same(earlier.recipe, recipe):
+            held_out = dict(earlier.held_out)
         else:
             held_out = score(recipe, "held_out")
-    decision: dict[str, Any] = {
-        "stage": stage.key,
-        "winner": label,
-        "trial": trial_number,
-        "kept_incumbent": keep is not None and label == keep,
-        "recipe": recipe.to_json(),
-        "metrics": metrics,
-        "held_out": held_out,
-        "reason": reason,
-        "decided_by": decided_by,
-        "candidates": {
-            lbl: {"metrics": T.metrics_of(t, names), "feasible": feasible[lbl], "trial": t.number}
-            for lbl, t in trials.items()
-        },
-    }
-    for lbl, figures in guarded.items():
-        decision["candidates"][lbl]["held_out"] = figures
-    if guarded:
-        decision["held_out_guard"] = list(guarded)  # the candidates it compared, search order
-    if held_out and rules.joint:  # named starting points (baselines) get held-out figures too
+    baselines: dict[str, dict[str, float]] = {}  # a joint stage's named starting points get held-out figures too
+    if held_out and rules.joint:
         for lbl, _params in space.enqueue:
             if lbl in trials and lbl != label and lbl not in guarded:
-                baseline = Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR])
-                decision["candidates"][lbl]["held_out"] = score(baseline, "held_out")
-    if space.details is not None:
-        decision.update(space.details(trials))
-    return decision
+                baselines[lbl] = score(Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR]), "held_out")
+    candidates = {
+        lbl: CandidateResult(T.metrics_of(t, names), feasible[lbl], t.number, guarded.get(lbl, baselines.get(lbl)))
+        for lbl, t in trials.items()
+    }
+    return Decision(
+        stage=stage.key,
+        winner=label,
+        trial=trial_number,
+        recipe=recipe,
+        metrics=metrics,
+        held_out=held_out,
+        candidates=candidates,
+        reason=reason,
+        decided_by=decided_by,
+        kept_incumbent=keep is not None and label == keep,
+        held_out_guard=list(guarded),
+        details=space.details(trials) if space.details is not None else {},
+    )
 
 
-def _kept_label(trials: dict[str, FrozenTrial], space: StageSpace, incumbent: Recipe | None) -> str | None:
+def _kept_label(
+    trials: dict[str, FrozenTrial], space: StageSpace, incumbent: Recipe | None, keys: ModelKeys
+) -> str | None:
     """The label of the incumbent among the candidates (the enqueued parent/incumbent first), if evaluated."""
     if incumbent is None:
         return None
-    same = [lbl for lbl, t in trials.items() if t.user_attrs.get(T.RECIPE_ATTR) == incumbent.to_json()]
+    mine = incumbent.to_json()
+    same = [
+        lbl for lbl, t in trials.items()
+        if T.RECIPE_ATTR in t.user_attrs and keys.same_json(str(t.user_attrs[T.RECIPE_ATTR]), mine)
+    ]  # fmt: skip
     named = [lbl for lbl, _ in space.enqueue if lbl in same]
     return named[0] if named else (same[0] if same else None)
 

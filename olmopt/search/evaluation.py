@@ -33,6 +33,7 @@ from olmopt.search.coordination import (
     heartbeat_enabled,
     next_poll,
 )
+from olmopt.search.decision import Decision
 from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import Stage, StageSpace
 from olmopt.search.storage import is_sqlite, stale_after
@@ -76,7 +77,7 @@ class StageEvaluation:
         incumbent: Recipe | None,
         references: dict[str, dict[str, float]],
         keys: ModelKeys,
-        decisions: dict[str, Any],
+        decisions: dict[str, Decision],
         out_of_time: Callable[[], bool],
         log: Callable[[str], None],
     ) -> None:
@@ -226,8 +227,8 @@ class StageEvaluation:
         the same weights, noted in the trial's ``reused`` attr; None: evaluate it."""
         earlier = self.keys.earlier_decision(recipe, self.decisions)
         if earlier is not None:
-            trial.set_user_attr("reused", earlier["stage"])
-            return dict(earlier["metrics"])
+            trial.set_user_attr("reused", earlier.stage)
+            return dict(earlier.metrics)
         same = self._same_model_in_stage(recipe) if self.space.budget else None
         if same is not None:
             trial.set_user_attr("reused", f"trial {same.number}")

@@ -9,10 +9,10 @@ repeated winner); Recipe JSON text is never compared.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.recipe import Recipe
+from olmopt.search.decision import Decision
 
 
 class ModelKeys:
@@ -37,12 +37,11 @@ class ModelKeys:
     def same(self, a: Recipe, b: Recipe) -> bool:
         return self.same_json(a.to_json(), b.to_json())
 
-    def earlier_decision(self, recipe: Recipe | None, decisions: Mapping[str, Any]) -> Any:
+    def earlier_decision(self, recipe: Recipe | None, decisions: Mapping[str, Decision]) -> Decision | None:
         """The latest of ``decisions`` (in stage order) whose Recipe is the same model as ``recipe``."""
         if recipe is None:
             return None
-        recipe_json = recipe.to_json()
         for decision in reversed(list(decisions.values())):
-            if decision.get("recipe") and self.same_json(decision["recipe"], recipe_json):
+            if self.same(decision.recipe, recipe):
                 return decision
         return None

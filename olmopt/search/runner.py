@@ -26,9 +26,10 @@ from tqdm import tqdm
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
 from olmopt.search.annotate import annotate_decision
-from olmopt.search.campaign import DECISION_ATTR, Campaign
+from olmopt.search.campaign import Campaign, record_decision, stage_decision
 from olmopt.search.coordination import POLL_SECONDS, WORKER_ID, StageLock, next_poll
 from olmopt.search.decide import DecideRules, decide
+from olmopt.search.decision import Decision
 from olmopt.search.evaluation import StageEvaluation
 from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import Stage, StageSpace
@@ -86,7 +87,7 @@ class _Env:
     param_names: list[str]
     context: Any  # the in-process EvalContext (resident model, tokenizer), for spaces that need it
     pool: Any  # the ModelPool of that context
-    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    decisions: dict[str, Decision] = field(default_factory=dict)
 
 
 class CampaignRunner:
@@ -167,10 +168,10 @@ class CampaignRunner:
         return len(self.pool_names)
 
     # -- one stage -------------------------------------------------------------------------------------
-    def run_stage(self, stage: Stage, decisions: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    def run_stage(self, stage: Stage, decisions: dict[str, Decision]) -> Decision | None:
         incumbent = self.c.incumbent_before(stage, decisions)
         study = self.c.stage_study(stage, make_sampler(self.c, stage, self.worker_seed, self.env))
-        existing = study.user_attrs.get(DECISION_ATTR)
+        existing = stage_decision(study)
         if existing:
             return existing
         space = get_kind(stage.kind).build(stage, incumbent, self.env)
@@ -191,28 +192,26 @@ class CampaignRunner:
             return None
         return self._decide(study, stage, incumbent, space)
 
-    def _references(self, decisions: dict[str, dict[str, Any]], incumbent: Recipe | None) -> dict[str, dict[str, float]]:
+    def _references(self, decisions: dict[str, Decision], incumbent: Recipe | None) -> dict[str, dict[str, float]]:
+        """Metrics the degradation constraints compare with: the base stage's, and the incumbent's."""
         refs: dict[str, dict[str, float]] = {}
         base_key = self.c.plan[0].key
         if base_key in decisions:
-            refs["base"] = decisions[base_key]["metrics"]
-        if incumbent is not None:
-            for stage in reversed(self.c.plan):
-                d = decisions.get(stage.key)
-                if d and d["recipe"] == incumbent.to_json():
-                    refs["incumbent"] = d["metrics"]
-                    break
+            refs["base"] = decisions[base_key].metrics
+        earlier = self.keys.earlier_decision(incumbent, decisions)
+        if earlier is not None:
+            refs["incumbent"] = earlier.metrics
         return refs
 
-    def _decide(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace) -> dict[str, Any]:
+    def _decide(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace) -> Decision:
         """The stage's decision: recorded by exactly one worker (the holder of the stage's decide lock);
         the others wait for it. A decider that dies leaves a stale lock, which the next worker breaks."""
         if is_sqlite(self.c.url):  # this process is the only writer
-            return study.user_attrs.get(DECISION_ATTR) or self._record_decision(study, stage, incumbent, space)
+            return stage_decision(study) or self._record_decision(study, stage, incumbent, space)
         lock = StageLock(self.c.storage, f"{self.c.stage_study_name(stage)}#decide")
         poll = POLL_SECONDS[0]
         while True:
-            existing = study.user_attrs.get(DECISION_ATTR)
+            existing = stage_decision(study)
             if existing:
                 return existing
             if lock.acquire():
@@ -220,12 +219,12 @@ class CampaignRunner:
             time.sleep(poll)
             poll = next_poll(poll)
         try:
-            existing = study.user_attrs.get(DECISION_ATTR)  # recorded between the check and the lock
+            existing = stage_decision(study)  # recorded between the check and the lock
             return existing if existing else self._record_decision(study, stage, incumbent, space)
         finally:
             lock.release()
 
-    def _record_decision(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace) -> dict[str, Any]:
+    def _record_decision(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace) -> Decision:
         trials: dict[str, FrozenTrial] = {}
         for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
             trials.setdefault(str(t.user_attrs.get(T.LABEL_ATTR, f"#{t.number}")), t)  # a retry: first result counts
@@ -236,11 +235,11 @@ class CampaignRunner:
         )  # fmt: skip
         earlier = self.keys.earlier_decision(incumbent, self.env.decisions)
         decision = decide(stage, trials, space, incumbent, rules, self.keys, earlier, self.ev.local.score, WORKER_ID)
-        study.set_user_attr(DECISION_ATTR, decision)
+        record_decision(study, decision)
         annotate_decision(self.c, study, decision)
-        label = decision["winner"]
-        why = decision["reason"].removeprefix(f"{label!r}: ")
-        figures = self._figures(decision["metrics"], decision["held_out"])
+        label = decision.winner
+        why = decision.reason.removeprefix(f"{label!r}: ")
+        figures = self._figures(decision.metrics, decision.held_out)
         self.log(f"{stage.key}: winner {label} ({why}); {len(trials)} trials; {figures}")
         return decision
 
