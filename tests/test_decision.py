@@ -42,7 +42,11 @@ def test_a_stored_decision_reads_typed_and_writes_back_unchanged() -> None:
     assert d.to_dict() == STORED
     assert d.candidate_metrics() == {"acc": {"t1": 0.7, "t2": 0.75}}
     # an old decision without the later fields (decided_by, kept_incumbent, guard) still reads
-    old = {k: v for k, v in STORED.items() if k not in ("decided_by", "kept_incumbent", "held_out_guard", "es_tune")}
+    old = {
+        k: v
+        for k, v in STORED.items()
+        if k not in ("decided_by", "kept_incumbent", "held_out_guard", "es_tune")
+    }
     assert Decision.from_dict(old).decided_by is None and Decision.from_dict(old).details == {}
 
 
@@ -66,7 +70,9 @@ def _decide(joint: bool, held: dict[str, float]) -> tuple[Decision, list[tuple[s
     rules = DecideRules(["acc"], {"acc": "maximize"}, [], SelectionConfig(held_out_guard=2), joint, True)
     space = StageSpace(decode=lambda _t: ("x", Recipe(base="m/a")), enqueue=[("c", {})])
     keys: Any = ModelKeys(None, [])  # no incumbent, no earlier decision: never asked
-    return decide(Stage(3, "joint-layers", n_trials=3), trials, space, None, rules, keys, None, score, "me"), calls
+    return decide(
+        Stage(3, "joint-layers", n_trials=3), trials, space, None, rules, keys, None, score, "me"
+    ), calls
 
 
 def test_decide_runs_the_held_out_guard_through_the_injected_scorer() -> None:
@@ -75,7 +81,11 @@ def test_decide_runs_the_held_out_guard_through_the_injected_scorer() -> None:
     assert d.winner == "b" and d.trial == 1 and d.metrics == {"acc": 0.8} and d.held_out == {"acc": 0.7}
     assert "held-out guard: 'b'" in d.reason and d.held_out_guard == ["a", "b"] and d.decided_by == "me"
     assert calls == [("a", "held_out"), ("b", "held_out"), ("c", "held_out")]  # c: the enqueued baseline
-    assert {lbl: c.held_out for lbl, c in d.candidates.items()} == {"a": {"acc": 0.6}, "b": {"acc": 0.7}, "c": {"acc": 0.1}}
+    assert {lbl: c.held_out for lbl, c in d.candidates.items()} == {
+        "a": {"acc": 0.6},
+        "b": {"acc": 0.7},
+        "c": {"acc": 0.1},
+    }
 
 
 def test_decide_without_a_joint_kind_checks_only_the_winner_on_held_out() -> None:

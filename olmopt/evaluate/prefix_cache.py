@@ -37,7 +37,11 @@ class PrefixCache:
     """The captured inputs of one evaluator's teacher-forced batches under the incumbent's weights."""
 
     def __init__(
-        self, evaluator: Evaluator, adapter: ArchitectureAdapter, param_names: list[str], max_bytes: int = 1 << 30
+        self,
+        evaluator: Evaluator,
+        adapter: ArchitectureAdapter,
+        param_names: list[str],
+        max_bytes: int = 1 << 30,
     ) -> None:
         self.evaluator = evaluator
         self.adapter = adapter
@@ -71,7 +75,9 @@ class PrefixCache:
         ev = self.evaluator
         num_layers = ev.num_layers
         per_layer = self.bytes_per_layer(split)
-        layers = list(range(layer, num_layers)) if per_layer * (num_layers - layer) <= self.max_bytes else [layer]
+        layers = (
+            list(range(layer, num_layers)) if per_layer * (num_layers - layer) <= self.max_bytes else [layer]
+        )
         for key, batch in ev.forced_batches(split):
             if key not in self.store:
                 self.store[key] = ev.capture_inputs(batch, layers, start.get(key))
@@ -135,7 +141,9 @@ class PrefixCache:
             return
         below = self.store if plan.use else {}
         layer = self.layer if plan.use else None
-        self._carried_bytes += sum(t.numel() * t.element_size() for entry in carried.values() for t in entry.values())
+        self._carried_bytes += sum(
+            t.numel() * t.element_size() for entry in carried.values() for t in entry.values()
+        )
         self._carried[recipe.digest()] = {
             key: {**{k: v for k, v in below.get(key, {}).items() if layer is not None and k <= layer}, **kept}
             for key, kept in carried.items()

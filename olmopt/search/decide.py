@@ -88,13 +88,17 @@ def decide(
             held_out = dict(earlier.held_out)
         else:
             held_out = score(recipe, "held_out")
-    baselines: dict[str, dict[str, float]] = {}  # a joint stage's named starting points get held-out figures too
+    baselines: dict[
+        str, dict[str, float]
+    ] = {}  # a joint stage's named starting points get held-out figures too
     if held_out and rules.joint:
         for lbl, _params in space.enqueue:
             if lbl in trials and lbl != label and lbl not in guarded:
                 baselines[lbl] = score(Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR]), "held_out")
     candidates = {
-        lbl: CandidateResult(T.metrics_of(t, names), feasible[lbl], t.number, guarded.get(lbl, baselines.get(lbl)))
+        lbl: CandidateResult(
+            T.metrics_of(t, names), feasible[lbl], t.number, guarded.get(lbl, baselines.get(lbl))
+        )
         for lbl, t in trials.items()
     }
     return Decision(

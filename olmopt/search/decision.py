@@ -36,7 +36,9 @@ class CandidateResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CandidateResult:
-        return cls(dict(data["metrics"]), bool(data.get("feasible", True)), data.get("trial"), data.get("held_out"))
+        return cls(
+            dict(data["metrics"]), bool(data.get("feasible", True)), data.get("trial"), data.get("held_out")
+        )
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,9 @@ class Decision:
             recipe=Recipe.from_json(data["recipe"]),
             metrics=dict(data["metrics"]),
             held_out=dict(data.get("held_out") or {}),
-            candidates={label: CandidateResult.from_dict(c) for label, c in (data.get("candidates") or {}).items()},
+            candidates={
+                label: CandidateResult.from_dict(c) for label, c in (data.get("candidates") or {}).items()
+            },
             reason=str(data.get("reason", "")),
             decided_by=data.get("decided_by"),
             kept_incumbent=bool(data.get("kept_incumbent", False)),

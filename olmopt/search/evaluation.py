@@ -174,7 +174,9 @@ class StageEvaluation:
                         if overall is not None:
                             overall.update(1)
                             remaining -= 1
-        except BaseException:  # finished evaluations are still recorded (``finally``); the ones in flight fail
+        except (
+            BaseException
+        ):  # finished evaluations are still recorded (``finally``); the ones in flight fail
             for trial, _recipe in list(self._in_flight.values()):
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
@@ -183,7 +185,9 @@ class StageEvaluation:
             if self._beat is not None:
                 self._beat.stop()
             bar.close()
-            if overall is not None and remaining > 0:  # others' trials, or fewer than budgeted: not ahead any more
+            if (
+                overall is not None and remaining > 0
+            ):  # others' trials, or fewer than budgeted: not ahead any more
                 overall.total -= remaining
                 overall.refresh()
 
@@ -281,11 +285,19 @@ class StageEvaluation:
         """Record one candidate's results on its trial and tell it (on the writer thread)."""
         refs = self.references
         rule = self.c.config.selection.improve_all
-        constraints = degradation_constraints(metrics, refs, self.directions, rule, self.metric_of) if "base" in refs else {}
+        constraints = (
+            degradation_constraints(metrics, refs, self.directions, rule, self.metric_of)
+            if "base" in refs
+            else {}
+        )
         nonfinite = T.nonfinite_objectives(metrics, self.names)  # a damaged model: infeasible, and why
-        T.record_result(trial, metrics, constraints, is_feasible(constraints) and not nonfinite, recipe.to_json())
+        T.record_result(
+            trial, metrics, constraints, is_feasible(constraints) and not nonfinite, recipe.to_json()
+        )
         if nonfinite:
-            trial.set_user_attr(T.INFEASIBLE_ATTR, f"non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}")
+            trial.set_user_attr(
+                T.INFEASIBLE_ATTR, f"non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}"
+            )
         annotate_trial(self.c, trial, recipe.to_json())  # before tell: a finished trial takes no artifacts
         self.study.tell(trial, T.told_values(metrics, self.names, self.directions), skip_if_finished=True)
 
