@@ -92,3 +92,44 @@ def test_decide_without_a_joint_kind_checks_only_the_winner_on_held_out() -> Non
     d, calls = _decide(joint=False, held={"a": 0.6, "b": 0.7, "c": 0.1})
     assert d.winner == "a" and d.held_out == {"acc": 0.6} and calls == [("a", "held_out")]
     assert d.held_out_guard == [] and all(c.held_out is None for c in d.candidates.values())
+
+
+def test_the_kinds_give_olms_report_sections_and_report_plots() -> None:
+    from olmopt.export import olm_report_sections
+    from olmopt.search.kinds import get_kind
+
+    def decided(stage: Stage, winner: str) -> Decision:
+        candidates = {
+            "m/a": CandidateResult({"acc": 0.5}, True, 0),
+            "m/b": CandidateResult({"acc": 0.7}, True, 1),
+        }
+        return Decision(stage.key, winner, 1, Recipe(base="m/a"), {"acc": 0.7}, candidates=candidates)
+
+    unit = "model.layers.0.mlp.up_proj"
+    stages = [
+        (Stage(0, "base"), "m/a"),
+        (Stage(1, "boundary"), "m/b"),
+        (Stage(2, "layer", "1"), "m/b"),
+        (Stage(3, "block", "2-3"), "m/b"),  # OLM has no section for blocks
+        (Stage(4, "unit", unit), "m/b"),
+        (Stage(5, "joint-layers", n_trials=3), "t7"),  # nor for joint stages
+        (Stage(6, "layer", "1", sweep=2), "m/a"),  # a later sweep's decision replaces the earlier one
+    ]
+    report = olm_report_sections(get_kind(s.kind).olm_report(s, decided(s, w)) for s, w in stages)
+    per_candidate = {"acc": {"m/a": 0.5, "m/b": 0.7}}
+    assert report == {
+        "base_model": {"name": "m/a", "metrics": {"acc": 0.7}},
+        "boundary_layers": {"name": "m/b", "metrics": {"acc": 0.7}},
+        "layers": {"1": {"metrics": per_candidate, "best_model": "m/a"}},
+        "tensors": {f"{unit}.weight": {"metrics": per_candidate, "best_model": "m/b"}},
+    }
+    plots = {
+        k: get_kind(k).report_plot for k in ("layer", "joint-layers", "joint-merge", "es-svd", "es-tune-norm")
+    }
+    assert plots == {
+        "layer": None,
+        "joint-layers": "pareto",
+        "joint-merge": "pareto",
+        "es-svd": "es",
+        "es-tune-norm": "es",
+    }
