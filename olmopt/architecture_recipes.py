@@ -2,7 +2,8 @@
 
 Swap and parameter-merge recipes are patched into the resident model (olmopt.patch). Fusion is
 applied on top of that, in place and undone exactly (``temporarily_fused``). A data-flow path runs
-on the resident layers of the pool models through ``DfsExecutor`` (a reused layer is never copied).
+on the resident layers of the pool models through ``DfsExecutor`` (a reused layer is never copied); a
+path that names ``MERGE_DONOR`` also runs on the Recipe's parameter-space merge, built once as a model.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from olmopt.errors import InputError
 from olmopt.fusion import fuse_model, temporarily_fused
 from olmopt.ops.dfs import DfsPath
 from olmopt.pool.model_pool import ModelPool
-from olmopt.recipe import DataFlowPath, Recipe
+from olmopt.recipe import MERGE_DONOR, DataFlowPath, ParamMerge, Recipe
 
 
 def fusion_alphas(recipe: Recipe) -> list[float]:
@@ -61,20 +62,50 @@ def dfs_path(path: DataFlowPath, names: list[str]) -> DfsPath:
 
 
 class ResidentPool:
-    """Every pool model loaded once (for data-flow paths), in the compute dtype on one device."""
+    """Every pool model loaded once (for data-flow paths), in the compute dtype on one device, and the
+    parameter-space merge a path names (the last one asked for)."""
 
     def __init__(self, pool: ModelPool, device: torch.device, dtype: torch.dtype) -> None:
         self.pool = pool
         self.device = device
         self.dtype = dtype
         self._models: dict[str, PreTrainedModel] = {}
+        self._merged: tuple[ParamMerge, PreTrainedModel] | None = None
 
-    def models(self) -> list[PreTrainedModel]:
+    def names(self, recipe: Recipe) -> list[str]:
+        """The model names a path of ``recipe`` indexes: the pool's, then ``MERGE_DONOR`` if it has a merge."""
+        return [*self.pool.names, MERGE_DONOR] if recipe.param_merge is not None else list(self.pool.names)
+
+    def models(self, recipe: Recipe) -> list[PreTrainedModel]:
+        """The models of ``names(recipe)``, in that order."""
         for name in self.pool.names:
             if name not in self._models:
-                model = AutoModelForCausalLM.from_pretrained(self.pool[name].path, dtype=self.dtype)
-                self._models[name] = model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers types PreTrainedModel.to's wrapper wrongly
-        return [self._models[n] for n in self.pool.names]
+                self._models[name] = self._load(name)
+        models = [self._models[n] for n in self.pool.names]
+        merge = recipe.param_merge
+        if merge is None:
+            return models
+        if self._merged is None or self._merged[0] != merge:
+            self._merged = None  # free the previous merge before building the next
+            self._merged = (merge, self._merge(merge))
+        return [*models, self._merged[1]]
+
+    def _load(self, name: str) -> PreTrainedModel:
+        model = AutoModelForCausalLM.from_pretrained(self.pool[name].path, dtype=self.dtype)
+        return model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers types PreTrainedModel.to's wrapper wrongly
+
+    @torch.no_grad()
+    def _merge(self, merge: ParamMerge) -> PreTrainedModel:
+        """The merged model: its base's architecture, every parameter from the merge (as the patcher has it)."""
+        from olmopt.patch import param_sources, source_tensor
+
+        assert merge.base is not None  # filled in by Recipe validation
+        model = self._load(merge.base)
+        params = dict(model.named_parameters())
+        sources = param_sources(Recipe(base=merge.base, param_merge=merge), self.pool.adapter, list(params))
+        for name, param in params.items():
+            param.copy_(source_tensor(self.pool, name, sources[name], self.dtype, self.device))
+        return model
 
 
 class DfsEvalModel(nn.Module):
@@ -99,10 +130,11 @@ class DfsEvalModel(nn.Module):
         return self.head
 
 
-def dfs_eval_model(resident: ResidentPool, path: DataFlowPath) -> DfsEvalModel:
-    models = resident.models()
-    executor = DfsExecutor(models, dfs_path(path, resident.pool.names))
-    output = models[resident.pool.names.index(path.output_model)]
+def dfs_eval_model(resident: ResidentPool, recipe: Recipe) -> DfsEvalModel:
+    assert recipe.dfs is not None
+    models, names = resident.models(recipe), resident.names(recipe)
+    executor = DfsExecutor(models, dfs_path(recipe.dfs, names))
+    output = models[names.index(recipe.dfs.output_model)]
     return DfsEvalModel(executor, output.get_output_embeddings(), output.config)
 
 
@@ -112,9 +144,10 @@ def export_architecture_recipe(
     """Write the model of a fusion or data-flow recipe into ``build_dir`` (an existing empty temp dir)."""
     if recipe.dfs is not None:
         resident = ResidentPool(pool, torch.device("cpu"), torch.float32)
+        frame = recipe.dfs.input_model if recipe.dfs.input_model != MERGE_DONOR else recipe.base
         export_path(
-            resident.models(), dfs_path(recipe.dfs, pool.names), build_dir / "model", force=True,
-            side_files_from=pool[recipe.dfs.input_model].path,
+            resident.models(recipe), dfs_path(recipe.dfs, resident.names(recipe)), build_dir / "model",
+            force=True, side_files_from=pool[frame].path,
         )  # fmt: skip
         for item in (build_dir / "model").iterdir():
             item.rename(build_dir / item.name)

@@ -226,7 +226,10 @@ class Recipe(_Strict):
 
     def validate_against(self, pool_names: list[str], num_layers: int, units: list[str]) -> None:
         """One-line InputError for donors outside the pool, layers out of range, unknown units."""
-        uses_merge = MERGE_DONOR in {self.boundary, *self.layers.values(), *self.units.values()}
+        named = {self.boundary, *self.layers.values(), *self.units.values()}
+        if self.dfs:
+            named.update((self.dfs.input_model, self.dfs.output_model, *(m for m, _ in self.dfs.hops)))
+        uses_merge = MERGE_DONOR in named
         if uses_merge and self.param_merge is None:
             raise InputError(f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not set")
         for name in sorted(self.donors()):

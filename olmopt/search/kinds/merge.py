@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from olmopt.errors import InputError
 from olmopt.methods.delta import MethodSpec, get_method
 from olmopt.methods.registry import SearchDim
-from olmopt.recipe import MERGE_DONOR, ParamMerge, Recipe
+from olmopt.recipe import ParamMerge, Recipe
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
 
@@ -130,15 +130,6 @@ def default_point(spec: MethodSpec, count: int, lay: Layout | None = None) -> di
         value = float(default) if isinstance(default, int | float) else dim.low
         point[f"{spec.name}.{dim.name}"] = min(max(value, dim.low), dim.high)
     return point
-
-
-def donor_pool(pool_names: Sequence[str], incumbent: Recipe | None) -> list[str]:
-    """The donors a donor-choice stage offers after a merge stage (Sakana's PS then layers): the pool and,
-    when the incumbent holds a parameter-space merge, ``MERGE_DONOR`` (the merged model's own slot)."""
-    names = list(pool_names)
-    if incumbent is not None and incumbent.param_merge is not None:
-        names.append(MERGE_DONOR)
-    return names
 
 
 def merge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
