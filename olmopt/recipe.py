@@ -216,12 +216,12 @@ class Recipe(_Strict):
         names = {self.base, *self.layers.values(), *self.units.values()}
         if self.boundary:
             names.add(self.boundary)
-        names.discard(MERGE_DONOR)
         if self.param_merge:
             names.update(self.param_merge.models)
         if self.dfs:
             names.update(m for m, _ in self.dfs.hops)
             names.update((self.dfs.input_model, self.dfs.output_model))
+        names.discard(MERGE_DONOR)
         return names
 
     def validate_against(self, pool_names: list[str], num_layers: int, units: list[str]) -> None:

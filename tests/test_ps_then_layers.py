@@ -1,0 +1,184 @@
+"""Sakana's PS then layers: after a merge stage, the donor-choice stages (greedy layers, joint layers)
+and the data-flow path may pick the parameter-space merge (``MERGE_DONOR``) like a pool model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+
+from olmopt.config import StudyConfig
+from olmopt.pool.adapter import ArchitectureAdapter
+from olmopt.recipe import MERGE_DONOR, DataFlowPath, ParamMerge, Recipe
+from olmopt.search.kinds.dfs import dfs_distributions, dfs_space
+from olmopt.search.kinds.joint import joint_distributions, joint_space
+from olmopt.search.kinds.swap import current_donor, donor_pool, incumbent_of, swap_space
+from olmopt.search.plan import Stage
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+POOL = ["base", "a", "b"]
+PS = Recipe(base="base", param_merge=ParamMerge(method="task_arithmetic", models=("a", "b")))
+
+
+@dataclass
+class Env:
+    config: StudyConfig
+    pool_names: list[str]
+    adapter: ArchitectureAdapter = field(default_factory=lambda: ArchitectureAdapter("llama", 4, False))
+    param_names: list[str] = field(default_factory=list)
+    context: Any = None
+    pool: Any = None
+    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _env(decisions: dict[str, Any], incumbent: Recipe | None = PS) -> Env:
+    config = StudyConfig.model_validate(
+        {
+            "name": "t",
+            "pool": {"models": POOL},
+            "objectives": [{"dataset": "x.json", "metric": "token_accuracy"}],
+            "decisions": decisions,
+        }
+    )
+    before = {"001-joint-merge": {"recipe": incumbent.to_json()}} if incumbent is not None else {}
+    return Env(config, list(POOL), decisions={"000-base": {"recipe": Recipe(base="base").to_json()}, **before})
+
+
+def _decode(space: Any, params: dict[str, Any]) -> tuple[str, Recipe]:
+    study = optuna.create_study(directions=["maximize"])
+    study.enqueue_trial(params)
+    return space.decode(study.ask())  # type: ignore[no-any-return]
+
+
+def test_the_ps_merge_is_a_donor_only_after_a_merge() -> None:
+    assert donor_pool(POOL, Recipe(base="base")) == POOL
+    assert donor_pool(POOL, PS) == [*POOL, MERGE_DONOR]
+    env = _env({"layers": {"mode": "greedy"}})
+    space = swap_space(Stage(2, "layer", "1"), PS, env)
+    assert [label for label, _ in space.enqueue] == [*POOL, MERGE_DONOR]
+    assert _decode(space, {"donor": MERGE_DONOR})[1].layers == {1: MERGE_DONOR}
+    assert _decode(space, {"donor": "a"})[1].layers == {1: "a"}
+    base_stage = swap_space(Stage(0, "base"), None, _env({"base": {"mode": "auto"}}, None))
+    assert [label for label, _ in base_stage.enqueue] == POOL  # the base is a pool model
+    plain = swap_space(Stage(2, "layer", "1"), Recipe(base="base"), _env({}, None))
+    assert MERGE_DONOR not in [label for label, _ in plain.enqueue]
+
+
+def test_keeping_a_slot_after_a_merge_keeps_the_merged_weights() -> None:
+    adapter = ArchitectureAdapter("llama", 4, False)
+    assert current_donor(PS, "layer.2", adapter) == MERGE_DONOR
+    assert current_donor(PS, "unit.model.layers.2.mlp.down_proj", adapter) == MERGE_DONOR
+    assert current_donor(PS, "unit.model.embed_tokens", adapter) == MERGE_DONOR
+    swapped = PS.model_copy(update={"layers": {2: "a"}, "boundary": "b"})
+    assert current_donor(swapped, "layer.2", adapter) == "a"
+    assert current_donor(swapped, "unit.model.embed_tokens", adapter) == "b"
+    assert current_donor(Recipe(base="base"), "layer.2", adapter) == "base"
+
+
+def test_joint_layers_search_the_ps_merge_and_declare_it_up_front() -> None:
+    env = _env({"layers": {"mode": "joint", "n_trials": 5, "warm_start": True}})
+    stage = Stage(2, "joint-layers", n_trials=5)
+    assert incumbent_of(stage, env.decisions) == PS
+    space = joint_space(stage, PS, env)
+    labels = [label for label, _ in space.enqueue]
+    assert labels == ["incumbent", "all-base", "all-a", "all-b"]  # all-@merge is the incumbent point
+    slots = [f"layer.{i}" for i in range(4)]
+    assert space.enqueue[0][1] == dict.fromkeys(slots, MERGE_DONOR)
+    _, kept = _decode(space, space.enqueue[0][1])
+    assert kept.layers == dict.fromkeys(range(4), MERGE_DONOR) and kept.param_merge == PS.param_merge
+    _, mixed = _decode(space, {**space.enqueue[0][1], "layer.1": "a"})
+    assert mixed.layers[1] == "a" and mixed.layers[0] == MERGE_DONOR
+    space_up_front = joint_distributions(stage, env)
+    assert all(d.choices == (*POOL, MERGE_DONOR) for d in space_up_front.values())
+    assert list(space_up_front) == slots
+    no_merge = _env({"layers": {"mode": "joint"}}, None)
+    assert all(MERGE_DONOR not in d.choices for d in joint_distributions(stage, no_merge).values())
+
+
+def test_dfs_paths_may_run_through_the_ps_merge() -> None:
+    env = _env({"dfs": {"mode": "joint", "repetitions": 1, "n_trials": 4}})
+    stage = Stage(2, "joint-dfs", n_trials=4)
+    space = dfs_space(stage, PS, env)
+    assert [label for label, _ in space.enqueue] == ["identity:base", "identity:a", f"identity:{MERGE_DONOR}"]
+    _, identity = _decode(space, space.enqueue[2][1])
+    assert identity.dfs is not None and identity.param_merge == PS.param_merge
+    assert identity.dfs.hops == tuple((MERGE_DONOR, i) for i in range(4))
+    _, plain = _decode(space, space.enqueue[0][1])
+    assert plain.param_merge is None and plain.dfs is not None  # a path without the merge does not carry it
+    assert dfs_distributions(stage, env)["io_model"].choices == ("base", "a", MERGE_DONOR)  # type: ignore[attr-defined]
+    identity.validate_against(POOL, 4, [])
+    orphan = Recipe(
+        base="base", dfs=DataFlowPath(hops=((MERGE_DONOR, 0),), scales=(1.0,), input_model="base", output_model="base")
+    )
+    with pytest.raises(Exception, match="'@merge' names the parameter-space merge, but param_merge is not set"):
+        orphan.validate_against(POOL, 4, [])
+
+
+# -- on the tiny zoo ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_merge_stage_then_layers_and_a_path_over_the_merge(tiny_zoo: Path, tmp_path: Path) -> None:
+    """A campaign: merge, then a greedy layer stage offering ``@merge``, then a data-flow path over the
+    merge. Keeping the merged layer costs nothing (its weights are the incumbent's: metrics reused), the
+    identity path through the merge scores what the merged model scores, and the winner exports and
+    rebuilds bit for bit."""
+    from tests.test_param_studies import export_and_rebuild, run, spec
+
+    decisions = {
+        "merge": {"mode": "joint", "methods": ["task_arithmetic"], "n_trials": 2},
+        "layers": {"mode": "greedy", "only": [2]},
+        "dfs": {"mode": "joint", "repetitions": 1, "n_trials": 4},
+    }
+    data = spec(tiny_zoo, "psl", ["base", "spec_add", "spec_fact"], decisions)
+    data["objectives"] = data["objectives"][:2]
+    for objective in data["objectives"]:
+        objective["samples"] = 20
+    url, status = run(tmp_path, data)
+    merge_decision = optuna.load_study(study_name="psl/001-joint-merge", storage=url).user_attrs["olmopt.decision"]
+    merged = Recipe.from_json(merge_decision["recipe"])
+    assert merged.param_merge is not None
+    layer = optuna.load_study(study_name="psl/002-layer-2", storage=url)
+    trials = {t.user_attrs["candidate"]: t for t in layer.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    assert set(trials) == {str(tiny_zoo / m) for m in ("base", "spec_add", "spec_fact")} | {MERGE_DONOR}
+    keep = trials[MERGE_DONOR]
+    assert "reused" in keep.user_attrs  # the merged layer is the incumbent's: no evaluation
+    assert keep.values == [merge_decision["metrics"][n] for n in ("add", "fact")]
+    dfs = optuna.load_study(study_name="psl/003-joint-dfs", storage=url)
+    identity = next(t for t in dfs.get_trials() if t.user_attrs.get("candidate") == f"identity:{MERGE_DONOR}")
+    layer_winner = Recipe.from_json(layer.user_attrs["olmopt.decision"]["recipe"])
+    assert layer_winner.param_merge == merged.param_merge
+    assert identity.values == pytest.approx(keep.values, abs=1e-6)  # the path executor runs the merged model
+    final = Recipe.from_dict(status["recipe"])
+    export_and_rebuild(tmp_path, url, "psl")
+    if final.dfs is None:  # the path did not win: export the identity path over the merge by hand
+        final = Recipe.from_json(identity.user_attrs["recipe"])
+    assert final.param_merge is not None and final.dfs is not None
+
+
+def test_a_path_through_the_merge_exports_and_rebuilds_bit_exactly(tiny_zoo: Path, tmp_path: Path) -> None:
+    from olmopt.export import rebuild, write_model_dir
+    from olmopt.pool.model_pool import ModelPool
+    from tests.test_param_studies import weights
+
+    base, add, fact = (str(tiny_zoo / m) for m in ("base", "spec_add", "spec_fact"))
+    pool = ModelPool([base, add, fact])
+    merge = ParamMerge(method="ties", models=(add, fact), params={"density": 0.5}, layer_params={"weights": ((1.0, 0.5), (0.2, 0.8))}, group_size=2)
+    hops = ((base, 0), (MERGE_DONOR, 1), (MERGE_DONOR, 2), (add, 3), (MERGE_DONOR, 3))
+    path = DataFlowPath(hops=hops, scales=(1.0, 0.9, 1.1, 1.0, 0.8), input_model=MERGE_DONOR, output_model=MERGE_DONOR)
+    recipe = Recipe(base=base, param_merge=merge, dfs=path)
+    out, again = tmp_path / "out", tmp_path / "again"
+    write_model_dir(pool, recipe, out, {"recipe": recipe.to_dict()}, "card", progress=False)
+    assert rebuild(out / "merge_report.json", again, progress=False) == recipe
+    a, b = weights(out), weights(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the frame and hops 1, 2 and 4 are the merged model's tensors (float32 export of the bf16/f32 merge)
+    from olmopt.patch import materialize
+
+    ps = dict(materialize(pool, Recipe(base=base, param_merge=merge), dtype=torch.float32))
+    assert torch.equal(a["model.embed_tokens.weight"], ps["model.embed_tokens.weight"])
+    assert torch.equal(a["model.layers.1.self_attn.q_proj.weight"], ps["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(a["model.layers.3.self_attn.q_proj.weight"], pool.tensor(add, "model.layers.3.self_attn.q_proj.weight").float())
+    assert torch.equal(a["model.layers.4.self_attn.q_proj.weight"], ps["model.layers.3.self_attn.q_proj.weight"])
