@@ -132,17 +132,23 @@ def default_point(spec: MethodSpec, count: int, lay: Layout | None = None) -> di
     return point
 
 
+def check_variant_count(methods: Sequence[str], count: int) -> None:
+    """Every listed method takes ``count`` variants (SLERP takes one), else one line naming the key;
+    checked at ``study create`` (the count is known then: ``merge.models``, else the pool but the base)."""
+    for name in methods:
+        try:
+            get_method(name).check_count(count)
+        except InputError as exc:
+            raise InputError(f"decisions.merge.methods: {exc}") from None
+
+
 def merge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
     assert incumbent is not None
     cfg = env.config.decisions.merge
     base = incumbent.base
     variants = variants_of(env, base)
     specs = {name: get_method(name) for name in cfg.methods}
-    for spec in specs.values():
-        try:
-            spec.check_count(len(variants))
-        except InputError as exc:
-            raise InputError(f"decisions.merge.methods: {exc}") from None
+    check_variant_count(cfg.methods, len(variants))
     num_layers = env.adapter.num_layers
     layouts = {n: layout(s, len(variants), num_layers, cfg.group_size, cfg.layerwise) for n, s in specs.items()}
     order_choices = orders(len(variants), cfg.search_order)
