@@ -139,6 +139,29 @@ dtype: bfloat16
     )
 
 
+def compare_outputs(ours: Path, theirs: Path) -> tuple[float, float]:
+    """(share of elements equal bit for bit, largest absolute difference) between two model directories."""
+    from safetensors import safe_open
+
+    def tensors(directory: Path) -> dict[str, Path]:
+        out = {}
+        for file in directory.glob("*.safetensors"):
+            with safe_open(str(file), "pt") as handle:
+                out.update(dict.fromkeys(handle.keys(), file))
+        return out
+
+    mine, other = tensors(ours), tensors(theirs)
+    equal = total = 0
+    worst = 0.0
+    for name, file in mine.items():
+        with safe_open(str(file), "pt") as a, safe_open(str(other[name]), "pt") as b:
+            x, y = a.get_tensor(name).float(), b.get_tensor(name).float()
+        equal += int((x == y).sum())
+        total += x.numel()
+        worst = max(worst, float((x - y).abs().max()))
+    return equal / total, worst
+
+
 def reference_of(run: str) -> str:
     """The mergekit run an olmopt run is compared with."""
     method = run.removeprefix("mergekit-")
@@ -194,6 +217,11 @@ def main() -> int:
             started = time.perf_counter()
             results.append(run_timed(label, commands[name], env))
             print(f"  {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        agreement = {
+            method: compare_outputs(work / method, work / f"mk-{method}")
+            for method in ("ties",)  # deterministic: the random methods draw differently
+            if (work / method).is_dir() and (work / f"mk-{method}").is_dir()
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
@@ -211,6 +239,8 @@ def main() -> int:
             f"| {r.name}{status} | {r.wall_s:.1f} | {r.user_s + r.sys_s:.1f} | {r.max_rss_mb:.0f} | "
             f"{r.peak_anon_mb:.0f} | {ratio_wall} | {ratio_rss} |"
         )
+    for method, (equal, worst) in agreement.items():
+        print(f"\n{method}: olmopt and mergekit agree on {100 * equal:.3f} % of the weights bit for bit; largest |difference| {worst:.3g}")
     print(
         f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} CPUs"
     )
