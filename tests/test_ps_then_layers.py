@@ -60,8 +60,13 @@ def test_the_ps_merge_is_a_donor_only_after_a_merge() -> None:
     env = _env({"layers": {"mode": "greedy"}})
     space = swap_space(Stage(2, "layer", "1"), PS, env)
     assert [label for label, _ in space.enqueue] == [*POOL, MERGE_DONOR]
-    assert _decode(space, {"donor": MERGE_DONOR})[1].layers == {1: MERGE_DONOR}
+    assert _decode(space, {"donor": MERGE_DONOR})[1] == PS  # keeping the merged layer: the incumbent itself
     assert _decode(space, {"donor": "a"})[1].layers == {1: "a"}
+    swapped = PS.model_copy(update={"layers": {1: "a"}, "boundary": "b"})
+    back = swap_space(Stage(3, "layer", "1"), swapped, env)
+    assert _decode(back, {"donor": MERGE_DONOR})[1].layers == {1: MERGE_DONOR}
+    assert _decode(swap_space(Stage(3, "boundary"), swapped, env), {"donor": MERGE_DONOR})[1].boundary == MERGE_DONOR
+    assert _decode(swap_space(Stage(3, "boundary"), PS, env), {"donor": MERGE_DONOR})[1] == PS
     base_stage = swap_space(Stage(0, "base"), None, _env({"base": {"mode": "auto"}}, None))
     assert [label for label, _ in base_stage.enqueue] == POOL  # the base is a pool model
     plain = swap_space(Stage(2, "layer", "1"), Recipe(base="base"), _env({}, None))

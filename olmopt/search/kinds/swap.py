@@ -120,6 +120,18 @@ def greedy_candidates(stage: Stage, incumbent: Recipe | None, pool: list[str]) -
     return {m: apply_choice(incumbent, slot, m) for m in pool}
 
 
+def keeps_merge(stage: Stage, incumbent: Recipe, adapter: ArchitectureAdapter) -> bool:
+    """Whether the incumbent already takes the stage's slot from its parameter-space merge (so the
+    ``MERGE_DONOR`` candidate is the incumbent)."""
+    if stage.kind == "boundary":
+        return incumbent.boundary in (None, MERGE_DONOR)
+    if stage.kind == "block":
+        slots = [f"layer.{i}" for i in block_layers(stage.target)]
+    else:
+        slots = [f"{'layer' if stage.kind == 'layer' else 'unit'}.{stage.target}"]
+    return all(current_donor(incumbent, slot, adapter) == MERGE_DONOR for slot in slots)
+
+
 def prefix_layer(stage: Stage, adapter: ArchitectureAdapter) -> int | None:
     """Layer whose incoming hidden states are shared by every candidate of the stage."""
     if stage.kind == "layer":
@@ -145,6 +157,8 @@ def swap_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSp
         candidates = {"incumbent": incumbent}
     else:
         candidates = greedy_candidates(stage, incumbent, pool)
+        if incumbent is not None and MERGE_DONOR in candidates and keeps_merge(stage, incumbent, env.adapter):
+            candidates[MERGE_DONOR] = incumbent  # the same weights: keeping the slot, preferred on ties
 
     def decode(trial: Trial) -> tuple[str, Recipe]:
         label = str(trial.suggest_categorical("donor", list(candidates)))
