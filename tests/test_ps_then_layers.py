@@ -156,11 +156,11 @@ def test_a_merge_stage_then_layers_and_a_path_over_the_merge(tiny_zoo: Path, tmp
     layer_winner = Recipe.from_json(layer.user_attrs["olmopt.decision"]["recipe"])
     assert layer_winner.param_merge == merged.param_merge
     assert identity.values == pytest.approx(keep.values, abs=1e-6)  # the path executor runs the merged model
-    final = Recipe.from_dict(status["recipe"])
-    export_and_rebuild(tmp_path, url, "psl")
-    if final.dfs is None:  # the path did not win: export the identity path over the merge by hand
-        final = Recipe.from_json(identity.user_attrs["recipe"])
-    assert final.param_merge is not None and final.dfs is not None
+    decided = layer.user_attrs["olmopt.decision"]
+    if decided["winner"] == MERGE_DONOR:  # keeping the merged layer keeps the incumbent as it is
+        assert decided["kept_incumbent"] and layer_winner == merged
+    assert Recipe.from_dict(status["recipe"]).dfs is not None
+    export_and_rebuild(tmp_path, url, "psl")  # the campaign's winner, bit for bit
 
 
 def test_a_path_through_the_merge_exports_and_rebuilds_bit_exactly(tiny_zoo: Path, tmp_path: Path) -> None:
