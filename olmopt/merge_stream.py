@@ -281,7 +281,7 @@ def merge_directories(
             record = {
                 "method": spec.name,
                 "params": params.as_dict(),
-                **({"layer_params": layer_params, "group_size": group_size} if layer_params else {}),
+                **({"layer_params": dict(layer_params), "group_size": group_size} if layer_params else {}),
                 "seed": seed,
                 "base_model": str(base.directory),
                 "variant_models": [str(v.directory) for v in variants],
