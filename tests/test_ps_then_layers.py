@@ -126,15 +126,16 @@ def test_dfs_paths_may_run_through_the_ps_merge() -> None:
 # -- on the tiny zoo ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_merge_stage_then_layers_and_a_path_over_the_merge(tiny_zoo: Path, tmp_path: Path) -> None:
-    """A campaign: merge, then a greedy layer stage offering ``@merge``, then a data-flow path over the
-    merge. Keeping the merged layer costs nothing (its weights are the incumbent's: metrics reused), the
-    identity path through the merge scores what the merged model scores, and the winner exports and
-    rebuilds bit for bit."""
-    from tests.test_param_studies import export_and_rebuild, run, spec
+    """A campaign: merge, then a greedy layer stage offering ``@merge``, a joint layer stage searching it
+    per layer, then a data-flow path over the merge. Keeping the merged layer costs nothing (its weights are the incumbent's: metrics reused), the
+    identity path through the merge scores what the merged model scores, and a mixed recipe (layers from
+    the merge and from pool models) and the winner export and rebuild bit for bit."""
+    from olmopt.cli import main
+    from tests.test_param_studies import export_and_rebuild, run, spec, weights
 
     decisions = {
         "merge": {"mode": "joint", "methods": ["task_arithmetic"], "n_trials": 2},
-        "layers": {"mode": "greedy", "only": [2]},
+        "layers": {"mode": "greedy", "only": [1, 2, 3], "then_joint": 5, "warm_start": False},
         "dfs": {"mode": "joint", "repetitions": 1, "n_trials": 4},
     }
     data = spec(tiny_zoo, "psl", ["base", "spec_add", "spec_fact"], decisions)
@@ -145,13 +146,25 @@ def test_a_merge_stage_then_layers_and_a_path_over_the_merge(tiny_zoo: Path, tmp
     merge_decision = optuna.load_study(study_name="psl/001-joint-merge", storage=url).user_attrs["olmopt.decision"]
     merged = Recipe.from_json(merge_decision["recipe"])
     assert merged.param_merge is not None
-    layer = optuna.load_study(study_name="psl/002-layer-2", storage=url)
+    layer = optuna.load_study(study_name="psl/002-layer-1", storage=url)
     trials = {t.user_attrs["candidate"]: t for t in layer.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
     assert set(trials) == {str(tiny_zoo / m) for m in ("base", "spec_add", "spec_fact")} | {MERGE_DONOR}
     keep = trials[MERGE_DONOR]
     assert "reused" in keep.user_attrs  # the merged layer is the incumbent's: no evaluation
     assert keep.values == [merge_decision["metrics"][n] for n in ("add", "fact")]
-    dfs = optuna.load_study(study_name="psl/003-joint-dfs", storage=url)
+    joint = optuna.load_study(study_name="psl/005-joint-layers", storage=url)
+    mixed = [
+        t for t in joint.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        if {MERGE_DONOR} < set(Recipe.from_json(t.user_attrs["recipe"]).layers.values())
+    ]  # fmt: skip
+    assert mixed  # sampled recipes that take some layers from the merge and others from pool models
+    out, again = tmp_path / "mixed", tmp_path / "mixed-again"
+    argv = ["export", "best", "psl", "--storage", url, "--stage", "005-joint-layers", "--trial", str(mixed[0].number)]
+    assert main([*argv, "--out", str(out), "--quiet", "--no-compare"]) == 0
+    assert main(["rebuild", str(out / "merge_report.json"), "--out", str(again), "--quiet", "--models-dir", str(tiny_zoo)]) == 0
+    a, b = weights(out), weights(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    dfs = optuna.load_study(study_name="psl/006-joint-dfs", storage=url)
     identity = next(t for t in dfs.get_trials() if t.user_attrs.get("candidate") == f"identity:{MERGE_DONOR}")
     layer_winner = Recipe.from_json(layer.user_attrs["olmopt.decision"]["recipe"])
     assert layer_winner.param_merge == merged.param_merge
