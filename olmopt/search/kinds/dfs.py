@@ -2,8 +2,9 @@
 
 Slots follow the seed's mask order (repetition, model, layer): an indicator per slot and a scale per
 active slot (conditional: it exists only when the slot is on), plus the model whose embedding and
-head frame the path. The identity path of each model is enqueued first. After a merge stage the PS-merged model is one of
-the path's models (``MERGE_DONOR``, Sakana's PS+DFS): its hops read the incumbent's merged layers.
+head frame the path. The identity path of each model is enqueued first. After a merge stage the
+PS-merged model is one of the path's models (``MERGE_DONOR``, Sakana's PS+DFS): its hops read the
+incumbent's merged layers.
 """
 
 from __future__ import annotations
