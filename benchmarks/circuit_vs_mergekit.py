@@ -173,7 +173,7 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=REPO / "storage" / "bench-big")
     parser.add_argument("--runs", default="startup,circuit,della,mergekit-della")
     parser.add_argument("--threads", type=int, default=2, help="olmopt worker threads")
-    parser.add_argument("--mergekit-venv", type=Path, default=MK_VENV, help=f"mergekit's venv (default {MK_VENV})")
+    parser.add_argument("--mergekit-venv", type=Path, default=MK_VENV, help=f"mergekit's venv ({MK_VENV})")
     args = parser.parse_args()
     root = args.root.resolve()
     if not all((root / n / "config.json").is_file() for n in "ABC"):
@@ -202,7 +202,8 @@ def main() -> int:
     for method in MERGEKIT_PARAMS:
         mergekit_config(root, work / f"mk-{method}.yaml", method)
         commands[f"mergekit-{method}"] = [
-            str(mergekit_yaml), str(work / f"mk-{method}.yaml"), str(work / f"mk-{method}"), "--random-seed", "0"
+            str(mergekit_yaml), str(work / f"mk-{method}.yaml"), str(work / f"mk-{method}"),
+            "--random-seed", "0",
         ]  # fmt: skip
     load_before = os.getloadavg()
     results = []
@@ -240,7 +241,10 @@ def main() -> int:
             f"{r.peak_anon_mb:.0f} | {ratio_wall} | {ratio_rss} |"
         )
     for method, (equal, worst) in agreement.items():
-        print(f"\n{method}: olmopt and mergekit agree on {100 * equal:.3f} % of the weights bit for bit; largest |difference| {worst:.3g}")
+        print(
+            f"\n{method}: olmopt and mergekit agree on {100 * equal:.3f} % of the weights bit for bit; "
+            f"largest |difference| {worst:.3g}"
+        )
     print(
         f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} CPUs"
     )

@@ -73,7 +73,7 @@ class ResidentPool:
         self._merged: tuple[ParamMerge, PreTrainedModel] | None = None
 
     def names(self, recipe: Recipe) -> list[str]:
-        """The model names a path of ``recipe`` indexes: the pool's, then ``MERGE_DONOR`` if it has a merge."""
+        """The model names a path of ``recipe`` indexes: the pool's, then ``MERGE_DONOR`` with a merge."""
         return [*self.pool.names, MERGE_DONOR] if recipe.param_merge is not None else list(self.pool.names)
 
     def models(self, recipe: Recipe) -> list[PreTrainedModel]:
@@ -92,11 +92,11 @@ class ResidentPool:
 
     def _load(self, name: str) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(self.pool[name].path, dtype=self.dtype)
-        return model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers types PreTrainedModel.to's wrapper wrongly
+        return model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers' .to
 
     @torch.no_grad()
     def _merge(self, merge: ParamMerge) -> PreTrainedModel:
-        """The merged model: its base's architecture, every parameter from the merge (as the patcher has it)."""
+        """The merged model: its base's architecture, every parameter from the merge (the patcher's)."""
         from olmopt.patch import param_sources, source_tensor
 
         assert merge.base is not None  # filled in by Recipe validation

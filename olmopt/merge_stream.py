@@ -324,7 +324,7 @@ def _layer_resolver(
     want = merge.num_groups(adapter.num_layers)
     for key, groups in sorted(merge.layer_params.items()):
         if len(groups) != want:
-            raise InputError(f"merge: {key} has {len(groups)} per-layer values for {adapter.num_layers} layers")
+            raise InputError(f"merge: {key} has {len(groups)} values for {want} layer groups")
     per_layer = []
     for layer in range(adapter.num_layers):
         try:

@@ -39,7 +39,16 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _merge(family: dict[str, Path], out: Path, method: str, *flags: str) -> dict[str, torch.Tensor]:
-    argv = ["merge", method, str(family["A"]), str(family["B"]), str(family["C"]), "--out", str(out), "--quiet"]
+    argv = [
+        "merge",
+        method,
+        str(family["A"]),
+        str(family["B"]),
+        str(family["C"]),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main([*argv, *flags]) == 0
     return load_file(out / "model.safetensors")
 
@@ -49,30 +58,49 @@ def _layer(name: str) -> int:
 
 
 def test_gradients_give_each_layer_its_values(family: dict[str, Path], tmp_path: Path) -> None:
-    merged = _merge(family, tmp_path / "ties", "ties", "--weights", "0.2,0.8", "0.5", "--density", "0.3,0.6,0.9,1.0")
+    merged = _merge(
+        family, tmp_path / "ties", "ties", "--weights", "0.2,0.8", "0.5", "--density", "0.3,0.6,0.9,1.0"
+    )
     record = json.loads((tmp_path / "ties" / "merge_config.json").read_text())
     # two points over four layers: 0.2 at layer 0, 0.8 at layer 3, linear in between; four points: one a layer
     weights = [w for w, _ in record["layer_params"]["weights"]]
-    assert weights == pytest.approx([0.2, 0.4, 0.6, 0.8]) and {v for _, v in record["layer_params"]["weights"]} == {0.5}
-    assert record["layer_params"]["density"] == [[d, d] for d in (0.3, 0.6, 0.9, 1.0)]  # one list: every variant
+    assert weights == pytest.approx([0.2, 0.4, 0.6, 0.8]) and {
+        v for _, v in record["layer_params"]["weights"]
+    } == {0.5}
+    assert record["layer_params"]["density"] == [
+        [d, d] for d in (0.3, 0.6, 0.9, 1.0)
+    ]  # one list: every variant
     base, b, c = (load_file(family[n] / "model.safetensors") for n in "ABC")
     per_layer = [
-        make_params("ties", {"weights": tuple(record["layer_params"]["weights"][i]), "density": tuple(record["layer_params"]["density"][i])})
+        make_params(
+            "ties",
+            {
+                "weights": tuple(record["layer_params"]["weights"][i]),
+                "density": tuple(record["layer_params"]["density"][i]),
+            },
+        )
         for i in range(LAYERS)
     ]
     seen = set()
     for name, tensor in merged.items():
         layer = _layer(name)  # the embedding takes layer 0's values, the final norm and the head layer 3's
         seen.add(layer)
-        assert torch.equal(tensor, merge_tensor("ties", base[name], [b[name], c[name]], per_layer[layer], 0, name)), name
+        assert torch.equal(
+            tensor, merge_tensor("ties", base[name], [b[name], c[name]], per_layer[layer], 0, name)
+        ), name
         if name.startswith("model.layers.0.mlp"):
             other = merge_tensor("ties", base[name], [b[name], c[name]], per_layer[3], 0, name)
             assert not torch.equal(tensor, other)  # the lists matter
     assert seen == set(range(LAYERS))
-    assert _layer("model.embed_tokens.weight") == 0 and _layer("lm_head.weight") == _layer("model.norm.weight") == 3
+    assert (
+        _layer("model.embed_tokens.weight") == 0
+        and _layer("lm_head.weight") == _layer("model.norm.weight") == 3
+    )
 
 
-def test_a_three_point_gradient_by_hand_and_the_same_merge_as_a_recipe(family: dict[str, Path], tmp_path: Path) -> None:
+def test_a_three_point_gradient_by_hand_and_the_same_merge_as_a_recipe(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
     """``--lambda 0,1,0`` over four layers: t = 0, 1/3, 2/3, 1 on three points -> 0, 2/3, 2/3, 0. The
     streamed merge and the Recipe with the same layer lists (export, rebuild) give the same bytes."""
     from olmopt.patch import materialize
@@ -95,7 +123,18 @@ def test_a_three_point_gradient_by_hand_and_the_same_merge_as_a_recipe(family: d
     recipe = Recipe(base=a, param_merge=merge)
     same = dict(materialize(ModelPool([a, b, c]), recipe))
     assert all(torch.equal(same[name], tensor) for name, tensor in merged.items())
-    again = _merge(family, tmp_path / "circuit-cmd", "circuit", "--method", "task_arithmetic", "--lambda", "0,1,0", "--weights", "1", "0.5")
+    again = _merge(
+        family,
+        tmp_path / "circuit-cmd",
+        "circuit",
+        "--method",
+        "task_arithmetic",
+        "--lambda",
+        "0,1,0",
+        "--weights",
+        "1",
+        "0.5",
+    )
     assert all(torch.equal(again[name], tensor) for name, tensor in merged.items())
 
 
@@ -108,7 +147,11 @@ def test_a_three_point_gradient_by_hand_and_the_same_merge_as_a_recipe(family: d
     ],
 )
 def test_bad_lists_are_one_line_exit_2_nothing_written(
-    family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], fragment: str
+    family: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    fragment: str,
 ) -> None:
     out = tmp_path / "bad"
     argv = ["merge", "ties", str(family["A"]), str(family["B"]), str(family["C"]), "--out", str(out), *flags]

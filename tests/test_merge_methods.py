@@ -517,7 +517,10 @@ def test_a_toy_method_is_searched_by_a_merge_stage(toy_method: str, tiny_zoo: Pa
 @pytest.mark.parametrize(
     ("merge", "fragment"),
     [
-        ({"methods": ["ties", "slerp"]}, "slerp: takes exactly 1 variant (2 models with the base), got 3 variants"),
+        (
+            {"methods": ["ties", "slerp"]},
+            "slerp: takes exactly 1 variant (2 models with the base), got 3 variants",
+        ),
         ({"methods": ["model_stock"], "models": ["B"]}, "model_stock: takes at least 2 variants"),
     ],
 )
@@ -533,7 +536,9 @@ def test_study_create_refuses_a_method_that_cannot_take_the_variants(
     data = {
         "name": "s3",
         "pool": {"models": [str(p) for p in paths.values()]},
-        "objectives": [{"dataset": str(REPO / "objectives/add.json"), "metric": "token_accuracy", "samples": 10}],
+        "objectives": [
+            {"dataset": str(REPO / "objectives/add.json"), "metric": "token_accuracy", "samples": 10}
+        ],
         "decisions": {
             "base": {"mode": "fixed", "model": str(paths["A"])},
             "layers": {"mode": "off"},

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from olmopt.config import StudyConfig
+from olmopt.errors import InputError
 from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.recipe import MERGE_DONOR, DataFlowPath, ParamMerge, Recipe
 from olmopt.search.kinds.dfs import dfs_distributions, dfs_space
@@ -45,7 +46,9 @@ def _env(decisions: dict[str, Any], incumbent: Recipe | None = PS) -> Env:
         }
     )
     before = {"001-joint-merge": {"recipe": incumbent.to_json()}} if incumbent is not None else {}
-    return Env(config, list(POOL), decisions={"000-base": {"recipe": Recipe(base="base").to_json()}, **before})
+    return Env(
+        config, list(POOL), decisions={"000-base": {"recipe": Recipe(base="base").to_json()}, **before}
+    )
 
 
 def _decode(space: Any, params: dict[str, Any]) -> tuple[str, Recipe]:
@@ -65,7 +68,10 @@ def test_the_ps_merge_is_a_donor_only_after_a_merge() -> None:
     swapped = PS.model_copy(update={"layers": {1: "a"}, "boundary": "b"})
     back = swap_space(Stage(3, "layer", "1"), swapped, env)
     assert _decode(back, {"donor": MERGE_DONOR})[1].layers == {1: MERGE_DONOR}
-    assert _decode(swap_space(Stage(3, "boundary"), swapped, env), {"donor": MERGE_DONOR})[1].boundary == MERGE_DONOR
+    assert (
+        _decode(swap_space(Stage(3, "boundary"), swapped, env), {"donor": MERGE_DONOR})[1].boundary
+        == MERGE_DONOR
+    )
     assert _decode(swap_space(Stage(3, "boundary"), PS, env), {"donor": MERGE_DONOR})[1] == PS
     base_stage = swap_space(Stage(0, "base"), None, _env({"base": {"mode": "auto"}}, None))
     assert [label for label, _ in base_stage.enqueue] == POOL  # the base is a pool model
@@ -114,12 +120,14 @@ def test_dfs_paths_may_run_through_the_ps_merge() -> None:
     assert identity.dfs.hops == tuple((MERGE_DONOR, i) for i in range(4))
     _, plain = _decode(space, space.enqueue[0][1])
     assert plain.param_merge is None and plain.dfs is not None  # a path without the merge does not carry it
-    assert dfs_distributions(stage, env)["io_model"].choices == ("base", "a", MERGE_DONOR)  # type: ignore[attr-defined]
+    frames = dfs_distributions(stage, env)["io_model"]
+    assert frames.choices == ("base", "a", MERGE_DONOR)  # type: ignore[attr-defined]
     identity.validate_against(POOL, 4, [])
     orphan = Recipe(
-        base="base", dfs=DataFlowPath(hops=((MERGE_DONOR, 0),), scales=(1.0,), input_model="base", output_model="base")
+        base="base",
+        dfs=DataFlowPath(hops=((MERGE_DONOR, 0),), scales=(1.0,), input_model="base", output_model="base"),
     )
-    with pytest.raises(Exception, match="'@merge' names the parameter-space merge, but param_merge is not set"):
+    with pytest.raises(InputError, match="'@merge' names the parameter-space merge, but param_merge is not"):
         orphan.validate_against(POOL, 4, [])
 
 
@@ -127,9 +135,10 @@ def test_dfs_paths_may_run_through_the_ps_merge() -> None:
 @pytest.mark.slow
 def test_a_merge_stage_then_layers_and_a_path_over_the_merge(tiny_zoo: Path, tmp_path: Path) -> None:
     """A campaign: merge, then a greedy layer stage offering ``@merge``, a joint layer stage searching it
-    per layer, then a data-flow path over the merge. Keeping the merged layer costs nothing (its weights are the incumbent's: metrics reused), the
-    identity path through the merge scores what the merged model scores, and a mixed recipe (layers from
-    the merge and from pool models) and the winner export and rebuild bit for bit."""
+    per layer, then a data-flow path over the merge. Keeping the merged layer costs nothing (its weights
+    are the incumbent's: metrics reused), the identity path through the merge scores what the merged
+    model scores, and a mixed recipe (layers from the merge and from pool models) and the winner export
+    and rebuild bit for bit."""
     from olmopt.cli import main
     from tests.test_param_studies import export_and_rebuild, run, spec, weights
 
@@ -143,11 +152,15 @@ def test_a_merge_stage_then_layers_and_a_path_over_the_merge(tiny_zoo: Path, tmp
     for objective in data["objectives"]:
         objective["samples"] = 20
     url, status = run(tmp_path, data)
-    merge_decision = optuna.load_study(study_name="psl/001-joint-merge", storage=url).user_attrs["olmopt.decision"]
+    merge_decision = optuna.load_study(study_name="psl/001-joint-merge", storage=url).user_attrs[
+        "olmopt.decision"
+    ]
     merged = Recipe.from_json(merge_decision["recipe"])
     assert merged.param_merge is not None
     layer = optuna.load_study(study_name="psl/002-layer-1", storage=url)
-    trials = {t.user_attrs["candidate"]: t for t in layer.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    trials = {
+        t.user_attrs["candidate"]: t for t in layer.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    }
     assert set(trials) == {str(tiny_zoo / m) for m in ("base", "spec_add", "spec_fact")} | {MERGE_DONOR}
     keep = trials[MERGE_DONOR]
     assert "reused" in keep.user_attrs  # the merged layer is the incumbent's: no evaluation
@@ -159,9 +172,32 @@ def test_a_merge_stage_then_layers_and_a_path_over_the_merge(tiny_zoo: Path, tmp
     ]  # fmt: skip
     assert mixed  # sampled recipes that take some layers from the merge and others from pool models
     out, again = tmp_path / "mixed", tmp_path / "mixed-again"
-    argv = ["export", "best", "psl", "--storage", url, "--stage", "005-joint-layers", "--trial", str(mixed[0].number)]
+    argv = [
+        "export",
+        "best",
+        "psl",
+        "--storage",
+        url,
+        "--stage",
+        "005-joint-layers",
+        "--trial",
+        str(mixed[0].number),
+    ]
     assert main([*argv, "--out", str(out), "--quiet", "--no-compare"]) == 0
-    assert main(["rebuild", str(out / "merge_report.json"), "--out", str(again), "--quiet", "--models-dir", str(tiny_zoo)]) == 0
+    assert (
+        main(
+            [
+                "rebuild",
+                str(out / "merge_report.json"),
+                "--out",
+                str(again),
+                "--quiet",
+                "--models-dir",
+                str(tiny_zoo),
+            ]
+        )
+        == 0
+    )
     a, b = weights(out), weights(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     dfs = optuna.load_study(study_name="psl/006-joint-dfs", storage=url)
@@ -183,9 +219,17 @@ def test_a_path_through_the_merge_exports_and_rebuilds_bit_exactly(tiny_zoo: Pat
 
     base, add, fact = (str(tiny_zoo / m) for m in ("base", "spec_add", "spec_fact"))
     pool = ModelPool([base, add, fact])
-    merge = ParamMerge(method="ties", models=(add, fact), params={"density": 0.5}, layer_params={"weights": ((1.0, 0.5), (0.2, 0.8))}, group_size=2)
+    merge = ParamMerge(
+        method="ties",
+        models=(add, fact),
+        params={"density": 0.5},
+        layer_params={"weights": ((1.0, 0.5), (0.2, 0.8))},
+        group_size=2,
+    )
     hops = ((base, 0), (MERGE_DONOR, 1), (MERGE_DONOR, 2), (add, 3), (MERGE_DONOR, 3))
-    path = DataFlowPath(hops=hops, scales=(1.0, 0.9, 1.1, 1.0, 0.8), input_model=MERGE_DONOR, output_model=MERGE_DONOR)
+    path = DataFlowPath(
+        hops=hops, scales=(1.0, 0.9, 1.1, 1.0, 0.8), input_model=MERGE_DONOR, output_model=MERGE_DONOR
+    )
     recipe = Recipe(base=base, param_merge=merge, dfs=path)
     out, again = tmp_path / "out", tmp_path / "again"
     write_model_dir(pool, recipe, out, {"recipe": recipe.to_dict()}, "card", progress=False)
@@ -197,6 +241,13 @@ def test_a_path_through_the_merge_exports_and_rebuilds_bit_exactly(tiny_zoo: Pat
 
     ps = dict(materialize(pool, Recipe(base=base, param_merge=merge), dtype=torch.float32))
     assert torch.equal(a["model.embed_tokens.weight"], ps["model.embed_tokens.weight"])
-    assert torch.equal(a["model.layers.1.self_attn.q_proj.weight"], ps["model.layers.1.self_attn.q_proj.weight"])
-    assert torch.equal(a["model.layers.3.self_attn.q_proj.weight"], pool.tensor(add, "model.layers.3.self_attn.q_proj.weight").float())
-    assert torch.equal(a["model.layers.4.self_attn.q_proj.weight"], ps["model.layers.3.self_attn.q_proj.weight"])
+    assert torch.equal(
+        a["model.layers.1.self_attn.q_proj.weight"], ps["model.layers.1.self_attn.q_proj.weight"]
+    )
+    assert torch.equal(
+        a["model.layers.3.self_attn.q_proj.weight"],
+        pool.tensor(add, "model.layers.3.self_attn.q_proj.weight").float(),
+    )
+    assert torch.equal(
+        a["model.layers.4.self_attn.q_proj.weight"], ps["model.layers.3.self_attn.q_proj.weight"]
+    )

@@ -31,7 +31,8 @@ def number_or_gradient(text: str) -> Number:
     try:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or numbers separated by commas, got {text!r}") from None
+        message = f"expected a number or numbers separated by commas, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
     return values[0] if len(values) == 1 else values
 
 
@@ -102,12 +103,15 @@ def flag_values(args: argparse.Namespace, spec: MethodSpec, flags: dict[str, Par
 def split_gradients(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(values without per-layer lists, the values that hold one)."""
     def layered(value: Any) -> bool:
-        return isinstance(value, tuple) or (isinstance(value, list) and any(isinstance(v, tuple) for v in value))
+        items = value if isinstance(value, list) else [value]
+        return any(isinstance(v, tuple) for v in items)
 
     return {k: v for k, v in raw.items() if not layered(v)}, {k: v for k, v in raw.items() if layered(v)}
 
 
-def layer_lists(spec: MethodSpec, gradients: dict[str, Any], count: int, num_layers: int) -> dict[str, tuple[Any, ...]]:
+def layer_lists(
+    spec: MethodSpec, gradients: dict[str, Any], count: int, num_layers: int
+) -> dict[str, tuple[Any, ...]]:
     """Per-layer values (``ParamMerge.layer_params`` with group size 1) of the gradient flags: each layer's
     value of a gradient is mergekit's (``olmopt.mergekit.evaluate_setting`` at the layer's position)."""
     from olmopt.mergekit import evaluate_setting, layer_position
@@ -225,10 +229,10 @@ def register_method_command(group: argparse._SubParsersAction, spec: MethodSpec)
             raise InputError(f"merge {spec.name}: give at least one VARIANT")
         if args.out is None:
             raise InputError(f"merge {spec.name}: give --out DIR")
-        params, layer_params = method_params(spec, flag_values(args, spec, flags), args.base, len(args.variants))
+        raw = flag_values(args, spec, flags)
+        params, layer_params = method_params(spec, raw, args.base, len(args.variants))
         seed = getattr(args, "seed", 0)
-        return run_merge(
-            args, Path(args.base), [Path(v) for v in args.variants], args.out, spec.name, params, seed, layer_params
-        )
+        variants = [Path(v) for v in args.variants]
+        return run_merge(args, Path(args.base), variants, args.out, spec.name, params, seed, layer_params)
 
     parser.set_defaults(func=run)
