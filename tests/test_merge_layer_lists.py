@@ -92,6 +92,11 @@ def test_gradients_give_each_layer_its_values(family: dict[str, Path], tmp_path:
             other = merge_tensor("ties", base[name], [b[name], c[name]], per_layer[3], 0, name)
             assert not torch.equal(tensor, other)  # the lists matter
     assert seen == set(range(LAYERS))
+    one_thread = _merge(
+        family, tmp_path / "ties-1", "ties", "--weights", "0.2,0.8", "0.5", "--density", "0.3,0.6,0.9,1.0",
+        "--threads", "1",
+    )  # fmt: skip
+    assert all(torch.equal(one_thread[name], tensor) for name, tensor in merged.items())
     assert (
         _layer("model.embed_tokens.weight") == 0
         and _layer("lm_head.weight") == _layer("model.norm.weight") == 3
