@@ -75,7 +75,7 @@ def _write_architecture_recipe(pool: ModelPool, recipe: Recipe, tmp: Path) -> No
     if recipe.dfs is not None:
         from olmopt.methods.dfs.resident import export_dfs
 
-        export_dfs(pool, recipe.dfs, tmp)
+        export_dfs(pool, recipe, tmp)
         return
     from olmopt.methods.fusion.resident import export_fused, without_fusion
     from olmopt.patch import WorkingModel

@@ -114,7 +114,7 @@ class EvalContext:
     def _score_dfs(self, recipe: Recipe, split: str) -> dict[str, float]:
         if self._resident is None:
             self._resident = ResidentPool(self.pool, self.working.device, self.working.dtype)
-        model = dfs_eval_model(self._resident, recipe.dfs)  # type: ignore[arg-type]
+        model = dfs_eval_model(self._resident, recipe)
         evaluator = Evaluator(model, self.evaluator.tokenizer, self.evaluator.objectives, batch_size=self.evaluator.batch_size)
         evaluator._encoded = self.evaluator._encoded  # share the tokenization cache
         values = evaluator.evaluate(split)  # type: ignore[arg-type]
