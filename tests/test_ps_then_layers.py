@@ -13,8 +13,8 @@ import torch
 
 from olmopt.config import StudyConfig
 from olmopt.errors import InputError
-from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.methods.dfs.path import DfsPath
+from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.recipe import MERGE_DONOR, ParamMerge, Recipe
 from olmopt.search.decision import Decision
 from olmopt.search.kinds.dfs import dfs_distributions, dfs_space
