@@ -304,7 +304,10 @@ class Decisions(_Strict):
 class SelectionConfig(_Strict):
     improve_all: str | None = None  # None, "base", "all" or a metric name
     held_out_check: bool = True
-    tolerance: float = Field(0.0, ge=0.0)  # differences within it are ties (evaluation noise)
+    # ties (docs/selection.md): by default a difference of accuracy-like scores inside its ``confidence``
+    # interval is a tie; an explicit ``tolerance`` replaces that rule by a fixed margin on every objective
+    tolerance: float | None = Field(None, ge=0.0)
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
     # joint stages: the winner is the best held-out mean among the top K of the search selection (0, 1: off)
     held_out_guard: int = Field(0, ge=0)
     # how a stage orders its feasible candidates: Copeland over per-objective ranks (OLM's), or the mean of
