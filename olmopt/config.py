@@ -50,6 +50,8 @@ class ObjectiveConfig(_Strict):
     metric: str = ""  # required for datasets; lm_eval: default the task's first metric
     name: str | None = None
     held_out: float = Field(0.25, ge=0.0, lt=1.0)
+    # the sealed test part (datasets only): items search and selection never read, scored once at export
+    test: float = Field(0.0, ge=0.0, lt=1.0)
     samples: int | None = Field(None, gt=0)
     # lm_eval only
     task: str | None = None
@@ -67,14 +69,16 @@ class ObjectiveConfig(_Strict):
         if self.kind == "lm_eval":
             if not self.task:
                 raise ValueError("task: required for kind lm_eval")
-            for key in ("dataset", "samples"):
+            for key in ("dataset", "samples", "test"):
                 if getattr(self, key):
-                    raise ValueError(f"{key}: not a key of kind lm_eval (use task / limit)")
+                    raise ValueError(f"{key}: not a key of kind lm_eval (use task / limit; datasets only: test)")
             if self.fewshot_as_multiturn and not self.apply_chat_template:
                 raise ValueError("fewshot_as_multiturn: needs apply_chat_template: true")
         else:
             if not self.metric:
                 raise ValueError("metric: required")
+            if self.held_out + self.test >= 1:
+                raise ValueError(f"held_out + test must leave items to search (got {self.held_out} + {self.test})")
             for key in (*LM_EVAL_KEYS, "direction"):
                 if getattr(self, key) != type(self).model_fields[key].default:
                     raise ValueError(f"{key}: only for kind lm_eval")

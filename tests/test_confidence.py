@@ -68,10 +68,12 @@ def test_selection_keeps_the_incumbent_within_the_interval() -> None:
     by_value = select(scores, directions, **prefer_keep)  # type: ignore[arg-type]
     assert by_value.winner == "cand"
     only_mc = ConfidenceTies({"mc": 100})  # fact has no count: compared by value
-    assert select(scores, directions, tied=only_mc.tied, **prefer_keep).winner == "cand"  # type: ignore[arg-type]
+    chosen = select(scores, directions, tied=only_mc.tied, **prefer_keep)  # type: ignore[arg-type]
+    assert chosen.winner == "cand"
     noisy = ConfidenceTies({"mc": 100, "fact": 20})  # 0.65 vs 0.40 on 20 items: [-0.05, 0.49] holds 0
     chosen = select(scores, directions, tied=noisy.tied, **prefer_keep)  # type: ignore[arg-type]
-    assert chosen.winner == "keep" and chosen.ranks == {"fact": {"cand": 1.0, "keep": 1.0}, "mc": {"cand": 1.0, "keep": 1.0}}
+    assert chosen.winner == "keep"
+    assert chosen.ranks == {"fact": {"cand": 1.0, "keep": 1.0}, "mc": {"cand": 1.0, "keep": 1.0}}
     assert pareto_front(scores, directions, tied=noisy.tied) == ["cand", "keep"]
     assert pareto_front(scores, directions, tied=only_mc.tied) == ["cand"]
     assert significance(scores, directions, "keep", only_mc.tied) == {"cand": {"fact": "better", "mc": "tie"}}

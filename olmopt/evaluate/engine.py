@@ -24,7 +24,8 @@ from olmopt.evaluate.datasets import Encoded, Split, encode, load_examples, spli
 from olmopt.evaluate.lmeval import LmEvalSpec
 from olmopt.runtime import cache_kwarg
 
-PrefixStore = dict[tuple[Path, str, float, "int | None", int], dict[int, torch.Tensor]]  # batch key -> layer -> input
+# batch key (path, split, held_out, test, samples, batch) -> layer -> input
+PrefixStore = dict[tuple[Path, str, float, float, "int | None", int], dict[int, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Objective:
     metric: str
     held_out: float = 0.25
     samples: int | None = None
+    test: float = 0.0  # the sealed test part (datasets.split_examples), scored only at export
     lm_eval: LmEvalSpec | None = None  # an lm-evaluation-harness task (olmopt.evaluate.lmeval), not a dataset
 
     @property
@@ -45,6 +47,10 @@ class Objective:
 
             return task_direction(self.lm_eval)
         return M.get_metric(self.metric).direction
+
+    def has_part(self, split: str) -> bool:
+        """Whether the objective has items in ``split`` (a sealed test part only when ``test`` > 0)."""
+        return split != "test" or self.test > 0
 
     @property
     def kind(self) -> str:
@@ -94,7 +100,7 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         self.stop_at_first_mismatch = stop_at_first_mismatch
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._encoded: dict[tuple[Path, Split, float, int | None], Encoded] = {}
+        self._encoded: dict[tuple[Path, Split, float, float, int | None], Encoded] = {}
         self._prefix: PrefixStore = {}
         self.carried: PrefixStore = {}  # inputs of later layers kept by the last prefix-cached evaluation
         self._carry: list[int] = []
@@ -106,9 +112,9 @@ class Evaluator:
 
     # -- data --------------------------------------------------------------------------------------
     def encoded(self, obj: Objective, split: Split) -> Encoded:
-        key = (obj.path, split, obj.held_out, obj.samples)
+        key = (obj.path, split, obj.held_out, obj.test, obj.samples)
         if key not in self._encoded:
-            examples = split_examples(load_examples(obj.path), obj.held_out, split, obj.samples)
+            examples = split_examples(load_examples(obj.path), obj.held_out, split, obj.samples, obj.test)
             if not examples:
                 raise InputError(f"dataset {obj.path}: the {split} part is empty")
             self._encoded[key] = encode(self.tokenizer, examples, obj.path)
@@ -228,7 +234,7 @@ class Evaluator:
         layers = list(range(layer, num_layers)) if per_layer * (num_layers - layer) <= self.prefix_bytes else [layer]
         for obj, enc in parts:
             for n, batch in enumerate(self._batches(enc)):
-                key = (obj.path, split, obj.held_out, obj.samples, n)
+                key = (obj.path, split, obj.held_out, obj.test, obj.samples, n)
                 if key not in self._prefix:
                     self._prefix[key] = self._capture(batch, layers, start.get(key))
         self.prefix_layer = layer
@@ -298,11 +304,10 @@ class Evaluator:
         self.carried = {}
         self._carry = list(carry)
         results: dict[str, float] = {}
-        groups: dict[tuple[Path, float, int | None], list[Objective]] = {}
-        for obj in self.objectives:
-            if obj.kind == "recipe":
-                continue  # read off the Recipe by the caller, not computed from data
-            groups.setdefault((obj.path, obj.held_out, obj.samples), []).append(obj)
+        groups: dict[tuple[Path, float, float, int | None], list[Objective]] = {}
+        scored = [o for o in self.objectives if o.kind != "recipe" and o.has_part(split)]  # recipe: by the caller
+        for obj in scored:
+            groups.setdefault((obj.path, obj.held_out, obj.test, obj.samples), []).append(obj)
         for objs in groups.values():
             forced = [o for o in objs if o.kind in ("teacher_forced", "choice")]
             generated = [o for o in objs if o.kind == "generate"]
@@ -314,7 +319,7 @@ class Evaluator:
                 if self._saw_nonfinite:
                     self.nonfinite.append(obj.name)
                     results[obj.name] = float("nan")
-        return {o.name: results[o.name] for o in self.objectives if o.kind != "recipe"}
+        return {o.name: results[o.name] for o in scored}
 
     def _score_forced(self, objs: list[Objective], split: Split, use_prefix: bool) -> dict[str, float]:
         first = objs[0]
@@ -323,7 +328,7 @@ class Evaluator:
         ce_sum, ce_n = 0.0, 0
         bad: set[str] = set()
         for n, batch in enumerate(self._batches(enc)):
-            key = (first.path, split, first.held_out, first.samples, n)
+            key = (first.path, split, first.held_out, first.test, first.samples, n)
             store = self._prefix.get(key) if use_prefix and self.prefix_layer else None
             prefix = store[self.prefix_layer] if store is not None else None  # type: ignore[index]
             hidden, kept = self._hidden(batch, prefix, self.prefix_layer or 0, self._carry)

@@ -23,6 +23,7 @@ def objectives_of(config: StudyConfig) -> list[Objective]:
             metric=o.metric,
             held_out=o.held_out,
             samples=o.samples,
+            test=o.test,
             lm_eval=spec_of(o, Path(config.root)) if o.kind == "lm_eval" else None,
         )
         for o in config.objectives
@@ -92,7 +93,7 @@ class EvalContext:
         for obj in self.objectives:
             if obj.kind == "recipe":
                 values[obj.name] = layers_removed(recipe, self.pool.adapter.num_layers)
-        return {o.name: values[o.name] for o in self.objectives if o.name in values}
+        return {o.name: values[o.name] for o in self.objectives if o.name in values and o.has_part(split)}
 
     @property
     def item_scores(self) -> dict[str, dict[int, float]]:
@@ -115,7 +116,7 @@ class EvalContext:
             carry = self.evaluator.carry_layers(layer, room // 2)  # the stage's later candidates get room too
         with self.working.patched(without_fusion(recipe)), fused(self.working.model, recipe):
             values = self.evaluator.evaluate(split, use_prefix=use_prefix, carry=carry)  # type: ignore[arg-type]
-            if self.lm_eval is not None:
+            if self.lm_eval is not None and split != "test":  # lm-eval tasks have no sealed test part
                 values.update(self.lm_eval.evaluate(split))
         if self.evaluator.carried:
             below = self.evaluator.prefix_store if use_prefix else {}
@@ -167,7 +168,7 @@ class EvalContext:
         evaluator = Evaluator(model, self.evaluator.tokenizer, self.evaluator.objectives, batch_size=self.evaluator.batch_size)
         evaluator._encoded = self.evaluator._encoded  # share the tokenization cache
         values = evaluator.evaluate(split)  # type: ignore[arg-type]
-        if self.lm_eval is not None:
+        if self.lm_eval is not None and split != "test":
             values.update(self.lm_eval.evaluate(split, model=model))
         return values
 
