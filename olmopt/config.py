@@ -343,6 +343,7 @@ class EvaluationConfig(_Strict):
     max_new_tokens: int = Field(256, gt=0)
     stop_at_first_mismatch: bool = True
     device: str | None = None
+    cache: bool = True  # reuse values across campaigns of the same storage (olmopt.search.eval_cache)
 
 
 class StudyConfig(_Strict):
