@@ -89,3 +89,52 @@ def test_report_warns_when_the_drop_exceeds_its_interval() -> None:
     # a test figure better than search is never a warning, even when significant
     better = sealed_test_report({"mc": 0.5}, {"mc": 0.8}, directions, metric_of, {"mc": (100, 50)})
     assert better["objectives"]["mc"]["significant"] is True and better["warnings"] == []
+
+
+def test_search_never_reads_the_test_items(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An evaluator spy records every item encoded; none of the test part's items may be encoded before
+    ``export best``, which scores them once and reports them beside search and held-out."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _models import make_family, write_addition_data
+
+    from olmopt.cli import main
+    from olmopt.evaluate import datasets
+
+    models = make_family(tmp_path, ["a", "b"], layers=2)
+    data = write_addition_data(tmp_path / "add.json", n=20)  # test: the last 4 items, held-out the 4 before
+    test_prompts = {f"{i}+{i}=" for i in range(16, 20)}
+    seen: list[tuple[str, str]] = []
+    original = datasets.encode
+
+    def spy(tokenizer, examples, path):  # type: ignore[no-untyped-def]
+        seen.extend((ex.messages[-1][1], "export" if exporting else "search") for ex in examples)
+        return original(tokenizer, examples, path)
+
+    exporting = False
+    monkeypatch.setattr("olmopt.evaluate.engine.encode", spy)
+    study = tmp_path / "sealed.yaml"
+    study.write_text(
+        f"name: sealed\npool: {{models: [{models['a']}, {models['b']}]}}\n"
+        f"objectives:\n  - {{dataset: {data}, metric: token_accuracy, name: add, held_out: 0.2, test: 0.2}}\n"
+        "decisions: {layers: {mode: greedy}, merge: {mode: joint, methods: [linear], n_trials: 3}}\n"
+    )
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(study), "--storage", url]) == 0
+    assert main(["study", "run", "sealed", "--storage", url, "--quiet"]) == 0
+    searched = {prompt for prompt, _ in seen}
+    assert searched and not searched & test_prompts, sorted(searched & test_prompts)
+    assert {f"{i}+{i}=" for i in range(16)} <= searched  # search and held-out parts were read
+    exporting = True
+    out = tmp_path / "out"
+    assert main(["export", "best", "sealed", "--storage", url, "--out", str(out), "--quiet"]) == 0
+    assert {prompt for prompt, when in seen if when == "export"} >= test_prompts
+    report = json.loads((out / "merge_report.json").read_text())
+    merged = report["merged"]
+    assert set(merged) == {"search", "held_out", "test"} and set(merged["test"]) == {"add"}
+    row = report["test"]["objectives"]["add"]
+    assert row["items"] == 4 and row["test"] == merged["test"]["add"] and row["search"] == merged["search"]["add"]
+    assert report["objectives"]["add"]["test"] == 0.2
+    assert "## Sealed test" in (out / "README.md").read_text()
