@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Column, MetaData, String, Table, Text, insert, select
@@ -29,6 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from olmopt.evaluate.datasets import file_digest
+from olmopt.recipe import Recipe
 
 if TYPE_CHECKING:
     from olmopt.search.context import EvalContext
@@ -116,3 +117,21 @@ def open_cache(storage: Any, ctx: EvalContext, campaign: str) -> EvalCache | Non
         return None
     digest = fingerprint(ctx)
     return EvalCache(engine, digest, campaign) if digest is not None else None
+
+
+def cached_scorer(
+    cache: EvalCache | None, key_of: Callable[[Recipe], str], score: Callable[[Recipe, str], dict[str, float]]
+) -> Callable[[Recipe, str], dict[str, float]]:
+    """``score(recipe, split)`` that asks ``cache`` first and puts what it evaluates (held-out checks)."""
+    if cache is None:
+        return score
+
+    def scored(recipe: Recipe, split: str) -> dict[str, float]:
+        key = key_of(recipe)
+        values = cache.get(key, split)
+        if values is None:
+            values = score(recipe, split)
+            cache.put(key, split, values)
+        return values
+
+    return scored
