@@ -128,6 +128,7 @@ def export_best(
             },
             "stages": [
                 {k: d[k] for k in ("stage", "winner", "trial", "kept_incumbent", "metrics", "held_out", "reason")}
+                | {k: d[k] for k in ("ties", "significance") if k in d}  # selection's tie rule and its verdicts
                 for d in (decisions[s.key] for s in campaign.plan if s.key in decisions)
             ],
             "merged": {"search": got, "held_out": held} | ({"test": sealed["values"]} if sealed else {}),
