@@ -145,7 +145,8 @@ def test_two_workers_share_the_cache_on_postgres() -> None:
     two = EvalCache(open_storage(url).engine, fingerprint, "c2")  # type: ignore[attr-defined]
     assert two.get("sources:m1", "search") is None
     one.put("sources:m1", "search", {"ppl": 1.25, "acc": 0.5})
-    assert two.get("sources:m1", "search") == {"ppl": 1.25, "acc": 0.5}
+    hit = two.get("sources:m1", "search")
+    assert hit is not None and hit.values == {"ppl": 1.25, "acc": 0.5} and hit.campaign == "c1"
     assert two.get("sources:m1", "held_out") is None and two.hits == 1
     other = EvalCache(one.engine, uuid.uuid4().hex, "c3")  # other data or settings: another key
     assert other.get("sources:m1", "search") is None
@@ -164,6 +165,7 @@ def test_two_workers_share_the_cache_on_postgres() -> None:
 
     with one.engine.connect() as conn:
         count = conn.execute(select(func.count()).where(CACHE_TABLE.c.key == one.key("sources:m2", "search"))).scalar()
-    assert count == 1 and one.get("sources:m2", "search") == {"ppl": 2.0}
+    hit = one.get("sources:m2", "search")
+    assert count == 1 and hit is not None and hit.values == {"ppl": 2.0}
     one.put("sources:nan", "search", {"ppl": float("nan")})  # non-finite values are not cached
     assert two.get("sources:nan", "search") is None

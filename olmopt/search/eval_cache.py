@@ -22,6 +22,7 @@ import json
 import math
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Column, MetaData, String, Table, Text, insert, select
@@ -70,6 +71,12 @@ def _checkpoint_identity(path: Any) -> list[Any]:
     return [str(path.resolve()), [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
 
 
+@dataclass(frozen=True)
+class CacheHit:
+    values: dict[str, float]
+    campaign: str  # the campaign whose evaluation stored them
+
+
 class EvalCache:
     """Get and put one candidate's values for a split; every method is safe from several threads."""
 
@@ -87,15 +94,16 @@ class EvalCache:
     def key(self, model_key: str, split: str) -> str:
         return hashlib.sha256(f"{self.fingerprint}|{split}|{model_key}".encode()).hexdigest()
 
-    def get(self, model_key: str, split: str) -> dict[str, float] | None:
+    def get(self, model_key: str, split: str) -> CacheHit | None:
         column = CACHE_TABLE.c
+        query = select(column.value, column.campaign).where(column.key == self.key(model_key, split))
         with self.engine.connect() as conn:
-            row = conn.execute(select(column.value).where(column.key == self.key(model_key, split))).first()
+            row = conn.execute(query).first()
         if row is None:
             return None
         with self._lock:
             self.hits += 1
-        return {name: float(v) for name, v in json.loads(row[0]).items()}
+        return CacheHit({name: float(v) for name, v in json.loads(row[0]).items()}, str(row[1]))
 
     def put(self, model_key: str, split: str, values: Mapping[str, float]) -> None:
         """Store finite values (a damaged model's NaN is re-evaluated, not cached); the first writer wins."""
@@ -128,10 +136,11 @@ def cached_scorer(
 
     def scored(recipe: Recipe, split: str) -> dict[str, float]:
         key = key_of(recipe)
-        values = cache.get(key, split)
-        if values is None:
-            values = score(recipe, split)
-            cache.put(key, split, values)
+        hit = cache.get(key, split)
+        if hit is not None:
+            return hit.values
+        values = score(recipe, split)
+        cache.put(key, split, values)
         return values
 
     return scored
