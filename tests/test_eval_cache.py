@@ -90,8 +90,8 @@ def test_rerun_under_a_new_name_evaluates_almost_nothing(
     rerun = counter.take()
     assert rerun <= 0.05 * spent, (rerun, spent)
     # the same decisions, and every trial of the re-run took its values from the cache (or a reuse)
-    assert [d["recipe"] for d in again.decisions().values()] == [d["recipe"] for d in first.decisions().values()]
-    assert [d["held_out"] for d in again.decisions().values()] == [d["held_out"] for d in first.decisions().values()]
+    assert [d.recipe for d in again.decisions().values()] == [d.recipe for d in first.decisions().values()]
+    assert [d.held_out for d in again.decisions().values()] == [d.held_out for d in first.decisions().values()]
     trials = _complete(again)
     assert trials and all(t.user_attrs.get("cached") == "first" or "reused" in t.user_attrs for t in trials)
     assert sum("cached" in t.user_attrs for t in trials) == sum("reused" not in t.user_attrs for t in _complete(first))
