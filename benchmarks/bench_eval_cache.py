@@ -59,7 +59,7 @@ def study(zoo: Path, tmp: Path, name: str, merge_trials: int) -> Path:
 def run(path: Path, name: str, url: str) -> tuple[int, int, float]:
     calls.update(search=0, held_out=0)
     start = time.perf_counter()
-    assert cli(["study", "create", str(path), "--storage", url, "--quiet"]) == 0
+    assert cli(["study", "create", str(path), "--storage", url]) == 0
     assert cli(["study", "run", name, "--storage", url, "--quiet"]) == 0
     return calls["search"], calls["held_out"], time.perf_counter() - start
 
