@@ -34,12 +34,13 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, **models, "data": root / "add.json"}
 
 
-def _study(family: dict[str, Path], tmp: Path, name: str, data: Path | None = None) -> Path:
+def _study(family: dict[str, Path], tmp: Path, name: str, data: Path | None = None, joint: bool = True) -> Path:
     path = tmp / f"{name}.yaml"
+    merge = ", merge: {mode: joint, methods: [linear], n_trials: 4}" if joint else ""
     path.write_text(
         f"name: {name}\npool: {{models: [{family['a']}, {family['b']}, {family['c']}]}}\n"
         f"objectives:\n  - {{dataset: {data or family['data']}, metric: perplexity, name: ppl, held_out: 0.25}}\n"
-        "decisions: {layers: {mode: greedy}, merge: {mode: joint, methods: [linear], n_trials: 4}}\n"
+        f"decisions: {{layers: {{mode: greedy}}{merge}}}\n"
         "evaluation: {batch_size: 8}\n"
     )
     return path
@@ -63,8 +64,8 @@ class Counter:
         return total
 
 
-def _run(family: dict[str, Path], tmp: Path, url: str, name: str, data: Path | None = None) -> Campaign:
-    assert main(["study", "create", str(_study(family, tmp, name, data)), "--storage", url]) == 0
+def _run(family: dict[str, Path], tmp: Path, url: str, name: str, data: Path | None = None, joint: bool = True) -> Campaign:
+    assert main(["study", "create", str(_study(family, tmp, name, data, joint)), "--storage", url]) == 0
     assert main(["study", "run", name, "--storage", url, "--quiet"]) == 0
     return Campaign.load(name, url)
 
@@ -169,3 +170,31 @@ def test_two_workers_share_the_cache_on_postgres() -> None:
     assert count == 1 and hit is not None and hit.values == {"ppl": 2.0}
     one.put("sources:nan", "search", {"ppl": float("nan")})  # non-finite values are not cached
     assert two.get("sources:nan", "search") is None
+
+
+@pytest.mark.server
+def test_two_study_workers_rerun_from_the_cache_on_postgres(family: dict[str, Path], tmp_path: Path, cli: Any) -> None:
+    """A campaign run once on PostgreSQL, then the same study under a new name by two `study run`
+    processes: every trial of the second takes the first's values from the shared cache. (Greedy stages:
+    a joint stage's parallel workers sample with seeds of their own, so they suggest new models.)"""
+    from olmopt.search.campaign import delete_campaign
+
+    url = _postgres_url()
+    first, again = (f"cache-{uuid.uuid4().hex[:10]}" for _ in range(2))
+    try:
+        _run(family, tmp_path, url, first, joint=False)
+        assert main(["study", "create", str(_study(family, tmp_path, again, joint=False)), "--storage", url]) == 0
+        procs = [cli.start("study", "run", again, "--storage", url, "--quiet") for _ in range(2)]
+        for proc in procs:
+            code, err = cli.finish(proc, timeout=300)
+            assert code == 0, err
+        trials = _complete(Campaign.load(again, url))
+        assert trials and all(t.user_attrs.get("cached") == first or "reused" in t.user_attrs for t in trials)
+        assert sum("cached" in t.user_attrs for t in trials) >= 6  # 3 layers x 2 donors
+        assert [d.recipe for d in Campaign.load(again, url).decisions().values()] == [
+            d.recipe for d in Campaign.load(first, url).decisions().values()
+        ]
+    finally:
+        storage = open_storage(url)
+        for name in (first, again):
+            delete_campaign(storage, name)
