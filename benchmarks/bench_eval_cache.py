@@ -25,13 +25,20 @@ from olmopt.cli import main as cli
 from olmopt.search.context import EvalContext
 
 REPO = Path(__file__).resolve().parents[1]
-OBJECTIVES = {"add": "token_accuracy", "rev": "token_accuracy", "fact": "token_accuracy", "mc_choices": "mc_accuracy"}
+OBJECTIVES = {
+    "add": "token_accuracy",
+    "rev": "token_accuracy",
+    "fact": "token_accuracy",
+    "mc_choices": "mc_accuracy",
+}
 
 calls = {"search": 0, "held_out": 0}
 _score = EvalContext.score
 
 
-def _counted(ctx: EvalContext, recipe: Any, split: str = "search", *args: Any, **kwargs: Any) -> dict[str, float]:
+def _counted(
+    ctx: EvalContext, recipe: Any, split: str = "search", *args: Any, **kwargs: Any
+) -> dict[str, float]:
     calls[split] = calls.get(split, 0) + 1
     return _score(ctx, recipe, split, *args, **kwargs)
 
@@ -81,7 +88,9 @@ def main() -> None:
             search, held, wall = run(study(args.zoo, Path(tmp), name, args.merge_trials), name, url)
             total = search + held
             first_total = first_total or total
-            print(f"| {name} | {search} | {held} | {total} | {100 * total / first_total:.1f} % | {wall:.1f} |")
+            print(
+                f"| {name} | {search} | {held} | {total} | {100 * total / first_total:.1f} % | {wall:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -71,14 +71,15 @@ class ObjectiveConfig(_Strict):
                 raise ValueError("task: required for kind lm_eval")
             for key in ("dataset", "samples", "test"):
                 if getattr(self, key):
-                    raise ValueError(f"{key}: not a key of kind lm_eval (use task / limit; datasets only: test)")
+                    raise ValueError(f"{key}: not a key of kind lm_eval (use task / limit)")
             if self.fewshot_as_multiturn and not self.apply_chat_template:
                 raise ValueError("fewshot_as_multiturn: needs apply_chat_template: true")
         else:
             if not self.metric:
                 raise ValueError("metric: required")
             if self.held_out + self.test >= 1:
-                raise ValueError(f"held_out + test must leave items to search (got {self.held_out} + {self.test})")
+                held, test = self.held_out, self.test
+                raise ValueError(f"held_out + test must leave items to search (got {held} + {test})")
             for key in (*LM_EVAL_KEYS, "direction"):
                 if getattr(self, key) != type(self).model_fields[key].default:
                     raise ValueError(f"{key}: only for kind lm_eval")

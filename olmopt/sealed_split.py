@@ -44,7 +44,8 @@ def sealed_test_report(
             if row["significant"] and row["drop"] > 0:
                 warnings.append(
                     f"{name}: {s:.4g} on search but {t:.4g} on the sealed test ({n_test} items), a drop "
-                    f"outside its {level:.0%} interval [{low:.3g}, {high:.3g}]: the search overfitted its items"
+                    f"outside its {level:.0%} interval [{low:.3g}, {high:.3g}]: "
+                    "the search overfitted its items"
                 )
         rows[name] = row
     return {"level": level, "objectives": rows, "warnings": warnings}

@@ -48,7 +48,9 @@ def _value(per: Mapping[str, float], candidate: str) -> float:
     return math.nan if value is None else value
 
 
-def _beats(objective: str, a: float, b: float, direction: str, tolerance: float, tied: TieRule | None) -> bool:
+def _beats(
+    objective: str, a: float, b: float, direction: str, tolerance: float, tied: TieRule | None
+) -> bool:
     """Whether value ``a`` is better than ``b`` by more than ``tolerance`` and, with ``tied``, not a tie."""
     if _goodness(a, direction) <= _goodness(b, direction) + tolerance:
         return False
@@ -70,10 +72,11 @@ def rank_table(
     for objective in sorted(scores):
         direction = _direction(directions, objective)
         value = {c: _value(scores[objective], c) for c in candidates}
-        table[objective] = {
-            c: float(1 + sum(_beats(objective, value[o], value[c], direction, tolerance, tied) for o in candidates))
+        beaten_by = {
+            c: sum(_beats(objective, value[o], value[c], direction, tolerance, tied) for o in candidates)
             for c in candidates
         }
+        table[objective] = {c: float(1 + n) for c, n in beaten_by.items()}
     return table
 
 

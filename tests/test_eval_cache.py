@@ -34,12 +34,15 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, **models, "data": root / "add.json"}
 
 
-def _study(family: dict[str, Path], tmp: Path, name: str, data: Path | None = None, joint: bool = True) -> Path:
+def _study(
+    family: dict[str, Path], tmp: Path, name: str, data: Path | None = None, joint: bool = True
+) -> Path:
     path = tmp / f"{name}.yaml"
     merge = ", merge: {mode: joint, methods: [linear], n_trials: 4}" if joint else ""
     path.write_text(
         f"name: {name}\npool: {{models: [{family['a']}, {family['b']}, {family['c']}]}}\n"
-        f"objectives:\n  - {{dataset: {data or family['data']}, metric: perplexity, name: ppl, held_out: 0.25}}\n"
+        "objectives:\n"
+        f"  - {{dataset: {data or family['data']}, metric: perplexity, name: ppl, held_out: 0.25}}\n"
         f"decisions: {{layers: {{mode: greedy}}{merge}}}\n"
         "evaluation: {batch_size: 8}\n"
     )
@@ -53,7 +56,9 @@ class Counter:
         self.calls: dict[str, int] = {}
         original = EvalContext.score
 
-        def score(ctx: EvalContext, recipe: Any, split: str = "search", *args: Any, **kwargs: Any) -> dict[str, float]:
+        def score(
+            ctx: EvalContext, recipe: Any, split: str = "search", *args: Any, **kwargs: Any
+        ) -> dict[str, float]:
             self.calls[split] = self.calls.get(split, 0) + 1
             return original(ctx, recipe, split, *args, **kwargs)
 
@@ -64,7 +69,9 @@ class Counter:
         return total
 
 
-def _run(family: dict[str, Path], tmp: Path, url: str, name: str, data: Path | None = None, joint: bool = True) -> Campaign:
+def _run(
+    family: dict[str, Path], tmp: Path, url: str, name: str, data: Path | None = None, joint: bool = True
+) -> Campaign:
     assert main(["study", "create", str(_study(family, tmp, name, data, joint)), "--storage", url]) == 0
     assert main(["study", "run", name, "--storage", url, "--quiet"]) == 0
     return Campaign.load(name, url)
@@ -92,10 +99,14 @@ def test_rerun_under_a_new_name_evaluates_almost_nothing(
     assert rerun <= 0.05 * spent, (rerun, spent)
     # the same decisions, and every trial of the re-run took its values from the cache (or a reuse)
     assert [d.recipe for d in again.decisions().values()] == [d.recipe for d in first.decisions().values()]
-    assert [d.held_out for d in again.decisions().values()] == [d.held_out for d in first.decisions().values()]
+    assert [d.held_out for d in again.decisions().values()] == [
+        d.held_out for d in first.decisions().values()
+    ]
     trials = _complete(again)
     assert trials and all(t.user_attrs.get("cached") == "first" or "reused" in t.user_attrs for t in trials)
-    assert sum("cached" in t.user_attrs for t in trials) == sum("reused" not in t.user_attrs for t in _complete(first))
+    assert sum("cached" in t.user_attrs for t in trials) == sum(
+        "reused" not in t.user_attrs for t in _complete(first)
+    )
     # a cached value counts toward a joint stage's budget: the re-run took exactly the first run's trials
     assert [len(s.get_trials()) for s in map(again.existing_stage_study, again.plan) if s is not None] == [
         len(s.get_trials()) for s in map(first.existing_stage_study, first.plan) if s is not None
@@ -165,7 +176,9 @@ def test_two_workers_share_the_cache_on_postgres() -> None:
     from sqlalchemy import func, select
 
     with one.engine.connect() as conn:
-        count = conn.execute(select(func.count()).where(CACHE_TABLE.c.key == one.key("sources:m2", "search"))).scalar()
+        count = conn.execute(
+            select(func.count()).where(CACHE_TABLE.c.key == one.key("sources:m2", "search"))
+        ).scalar()
     hit = one.get("sources:m2", "search")
     assert count == 1 and hit is not None and hit.values == {"ppl": 2.0}
     one.put("sources:nan", "search", {"ppl": float("nan")})  # non-finite values are not cached
@@ -173,7 +186,9 @@ def test_two_workers_share_the_cache_on_postgres() -> None:
 
 
 @pytest.mark.server
-def test_two_study_workers_rerun_from_the_cache_on_postgres(family: dict[str, Path], tmp_path: Path, cli: Any) -> None:
+def test_two_study_workers_rerun_from_the_cache_on_postgres(
+    family: dict[str, Path], tmp_path: Path, cli: Any
+) -> None:
     """A campaign run once on PostgreSQL, then the same study under a new name by two `study run`
     processes: every trial of the second takes the first's values from the shared cache. (Greedy stages:
     a joint stage's parallel workers sample with seeds of their own, so they suggest new models.)"""
@@ -183,7 +198,10 @@ def test_two_study_workers_rerun_from_the_cache_on_postgres(family: dict[str, Pa
     first, again = (f"cache-{uuid.uuid4().hex[:10]}" for _ in range(2))
     try:
         _run(family, tmp_path, url, first, joint=False)
-        assert main(["study", "create", str(_study(family, tmp_path, again, joint=False)), "--storage", url]) == 0
+        assert (
+            main(["study", "create", str(_study(family, tmp_path, again, joint=False)), "--storage", url])
+            == 0
+        )
         procs = [cli.start("study", "run", again, "--storage", url, "--quiet") for _ in range(2)]
         for proc in procs:
             code, err = cli.finish(proc, timeout=300)

@@ -47,7 +47,10 @@ def _study(tmp_path: Path, objective: str) -> Path:
             "{dataset: d.json, metric: mc_accuracy, held_out: 0.5, test: 0.5}",
             r"objectives\.0: held_out \+ test must leave items to search \(got 0\.5 \+ 0\.5\)",
         ),
-        ("{dataset: d.json, metric: mc_accuracy, test: 1.0}", "objectives.0.test: Input should be less than 1"),
+        (
+            "{dataset: d.json, metric: mc_accuracy, test: 1.0}",
+            "objectives.0.test: Input should be less than 1",
+        ),
         ("{kind: lm_eval, task: t, test: 0.2}", "test: not a key of kind lm_eval"),
     ],
 )
@@ -75,7 +78,12 @@ def test_report_warns_when_the_drop_exceeds_its_interval() -> None:
     low, high = difference_interval(0.8, 100, 0.5, 50)
     assert (round(low, 2), round(high, 2)) == (0.14, 0.45)
     assert rows["mc"] == {
-        "search": 0.8, "test": 0.5, "items": 50, "drop": pytest.approx(0.3), "interval": [low, high], "significant": True
+        "search": 0.8,
+        "test": 0.5,
+        "items": 50,
+        "drop": pytest.approx(0.3),
+        "interval": [low, high],
+        "significant": True,
     }
     assert rows["fact"]["significant"] is False and rows["fact"]["drop"] == pytest.approx(0.02)
     # a loss has no interval without per-item scores; minimised: 0.40 -> 0.55 is a drop of 0.15
@@ -135,6 +143,10 @@ def test_search_never_reads_the_test_items(tmp_path: Path, monkeypatch: pytest.M
     merged = report["merged"]
     assert set(merged) == {"search", "held_out", "test"} and set(merged["test"]) == {"add"}
     row = report["test"]["objectives"]["add"]
-    assert row["items"] == 4 and row["test"] == merged["test"]["add"] and row["search"] == merged["search"]["add"]
+    assert (
+        row["items"] == 4
+        and row["test"] == merged["test"]["add"]
+        and row["search"] == merged["search"]["add"]
+    )
     assert report["objectives"]["add"]["test"] == 0.2
     assert "## Sealed test" in (out / "README.md").read_text()

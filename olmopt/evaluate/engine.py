@@ -28,7 +28,8 @@ from olmopt.runtime import cache_kwarg
 if TYPE_CHECKING:
     from olmopt.evaluate.prefix_cache import PrefixCache
 
-BatchKey = tuple[Path, str, float, float, "int | None", int]  # (dataset, split, held-out, test shares, samples, batch)
+# (dataset, split, held-out share, test share, samples, batch number)
+BatchKey = tuple[Path, str, float, float, "int | None", int]
 PrefixStore = dict[BatchKey, dict[int, torch.Tensor]]  # batch key -> layer -> input hidden states
 
 
@@ -253,7 +254,8 @@ class Evaluator:
         self._carry = list(carry)
         results: dict[str, float] = {}
         groups: dict[tuple[Path, float, float, int | None], list[Objective]] = {}
-        scored = [o for o in self.objectives if o.kind != "recipe" and o.has_part(split)]  # recipe: by the caller
+        # recipe objectives: read off the Recipe by the caller; the test split only where it has items
+        scored = [o for o in self.objectives if o.kind != "recipe" and o.has_part(split)]
         for obj in scored:
             groups.setdefault((obj.path, obj.held_out, obj.test, obj.samples), []).append(obj)
         for objs in groups.values():

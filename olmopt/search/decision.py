@@ -58,8 +58,8 @@ class Decision:
     kept_incumbent: bool = False
     held_out_guard: list[str] = field(default_factory=list)  # the candidates the guard compared, search order
     details: dict[str, Any] = field(default_factory=dict)  # the kind's own fields (``StageSpace.details``)
-    ties: str = ""  # selection's tie rule (``confidence.selection_ties``); "" for a kind's own acceptance rule
-    significance: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> objective -> vs the winner
+    ties: str = ""  # selection's tie rule (``confidence.selection_ties``); "" under a kind's own rule
+    significance: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> objective -> vs winner
 
     def to_dict(self) -> dict[str, Any]:
         """The stored (JSON) form."""

@@ -42,7 +42,9 @@ CACHE_TABLE = Table(
     _METADATA,
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),  # JSON: objective -> value
-    Column("campaign", String(512), nullable=False),  # the campaign that evaluated it (for people reading the table)
+    Column(
+        "campaign", String(512), nullable=False
+    ),  # the campaign that evaluated it (for people reading the table)
 )
 
 
@@ -56,7 +58,14 @@ def fingerprint(ctx: EvalContext) -> str | None:
         "evaluation": [ev.batch_size, ev.max_new_tokens, ev.stop_at_first_mismatch],
         "device": [ctx.working.device.type, str(ctx.working.dtype)],
         "objectives": [
-            [o.name, o.metric, o.held_out, o.test, o.samples, file_digest(o.path) if o.kind != "recipe" else None]
+            [
+                o.name,
+                o.metric,
+                o.held_out,
+                o.test,
+                o.samples,
+                file_digest(o.path) if o.kind != "recipe" else None,
+            ]
             for o in sorted(ctx.objectives, key=lambda o: o.name)
         ],
         "pool": {name: _checkpoint_identity(model.path) for name, model in sorted(ctx.pool.models.items())},
@@ -109,7 +118,11 @@ class EvalCache:
         """Store finite values (a damaged model's NaN is re-evaluated, not cached); the first writer wins."""
         if not values or not all(math.isfinite(v) for v in values.values()):
             return
-        row = {"key": self.key(model_key, split), "value": json.dumps(dict(values)), "campaign": self.campaign}
+        row = {
+            "key": self.key(model_key, split),
+            "value": json.dumps(dict(values)),
+            "campaign": self.campaign,
+        }
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(CACHE_TABLE).values(**row))

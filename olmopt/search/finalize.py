@@ -28,7 +28,9 @@ from olmopt.search.kinds.es import REFINE_INFO, refine_targets
 from olmopt.search.storage import redact, sqlite_path
 from olmopt.search.trials import RECIPE_ATTR, nonfinite_objectives
 
-REPORT_STAGE_KEYS = ("stage", "winner", "trial", "kept_incumbent", "metrics", "held_out", "reason", "ties", "significance")
+REPORT_STAGE_KEYS = (
+    "stage", "winner", "trial", "kept_incumbent", "metrics", "held_out", "reason", "ties", "significance",
+)  # fmt: skip
 
 
 def pick_recipe(campaign: Campaign, trial: int | None, stage_key: str | None) -> tuple[Recipe, dict[str, float], str, int | None]:
@@ -235,7 +237,8 @@ def sealed_test(
     counts = {o.name: (len(encoded(o, "search")), len(encoded(o, "test"))) for o in sealed}
     metric_of = {o.name: o.metric for o in sealed}
     level = campaign.config.selection.confidence
-    return {"values": values} | sealed_test_report(search, values, campaign.directions(), metric_of, counts, level)
+    report = sealed_test_report(search, values, campaign.directions(), metric_of, counts, level)
+    return {"values": values} | report
 
 
 def held_out_items(ctx: EvalContext, objective: Any) -> int:
