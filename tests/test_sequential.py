@@ -76,3 +76,59 @@ def test_simulated_error_rates(record_property: pytest.RecordProperty) -> None:
     assert wrongly_stopped <= 0.05
     assert worse_stopped >= 0.7
     assert worse_items <= 0.7 * 200
+
+
+def test_item_scores_pack_and_partial_metrics() -> None:
+    from olmopt.evaluate.item_scores import metric_of_items, pack, unpack
+
+    values = {0: 1.0, 2: 0.25, 3: 0.0}
+    assert unpack(pack(values)) == values  # item 1 was not scored: absent again
+    assert metric_of_items("token_accuracy", values) == pytest.approx(1.25 / 3)
+    # perplexity: exp(summed CE / tokens) = exp((2 + 4) / (2 + 1))
+    assert metric_of_items("perplexity", {0: 2.0, 1: 4.0}, {0: 2, 1: 1}) == pytest.approx(math.exp(2.0))
+
+
+def test_paired_looks_orient_by_direction_and_refuse_what_they_cannot_certify() -> None:
+    from olmopt.evaluate.item_scores import paired_looks
+
+    cand = {"acc": {0: 1.0, 1: 0.0, 2: 1.0}, "loss": {0: 0.5, 1: 0.7}, "ppl": {0: 3.0}}
+    ref = {"acc": {0: 0.0, 1: 1.0}, "loss": {0: 0.2, 1: 0.9}, "ppl": {0: 2.0}}
+    directions = {"acc": "maximize", "loss": "minimize", "ppl": "minimize", "layers": "maximize", "lm": "maximize"}
+    metric_of = {"acc": "token_accuracy", "loss": "bigram_loss", "ppl": "perplexity", "layers": "layers_removed"}
+    looks = paired_looks(cand, ref, directions, metric_of, known={"layers": -1.0})
+    assert list(looks["acc"].diffs) == [1.0, -1.0]  # only the items both scored
+    assert list(looks["loss"].diffs) == pytest.approx([-0.3, 0.2])  # lower loss = better: sign flipped
+    assert looks["ppl"].shift == 0.0 and looks["layers"].known == -1.0
+    assert looks["lm"].shift is None  # no items, not known: never certifies
+    tolerant = paired_looks(cand, ref, directions, metric_of, tolerance=0.01)
+    assert tolerant["ppl"].shift is None and tolerant["acc"].shift == 0.01
+
+
+def _chunk_source(values: list[float]):  # noqa: ANN202 - a tiny fake evaluator
+    from olmopt.evaluate.early_stop import ChunkResult
+
+    calls: list[int] = []
+
+    def evaluate_chunk(c: int) -> ChunkResult:
+        calls.append(c)
+        return ChunkResult({"acc": {i: values[i] for i in range(20 * c, 20 * c + 20)}}, {}, [])
+
+    return evaluate_chunk, calls
+
+
+def test_run_chunks_stops_a_hopeless_candidate_and_keeps_partial_metrics() -> None:
+    from olmopt.evaluate.early_stop import StopRule, run_chunks
+
+    rule = StopRule(0.05, {"acc": "maximize"}, {"acc": "token_accuracy"})
+    reference = {"acc": dict.fromkeys(range(200), 1.0)}
+    evaluate_chunk, calls = _chunk_source([0.0] * 200)
+    # 20 losses, no win: p = 2^-20 <= 0.05 / 9 at the first look
+    scored = run_chunks(evaluate_chunk, 10, rule, reference)
+    assert calls == [0] and scored.n_items == 20
+    assert scored.metrics == {"acc": 0.0} and scored.stopped and "chunk 1 of 10" in scored.stopped
+    # the same candidate against no reference, or a candidate as good as the reference: every chunk
+    evaluate_chunk, calls = _chunk_source([0.0] * 200)
+    assert run_chunks(evaluate_chunk, 10, rule, None).n_items == 200 and len(calls) == 10
+    evaluate_chunk, calls = _chunk_source([1.0] * 200)
+    whole = run_chunks(evaluate_chunk, 10, rule, reference)
+    assert whole.stopped is None and whole.metrics == {"acc": 1.0} and len(calls) == 10

@@ -44,11 +44,27 @@ class Look:
 
     ``diffs``: candidate minus incumbent per item, positive = candidate better. ``shift``: the
     tolerance in item units (a candidate within it of the incumbent is a tie, not dominated), or None
-    when this objective can never certify that the candidate is worse.
+    when this objective can never certify that the candidate is worse. ``known``: the difference itself,
+    when it is known without sampling (an objective read off the Recipe); ``diffs`` is then unused.
     """
 
     diffs: Sequence[float]
     shift: float | None = 0.0
+    known: float | None = None
+
+    def p_value(self) -> float:
+        """One-sided p-value of "the candidate is no worse by more than the shift" (1: cannot certify)."""
+        if self.shift is None:
+            return 1.0
+        if self.known is not None:
+            return 0.0 if self.known + self.shift < 0 else 1.0
+        return worse_p_value(self.diffs, self.shift)
+
+    def bound(self, level: float) -> float:
+        """One-sided ``1 - level`` upper confidence bound of the mean difference (+inf: cannot certify)."""
+        if self.shift is None:
+            return math.inf
+        return self.known if self.known is not None else upper_bound(self.diffs, level)
 
 
 @dataclass(frozen=True)
@@ -112,15 +128,15 @@ def decide(looks: Mapping[str, Look], level: float, score: Score = "copeland") -
     names = sorted(looks)
     if any(looks[n].shift is None for n in names):
         return Verdict(False, level, "an objective cannot be certified")
-    seen = min(len(looks[n].diffs) for n in names)
+    seen = min((len(looks[n].diffs) for n in names if looks[n].known is None), default=0)
     if score == "mean":
         each = level / len(names)
-        bound = sum(upper_bound(looks[n].diffs, each) for n in names) / len(names)
+        bound = sum(looks[n].bound(each) for n in names) / len(names)
         if bound < 0.0:
             return Verdict(True, level, f"objective mean worse than the incumbent's after {seen} items "
                                         f"(upper bound {bound:.4g}, level {level:.3g})")
         return Verdict(False, level, f"mean bound {bound:.4g}")
-    p_values = {n: worse_p_value(looks[n].diffs, looks[n].shift or 0.0) for n in names}
+    p_values = {n: looks[n].p_value() for n in names}
     if all(p <= level for p in p_values.values()):
         worst = max(p_values.values())
         return Verdict(True, level, f"dominated by the incumbent after {seen} items "

@@ -7,7 +7,9 @@ from typing import Any
 
 from olmopt.architecture_recipes import ResidentPool, dfs_eval_model, fused, layers_removed, without_fusion
 from olmopt.config import StudyConfig, default_objective_name
+from olmopt.evaluate.early_stop import ChunkResult, Scored, StopRule, run_chunks
 from olmopt.evaluate.engine import Evaluator, Objective, PrefixStore
+from olmopt.evaluate.item_scores import ItemScores
 from olmopt.evaluate.lmeval import LmEvalEvaluator, spec_of
 from olmopt.patch import WorkingModel
 from olmopt.pool.model_pool import ModelPool, load_tokenizer
@@ -57,6 +59,7 @@ class EvalContext:
             batch_size=ev.batch_size,
             max_new_tokens=ev.max_new_tokens,
             stop_at_first_mismatch=ev.stop_at_first_mismatch,
+            chunks=(config.sampler.seed, ev.early_stop.chunk) if ev.early_stop.mode == "on" else None,
         )
         lm_objs = [o for o in self.objectives if o.kind == "lm_eval"]  # lm-eval tasks wrap the same resident model
         self.lm_eval = (
@@ -85,21 +88,68 @@ class EvalContext:
         Fusion recipes are fused on top of the patch and restored; data-flow paths run on the pool's
         resident layers. Metrics read off the Recipe (layers_removed) are added here.
         """
+        return self.evaluate(recipe, split, incumbent, layer).metrics
+
+    def evaluate(
+        self,
+        recipe: Recipe,
+        split: str = "search",
+        incumbent: Recipe | None = None,
+        layer: int | None = None,
+        reference: ItemScores | None = None,
+    ) -> Scored:
+        """``score`` with the per-item values. With early stopping on (``evaluation.early_stop``) a
+        search-split evaluation runs chunk by chunk and stops when ``reference`` (the incumbent's per-item
+        values) shows that ``recipe`` cannot win the stage (olmopt.evaluate.early_stop); lm-eval objectives
+        and data-flow recipes are always scored whole."""
         if recipe.dfs is not None:
-            values = self._score_dfs(recipe, split)
+            scored = Scored(self._score_dfs(recipe, split), dict(self.evaluator.item_scores))
         else:
-            values = self._score_patched(recipe, split, incumbent, layer)
+            scored = self._score_patched(recipe, split, incumbent, layer, reference)
         for obj in self.objectives:
             if obj.kind == "recipe":
-                values[obj.name] = layers_removed(recipe, self.pool.adapter.num_layers)
-        return {o.name: values[o.name] for o in self.objectives if o.name in values}
+                scored.metrics[obj.name] = layers_removed(recipe, self.pool.adapter.num_layers)
+        scored.metrics = {o.name: scored.metrics[o.name] for o in self.objectives if o.name in scored.metrics}
+        return scored
 
     @property
     def item_scores(self) -> dict[str, dict[int, float]]:
         """Per-item results of the last evaluation's lm-eval objectives: name -> document index -> value."""
         return self.lm_eval.item_scores if self.lm_eval is not None else {}
 
-    def _score_patched(self, recipe: Recipe, split: str, incumbent: Recipe | None, layer: int | None) -> dict[str, float]:
+    @property
+    def stop_rule(self) -> StopRule:
+        cfg = self.config
+        return StopRule(
+            alpha=cfg.evaluation.early_stop.alpha,
+            directions={o.name: o.direction for o in self.objectives},
+            metric_of={o.name: o.metric for o in self.objectives},
+            score=cfg.selection.score,
+            tolerance=cfg.selection.tolerance,
+        )
+
+    def _chunks(
+        self, recipe: Recipe, incumbent: Recipe | None, reference: ItemScores | None, use_prefix: bool, carry: list[int]
+    ) -> Scored:
+        """The early-stopping run of ``recipe`` on the current (patched) weights, chunk by chunk. Objectives
+        read off the Recipe compare with the incumbent's exactly (none: they certify nothing)."""
+        ev = self.evaluator
+
+        def chunk(c: int) -> ChunkResult:
+            ev.evaluate("search", use_prefix=use_prefix, carry=carry, chunk=c)
+            return ChunkResult(dict(ev.item_scores), dict(ev.item_tokens), list(ev.nonfinite))
+
+        num_layers = self.pool.adapter.num_layers
+        known = (
+            {o.name: float(layers_removed(recipe, num_layers) - layers_removed(incumbent, num_layers))
+             for o in self.objectives if o.kind == "recipe"}
+            if incumbent is not None else {}
+        )  # fmt: skip
+        return run_chunks(chunk, ev.looks(), self.stop_rule, reference, known)
+
+    def _score_patched(
+        self, recipe: Recipe, split: str, incumbent: Recipe | None, layer: int | None, reference: ItemScores | None = None
+    ) -> Scored:
         if incumbent is not None and not incumbent.dfs and self.working.recipe != without_fusion(incumbent):
             self.working.apply(without_fusion(incumbent))  # the new resident state; never undone
         in_stage = incumbent is not None and layer is not None and split == "search" and not recipe.fusion
@@ -113,10 +163,16 @@ class EvalContext:
                 self._hold_inputs_of(incumbent)
             room = self.evaluator.prefix_bytes - self._carried_bytes
             carry = self.evaluator.carry_layers(layer, room // 2)  # the stage's later candidates get room too
+        chunked = self.evaluator.chunks is not None and split == "search" and self.lm_eval is None
         with self.working.patched(without_fusion(recipe)), fused(self.working.model, recipe):
-            values = self.evaluator.evaluate(split, use_prefix=use_prefix, carry=carry)  # type: ignore[arg-type]
-            if self.lm_eval is not None:
-                values.update(self.lm_eval.evaluate(split))
+            if chunked:
+                scored = self._chunks(recipe, incumbent, reference, use_prefix, carry)
+            else:
+                values = self.evaluator.evaluate(split, use_prefix=use_prefix, carry=carry)  # type: ignore[arg-type]
+                scored = Scored(values, dict(self.evaluator.item_scores))
+                if self.lm_eval is not None:
+                    scored.metrics.update(self.lm_eval.evaluate(split))
+                    scored.items.update(self.lm_eval.item_scores)
         if self.evaluator.carried:
             below = self.evaluator.prefix_store if use_prefix else {}
             self._carried_bytes += sum(t.numel() * t.element_size() for e in self.evaluator.carried.values() for t in e.values())
@@ -124,7 +180,7 @@ class EvalContext:
                 key: {**{k: v for k, v in below.get(key, {}).items() if k <= layer}, **kept}  # type: ignore[operator]
                 for key, kept in self.evaluator.carried.items()
             }
-        return values
+        return scored
 
     def _take_carried(self, incumbent: Recipe) -> PrefixStore | None:
         """The inputs kept when ``incumbent`` was a candidate; the other candidates' are dropped."""
