@@ -79,10 +79,13 @@ def test_simulated_error_rates(record_property: pytest.RecordProperty) -> None:
 
 
 def test_item_scores_pack_and_partial_metrics() -> None:
-    from olmopt.evaluate.item_scores import metric_of_items, pack, unpack
+    from olmopt.evaluate.item_scores import item_attrs, metric_of_items, pack, packed_items, unpack, unpack_all
 
     values = {0: 1.0, 2: 0.25, 3: 0.0}
     assert unpack(pack(values)) == values  # item 1 was not scored: absent again
+    attrs = item_attrs({"acc": values, "ppl": {1: 2.5}})
+    assert attrs["n_items"] == 4 and set(attrs) == {"i.acc", "i.ppl", "n_items"}
+    assert unpack_all(packed_items({**attrs, "m.acc": 0.5})) == {"acc": values, "ppl": {1: 2.5}}
     assert metric_of_items("token_accuracy", values) == pytest.approx(1.25 / 3)
     # perplexity: exp(summed CE / tokens) = exp((2 + 4) / (2 + 1))
     assert metric_of_items("perplexity", {0: 2.0, 1: 4.0}, {0: 2, 1: 1}) == pytest.approx(math.exp(2.0))

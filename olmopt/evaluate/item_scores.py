@@ -36,6 +36,23 @@ def unpack(text: str) -> dict[int, float]:
     return {i: float(v) for i, v in enumerate(array) if not math.isnan(float(v))}
 
 
+def item_attrs(items: ItemScores) -> dict[str, str | int]:
+    """The user attrs of an evaluation's per-item values: ``i.<objective>`` (packed) and ``n_items``."""
+    attrs: dict[str, str | int] = {ITEMS_PREFIX + name: pack(per) for name, per in sorted(items.items()) if per}
+    attrs[N_ITEMS_ATTR] = count(items)
+    return attrs
+
+
+def packed_items(user_attrs: Mapping[str, object]) -> dict[str, str]:
+    """Objective -> packed per-item values, from a trial's user attrs (empty: none recorded)."""
+    return {k.removeprefix(ITEMS_PREFIX): str(v) for k, v in user_attrs.items() if k.startswith(ITEMS_PREFIX)}
+
+
+def unpack_all(packed: Mapping[str, str]) -> ItemScores:
+    """Objective -> item index -> value from :func:`packed_items` (or a decision's ``items``)."""
+    return {name: unpack(text) for name, text in packed.items()}
+
+
 def count(items: ItemScores) -> int:
     """Item evaluations of a result: items scored, summed over objectives."""
     return sum(len(per) for per in items.values())
