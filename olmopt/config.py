@@ -340,6 +340,12 @@ class EarlyStopConfig(_Strict):
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
     chunk: int = Field(20, gt=0)
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _on_off(cls, value: object) -> object:
+        """YAML 1.1 reads bare ``on``/``off`` as True/False."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 class EvaluationConfig(_Strict):
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)

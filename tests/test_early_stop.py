@@ -5,12 +5,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
+from olmopt.cli import main
 from olmopt.evaluate.engine import Evaluator, Objective
-from olmopt.evaluate.item_scores import metric_of_items
+from olmopt.evaluate.item_scores import metric_of_items, unpack
+from olmopt.recipe import Recipe
+from olmopt.search.campaign import Campaign
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _models import char_tokenizer, make_family, write_addition_data  # noqa: E402
@@ -66,3 +71,70 @@ def test_chunks_partition_the_items_in_a_fixed_seeded_order(family: dict[str, Pa
     assert bigram == pytest.approx(whole.item_scores["bigram"], abs=1e-5)  # the same values, chunk by chunk
     assert chunk_items(7)[0] == sets  # every candidate of a campaign: the same order
     assert chunk_items(8)[0] != sets  # another campaign seed: another order
+
+
+def _run_campaign(zoo: Path, tmp: Path, name: str, early_stop: str) -> Campaign:
+    """A greedy layer campaign on the tiny zoo (two 0/1 objectives, 200 items each, no held-out part)."""
+    root = zoo.parents[1]
+    study = tmp / f"{name}.yaml"
+    study.write_text(
+        f"name: {name}\nroot: {root}\n"
+        "pool: {models: [storage/zoo-tiny/base, storage/zoo-tiny/spec_add, storage/zoo-tiny/spec_rev, "
+        "storage/zoo-tiny/spec_fact]}\n"
+        "objectives:\n"
+        "  - {name: add, dataset: objectives/add.json, metric: token_accuracy, held_out: 0}\n"
+        "  - {name: rev, dataset: objectives/rev.json, metric: token_accuracy, held_out: 0}\n"
+        "decisions: {base: {mode: fixed, model: storage/zoo-tiny/base}, layers: {mode: greedy}}\n"
+        f"evaluation: {{early_stop: {early_stop}}}\n"
+    )
+    url = f"sqlite:///{tmp}/{name}.db"
+    assert main(["study", "create", str(study), "--storage", url]) == 0
+    assert main(["study", "run", name, "--storage", url, "--quiet"]) == 0
+    return Campaign.load(name, url)
+
+
+def _trials(campaign: Campaign) -> list[optuna.trial.FrozenTrial]:
+    out = []
+    for stage in campaign.plan:
+        study = campaign.existing_stage_study(stage)
+        assert study is not None
+        out += study.get_trials()
+    return out
+
+
+def test_early_stopping_prunes_hopeless_candidates_and_keeps_the_decisions(tiny_zoo: Path, tmp_path: Path) -> None:
+    off = _run_campaign(tiny_zoo, tmp_path, "esoff", "{mode: off}")
+    off_knobs = _run_campaign(tiny_zoo, tmp_path, "esknobs", "{mode: off, alpha: 0.5, chunk: 5}")
+    on = _run_campaign(tiny_zoo, tmp_path, "eson", "{mode: on, alpha: 0.05, chunk: 20}")
+    # off: every knob inert, every evaluation complete with all its items
+    decisions = {k: (d.winner, d.metrics) for k, d in off.decisions().items()}
+    assert {k: (d.winner, d.metrics) for k, d in off_knobs.decisions().items()} == decisions
+    off_trials = _trials(off)
+    assert all(t.state == TrialState.COMPLETE for t in off_trials)
+    for t in off_trials:
+        assert t.user_attrs["n_items"] == (0 if "reused" in t.user_attrs else 400)  # 200 items, 2 objectives
+        if "reused" not in t.user_attrs:
+            assert len(unpack(t.user_attrs["i.add"])) == 200
+    # on: hopeless layer candidates are stopped, with partial metrics
+    on_trials = _trials(on)
+    pruned = [t for t in on_trials if t.state == TrialState.PRUNED]
+    assert pruned
+    for t in pruned:
+        assert 0 < t.user_attrs["n_items"] < 400 and "dominated by the incumbent" in t.user_attrs["pruned"]
+        seen = unpack(t.user_attrs["i.add"])
+        assert len(seen) == t.user_attrs["n_items"] // 2
+        assert t.user_attrs["m.add"] == pytest.approx(sum(seen.values()) / len(seen))  # partial metrics
+        assert Recipe.from_json(t.user_attrs["recipe"]).layers  # a layer candidate (the base stage has no reference)
+    decisions_on = on.decisions()
+    for stage in on.plan:
+        study = on.existing_stage_study(stage)
+        assert study is not None
+        stage_pruned = {str(t.user_attrs["candidate"]) for t in study.get_trials(states=(TrialState.PRUNED,))}
+        decision = decisions_on[stage.key]
+        assert set(decision.pruned) == stage_pruned and decision.winner not in stage_pruned
+    assert on.final_recipe() == off.final_recipe()  # the same merged model
+    spent_on = sum(int(t.user_attrs["n_items"]) for t in on_trials)
+    spent_off = sum(int(t.user_attrs["n_items"]) for t in off_trials)
+    print(f"item evaluations: early stop on {spent_on}, off {spent_off}")
+    assert spent_on < spent_off
+

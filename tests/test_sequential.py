@@ -79,7 +79,14 @@ def test_simulated_error_rates(record_property: pytest.RecordProperty) -> None:
 
 
 def test_item_scores_pack_and_partial_metrics() -> None:
-    from olmopt.evaluate.item_scores import item_attrs, metric_of_items, pack, packed_items, unpack, unpack_all
+    from olmopt.evaluate.item_scores import (
+        item_attrs,
+        metric_of_items,
+        pack,
+        packed_items,
+        unpack,
+        unpack_all,
+    )
 
     values = {0: 1.0, 2: 0.25, 3: 0.0}
     assert unpack(pack(values)) == values  # item 1 was not scored: absent again

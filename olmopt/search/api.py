@@ -215,9 +215,9 @@ def campaign_status(name: str, url: str) -> dict[str, Any]:
                 "target": stage.target,
                 "state": "decided" if d else ("pending" if study is None else ("running" if running else "started")),
                 "trials": counts,
-                "winner": d["winner"] if d else None,
-                "metrics": d["metrics"] if d else None,
-                "held_out": d["held_out"] if d else None,
+                "winner": d.winner if d else None,
+                "metrics": d.metrics if d else None,
+                "held_out": d.held_out if d else None,
             }
         )
     final = campaign.final_recipe()

@@ -8,9 +8,10 @@ from typing import Any
 from olmopt.architecture_recipes import ResidentPool, dfs_eval_model, fused, layers_removed, without_fusion
 from olmopt.config import StudyConfig, default_objective_name
 from olmopt.evaluate.early_stop import ChunkResult, Scored, StopRule, run_chunks
-from olmopt.evaluate.engine import Evaluator, Objective, PrefixStore
+from olmopt.evaluate.engine import Evaluator, Objective
 from olmopt.evaluate.item_scores import ItemScores
 from olmopt.evaluate.lmeval import LmEvalEvaluator, spec_of
+from olmopt.evaluate.prefix_cache import PrefixCache
 from olmopt.patch import WorkingModel
 from olmopt.pool.model_pool import ModelPool, load_tokenizer
 from olmopt.recipe import Recipe
@@ -42,7 +43,7 @@ def open_pool(config: StudyConfig) -> ModelPool:
 
 
 class EvalContext:
-    """Scores Recipes on one resident model; keeps the prefix cache valid for the current incumbent."""
+    """Scores Recipes on one resident model; its prefix cache follows the incumbent."""
 
     def __init__(self, config: StudyConfig, pool: ModelPool | None = None) -> None:
         configure_threads()  # OLMOPT_THREADS, default 1: torch's own default (every core) thrashes a busy machine
@@ -65,9 +66,7 @@ class EvalContext:
         self.lm_eval = (
             LmEvalEvaluator(self.working.model, tokenizer, lm_objs, ev.batch_size, greedy=_kv_greedy) if lm_objs else None
         )
-        self._prefix_recipe: Recipe | None = None  # the incumbent whose hidden states the evaluator holds
-        self._carried: dict[str, PrefixStore] = {}  # candidate digest -> inputs of the layers after its own
-        self._carried_bytes = 0
+        self.prefix = PrefixCache(self.evaluator, self.working.adapter, self.working.param_names)
         self._resident: ResidentPool | None = None
 
     def prepare(self) -> None:
@@ -129,14 +128,14 @@ class EvalContext:
         )
 
     def _chunks(
-        self, recipe: Recipe, incumbent: Recipe | None, reference: ItemScores | None, use_prefix: bool, carry: list[int]
+        self, recipe: Recipe, incumbent: Recipe | None, reference: ItemScores | None, cache: PrefixCache | None, carry: list[int]
     ) -> Scored:
         """The early-stopping run of ``recipe`` on the current (patched) weights, chunk by chunk. Objectives
         read off the Recipe compare with the incumbent's exactly (none: they certify nothing)."""
         ev = self.evaluator
 
         def chunk(c: int) -> ChunkResult:
-            ev.evaluate("search", use_prefix=use_prefix, carry=carry, chunk=c)
+            ev.evaluate("search", prefix=cache, carry=carry, chunk=c)
             return ChunkResult(dict(ev.item_scores), dict(ev.item_tokens), list(ev.nonfinite))
 
         num_layers = self.pool.adapter.num_layers
@@ -152,69 +151,20 @@ class EvalContext:
     ) -> Scored:
         if incumbent is not None and not incumbent.dfs and self.working.recipe != without_fusion(incumbent):
             self.working.apply(without_fusion(incumbent))  # the new resident state; never undone
-        in_stage = incumbent is not None and layer is not None and split == "search" and not recipe.fusion
-        use_prefix = bool(in_stage and layer)
-        carry: list[int] = []
-        if in_stage:
-            assert incumbent is not None and layer is not None
-            if use_prefix:
-                self._switch_prefix(incumbent, layer)
-            elif self._prefix_recipe != incumbent:  # a layer-0 stage: nothing to reuse, but hold what was kept
-                self._hold_inputs_of(incumbent)
-            room = self.evaluator.prefix_bytes - self._carried_bytes
-            carry = self.evaluator.carry_layers(layer, room // 2)  # the stage's later candidates get room too
+        plan = self.prefix.before(recipe, incumbent, layer, split)
         chunked = self.evaluator.chunks is not None and split == "search" and self.lm_eval is None
         with self.working.patched(without_fusion(recipe)), fused(self.working.model, recipe):
+            cache = self.prefix if plan.use else None
             if chunked:
-                scored = self._chunks(recipe, incumbent, reference, use_prefix, carry)
+                scored = self._chunks(recipe, incumbent, reference, cache, list(plan.carry))
             else:
-                values = self.evaluator.evaluate(split, use_prefix=use_prefix, carry=carry)  # type: ignore[arg-type]
+                values = self.evaluator.evaluate(split, prefix=cache, carry=plan.carry)  # type: ignore[arg-type]
                 scored = Scored(values, dict(self.evaluator.item_scores))
                 if self.lm_eval is not None:
                     scored.metrics.update(self.lm_eval.evaluate(split))
                     scored.items.update(self.lm_eval.item_scores)
-        if self.evaluator.carried:
-            below = self.evaluator.prefix_store if use_prefix else {}
-            self._carried_bytes += sum(t.numel() * t.element_size() for e in self.evaluator.carried.values() for t in e.values())
-            self._carried[recipe.digest()] = {
-                key: {**{k: v for k, v in below.get(key, {}).items() if k <= layer}, **kept}  # type: ignore[operator]
-                for key, kept in self.evaluator.carried.items()
-            }
+        self.prefix.after(recipe, plan, self.evaluator.carried)
         return scored
-
-    def _take_carried(self, incumbent: Recipe) -> PrefixStore | None:
-        """The inputs kept when ``incumbent`` was a candidate; the other candidates' are dropped."""
-        carried = self._carried.pop(incumbent.digest(), None)
-        self._carried.clear()
-        self._carried_bytes = 0
-        return carried
-
-    def _hold_inputs_of(self, incumbent: Recipe) -> None:
-        """A new incumbent in a stage without prefix (layer 0): keep its inputs for later stages."""
-        self.evaluator.hold_prefix(self._take_carried(incumbent) or {})
-        self._prefix_recipe = incumbent
-
-    def _switch_prefix(self, incumbent: Recipe, layer: int) -> None:
-        """Make the evaluator's prefix cache hold ``incumbent``'s hidden states entering ``layer``.
-
-        In order of cost: the captures it holds (same incumbent, or one that differs only in later
-        layers: an ES step, a later unit); the inputs kept when ``incumbent`` was evaluated as a
-        candidate of the previous stage; a capture pass from the deepest input that is still valid (the
-        embedding when none is).
-        """
-        from olmopt.patch import shared_prefix_depth
-
-        if self._prefix_recipe != incumbent:
-            old, store = self._prefix_recipe, self.evaluator.prefix_store
-            depth = -1 if old is None else shared_prefix_depth(old, incumbent, self.working.adapter, self.working.param_names)
-            valid = {key: {k: v for k, v in entry.items() if k <= depth} for key, entry in store.items()}
-            carried = self._take_carried(incumbent)
-            merged = carried if carried is not None else valid
-            if not self.evaluator.adopt_prefix(merged, layer):
-                self.evaluator.capture_prefix(layer, "search", start=valid)  # from the deepest valid input
-            self._prefix_recipe = incumbent
-        elif not self.evaluator.use_prefix_layer(layer):
-            self.evaluator.capture_prefix(layer, "search", start=self.evaluator.prefix_store)
 
     def _score_dfs(self, recipe: Recipe, split: str) -> dict[str, float]:
         if self._resident is None:

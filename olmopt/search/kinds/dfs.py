@@ -85,6 +85,7 @@ class DfsKind(DecisionKind):
     order = 100
     joint = True
     plots_trials = True
+    report_plot = "pareto"
 
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         d = config.decisions.dfs

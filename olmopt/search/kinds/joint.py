@@ -65,6 +65,7 @@ def joint_distributions(stage: Stage, env: SpaceEnv) -> dict[str, CategoricalDis
 class _JointDonors(DecisionKind):
     joint = True
     plots_trials = True
+    report_plot = "pareto"
 
     def decision(self, config: StudyConfig) -> SwapDecision:
         raise NotImplementedError

@@ -424,6 +424,7 @@ class MergeKind(DecisionKind):
     order = 10
     joint = True
     plots_trials = True
+    report_plot = "pareto"
 
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         d = config.decisions.merge

@@ -8,7 +8,7 @@ several sweeps (``passes``); a later sweep after one that changed nothing costs 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from olmopt.recipe import Recipe
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from olmopt.config import StudyConfig
     from olmopt.pool.adapter import ArchitectureAdapter
+    from olmopt.search.decision import Decision
 
 
 # -- slots ---------------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def previous_sweep_changed(stage: Stage, env: SpaceEnv) -> bool:
             before = key
     if first is None or last is None or before is None:
         return True  # nothing to compare with: search
-    recipes = [Recipe.from_json(env.decisions[k]["recipe"]) for k in (before, last)]
+    recipes = [env.decisions[k].recipe for k in (before, last)]
     keys_ = [model_key(r, env.adapter, env.param_names) for r in recipes]
     return keys_[0] != keys_[1]
 
@@ -183,6 +184,9 @@ class BaseKind(_SwapKind):
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         return [planned("base")]
 
+    def olm_report(self, stage: Stage, decision: Decision) -> dict[str, Any]:
+        return {"base_model": {"name": decision.winner, "metrics": decision.metrics}}
+
 
 class BoundaryKind(_SwapKind):
     """``decisions.boundary: greedy``: the donor of the embeddings, final norm and head."""
@@ -192,6 +196,9 @@ class BoundaryKind(_SwapKind):
 
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         return [planned("boundary")] if config.decisions.boundary.mode == "greedy" else []
+
+    def olm_report(self, stage: Stage, decision: Decision) -> dict[str, Any]:
+        return {"boundary_layers": {"name": decision.winner, "metrics": decision.metrics}}
 
 
 class LayerKind(_SwapKind):
@@ -213,6 +220,12 @@ class LayerKind(_SwapKind):
             for kind, target in layer_slots(layers, width, d.direction)
         ]
 
+    def olm_report(self, stage: Stage, decision: Decision) -> dict[str, Any]:
+        """One layer's candidates (OLM has no section for blocks)."""
+        if stage.kind != "layer":
+            return {}
+        return {"layers": {stage.target: {"metrics": decision.candidate_metrics(), "best_model": decision.winner}}}
+
 
 class UnitKind(_SwapKind):
     """``decisions.tensors: greedy``: one stage per tensor unit, per sweep of ``passes``."""
@@ -226,6 +239,10 @@ class UnitKind(_SwapKind):
             return []
         units = tensor_units(config, adapter, param_names)
         return [planned("unit", unit, sweep=sweep) for sweep in range(1, d.passes + 1) for unit in units]
+
+    def olm_report(self, stage: Stage, decision: Decision) -> dict[str, Any]:
+        best = {"metrics": decision.candidate_metrics(), "best_model": decision.winner}
+        return {"tensors": {f"{stage.target}.weight": best}}
 
 
 for _kind in (BaseKind(), BoundaryKind(), LayerKind(), UnitKind()):
