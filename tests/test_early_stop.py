@@ -15,6 +15,7 @@ from olmopt.cli import main
 from olmopt.evaluate.engine import Evaluator, Objective
 from olmopt.evaluate.item_scores import metric_of_items, unpack
 from olmopt.recipe import Recipe
+from olmopt.search.annotate import stage_note
 from olmopt.search.campaign import Campaign
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -132,6 +133,9 @@ def test_early_stopping_prunes_hopeless_candidates_and_keeps_the_decisions(tiny_
         stage_pruned = {str(t.user_attrs["candidate"]) for t in study.get_trials(states=(TrialState.PRUNED,))}
         decision = decisions_on[stage.key]
         assert set(decision.pruned) == stage_pruned and decision.winner not in stage_pruned
+        assert set(decision.items) == {"add", "rev"}  # the winner's items: the next stage's reference
+        note = stage_note(decision, ["add", "rev"], {"add": "maximize", "rev": "maximize"})
+        assert ("Stopped early (PRUNED" in note) == bool(stage_pruned)  # shown in the dashboard
     assert on.final_recipe() == off.final_recipe()  # the same merged model
     spent_on = sum(int(t.user_attrs["n_items"]) for t in on_trials)
     spent_off = sum(int(t.user_attrs["n_items"]) for t in off_trials)

@@ -246,7 +246,8 @@ class CampaignRunner:
         label = decision.winner
         why = decision.reason.removeprefix(f"{label!r}: ")
         figures = self._figures(decision.metrics, decision.held_out)
-        self.log(f"{stage.key}: winner {label} ({why}); {len(trials)} trials; {figures}")
+        stopped = f", {len(pruned)} stopped early" if pruned else ""
+        self.log(f"{stage.key}: winner {label} ({why}); {len(trials)} trials{stopped}; {figures}")
         return decision
 
     def _figures(self, metrics: dict[str, float], held_out: dict[str, float]) -> str:
