@@ -142,3 +142,28 @@ def test_early_stopping_prunes_hopeless_candidates_and_keeps_the_decisions(tiny_
     print(f"item evaluations: early stop on {spent_on}, off {spent_off}")
     assert spent_on < spent_off
 
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ("{mode: maybe}", "evaluation.early_stop.mode"),
+        ("{mode: on, alpha: 1.5}", "evaluation.early_stop.alpha"),
+        ("{mode: on, chunk: 0}", "evaluation.early_stop.chunk"),
+        ("{mode: on, looks: 3}", "evaluation.early_stop.looks: unknown key"),
+    ],
+)
+def test_bad_early_stop_settings_are_one_line(
+    family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], block: str, message: str
+) -> None:
+    study = tmp_path / "bad.yaml"
+    study.write_text(
+        f"name: bad\npool: {{models: [{family['a']}, {family['b']}]}}\n"
+        f"objectives: [{{dataset: {family['data']}, metric: perplexity}}]\n"
+        f"evaluation: {{early_stop: {block}}}\n"
+    )
+    url = f"sqlite:///{tmp_path}/bad.db"
+    assert main(["study", "create", str(study), "--storage", url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "bad.db").exists()  # nothing written
