@@ -102,7 +102,7 @@ class EvalContext:
         values) shows that ``recipe`` cannot win the stage (olmopt.evaluate.early_stop); lm-eval objectives
         and data-flow recipes are always scored whole."""
         if recipe.dfs is not None:
-            scored = Scored(self._score_dfs(recipe, split), dict(self.evaluator.item_scores))
+            scored = self._score_dfs(recipe, split)
         else:
             scored = self._score_patched(recipe, split, incumbent, layer, reference)
         for obj in self.objectives:
@@ -166,16 +166,17 @@ class EvalContext:
         self.prefix.after(recipe, plan, self.evaluator.carried)
         return scored
 
-    def _score_dfs(self, recipe: Recipe, split: str) -> dict[str, float]:
+    def _score_dfs(self, recipe: Recipe, split: str) -> Scored:
         if self._resident is None:
             self._resident = ResidentPool(self.pool, self.working.device, self.working.dtype)
         model = dfs_eval_model(self._resident, recipe.dfs)  # type: ignore[arg-type]
         evaluator = Evaluator(model, self.evaluator.tokenizer, self.evaluator.objectives, batch_size=self.evaluator.batch_size)
         evaluator._encoded = self.evaluator._encoded  # share the tokenization cache
-        values = evaluator.evaluate(split)  # type: ignore[arg-type]
+        scored = Scored(evaluator.evaluate(split), dict(evaluator.item_scores))  # type: ignore[arg-type]
         if self.lm_eval is not None:
-            values.update(self.lm_eval.evaluate(split, model=model))
-        return values
+            scored.metrics.update(self.lm_eval.evaluate(split, model=model))
+            scored.items.update(self.lm_eval.item_scores)
+        return scored
 
 
 def _kv_greedy(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> Any:
