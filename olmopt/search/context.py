@@ -5,16 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from olmopt.architecture_recipes import ResidentPool, dfs_eval_model, fused, layers_removed, without_fusion
 from olmopt.config import StudyConfig, default_objective_name
 from olmopt.evaluate.early_stop import ChunkResult, Scored, StopRule, run_chunks
 from olmopt.evaluate.engine import Evaluator, Objective
 from olmopt.evaluate.item_scores import ItemScores
 from olmopt.evaluate.lmeval import LmEvalEvaluator, spec_of
 from olmopt.evaluate.prefix_cache import PrefixCache
+from olmopt.methods.dfs.resident import ResidentPool, dfs_eval_model
+from olmopt.methods.fusion.resident import fused, without_fusion
 from olmopt.patch import WorkingModel
 from olmopt.pool.model_pool import ModelPool, load_tokenizer
-from olmopt.recipe import Recipe
+from olmopt.recipe import Recipe, layers_removed
 from olmopt.runtime import configure_threads
 
 
@@ -169,7 +170,7 @@ class EvalContext:
     def _score_dfs(self, recipe: Recipe, split: str) -> Scored:
         if self._resident is None:
             self._resident = ResidentPool(self.pool, self.working.device, self.working.dtype)
-        model = dfs_eval_model(self._resident, recipe.dfs)  # type: ignore[arg-type]
+        model = dfs_eval_model(self._resident, recipe)
         evaluator = Evaluator(model, self.evaluator.tokenizer, self.evaluator.objectives, batch_size=self.evaluator.batch_size)
         evaluator._encoded = self.evaluator._encoded  # share the tokenization cache
         scored = Scored(evaluator.evaluate(split), dict(evaluator.item_scores))  # type: ignore[arg-type]
