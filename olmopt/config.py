@@ -101,7 +101,10 @@ class SwapDecision(_Strict):
     OLM's traversal; ``[2, 1]`` swaps pairs, then single layers), repeated for ``passes`` sweeps; a sweep
     after one that changed nothing costs no evaluation. ``then_joint`` > 0 adds a joint stage of that many
     evaluations after the greedy sweeps, warm-started with their winner. Joint: ``warm_start`` enqueues
-    the incumbent and each donor's whole model first; ``sampler`` overrides the campaign's sampler.
+    the incumbent and each donor's whole model first; ``sampler`` overrides the campaign's sampler;
+    ``polish`` > 0 adds that many greedy sweeps over single slots after the joint stage, starting from its
+    winner (a model-based search rarely pins every slot; one swap at a time does, and a slot whose
+    candidates repeat known weights costs nothing; search/kinds/polish.py).
     """
 
     mode: Literal["greedy", "joint", "off"] = "greedy"
@@ -112,10 +115,17 @@ class SwapDecision(_Strict):
     windows: list[int] = Field(default_factory=lambda: [1], min_length=1)
     passes: int = Field(1, ge=1, le=20)
     then_joint: int = Field(0, ge=0)
+    polish: int = Field(0, ge=0, le=20)
     warm_start: bool = True
     sampler: JointSampler | None = None
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
+
+    @model_validator(mode="after")
+    def _polish_after_joint(self) -> SwapDecision:
+        if self.polish and self.mode != "joint":
+            raise ValueError("polish (greedy sweeps after a joint stage) needs mode: joint; greedy mode sweeps with passes")
+        return self
 
     @field_validator("windows")
     @classmethod

@@ -101,6 +101,14 @@ def current_donor(incumbent: Recipe, slot: str, adapter: ArchitectureAdapter) ->
     return default
 
 
+POLISH_PREFIX = "polish-"  # a greedy sweep after a joint stage (kinds/polish.py): the same slots
+
+
+def slot_kind(stage: Stage) -> str:
+    """The kind of slot a greedy stage swaps: ``layer``, ``block``, ``unit``, ``boundary`` or ``base``."""
+    return stage.kind.removeprefix(POLISH_PREFIX)
+
+
 def greedy_candidates(stage: Stage, incumbent: Recipe | None, pool: list[str]) -> dict[str, Recipe]:
     """Candidate label (a donor name) -> Recipe, for a greedy stage."""
     if stage.kind == "base":
@@ -118,7 +126,7 @@ def greedy_candidates(stage: Stage, incumbent: Recipe | None, pool: list[str]) -
         if incumbent not in out.values():  # a block of mixed donors: keeping it is a candidate too
             out["incumbent"] = incumbent
         return out
-    slot = f"{'layer' if stage.kind == 'layer' else 'unit'}.{stage.target}"
+    slot = f"{'layer' if slot_kind(stage) == 'layer' else 'unit'}.{stage.target}"
     return {m: apply_choice(incumbent, slot, m) for m in pool}
 
 
@@ -130,17 +138,17 @@ def keeps_merge(stage: Stage, incumbent: Recipe, adapter: ArchitectureAdapter) -
     if stage.kind == "block":
         slots = [f"layer.{i}" for i in block_layers(stage.target)]
     else:
-        slots = [f"{'layer' if stage.kind == 'layer' else 'unit'}.{stage.target}"]
+        slots = [f"{'layer' if slot_kind(stage) == 'layer' else 'unit'}.{stage.target}"]
     return all(current_donor(incumbent, slot, adapter) == MERGE_DONOR for slot in slots)
 
 
 def prefix_layer(stage: Stage, adapter: ArchitectureAdapter) -> int | None:
     """Layer whose incoming hidden states are shared by every candidate of the stage."""
-    if stage.kind == "layer":
+    if slot_kind(stage) == "layer":
         return int(stage.target)
     if stage.kind == "block":
         return block_layers(stage.target)[0]
-    if stage.kind == "unit":
+    if slot_kind(stage) == "unit":
         return adapter.layer_of(stage.target + ".weight")
     return None
 
@@ -173,7 +181,7 @@ def swap_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSp
     )
 
 
-_SWEEP_KEY = re.compile(r"^\d+-(layer|block|unit)-.+?(?:-pass(\d+))?$")
+_SWEEP_KEY = re.compile(r"^\d+-((?:polish-)?(?:layer|block|unit))-.+?(?:-pass(\d+))?$")
 
 
 def previous_sweep_changed(stage: Stage, env: SpaceEnv) -> bool:
@@ -181,7 +189,7 @@ def previous_sweep_changed(stage: Stage, env: SpaceEnv) -> bool:
     its last decision against the decision just before it began, compared as weights."""
     from olmopt.patch import model_key  # torch: only where trials run
 
-    family = {"unit"} if stage.kind == "unit" else {"layer", "block"}
+    family = {stage.kind} if stage.kind in ("unit", "polish-layer", "polish-unit") else {"layer", "block"}
     keys = sorted(env.decisions, key=lambda k: int(k.split("-", 1)[0]))
     before: str | None = None
     first = last = None
