@@ -35,7 +35,7 @@ from optuna.distributions import BaseDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from olmopt.errors import InputError
+from olmopt.errors import InputError, StudyKeyError
 from olmopt.methods.delta import MethodSpec, get_method
 from olmopt.methods.registry import SearchDim
 from olmopt.recipe import MERGE_DONOR, ParamMerge, Recipe
@@ -151,7 +151,7 @@ def merge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
         try:
             spec.check_count(len(variants))
         except InputError as exc:
-            raise InputError(f"decisions.merge.methods: {exc}") from None
+            raise StudyKeyError(f"decisions.merge.methods: {exc}") from None
     num_layers = env.adapter.num_layers
     layouts = {n: layout(s, len(variants), num_layers, cfg.group_size, cfg.layerwise) for n, s in specs.items()}
     order_choices = orders(len(variants), cfg.search_order)
@@ -225,7 +225,7 @@ def mergekit_points(
             merge = config.build(env.adapter).renamed(names).param_merge
             point = _project(merge, base, variants, specs, layouts, order_choices, env.adapter.num_layers)
         except InputError as exc:
-            raise InputError(f"{key}: {exc}") from None
+            raise StudyKeyError(f"{key}: {exc}") from None
         points.append((f"mergekit:{path.name}", point))
     return points
 
