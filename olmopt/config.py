@@ -422,7 +422,8 @@ def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         found = _model_in(annotation)
         if found is None or not (isinstance(part, int) or part in found.model_fields):
             return []
-        annotation = found if isinstance(part, int) else found.model_fields[part].annotation  # int: a list item
+        # an index: an item of the same list model; a key: that field's annotation
+        annotation = found if isinstance(part, int) else found.model_fields[part].annotation
     found = _model_in(annotation)
     return list(found.model_fields) if found is not None else []
 

@@ -39,6 +39,7 @@ from olmopt.search.storage import is_sqlite, stale_after
 from olmopt.search.workers import Evaluators
 from olmopt.select import degradation_constraints, is_feasible, objective_mean, select
 
+LIVE_STATES = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)  # trials that spend the budget
 POLL_SECONDS = (0.05, 1.0)  # waiting for other workers: first poll, then x1.5 up to the second
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -205,7 +206,7 @@ class CampaignRunner:
         if not space.enqueue:
             return
         if is_sqlite(self.c.url):  # this process is the only writer: no lock
-            self._enqueue_absent(study, space)
+            T.enqueue_absent(study, space.enqueue)
             return
         present = T.enqueued_labels(study) | T.exhausted_labels(study)
         if all(label in present for label, _ in space.enqueue):
@@ -214,16 +215,9 @@ class CampaignRunner:
         if not lock.acquire():
             return
         try:
-            self._enqueue_absent(study, space)
+            T.enqueue_absent(study, space.enqueue)
         finally:
             lock.release()
-
-    @staticmethod
-    def _enqueue_absent(study: optuna.Study, space: StageSpace) -> None:
-        present = T.enqueued_labels(study) | T.exhausted_labels(study)
-        for label, params in space.enqueue:
-            if label not in present:
-                study.enqueue_trial(params, user_attrs={T.LABEL_ATTR: label})
 
     def _sweep_stale(self, study: optuna.Study) -> None:
         """Fail trials of dead workers (so that their candidates are retried)."""
@@ -259,7 +253,7 @@ class CampaignRunner:
         trial = T.pop_waiting(study)
         if trial is None and space.budget is not None:
             writer.flush()  # the sampler sees every finished trial: the same suggestions as a sequential run
-            live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            live = study.get_trials(deepcopy=False, states=LIVE_STATES)  # a queued retry counts too
             if not _budget_spent(live, space.budget):
                 trial = study.ask()
         return trial

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from sqlalchemy import event
 from sqlalchemy.dialects import plugins
 from sqlalchemy.engine import URL, CreateEnginePlugin, Engine, make_url
@@ -22,6 +22,8 @@ from olmopt.defaults import DEFAULT_STORAGE
 from olmopt.envvars import env_float, env_int
 from olmopt.errors import StorageError
 from olmopt.lockfile import held_lock
+from olmopt.search.coordination import RetrySampledTrial
+from olmopt.search.trials import MAX_FAILURES
 
 HEARTBEAT_INTERVAL = 20
 GRACE_PERIOD = 60
@@ -59,7 +61,7 @@ class RetryConnect(CreateEnginePlugin):
     def engine_created(self, engine: Engine) -> None:
         event.listen(engine, "do_connect", self._connect)
 
-    def _connect(self, dialect: Any, _record: object, cargs: tuple[Any, ...], cparams: dict[str, Any]) -> object:
+    def _connect(self, dialect: Any, _record: object, cargs: tuple[Any, ...], cparams: dict[str, Any]) -> Any:
         deadline = time.monotonic() + self.grace
         delay = 0.2
         while True:
@@ -76,7 +78,7 @@ plugins.register("olmopt_retry_connect", __name__, "RetryConnect")
 
 
 def server_engine_kwargs(grace: int) -> dict[str, Any]:
-    """``create_engine`` arguments of a server storage: stale pooled connections replaced, connections retried."""
+    """``create_engine`` arguments of a server storage: dead pooled connections replaced, new ones retried."""
     return {"pool_pre_ping": True, "plugins": ["olmopt_retry_connect"], "olmopt_connect_grace": grace}
 
 
@@ -179,8 +181,8 @@ def open_storage(url: str, heartbeat: bool = True, create: bool = True) -> optun
     grace = connect_grace() if server else 0
     if not create and server and not _has_optuna_tables(url, grace):
         raise StorageError(
-            f"no storage in {redact(url)}: the database holds no Optuna tables (nothing created; pass --storage URL "
-            "or set OLMOPT_STORAGE, or create a campaign there first)"
+            f"no storage in {redact(url)}: the database holds no Optuna tables (nothing created; "
+            "pass --storage URL or set OLMOPT_STORAGE, or create a campaign there first)"
         )
     kwargs: dict[str, object] = {}
     if heartbeat and server:
@@ -188,7 +190,7 @@ def open_storage(url: str, heartbeat: bool = True, create: bool = True) -> optun
         kwargs = {
             "heartbeat_interval": interval,
             "grace_period": hb_grace,
-            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=3),
+            "heartbeat_stale_trial_callback": RetrySampledTrial(max_retry=MAX_FAILURES),
         }
     engine_kwargs = server_engine_kwargs(grace) if server else {"pool_pre_ping": True}
     try:
@@ -218,7 +220,9 @@ def _has_optuna_tables(url: str, grace: int) -> bool:
 
 def _open_error(url: str, exc: Exception, grace: int) -> StorageError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    retried = f" (retried for {grace} s; OLMOPT_STORAGE_GRACE sets how long)" if grace and _is_connection_error(exc) else ""
+    retried = ""
+    if grace and _is_connection_error(exc):
+        retried = f" (retried for {grace} s; OLMOPT_STORAGE_GRACE sets how long)"
     return StorageError(f"cannot open storage {redact(url)}: {reason}{retried}")
 
 

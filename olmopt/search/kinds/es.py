@@ -80,16 +80,19 @@ def check_units(
     names = set(param_names)
     for unit in units:
         if unit not in known:
-            raise error(f"{where}: unit {unit!r} does not exist in this architecture ({unit_choices(adapter, param_names)})")
-        if unit + ".weight" not in names:
-            raise error(f"{where}: unit {unit!r} has no weight to perturb ({unit_choices(adapter, param_names)})")
+            problem = "does not exist in this architecture"
+        elif unit + ".weight" not in names:
+            problem = "has no weight to perturb"
+        else:
+            continue
+        raise error(f"{where}: unit {unit!r} {problem} ({unit_choices(adapter, param_names)})")
     return units
 
 
 def unit_choices(adapter: ArchitectureAdapter, param_names: list[str]) -> str:
-    """The units ES can perturb, in one line: the boundary ones, then each layer's once with N for its index."""
+    """The units ES can perturb, sorted, in one line: the boundary ones, then each layer's once (N: the index)."""
     names = set(param_names)
-    units = [u for u in adapter.all_units(param_names) if u + ".weight" in names]
+    units = sorted(u for u in adapter.all_units(param_names) if u + ".weight" in names)
     first = adapter.layer_prefix(0)
     per_layer = [u.removeprefix(first) for u in units if u.startswith(first)]
     boundary = [u for u in units if adapter.layer_of(u) is None]
@@ -113,8 +116,11 @@ def es_units(
         es = config.decisions.es
         settings = {k: v for k, v in (("svd", es.svd), ("norm", es.norm)) if v is not None}
     per_kind: dict[str, list[str]] = {}
+    error: type[InputError]
     for kind, block in settings.items():
-        where, error = (f"decisions.es.{kind}.units", StudyKeyError) if units is None else ("--es-unit", InputError)
+        where, error = f"decisions.es.{kind}.units", StudyKeyError
+        if units is not None:  # given on the command line
+            where, error = "--es-unit", InputError
         chosen = units if units is not None else block.units
         if chosen is None:
             if config.decisions.tensors.mode == "off":
