@@ -68,9 +68,10 @@ class RetryConnect(CreateEnginePlugin):
             try:
                 return dialect.connect(*cargs, **cparams)
             except dialect.loaded_dbapi.OperationalError:
-                if time.monotonic() + delay > deadline:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise
-                time.sleep(delay)
+                time.sleep(min(delay, remaining))  # the last try comes at the end of the grace
                 delay = min(2 * delay, 2.0)
 
 
