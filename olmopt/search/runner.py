@@ -387,9 +387,13 @@ class CampaignRunner:
         rule = self.c.config.selection.improve_all
         constraints = degradation_constraints(metrics, references, self.directions, rule, self.metric_of) if "base" in references else {}
         nonfinite = T.nonfinite_objectives(metrics, self.names)  # a damaged model: infeasible, and why
-        T.record_result(trial, metrics, constraints, is_feasible(constraints) and not nonfinite, recipe.to_json())
-        if nonfinite:
-            trial.set_user_attr(T.INFEASIBLE_ATTR, f"non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}")
+        try:
+            T.record_result(trial, metrics, constraints, is_feasible(constraints) and not nonfinite, recipe.to_json())
+            if nonfinite:
+                trial.set_user_attr(T.INFEASIBLE_ATTR, f"non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}")
+        except optuna.exceptions.UpdateFinishedTrialError:  # its beats were late: another worker failed it
+            self.log(f"trial {trial.number}: failed meanwhile by another worker's heartbeat sweep; evaluated again")
+            return
         annotate_trial(self.c, trial, recipe.to_json())  # before tell: a finished trial takes no artifacts
         study.tell(trial, T.told_values(metrics, self.names, self.directions), skip_if_finished=True)
 

@@ -25,8 +25,8 @@ from olmopt.lockfile import held_lock
 from olmopt.search.coordination import RetrySampledTrial
 from olmopt.search.trials import MAX_FAILURES
 
-HEARTBEAT_INTERVAL = 20
-GRACE_PERIOD = 60
+HEARTBEAT_INTERVAL = 5  # a live worker beats every half interval
+GRACE_PERIOD = 20  # a trial whose beats stopped this long ago is its dead worker's: failed, evaluated again
 STALE_AFTER = 900  # journal storages have no heartbeat: RUNNING longer than this is presumed dead
 CONNECT_GRACE = 10  # seconds a storage server may refuse connections before the one-line error
 
