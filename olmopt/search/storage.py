@@ -1,4 +1,5 @@
-"""Storage URLs: defaults, validation, credential redaction, heartbeats, and the SQLite single-writer lock."""
+"""Storage URLs: defaults, validation, credential redaction, heartbeats, connection retries, and the SQLite
+single-writer lock."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from optuna.storages import RDBStorage
 from sqlalchemy import event
 from sqlalchemy.dialects import plugins
 from sqlalchemy.engine import URL, CreateEnginePlugin, Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 
 from olmopt.defaults import DEFAULT_STORAGE
 from olmopt.envvars import env_float, env_int
@@ -222,15 +223,9 @@ def _has_optuna_tables(url: str, grace: int) -> bool:
 def _open_error(url: str, exc: Exception, grace: int) -> StorageError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     retried = ""
-    if grace and _is_connection_error(exc):
+    if grace and isinstance(exc, OperationalError):  # the server refused every try within the grace
         retried = f" (retried for {grace} s; OLMOPT_STORAGE_GRACE sets how long)"
     return StorageError(f"cannot open storage {redact(url)}: {reason}{retried}")
-
-
-def _is_connection_error(exc: Exception) -> bool:
-    from sqlalchemy.exc import OperationalError
-
-    return isinstance(exc, OperationalError)
 
 
 def _make_parent(path: Path, url: str) -> None:
