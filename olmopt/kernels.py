@@ -1,16 +1,23 @@
-"""Portable CPU kernels: the same float results on every x86-64 CPU, whatever its vector units.
+"""Zoo kernels: the same float results on every CPU of one vendor, whatever its vector units.
 
 PyTorch picks its CPU kernels by the widest vector unit it finds (AVX-512 on recent AMD and Intel
 parts, AVX2 on older ones), and MKL does the same for matrix products. The two give slightly different
 rounding, and the zoo's skills are learned by sudden jumps, so a family trained with AVX-512 kernels is
 a different family (measured: tiny llama seed 1 fails acceptance with AVX-512 kernels and passes with
-AVX2 ones). MKL's own AVX2 paths still differ between vendors (the same seed built with
-``MKL_CBWR=AVX2`` on an AMD EPYC passed and on an Intel Xeon failed acceptance), so matrix products use
-MKL's ``COMPATIBLE`` branch, which is the same on every x86-64 CPU. The zoo is therefore built with
-torch's AVX2 kernels and MKL's compatible ones (``ATEN_CPU_CAPABILITY``, ``MKL_CBWR``). Both are read once, when torch first dispatches a
-kernel, so they must be set before torch is used; ``portable_kernels_active`` tells whether they took.
+AVX2 ones). Zoo builds therefore run torch's AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``).
 
-This module imports torch only inside ``portable_kernels_active``.
+Matrix products are MKL's, and no MKL setting gives the same floats on AMD and Intel CPUs (measured
+2026-12-05, docs/zoo.md "Portable CPU kernels"): MKL's ``COMPATIBLE`` branch exists on both but
+differs between them, and on AMD MKL ignores its other reproducibility settings (``MKL_VERBOSE`` shows
+``CNR:AUTO`` for ``MKL_CBWR=AVX2``). So Intel (and other) CPUs use the ``COMPATIBLE`` branch, which is
+the same across Intel generations, and AMD CPUs use MKL's default path, which every AMD build since the
+zoo's first version used (the families pinned on AMD reproduce score for score). The build key records
+which (``portable_kernels_key``), and pinned seeds are lists whose first passing seed is the family
+(``olmopt.zoo.family.PINNED_SEEDS``). Both variables are read once, when torch first dispatches a
+kernel, so they must be set before torch is used; ``portable_kernels_active`` tells whether the torch
+half took.
+
+This module imports torch only inside ``cpu_capability``/``portable_kernels_active``.
 """
 
 from __future__ import annotations
@@ -20,27 +27,47 @@ import os
 import platform
 from pathlib import Path
 
-PORTABLE_CPU_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 PORTABLE_CAPABILITY = "AVX2"
-# what a zoo build key records for builds with these kernels (a change rebuilds cached zoos)
-PORTABLE_KERNELS_KEY = "AVX2/MKL-COMPATIBLE"
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    path = Path("/proc/cpuinfo")
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def cpu_vendor() -> str:
+    """``amd``, ``intel`` or ``other`` (read off /proc/cpuinfo; ``other`` where there is none)."""
+    info = _cpuinfo()
+    return "amd" if "AuthenticAMD" in info else "intel" if "GenuineIntel" in info else "other"
+
+
+def _mkl_branch() -> str:
+    return "AUTO" if cpu_vendor() == "amd" else "COMPATIBLE"
+
+
+def portable_cpu_env() -> dict[str, str]:
+    """The environment a zoo build computes with on this CPU."""
+    return {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": _mkl_branch()}
+
+
+def portable_kernels_key() -> str:
+    """What a zoo build key records for builds with this CPU's kernels (a change rebuilds cached zoos)."""
+    return "AVX2/MKL-AUTO/AMD" if _mkl_branch() == "AUTO" else "AVX2/MKL-COMPATIBLE"
 
 
 def request_portable_kernels() -> None:
     """Ask for the portable kernels (effective only if torch has not dispatched a CPU kernel yet)."""
-    for name, value in PORTABLE_CPU_ENV.items():
+    for name, value in portable_cpu_env().items():
         os.environ.setdefault(name, value)
 
 
-@functools.cache
 def cpu_has_avx2() -> bool:
     """An x86-64 CPU with AVX2 (Linux: read off /proc/cpuinfo; elsewhere: assumed for x86-64)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return True
-    return " avx2" in cpuinfo.read_text(errors="replace")
+    info = _cpuinfo()
+    return not info or " avx2" in info
 
 
 def cpu_capability() -> str:

@@ -212,4 +212,46 @@ def test_interrupted_build_leaves_no_zoo(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(zoo_build, "_save", failing_save)
     with pytest.raises(KeyboardInterrupt):
         quick_build(tmp_path / "z")
+<<<<<<< HEAD
     assert list(tmp_path.iterdir()) == []  # no zoo, no staging directory, no lock file
+=======
+    assert [p.name for p in tmp_path.iterdir()] == [".z.lock"]
+
+
+@pytest.mark.slow  # three quick builds (~20 s)
+def test_pinned_seeds_are_tried_in_order_and_a_held_candidate_is_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The family is the first pinned seed that passes; a directory holding a failed candidate goes on with
+    the next one, one holding the passing candidate is reused, and when every seed fails all are named."""
+    real_spec, real_build = zoo_build.family_spec, zoo_build.build_family
+    monkeypatch.setattr(zoo_build, "family_spec", lambda size, arch: real_spec(size, arch).scaled(SCALE))
+    monkeypatch.setitem(zoo_build.PINNED_SEEDS, ("tiny", "llama"), (3, 4))
+    building: list[int] = []
+
+    def build(out: Path, spec: Any, seed: int, **kw: Any) -> dict[str, Any]:
+        building.append(seed)
+        return real_build(out, spec, seed, **kw)
+
+    def verdict(*_args: Any) -> list[dict[str, Any]]:  # seed 3 "fails", seed 4 "passes"
+        passed = building[-1] == 4
+        return [{"name": "own_skill_best", "description": "", "passed": passed, "detail": f"seed {building[-1]}"}]
+
+    monkeypatch.setattr(zoo_build, "build_family", build)
+    monkeypatch.setattr(zoo_build.acceptance, "check", verdict)
+    out = tmp_path / "z"
+    manifest = build_zoo(out, progress=False)
+    assert building == [3, 4] and manifest["seed"] == 4 and load_manifest(out)["seed"] == 4
+    assert zoo_build.cached_manifest(out, "tiny", "llama") == manifest
+    assert build_zoo(out, progress=False) == manifest and building == [3, 4]  # reused: nothing built
+    # a directory left holding the failed first candidate resumes with the second, without --force
+    build(out, zoo_build.family_spec("tiny", "llama"), 3, progress=False, check=False, force=True)
+    building.clear()
+    assert build_zoo(out, progress=False)["seed"] == 4 and building == [4]
+    # every candidate fails: one error naming each seed's failed criterion; the last family is kept
+    monkeypatch.setitem(zoo_build.PINNED_SEEDS, ("tiny", "llama"), (3, 5))
+    building.clear()
+    with pytest.raises(AcceptanceError, match=r"every pinned seed.*seed 3: own_skill_best.*seed 5: own_skill_best"):
+        build_zoo(tmp_path / "none", progress=False)
+    assert building == [3, 5] and load_manifest(tmp_path / "none")["seed"] == 5
+>>>>>>> main

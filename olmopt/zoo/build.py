@@ -23,11 +23,11 @@ from transformers.utils import logging as hf_logging
 from olmopt import __version__
 from olmopt.errors import InputError, OlmoptError
 from olmopt.kernels import (
-    PORTABLE_CPU_ENV,
-    PORTABLE_KERNELS_KEY,
     cpu_capability,
     cpu_has_avx2,
+    portable_cpu_env,
     portable_kernels_active,
+    portable_kernels_key,
     request_portable_kernels,
 )
 from olmopt.lockfile import held_lock
@@ -108,7 +108,7 @@ def build_key(spec: FamilySpec, seed: int) -> dict[str, Any]:
     the CPU kernels (``olmopt.kernels``: the portable ones wherever the CPU runs them); for the
     byte-level-tokenizer architectures, that tokenizer (docs/zoo.md "Tokenizer and encoding")."""
     digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
-    kernels = PORTABLE_KERNELS_KEY if cpu_has_avx2() else "native"
+    kernels = portable_kernels_key() if cpu_has_avx2() else "native"
     key = {"zoo_version": ZOO_VERSION, "size": spec.size, "arch": spec.arch, "seed": seed, "plan": digest, "kernels": kernels}
     if spec.arch in BYTE_LEVEL_ARCHS:  # its tokenizer files changed (same ids): a zoo with the old ones is rebuilt
         key["tokenizer"] = "byte-level"
@@ -165,8 +165,9 @@ def _build_in_child(out: Path, spec: FamilySpec, seed: int, progress: bool, forc
     from concurrent.futures.process import BrokenProcessPool
 
     log.info("zoo %s: building in a child process (this one computes with %s kernels)", out, cpu_capability())
-    saved = {name: os.environ.get(name) for name in (*PORTABLE_CPU_ENV, _CHILD_ENV)}
-    os.environ.update({**PORTABLE_CPU_ENV, _CHILD_ENV: "1"})  # a spawned child inherits the environment
+    env = portable_cpu_env()
+    saved = {name: os.environ.get(name) for name in (*env, _CHILD_ENV)}
+    os.environ.update({**env, _CHILD_ENV: "1"})  # a spawned child inherits the environment
     try:
         # an executor, not a Pool: a child that dies (killed, out of memory) raises here instead of hanging
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:

@@ -11,10 +11,10 @@ ZOO_VERSION = 2
 MIXTURE = {"add": 2.0, "rev": 1.5, "fact": 1.0, "mc": 0.5}
 
 # Seeds per (size, arch), tried in order when no seed is given: the family is the first one that passes
-# the acceptance criteria on this machine. Generation is bit-deterministic on one CPU, but the same seed
-# trains a different family on another vendor's CPU (MKL's "compatible" branch is not the only difference),
-# so each list holds a seed verified on each CPU measured (qwen2 and tiny mistral with their own plans in
-# family_spec). See docs/zoo.md "Seeds and CPUs".
+# the acceptance criteria with this CPU's zoo kernels. Generation is bit-deterministic on one CPU vendor,
+# but AMD and Intel CPUs train different families from one seed (olmopt.kernels), so a list holds a seed
+# verified on each vendor measured (qwen2 and tiny mistral with their own plans in family_spec). See
+# docs/zoo.md "Pinned seeds".
 PINNED_SEEDS: dict[tuple[str, str], tuple[int, ...]] = {
     ("tiny", "llama"): (1,),
     ("small", "llama"): (6,),
