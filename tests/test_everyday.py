@@ -242,6 +242,17 @@ def test_study_run_without_a_terminal_logs_one_timestamped_line_per_stage(
         figure = r"[\d.e+-]+( \[[\d.e+-]+\])?"  # held-out figure in brackets
         assert re.fullmatch(STAMP + rf" \d{{3}}-[\w-]+: winner \S+ \(.+\); \d+ trials; acc {figure} ppl {figure}", line), line
     assert "campaign ev: finished" in proc.stdout.decode()
+    if quiet:
+        return
+    # export and rebuild without a terminal: no "writing" bar frames either (issue 19 item 6, README walk)
+    out = tmp_path / "model"
+    with open(log, "wb") as handle:
+        assert _run_cli(["export", "best", "ev", "--storage", url, "--out", str(out), "--no-compare"], handle).returncode == 0
+        report = str(out / "merge_report.json")
+        rebuilt = _run_cli(["rebuild", report, "--out", str(tmp_path / "again"), "--models-dir", str(family["tmp"])], handle)
+        assert rebuilt.returncode == 0
+    raw = log.read_bytes()
+    assert b"\r" not in raw and b"\x1b" not in raw and b"writing" not in raw, raw[-500:]
 
 
 def test_study_run_on_a_terminal_keeps_its_bars(family: dict[str, Any], tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from olmopt.commands._common import add_storage_flag, examples, print_json, sigterm_as_interrupt
+from olmopt.commands._common import add_storage_flag, examples, print_json, show_bars, sigterm_as_interrupt
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -122,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError("--workers must be >= 1")
     sigterm_as_interrupt()
     # bars only on a terminal: redirected output gets plain lines, no carriage-return frames or colours
-    bars = not args.quiet and sys.stderr.isatty()
+    bars = show_bars(args.quiet)
     outcome = run_campaign(
         args.name, storage_url(args.storage), args.workers, args.n_trials, args.timeout, bars, stage_logger(bars)
     )
