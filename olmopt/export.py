@@ -72,15 +72,17 @@ def write_model_dir(
 
 def _write_architecture_recipe(pool: ModelPool, recipe: Recipe, tmp: Path) -> None:
     """Fusion: patch the swap part on a fresh CPU model, fuse, save. Data-flow path: fold and save."""
-    from olmopt.architecture_recipes import export_architecture_recipe, without_fusion
+    if recipe.dfs is not None:
+        from olmopt.methods.dfs.resident import export_dfs
+
+        export_dfs(pool, recipe.dfs, tmp)
+        return
+    from olmopt.methods.fusion.resident import export_fused, without_fusion
     from olmopt.patch import WorkingModel
 
-    patched = None
-    if recipe.dfs is None:
-        working = WorkingModel(pool, recipe.base, device="cpu")
-        working.apply(without_fusion(recipe))
-        patched = working.model
-    export_architecture_recipe(pool, recipe, tmp, patched)
+    working = WorkingModel(pool, recipe.base, device="cpu")
+    working.apply(without_fusion(recipe))
+    export_fused(working.model, recipe, tmp)
 
 
 def olm_report_sections(plan: list[dict[str, Any]], decisions: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -226,8 +228,8 @@ def _roles(recipe: Recipe) -> dict[str, list[str]]:
             add(model, f"delta merged into the base ({recipe.param_merge.method})")
     if recipe.dfs:
         hops: dict[str, int] = {}
-        for model, _layer in recipe.dfs.hops:
-            hops[model] = hops.get(model, 0) + 1
+        for hop_model, _layer in recipe.dfs.hops:
+            hops[str(hop_model)] = hops.get(str(hop_model), 0) + 1
         for model, n in hops.items():
             add(model, f"{n} layer{'s' if n > 1 else ''} of the data-flow path")
     return roles

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from olmopt.errors import InputError
+from olmopt.methods.es.maths import apply_es_steps
 from olmopt.pool.adapter import ArchitectureAdapter, unit_of
 from olmopt.pool.model_pool import ModelPool
 from olmopt.recipe import MERGE_DONOR, EsStep, ParamMerge, Recipe
@@ -87,19 +88,6 @@ def shared_prefix_depth(old: Recipe, new: Recipe, adapter: ArchitectureAdapter, 
         elif unit_of(name) == adapter.embed:
             return -1
     return depth
-
-
-def apply_es_steps(tensor: torch.Tensor, steps: tuple[EsStep, ...]) -> torch.Tensor:
-    """Replay ES steps on a tensor (each step regenerates its noise from its seed)."""
-    from olmopt.ops import es as es_ops
-
-    for step in steps:
-        fn = es_ops.svd_es_step if step.kind == "svd" else es_ops.norm_es_step
-        out = fn(tensor, step.sigma, step.seed)
-        if out is None:
-            raise InputError(f"recipe: ES step on {step.unit} (seed {step.seed}) is not applicable to this tensor")
-        tensor = out
-    return tensor
 
 
 def source_tensor(pool: ModelPool, name: str, source: Source, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

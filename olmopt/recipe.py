@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from olmopt.errors import InputError
+from olmopt.methods.dfs.path import DfsPath
 
 RECIPE_VERSION = 1
 # a donor name for the Recipe's own parameter-space merge: ``layers={3: "@merge"}`` takes layer 3 from
@@ -97,20 +98,14 @@ class ParamMerge(_Strict):
 
 
 class FusionStep(_Strict):
-    """Fuse layer ``remove`` into layer ``into``: W_into <- alpha*W_into + (1-alpha)*W_remove."""
+    """Fuse layer ``remove`` into layer ``into``: W_into <- alpha*W_into + (1-alpha)*W_remove.
+
+    One step of the depth-fusion chain, in a Recipe and in the maths (``olmopt.methods.fusion.maths``).
+    """
 
     into: int = Field(ge=0)
     remove: int = Field(ge=0)
     alpha: float = Field(ge=0, le=1)
-
-
-class DataFlowPath(_Strict):
-    """Layer path of a data-flow-space merge: (model, layer) hops, a scale per hop."""
-
-    hops: tuple[tuple[str, int], ...]
-    scales: tuple[float, ...]
-    input_model: str
-    output_model: str
 
 
 class Recipe(_Strict):
@@ -124,13 +119,20 @@ class Recipe(_Strict):
     es: tuple[EsStep, ...] = ()
     param_merge: ParamMerge | None = None
     fusion: tuple[FusionStep, ...] = ()
-    dfs: DataFlowPath | None = None
+    dfs: DfsPath | None = None  # models by pool name
 
     @model_validator(mode="after")
     def _merge_base(self) -> Recipe:
         if self.param_merge is not None and self.param_merge.base is None:
             object.__setattr__(self, "param_merge", self.param_merge.model_copy(update={"base": self.base}))
         return self
+
+    @field_validator("dfs")
+    @classmethod
+    def _named_path(cls, path: DfsPath | None) -> DfsPath | None:
+        if path is not None and path.is_indexed:
+            raise ValueError("a Recipe's data-flow path names pool models, not model indices")
+        return path
 
     @field_validator("version")
     @classmethod
@@ -201,14 +203,7 @@ class Recipe(_Strict):
                 update={"base": m(pm.base) if pm.base else None, "models": tuple(m(x) for x in pm.models)}
             )
         if self.dfs:
-            d = self.dfs
-            update["dfs"] = d.model_copy(
-                update={
-                    "hops": tuple((m(a), layer) for a, layer in d.hops),
-                    "input_model": m(d.input_model),
-                    "output_model": m(d.output_model),
-                }
-            )
+            update["dfs"] = self.dfs.renamed(mapping)
         return self.model_copy(update=update)
 
     def donors(self) -> set[str]:
@@ -220,8 +215,7 @@ class Recipe(_Strict):
         if self.param_merge:
             names.update(self.param_merge.models)
         if self.dfs:
-            names.update(m for m, _ in self.dfs.hops)
-            names.update((self.dfs.input_model, self.dfs.output_model))
+            names.update(str(model) for model in self.dfs.models_used)
         return names
 
     def validate_against(self, pool_names: list[str], num_layers: int, units: list[str]) -> None:
@@ -241,3 +235,10 @@ class Recipe(_Strict):
         for unit in [*self.units, *(s.unit for s in self.es)]:
             if unit not in known:
                 raise InputError(f"recipe: unit {unit!r} does not exist in this architecture")
+
+
+def layers_removed(recipe: Recipe, num_layers: int) -> float:
+    """How many fewer decoder layers than ``num_layers`` the Recipe's model runs (``layers_removed``)."""
+    if recipe.dfs is not None:
+        return float(num_layers - len(recipe.dfs.hops))
+    return float(len(recipe.fusion))

@@ -806,9 +806,9 @@ def test_a_data_flow_model_refuses_cached_generation() -> None:
 
     from torch import nn
 
-    from olmopt.architecture_recipes import DfsEvalModel
     from olmopt.errors import InputError
     from olmopt.evaluate.engine import Evaluator
+    from olmopt.methods.dfs.resident import DfsEvalModel
 
     model = DfsEvalModel(None, nn.Linear(4, 4), None)  # type: ignore[arg-type]
     for kwargs in ({"cache": object()}, {"past_key_values": object()}, {"inputs_embeds": torch.zeros(1)}):

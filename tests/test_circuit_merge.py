@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from olmopt.cli import main
-from olmopt.merge_stream import merge_directories
 from olmopt.methods.delta import make_params
+from olmopt.methods.delta.stream import merge_directories
 
 torch.set_num_threads(1)
 

@@ -7,9 +7,9 @@ import torch
 
 from olmopt.errors import InputError
 from olmopt.methods.delta import make_params, merge_tensor, registered
-from olmopt.ops.circuit import CircuitParams, calculate_p, circuit_merge, drop_rates, magprune
-from olmopt.ops.della import DellaParams, della_merge, keep_probabilities
-from olmopt.ops.seeded_uniform import uniform01, uniform_int16
+from olmopt.methods.delta.circuit_maths import CircuitParams, calculate_p, circuit_merge, drop_rates, magprune
+from olmopt.methods.delta.della_maths import DellaParams, della_merge, keep_probabilities
+from olmopt.methods.delta.seeded_uniform import uniform01, uniform_int16
 
 torch.set_num_threads(1)
 

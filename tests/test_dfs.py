@@ -22,23 +22,18 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from olmopt.dfs import (
-    DfsExecutor,
-    build_exported_model,
-    classification_accuracy,
-    export_path,
-    exported_config,
-)
 from olmopt.errors import InputError
-from olmopt.ops.dfs import (
-    DfsPath,
-    HopAffine,
+from olmopt.methods.dfs.executor import DfsExecutor, classification_accuracy
+from olmopt.methods.dfs.folded_model import build_exported_model, export_path, exported_config
+from olmopt.methods.dfs.maths import (
     fold_into_output_projection,
     path_from_mask,
     rms_norm_fold_error_bound,
     stream_equivalent_eps,
     stream_ratios,
+    validate_path,
 )
+from olmopt.methods.dfs.path import DfsPath, HopAffine
 
 torch.set_num_threads(1)
 
@@ -156,6 +151,24 @@ def test_path_json_round_trip_keeps_affine_maps() -> None:
         DfsPath.from_dict({"hops": [[0, 0]], "scale": [1.0]})
     with pytest.raises(InputError, match="2 hops but 1 scales"):
         DfsPath(hops=((0, 0), (0, 1)), scales=(1.0,))
+
+
+def test_one_path_type_names_models_in_a_recipe_and_indexes_them_to_run() -> None:
+    scales = (1.0, 0.5, 2.0)
+    named = DfsPath(hops=(("b", 0), ("a", 2), ("b", 3)), scales=scales, input_model="a", output_model="b")
+    indexed = named.indexed(["a", "b", "c"])
+    hops = ((1, 0), (0, 2), (1, 3))
+    assert indexed == DfsPath(hops=hops, scales=scales, input_model=0, output_model=1)
+    assert (indexed.input_index, indexed.output_index, indexed.hop_indices) == (0, 1, hops)
+    assert indexed.indexed(["x"]) is indexed and not named.is_indexed and indexed.is_indexed
+    assert named.renamed({"a": "/m/a"}).models_used == ["/m/a", "b"]
+    assert named != indexed and hash(named) == hash(DfsPath.from_dict(named.to_dict()))
+    with pytest.raises(InputError, match="model 'b' is not in the pool"):
+        named.indexed(["a", "c"])
+    with pytest.raises(InputError, match="names its models"):
+        validate_path(named, [4, 4])
+    with pytest.raises(InputError, match="mixes model names and model indices"):
+        DfsPath(hops=(("a", 0),), scales=(1.0,), input_model=0, output_model="a")
 
 
 def test_fold_into_output_projection_is_the_affine_of_the_output() -> None:

@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from olmopt.cli import main
-from olmopt.dfs import DfsExecutor, load_dfs_recipe
 from olmopt.errors import InputError
+from olmopt.methods.dfs.executor import DfsExecutor
+from olmopt.methods.dfs.seed_recipe import load_dfs_recipe
 
 torch.set_num_threads(1)
 
@@ -149,7 +150,7 @@ def test_safe_loader_refuses_other_python_tags(tmp_path: Path) -> None:
 def test_seed_affine_layout_decodes_matrices_and_bias_vectors() -> None:
     import numpy as np
 
-    from olmopt.dfs import DfsRecipe
+    from olmopt.methods.dfs.seed_recipe import DfsRecipe
 
     hidden = 4
     mask = np.zeros((1, 2, 3), dtype=bool)

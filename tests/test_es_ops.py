@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from olmopt.errors import InputError
-from olmopt.ops import es
+from olmopt.methods.es import maths as es
 
 torch.set_num_threads(1)
 

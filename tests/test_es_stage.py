@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from olmopt.cli import main
 from olmopt.config import load_study_file
 from olmopt.errors import InputError
-from olmopt.ops import es as es_ops
+from olmopt.methods.es import maths as es_ops
 from olmopt.patch import WorkingModel
 from olmopt.pool.model_pool import ModelPool
 from olmopt.recipe import EsStep, Recipe

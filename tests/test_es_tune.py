@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from olmopt.cli import main
 from olmopt.config import load_study_file
 from olmopt.errors import InputError
-from olmopt.ops import es as es_ops
+from olmopt.methods.es import maths as es_ops
 from olmopt.recipe import Recipe
 from olmopt.search.campaign import Campaign
 from olmopt.search.kinds import es_tune

@@ -24,18 +24,10 @@ from transformers import (
 
 from olmopt.cli import main
 from olmopt.errors import InputError
-from olmopt.fusion import (
-    alphas_records,
-    calibration_loss,
-    encode_calibration,
-    fit_alphas,
-    fuse_model,
-    load_alphas,
-    mka_alphas,
-    parse_alphas,
-    temporarily_fused,
-)
-from olmopt.ops.fusion import fusion_coefficients
+from olmopt.methods.fusion.alphas_file import alphas_records, load_alphas, parse_alphas
+from olmopt.methods.fusion.calibrate import calibration_loss, encode_calibration, fit_alphas, mka_alphas
+from olmopt.methods.fusion.maths import fusion_coefficients
+from olmopt.methods.fusion.model import fuse_model, temporarily_fused
 
 torch.set_num_threads(1)
 
@@ -420,14 +412,15 @@ def test_temporarily_fused_matches_fuse_model_and_restores() -> None:
 
 
 def test_differentiable_fused_loss_equals_the_fused_model_loss() -> None:
-    from olmopt.fusion import _batch_loss, _fused_view, _tail_tensors
-    from olmopt.ops.fusion import fuse_tail
+    from olmopt.methods.fusion.calibrate import _batch_loss, _fused_view
+    from olmopt.methods.fusion.maths import fuse_tail
+    from olmopt.methods.fusion.model import tail_tensors
 
     tok = char_tokenizer()
     model = tiny_model("llama", seed=6)
     encoded = encode_calibration(tok, _calibration())
     alphas = torch.tensor([0.2, 0.9], requires_grad=True)
-    tails = _tail_tensors(list(model.model.layers)[1:])
+    tails = tail_tensors(list(model.model.layers)[1:])
     with _fused_view(model, 1) as prefix:
         overrides = {f"{prefix}.1.{name}": fuse_tail(ts, alphas) for name, ts in tails.items()}
         loss = _batch_loss(model, encoded, overrides)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from olmopt.ops.fusion import (
+from olmopt.methods.fusion.maths import (
     check_chain,
     diffusion_embedding,
     fuse_chain,
@@ -23,6 +23,7 @@ from olmopt.ops.fusion import (
     rank_normalise,
     tail_coefficients,
 )
+from olmopt.recipe import FusionStep
 
 torch.set_num_threads(1)
 
@@ -81,7 +82,9 @@ def test_fuse_pair_computes_in_float32_and_keeps_dtype() -> None:
 def test_pairs_and_limits() -> None:
     pairs = fusion_pairs(32, 13)
     assert pairs[0] == (30, 31) and pairs[-1] == (18, 19)
-    assert [s.into for s in fusion_steps(4, [0.1, 0.2])] == [2, 1]
+    assert fusion_steps(4, [0.1, 0.2]) == [
+        FusionStep(into=2, remove=3, alpha=0.1), FusionStep(into=1, remove=2, alpha=0.2)
+    ]  # the Recipe's type
     check_chain(4, 3)
     with pytest.raises(ValueError, match="at most 3"):
         check_chain(4, 4)

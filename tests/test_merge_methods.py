@@ -18,11 +18,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from olmopt.cli import main
 from olmopt.config import load_study_file
 from olmopt.errors import InputError
-from olmopt.merge_stream import merge_directories
 from olmopt.methods.delta import make_params, merge_tensor, registered
 from olmopt.methods.delta._kernels import TopK
+from olmopt.methods.delta.seeded_uniform import stream_key, uniform01
+from olmopt.methods.delta.stream import merge_directories
 from olmopt.methods.registry import unregister
-from olmopt.ops.seeded_uniform import stream_key, uniform01
 from olmopt.testing.methods import check_method
 
 torch.set_num_threads(1)

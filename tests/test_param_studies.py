@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from olmopt.cli import main
 from olmopt.config import StudyConfig
-from olmopt.recipe import DataFlowPath, Recipe
+from olmopt.methods.dfs.path import DfsPath
+from olmopt.recipe import Recipe
 from olmopt.search.api import campaign_status
 from olmopt.search.context import EvalContext
 from olmopt.select import copeland, rank_table
@@ -147,7 +148,7 @@ def test_searched_dfs_path_beats_the_naive_stack(tiny_zoo, tmp_path) -> None:
     a, b = (str(tiny_zoo / m) for m in models)
     naive = Recipe(
         base=a,
-        dfs=DataFlowPath(
+        dfs=DfsPath(
             hops=tuple([(a, i) for i in range(4)] + [(b, i) for i in range(4)]),
             scales=(1.0,) * 8,
             input_model=a,

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from olmopt.errors import InputError
-from olmopt.recipe import DataFlowPath, EsStep, FusionStep, ParamMerge, Recipe
+from olmopt.methods.dfs.path import DfsPath
+from olmopt.recipe import EsStep, FusionStep, ParamMerge, Recipe
 
 UNITS = ["model.embed_tokens", "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj", "model.norm"]
 
@@ -27,7 +28,7 @@ def _full() -> Recipe:
             method="della", models=("b", "c"), params={"drop": 0.3, "rescale": True}, seed=3
         ),
         fusion=(FusionStep(into=2, remove=3, alpha=0.625),),
-        dfs=DataFlowPath(hops=(("a", 0), ("b", 1)), scales=(1.0, 0.5), input_model="a", output_model="b"),
+        dfs=DfsPath(hops=(("a", 0), ("b", 1)), scales=(1.0, 0.5), input_model="a", output_model="b"),
     )
 
 
@@ -48,6 +49,23 @@ def test_json_round_trip_every_field() -> None:
     assert back.param_merge is not None and back.param_merge.params == {"drop": 0.3, "rescale": True}
     assert Recipe.from_dict(json.loads(recipe.to_json())) == recipe
     assert back.to_json() == recipe.to_json()
+
+
+def test_a_data_flow_path_in_recipe_json() -> None:
+    path = DfsPath(hops=(("a", 0), ("b", 1)), scales=(1.0, 0.5), input_model="a", output_model="b")
+    text = Recipe(base="a", dfs=path).to_json()
+    assert text == (
+        '{"base":"a","dfs":{"hops":[["a",0],["b",1]],"input_model":"a","output_model":"b",'
+        '"scales":[1.0,0.5]},"version":1}'
+    )
+    assert Recipe.from_json(text).dfs == path
+    bad = {"hops": [["a", 0]], "scales": [1.0, 2.0], "input_model": "a", "output_model": "a"}
+    with pytest.raises(InputError) as exc:
+        Recipe.from_dict({"base": "a", "dfs": bad})
+    assert _one_line(exc).startswith("recipe: dfs:") and "1 hops but 2 scales" in str(exc.value)
+    indexed = {"hops": [[0, 0]], "scales": [1.0], "input_model": 0, "output_model": 0}
+    with pytest.raises(InputError, match="names pool models, not model indices"):
+        Recipe.from_dict({"base": "a", "dfs": indexed})
 
 
 def test_minimal_json_form() -> None:

@@ -106,7 +106,7 @@ def run_merge(
     seed: int,
 ) -> int:
     """Stream the merge and print the summary (shared by every ``olmopt merge <method>``)."""
-    from olmopt.merge_stream import merge_directories
+    from olmopt.methods.delta.stream import merge_directories
     from olmopt.outdir import check_output
 
     config = getattr(args, "config", None)

@@ -74,7 +74,8 @@ def _merge(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from olmopt.dfs import check_exportable, export_path, load_dfs_recipe
+    from olmopt.methods.dfs.folded_model import check_exportable, export_path
+    from olmopt.methods.dfs.seed_recipe import load_dfs_recipe
     from olmopt.outdir import check_output
     from olmopt.pool.checkpoint import Checkpoint
     from olmopt.pool.resolve import resolve_model
@@ -94,7 +95,7 @@ def _merge(args: argparse.Namespace) -> int:
         path = recipe.to_path(
             [int(c.num_hidden_layers) for c in configs], int(configs[recipe.input_model].hidden_size)
         )
-        check_exportable(configs, path, _architecture_name(configs[path.output_model], recipe.classification))
+        check_exportable(configs, path, _architecture_name(configs[path.output_index], recipe.classification))
     except InputError as exc:
         raise InputError(f"{args.config}: {exc}") from None
 
@@ -114,17 +115,17 @@ def _merge(args: argparse.Namespace) -> int:
             path,
             args.out,
             force=args.force,
-            side_files_from=directories[path.input_model],
+            side_files_from=directories[path.input_index],
             sources=[ref for ref, _ in recipe.models],
         )
     summary = {
         "out": str(args.out),
-        "architecture": type(models[path.output_model]).__name__,
+        "architecture": type(models[path.output_index]).__name__,
         "num_hidden_layers": path.num_hops,
         "hops": [list(h) for h in path.hops],
         "scales": list(path.scales),
-        "input_model": recipe.models[path.input_model][0],
-        "output_model": recipe.models[path.output_model][0],
+        "input_model": recipe.models[path.input_index][0],
+        "output_model": recipe.models[path.output_index][0],
     }
     if args.json:
         print(json.dumps(summary))

@@ -39,8 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_fuse(args: argparse.Namespace) -> int:
-    from olmopt.fusion import alphas_records, fuse_model, load_alphas
-    from olmopt.ops.fusion import fusion_coefficients
+    from olmopt.methods.fusion.alphas_file import alphas_records, load_alphas
+    from olmopt.methods.fusion.maths import fusion_coefficients
+    from olmopt.methods.fusion.model import fuse_model
     from olmopt.outdir import atomic_output_dir, check_output, copy_side_files
     from olmopt.pool.adapter import ArchitectureAdapter
     from olmopt.runtime import configure_threads

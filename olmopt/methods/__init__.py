@@ -1,1 +1,3 @@
-"""Merge methods. ``registry`` is the contract and registry of per-tensor methods; ``delta`` holds them."""
+"""Merge code by merge system: ``delta`` (parameter-space merges, with ``registry``: the contract and
+registry of per-tensor methods), ``es`` (evolution strategies), ``fusion`` (depth), ``dfs`` (data-flow paths).
+"""

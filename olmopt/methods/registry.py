@@ -16,7 +16,7 @@ Contract of the function (checked for every registered method by ``olmopt.testin
 - Memory stays bounded: work through ``chunk_elems``-sized pieces of the flattened tensors; a
   whole-tensor statistic is gathered in a first pass. The result is bit-identical for every
   ``chunk_elems``, thread count and processing order.
-- Randomness, if any, comes from ``olmopt.ops.seeded_uniform`` keyed by ``(seed, name, variant index)``
+- Randomness, if any, comes from ``methods.delta.seeded_uniform`` keyed by ``(seed, name, variant index)``
   (declare ``stochastic=True``); a deterministic method ignores ``seed``.
 - No Optuna, no files, no printing. Import torch inside the function, not at module level: the CLI
   and config validation read this registry, and ``olmopt --help`` must not load torch.

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from olmopt.architecture_recipes import ResidentPool, dfs_eval_model, fused, layers_removed, without_fusion
 from olmopt.config import StudyConfig, default_objective_name
 from olmopt.evaluate.engine import Evaluator, Objective, PrefixStore
 from olmopt.evaluate.lmeval import LmEvalEvaluator, spec_of
+from olmopt.methods.dfs.resident import ResidentPool, dfs_eval_model
+from olmopt.methods.fusion.resident import fused, without_fusion
 from olmopt.patch import WorkingModel
 from olmopt.pool.model_pool import ModelPool, load_tokenizer
-from olmopt.recipe import Recipe
+from olmopt.recipe import Recipe, layers_removed
 from olmopt.runtime import configure_threads
 
 

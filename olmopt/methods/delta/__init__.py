@@ -1,7 +1,9 @@
 """Per-tensor delta merge methods, one module each, registered in ``olmopt.methods.registry``.
 
 Import this package (not the registry alone) to see every built-in method: it imports each method
-module, and re-exports the registry's lookups and ``merge_tensor``. Importing it loads no torch.
+module, and re-exports the registry's lookups and ``merge_tensor``. Importing it loads no torch. The
+package also holds the methods' shared maths (``_kernels``, ``circuit_maths``, ``della_maths``,
+``seeded_uniform``) and ``stream`` (a streaming merge of model directories).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Everything here is chunk-independent by construction: whole-tensor sums run over fixed blocks of
 ``REDUCE_BLOCK`` elements (small enough that torch sums each block on one thread) in float64 and are
 added in index order; the top-k threshold is found exactly by a two-pass radix select; random masks
-come from ``olmopt.ops.seeded_uniform``.
+come from ``olmopt.methods.delta.seeded_uniform``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from olmopt.ops.seeded_uniform import INT16_OFFSET, LEVELS, stream_key, uniform_int16
+from olmopt.methods.delta.seeded_uniform import INT16_OFFSET, LEVELS, stream_key, uniform_int16
 
 REDUCE_BLOCK = 1 << 14  # below torch's parallel grain size (32768): one thread, one summation order
 

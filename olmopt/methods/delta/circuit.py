@@ -1,4 +1,4 @@
-"""Circuit-Merge! (priority drop rates, MAGPRUNE, sign-conflict overwrite); maths in ``olmopt.ops.circuit``."""
+"""Circuit-Merge! (priority drop rates, MAGPRUNE, sign-conflict overwrite); maths in ``circuit_maths``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 def _circuit_params(p: Mapping[str, Any]) -> Any:
-    from olmopt.ops.circuit import CircuitParams
+    from olmopt.methods.delta.circuit_maths import CircuitParams
 
     return CircuitParams(
         temperature=p["temperature"],
@@ -88,6 +88,6 @@ def circuit(
     chunk_elems: int,
 ) -> torch.Tensor:
     """Circuit-Merge! of one tensor; variants listed highest priority first."""
-    from olmopt.ops.circuit import circuit_merge
+    from olmopt.methods.delta.circuit_maths import circuit_merge
 
     return circuit_merge(base, list(variants), _circuit_params(p), seed, name, chunk_elems)

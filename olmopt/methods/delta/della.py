@@ -1,4 +1,4 @@
-"""DELLA and DELLA-linear (rank-based magnitude sampling); maths in ``olmopt.ops.della``."""
+"""DELLA and DELLA-linear (rank-based magnitude sampling); maths in ``olmopt.methods.delta.della_maths``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 def _della_params(p: Mapping[str, Any]) -> Any:
-    from olmopt.ops.della import DellaParams
+    from olmopt.methods.delta.della_maths import DellaParams
 
     return DellaParams(
         density=p["density"],
@@ -75,7 +75,7 @@ def _della(
     name: str,
     chunk_elems: int,
 ) -> torch.Tensor:
-    from olmopt.ops.della import della_merge
+    from olmopt.methods.delta.della_maths import della_merge
 
     return della_merge(base, list(variants), _della_params(p), seed, name, chunk_elems)
 

@@ -48,7 +48,7 @@ def model_stock(
     import torch
 
     from olmopt.methods.delta._kernels import f32, flatten, gram, row_gram, spans
-    from olmopt.ops.della import as_rows
+    from olmopt.methods.delta.della_maths import as_rows
 
     count = len(variants)
     if p["filter_wise"]:

@@ -29,8 +29,8 @@ def task_arithmetic(
     name: str,
     chunk_elems: int,
 ) -> torch.Tensor:
-    """Task arithmetic of one tensor (maths in ``olmopt.ops.della.task_arithmetic_merge``)."""
-    from olmopt.ops.della import TaskArithmeticParams, task_arithmetic_merge
+    """Task arithmetic of one tensor (maths in ``olmopt.methods.delta.della_maths.task_arithmetic_merge``)."""
+    from olmopt.methods.delta.della_maths import TaskArithmeticParams, task_arithmetic_merge
 
     params = TaskArithmeticParams(weights=p["weights"], lambda_=p["lambda"], normalize=p["normalize"])
     return task_arithmetic_merge(base, list(variants), params, seed, name, chunk_elems)

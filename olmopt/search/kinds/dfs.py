@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import Trial
 
-from olmopt.recipe import DataFlowPath, Recipe
+from olmopt.methods.dfs.path import DfsPath
+from olmopt.recipe import Recipe
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
 
@@ -50,7 +51,7 @@ def dfs_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpa
                 scales.append(trial.suggest_float(f"scale.{r}.{m}.{layer}", cfg.scale_low, cfg.scale_high))
         if not hops:  # an empty path is no model: fall back to the frame model's first layer
             hops, scales = [(frame, 0)], [1.0]
-        path = DataFlowPath(hops=tuple(hops), scales=tuple(scales), input_model=frame, output_model=frame)
+        path = DfsPath(hops=tuple(hops), scales=tuple(scales), input_model=frame, output_model=frame)
         return f"#{trial.number}", Recipe(base=incumbent.base, dfs=path)
 
     enqueue: list[tuple[str, dict[str, object]]] = []

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # torch and the operators load with the first ES stage, not w
     import torch
     from optuna.trial import FrozenTrial, Trial
 
-    from olmopt.ops.es import SvdBasis
+    from olmopt.methods.es.maths import SvdBasis
     from olmopt.pool.model_pool import ModelPool
 
 ES_KINDS = {"es-svd": "svd", "es-norm": "norm"}
@@ -217,7 +217,7 @@ class Generation:
     basis: SvdBasis | None = None
 
     def offspring(self, sigma: float, seed: int) -> torch.Tensor | None:
-        from olmopt.ops import es as es_ops
+        from olmopt.methods.es import maths as es_ops
 
         if self.kind == "svd":
             return es_ops.svd_es_step(self.tensor, sigma, seed, self.basis)
@@ -240,7 +240,7 @@ def plan_generation(
     """
     import torch
 
-    from olmopt.ops import es as es_ops
+    from olmopt.methods.es import maths as es_ops
 
     if sigma0 is None:
         sigma0 = kind_settings(env.config, kind).sigma

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from optuna.trial import Trial
 
-from olmopt.recipe import FusionStep, Recipe
+from olmopt.recipe import Recipe
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
 
@@ -21,12 +21,9 @@ if TYPE_CHECKING:
 
 
 def with_fusion(incumbent: Recipe, num_layers: int, alphas: list[float]) -> Recipe:
-    from olmopt.ops.fusion import fusion_steps  # torch: only where trials are decoded
+    from olmopt.methods.fusion.maths import fusion_steps  # torch: only where trials are decoded
 
-    steps = tuple(
-        FusionStep(into=s.into, remove=s.remove, alpha=s.alpha) for s in fusion_steps(num_layers, alphas)
-    )
-    return incumbent.model_copy(update={"fusion": steps})
+    return incumbent.model_copy(update={"fusion": tuple(fusion_steps(num_layers, alphas))})
 
 
 def calibration_items(env: SpaceEnv, limit: int) -> list[dict[str, Any]]:
@@ -67,7 +64,7 @@ def fusion_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> Stage
 
     enqueue: list[tuple[str, dict[str, object]]] = []
     if cfg.baselines:
-        from olmopt.fusion import fit_alphas, mka_alphas  # torch
+        from olmopt.methods.fusion.calibrate import fit_alphas, mka_alphas  # torch
 
         ctx = env.context
         items = calibration_items(env, cfg.calibration_samples)

@@ -1,8 +1,7 @@
-"""Data-flow-space (DFS) paths: mask decoding, validation and the exact fold maths.
+"""Data-flow-space (DFS) maths: mask decoding, validation against a pool, the transforms and the exact folds.
 
-A DFS path is a sequence of hops, each running one decoder layer ``(model, layer)`` of a pool of
-homologous models, with a transform on what enters the hop. Pure: tensors in, tensors out; no model
-objects, no Optuna, no file I/O. The path executor and the export live in ``olmopt.dfs``; the
+Pure: tensors in, tensors out; no model objects, no Optuna, no file I/O. The path type is
+``olmopt.methods.dfs.path``; running a path is ``executor``, exporting it ``folded_model``; the
 semantics and the fold derivation are in docs/dfs.md.
 
 Transform of hop ``k`` (``scale_target="branch"``, the seed's semantics)::
@@ -16,222 +15,15 @@ whole residual stream entering hop ``k`` by ``s_k`` (scalar scales only).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from olmopt.errors import InputError
-
-ScaleTarget = Literal["branch", "stream"]
-SCALE_TARGETS: tuple[str, ...] = ("branch", "stream")
-NEUTRAL_SCALE = 1.0
-
-
-@dataclass(frozen=True, eq=False)
-class HopAffine:
-    """An affine map on a hop's incoming branch: ``v -> s * (weight @ v) + bias``.
-
-    ``weight`` is ``(H, H)`` (``None`` = identity), ``bias`` is ``(H,)`` (``None`` = zero).
-    """
-
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.weight is None and self.bias is None:
-            raise InputError("affine map: give a weight, a bias or both (use None for no affine map)")
-        if self.weight is not None and (
-            self.weight.dim() != 2 or self.weight.shape[0] != self.weight.shape[1]
-        ):
-            raise InputError(f"affine weight must be square (H, H), got shape {tuple(self.weight.shape)}")
-        if self.bias is not None and self.bias.dim() != 1:
-            raise InputError(f"affine bias must be a vector (H,), got shape {tuple(self.bias.shape)}")
-        if self.weight is not None and self.bias is not None and self.bias.shape[0] != self.weight.shape[0]:
-            raise InputError(
-                f"affine bias has {self.bias.shape[0]} entries but the weight is {tuple(self.weight.shape)}"
-            )
-        for name, tensor in (("weight", self.weight), ("bias", self.bias)):
-            if tensor is not None and not bool(torch.isfinite(tensor).all()):
-                raise InputError(f"affine {name} contains NaN or infinite values")
-
-    @property
-    def size(self) -> int:
-        """The hidden size the map acts on."""
-        tensor = self.weight if self.weight is not None else self.bias
-        assert tensor is not None
-        return int(tensor.shape[0])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "weight": None if self.weight is None else self.weight.double().tolist(),
-            "bias": None if self.bias is None else self.bias.double().tolist(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HopAffine:
-        if not isinstance(data, dict) or set(data) - {"weight", "bias"}:
-            raise InputError("affine entry must be null or an object with keys 'weight' and/or 'bias'")
-        weight, bias = data.get("weight"), data.get("bias")
-        return cls(
-            weight=None if weight is None else _float_tensor(weight, "affine weight"),
-            bias=None if bias is None else _float_tensor(bias, "affine bias"),
-        )
-
-
-def _float_tensor(value: Any, what: str) -> torch.Tensor:
-    try:
-        return torch.tensor(value, dtype=torch.float32)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{what}: not a numeric array ({exc})") from None
-
-
-@dataclass(frozen=True, eq=False)
-class DfsPath:
-    """A typed DFS path: hops ``(model, layer)``, a scale per hop, optional affine maps per hop.
-
-    ``input_model`` supplies the embedding, ``output_model`` the final norm and the head (``lm_head``
-    or ``score``). ``affine`` is empty (no affine maps) or has one entry (``HopAffine`` or ``None``) per
-    hop. ``scale_target`` is ``"branch"`` (seed semantics) or ``"stream"`` (see the module docstring).
-    """
-
-    hops: tuple[tuple[int, int], ...]
-    scales: tuple[float, ...]
-    affine: tuple[HopAffine | None, ...] = field(default=())
-    input_model: int = 0
-    output_model: int = 0
-    scale_target: ScaleTarget = "branch"
-
-    def __post_init__(self) -> None:
-        hops = tuple((_index(m, "hop model"), _index(l_, "hop layer")) for m, l_ in self.hops)
-        object.__setattr__(self, "hops", hops)
-        object.__setattr__(
-            self, "scales", tuple(_finite(s, f"scales[{k}]") for k, s in enumerate(self.scales))
-        )
-        object.__setattr__(self, "affine", tuple(self.affine))
-        if not hops:
-            raise InputError("DFS path is empty: select at least one layer")
-        if len(self.scales) != len(hops):
-            raise InputError(f"DFS path has {len(hops)} hops but {len(self.scales)} scales")
-        if self.affine and len(self.affine) != len(hops):
-            raise InputError(f"DFS path has {len(hops)} hops but {len(self.affine)} affine entries")
-        if self.affine and all(a is None for a in self.affine):
-            object.__setattr__(self, "affine", ())
-        _index(self.input_model, "input_model")
-        _index(self.output_model, "output_model")
-        if self.scale_target not in SCALE_TARGETS:
-            raise InputError(f"scale_target must be one of {SCALE_TARGETS}, got {self.scale_target!r}")
-        if self.scale_target == "stream" and self.affine:
-            raise InputError("affine maps act on the branch output: they need scale_target 'branch'")
-        sizes = {a.size for a in self.affine if a is not None}
-        if len(sizes) > 1:
-            raise InputError(f"affine maps of different sizes in one path: {sorted(sizes)}")
-
-    @property
-    def num_hops(self) -> int:
-        return len(self.hops)
-
-    @property
-    def models_used(self) -> list[int]:
-        """Model indices the path touches (hops, input and output), sorted."""
-        return sorted({m for m, _ in self.hops} | {self.input_model, self.output_model})
-
-    def affine_at(self, hop: int) -> HopAffine | None:
-        return self.affine[hop] if self.affine else None
-
-    def is_identity_at(self, hop: int) -> bool:
-        """True when hop ``hop``'s transform leaves its input unchanged (scale 1, no affine map)."""
-        return self.scales[hop] == NEUTRAL_SCALE and self.affine_at(hop) is None
-
-    def equals(self, other: DfsPath) -> bool:
-        """Exact equality, affine tensors included."""
-        if (self.hops, self.scales, self.input_model, self.output_model, self.scale_target) != (
-            other.hops,
-            other.scales,
-            other.input_model,
-            other.output_model,
-            other.scale_target,
-        ):
-            return False
-        return all(_same_affine(self.affine_at(k), other.affine_at(k)) for k in range(self.num_hops))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "hops": [[m, l_] for m, l_ in self.hops],
-            "scales": list(self.scales),
-            "affine": [None if a is None else a.to_dict() for a in self.affine] if self.affine else None,
-            "input_model": self.input_model,
-            "output_model": self.output_model,
-            "scale_target": self.scale_target,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DfsPath:
-        if not isinstance(data, dict):
-            raise InputError("DFS path must be a JSON object")
-        unknown = set(data) - {"hops", "scales", "affine", "input_model", "output_model", "scale_target"}
-        if unknown:
-            raise InputError(f"DFS path: unknown key(s) {sorted(unknown)}")
-        if "hops" not in data:
-            raise InputError("DFS path: missing key 'hops'")
-        hops = data["hops"]
-        if not isinstance(hops, list) or not all(isinstance(h, list | tuple) and len(h) == 2 for h in hops):
-            raise InputError("DFS path: 'hops' must be a list of [model, layer] pairs")
-        scales = data.get("scales")
-        if scales is None:
-            scales = [NEUTRAL_SCALE] * len(hops)
-        if not isinstance(scales, list):
-            raise InputError("DFS path: 'scales' must be a list of numbers")
-        affine = data.get("affine") or []
-        if not isinstance(affine, list):
-            raise InputError("DFS path: 'affine' must be null or a list with one entry per hop")
-        return cls(
-            hops=tuple((h[0], h[1]) for h in hops),
-            scales=tuple(scales),
-            affine=tuple(None if a is None else HopAffine.from_dict(a) for a in affine),
-            input_model=data.get("input_model", 0),
-            output_model=data.get("output_model", 0),
-            scale_target=data.get("scale_target", "branch"),
-        )
-
-    def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_json(cls, text: str) -> DfsPath:
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise InputError(f"DFS path: invalid JSON ({exc})") from None
-        return cls.from_dict(data)
-
-
-def _same_affine(a: HopAffine | None, b: HopAffine | None) -> bool:
-    if a is None or b is None:
-        return a is b
-
-    def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
-        return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
-
-    return same(a.weight, b.weight) and same(a.bias, b.bias)
-
-
-def _index(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        raise InputError(f"{what} must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
-def _finite(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-        raise InputError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise InputError(f"{what} must be finite, got {value!r}")
-    return float(value)
+from olmopt.methods.dfs.path import NEUTRAL_SCALE, DfsPath, HopAffine, ScaleTarget, finite_number
 
 
 def as_layer_mask(mask: Any) -> np.ndarray:
@@ -304,7 +96,7 @@ def path_from_mask(
         if layer_counts is None:
             raise InputError("append_last_layer needs layer_counts (the output model's depth)")
         hops.append((output_model, layer_counts[output_model] - 1))
-        hop_scales.append(_finite(last_layer_scale, "last_layer_scale"))
+        hop_scales.append(finite_number(last_layer_scale, "last_layer_scale"))
         if hop_affine:
             hop_affine.append(None)
     if not hops:
@@ -347,7 +139,7 @@ def _decode_scales(scales: Any, mask: np.ndarray, n_active: int) -> list[float]:
             f"scaling_factors has shape {array.shape}; expected {mask.shape} (like layer_mask) "
             f"or ({n_active},) (one per active slot)"
         )
-    return [_finite(float(v), f"scaling_factors (hop {k})") for k, v in enumerate(values)]
+    return [finite_number(float(v), f"scaling_factors (hop {k})") for k, v in enumerate(values)]
 
 
 def validate_path(
@@ -355,17 +147,17 @@ def validate_path(
 ) -> None:
     """Check a path against a pool: model and layer indices in range, one hidden size, affine sizes."""
     n = len(layer_counts)
-    for what, m in (("input_model", path.input_model), ("output_model", path.output_model)):
+    for what, m in (("input_model", path.input_index), ("output_model", path.output_index)):
         if m >= n:
             raise InputError(f"{what} = {m} but the pool has {n} models")
-    for k, (m, l_) in enumerate(path.hops):
+    for k, (m, l_) in enumerate(path.hop_indices):
         if m >= n:
             raise InputError(f"hop {k} uses model {m} but the pool has {n} models")
         if l_ >= layer_counts[m]:
             raise InputError(f"hop {k} uses layer {l_} of model {m}, which has {layer_counts[m]} layers")
     if hidden_sizes is None:
         return
-    used = path.models_used
+    used = sorted({m for m, _ in path.hop_indices} | {path.input_index, path.output_index})
     sizes = {m: hidden_sizes[m] for m in used}
     if len(set(sizes.values())) > 1:
         detail = ", ".join(f"model {m}: {h}" for m, h in sizes.items())

@@ -17,22 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
+
+from olmopt.recipe import FusionStep
 
 # ---------------------------------------------------------------------------------------------------
 # The fusion chain
 # ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FusionStep:
-    """One step of the chain: layer ``remove`` is folded into layer ``into`` with weight ``alpha``."""
-
-    into: int
-    remove: int
-    alpha: float
 
 
 def check_chain(num_layers: int, num_steps: int) -> None:
@@ -54,7 +46,7 @@ def fusion_pairs(num_layers: int, num_steps: int) -> list[tuple[int, int]]:
 def fusion_steps(num_layers: int, alphas: Sequence[float]) -> list[FusionStep]:
     """The chain's steps for ``alphas`` on a stack of ``num_layers`` layers."""
     pairs = fusion_pairs(num_layers, len(alphas))
-    return [FusionStep(into, remove, float(a)) for (into, remove), a in zip(pairs, alphas, strict=True)]
+    return [FusionStep(into=i, remove=r, alpha=float(a)) for (i, r), a in zip(pairs, alphas, strict=True)]
 
 
 def tail_coefficients(alphas: torch.Tensor) -> torch.Tensor:

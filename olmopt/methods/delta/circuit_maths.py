@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from olmopt.errors import InputError
-from olmopt.ops.seeded_uniform import INT16_OFFSET, LEVELS, stream_key, uniform_int16
+from olmopt.methods.delta.seeded_uniform import INT16_OFFSET, LEVELS, stream_key, uniform_int16
 
 DEFAULT_CHUNK_ELEMS = 1 << 18
 MAGPRUNE_EPSILON = 0.1

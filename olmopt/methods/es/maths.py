@@ -10,12 +10,17 @@ count on CPU) reproduces the offspring bit for bit. Tensors with more than 2 dim
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from olmopt.errors import InputError
+
+if TYPE_CHECKING:
+    from olmopt.recipe import EsStep
 
 EPS = 1e-10
 NOISE_CLAMP = 3.0
@@ -187,3 +192,16 @@ def norm_es_decay(sigma: float) -> float:
     """Norm-ES sigma after an accepted offspring: ``sigma * 0.9``."""
     _check_sigma(sigma)
     return sigma * NORM_ES_DECAY
+
+
+def apply_es_steps(tensor: Tensor, steps: Sequence[EsStep]) -> Tensor:
+    """Replay a Recipe's ES steps on a tensor (each step regenerates its noise from its seed)."""
+    for step in steps:
+        fn = svd_es_step if step.kind == "svd" else norm_es_step
+        out = fn(tensor, step.sigma, step.seed)
+        if out is None:
+            raise InputError(
+                f"recipe: ES step on {step.unit} (seed {step.seed}) is not applicable to this tensor"
+            )
+        tensor = out
+    return tensor

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from olmopt.errors import InputError
-from olmopt.ops.circuit import DEFAULT_CHUNK_ELEMS, check_same_shapes
-from olmopt.ops.seeded_uniform import INT16_OFFSET, LEVELS, stream_key, uniform_int16
+from olmopt.methods.delta.circuit_maths import DEFAULT_CHUNK_ELEMS, check_same_shapes
+from olmopt.methods.delta.seeded_uniform import INT16_OFFSET, LEVELS, stream_key, uniform_int16
 
 PerVariant = float | tuple[float, ...]
 

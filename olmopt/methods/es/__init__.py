@@ -1,0 +1,1 @@
+"""Evolution strategies (SVD-ES, norm-ES): the pure, replayable steps (``maths``)."""

@@ -1,1 +1,0 @@
-"""Pure tensor maths for merging: tensors in, tensors out, deterministic given a seed."""
