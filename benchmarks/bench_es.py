@@ -131,7 +131,7 @@ def run(kind: str, generations: int, unit: str | None, tmp: Path, profile: bool 
     evaluation = clock.spent.get("evaluation", 0.0)
     patch = clock.spent.get("patching", 0.0)
     planning = clock.spent.get("es_planning", 0.0)
-    accepted = sum(1 for s in campaign.plan[1:] if decisions[s.key]["winner"] != "parent")
+    accepted = sum(1 for s in campaign.plan[1:] if decisions[s.key].winner != "parent")
     return {
         "model": label,
         "kind": kind,

@@ -4,8 +4,8 @@ Usage: python benchmarks/bench_prefix_cache.py [--zoo auto|tiny|small|random] [-
        [--repeats 3]
 
 Teacher-forced objectives only. With the cache, the stage captures the hidden states entering layer i
-once per layer (``Evaluator.capture_prefix(i)``, timed as part of the stage) and then evaluates each
-candidate with ``evaluate(use_prefix=True)``; without, every candidate runs the full forward. The
+once per layer (``PrefixCache.capture(i)``, timed as part of the stage) and then evaluates each
+candidate with ``evaluate(prefix=cache)``; without, every candidate runs the full forward. The
 values of both runs must agree within 1e-5. A stage over L layers runs at most 2L/(L+1) times faster
 (layer i skips i of L layers): 1.6x for the 4-layer tiny zoo, 1.88x for 16 layers. Target >= 1.8x.
 """
@@ -17,6 +17,7 @@ import argparse
 from bench_candidate import Setup, load_setup, machine, median, timed
 
 from olmopt.evaluate.engine import Evaluator
+from olmopt.evaluate.prefix_cache import PrefixCache
 from olmopt.patch import WorkingModel
 from olmopt.recipe import Recipe
 from olmopt.runtime import configure_threads
@@ -30,15 +31,14 @@ def run_stage(wm: WorkingModel, ev: Evaluator, mode: str) -> dict[tuple[int, str
     """
     base, *donors = wm.pool.names
     values: dict[tuple[int, str], dict[str, float]] = {}
-    ev.clear_prefix()
+    cache = PrefixCache(ev, wm.adapter, wm.param_names)
     for layer in range(wm.adapter.num_layers):
         use_prefix = mode == "prefix" and layer > 0
-        if use_prefix and not ev.use_prefix_layer(layer):
-            ev.capture_prefix(layer)
+        if use_prefix and not cache.use_layer(layer):
+            cache.capture(layer)
         for donor in donors:
             with wm.patched(Recipe(base=base, layers={layer: donor})):
-                values[layer, donor] = ev.evaluate(use_prefix=use_prefix)
-    ev.clear_prefix()
+                values[layer, donor] = ev.evaluate(prefix=cache if use_prefix else None)
     return values
 
 

@@ -1,15 +1,20 @@
-"""Time and memory of ``olmopt merge circuit`` (circuit, della) against mergekit's ``della`` on the same files.
+"""Time and memory of olmopt's merges (circuit, della, ties, dare_ties) against mergekit's on the same files.
 
 Usage:
   python benchmarks/make_big_models.py                  # once: storage/bench-big/{A,B,C}, 3 x 309M bf16
   python benchmarks/circuit_vs_mergekit.py [--root storage/bench-big] [--runs circuit,della,mergekit-della]
+  python benchmarks/circuit_vs_mergekit.py --threads 1 --runs ties,mergekit-ties,dare_ties,mergekit-dare_ties
+
+Each olmopt run is compared with mergekit's run of the same method (``mergekit-ties`` for ``ties``;
+circuit with ``mergekit-della``), same parameters: weight 0.5 and density 0.5 per variant, lambda 1;
+normalize on for della and ties, off for dare_ties (each method's mergekit default); seed 0.
 
 Each merge runs as a subprocess under ``/usr/bin/time -v`` (wall, user, sys, max RSS) while this script
 samples the merge process's ``RssAnon`` (private memory; max RSS also counts mmap'd input pages) every
 50 ms. Prints a markdown table for BENCHMARKS.md plus the load average before and after (the machine
 may be shared: CPU time is the contention-robust figure).
 
-mergekit lives in its own venv (torch first, so pip keeps the CPU build):
+mergekit lives in its own venv (torch first, so pip keeps the CPU build; ``--mergekit-venv`` elsewhere):
   python3 -m venv storage/mk-venv && storage/mk-venv/bin/pip install torch==2.13.0 \
     && storage/mk-venv/bin/pip install mergekit
 """
@@ -110,21 +115,57 @@ def run_timed(name: str, command: list[str], env: dict[str, str]) -> Result:
     )
 
 
-def mergekit_config(root: Path, path: Path) -> None:
+# mergekit method -> (per-model parameters, top-level parameters); olmopt's flags below say the same
+MERGEKIT_PARAMS = {
+    "della": ("{weight: 0.5, density: 0.5, epsilon: 0.1}", "{lambda: 1.0, normalize: true}"),
+    "ties": ("{weight: 0.5, density: 0.5}", "{lambda: 1.0, normalize: true}"),
+    "dare_ties": ("{weight: 0.5, density: 0.5}", "{lambda: 1.0, normalize: false, rescale: true}"),
+}
+
+
+def mergekit_config(root: Path, path: Path, method: str) -> None:
+    per_model, top = MERGEKIT_PARAMS[method]
     path.write_text(
-        f"""merge_method: della
+        f"""merge_method: {method}
 base_model: {root / "A"}
 models:
   - model: {root / "B"}
-    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}
+    parameters: {per_model}
   - model: {root / "C"}
-    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}
-parameters:
-  lambda: 1.0
-  normalize: true
+    parameters: {per_model}
+parameters: {top}
 dtype: bfloat16
 """
     )
+
+
+def compare_outputs(ours: Path, theirs: Path) -> tuple[float, float]:
+    """(share of elements equal bit for bit, largest absolute difference) between two model directories."""
+    from safetensors import safe_open
+
+    def tensors(directory: Path) -> dict[str, Path]:
+        out = {}
+        for file in directory.glob("*.safetensors"):
+            with safe_open(str(file), "pt") as handle:
+                out.update(dict.fromkeys(handle.keys(), file))
+        return out
+
+    mine, other = tensors(ours), tensors(theirs)
+    equal = total = 0
+    worst = 0.0
+    for name, file in mine.items():
+        with safe_open(str(file), "pt") as a, safe_open(str(other[name]), "pt") as b:
+            x, y = a.get_tensor(name).float(), b.get_tensor(name).float()
+        equal += int((x == y).sum())
+        total += x.numel()
+        worst = max(worst, float((x - y).abs().max()))
+    return equal / total, worst
+
+
+def reference_of(run: str) -> str:
+    """The mergekit run an olmopt run is compared with."""
+    method = run.removeprefix("mergekit-")
+    return f"mergekit-{method}" if method in MERGEKIT_PARAMS else "mergekit-della"
 
 
 def main() -> int:
@@ -132,16 +173,17 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=REPO / "storage" / "bench-big")
     parser.add_argument("--runs", default="startup,circuit,della,mergekit-della")
     parser.add_argument("--threads", type=int, default=2, help="olmopt worker threads")
+    parser.add_argument("--mergekit-venv", type=Path, default=MK_VENV, help=f"mergekit's venv ({MK_VENV})")
     args = parser.parse_args()
     root = args.root.resolve()
     if not all((root / n / "config.json").is_file() for n in "ABC"):
         print(f"models missing under {root}: run python benchmarks/make_big_models.py first", file=sys.stderr)
         return 1
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    mergekit_yaml = MK_VENV / "bin" / "mergekit-yaml"
-    if "mergekit-della" in runs and not mergekit_yaml.is_file():
+    mergekit_yaml = args.mergekit_venv / "bin" / "mergekit-yaml"
+    if any(r.startswith("mergekit-") for r in runs) and not mergekit_yaml.is_file():
         print(f"mergekit venv missing; create it with:\n  {MK_HOWTO}", file=sys.stderr)
-        runs.remove("mergekit-della")
+        runs = [r for r in runs if not r.startswith("mergekit-")]
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=REPO / "storage"))
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1", "OLMOPT_THREADS": "1"}
     olmopt_cli = [sys.executable, "-m", "olmopt.cli", "merge", "circuit", str(root / "A"), str(root / "B")]
@@ -151,10 +193,18 @@ def main() -> int:
         "della": [*olmopt_cli, "--method", "della", "--density", "0.5", "--epsilon", "0.1"]
         + ["--weights", "0.5", "0.5", "--out", str(work / "della")],
         "task_arithmetic": [*olmopt_cli, "--method", "task_arithmetic", "--out", str(work / "ta")],
+        "ties": [*olmopt_cli, "--method", "ties", "--density", "0.5", "--weights", "0.5", "0.5"]
+        + ["--lambda", "1", "--normalize", "--out", str(work / "ties")],
+        "dare_ties": [*olmopt_cli, "--method", "dare_ties", "--density", "0.5", "--weights", "0.5", "0.5"]
+        + ["--lambda", "1", "--no-normalize", "--rescale", "--seed", "0", "--out", str(work / "dare_ties")],
         "startup": [sys.executable, "-m", "olmopt.cli", "merge", "circuit", "--help"],
-        "mergekit-della": [str(mergekit_yaml), str(work / "mk.yaml"), str(work / "mk"), "--random-seed", "0"],
     }
-    mergekit_config(root, work / "mk.yaml")
+    for method in MERGEKIT_PARAMS:
+        mergekit_config(root, work / f"mk-{method}.yaml", method)
+        commands[f"mergekit-{method}"] = [
+            str(mergekit_yaml), str(work / f"mk-{method}.yaml"), str(work / f"mk-{method}"),
+            "--random-seed", "0",
+        ]  # fmt: skip
     load_before = os.getloadavg()
     results = []
     try:
@@ -168,21 +218,32 @@ def main() -> int:
             started = time.perf_counter()
             results.append(run_timed(label, commands[name], env))
             print(f"  {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        agreement = {
+            method: compare_outputs(work / method, work / f"mk-{method}")
+            for method in ("ties",)  # deterministic: the random methods draw differently
+            if (work / method).is_dir() and (work / f"mk-{method}").is_dir()
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
-    reference = next((r for r in results if r.name == "mergekit-della" and r.rc == 0), None)
+    done = {r.name: r for r in results if r.rc == 0}
     print(
         "| merge (3 x 309M bf16) | wall s | user+sys s | max RSS MB | peak RssAnon MB | wall / mergekit | max RSS / mergekit |"
     )
     print("|---|---|---|---|---|---|---|")
-    for r in results:
+    for run, r in zip(runs, results, strict=False):
+        reference = done.get(reference_of(run))
         ratio_wall = f"{r.wall_s / reference.wall_s:.2f}" if reference else "-"
         ratio_rss = f"{r.max_rss_mb / reference.max_rss_mb:.2f}" if reference else "-"
         status = "" if r.rc == 0 else f" (exit {r.rc})"
         print(
             f"| {r.name}{status} | {r.wall_s:.1f} | {r.user_s + r.sys_s:.1f} | {r.max_rss_mb:.0f} | "
             f"{r.peak_anon_mb:.0f} | {ratio_wall} | {ratio_rss} |"
+        )
+    for method, (equal, worst) in agreement.items():
+        print(
+            f"\n{method}: olmopt and mergekit agree on {100 * equal:.3f} % of the weights bit for bit; "
+            f"largest |difference| {worst:.3g}"
         )
     print(
         f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} CPUs"

@@ -52,13 +52,13 @@ def main() -> None:
     decision = campaign.decision(campaign.plan[-1])
     ctx = EvalContext(campaign.config)
     rows = {}
-    for label in ("mka", "gradient", decision["winner"]):
-        cand = decision["candidates"][label]
+    for label in ("mka", "gradient", decision.winner):
+        cand = decision.candidates[label]
         study = campaign.existing_stage_study(campaign.plan[-1])
-        trial = next(t for t in study.get_trials() if t.number == cand["trial"])
+        trial = next(t for t in study.get_trials() if t.number == cand.trial)
         recipe = Recipe.from_json(trial.user_attrs["recipe"])
         alphas = [round(s.alpha, 3) for s in recipe.fusion]
-        rows[f"{label} {alphas}"] = (cand["metrics"], ctx.score(recipe, "held_out"))
+        rows[f"{label} {alphas}"] = (cand.metrics, ctx.score(recipe, "held_out"))
     base = ctx.score(Recipe(base=campaign.config.pool.models[0]), "search"), ctx.score(Recipe(base=campaign.config.pool.models[0]), "held_out")
     print(f"zoo {args.zoo}; up to {args.steps} fusion steps; {args.trials} trials; {time.time() - start:.0f} s")
     print("| alphas (source [values]) | mc search | mc held-out | ppl search | ppl held-out | layers removed |\n|---|---|---|---|---|---|")

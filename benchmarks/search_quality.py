@@ -175,7 +175,7 @@ def run_strategy(tmp: Path, zoo: Path, paths: dict[str, str], name: str, layers:
             trials += 1
             evaluations += "reused" not in t.user_attrs
     decisions = campaign.decisions()
-    held_checks = len({d["recipe"] for d in decisions.values() if d.get("held_out")})
+    held_checks = len({d.recipe.to_json() for d in decisions.values() if d.held_out})
     final = campaign.final_recipe()
     assert final is not None
     return {"recipe": final, "evaluations": evaluations, "trials": trials, "held_out_checks": held_checks, "wall_s": wall}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ def _write_architecture_recipe(pool: ModelPool, recipe: Recipe, tmp: Path) -> No
     if recipe.dfs is not None:
         from olmopt.methods.dfs.resident import export_dfs
 
-        export_dfs(pool, recipe.dfs, tmp)
+        export_dfs(pool, recipe, tmp)
         return
     from olmopt.methods.fusion.resident import export_fused, without_fusion
     from olmopt.patch import WorkingModel
@@ -85,37 +85,17 @@ def _write_architecture_recipe(pool: ModelPool, recipe: Recipe, tmp: Path) -> No
     export_fused(working.model, recipe, tmp)
 
 
-def olm_report_sections(plan: list[dict[str, Any]], decisions: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """OLM's report keys (base_model, boundary_layers, layers, tensors) from stage decisions."""
+def olm_report_sections(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """OLM's report keys (base_model, boundary_layers, layers, tensors) from the stages' parts, in plan
+    order (each decision kind's ``olm_report``): ``layers`` and ``tensors`` collect, the others are set."""
     report: dict[str, Any] = {"layers": {}, "tensors": {}}
-    for stage in plan:
-        key = _stage_key(stage)
-        d = decisions.get(key)
-        if d is None:
-            continue
-        per_candidate = _per_dataset(d)
-        if stage["kind"] == "base":
-            report["base_model"] = {"name": d["winner"], "metrics": d["metrics"]}
-        elif stage["kind"] == "boundary":
-            report["boundary_layers"] = {"name": d["winner"], "metrics": d["metrics"]}
-        elif stage["kind"] == "layer":
-            report["layers"][str(stage["target"])] = {"metrics": per_candidate, "best_model": d["winner"]}
-        elif stage["kind"] == "unit":
-            report["tensors"][f"{stage['target']}.weight"] = {"metrics": per_candidate, "best_model": d["winner"]}
+    for part in parts:
+        for key, value in part.items():
+            if key in ("layers", "tensors"):
+                report[key].update(value)
+            else:
+                report[key] = value
     return report
-
-
-def _stage_key(stage: dict[str, Any]) -> str:
-    suffix = f"-{stage['target']}" if stage["target"] else ""
-    return f"{stage['index']:03d}-{stage['kind']}{suffix}"
-
-
-def _per_dataset(decision: dict[str, Any]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for label, cand in decision.get("candidates", {}).items():
-        for name, value in cand["metrics"].items():
-            out.setdefault(name, {})[label] = value
-    return out
 
 
 def model_card(

@@ -367,6 +367,11 @@ def _check_param_names(spec: MethodSpec, params: dict[str, Any], key: str, per_m
         evaluate_setting(params[name], 0.0, f"{key}.{name}")  # shape of the setting, filters: refused up front
 
 
+def layer_position(index: int, count: int) -> float:
+    """Where layer ``index`` of ``count`` sits on a gradient (mergekit's ``t``: 0 first, 1 last)."""
+    return index / (count - 1) if count > 1 else 1.0
+
+
 def evaluate_setting(setting: Any, t: float, key: str) -> Any:
     """A mergekit parameter setting at position ``t`` (its ``evaluate_setting``, filters refused)."""
     if isinstance(setting, bool | int | float):
@@ -451,7 +456,7 @@ def _ps_recipe(
     for (sources, slice_params, key), (a, b) in zip(slices, ranges, strict=True):
         by_model = {src.model: src for src in sources}
         for index in range(b - a):
-            t = index / (b - a - 1) if b - a > 1 else 1.0
+            t = layer_position(index, b - a)
             values: dict[str, Any] = {}
             for param in spec.params:
 

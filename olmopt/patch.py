@@ -112,15 +112,6 @@ ES_CACHE_ENTRIES = 8
 _ES_CACHE: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
 
 
-def merge_layer(adapter: ArchitectureAdapter, name: str) -> int:
-    """The layer whose layer-wise merge parameters tensor ``name`` takes (mergekit's convention outside the
-    layers: the embedding takes layer 0's, the final norm and the head the last layer's)."""
-    layer = adapter.layer_of(name)
-    if layer is not None:
-        return layer
-    return 0 if unit_of(name) == adapter.embed else adapter.num_layers - 1
-
-
 def merged_tensor(pool: ModelPool, name: str, merge: ParamMerge) -> torch.Tensor:
     """One tensor of a parameter-space merge: the base against ``merge.models`` (highest priority first)."""
     from olmopt.methods.delta import make_params, merge_tensor
@@ -128,7 +119,7 @@ def merged_tensor(pool: ModelPool, name: str, merge: ParamMerge) -> torch.Tensor
     base_name = merge.base or ""
     base = pool.tensor(base_name, name).float().clone()  # clones: pool tensors are a shared read-only cache
     variants = [pool.tensor(m, name).float().clone() for m in merge.models]
-    params = make_params(merge.method, merge.params_at(merge_layer(pool.adapter, name)))
+    params = make_params(merge.method, merge.params_at(pool.adapter.merge_layer(name)))
     return merge_tensor(merge.method, base, variants, params, merge.seed, pool.adapter.storage_name(name))
 
 

@@ -211,16 +211,19 @@ class Recipe(_Strict):
         names = {self.base, *self.layers.values(), *self.units.values()}
         if self.boundary:
             names.add(self.boundary)
-        names.discard(MERGE_DONOR)
         if self.param_merge:
             names.update(self.param_merge.models)
         if self.dfs:
             names.update(str(model) for model in self.dfs.models_used)
+        names.discard(MERGE_DONOR)
         return names
 
     def validate_against(self, pool_names: list[str], num_layers: int, units: list[str]) -> None:
         """One-line InputError for donors outside the pool, layers out of range, unknown units."""
-        uses_merge = MERGE_DONOR in {self.boundary, *self.layers.values(), *self.units.values()}
+        named = {self.boundary, *self.layers.values(), *self.units.values()}
+        if self.dfs:
+            named.update(str(model) for model in self.dfs.models_used)
+        uses_merge = MERGE_DONOR in named
         if uses_merge and self.param_merge is None:
             raise InputError(f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not set")
         for name in sorted(self.donors()):

@@ -24,7 +24,6 @@ from _models import make_family, write_addition_data
 from olmopt.cli import main
 from olmopt.search import annotate
 from olmopt.search.campaign import Campaign
-from olmopt.search.runner import CampaignRunner
 from olmopt.search.storage import open_storage
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -52,23 +51,6 @@ def write_study(
     return path
 
 
-def _annotating_runner(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The runner with the annotation calls the lead wires in (idempotent, so harmless once wired)."""
-    tell, decide = CampaignRunner._tell, CampaignRunner._decide
-
-    def _tell(self, study, trial, recipe, metrics, references):  # type: ignore[no-untyped-def]
-        annotate.annotate_trial(self.c, trial, recipe.to_json())
-        return tell(self, study, trial, recipe, metrics, references)
-
-    def _decide(self, study, stage, incumbent, space):  # type: ignore[no-untyped-def]
-        decision = decide(self, study, stage, incumbent, space)
-        annotate.annotate_decision(self.c, study, decision)
-        return decision
-
-    monkeypatch.setattr(CampaignRunner, "_tell", _tell)
-    monkeypatch.setattr(CampaignRunner, "_decide", _decide)
-
-
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """base (auto) + joint layers (6 trials, degradation constraints against the base), run and exported."""
@@ -80,10 +62,8 @@ def campaign(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         {"base": {"mode": "auto"}, "layers": {"mode": "joint", "n_trials": 6}},
         {"improve_all": "base"},
     )
-    with pytest.MonkeyPatch.context() as mp:
-        _annotating_runner(mp)
-        assert main(["study", "create", str(path), "--storage", url, "--json"]) == 0
-        assert main(["study", "run", NAME, "--storage", url, "--quiet"]) == 0
+    assert main(["study", "create", str(path), "--storage", url, "--json"]) == 0
+    assert main(["study", "run", NAME, "--storage", url, "--quiet"]) == 0
     out = tmp / "export"
     assert (
         main(
@@ -147,14 +127,14 @@ def test_api_shows_metric_names_flat_attrs_notes_and_artifacts(campaign: dict[st
         assert status.startswith("200")
         recipe_attr = next(a["value"] for a in trial["user_attrs"] if a["key"] == "recipe")
         assert json.loads(body) == json.loads(recipe_attr)
-        selected = trial["number"] == decision["trial"]
+        selected = trial["number"] == decision.trial
         assert ("Selected: winner of stage `001-joint-layers`" in trial["note"]["body"]) is selected
-    assert f"Winner: **{decision['winner']}** (trial {decision['trial']})" in stage["note"]["body"]
+    assert f"Winner: **{decision.winner}** (trial {decision.trial})" in stage["note"]["body"]
     (summary,) = stage["artifacts"]
     assert summary["filename"] == "stage-summary.json"
     status, body = client.get(f"/artifacts/{ids[NAME + '/001-joint-layers']}/{summary['artifact_id']}")
-    assert json.loads(body)["winner"] == decision["winner"] and json.loads(body)["recipe"] == json.loads(
-        decision["recipe"]
+    assert json.loads(body)["winner"] == decision.winner and json.loads(body)["recipe"] == json.loads(
+        decision.recipe.to_json()
     )
 
 

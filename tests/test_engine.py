@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from olmopt.errors import InputError
 from olmopt.evaluate.engine import Evaluator, Objective
+from olmopt.evaluate.prefix_cache import PrefixCache
 from olmopt.patch import WorkingModel
 from olmopt.pool.model_pool import ModelPool
 from olmopt.recipe import Recipe
@@ -302,10 +303,11 @@ def test_prefix_cache_gives_the_same_values(family: Family) -> None:
     a, b, c = family.pool.names
     wm = WorkingModel(family.pool, a, device="cpu")
     ev = Evaluator(wm.model, family.tok, _objectives(family, *FORCED), batch_size=8)
+    cache = PrefixCache(ev, wm.adapter, wm.param_names)
     seen: set[tuple[float, ...]] = set()
     for layer in (1, 2, 3):
-        ev.capture_prefix(layer)
-        assert ev.prefix_layer == layer
+        cache.capture(layer)
+        assert cache.layer == layer
         candidates = [
             Recipe(base=a, layers={layer: b}),
             Recipe(base=a, layers={layer: c, 3: b}),
@@ -316,42 +318,43 @@ def test_prefix_cache_gives_the_same_values(family: Family) -> None:
         for recipe in candidates:
             with wm.patched(recipe):
                 full = ev.evaluate()
-                cached = ev.evaluate(use_prefix=True)
+                cached = ev.evaluate(prefix=cache)
             for name in full:
                 assert cached[name] == pytest.approx(full[name], abs=TOL, rel=TOL), (layer, recipe, name)
             seen.add(tuple(full.values()))
         # control: a change BELOW the prefix layer is invisible to the cached run, so values differ
         with wm.patched(Recipe(base=a, layers={layer - 1: c})):
             full = ev.evaluate()
-            cached = ev.evaluate(use_prefix=True)
+            cached = ev.evaluate(prefix=cache)
         assert cached["perplexity"] != pytest.approx(full["perplexity"], rel=1e-4)
     assert len(seen) > 3  # the candidates really scored differently
-    ev.clear_prefix()
-    assert ev.prefix_layer is None and ev.evaluate(use_prefix=True) == ev.evaluate()
+    cache.clear()
+    assert cache.layer is None and ev.evaluate(prefix=cache) == ev.evaluate()
 
 
 def test_capture_pass_starts_from_a_valid_stored_input(family: Family) -> None:
     a, b, _c = family.pool.names
     wm = WorkingModel(family.pool, a, device="cpu")
     ev = Evaluator(wm.model, family.tok, _objectives(family, *FORCED), batch_size=8)
-    ev.capture_prefix(1)
-    earlier = {key: {1: entry[1]} for key, entry in ev.prefix_store.items()}  # the input of layer 1 under a
+    cache = PrefixCache(ev, wm.adapter, wm.param_names)
+    cache.capture(1)
+    earlier = {key: {1: entry[1]} for key, entry in cache.store.items()}  # the input of layer 1 under a
     with wm.patched(Recipe(base=a, layers={1: b})):  # layer 1 changes; its own input stays valid
-        ev.capture_prefix(2)
-        full = {key: dict(entry) for key, entry in ev.prefix_store.items()}
+        cache.capture(2)
+        full = {key: dict(entry) for key, entry in cache.store.items()}
         calls: list[int] = []
         handle = wm.model.base_model.layers[0].register_forward_pre_hook(lambda *_: calls.append(0))
         try:
-            ev.capture_prefix(2, start=earlier)
+            cache.capture(2, start=earlier)
         finally:
             handle.remove()
         assert not calls  # layer 0 did not run
-        assert set(ev.prefix_store) == set(full) and ev.prefix_layer == 2
+        assert set(cache.store) == set(full) and cache.layer == 2
         for key, entry in full.items():
-            assert set(ev.prefix_store[key]) == set(entry)
+            assert set(cache.store[key]) == set(entry)
             for k, tensor in entry.items():
-                assert torch.allclose(ev.prefix_store[key][k], tensor, atol=1e-6), (key, k)
-        values = ev.evaluate(use_prefix=True)
+                assert torch.allclose(cache.store[key][k], tensor, atol=1e-6), (key, k)
+        values = ev.evaluate(prefix=cache)
     with wm.patched(Recipe(base=a, layers={1: b})):
         assert values == pytest.approx(ev.evaluate(), abs=TOL, rel=TOL)
 

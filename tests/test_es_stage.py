@@ -147,7 +147,7 @@ def test_es_stages_run_record_and_replay_bit_exactly(family: dict[str, Any], tmp
     decisions = campaign.decisions()
     first = decisions[campaign.plan[1].key]
     lam = es_ops.es_population_size(64)  # down_proj: [64, 128], rank 64
-    assert len(first["candidates"]) == lam + 1 and "parent" in first["candidates"]
+    assert len(first.candidates) == lam + 1 and "parent" in first.candidates
     study1 = campaign.existing_stage_study(campaign.plan[1])
     assert study1 is not None
     offspring = [t for t in study1.get_trials() if t.params.get("offspring", -1) >= 0]
@@ -157,15 +157,15 @@ def test_es_stages_run_record_and_replay_bit_exactly(family: dict[str, Any], tmp
     # sigma follows the seed's schedule: sigma0 * std(S) of the parent tensor
     base_w = ModelPool([str(family["a"])]).tensor(str(family["a"]), UNIT + ".weight").float()
     assert offspring[0].params["sigma"] == pytest.approx(es_ops.svd_initial_sigma(base_w, 0.05), rel=1e-6)
-    final = Recipe.from_json(decisions[campaign.plan[-1].key]["recipe"])
-    accepted = [d["winner"] != "parent" for d in (decisions[s.key] for s in campaign.plan[1:])]
+    final = decisions[campaign.plan[-1].key].recipe
+    accepted = [d.winner != "parent" for d in (decisions[s.key] for s in campaign.plan[1:])]
     assert len(final.es) == sum(accepted) and all(s.unit == UNIT for s in final.es)
     if accepted[0] and accepted[1]:  # an accepted generation recomputes sigma with the 0.8 factor
         assert final.es[1].sigma != final.es[0].sigma
     # the accepted offspring's metrics are the stage's metrics, and no objective got worse than the parent
     for stage in campaign.plan[1:]:
         d = decisions[stage.key]
-        assert d["metrics"] == d["candidates"][d["winner"]]["metrics"]
+        assert d.metrics == d.candidates[d.winner].metrics
 
     out, rebuilt = tmp_path / "out", tmp_path / "rebuilt"
     assert (
@@ -198,7 +198,7 @@ def test_es_stages_run_record_and_replay_bit_exactly(family: dict[str, Any], tmp
         report["refine"]["stages"] == added
         and report["refine"]["before"]["stage"] == "003-es-norm-" + UNIT + "@1"
     )
-    assert report["refine"]["before"]["search"] == decisions[campaign.plan[3].key]["metrics"]
+    assert report["refine"]["before"]["search"] == decisions[campaign.plan[3].key].metrics
     assert report["refine"]["after"]["search"] == report["merged"]["search"]
     assert [EsStep(**s) for s in report["refine"]["steps"]] == list(
         Recipe.from_dict(report["recipe"]).es[len(final.es) :]
@@ -221,7 +221,7 @@ def test_non_applicable_unit_keeps_the_incumbent(family: dict[str, Any], tmp_pat
     assert main(["study", "run", "es2", "--storage", url, "--quiet"]) == 0
     campaign = Campaign.load("es2", url)
     d = campaign.decisions()[campaign.plan[-1].key]
-    assert d["winner"] == "incumbent" and Recipe.from_json(d["recipe"]).es == ()
+    assert d.winner == "incumbent" and d.recipe.es == ()
 
 
 def test_failing_offspring_is_evaluated_as_parent_and_rejected(
@@ -379,8 +379,8 @@ def test_norm_es_repairs_a_damaged_tensor(tiny_zoo: Path, tmp_path: Path) -> Non
     assert main(["study", "run", "repair", "--storage", url, "--quiet"]) == 0
     campaign = Campaign.load("repair", url)
     decisions = campaign.decisions()
-    before = decisions["000-base"]["metrics"]
-    after = decisions[campaign.plan[-1].key]["metrics"]
+    before = decisions["000-base"].metrics
+    after = decisions[campaign.plan[-1].key].metrics
     assert after["add"] < before["add"] and after["rev"] < before["rev"], (before, after)
-    steps = Recipe.from_json(decisions[campaign.plan[-1].key]["recipe"]).es
+    steps = decisions[campaign.plan[-1].key].recipe.es
     assert steps and [s.sigma for s in steps] == pytest.approx([0.1 * 0.9**k for k in range(len(steps))])

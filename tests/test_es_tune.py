@@ -15,7 +15,6 @@ from olmopt.cli import main
 from olmopt.config import load_study_file
 from olmopt.errors import InputError
 from olmopt.methods.es import maths as es_ops
-from olmopt.recipe import Recipe
 from olmopt.search.campaign import Campaign
 from olmopt.search.kinds import es_tune
 
@@ -131,9 +130,9 @@ def test_sigma_search_repairs_and_steers_the_es_stages(tiny_zoo: Path, tmp_path:
     decisions = campaign.decisions()
     base = decisions["000-base"]
     tuning = decisions["001-es-tune-norm-self_attn.v_proj"]
-    assert tuning["recipe"] == base["recipe"] and tuning["metrics"] == base["metrics"]  # tuning explores only
-    assert len(tuning["candidates"]) == 3 and "configured" in tuning["candidates"]
-    chosen = tuning["es_tune"]
+    assert tuning.recipe == base.recipe and tuning.metrics == base.metrics  # tuning explores only
+    assert len(tuning.candidates) == 3 and "configured" in tuning.candidates
+    chosen = tuning.details["es_tune"]
     # the configured sigma (0.001) barely moves the damaged norms; a larger one repairs more per evaluation
     assert chosen["trial"] is not None and chosen["sigma"] > 0.001 and chosen["gain_per_evaluation"] > 0
     tune_study = campaign.existing_stage_study(campaign.plan[1])
@@ -151,16 +150,16 @@ def test_sigma_search_repairs_and_steers_the_es_stages(tiny_zoo: Path, tmp_path:
     assert len(sigmas) == 1 and sigmas.pop() == pytest.approx(chosen["sigma"])
     second = decisions[campaign.plan[3].key]
     if chosen["generations"] == 1:
-        assert second["candidates"] == {} and second["winner"] == "incumbent"
+        assert second.candidates == {} and second.winner == "incumbent"
     else:
-        assert len(second["candidates"]) == es_ops.es_population_size(w.shape[0]) + 1
+        assert len(second.candidates) == es_ops.es_population_size(w.shape[0]) + 1
     final = decisions[campaign.plan[-1].key]
-    assert final["metrics"]["add"] <= base["metrics"]["add"] and final["metrics"]["rev"] <= base["metrics"]["rev"]
-    assert all(math.isfinite(v) for v in final["metrics"].values())
+    assert final.metrics["add"] <= base.metrics["add"] and final.metrics["rev"] <= base.metrics["rev"]
+    assert all(math.isfinite(v) for v in final.metrics.values())
     # export replays the steps: the exported tensor equals the ES replay of the final Recipe
     out = tmp_path / "out"
     assert main(["export", "best", "tune", "--storage", url, "--out", str(out), "--no-compare", "--quiet"]) == 0
     replayed = state[UNIT + ".weight"].float()
-    for step in Recipe.from_json(final["recipe"]).es:
+    for step in final.recipe.es:
         replayed = es_ops.norm_es_step(replayed, step.sigma, step.seed)
     assert torch.equal(load_file(out / "model.safetensors")[UNIT + ".weight"], replayed)

@@ -553,7 +553,7 @@ def test_dashboard_marks_the_selected_trial_as_best(zoo_layer0: str, tmp_path: P
         assert decision is not None
         detail = get(f"/api/studies/{ids['ev/' + stage.key]}")
         assert len(detail["trials"]) >= 1
-        assert [t["number"] for t in detail["best_trials"]] == [decision["trial"]], stage.key
+        assert [t["number"] for t in detail["best_trials"]] == [decision.trial], stage.key
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -603,7 +603,7 @@ def test_screenshot_of_the_trial_list_marks_only_the_winner(zoo_layer0: str, tmp
     items = re.split(r">Trial (\d+)<", dom)
     chips = {int(items[i]): items[i + 1].count(">Best Trial<") for i in range(1, len(items) - 1, 2)}
     assert len(chips) == 5, sorted(chips)
-    assert {n for n, count in chips.items() if count} == {decision["trial"]}, chips
+    assert {n for n, count in chips.items() if count} == {decision.trial}, chips
 
 
 def test_pareto_plot_of_four_objectives_is_parallel_coordinates(tmp_path: Path) -> None:

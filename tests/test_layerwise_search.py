@@ -16,7 +16,8 @@ from olmopt.cli import main
 from olmopt.config import StudyConfig
 from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.recipe import Recipe
-from olmopt.search.kinds.merge import BordaCmaEs, borda, donor_pool, merge_sampler, merge_space
+from olmopt.search.kinds.merge import BordaCmaEs, borda, merge_sampler, merge_space
+from olmopt.search.kinds.swap import donor_pool
 from olmopt.search.plan import Stage
 from olmopt.search.seeding import TrialSeeded
 

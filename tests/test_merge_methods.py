@@ -514,30 +514,41 @@ def test_a_toy_method_is_searched_by_a_merge_stage(toy_method: str, tiny_zoo: Pa
     assert recipe.param_merge is not None and recipe.param_merge.method in {"toy_shift", "ties"}
 
 
-@pytest.mark.slow
-def test_a_merge_stage_refuses_a_method_that_cannot_take_the_variants(
-    tiny_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("merge", "fragment"),
+    [
+        (
+            {"methods": ["ties", "slerp"]},
+            "slerp: takes exactly 1 variant (2 models with the base), got 3 variants",
+        ),
+        ({"methods": ["model_stock"], "models": ["B"]}, "model_stock: takes at least 2 variants"),
+    ],
+)
+def test_study_create_refuses_a_method_that_cannot_take_the_variants(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], merge: dict, fragment: str
 ) -> None:
+    """The variant count is known at ``study create`` (``merge.models``, else the pool but the base): SLERP
+    with three variants is one line naming the key, exit 2, and no storage is written."""
+    from tests._models import make_family
+
+    paths = make_family(tmp_path / "family", ["A", "B", "C", "D"])
+    merge = {**merge, "models": [str(paths[m]) for m in merge.get("models", [])] or None}
     data = {
         "name": "s3",
-        "pool": {"models": [str(tiny_zoo / m) for m in ("base", "spec_add", "spec_fact")]},
+        "pool": {"models": [str(p) for p in paths.values()]},
         "objectives": [
             {"dataset": str(REPO / "objectives/add.json"), "metric": "token_accuracy", "samples": 10}
         ],
         "decisions": {
-            "base": {"mode": "fixed", "model": str(tiny_zoo / "base")},
+            "base": {"mode": "fixed", "model": str(paths["A"])},
             "layers": {"mode": "off"},
-            "merge": {"mode": "joint", "n_trials": 2, "methods": ["slerp"]},
+            "merge": {"mode": "joint", "n_trials": 2, **merge},
         },
     }
-    url = f"sqlite:///{tmp_path}/s3.db"
     path = tmp_path / "s3.yaml"
     path.write_text(yaml.safe_dump(data))
-    assert main(["study", "create", str(path), "--storage", url]) == 0
-    capsys.readouterr()
-    assert main(["study", "run", "s3", "--storage", url, "--quiet"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's log lines
-    assert err == (
-        "olmopt: error: decisions.merge.methods: slerp: takes exactly 1 variant (2 models with the base), "
-        "got 2 variants"
-    )
+    capsys.readouterr()  # the family's own output
+    assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s3.db"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"olmopt: error: decisions.merge.methods: {fragment}" in err, err
+    assert not (tmp_path / "s3.db").exists()

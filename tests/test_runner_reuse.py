@@ -65,7 +65,7 @@ def test_kept_candidate_reuses_the_incumbents_metrics(family: dict[str, Path], t
     for stage in campaign.plan[1:]:
         study_ = campaign.existing_stage_study(stage)
         assert study_ is not None
-        incumbent_key = model_key(Recipe.from_json(previous["recipe"]), pool.adapter, names)
+        incumbent_key = model_key(previous.recipe, pool.adapter, names)
         for t in study_.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
             same = model_key(Recipe.from_json(t.user_attrs[T.RECIPE_ATTR]), pool.adapter, names) == incumbent_key
             # exactly the candidate with the incumbent's weights is not evaluated again, and its
@@ -73,11 +73,11 @@ def test_kept_candidate_reuses_the_incumbents_metrics(family: dict[str, Path], t
             assert ("reused" in t.user_attrs) == same
             if same:
                 reused += 1
-                assert t.user_attrs["reused"] == previous["stage"]
-                assert t.values == [previous["metrics"]["ppl"]]
+                assert t.user_attrs["reused"] == previous.stage
+                assert t.values == [previous.metrics["ppl"]]
         d = decisions[stage.key]
-        if Recipe.from_json(d["recipe"]) == Recipe.from_json(previous["recipe"]) or d["winner"] == "incumbent":
-            assert d["held_out"] == previous["held_out"]
+        if d.recipe == previous.recipe or d.winner == "incumbent":
+            assert d.held_out == previous.held_out
         previous = d
     assert reused == len(campaign.plan) - 1  # one per layer stage
 
@@ -116,17 +116,17 @@ def _contexts(family: dict[str, Path], tmp_path: Path, metrics: dict[str, str]) 
     return EvalContext(config), EvalContext(config)
 
 
-def _spy_captures(monkeypatch: pytest.MonkeyPatch, evaluator: Any) -> list[tuple[int, int]]:
+def _spy_captures(monkeypatch: pytest.MonkeyPatch, cache: Any) -> list[tuple[int, int]]:
     """Record every capture pass as (layer, deepest stored input it may start from; -1: the embedding)."""
     captures: list[tuple[int, int]] = []
-    real_capture = evaluator.capture_prefix
+    real_capture = cache.capture
 
     def spy(layer: int, split: str = "search", start: Any = None) -> None:
         depths = [max((k for k in entry if k <= layer), default=-1) for entry in (start or {}).values()]
         captures.append((layer, min(depths, default=-1)))
         real_capture(layer, split, start)
 
-    monkeypatch.setattr(evaluator, "capture_prefix", spy)
+    monkeypatch.setattr(cache, "capture", spy)
     return captures
 
 
@@ -145,7 +145,7 @@ def test_prefix_cache_follows_the_incumbent_without_new_captures(
     """Greedy traversal: the winner's kept inputs become the next stage's prefix; values equal full forwards."""
     cached, plain = _contexts(family, tmp_path, {"ppl": "perplexity", "acc": "token_accuracy"})
     a, b, c = cached.pool.names
-    captures = _spy_captures(monkeypatch, cached.evaluator)
+    captures = _spy_captures(monkeypatch, cached.prefix)
     unit = "model.layers.2.mlp.up_proj"
     stages = [  # (incumbent, prefix layer, candidates)
         (Recipe(base=a), 0, [Recipe(base=a, layers={0: b}), Recipe(base=a, layers={0: c})]),
@@ -170,9 +170,9 @@ def test_a_layer_0_stage_frees_the_inputs_of_losers_for_the_next_candidates(
 ) -> None:
     """Stages without prefix (layer 0) keep only the new incumbent's inputs, so room stays for later candidates."""
     cached, plain = _contexts(family, tmp_path, {"acc": "token_accuracy"})
-    cached.evaluator.prefix_bytes = 6 * cached.evaluator._bytes_per_layer("search")  # two full carries, then one layer
+    cached.prefix.max_bytes = 6 * cached.prefix.bytes_per_layer("search")  # two full carries, then one layer
     a, b, c = cached.pool.names
-    captures = _spy_captures(monkeypatch, cached.evaluator)
+    captures = _spy_captures(monkeypatch, cached.prefix)
     unit = "model.layers.0.mlp.up_proj"
     x1, x2 = Recipe(base=a, layers={0: c}, units={unit: a}), Recipe(base=a, layers={0: c}, units={unit: b})
     stages = [
@@ -191,8 +191,9 @@ def test_one_worker_records_a_decision_the_others_wait_for_it(
     import time
 
     from olmopt.config import load_study_file
-    from olmopt.search.campaign import DECISION_ATTR
+    from olmopt.search.campaign import record_decision
     from olmopt.search.coordination import StageLock
+    from olmopt.search.decision import Decision
     from olmopt.search.runner import CampaignRunner, make_sampler
     from olmopt.search.workers import Evaluators
 
@@ -213,15 +214,16 @@ def test_one_worker_records_a_decision_the_others_wait_for_it(
 
     held = StageLock(campaign.storage, f"{campaign.stage_study_name(stage)}#decide")
     assert held.acquire()  # another worker is deciding this stage
-    got: list[dict[str, Any]] = []
+    got: list[Any] = []
     waiter = threading.Thread(target=lambda: got.append(runner._decide(study, stage, None, None)))  # type: ignore[arg-type]
     waiter.start()
     time.sleep(0.5)
     assert waiter.is_alive() and not recorded  # waiting, not deciding itself
-    study.set_user_attr(DECISION_ATTR, {"theirs": True})
+    theirs = Decision(stage.key, "theirs", None, Recipe(base=str(family["a"])), {"ppl": 1.5})
+    record_decision(study, theirs)
     held.release()
     waiter.join(timeout=10)
-    assert got == [{"theirs": True}] and not recorded
+    assert got == [theirs] and not recorded
 
     other = campaign.plan[2]
     other_study = campaign.stage_study(other, make_sampler(campaign, other))

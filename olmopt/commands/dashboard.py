@@ -89,7 +89,7 @@ def mark_selected_trials() -> None:
     from optuna.trial import TrialState
     from optuna_dashboard import _app
 
-    from olmopt.search.campaign import DECISION_ATTR
+    from olmopt.search.campaign import decision_in
 
     if getattr(_app, "_olmopt_marks_selected", False):
         return
@@ -98,13 +98,13 @@ def mark_selected_trials() -> None:
 
     def get_study_noting_decision(storage: Any, study_id: int) -> Any:
         study = get_study(storage, study_id)
-        seen.decision = study.user_attrs.get(DECISION_ATTR) if study is not None else None
+        seen.decision = decision_in(study.user_attrs) if study is not None else None
         return study
 
     def selected_or_front(trials: Any, directions: Any) -> Any:
         decision, seen.decision = getattr(seen, "decision", None), None
-        if isinstance(decision, dict) and decision.get("trial") is not None:
-            chosen = [t for t in trials if t.number == decision["trial"] and t.state == TrialState.COMPLETE]
+        if decision is not None and decision.trial is not None:
+            chosen = [t for t in trials if t.number == decision.trial and t.state == TrialState.COMPLETE]
             if chosen:
                 return chosen
         return pareto_front(trials=trials, directions=directions)

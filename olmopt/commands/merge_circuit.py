@@ -14,9 +14,15 @@ from typing import Any
 import yaml
 
 from olmopt.commands._merge_group import merge_subparsers
-from olmopt.commands._method_cli import add_common_arguments, add_param_flags, flag_values, run_merge
+from olmopt.commands._method_cli import (
+    add_common_arguments,
+    add_param_flags,
+    flag_values,
+    method_params,
+    run_merge,
+)
 from olmopt.errors import InputError
-from olmopt.methods.delta import get_method, make_params, registered
+from olmopt.methods.delta import get_method, registered
 from olmopt.methods.registry import per_variant_names
 
 _FLAGS: dict[str, Any] = {}
@@ -126,12 +132,14 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         raw_params["rescale"] = False
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputError(f"seed must be an integer, got {seed!r}")
+    params, layer_params = method_params(spec, raw_params, str(base), len(variants))
     return {
         "base": Path(str(base)),
         "variants": [Path(v) for v in variants],
         "out": Path(str(out)),
         "method": spec.name,
-        "params": make_params(spec.name, raw_params),
+        "params": params,
+        "layer_params": layer_params,
         "seed": seed,
     }
 
@@ -139,5 +147,6 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     plan = resolve(args)
     return run_merge(
-        args, plan["base"], plan["variants"], plan["out"], plan["method"], plan["params"], plan["seed"]
-    )
+        args, plan["base"], plan["variants"], plan["out"], plan["method"], plan["params"], plan["seed"],
+        plan["layer_params"],
+    )  # fmt: skip

@@ -2,8 +2,9 @@
 
 Teacher-forced metrics run one forward per batch and project only the answer positions through the
 head. Generation metrics use KV-cached greedy decoding over left-padded batches with early stop.
-A prefix activation cache keeps the hidden states entering layer i (captured once for the incumbent)
-so candidates that differ only in layers >= i run just layers i..N.
+An evaluation may start from a prefix activation cache (``olmopt.evaluate.prefix_cache``: the hidden
+states entering layer i under the incumbent) so candidates that differ only in layers >= i run just
+layers i..N.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,7 +25,11 @@ from olmopt.evaluate.datasets import Encoded, Split, encode, load_examples, spli
 from olmopt.evaluate.lmeval import LmEvalSpec
 from olmopt.runtime import cache_kwarg
 
-PrefixStore = dict[tuple[Path, str, float, "int | None", int], dict[int, torch.Tensor]]  # batch key -> layer -> input
+if TYPE_CHECKING:
+    from olmopt.evaluate.prefix_cache import PrefixCache
+
+BatchKey = tuple[Path, str, float, "int | None", int]  # (dataset, split, held-out share, samples, batch number)
+PrefixStore = dict[BatchKey, dict[int, torch.Tensor]]  # batch key -> layer -> input hidden states
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,6 @@ class Evaluator:
         batch_size: int = 32,
         max_new_tokens: int = 256,
         stop_at_first_mismatch: bool = True,
-        prefix_bytes: int = 1 << 30,
     ) -> None:
         names = [o.name for o in objectives]
         if len(set(names)) != len(names):
@@ -95,12 +99,9 @@ class Evaluator:
         self.stop_at_first_mismatch = stop_at_first_mismatch
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._encoded: dict[tuple[Path, Split, float, int | None], Encoded] = {}
-        self._prefix: PrefixStore = {}
-        self.carried: PrefixStore = {}  # inputs of later layers kept by the last prefix-cached evaluation
+        self.carried: PrefixStore = {}  # inputs of later layers kept by the last evaluation (its ``carry``)
         self._carry: list[int] = []
         self._batch_cache: dict[int, list[_Batch]] = {}
-        self.prefix_layer: int | None = None
-        self.prefix_bytes = prefix_bytes
         self.nonfinite: list[str] = []  # objectives whose logits held NaN/inf in the last ``evaluate``
         self._saw_nonfinite = False
 
@@ -194,101 +195,49 @@ class Evaluator:
             for handle in handles:
                 handle.remove()
 
-    def _capture(self, batch: _Batch, layers: list[int], earlier: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden).float()
+
+    # -- what the prefix cache needs ----------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.base_model.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[1])
+
+    def forced_batches(self, split: Split) -> Iterator[tuple[BatchKey, _Batch]]:
+        """Every teacher-forced batch of ``split`` with its key in a prefix store."""
+        for obj in self.objectives:
+            if obj.kind not in ("generate", "recipe"):
+                for n, batch in enumerate(self._batches(self.encoded(obj, split))):
+                    yield (obj.path, split, obj.held_out, obj.samples, n), batch
+
+    def capture_inputs(
+        self, batch: _Batch, layers: list[int], earlier: dict[int, torch.Tensor] | None = None
+    ) -> dict[int, torch.Tensor]:
         """Hidden states entering each of ``layers``, from one forward pass.
 
         ``earlier``: valid inputs of some layers; the pass starts at the deepest one not after ``layers[0]``.
         """
         below = [k for k in (earlier or {}) if k <= layers[0]]
-        if not below:
+        if not below or earlier is None:
             return self._hidden(batch, None, 0, layers)[1]
         start = max(below)
-        return self._hidden(batch, earlier[start], start, layers)[1]  # type: ignore[index]
-
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.get_output_embeddings()(hidden).float()
+        return self._hidden(batch, earlier[start], start, layers)[1]
 
     # -- public API -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def capture_prefix(self, layer: int, split: Split = "search", start: PrefixStore | None = None) -> None:
-        """Store the hidden states entering ``layer`` under the current (incumbent) weights.
-
-        One forward pass captures the input of every layer from ``layer`` on when that fits in
-        ``prefix_bytes``, so later stages with the same incumbent switch layers with ``use_prefix_layer``.
-        ``start``: stored inputs of earlier layers that the caller guarantees are still valid (the
-        weights below them are unchanged); each batch's pass then starts at the deepest of them.
-        """
-        start = dict(start or {})  # may be this evaluator's own store, cleared next
-        self.clear_prefix()
-        if layer <= 0:
-            return
-        parts = self._forced_parts(split)
-        num_layers = len(self.model.base_model.layers)
-        per_layer = self._bytes_per_layer(split)
-        layers = list(range(layer, num_layers)) if per_layer * (num_layers - layer) <= self.prefix_bytes else [layer]
-        for obj, enc in parts:
-            for n, batch in enumerate(self._batches(enc)):
-                key = (obj.path, split, obj.held_out, obj.samples, n)
-                if key not in self._prefix:
-                    self._prefix[key] = self._capture(batch, layers, start.get(key))
-        self.prefix_layer = layer
-
-    def use_prefix_layer(self, layer: int) -> bool:
-        """Switch to another captured layer without a new forward pass; False when it was not captured."""
-        if not self._prefix or any(layer not in store for store in self._prefix.values()):
-            return False
-        self.prefix_layer = layer
-        return True
-
-    @property
-    def prefix_store(self) -> PrefixStore:
-        """The captured hidden states: batch key -> layer -> tensor (for ``adopt_prefix``)."""
-        return self._prefix
-
-    def adopt_prefix(self, store: PrefixStore, layer: int) -> bool:
-        """Use ``store`` (captures under the weights the caller now guarantees) from ``layer``; False if absent."""
-        if not store or any(layer not in entry for entry in store.values()):
-            return False
-        self._prefix, self.prefix_layer = store, layer
-        return True
-
-    def hold_prefix(self, store: PrefixStore) -> None:
-        """Keep ``store`` (captures under the current weights) without using it yet: no prefix layer."""
-        self._prefix, self.prefix_layer = store, None
-
-    def carry_layers(self, layer: int, budget: int) -> list[int]:
-        """Layers after ``layer`` whose inputs a prefix-cached evaluation can keep within ``budget`` bytes."""
-        num_layers = len(self.model.base_model.layers)
-        per_layer = self._bytes_per_layer("search")
-        later = list(range(layer + 1, num_layers))
-        if per_layer * len(later) <= budget:
-            return later
-        return later[:1] if later and per_layer <= budget else []
-
-    def _forced_parts(self, split: Split) -> list[tuple[Objective, Encoded]]:
-        return [(obj, self.encoded(obj, split)) for obj in self.objectives if obj.kind not in ("generate", "recipe")]
-
-    def _bytes_per_layer(self, split: Split) -> int:
-        """Bytes of one layer's input hidden states over every teacher-forced batch of ``split``."""
-        tokens = sum(b.ids.numel() for _, enc in self._forced_parts(split) for b in self._batches(enc))
-        dtype = next(self.model.parameters()).dtype
-        return tokens * self._hidden_size() * torch.empty((), dtype=dtype).element_size()
-
-    def _hidden_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[1])
-
-    def clear_prefix(self) -> None:
-        self._prefix.clear()
-        self.prefix_layer = None
-
-    @torch.no_grad()
-    def evaluate(self, split: Split = "search", use_prefix: bool = False, carry: Sequence[int] = ()) -> dict[str, float]:
+    def evaluate(
+        self, split: Split = "search", prefix: PrefixCache | None = None, carry: Sequence[int] = ()
+    ) -> dict[str, float]:
         """Objective name -> value for the model as it is now.
 
-        With ``use_prefix`` the caller guarantees that the weights of layers below the captured
-        prefix layer (and the embedding) equal those at capture time. ``carry``: layers whose inputs
-        under the evaluated weights are kept in ``carried`` (a prefix store for when this candidate
-        becomes the incumbent).
+        With ``prefix`` teacher-forced batches start from its stored inputs of its layer: the caller
+        guarantees that the weights below that layer (and the embedding) equal those at capture time.
+        ``carry``: layers whose inputs under the evaluated weights are kept in ``carried`` (a prefix
+        store for when this candidate becomes the incumbent).
 
         An objective whose scored logits hold NaN or inf has the value NaN (whatever its metric would
         make of them) and is listed in ``nonfinite``: a damaged model never gets a finite score.
@@ -307,7 +256,7 @@ class Evaluator:
             forced = [o for o in objs if o.kind in ("teacher_forced", "choice")]
             generated = [o for o in objs if o.kind == "generate"]
             if forced:
-                results.update(self._score_forced(forced, split, use_prefix))
+                results.update(self._score_forced(forced, split, prefix))
             for obj in generated:
                 self._saw_nonfinite = False
                 results[obj.name] = self._score_generated(obj, split)
@@ -316,7 +265,7 @@ class Evaluator:
                     results[obj.name] = float("nan")
         return {o.name: results[o.name] for o in self.objectives if o.kind != "recipe"}
 
-    def _score_forced(self, objs: list[Objective], split: Split, use_prefix: bool) -> dict[str, float]:
+    def _score_forced(self, objs: list[Objective], split: Split, cache: PrefixCache | None) -> dict[str, float]:
         first = objs[0]
         enc = self.encoded(first, split)
         sums: dict[str, list[torch.Tensor]] = {o.name: [] for o in objs}
@@ -324,9 +273,8 @@ class Evaluator:
         bad: set[str] = set()
         for n, batch in enumerate(self._batches(enc)):
             key = (first.path, split, first.held_out, first.samples, n)
-            store = self._prefix.get(key) if use_prefix and self.prefix_layer else None
-            prefix = store[self.prefix_layer] if store is not None else None  # type: ignore[index]
-            hidden, kept = self._hidden(batch, prefix, self.prefix_layer or 0, self._carry)
+            prefix, start = (cache.inputs(key), cache.layer or 0) if cache is not None else (None, 0)
+            hidden, kept = self._hidden(batch, prefix, start, self._carry)
             if kept:
                 self.carried[key] = kept
             idx = batch.gather.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])

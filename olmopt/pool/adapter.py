@@ -60,6 +60,14 @@ class ArchitectureAdapter:
             return None
         return int(param_name[len(prefix) :].split(".", 1)[0])
 
+    def merge_layer(self, param_name: str) -> int:
+        """The layer whose layer-wise merge parameters a parameter takes (mergekit's convention outside the
+        layers: the embedding takes layer 0's, the final norm and the head the last layer's)."""
+        layer = self.layer_of(param_name)
+        if layer is not None:
+            return layer
+        return 0 if unit_of(param_name) == self.embed else self.num_layers - 1
+
     def boundary_units(self) -> tuple[str, ...]:
         """Embedding, final norm and (untied) lm_head: what a boundary donor supplies."""
         units = (self.embed, self.final_norm)

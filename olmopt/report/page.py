@@ -46,7 +46,7 @@ def write_report(data: dict[str, Any], out: Path, embed: bool = False) -> dict[s
             ("Metrics across stages", "Each objective after each decided stage; held-out data dashed.", png)
         )
     for stage in stages:
-        if stage["kind"].startswith("joint") and stage["points"]:
+        if stage.get("plot") == "pareto" and stage["points"]:
             png = plots.pareto_png(stage, objectives, out / f"pareto_{_slug(stage['key'])}.png")
             caption = (
                 "Trials on the first two objectives; the Pareto set (over all objectives, feasible trials) in blue, the selected trial starred."
@@ -54,7 +54,7 @@ def write_report(data: dict[str, Any], out: Path, embed: bool = False) -> dict[s
                 else "Trials and the best value so far; the selected trial starred."
             )
             figures.append((f"Stage {stage['key']}", caption, png))
-    es = [s for s in stages if s["kind"].startswith("es")]
+    es = [s for s in stages if s.get("plot") == "es"]
     if es:
         png = plots.es_png(es, objectives, out / "es_progress.png")
         figures.append(

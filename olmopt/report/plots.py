@@ -304,7 +304,7 @@ def _span(lo: float, hi: float) -> str:
 
 # -- ES progress ------------------------------------------------------------------------------------
 def es_png(stages: list[dict[str, Any]], objectives: dict[str, str], path: Path) -> Path:
-    """ES generations (stages whose kind starts with ``es``): every candidate and the accepted value."""
+    """ES generations (stages whose ``plot`` is "es"): every candidate and the accepted value."""
     fig = _figure(*metrics_size(len(objectives)))
     axes = fig.subplots(len(objectives), 1, squeeze=False, sharex=True)[:, 0]
     for ax, (name, direction) in zip(axes, objectives.items(), strict=True):

@@ -30,6 +30,7 @@ from optuna_dashboard import save_note
 
 from olmopt.errors import OlmoptError
 from olmopt.search.campaign import Campaign
+from olmopt.search.decision import Decision
 from olmopt.search.kinds import get_kind
 from olmopt.search.storage import redact, sqlite_path
 
@@ -105,7 +106,7 @@ def annotate_trial(campaign: Campaign, trial: optuna.Trial, recipe_json: str) ->
 
 
 @_best_effort
-def annotate_decision(campaign: Campaign, study: optuna.Study, decision: dict[str, Any]) -> None:
+def annotate_decision(campaign: Campaign, study: optuna.Study, decision: Decision) -> None:
     """Notes on the winning trial, the stage study and the campaign; ``stage-summary.json`` on the stage.
 
     Idempotent: every worker of a shared stage may call it with the same decision.
@@ -116,17 +117,13 @@ def annotate_decision(campaign: Campaign, study: optuna.Study, decision: dict[st
     handle = optuna.load_study(
         storage=study._storage, study_name=study.study_name, sampler=optuna.samplers.RandomSampler()
     )
-    if decision.get("trial") is not None:
-        trial_id = next(
-            (t._trial_id for t in handle.get_trials(deepcopy=False) if t.number == decision["trial"]), None
-        )
+    if decision.trial is not None:
+        trial_id = next((t._trial_id for t in handle.get_trials(deepcopy=False) if t.number == decision.trial), None)
         if trial_id is not None:
             save_note(optuna.Trial(handle, trial_id), winner_note(decision, names, directions))
     save_note(handle, stage_note(decision, names, directions))
     if not _has_artifact(handle, SUMMARY_FILE):
-        summary = {k: v for k, v in decision.items() if k != "recipe"} | {
-            "recipe": json.loads(decision["recipe"])
-        }
+        summary = decision.to_dict() | {"recipe": json.loads(decision.recipe.to_json())}
         data = json.dumps(summary, indent=2, sort_keys=True, default=_json_number).encode()
         _upload(artifact_store(artifact_dir_for(campaign.url)), handle, SUMMARY_FILE, data)
     root = optuna.load_study(storage=campaign.storage, study_name=campaign.name)
@@ -166,42 +163,41 @@ def _arrow(direction: str) -> str:
     return "↓" if direction == "minimize" else "↑"
 
 
-def _metrics_table(decision: dict[str, Any], names: list[str], directions: dict[str, str]) -> list[str]:
-    metrics = decision.get("metrics") or {}
-    held = decision.get("held_out") or {}
+def _metrics_table(decision: Decision, names: list[str], directions: dict[str, str]) -> list[str]:
+    metrics, held = decision.metrics, decision.held_out
     rows = [f"| {n} {_arrow(directions[n])} | {_fmt(metrics.get(n))} | {_fmt(held.get(n))} |" for n in names]
     return ["| objective | search | held-out |", "|---|---|---|", *rows, ""]
 
 
-def winner_note(decision: dict[str, Any], names: list[str], directions: dict[str, str]) -> str:
+def winner_note(decision: Decision, names: list[str], directions: dict[str, str]) -> str:
     head = [
-        f"## Selected: winner of stage `{decision['stage']}`",
+        f"## Selected: winner of stage `{decision.stage}`",
         "",
-        f"Reason: {decision.get('reason', '-')}",
+        f"Reason: {decision.reason or '-'}",
         "",
     ]
     return "\n".join(head + _metrics_table(decision, names, directions))
 
 
-def stage_note(decision: dict[str, Any], names: list[str], directions: dict[str, str]) -> str:
+def stage_note(decision: Decision, names: list[str], directions: dict[str, str]) -> str:
     """The stage's decision and its best candidates (all of them in ``stage-summary.json``)."""
-    trial = decision.get("trial")
+    trial = decision.trial
     lines = [
-        f"## Stage `{decision['stage']}`",
+        f"## Stage `{decision.stage}`",
         "",
-        f"Winner: **{short_name(str(decision['winner']))}**"
+        f"Winner: **{short_name(decision.winner)}**"
         + (f" (trial {trial})" if trial is not None else " (incumbent kept)"),
         "",
-        f"Reason: {decision.get('reason', '-')}",
+        f"Reason: {decision.reason or '-'}",
         "",
         *_metrics_table(decision, names, directions),
     ]
-    candidates = decision.get("candidates") or {}
+    candidates = decision.candidates
     if candidates:
         signs = {n: 1.0 if directions[n] == "minimize" else -1.0 for n in names}
         ranked = sorted(
             candidates.items(),
-            key=lambda kv: (not kv[1]["feasible"], *(_key(kv[1]["metrics"].get(n), signs[n]) for n in names)),
+            key=lambda kv: (not kv[1].feasible, *(_key(kv[1].metrics.get(n), signs[n]) for n in names)),
         )
         lines += [
             f"Candidates ({len(candidates)}; the first {min(NOTE_ROWS, len(candidates))}, feasible first, by {', '.join(names)}):",
@@ -212,10 +208,8 @@ def stage_note(decision: dict[str, Any], names: list[str], directions: dict[str,
             "|---" * (3 + len(names)) + "|",
         ]
         for label, c in ranked[:NOTE_ROWS]:
-            cells = " | ".join(_fmt(c["metrics"].get(n)) for n in names)
-            lines.append(
-                f"| {short_name(label)} | {c['trial']} | {'yes' if c['feasible'] else 'no'} | {cells} |"
-            )
+            cells = " | ".join(_fmt(c.metrics.get(n)) for n in names)
+            lines.append(f"| {short_name(label)} | {c.trial} | {'yes' if c.feasible else 'no'} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,7 +218,7 @@ def _key(value: float | None, sign: float) -> float:
 
 
 def campaign_note(
-    campaign: Campaign, decisions: dict[str, dict[str, Any]], exported: Path | None = None
+    campaign: Campaign, decisions: dict[str, Decision], exported: Path | None = None
 ) -> str:
     names = campaign.objective_names()
     directions = campaign.directions()
@@ -243,8 +237,8 @@ def campaign_note(
             lines.append(f"| {stage.key} | (pending) | " + " | ".join("-" for _ in names) + " |")
             continue
         lines.append(
-            f"| {stage.key} | {short_name(str(d['winner']))} | "
-            + " | ".join(_fmt(d["metrics"].get(n)) for n in names)
+            f"| {stage.key} | {short_name(d.winner)} | "
+            + " | ".join(_fmt(d.metrics.get(n)) for n in names)
             + " |"
         )
     if exported is not None:
@@ -273,9 +267,10 @@ def campaign_report_data(name: str, url: str) -> dict[str, Any]:
             "kind": stage.kind,
             "target": stage.target,
             "state": "decided" if d else "pending",
+            "plot": get_kind(stage.kind).report_plot,
             "decision": None
             if d is None
-            else {k: d.get(k) for k in ("winner", "trial", "reason", "metrics", "held_out", "candidates")},
+            else {k: v for k, v in d.to_dict().items() if k in ("winner", "trial", "reason", "metrics", "held_out", "candidates")},
             "points": [],
         }
         if get_kind(stage.kind).plots_trials:
@@ -314,7 +309,7 @@ def _points(study: optuna.Study, names: list[str]) -> Iterator[dict[str, Any]]:
         }
 
 
-def _layout(campaign: Campaign, decisions: dict[str, dict[str, Any]]) -> tuple[int, list[str]]:
+def _layout(campaign: Campaign, decisions: dict[str, Decision]) -> tuple[int, list[str]]:
     """(number of layers, unit names) from the pool's files, else from the plan and the recipes."""
     try:
         from olmopt.search.context import open_pool
@@ -332,9 +327,8 @@ def _layout(campaign: Campaign, decisions: dict[str, dict[str, Any]]) -> tuple[i
         elif stage.kind == "unit":
             units[stage.target] = None
     for d in decisions.values():
-        recipe = json.loads(d["recipe"])
-        layers.update(int(i) for i in recipe.get("layers", {}))
-        units.update(dict.fromkeys(recipe.get("units", {})))
+        layers.update(d.recipe.layers)
+        units.update(dict.fromkeys(d.recipe.units))
     for unit in units:
         index = unit_layer(unit)
         if index is not None:

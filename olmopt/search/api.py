@@ -79,6 +79,10 @@ def check_against_pool(config: StudyConfig, pool_names: list[str], num_layers: i
         for model in models or []:
             if model not in pool_names:
                 raise StudyKeyError(f"decisions.{key}.models: {model!r} is not in pool.models")
+    if d.merge.mode == "joint":
+        from olmopt.search.kinds.merge import check_variant_count
+
+        check_variant_count(d.merge.methods, len(d.merge.models) if d.merge.models else len(pool_names) - 1)
 
 
 class _NoModel:
@@ -215,9 +219,9 @@ def campaign_status(name: str, url: str) -> dict[str, Any]:
                 "target": stage.target,
                 "state": "decided" if d else ("pending" if study is None else ("running" if running else "started")),
                 "trials": counts,
-                "winner": d["winner"] if d else None,
-                "metrics": d["metrics"] if d else None,
-                "held_out": d["held_out"] if d else None,
+                "winner": d.winner if d else None,
+                "metrics": d.metrics if d else None,
+                "held_out": d.held_out if d else None,
             }
         )
     final = campaign.final_recipe()

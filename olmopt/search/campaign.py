@@ -3,12 +3,15 @@
 Layout in the storage: a root study named after the campaign holds the validated config and the plan
 as user attrs; each stage is its own Optuna study ``{name}/{stage.key}`` with one objective per
 (dataset, metric), and records its decision as the user attr ``olmopt.decision`` once selected.
-Everything needed to resume lives in the storage: a decided stage is never recomputed.
+Everything needed to resume lives in the storage: a decided stage is never recomputed. Decisions are
+written and read only here (``record_decision``, ``decision``, ``decisions``, ``stage_decision``), as
+``search.decision.Decision``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +21,7 @@ from olmopt import __version__
 from olmopt.config import StudyConfig, default_objective_name
 from olmopt.errors import StorageError
 from olmopt.recipe import Recipe
+from olmopt.search.decision import Decision
 from olmopt.search.kind import Stage
 from olmopt.search.storage import open_storage, redact
 
@@ -127,32 +131,27 @@ class Campaign:
         except KeyError:
             return None
 
-    def decision(self, stage: Stage) -> dict[str, Any] | None:
+    def decision(self, stage: Stage) -> Decision | None:
         study = self.existing_stage_study(stage)
-        return None if study is None else study.user_attrs.get(DECISION_ATTR)
+        return None if study is None else stage_decision(study)
 
-    def decisions(self) -> dict[str, dict[str, Any]]:
+    def decisions(self) -> dict[str, Decision]:
         """stage key -> decision, for decided stages (one storage round trip per stage study)."""
-        out = {}
-        for summary in all_studies(self.storage):
-            prefix = self.name + "/"
-            if summary.study_name.startswith(prefix) and DECISION_ATTR in summary.user_attrs:
-                out[summary.study_name[len(prefix) :]] = summary.user_attrs[DECISION_ATTR]
-        return out
+        return {key: Decision.from_dict(stored) for key, stored in _stored_decisions(self.name, all_studies(self.storage)).items()}
 
-    def incumbent_before(self, stage: Stage, decisions: dict[str, dict[str, Any]] | None = None) -> Recipe | None:
+    def incumbent_before(self, stage: Stage, decisions: dict[str, Decision] | None = None) -> Recipe | None:
         """The Recipe decided by the last decided stage before ``stage``."""
         decisions = decisions if decisions is not None else self.decisions()
         for previous in reversed(self.plan[: stage.index]):
             if previous.key in decisions:
-                return Recipe.from_json(decisions[previous.key]["recipe"])
+                return decisions[previous.key].recipe
         return None
 
     def final_recipe(self) -> Recipe | None:
         decisions = self.decisions()
         for stage in reversed(self.plan):
             if stage.key in decisions:
-                return Recipe.from_json(decisions[stage.key]["recipe"])
+                return decisions[stage.key].recipe
         return None
 
     def is_finished(self) -> bool:
@@ -169,7 +168,7 @@ class Campaign:
         except Exception:  # noqa: BLE001 - a status note must not mask the run's own outcome
             pass
 
-    def state(self, decisions: dict[str, dict[str, Any]] | None = None) -> tuple[str, str | None]:
+    def state(self, decisions: Mapping[str, Any] | None = None) -> tuple[str, str | None]:
         """(one of STATES, detail): finished when every stage is decided; running while a worker runs it
         (SQLite: a `study run` of this campaign holds the file; shared storages: `live_work`); else how the
         last run ended (interrupted, also when killed without a word; stopped by --timeout; failed, with its
@@ -202,6 +201,32 @@ class Campaign:
         self.info = {**self.info, **(info_update or {}), "plan": [s.to_dict() for s in self.plan]}
         optuna.load_study(storage=self.storage, study_name=self.name).set_user_attr(CAMPAIGN_ATTR, self.info)
         return added
+
+
+def record_decision(study: optuna.Study, decision: Decision) -> None:
+    """Store ``decision`` on its stage study (what every reader of the campaign sees)."""
+    study.set_user_attr(DECISION_ATTR, decision.to_dict())
+
+
+def stage_decision(study: optuna.Study) -> Decision | None:
+    """The decision recorded on a stage study, None while undecided."""
+    return decision_in(study.user_attrs)
+
+
+def decision_in(user_attrs: Mapping[str, Any]) -> Decision | None:
+    """The decision among a stage study's user attrs (None: undecided)."""
+    stored = user_attrs.get(DECISION_ATTR)
+    return Decision.from_dict(stored) if stored else None
+
+
+def _stored_decisions(name: str, summaries: list[Any]) -> dict[str, dict[str, Any]]:
+    """stage key -> stored decision of campaign ``name``, from study summaries (not parsed)."""
+    prefix = name + "/"
+    return {
+        s.study_name[len(prefix) :]: s.user_attrs[DECISION_ATTR]
+        for s in summaries
+        if s.study_name.startswith(prefix) and DECISION_ATTR in s.user_attrs
+    }
 
 
 def all_studies(storage: optuna.storages.BaseStorage, attempts: int = 5) -> list[Any]:
@@ -294,12 +319,7 @@ def list_campaigns(url: str) -> list[dict[str, Any]]:
         info = s.user_attrs.get(CAMPAIGN_ATTR)
         if not info:
             continue
-        prefix = s.study_name + "/"
-        decisions = {
-            t.study_name[len(prefix) :]: t.user_attrs[DECISION_ATTR]
-            for t in summaries
-            if t.study_name.startswith(prefix) and DECISION_ATTR in t.user_attrs
-        }
+        decisions = _stored_decisions(s.study_name, summaries)
         decided = len(decisions)
         campaign = Campaign(
             s.study_name, url, storage, StudyConfig.model_validate(info["config"]),

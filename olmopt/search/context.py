@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from olmopt.config import StudyConfig, default_objective_name
-from olmopt.evaluate.engine import Evaluator, Objective, PrefixStore
+from olmopt.evaluate.engine import Evaluator, Objective
 from olmopt.evaluate.lmeval import LmEvalEvaluator, spec_of
+from olmopt.evaluate.prefix_cache import PrefixCache
 from olmopt.methods.dfs.resident import ResidentPool, dfs_eval_model
 from olmopt.methods.fusion.resident import fused, without_fusion
 from olmopt.patch import WorkingModel
@@ -41,7 +42,7 @@ def open_pool(config: StudyConfig) -> ModelPool:
 
 
 class EvalContext:
-    """Scores Recipes on one resident model; keeps the prefix cache valid for the current incumbent."""
+    """Scores Recipes on one resident model; its prefix cache follows the incumbent."""
 
     def __init__(self, config: StudyConfig, pool: ModelPool | None = None) -> None:
         configure_threads()  # OLMOPT_THREADS, default 1: torch's own default (every core) thrashes a busy machine
@@ -63,9 +64,7 @@ class EvalContext:
         self.lm_eval = (
             LmEvalEvaluator(self.working.model, tokenizer, lm_objs, ev.batch_size, greedy=_kv_greedy) if lm_objs else None
         )
-        self._prefix_recipe: Recipe | None = None  # the incumbent whose hidden states the evaluator holds
-        self._carried: dict[str, PrefixStore] = {}  # candidate digest -> inputs of the layers after its own
-        self._carried_bytes = 0
+        self.prefix = PrefixCache(self.evaluator, self.working.adapter, self.working.param_names)
         self._resident: ResidentPool | None = None
 
     def prepare(self) -> None:
@@ -103,68 +102,19 @@ class EvalContext:
     def _score_patched(self, recipe: Recipe, split: str, incumbent: Recipe | None, layer: int | None) -> dict[str, float]:
         if incumbent is not None and not incumbent.dfs and self.working.recipe != without_fusion(incumbent):
             self.working.apply(without_fusion(incumbent))  # the new resident state; never undone
-        in_stage = incumbent is not None and layer is not None and split == "search" and not recipe.fusion
-        use_prefix = bool(in_stage and layer)
-        carry: list[int] = []
-        if in_stage:
-            assert incumbent is not None and layer is not None
-            if use_prefix:
-                self._switch_prefix(incumbent, layer)
-            elif self._prefix_recipe != incumbent:  # a layer-0 stage: nothing to reuse, but hold what was kept
-                self._hold_inputs_of(incumbent)
-            room = self.evaluator.prefix_bytes - self._carried_bytes
-            carry = self.evaluator.carry_layers(layer, room // 2)  # the stage's later candidates get room too
+        plan = self.prefix.before(recipe, incumbent, layer, split)
         with self.working.patched(without_fusion(recipe)), fused(self.working.model, recipe):
-            values = self.evaluator.evaluate(split, use_prefix=use_prefix, carry=carry)  # type: ignore[arg-type]
+            cache = self.prefix if plan.use else None
+            values = self.evaluator.evaluate(split, prefix=cache, carry=plan.carry)  # type: ignore[arg-type]
             if self.lm_eval is not None:
                 values.update(self.lm_eval.evaluate(split))
-        if self.evaluator.carried:
-            below = self.evaluator.prefix_store if use_prefix else {}
-            self._carried_bytes += sum(t.numel() * t.element_size() for e in self.evaluator.carried.values() for t in e.values())
-            self._carried[recipe.digest()] = {
-                key: {**{k: v for k, v in below.get(key, {}).items() if k <= layer}, **kept}  # type: ignore[operator]
-                for key, kept in self.evaluator.carried.items()
-            }
+        self.prefix.after(recipe, plan, self.evaluator.carried)
         return values
-
-    def _take_carried(self, incumbent: Recipe) -> PrefixStore | None:
-        """The inputs kept when ``incumbent`` was a candidate; the other candidates' are dropped."""
-        carried = self._carried.pop(incumbent.digest(), None)
-        self._carried.clear()
-        self._carried_bytes = 0
-        return carried
-
-    def _hold_inputs_of(self, incumbent: Recipe) -> None:
-        """A new incumbent in a stage without prefix (layer 0): keep its inputs for later stages."""
-        self.evaluator.hold_prefix(self._take_carried(incumbent) or {})
-        self._prefix_recipe = incumbent
-
-    def _switch_prefix(self, incumbent: Recipe, layer: int) -> None:
-        """Make the evaluator's prefix cache hold ``incumbent``'s hidden states entering ``layer``.
-
-        In order of cost: the captures it holds (same incumbent, or one that differs only in later
-        layers: an ES step, a later unit); the inputs kept when ``incumbent`` was evaluated as a
-        candidate of the previous stage; a capture pass from the deepest input that is still valid (the
-        embedding when none is).
-        """
-        from olmopt.patch import shared_prefix_depth
-
-        if self._prefix_recipe != incumbent:
-            old, store = self._prefix_recipe, self.evaluator.prefix_store
-            depth = -1 if old is None else shared_prefix_depth(old, incumbent, self.working.adapter, self.working.param_names)
-            valid = {key: {k: v for k, v in entry.items() if k <= depth} for key, entry in store.items()}
-            carried = self._take_carried(incumbent)
-            merged = carried if carried is not None else valid
-            if not self.evaluator.adopt_prefix(merged, layer):
-                self.evaluator.capture_prefix(layer, "search", start=valid)  # from the deepest valid input
-            self._prefix_recipe = incumbent
-        elif not self.evaluator.use_prefix_layer(layer):
-            self.evaluator.capture_prefix(layer, "search", start=self.evaluator.prefix_store)
 
     def _score_dfs(self, recipe: Recipe, split: str) -> dict[str, float]:
         if self._resident is None:
             self._resident = ResidentPool(self.pool, self.working.device, self.working.dtype)
-        model = dfs_eval_model(self._resident, recipe.dfs)  # type: ignore[arg-type]
+        model = dfs_eval_model(self._resident, recipe)
         evaluator = Evaluator(model, self.evaluator.tokenizer, self.evaluator.objectives, batch_size=self.evaluator.batch_size)
         evaluator._encoded = self.evaluator._encoded  # share the tokenization cache
         values = evaluator.evaluate(split)  # type: ignore[arg-type]

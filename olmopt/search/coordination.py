@@ -10,6 +10,8 @@ taken does not wait for it: it evaluates the candidates as they appear (``acquir
 from __future__ import annotations
 
 import datetime
+import os
+import socket
 import time
 from types import TracebackType
 from typing import TypeGuard
@@ -21,6 +23,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 LOCK_ATTR = "olmopt.lock_acquired"
 ENQUEUED_ATTR = "fixed_params"  # Optuna's system attr of an enqueued trial (and of its retries)
+POLL_SECONDS = (0.05, 1.0)  # waiting for other workers: first poll, then x1.5 up to the second
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # names this process in trials and decisions
+
+
+def next_poll(poll: float) -> float:
+    return min(POLL_SECONDS[1], poll * 1.5)
 
 
 def heartbeat_enabled(storage: BaseStorage) -> TypeGuard[RDBStorage]:

@@ -22,9 +22,12 @@ from olmopt.search.annotate import annotate_export
 from olmopt.search.api import check_inputs_unchanged
 from olmopt.search.campaign import Campaign
 from olmopt.search.context import EvalContext
+from olmopt.search.kinds import get_kind
 from olmopt.search.kinds.es import REFINE_INFO, refine_targets
 from olmopt.search.storage import redact, sqlite_path
 from olmopt.search.trials import RECIPE_ATTR, nonfinite_objectives
+
+REPORT_STAGE_KEYS = ("stage", "winner", "trial", "kept_incumbent", "metrics", "held_out", "reason")  # per stage
 
 
 def pick_recipe(campaign: Campaign, trial: int | None, stage_key: str | None) -> tuple[Recipe, dict[str, float], str, int | None]:
@@ -36,7 +39,7 @@ def pick_recipe(campaign: Campaign, trial: int | None, stage_key: str | None) ->
             if d:
                 if stage is not campaign.plan[-1]:
                     raise InputError(f"campaign {campaign.name!r} is not finished (run `olmopt study run {campaign.name}`)")
-                return Recipe.from_json(d["recipe"]), d["metrics"], stage.key, d["trial"]
+                return d.recipe, d.metrics, stage.key, d.trial
         raise InputError(f"campaign {campaign.name!r} has no decided stage yet")
     stages = {s.key: s for s in campaign.plan}
     key = stage_key or campaign.plan[-1].key
@@ -49,7 +52,7 @@ def pick_recipe(campaign: Campaign, trial: int | None, stage_key: str | None) ->
         d = decisions.get(key)
         if not d:
             raise InputError(f"stage {key!r} is not decided yet; pass --trial N")
-        return Recipe.from_json(d["recipe"]), d["metrics"], key, d["trial"]
+        return d.recipe, d.metrics, key, d.trial
     match = [t for t in study.get_trials(deepcopy=False) if t.number == trial and t.values]
     if not match:
         raise InputError(f"stage {key!r} has no complete trial {trial}")
@@ -114,7 +117,7 @@ def export_best(
     counts = {o.name: held_out_items(ctx, o) for o in ctx.objectives if o.kind != "recipe"} if has_held else {}
     verdict = copeland_verdict(table, directions, counts) if has_held and compare_donors else None
     decisions = campaign.decisions()
-    report = olm_report_sections(campaign.info["plan"], decisions)
+    report = olm_report_sections(get_kind(s.kind).olm_report(s, decisions[s.key]) for s in campaign.plan if s.key in decisions)
     report.update(
         {
             "recipe": recipe.to_dict(),
@@ -124,7 +127,7 @@ def export_best(
                 for o in ctx.objectives
             },
             "stages": [
-                {k: d[k] for k in ("stage", "winner", "trial", "kept_incumbent", "metrics", "held_out", "reason")}
+                {k: v for k, v in d.to_dict().items() if k in REPORT_STAGE_KEYS}
                 for d in (decisions[s.key] for s in campaign.plan if s.key in decisions)
             ],
             "merged": {"search": got, "held_out": held},
@@ -196,7 +199,7 @@ def refinement_report(
 ) -> dict[str, Any]:
     """Before/after metrics, the ES stages and the accepted steps of a refinement."""
     decision = campaign.decisions()[info["before"]]
-    before = Recipe.from_json(decision["recipe"])
+    before = decision.recipe
     has_held = any(o.held_out > 0 for o in ctx.objectives)
     return {
         "method": info["method"],
@@ -205,7 +208,7 @@ def refinement_report(
         "steps": [step.model_dump(mode="json") for step in recipe.es[len(before.es) :]],
         "before": {
             "stage": info["before"],
-            "search": decision["metrics"],
+            "search": decision.metrics,
             "held_out": ctx.score(before, "held_out") if has_held else {},
         },
         "after": {"search": got, "held_out": held},

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from olmopt.config import StudyConfig
     from olmopt.pool.adapter import ArchitectureAdapter
     from olmopt.recipe import Recipe
+    from olmopt.search.decision import Decision
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class SpaceEnv(Protocol):
     param_names: list[str]
     context: Any  # olmopt.search.context.EvalContext
     pool: Any  # olmopt.pool.model_pool.ModelPool
-    decisions: dict[str, dict[str, Any]]  # the campaign's decisions so far, by stage key
+    decisions: dict[str, Decision]  # the campaign's decisions so far, by stage key
 
 
 # decide(trials by label, scores, feasible, keep) -> winning label or None (keep the incumbent)
@@ -92,6 +93,13 @@ class DecisionKind:
         winner passes the held-out guard (``selection.held_out_guard``), and its enqueued named starting
         points get held-out figures. Otherwise only the enqueued candidates are evaluated.
         ``plots_trials``: the dashboard plots every trial of the stage (joint stages and ES).
+        ``report_plot``: the figure ``olmopt report`` draws for the stage: "pareto" (its trials on the
+        objectives, the Pareto set and the selected trial), "es" (one generation of the ES progress plot)
+        or None.
+
+    Methods the exporter calls (any process, after the campaign): ``olm_report(stage, decision)``, the
+    stage's part of OLM's report sections in ``merge_report.json`` (``base_model``, ``boundary_layers``,
+    ``layers``, ``tensors``); default none. Readers of results never test a kind's name: they ask it.
 
     Lifecycle (which process calls what)
 
@@ -133,6 +141,7 @@ class DecisionKind:
     order: int = 1000
     joint: bool = False
     plots_trials: bool = False
+    report_plot: str | None = None
 
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         """This kind's stages for ``config``, in execution order (``index`` is renumbered by the planner)."""
@@ -155,6 +164,10 @@ class DecisionKind:
     def distributions(self, stage: Stage, env: SpaceEnv) -> dict[str, BaseDistribution] | None:
         """A joint kind's whole search space up front, for samplers that need it (CatCMA); None: none."""
         return None
+
+    def olm_report(self, stage: Stage, decision: Decision) -> dict[str, Any]:
+        """This stage's part of OLM's report sections (merged by ``export.olm_report_sections``); {}: none."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(self.stage_kinds)})"

@@ -19,10 +19,11 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -38,7 +39,9 @@ from olmopt.outdir import (
     check_output,
     copy_side_files,
 )
+from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.pool.checkpoint import Checkpoint
+from olmopt.recipe import LayerValue, ParamMerge
 from olmopt.textio import read_text
 
 MERGE_CONFIG_FILE = "merge_config.json"
@@ -209,11 +212,16 @@ def merge_directories(
     progress: bool = True,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    layer_params: Mapping[str, Sequence[LayerValue]] | None = None,
+    group_size: int = 1,
 ) -> dict[str, Any]:
     """Merge ``variant_dirs`` (highest priority first) onto ``base_dir`` into ``out_dir``.
 
-    Returns a summary: ``tensors``, ``seconds``, ``bytes`` (weights written), ``shards``, ``out``.
-    Nothing is written unless every check passes; a failure midway leaves no output directory.
+    ``layer_params`` makes parameters layer-wise as in a Recipe (``ParamMerge.layer_params``: one value
+    per group of ``group_size`` layers overriding ``params``; the embedding takes layer 0's values, the
+    final norm and the head the last layer's). Returns a summary: ``tensors``, ``seconds``, ``bytes``
+    (weights written), ``shards``, ``out``. Nothing is written unless every check passes; a failure
+    midway leaves no output directory.
     """
     started = time.perf_counter()
     spec = get_method(method)
@@ -227,6 +235,7 @@ def merge_directories(
     base = PreadModel(base_dir)
     variants = [PreadModel(d) for d in variant_dirs]
     names = preflight(base, variants)
+    at_layer = _layer_resolver(base, spec.name, params, layer_params or {}, group_size, len(variants))
     out = Path(out_dir)
     inputs = [base_dir, *variant_dirs]
     check_output(out, inputs, force)
@@ -241,8 +250,9 @@ def merge_directories(
         ]
         if tensors[0].is_floating_point():
             check_shapes(tensors[0], tensors[1:], name)
+            values = resolved if at_layer is None else at_layer(name)
             merged = spec.function(
-                tensors[0], tensors[1:], resolved, seed=seed, name=name, chunk_elems=chunk_elems
+                tensors[0], tensors[1:], values, seed=seed, name=name, chunk_elems=chunk_elems
             )
         else:
             merged = tensors[0]
@@ -271,6 +281,7 @@ def merge_directories(
             record = {
                 "method": spec.name,
                 "params": params.as_dict(),
+                **({"layer_params": dict(layer_params), "group_size": group_size} if layer_params else {}),
                 "seed": seed,
                 "base_model": str(base.directory),
                 "variant_models": [str(v.directory) for v in variants],
@@ -287,6 +298,40 @@ def merge_directories(
         "shards": len(shards),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _layer_resolver(
+    base: PreadModel,
+    method: str,
+    params: MethodParams,
+    layer_params: Mapping[str, Sequence[LayerValue]],
+    group_size: int,
+    count: int,
+) -> Callable[[str], dict[str, Any]] | None:
+    """Tensor name -> its resolved parameters, for layer-wise parameters (None without them); every
+    layer's values are checked here, before any output exists."""
+    if not layer_params:
+        return None
+    adapter = ArchitectureAdapter.from_config(SimpleNamespace(**base.config), base.name)
+    raw = {k: v for k, v in params.as_dict().items() if v is not None}
+    try:
+        merge = ParamMerge(
+            method=method, base="", models=tuple(map(str, range(count))), params=raw,
+            layer_params={k: tuple(v) for k, v in layer_params.items()}, group_size=group_size,
+        )  # fmt: skip
+    except ValueError as exc:  # pydantic: a value of the wrong type
+        raise InputError(f"merge: layer-wise parameters: {str(exc).splitlines()[-1].strip()}") from None
+    want = merge.num_groups(adapter.num_layers)
+    for key, groups in sorted(merge.layer_params.items()):
+        if len(groups) != want:
+            raise InputError(f"merge: {key} has {len(groups)} values for {want} layer groups")
+    per_layer = []
+    for layer in range(adapter.num_layers):
+        try:
+            per_layer.append(make_params(method, merge.params_at(layer)).resolve(count))
+        except InputError as exc:
+            raise InputError(f"merge: layer {layer}: {exc}") from None
+    return lambda name: per_layer[adapter.merge_layer(name)]
 
 
 def _ordered_map(func: Callable[[str], str], items: Sequence[str], threads: int) -> Iterator[tuple[str, str]]:

@@ -2,7 +2,9 @@
 
 Slots follow the seed's mask order (repetition, model, layer): an indicator per slot and a scale per
 active slot (conditional: it exists only when the slot is on), plus the model whose embedding and
-head frame the path. The identity path of each model is enqueued first.
+head frame the path. The identity path of each model is enqueued first. After a merge stage the
+PS-merged model is one of the path's models (``MERGE_DONOR``, Sakana's PS+DFS): its hops read the
+incumbent's merged layers.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import Trial
 
 from olmopt.methods.dfs.path import DfsPath
-from olmopt.recipe import Recipe
+from olmopt.recipe import MERGE_DONOR, Recipe
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
+from olmopt.search.kinds.swap import donor_pool, incumbent_of
 
 if TYPE_CHECKING:
     from optuna.samplers import BaseSampler
@@ -24,15 +27,17 @@ if TYPE_CHECKING:
     from olmopt.pool.adapter import ArchitectureAdapter
 
 
-def dfs_models(env: SpaceEnv) -> list[str]:
+def dfs_models(env: SpaceEnv, incumbent: Recipe | None) -> list[str]:
+    """The path's models: ``dfs.models`` (default the first two pool models), and the incumbent's
+    parameter-space merge when it holds one."""
     chosen = env.config.decisions.dfs.models
-    return list(chosen) if chosen else list(env.pool_names[:2])
+    return donor_pool(list(chosen) if chosen else list(env.pool_names[:2]), incumbent)
 
 
 def dfs_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
     assert incumbent is not None
     cfg = env.config.decisions.dfs
-    models = dfs_models(env)
+    models = dfs_models(env, incumbent)
     num_layers = env.adapter.num_layers
     slots = [
         (r, m, layer)
@@ -52,7 +57,9 @@ def dfs_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpa
         if not hops:  # an empty path is no model: fall back to the frame model's first layer
             hops, scales = [(frame, 0)], [1.0]
         path = DfsPath(hops=tuple(hops), scales=tuple(scales), input_model=frame, output_model=frame)
-        return f"#{trial.number}", Recipe(base=incumbent.base, dfs=path)
+        uses_merge = MERGE_DONOR in {frame, *(m for m, _ in hops)}
+        merge = incumbent.param_merge if uses_merge else None
+        return f"#{trial.number}", Recipe(base=incumbent.base, param_merge=merge, dfs=path)
 
     enqueue: list[tuple[str, dict[str, object]]] = []
     for k, name in enumerate(models):
@@ -66,10 +73,10 @@ def dfs_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpa
     return StageSpace(decode=decode, enqueue=enqueue, budget=stage.n_trials)
 
 
-def dfs_distributions(env: SpaceEnv) -> dict[str, BaseDistribution]:
+def dfs_distributions(stage: Stage, env: SpaceEnv) -> dict[str, BaseDistribution]:
     """The whole (unconditional) DFS space, declared up front for the CatCMA sampler."""
     cfg = env.config.decisions.dfs
-    models = dfs_models(env)
+    models = dfs_models(env, incumbent_of(stage, env.decisions))
     space: dict[str, BaseDistribution] = {"io_model": CategoricalDistribution(models)}
     for r in range(cfg.repetitions):
         for m in range(len(models)):
@@ -86,6 +93,7 @@ class DfsKind(DecisionKind):
     order = 100
     joint = True
     plots_trials = True
+    report_plot = "pareto"
 
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         d = config.decisions.dfs
@@ -103,7 +111,7 @@ class DfsKind(DecisionKind):
 
         assert env is not None
         return CatCmaSampler(
-            dfs_distributions(env), seed=seed, population_size=config.sampler.population_size
+            dfs_distributions(stage, env), seed=seed, population_size=config.sampler.population_size
         )
 
 

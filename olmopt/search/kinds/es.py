@@ -170,7 +170,7 @@ def unit_kind(unit: str) -> str:
 def tuned(env: SpaceEnv, kind: str, unit: str) -> tuple[float | None, int | None]:
     """(sigma, generations) the sigma search chose for ``unit``'s kind; (None, None) without one."""
     for decision in (getattr(env, "decisions", None) or {}).values():
-        found = decision.get(TUNED)
+        found = decision.details.get(TUNED)
         if found and found["kind"] == kind and found["unit_kind"] == unit_kind(unit):
             return float(found["sigma"]), int(found["generations"])
     return None, None
@@ -385,6 +385,7 @@ class EsKind(DecisionKind):
     stage_kinds = tuple(ES_KINDS)
     order = 80
     plots_trials = True
+    report_plot = "es"
 
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         if config.decisions.es.svd is None and config.decisions.es.norm is None:

@@ -212,6 +212,7 @@ class EsTuneKind(DecisionKind):
     stage_kinds = tuple(TUNE_KINDS)
     order = 70
     plots_trials = True
+    report_plot = "es"
 
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         if config.decisions.es.svd is None and config.decisions.es.norm is None:

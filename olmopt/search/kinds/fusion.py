@@ -92,6 +92,7 @@ class FusionKind(DecisionKind):
     order = 90
     joint = True
     plots_trials = True
+    report_plot = "pareto"
 
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         d = config.decisions.fusion

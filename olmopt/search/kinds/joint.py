@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
-from olmopt.search.kinds.swap import apply_choice, current_donor, tensor_units
+from olmopt.search.kinds.swap import apply_choice, current_donor, donor_pool, incumbent_of, tensor_units
 
 if TYPE_CHECKING:
     from optuna.distributions import CategoricalDistribution
@@ -30,14 +30,16 @@ def joint_slots(
 def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
     """One sampler over every slot's donor at once. The incumbent is the first trial; with ``warm_start``
     each donor's whole model (every slot from that donor) follows, so the sampler starts from the
-    points a user would try first. ``stage.n_trials`` counts evaluations: a repeated suggestion is free."""
+    points a user would try first. After a merge stage the donors include the PS merge (``donor_pool``).
+    ``stage.n_trials`` counts evaluations: a repeated suggestion is free."""
     assert incumbent is not None
     slots = joint_slots(stage, env.config, env.adapter, env.param_names)
+    donors = donor_pool(env.pool_names, incumbent)
 
     def decode(trial: Trial) -> tuple[str, Recipe]:
         recipe = incumbent
         for slot in slots:
-            recipe = apply_choice(recipe, slot, str(trial.suggest_categorical(slot, env.pool_names)))
+            recipe = apply_choice(recipe, slot, str(trial.suggest_categorical(slot, donors)))
         label = "incumbent" if recipe == incumbent else f"#{trial.number}"
         return label, recipe
 
@@ -45,7 +47,7 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
     enqueue: list[tuple[str, dict[str, Any]]] = [("incumbent", keep)]
     decision = env.config.decisions.layers if stage.kind == "joint-layers" else env.config.decisions.tensors
     if decision.warm_start:
-        enqueue += [(f"all-{donor}", dict.fromkeys(slots, donor)) for donor in env.pool_names]
+        enqueue += [(f"all-{donor}", dict.fromkeys(slots, donor)) for donor in donors]
         enqueue = [
             (label, params)
             for i, (label, params) in enumerate(enqueue)
@@ -59,12 +61,14 @@ def joint_distributions(stage: Stage, env: SpaceEnv) -> dict[str, CategoricalDis
     from optuna.distributions import CategoricalDistribution
 
     slots = joint_slots(stage, env.config, env.adapter, env.param_names)
-    return {slot: CategoricalDistribution(list(env.pool_names)) for slot in slots}
+    donors = donor_pool(env.pool_names, incumbent_of(stage, env.decisions))
+    return {slot: CategoricalDistribution(donors) for slot in slots}
 
 
 class _JointDonors(DecisionKind):
     joint = True
     plots_trials = True
+    report_plot = "pareto"
 
     def decision(self, config: StudyConfig) -> SwapDecision:
         raise NotImplementedError

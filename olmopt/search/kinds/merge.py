@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from olmopt.errors import InputError, StudyKeyError
 from olmopt.methods.delta import MethodSpec, get_method
 from olmopt.methods.registry import SearchDim
-from olmopt.recipe import MERGE_DONOR, ParamMerge, Recipe
+from olmopt.recipe import ParamMerge, Recipe
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
 
@@ -132,13 +132,14 @@ def default_point(spec: MethodSpec, count: int, lay: Layout | None = None) -> di
     return point
 
 
-def donor_pool(pool_names: Sequence[str], incumbent: Recipe | None) -> list[str]:
-    """The donors a donor-choice stage offers after a merge stage (Sakana's PS then layers): the pool and,
-    when the incumbent holds a parameter-space merge, ``MERGE_DONOR`` (the merged model's own slot)."""
-    names = list(pool_names)
-    if incumbent is not None and incumbent.param_merge is not None:
-        names.append(MERGE_DONOR)
-    return names
+def check_variant_count(methods: Sequence[str], count: int) -> None:
+    """Every listed method takes ``count`` variants (SLERP takes one), else one line naming the key;
+    checked at ``study create`` (the count is known then: ``merge.models``, else the pool but the base)."""
+    for name in methods:
+        try:
+            get_method(name).check_count(count)
+        except InputError as exc:
+            raise StudyKeyError(f"decisions.merge.methods: {exc}") from None
 
 
 def merge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
@@ -147,11 +148,7 @@ def merge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
     base = incumbent.base
     variants = variants_of(env, base)
     specs = {name: get_method(name) for name in cfg.methods}
-    for spec in specs.values():
-        try:
-            spec.check_count(len(variants))
-        except InputError as exc:
-            raise StudyKeyError(f"decisions.merge.methods: {exc}") from None
+    check_variant_count(cfg.methods, len(variants))
     num_layers = env.adapter.num_layers
     layouts = {n: layout(s, len(variants), num_layers, cfg.group_size, cfg.layerwise) for n, s in specs.items()}
     order_choices = orders(len(variants), cfg.search_order)
@@ -424,6 +421,7 @@ class MergeKind(DecisionKind):
     order = 10
     joint = True
     plots_trials = True
+    report_plot = "pareto"
 
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         d = config.decisions.merge

@@ -8,9 +8,10 @@ several sweeps (``passes``); a later sweep after one that changed nothing costs 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from olmopt.recipe import Recipe
+from olmopt.recipe import MERGE_DONOR, Recipe
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
     from olmopt.config import StudyConfig
     from olmopt.pool.adapter import ArchitectureAdapter
+    from olmopt.search.decision import Decision
 
 
 # -- slots ---------------------------------------------------------------------------------------------
@@ -57,6 +59,25 @@ def tensor_units(config: StudyConfig, adapter: ArchitectureAdapter, param_names:
     return list(reversed(units)) if t.direction == "backward" else units
 
 
+def donor_pool(pool_names: list[str], incumbent: Recipe | None) -> list[str]:
+    """The donors a donor-choice stage offers (Sakana's PS then layers): the pool and, when the incumbent
+    holds a parameter-space merge, ``MERGE_DONOR`` (the merged model's own layers, units or boundary)."""
+    names = list(pool_names)
+    if incumbent is not None and incumbent.param_merge is not None:
+        names.append(MERGE_DONOR)
+    return names
+
+
+def incumbent_of(stage: Stage, decisions: Mapping[str, Decision]) -> Recipe | None:
+    """The Recipe the runner hands ``stage`` as its incumbent (the last decision before it), for hooks that
+    see only the campaign's decisions (a sampler's search space declared up front)."""
+    earlier = [key for key in decisions if int(key.split("-", 1)[0]) < stage.index]
+    if not earlier:
+        return None
+    last = max(earlier, key=lambda key: int(key.split("-", 1)[0]))
+    return decisions[last].recipe
+
+
 def apply_choice(incumbent: Recipe, slot: str, donor: str) -> Recipe:
     """``incumbent`` with ``slot`` (``layer.{i}`` or ``unit.{name}``) taken from ``donor``."""
     kind, _, target = slot.partition(".")
@@ -64,18 +85,20 @@ def apply_choice(incumbent: Recipe, slot: str, donor: str) -> Recipe:
 
 
 def current_donor(incumbent: Recipe, slot: str, adapter: ArchitectureAdapter) -> str:
-    """The donor that supplies ``slot`` in the incumbent (what "keep" means)."""
+    """The donor that supplies ``slot`` in the incumbent (what "keep" means): a pool model, or
+    ``MERGE_DONOR`` where the incumbent's parameter-space merge supplies it."""
+    default = MERGE_DONOR if incumbent.param_merge is not None else incumbent.base
     kind, _, target = slot.partition(".")
     if kind == "layer":
-        return incumbent.layers.get(int(target), incumbent.base)
+        return incumbent.layers.get(int(target), default)
     if target in incumbent.units:
         return incumbent.units[target]
     layer = adapter.layer_of(target + ".weight")
     if layer is not None:
-        return incumbent.layers.get(layer, incumbent.base)
+        return incumbent.layers.get(layer, default)
     if incumbent.boundary and target in (*adapter.boundary_units(), adapter.lm_head):
         return incumbent.boundary
-    return incumbent.base
+    return default
 
 
 def greedy_candidates(stage: Stage, incumbent: Recipe | None, pool: list[str]) -> dict[str, Recipe]:
@@ -99,6 +122,18 @@ def greedy_candidates(stage: Stage, incumbent: Recipe | None, pool: list[str]) -
     return {m: apply_choice(incumbent, slot, m) for m in pool}
 
 
+def keeps_merge(stage: Stage, incumbent: Recipe, adapter: ArchitectureAdapter) -> bool:
+    """Whether the incumbent already takes the stage's slot from its parameter-space merge (so the
+    ``MERGE_DONOR`` candidate is the incumbent)."""
+    if stage.kind == "boundary":
+        return incumbent.boundary in (None, MERGE_DONOR)
+    if stage.kind == "block":
+        slots = [f"layer.{i}" for i in block_layers(stage.target)]
+    else:
+        slots = [f"{'layer' if stage.kind == 'layer' else 'unit'}.{stage.target}"]
+    return all(current_donor(incumbent, slot, adapter) == MERGE_DONOR for slot in slots)
+
+
 def prefix_layer(stage: Stage, adapter: ArchitectureAdapter) -> int | None:
     """Layer whose incoming hidden states are shared by every candidate of the stage."""
     if stage.kind == "layer":
@@ -112,17 +147,20 @@ def prefix_layer(stage: Stage, adapter: ArchitectureAdapter) -> int | None:
 
 # -- the stage space -------------------------------------------------------------------------------------
 def swap_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
-    """Greedy stage: every pool model's version of one slot (a layer, a block of layers, a unit ...).
+    """Greedy stage: every pool model's version of one slot (a layer, a block of layers, a unit ...), and
+    the parameter-space merge's (``MERGE_DONOR``) when the incumbent holds one.
 
     In a later sweep, when the whole previous sweep changed nothing, the only candidate is the incumbent
     (its metrics are reused, so the stage costs no evaluation)."""
-    pool = env.pool_names
+    pool = env.pool_names if stage.kind == "base" else donor_pool(env.pool_names, incumbent)
     if stage.kind == "base" and env.config.decisions.base.mode == "fixed":
         pool = [env.config.base_model]  # a fixed base is scored once: the reference for improve_all
     if incumbent is not None and stage.sweep > 1 and not previous_sweep_changed(stage, env):
         candidates = {"incumbent": incumbent}
     else:
         candidates = greedy_candidates(stage, incumbent, pool)
+        if incumbent is not None and MERGE_DONOR in candidates and keeps_merge(stage, incumbent, env.adapter):
+            candidates[MERGE_DONOR] = incumbent  # the same weights: keeping the slot, preferred on ties
 
     def decode(trial: Trial) -> tuple[str, Recipe]:
         label = str(trial.suggest_categorical("donor", list(candidates)))
@@ -161,7 +199,7 @@ def previous_sweep_changed(stage: Stage, env: SpaceEnv) -> bool:
             before = key
     if first is None or last is None or before is None:
         return True  # nothing to compare with: search
-    recipes = [Recipe.from_json(env.decisions[k]["recipe"]) for k in (before, last)]
+    recipes = [env.decisions[k].recipe for k in (before, last)]
     keys_ = [model_key(r, env.adapter, env.param_names) for r in recipes]
     return keys_[0] != keys_[1]
 
@@ -183,6 +221,9 @@ class BaseKind(_SwapKind):
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         return [planned("base")]
 
+    def olm_report(self, stage: Stage, decision: Decision) -> dict[str, Any]:
+        return {"base_model": {"name": decision.winner, "metrics": decision.metrics}}
+
 
 class BoundaryKind(_SwapKind):
     """``decisions.boundary: greedy``: the donor of the embeddings, final norm and head."""
@@ -192,6 +233,9 @@ class BoundaryKind(_SwapKind):
 
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         return [planned("boundary")] if config.decisions.boundary.mode == "greedy" else []
+
+    def olm_report(self, stage: Stage, decision: Decision) -> dict[str, Any]:
+        return {"boundary_layers": {"name": decision.winner, "metrics": decision.metrics}}
 
 
 class LayerKind(_SwapKind):
@@ -213,6 +257,12 @@ class LayerKind(_SwapKind):
             for kind, target in layer_slots(layers, width, d.direction)
         ]
 
+    def olm_report(self, stage: Stage, decision: Decision) -> dict[str, Any]:
+        """One layer's candidates (OLM has no section for blocks)."""
+        if stage.kind != "layer":
+            return {}
+        return {"layers": {stage.target: {"metrics": decision.candidate_metrics(), "best_model": decision.winner}}}
+
 
 class UnitKind(_SwapKind):
     """``decisions.tensors: greedy``: one stage per tensor unit, per sweep of ``passes``."""
@@ -226,6 +276,10 @@ class UnitKind(_SwapKind):
             return []
         units = tensor_units(config, adapter, param_names)
         return [planned("unit", unit, sweep=sweep) for sweep in range(1, d.passes + 1) for unit in units]
+
+    def olm_report(self, stage: Stage, decision: Decision) -> dict[str, Any]:
+        best = {"metrics": decision.candidate_metrics(), "best_model": decision.winner}
+        return {"tensors": {f"{stage.target}.weight": best}}
 
 
 for _kind in (BaseKind(), BoundaryKind(), LayerKind(), UnitKind()):

@@ -1,0 +1,146 @@
+"""A stage's decision from its finished trials: a pure function, the scorer injected.
+
+``decide`` picks the winner (the kind's acceptance rule, else the feasible Pareto set ordered by
+Copeland, then for joint stages the held-out guard), finds its metrics and held-out figures (reused
+from an earlier decision of the same model where there is one) and returns the decision to record.
+Everything it evaluates goes through ``score(recipe, split)``: the decision is the same whoever
+records it, and a test can decide a stage without a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from optuna.trial import FrozenTrial
+
+from olmopt.config import SelectionConfig
+from olmopt.recipe import Recipe
+from olmopt.search import trials as T
+from olmopt.search.decision import CandidateResult, Decision
+from olmopt.search.identity import ModelKeys
+from olmopt.search.kind import Stage, StageSpace
+from olmopt.select import objective_mean, select
+
+Scorer = Callable[[Recipe, str], dict[str, float]]  # (recipe, "search" | "held_out") -> objective values
+
+
+@dataclass(frozen=True)
+class DecideRules:
+    """What a decision depends on besides the stage's trials: the objectives and the selection settings."""
+
+    names: list[str]  # objective names, in order
+    directions: dict[str, str]
+    pool_names: list[str]  # tie order
+    selection: SelectionConfig
+    joint: bool  # the stage's kind samples within a budget (held-out guard, baselines' held-out figures)
+    has_held_out: bool  # some objective has a held-out part
+
+
+def decide(
+    stage: Stage,
+    trials: dict[str, FrozenTrial],
+    space: StageSpace,
+    incumbent: Recipe | None,
+    rules: DecideRules,
+    keys: ModelKeys,
+    earlier: Decision | None,
+    score: Scorer,
+    decided_by: str,
+) -> Decision:
+    """The decision of ``stage`` from its COMPLETE ``trials`` (by label, first result of a retried label).
+
+    ``earlier``: the latest earlier decision of the same model as ``incumbent`` (its metrics and held-out
+    figures are reused). ``score``: evaluates a Recipe on a split (the incumbent when nothing was
+    acceptable and it was not evaluated here; held-out figures).
+    """
+    names = rules.names
+    scores = {n: {label: float(t.values[i]) for label, t in trials.items()} for i, n in enumerate(names)}
+    feasible = {label: bool(t.user_attrs.get("feasible", True)) for label, t in trials.items()}
+    keep = _kept_label(trials, space, incumbent, keys)
+    guarded: dict[str, dict[str, float]] = {}  # held-out figures of the guard's candidates
+    if space.decide is not None:
+        winner, reason = space.decide(trials, scores, feasible, keep), "stage acceptance rule"
+    else:
+        order = {name: i for i, name in enumerate(rules.pool_names)}
+        selection = select(
+            scores, rules.directions, feasible, keep=keep,
+            tie_key=lambda c: (c != keep, order.get(c, len(order)), c),
+            tolerance=rules.selection.tolerance, score=rules.selection.score,
+        )  # fmt: skip
+        winner, reason = selection.winner, selection.reason
+        guard = rules.selection.held_out_guard
+        if rules.joint and guard > 1 and winner is not None and rules.has_held_out:
+            winner, reason, guarded = _held_out_guard(trials, selection.order[:guard], reason, rules, score)
+    if winner is None:  # nothing acceptable and the incumbent was not evaluated here
+        assert incumbent is not None
+        recipe, trial_number, label = incumbent, None, "incumbent"
+        metrics = earlier.metrics if earlier else score(recipe, "search")
+    else:
+        t = trials[winner]
+        recipe, trial_number, label = Recipe.from_json(t.user_attrs[T.RECIPE_ATTR]), t.number, winner
+        metrics = T.metrics_of(t, names)
+    held_out: dict[str, float] = {}
+    if winner is not None and winner in guarded:
+        held_out = guarded[winner]
+    elif rules.selection.held_out_check and rules.has_held_out:
+        if earlier is not None and earlier.held_out and keys.same(earlier.recipe, recipe):
+            held_out = dict(earlier.held_out)
+        else:
+            held_out = score(recipe, "held_out")
+    baselines: dict[
+        str, dict[str, float]
+    ] = {}  # a joint stage's named starting points get held-out figures too
+    if held_out and rules.joint:
+        for lbl, _params in space.enqueue:
+            if lbl in trials and lbl != label and lbl not in guarded:
+                baselines[lbl] = score(Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR]), "held_out")
+    candidates = {
+        lbl: CandidateResult(
+            T.metrics_of(t, names), feasible[lbl], t.number, guarded.get(lbl, baselines.get(lbl))
+        )
+        for lbl, t in trials.items()
+    }
+    return Decision(
+        stage=stage.key,
+        winner=label,
+        trial=trial_number,
+        recipe=recipe,
+        metrics=metrics,
+        held_out=held_out,
+        candidates=candidates,
+        reason=reason,
+        decided_by=decided_by,
+        kept_incumbent=keep is not None and label == keep,
+        held_out_guard=list(guarded),
+        details=space.details(trials) if space.details is not None else {},
+    )
+
+
+def _kept_label(
+    trials: dict[str, FrozenTrial], space: StageSpace, incumbent: Recipe | None, keys: ModelKeys
+) -> str | None:
+    """The label of the incumbent among the candidates (the enqueued parent/incumbent first), if evaluated."""
+    if incumbent is None:
+        return None
+    mine = incumbent.to_json()
+    same = [
+        lbl for lbl, t in trials.items()
+        if T.RECIPE_ATTR in t.user_attrs and keys.same_json(str(t.user_attrs[T.RECIPE_ATTR]), mine)
+    ]  # fmt: skip
+    named = [lbl for lbl, _ in space.enqueue if lbl in same]
+    return named[0] if named else (same[0] if same else None)
+
+
+def _held_out_guard(
+    trials: dict[str, FrozenTrial], top: list[str], reason: str, rules: DecideRules, score: Scorer
+) -> tuple[str, str, dict[str, dict[str, float]]]:
+    """The overfitting guard of a joint stage: among the ``top`` candidates of the search-split
+    selection, the one with the best held-out mean (maximised objectives; others count negated),
+    ties to the search order. Returns (winner, reason, held-out figures of every guarded candidate)."""
+    figures = {lbl: score(Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR]), "held_out") for lbl in top}
+    by_objective = {n: {lbl: figures[lbl][n] for lbl in top} for n in rules.names}
+    best = max(top, key=lambda lbl: (objective_mean(by_objective, rules.directions, lbl), -top.index(lbl)))
+    if best != top[0]:
+        reason = f"{reason}; held-out guard: {best!r} has the best held-out mean of the top {len(top)}"
+    return best, reason, figures

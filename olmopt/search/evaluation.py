@@ -1,0 +1,366 @@
+"""The evaluation loop of one stage: claim a trial, decode it, submit it, collect its metrics, write them.
+
+``StageEvaluation.run`` keeps up to K evaluations in flight (``Evaluators``), until every enqueued
+candidate and the budget are done. One candidate's life is two methods: ``_start`` (decode the trial;
+reuse the metrics of a model with the same weights, run a multi-evaluation trial inline, or submit
+it) and ``_write`` (constraints, feasibility, user attrs, tell), which runs on a background thread
+while the next evaluation runs. Meanwhile: heartbeats of in-flight trials (RDB storages), stale
+sweeps and idempotent enqueueing of candidates that another worker's death left unevaluated.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+from tqdm import tqdm
+
+from olmopt.errors import OlmoptError
+from olmopt.recipe import Recipe
+from olmopt.search import trials as T
+from olmopt.search.annotate import annotate_trial
+from olmopt.search.campaign import Campaign
+from olmopt.search.coordination import (
+    POLL_SECONDS,
+    WORKER_ID,
+    StageLock,
+    fail_dead_workers_trials,
+    heartbeat_enabled,
+    next_poll,
+)
+from olmopt.search.decision import Decision
+from olmopt.search.identity import ModelKeys
+from olmopt.search.kind import Stage, StageSpace
+from olmopt.search.storage import is_sqlite, stale_after
+from olmopt.search.workers import Evaluators
+from olmopt.select import degradation_constraints, is_feasible
+
+REUSE_CAP = 3  # a budget of N evaluations stops after 3 N trials however many repeat earlier ones
+LIVE_STATES = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)  # trials that spend the budget
+
+InFlight = dict[Future[dict[str, float]], tuple[Trial, Recipe]]
+
+
+def budget_spent(trials: list[FrozenTrial], budget: int) -> bool:
+    """Whether ``trials`` (complete or running) use up a budget of ``budget`` evaluations."""
+    evaluated = sum("reused" not in t.user_attrs for t in trials)
+    return evaluated >= budget or len(trials) >= REUSE_CAP * budget
+
+
+def stage_complete(study: optuna.Study, space: StageSpace) -> tuple[bool, int]:
+    """(every enqueued label and the budget are done, number of COMPLETE trials).
+
+    A budget counts evaluations: trials whose metrics were reused (a repeated suggestion, the
+    incumbent again) are free, up to ``REUSE_CAP`` times the budget in trials."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    done_labels = {str(t.user_attrs.get(T.LABEL_ATTR)) for t in complete} | T.exhausted_labels(study)
+    labels_done = all(label in done_labels for label, _ in space.enqueue)
+    budget_done = space.budget is None or budget_spent(complete, space.budget)
+    return labels_done and budget_done, len(complete)
+
+
+class StageEvaluation:
+    """Evaluates one stage's trials until the stage is complete (or time runs out)."""
+
+    def __init__(
+        self,
+        campaign: Campaign,
+        evaluators: Evaluators,
+        study: optuna.Study,
+        stage: Stage,
+        space: StageSpace,
+        incumbent: Recipe | None,
+        references: dict[str, dict[str, float]],
+        keys: ModelKeys,
+        decisions: dict[str, Decision],
+        out_of_time: Callable[[], bool],
+        log: Callable[[str], None],
+    ) -> None:
+        self.c = campaign
+        self.ev = evaluators
+        self.study = study
+        self.stage = stage
+        self.space = space
+        self.incumbent = incumbent
+        self.references = references
+        self.keys = keys
+        self.decisions = decisions  # earlier stages' decisions: a candidate with their weights reuses metrics
+        self.out_of_time = out_of_time
+        self.log = log
+        self.names = campaign.objective_names()
+        self.directions = campaign.directions()
+        self.metric_of = dict(zip(self.names, (o.metric for o in campaign.config.objectives), strict=True))
+        self.evaluated = 0  # trials this process finished
+        self._in_flight: InFlight = {}
+        self._beat: _Heartbeat | None = None
+        self._writer = _Writer()
+
+    # -- enqueueing --------------------------------------------------------------------------------------
+    def enqueue_missing(self) -> None:
+        """Enqueue every candidate that has no waiting, running or complete trial (idempotent, locked).
+
+        When another worker holds the stage's lock it is enqueueing them: this one goes on and takes
+        trials as they appear (the loop calls this again while it waits).
+        """
+        if not self.space.enqueue:
+            return
+        if is_sqlite(self.c.url):  # this process is the only writer: no lock
+            T.enqueue_absent(self.study, self.space.enqueue)
+            return
+        present = T.enqueued_labels(self.study) | T.exhausted_labels(self.study)
+        if all(label in present for label, _ in self.space.enqueue):
+            return  # the common case while waiting: nothing to enqueue, no lock taken
+        lock = StageLock(self.c.storage, self.c.stage_study_name(self.stage))
+        if not lock.acquire():
+            return
+        try:
+            T.enqueue_absent(self.study, self.space.enqueue)
+        finally:
+            lock.release()
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def run(self, progress: bool = False, overall: tqdm | None = None, expected: int = 0) -> bool:
+        """Evaluate until the stage is complete. False when stopped early (timeout).
+
+        ``overall``: the campaign's bar, whose estimate of ``expected`` trials for this stage becomes
+        what the stage really has left."""
+        space, study = self.space, self.study
+        total = space.budget if space.budget is not None else len(space.enqueue)
+        _, complete = stage_complete(study, space)
+        bar = tqdm(
+            total=total, initial=min(complete, total), desc=f"stage {self.stage.key}", unit="trial",
+            disable=not progress, leave=False,
+        )  # fmt: skip
+        remaining = max(total - complete, 0)
+        if overall is not None:
+            overall.total += remaining - expected
+            overall.refresh()
+        self._beat = _Heartbeat(study, self._in_flight) if heartbeat_enabled(self.c.storage) else None
+        poll = POLL_SECONDS[0]
+        try:
+            while True:
+                while len(self._in_flight) < self.ev.workers and not self.out_of_time():
+                    trial = self._claim()
+                    if trial is None:
+                        break
+                    poll = POLL_SECONDS[0]
+                    self._start(trial)
+                if not self._in_flight:
+                    self._writer.flush()
+                    if stage_complete(study, space)[0]:
+                        return True
+                    if self.out_of_time():
+                        return False
+                    self._sweep_stale()  # other workers' dead trials get failed ...
+                    self.enqueue_missing()  # ... and their candidates retried
+                    time.sleep(poll)  # soon at first: the stage's last trials are about to finish
+                    poll = next_poll(poll)
+                    continue
+                finished, _ = wait(self._in_flight, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    if self._collect(future):
+                        bar.update(1)
+                        if overall is not None:
+                            overall.update(1)
+                            remaining -= 1
+        except (
+            BaseException
+        ):  # finished evaluations are still recorded (``finally``); the ones in flight fail
+            for trial, _recipe in list(self._in_flight.values()):
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        finally:
+            self._writer.close()
+            if self._beat is not None:
+                self._beat.stop()
+            bar.close()
+            if (
+                overall is not None and remaining > 0
+            ):  # others' trials, or fewer than budgeted: not ahead any more
+                overall.total -= remaining
+                overall.refresh()
+
+    def _claim(self) -> Trial | None:
+        """The next trial: an enqueued one, else (budgeted stages) a new suggestion while budget is left."""
+        trial = T.pop_waiting(self.study)
+        if trial is None and self.space.budget is not None:
+            self._writer.flush()  # the sampler sees every finished trial: the same suggestions as a sequential run
+            live = self.study.get_trials(deepcopy=False, states=LIVE_STATES)  # a queued retry counts too
+            if not budget_spent(live, self.space.budget):
+                trial = self.study.ask()
+        return trial
+
+    def _start(self, trial: Trial) -> None:
+        """Decode one claimed trial and put its evaluation in flight: reused metrics of a model with the same
+        weights (an earlier decision, a repeat in this stage), a multi-evaluation trial run inline, or a
+        submission to the evaluators."""
+        try:
+            label, recipe = self.space.decode(trial)
+            if self._beat is not None:
+                self._beat.record(trial)  # at once: a worker killed after this goes stale in one grace period
+            if trial.user_attrs.get(T.LABEL_ATTR) is None:  # enqueued trials keep their label
+                trial.set_user_attr(T.LABEL_ATTR, label)
+            trial.set_user_attr("worker", WORKER_ID)
+            if self.space.run is not None:
+                self._run_inline(trial, recipe)
+                return
+            reused = self._reused_metrics(trial, recipe)
+            if reused is not None:
+                future: Future[dict[str, float]] = Future()
+                future.set_result(reused)
+            else:
+                future = self.ev.submit(recipe, self.incumbent, self.space.layer)  # inline when workers == 1
+        except BaseException:
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        self._in_flight[future] = (trial, recipe)
+
+    def _reused_metrics(self, trial: Trial, recipe: Recipe) -> dict[str, float] | None:
+        """The metrics of an earlier decision or (budgeted stages) of a COMPLETE trial of this stage with
+        the same weights, noted in the trial's ``reused`` attr; None: evaluate it."""
+        earlier = self.keys.earlier_decision(recipe, self.decisions)
+        if earlier is not None:
+            trial.set_user_attr("reused", earlier.stage)
+            return dict(earlier.metrics)
+        same = self._same_model_in_stage(recipe) if self.space.budget else None
+        if same is not None:
+            trial.set_user_attr("reused", f"trial {same.number}")
+            return T.metrics_of(same, self.names)
+        return None
+
+    def _same_model_in_stage(self, recipe: Recipe) -> FrozenTrial | None:
+        """A COMPLETE trial of this stage with the same weights (a sampler repeating itself)."""
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            recipe_json = t.user_attrs.get(T.RECIPE_ATTR)
+            if recipe_json and self.keys.same_json(str(recipe_json), recipe.to_json()):
+                return t
+        return None
+
+    def _run_inline(self, trial: Trial, recipe: Recipe) -> None:
+        """A multi-evaluation trial, in this process; listed in flight meanwhile (heartbeats, interrupts)."""
+        assert self.space.run is not None
+        future: Future[dict[str, float]] = Future()
+        self._in_flight[future] = (trial, recipe)
+        try:
+            final, metrics = self.space.run(trial, recipe)
+        except OlmoptError:
+            del self._in_flight[future]
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported through the future, like a worker's failure
+            future.set_exception(exc)
+            return
+        self._in_flight[future] = (trial, final)
+        future.set_result(metrics)
+
+    def _collect(self, future: Future[dict[str, float]]) -> bool:
+        """Hand a finished evaluation to the writer (or fail its trial). True when it is to be written."""
+        trial, recipe = self._in_flight[future]  # stays listed until told, so an interrupt fails it
+        try:
+            metrics = future.result()
+        except OlmoptError:
+            raise  # the user's input is wrong: every trial would fail the same way
+        except Exception as exc:  # noqa: BLE001 - a numerical failure rejects this candidate only
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:300])
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            self.log(f"{self.stage.key}: trial {trial.number} failed ({type(exc).__name__}: {exc})")
+            del self._in_flight[future]
+            return False
+        self._writer.submit(self._write, trial, recipe, metrics)  # the next evaluation starts now
+        del self._in_flight[future]
+        self.evaluated += 1
+        return True
+
+    def _write(self, trial: Trial, recipe: Recipe, metrics: dict[str, float]) -> None:
+        """Record one candidate's results on its trial and tell it (on the writer thread)."""
+        refs = self.references
+        rule = self.c.config.selection.improve_all
+        constraints = (
+            degradation_constraints(metrics, refs, self.directions, rule, self.metric_of)
+            if "base" in refs
+            else {}
+        )
+        nonfinite = T.nonfinite_objectives(metrics, self.names)  # a damaged model: infeasible, and why
+        try:
+            T.record_result(
+                trial, metrics, constraints, is_feasible(constraints) and not nonfinite, recipe.to_json()
+            )
+            if nonfinite:
+                trial.set_user_attr(
+                    T.INFEASIBLE_ATTR, f"non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}"
+                )
+        except optuna.exceptions.UpdateFinishedTrialError:  # its beats were late: another worker failed it
+            self.log(f"trial {trial.number}: failed meanwhile by another worker's heartbeat sweep; evaluated again")
+            return
+        annotate_trial(self.c, trial, recipe.to_json())  # before tell: a finished trial takes no artifacts
+        self.study.tell(trial, T.told_values(metrics, self.names, self.directions), skip_if_finished=True)
+
+    def _sweep_stale(self) -> None:
+        """Fail trials of dead workers (so that their candidates are retried)."""
+        if not is_sqlite(self.c.url):  # SQLite has a single writer: its orphans were failed at stage start
+            fail_dead_workers_trials(self.study, self.c.storage, stale_after())
+
+
+class _Writer:
+    """Records finished trials from one background thread while the next evaluation runs.
+
+    ``flush`` waits for every submitted write and re-raises the first failure; the loop flushes
+    before it reads the stage's results (completion) and before a sampler suggests a trial.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future[None]] = []
+
+    def submit(self, func: Callable[..., None], *args: Any) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="olmopt-writer")
+        self._pending.append(self._pool.submit(func, *args))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        """Wait for the submitted writes, raising nothing (on an interrupt; a trial whose write failed stays
+        RUNNING and is failed by the next start on SQLite, by its heartbeat on RDB storages)."""
+        try:
+            wait(self._pending)
+        finally:
+            self._pending = []
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+
+class _Heartbeat:
+    """Records heartbeats of in-flight trials (RDB storages) from a background thread."""
+
+    def __init__(self, study: optuna.Study, in_flight: InFlight) -> None:
+        self.study = study
+        self.in_flight = in_flight
+        self._stop = threading.Event()
+        interval = study._storage.get_heartbeat_interval() or 30  # type: ignore[attr-defined]
+        self._thread = threading.Thread(target=self._loop, args=(max(1.0, interval / 2),), daemon=True)
+        self._thread.start()
+
+    def record(self, trial: Trial) -> None:
+        try:
+            self.study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - a missed beat is retried next round
+            pass
+
+    def _loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            for trial, _recipe in list(self.in_flight.values()):
+                self.record(trial)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

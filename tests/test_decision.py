@@ -1,0 +1,135 @@
+"""The typed Decision (stored form unchanged) and the pure ``decide`` with an injected scorer: no model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from olmopt.config import SelectionConfig
+from olmopt.recipe import Recipe
+from olmopt.search import trials as T
+from olmopt.search.decide import DecideRules, decide
+from olmopt.search.decision import CandidateResult, Decision
+from olmopt.search.identity import ModelKeys
+from olmopt.search.kind import Stage, StageSpace
+
+STORED = {  # a decision as every olmopt version stored it (user attr ``olmopt.decision``)
+    "stage": "003-joint-layers",
+    "winner": "t2",
+    "trial": 2,
+    "kept_incumbent": False,
+    "recipe": Recipe(base="m/a", layers={1: "m/b"}).to_json(),
+    "metrics": {"acc": 0.75},
+    "held_out": {"acc": 0.5},
+    "reason": "'t2': Copeland 1",
+    "decided_by": "host:1",
+    "candidates": {
+        "t1": {"metrics": {"acc": 0.7}, "feasible": True, "trial": 1, "held_out": {"acc": 0.25}},
+        "t2": {"metrics": {"acc": 0.75}, "feasible": False, "trial": 2},
+    },
+    "held_out_guard": ["t1", "t2"],
+    "es_tune": {"sigma": 0.01, "generations": 2},  # a kind's own field (``StageSpace.details``)
+}
+
+
+def test_a_stored_decision_reads_typed_and_writes_back_unchanged() -> None:
+    d = Decision.from_dict(STORED)
+    assert d.recipe == Recipe(base="m/a", layers={1: "m/b"}) and d.trial == 2 and d.decided_by == "host:1"
+    assert d.candidates["t1"] == CandidateResult({"acc": 0.7}, True, 1, {"acc": 0.25})
+    assert d.candidates["t2"].held_out is None and not d.candidates["t2"].feasible
+    assert d.details == {"es_tune": {"sigma": 0.01, "generations": 2}} and d.held_out_guard == ["t1", "t2"]
+    assert d.to_dict() == STORED
+    assert d.candidate_metrics() == {"acc": {"t1": 0.7, "t2": 0.75}}
+    # an old decision without the later fields (decided_by, kept_incumbent, guard) still reads
+    old = {
+        k: v
+        for k, v in STORED.items()
+        if k not in ("decided_by", "kept_incumbent", "held_out_guard", "es_tune")
+    }
+    assert Decision.from_dict(old).decided_by is None and Decision.from_dict(old).details == {}
+
+
+def _trial(number: int, acc: float) -> optuna.trial.FrozenTrial:
+    recipe = Recipe(base="m/a", layers={0: f"m/{number}"}).to_json()
+    trial = optuna.trial.create_trial(values=[acc], user_attrs={T.RECIPE_ATTR: recipe, "feasible": 1})
+    trial.number = number
+    return trial
+
+
+def _decide(joint: bool, held: dict[str, float]) -> tuple[Decision, list[tuple[str, str]]]:
+    trials = {"a": _trial(0, 0.9), "b": _trial(1, 0.8), "c": _trial(2, 0.5)}
+    calls: list[tuple[str, str]] = []
+    by_recipe = {t.user_attrs[T.RECIPE_ATTR]: label for label, t in trials.items()}
+
+    def score(recipe: Recipe, split: str) -> dict[str, float]:
+        label = by_recipe[recipe.to_json()]
+        calls.append((label, split))
+        return {"acc": held[label]}
+
+    rules = DecideRules(["acc"], {"acc": "maximize"}, [], SelectionConfig(held_out_guard=2), joint, True)
+    space = StageSpace(decode=lambda _t: ("x", Recipe(base="m/a")), enqueue=[("c", {})])
+    keys: Any = ModelKeys(None, [])  # no incumbent, no earlier decision: never asked
+    return decide(
+        Stage(3, "joint-layers", n_trials=3), trials, space, None, rules, keys, None, score, "me"
+    ), calls
+
+
+def test_decide_runs_the_held_out_guard_through_the_injected_scorer() -> None:
+    d, calls = _decide(joint=True, held={"a": 0.6, "b": 0.7, "c": 0.1})
+    # search order a (0.9), b (0.8); the guard over the top 2 prefers b's held-out 0.7 over a's 0.6
+    assert d.winner == "b" and d.trial == 1 and d.metrics == {"acc": 0.8} and d.held_out == {"acc": 0.7}
+    assert "held-out guard: 'b'" in d.reason and d.held_out_guard == ["a", "b"] and d.decided_by == "me"
+    assert calls == [("a", "held_out"), ("b", "held_out"), ("c", "held_out")]  # c: the enqueued baseline
+    assert {lbl: c.held_out for lbl, c in d.candidates.items()} == {
+        "a": {"acc": 0.6},
+        "b": {"acc": 0.7},
+        "c": {"acc": 0.1},
+    }
+
+
+def test_decide_without_a_joint_kind_checks_only_the_winner_on_held_out() -> None:
+    d, calls = _decide(joint=False, held={"a": 0.6, "b": 0.7, "c": 0.1})
+    assert d.winner == "a" and d.held_out == {"acc": 0.6} and calls == [("a", "held_out")]
+    assert d.held_out_guard == [] and all(c.held_out is None for c in d.candidates.values())
+
+
+def test_the_kinds_give_olms_report_sections_and_report_plots() -> None:
+    from olmopt.export import olm_report_sections
+    from olmopt.search.kinds import get_kind
+
+    def decided(stage: Stage, winner: str) -> Decision:
+        candidates = {
+            "m/a": CandidateResult({"acc": 0.5}, True, 0),
+            "m/b": CandidateResult({"acc": 0.7}, True, 1),
+        }
+        return Decision(stage.key, winner, 1, Recipe(base="m/a"), {"acc": 0.7}, candidates=candidates)
+
+    unit = "model.layers.0.mlp.up_proj"
+    stages = [
+        (Stage(0, "base"), "m/a"),
+        (Stage(1, "boundary"), "m/b"),
+        (Stage(2, "layer", "1"), "m/b"),
+        (Stage(3, "block", "2-3"), "m/b"),  # OLM has no section for blocks
+        (Stage(4, "unit", unit), "m/b"),
+        (Stage(5, "joint-layers", n_trials=3), "t7"),  # nor for joint stages
+        (Stage(6, "layer", "1", sweep=2), "m/a"),  # a later sweep's decision replaces the earlier one
+    ]
+    report = olm_report_sections(get_kind(s.kind).olm_report(s, decided(s, w)) for s, w in stages)
+    per_candidate = {"acc": {"m/a": 0.5, "m/b": 0.7}}
+    assert report == {
+        "base_model": {"name": "m/a", "metrics": {"acc": 0.7}},
+        "boundary_layers": {"name": "m/b", "metrics": {"acc": 0.7}},
+        "layers": {"1": {"metrics": per_candidate, "best_model": "m/a"}},
+        "tensors": {f"{unit}.weight": {"metrics": per_candidate, "best_model": "m/b"}},
+    }
+    plots = {
+        k: get_kind(k).report_plot for k in ("layer", "joint-layers", "joint-merge", "es-svd", "es-tune-norm")
+    }
+    assert plots == {
+        "layer": None,
+        "joint-layers": "pareto",
+        "joint-merge": "pareto",
+        "es-svd": "es",
+        "es-tune-norm": "es",
+    }
