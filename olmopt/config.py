@@ -51,6 +51,8 @@ class ObjectiveConfig(_Strict):
     metric: str = ""  # required for datasets; lm_eval: default the task's first metric
     name: str | None = None
     held_out: float = Field(0.25, ge=0.0, lt=1.0)
+    # the sealed test part (datasets only): items search and selection never read, scored once at export
+    test: float = Field(0.0, ge=0.0, lt=1.0)
     samples: int | None = Field(None, gt=0)
     # lm_eval only
     task: str | None = None
@@ -68,7 +70,7 @@ class ObjectiveConfig(_Strict):
         if self.kind == "lm_eval":
             if not self.task:
                 raise ValueError("task: required for kind lm_eval")
-            for key in ("dataset", "samples"):
+            for key in ("dataset", "samples", "test"):
                 if getattr(self, key):
                     raise ValueError(f"{key}: not a key of kind lm_eval (use task / limit)")
             if self.fewshot_as_multiturn and not self.apply_chat_template:
@@ -76,6 +78,9 @@ class ObjectiveConfig(_Strict):
         else:
             if not self.metric:
                 raise ValueError("metric: required")
+            if self.held_out + self.test >= 1:
+                held, test = self.held_out, self.test
+                raise ValueError(f"held_out + test must leave items to search (got {held} + {test})")
             for key in (*LM_EVAL_KEYS, "direction"):
                 if getattr(self, key) != type(self).model_fields[key].default:
                     raise ValueError(f"{key}: only for kind lm_eval")
@@ -305,7 +310,10 @@ class Decisions(_Strict):
 class SelectionConfig(_Strict):
     improve_all: str | None = None  # None, "base", "all" or a metric name
     held_out_check: bool = True
-    tolerance: float = Field(0.0, ge=0.0)  # differences within it are ties (evaluation noise)
+    # ties (docs/selection.md): by default a difference of accuracy-like scores inside its ``confidence``
+    # interval is a tie; an explicit ``tolerance`` replaces that rule by a fixed margin on every objective
+    tolerance: float | None = Field(None, ge=0.0)
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
     # joint stages: the winner is the best held-out mean among the top K of the search selection (0, 1: off)
     held_out_guard: int = Field(0, ge=0)
     # how a stage orders its feasible candidates: Copeland over per-objective ranks (OLM's), or the mean of
@@ -337,6 +345,7 @@ class EvaluationConfig(_Strict):
     max_new_tokens: int = Field(256, gt=0)
     stop_at_first_mismatch: bool = True
     device: str | None = None
+    cache: bool = True  # reuse values across campaigns of the same storage (olmopt.search.eval_cache)
 
 
 class StudyConfig(_Strict):

@@ -22,6 +22,7 @@ from olmopt.outdir import ShardedSafetensorsWriter, atomic_output_dir, check_out
 from olmopt.patch import materialize
 from olmopt.pool.model_pool import ModelPool
 from olmopt.recipe import Recipe
+from olmopt.sealed_split import card_section
 from olmopt.textio import read_text
 
 REPORT_FILE = "merge_report.json"
@@ -107,10 +108,12 @@ def model_card(
     pool: dict[str, dict[str, str]] | None = None,
     objective_info: dict[str, dict[str, Any]] | None = None,
     campaign: str | None = None,
+    sealed_test: dict[str, Any] | None = None,
 ) -> str:
     """README.md ready for the Hub: front matter (``base_model`` lists the Hub ids among the merged
     models), the merged models with their roles, the recipe in words and as JSON, the objectives and the
-    search / held-out metrics table. ``recipe``, ``table`` and ``pool`` (model id -> {source}) already
+    search / held-out metrics table, and the sealed test section (``sealed_split``) when there is one.
+    ``recipe``, ``table`` and ``pool`` (model id -> {source}) already
     name models by their public ids (``model_ids.public_ids``): no local path appears."""
     pool = pool or {}
     used = _roles(recipe)
@@ -176,6 +179,8 @@ def model_card(
         for n in objectives:
             cells += [_fmt(row["search"].get(n)), _fmt(row.get("held_out", {}).get(n))]
         lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    if sealed_test:
+        lines += ["", *card_section(sealed_test)]
     return "\n".join(lines) + "\n"
 
 

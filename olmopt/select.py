@@ -16,6 +16,7 @@ from olmopt.errors import InputError
 
 Scores = Mapping[str, Mapping[str, float]]
 Ranks = Mapping[str, Mapping[str, float]]
+TieRule = Callable[[str, float, float], bool]  # (objective, value a, value b) -> the difference is noise
 
 DIRECTIONS = ("minimize", "maximize")
 # A finite stand-in for "infinitely violated": Optuna refuses NaN constraints and JSON has no infinity.
@@ -42,19 +43,63 @@ def _candidates(table: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return sorted({c for per_candidate in table.values() for c in per_candidate})
 
 
-def rank_table(scores: Scores, directions: Mapping[str, str], tolerance: float = 0.0) -> dict[str, dict[str, float]]:
+def _value(per: Mapping[str, float], candidate: str) -> float:
+    value = per.get(candidate)
+    return math.nan if value is None else value
+
+
+def _beats(
+    objective: str, a: float, b: float, direction: str, tolerance: float, tied: TieRule | None
+) -> bool:
+    """Whether value ``a`` is better than ``b`` by more than ``tolerance`` and, with ``tied``, not a tie."""
+    if _goodness(a, direction) <= _goodness(b, direction) + tolerance:
+        return False
+    return tied is None or not tied(objective, a, b)
+
+
+def rank_table(
+    scores: Scores, directions: Mapping[str, str], tolerance: float = 0.0, tied: TieRule | None = None
+) -> dict[str, dict[str, float]]:
     """objective -> candidate -> rank (1 = best), competition ranking: equal values share the best rank.
 
-    ``rank = 1 + #candidates better by more than tolerance`` (``tolerance`` 0: strictly better). A
-    tolerance treats differences within evaluation noise (e.g. one item of a small dataset) as ties.
-    A candidate missing from an objective ranks with the worst (non-finite) values there.
+    ``rank = 1 + #candidates that beat it``: better by more than ``tolerance`` (0: strictly better) and,
+    with ``tied`` (e.g. ``confidence.ConfidenceTies.tied``), not tied by that rule. Both treat
+    differences within evaluation noise as ties. A candidate missing from an objective ranks with the
+    worst (non-finite) values there.
     """
     candidates = _candidates(scores)
     table: dict[str, dict[str, float]] = {}
     for objective in sorted(scores):
         direction = _direction(directions, objective)
-        good = {c: _goodness(scores[objective].get(c), direction) for c in candidates}
-        table[objective] = {c: float(1 + sum(g > good[c] + tolerance for g in good.values())) for c in candidates}
+        value = {c: _value(scores[objective], c) for c in candidates}
+        beaten_by = {
+            c: sum(_beats(objective, value[o], value[c], direction, tolerance, tied) for o in candidates)
+            for c in candidates
+        }
+        table[objective] = {c: float(1 + n) for c, n in beaten_by.items()}
+    return table
+
+
+def significance(
+    scores: Scores, directions: Mapping[str, str], winner: str, tied: TieRule | None
+) -> dict[str, dict[str, str]]:
+    """candidate -> objective -> "better" / "worse" / "tie": each other candidate against ``winner``
+    under the tie rule (without one, only equal values tie)."""
+    table: dict[str, dict[str, str]] = {}
+    for c in _candidates(scores):
+        if c == winner:
+            continue
+        row = {}
+        for objective in sorted(scores):
+            direction = _direction(directions, objective)
+            a, w = _value(scores[objective], c), _value(scores[objective], winner)
+            if _beats(objective, a, w, direction, 0.0, tied):
+                row[objective] = "better"
+            elif _beats(objective, w, a, direction, 0.0, tied):
+                row[objective] = "worse"
+            else:
+                row[objective] = "tie"
+        table[c] = row
     return table
 
 
@@ -105,26 +150,26 @@ def order_candidates(
     return _order(_candidates(scores), copeland(ranks), borda(ranks), tie_key)
 
 
-def _dominates(a: list[float], b: list[float], tolerance: float = 0.0) -> bool:
-    return all(x >= y - tolerance for x, y in zip(a, b, strict=True)) and any(
-        x > y + tolerance for x, y in zip(a, b, strict=True)
-    )
-
-
-def pareto_front(scores: Scores, directions: Mapping[str, str], tolerance: float = 0.0) -> list[str]:
-    """The non-dominated candidates (differences within ``tolerance`` are ties), sorted by name.
+def pareto_front(
+    scores: Scores, directions: Mapping[str, str], tolerance: float = 0.0, tied: TieRule | None = None
+) -> list[str]:
+    """The non-dominated candidates, sorted by name: x dominates y when no objective has y beating x
+    and some objective has x beating y (``_beats``: ties by ``tolerance`` and ``tied``).
 
     Non-finite values count as worst."""
     candidates = _candidates(scores)
     objectives = sorted(scores)
-    good = {
-        c: [_goodness(scores[o].get(c), _direction(directions, o)) for o in objectives] for c in candidates
-    }
-    return [
-        c
-        for c in candidates
-        if not any(_dominates(good[other], good[c], tolerance) for other in candidates if other != c)
-    ]
+    directions = {o: _direction(directions, o) for o in objectives}
+
+    def dominates(x: str, y: str) -> bool:
+        beats = [
+            (_beats(o, _value(scores[o], x), _value(scores[o], y), directions[o], tolerance, tied),
+             _beats(o, _value(scores[o], y), _value(scores[o], x), directions[o], tolerance, tied))
+            for o in objectives
+        ]  # fmt: skip
+        return not any(y_wins for _, y_wins in beats) and any(x_wins for x_wins, _ in beats)
+
+    return [c for c in candidates if not any(dominates(other, c) for other in candidates if other != c)]
 
 
 @dataclass(frozen=True)
@@ -149,6 +194,7 @@ def select(
     tie_key: Callable[[str], Any] | None = None,
     tolerance: float = 0.0,
     score: str = "copeland",
+    tied: TieRule | None = None,
 ) -> Selection:
     """Pick the winner among the feasible candidates.
 
@@ -156,7 +202,8 @@ def select(
     breaking ties) orders them. The winner always lies on the Pareto front of the feasible set: a
     dominating candidate beats everything its dominated rival beats, plus the rival itself. Candidates
     absent from ``feasible`` count as feasible (Optuna's convention). If no candidate is feasible the
-    winner is ``keep`` (the incumbent). ``tolerance`` makes differences within it ties (ranks and front).
+    winner is ``keep`` (the incumbent). ``tolerance`` makes differences within it ties (ranks and front),
+    and so does ``tied`` for the differences it calls ties (``confidence.ConfidenceTies.tied``).
     ``score="mean"`` orders by the mean of the objective values instead (minimised ones negated; then
     Copeland, Borda and ``tie_key``): the winner is still on the front, as the best mean is never dominated.
     """
@@ -166,7 +213,7 @@ def select(
         reason = f"no feasible candidate among {len(candidates)}: keeping {keep!r}"
         return Selection(keep, [], {}, {}, {}, [], ok, reason)
     sub = {o: {c: v for c, v in per.items() if c in ok} for o, per in scores.items()}
-    ranks = rank_table(sub, directions, tolerance)
+    ranks = rank_table(sub, directions, tolerance, tied)
     cope, bord = copeland(ranks), borda(ranks)
     order = _order(sorted(ok), cope, bord, tie_key)
     if score == "mean":
@@ -174,7 +221,7 @@ def select(
         order = sorted(order, key=lambda c: -mean[c])  # stable: Copeland order among equal means
     elif score != "copeland":
         raise InputError(f"selection score {score!r}: expected 'copeland' or 'mean'")
-    front = pareto_front(sub, directions, tolerance)
+    front = pareto_front(sub, directions, tolerance, tied)
     winner = order[0]
     reason = (
         f"{winner!r}: Copeland {cope[winner]:g} of {len(order) - 1}, Borda {bord[winner]:g}, "

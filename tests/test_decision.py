@@ -133,3 +133,28 @@ def test_the_kinds_give_olms_report_sections_and_report_plots() -> None:
         "es-svd": "es",
         "es-tune-norm": "es",
     }
+
+
+def test_decide_ties_by_confidence_and_records_which_differences_are_significant() -> None:
+    from olmopt.confidence import difference_interval
+
+    trials = {"a": _trial(0, 0.9), "b": _trial(1, 0.8), "c": _trial(2, 0.5)}
+    # on 40 items 0.9 vs 0.8 is noise (the interval holds 0), 0.9 vs 0.5 is not
+    assert difference_interval(0.9, 40, 0.8, 40)[0] < 0 < difference_interval(0.9, 40, 0.5, 40)[0]
+    space = StageSpace(decode=lambda _t: ("x", Recipe(base="m/a")))
+    keys: Any = ModelKeys(None, [])
+    stage = Stage(1, "layer", target="0")
+    rules = DecideRules(
+        ["acc"], {"acc": "maximize"}, [], SelectionConfig(held_out_check=False), False, False,
+        {"acc": "token_accuracy"}, {"acc": 40},
+    )  # fmt: skip
+    d = decide(stage, trials, space, None, rules, keys, None, lambda _r, _s: {}, "me")
+    assert d.winner == "a" and d.ties == "ties by 95% confidence on acc (40 items); other objectives by value"
+    assert d.significance == {"b": {"acc": "tie"}, "c": {"acc": "worse"}}
+    assert Decision.from_dict(d.to_dict()) == d and d.to_dict()["significance"] == d.significance
+    # an explicit tolerance replaces the rule: 0.9 beats 0.8
+    by_value = SelectionConfig(tolerance=0.0, held_out_check=False)
+    metric, items = {"acc": "token_accuracy"}, {"acc": 40}
+    fixed = DecideRules(["acc"], {"acc": "maximize"}, [], by_value, False, False, metric, items)
+    d = decide(stage, trials, space, None, fixed, keys, None, lambda _r, _s: {}, "me")
+    assert d.ties == "fixed tolerance 0" and d.significance == {"b": {"acc": "worse"}, "c": {"acc": "worse"}}

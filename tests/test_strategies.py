@@ -235,19 +235,23 @@ def test_held_out_guard_picks_the_best_held_out_mean_among_the_top_candidates(ti
 @pytest.mark.parametrize(
     ("skill", "layers", "recovered"),
     [
-        ("lower", {"mode": "greedy", "direction": "forward"}, False),
+        ("lower", {"mode": "greedy", "direction": "forward"}, None),  # depends on the family: see below
         ("lower", {"mode": "greedy", "windows": [2]}, True),
         ("upper", {"mode": "greedy", "direction": "forward"}, True),
     ],
 )
 def test_block_swaps_take_the_step_a_one_layer_traversal_cannot(
-    tiny_zoo: Path, tmp_path: Path, tiny_manifest, skill: str, layers: dict, recovered: bool
+    tiny_zoo: Path, tmp_path: Path, tiny_manifest, skill: str, layers: dict, recovered: bool | None
 ) -> None:
     """Searched on one layer specialist's own skill (whole search split, 0.02 tolerance = 3 items):
     the tiny family's lower specialist (fact, layers 0-1) shows no gain from either of its layers alone,
     so OLM's traversal never takes the first step, while swapping pairs recovers both layers; the upper
     specialist (mc, layers 2-3) is found by the traversal too. (In this family the two specialists
-    interfere: their combination trades fact for mc, so no search of both skills takes both.)"""
+    interfere: their combination trades fact for mc, so no search of both skills takes both.) That is the
+    Intel family (docs/zoo.md "Pinned seeds"); in the AMD family, trained from the same seed with MKL's
+    other branch, spec_fact's layer 0 alone already gains fact, so the traversal finds both layers there."""
+    if recovered is None:
+        recovered = tiny_manifest["build_key"]["kernels"] == "AVX2/MKL-AUTO/AMD"
     truth = tiny_manifest["layer_recipe"]
     model = truth[f"{skill}_model"]
     url = f"sqlite:///{tmp_path}/s.db"

@@ -1,7 +1,9 @@
 """Evaluation datasets: OLM ShareGPT JSON and multiple-choice JSON, encoded once and split.
 
-An objective names a dataset file, a metric and a held-out fraction. The held-out part is the last
-``ceil(fraction * n)`` items of the file; the search part is the rest. ``samples`` caps each part.
+An objective names a dataset file, a metric, a held-out fraction and a sealed test fraction. The test
+part is the last ``ceil(test * n)`` items of the file, the held-out part the ``ceil(held_out * n)`` items
+before it, the search part the rest. ``samples`` caps each part. Search and selection never read the
+test part: it is scored once, at export.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from olmopt.evaluate.formatting import (
     sharegpt_to_messages,
 )
 
-Split = Literal["search", "held_out"]
+Split = Literal["search", "held_out", "test"]
 
 
 @dataclass(frozen=True)
@@ -93,11 +95,23 @@ def _parse_item(path: Path, index: int, item: Any) -> Example:
     raise _fail(path, f"item {index}: neither ShareGPT ('conversation') nor multiple-choice (question/choices/answer)")
 
 
-def split_examples(examples: list[Example], held_out: float, split: Split, samples: int | None) -> list[Example]:
-    """The search or held-out part (held-out = the last ceil(held_out * n) items), capped at ``samples``."""
-    n_held = math.ceil(round(held_out * len(examples), 9)) if held_out > 0 else 0
-    part = examples[len(examples) - n_held :] if split == "held_out" else examples[: len(examples) - n_held]
+def split_examples(
+    examples: list[Example], held_out: float, split: Split, samples: int | None, test: float = 0.0
+) -> list[Example]:
+    """The search, held-out or test part, capped at ``samples``: [search | held-out | test] in file order,
+    the test part the last ceil(test * n) items and the held-out part the ceil(held_out * n) before it."""
+    n = len(examples)
+    n_test = _part_size(test, n)
+    n_held = _part_size(held_out, n)
+    n_search = n - n_test - n_held
+    bounds = {"search": (0, n_search), "held_out": (n_search, n - n_test), "test": (n - n_test, n)}
+    start, stop = bounds[split]
+    part = examples[max(0, start) : max(0, stop)]
     return part[:samples] if samples else part
+
+
+def _part_size(fraction: float, n: int) -> int:
+    return math.ceil(round(fraction * n, 9)) if fraction > 0 else 0
 
 
 def encode(tokenizer: Any, examples: list[Example], path: Path) -> Encoded:

@@ -28,7 +28,8 @@ from olmopt.runtime import cache_kwarg
 if TYPE_CHECKING:
     from olmopt.evaluate.prefix_cache import PrefixCache
 
-BatchKey = tuple[Path, str, float, "int | None", int]  # (dataset, split, held-out share, samples, batch number)
+# (dataset, split, held-out share, test share, samples, batch number)
+BatchKey = tuple[Path, str, float, float, "int | None", int]
 PrefixStore = dict[BatchKey, dict[int, torch.Tensor]]  # batch key -> layer -> input hidden states
 
 
@@ -41,6 +42,7 @@ class Objective:
     metric: str
     held_out: float = 0.25
     samples: int | None = None
+    test: float = 0.0  # the sealed test part (datasets.split_examples), scored only at export
     lm_eval: LmEvalSpec | None = None  # an lm-evaluation-harness task (olmopt.evaluate.lmeval), not a dataset
 
     @property
@@ -50,6 +52,10 @@ class Objective:
 
             return task_direction(self.lm_eval)
         return M.get_metric(self.metric).direction
+
+    def has_part(self, split: str) -> bool:
+        """Whether the objective has items in ``split`` (a sealed test part only when ``test`` > 0)."""
+        return split != "test" or self.test > 0
 
     @property
     def kind(self) -> str:
@@ -98,7 +104,7 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         self.stop_at_first_mismatch = stop_at_first_mismatch
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._encoded: dict[tuple[Path, Split, float, int | None], Encoded] = {}
+        self._encoded: dict[tuple[Path, Split, float, float, int | None], Encoded] = {}
         self.carried: PrefixStore = {}  # inputs of later layers kept by the last evaluation (its ``carry``)
         self._carry: list[int] = []
         self._batch_cache: dict[int, list[_Batch]] = {}
@@ -107,9 +113,9 @@ class Evaluator:
 
     # -- data --------------------------------------------------------------------------------------
     def encoded(self, obj: Objective, split: Split) -> Encoded:
-        key = (obj.path, split, obj.held_out, obj.samples)
+        key = (obj.path, split, obj.held_out, obj.test, obj.samples)
         if key not in self._encoded:
-            examples = split_examples(load_examples(obj.path), obj.held_out, split, obj.samples)
+            examples = split_examples(load_examples(obj.path), obj.held_out, split, obj.samples, obj.test)
             if not examples:
                 raise InputError(f"dataset {obj.path}: the {split} part is empty")
             self._encoded[key] = encode(self.tokenizer, examples, obj.path)
@@ -212,7 +218,7 @@ class Evaluator:
         for obj in self.objectives:
             if obj.kind not in ("generate", "recipe"):
                 for n, batch in enumerate(self._batches(self.encoded(obj, split))):
-                    yield (obj.path, split, obj.held_out, obj.samples, n), batch
+                    yield (obj.path, split, obj.held_out, obj.test, obj.samples, n), batch
 
     def capture_inputs(
         self, batch: _Batch, layers: list[int], earlier: dict[int, torch.Tensor] | None = None
@@ -247,11 +253,11 @@ class Evaluator:
         self.carried = {}
         self._carry = list(carry)
         results: dict[str, float] = {}
-        groups: dict[tuple[Path, float, int | None], list[Objective]] = {}
-        for obj in self.objectives:
-            if obj.kind == "recipe":
-                continue  # read off the Recipe by the caller, not computed from data
-            groups.setdefault((obj.path, obj.held_out, obj.samples), []).append(obj)
+        groups: dict[tuple[Path, float, float, int | None], list[Objective]] = {}
+        # recipe objectives: read off the Recipe by the caller; the test split only where it has items
+        scored = [o for o in self.objectives if o.kind != "recipe" and o.has_part(split)]
+        for obj in scored:
+            groups.setdefault((obj.path, obj.held_out, obj.test, obj.samples), []).append(obj)
         for objs in groups.values():
             forced = [o for o in objs if o.kind in ("teacher_forced", "choice")]
             generated = [o for o in objs if o.kind == "generate"]
@@ -263,7 +269,7 @@ class Evaluator:
                 if self._saw_nonfinite:
                     self.nonfinite.append(obj.name)
                     results[obj.name] = float("nan")
-        return {o.name: results[o.name] for o in self.objectives if o.kind != "recipe"}
+        return {o.name: results[o.name] for o in scored}
 
     def _score_forced(self, objs: list[Objective], split: Split, cache: PrefixCache | None) -> dict[str, float]:
         first = objs[0]
@@ -272,7 +278,7 @@ class Evaluator:
         ce_sum, ce_n = 0.0, 0
         bad: set[str] = set()
         for n, batch in enumerate(self._batches(enc)):
-            key = (first.path, split, first.held_out, first.samples, n)
+            key = (first.path, split, first.held_out, first.test, first.samples, n)
             prefix, start = (cache.inputs(key), cache.layer or 0) if cache is not None else (None, 0)
             hidden, kept = self._hidden(batch, prefix, start, self._carry)
             if kept:

@@ -25,6 +25,7 @@ def objectives_of(config: StudyConfig) -> list[Objective]:
             metric=o.metric,
             held_out=o.held_out,
             samples=o.samples,
+            test=o.test,
             lm_eval=spec_of(o, Path(config.root)) if o.kind == "lm_eval" else None,
         )
         for o in config.objectives
@@ -92,7 +93,12 @@ class EvalContext:
         for obj in self.objectives:
             if obj.kind == "recipe":
                 values[obj.name] = layers_removed(recipe, self.pool.adapter.num_layers)
-        return {o.name: values[o.name] for o in self.objectives if o.name in values}
+        return {o.name: values[o.name] for o in self.objectives if o.name in values and o.has_part(split)}
+
+    def item_counts(self, split: str = "search") -> dict[str, int]:
+        """Objective -> number of items of ``split`` (dataset objectives; lm-eval tasks are not counted)."""
+        scored = [o for o in self.objectives if o.kind not in ("recipe", "lm_eval") and o.has_part(split)]
+        return {o.name: len(self.evaluator.encoded(o, split)) for o in scored}  # type: ignore[arg-type]
 
     @property
     def item_scores(self) -> dict[str, dict[int, float]]:
@@ -106,7 +112,7 @@ class EvalContext:
         with self.working.patched(without_fusion(recipe)), fused(self.working.model, recipe):
             cache = self.prefix if plan.use else None
             values = self.evaluator.evaluate(split, prefix=cache, carry=plan.carry)  # type: ignore[arg-type]
-            if self.lm_eval is not None:
+            if self.lm_eval is not None and split != "test":  # lm-eval tasks have no sealed test part
                 values.update(self.lm_eval.evaluate(split))
         self.prefix.after(recipe, plan, self.evaluator.carried)
         return values
@@ -118,7 +124,7 @@ class EvalContext:
         evaluator = Evaluator(model, self.evaluator.tokenizer, self.evaluator.objectives, batch_size=self.evaluator.batch_size)
         evaluator._encoded = self.evaluator._encoded  # share the tokenization cache
         values = evaluator.evaluate(split)  # type: ignore[arg-type]
-        if self.lm_eval is not None:
+        if self.lm_eval is not None and split != "test":
             values.update(self.lm_eval.evaluate(split, model=model))
         return values
 

@@ -10,17 +10,18 @@ records it, and a test can decide a stage without a model.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from optuna.trial import FrozenTrial
 
+from olmopt.confidence import selection_ties
 from olmopt.config import SelectionConfig
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
 from olmopt.search.decision import CandidateResult, Decision
 from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import Stage, StageSpace
-from olmopt.select import objective_mean, select
+from olmopt.select import objective_mean, select, significance
 
 Scorer = Callable[[Recipe, str], dict[str, float]]  # (recipe, "search" | "held_out") -> objective values
 
@@ -35,6 +36,8 @@ class DecideRules:
     selection: SelectionConfig
     joint: bool  # the stage's kind samples within a budget (held-out guard, baselines' held-out figures)
     has_held_out: bool  # some objective has a held-out part
+    metric_of: dict[str, str] = field(default_factory=dict)  # objective -> metric (ties by confidence)
+    items: dict[str, int] = field(default_factory=dict)  # objective -> search items (ties by confidence)
 
 
 def decide(
@@ -59,16 +62,23 @@ def decide(
     feasible = {label: bool(t.user_attrs.get("feasible", True)) for label, t in trials.items()}
     keep = _kept_label(trials, space, incumbent, keys)
     guarded: dict[str, dict[str, float]] = {}  # held-out figures of the guard's candidates
+    ties, verdicts = "", {}
     if space.decide is not None:
         winner, reason = space.decide(trials, scores, feasible, keep), "stage acceptance rule"
     else:
         order = {name: i for i, name in enumerate(rules.pool_names)}
+        chosen = rules.selection
+        tolerance, rule = selection_ties(chosen.tolerance, chosen.confidence, rules.metric_of, rules.items)
+        tied = rule.tied if rule is not None else None
         selection = select(
             scores, rules.directions, feasible, keep=keep,
             tie_key=lambda c: (c != keep, order.get(c, len(order)), c),
-            tolerance=rules.selection.tolerance, score=rules.selection.score,
+            tolerance=tolerance, score=chosen.score, tied=tied,
         )  # fmt: skip
         winner, reason = selection.winner, selection.reason
+        ties = rule.describe() if rule is not None else f"fixed tolerance {tolerance:g}"
+        if winner is not None:
+            verdicts = significance(scores, rules.directions, winner, tied)
         guard = rules.selection.held_out_guard
         if rules.joint and guard > 1 and winner is not None and rules.has_held_out:
             winner, reason, guarded = _held_out_guard(trials, selection.order[:guard], reason, rules, score)
@@ -114,6 +124,8 @@ def decide(
         kept_incumbent=keep is not None and label == keep,
         held_out_guard=list(guarded),
         details=space.details(trials) if space.details is not None else {},
+        ties=ties,
+        significance=verdicts,
     )
 
 

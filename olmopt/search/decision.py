@@ -15,7 +15,7 @@ from olmopt.recipe import Recipe
 
 _CORE = (
     "stage", "winner", "trial", "kept_incumbent", "recipe", "metrics", "held_out", "reason", "decided_by",
-    "candidates", "held_out_guard",
+    "candidates", "held_out_guard", "ties", "significance",
 )  # fmt: skip
 
 
@@ -58,6 +58,8 @@ class Decision:
     kept_incumbent: bool = False
     held_out_guard: list[str] = field(default_factory=list)  # the candidates the guard compared, search order
     details: dict[str, Any] = field(default_factory=dict)  # the kind's own fields (``StageSpace.details``)
+    ties: str = ""  # selection's tie rule (``confidence.selection_ties``); "" under a kind's own rule
+    significance: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> objective -> vs winner
 
     def to_dict(self) -> dict[str, Any]:
         """The stored (JSON) form."""
@@ -75,6 +77,8 @@ class Decision:
         }
         if self.held_out_guard:
             out["held_out_guard"] = list(self.held_out_guard)
+        if self.ties:
+            out["ties"], out["significance"] = self.ties, self.significance
         return out | self.details
 
     @classmethod
@@ -94,6 +98,8 @@ class Decision:
             decided_by=data.get("decided_by"),
             kept_incumbent=bool(data.get("kept_incumbent", False)),
             held_out_guard=list(data.get("held_out_guard") or []),
+            ties=str(data.get("ties", "")),
+            significance=dict(data.get("significance") or {}),
             details={k: v for k, v in data.items() if k not in _CORE},
         )
 

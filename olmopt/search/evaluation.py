@@ -34,6 +34,7 @@ from olmopt.search.coordination import (
     next_poll,
 )
 from olmopt.search.decision import Decision
+from olmopt.search.eval_cache import EvalCache
 from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import Stage, StageSpace
 from olmopt.search.storage import is_sqlite, stale_after
@@ -81,6 +82,7 @@ class StageEvaluation:
         decisions: dict[str, Decision],
         out_of_time: Callable[[], bool],
         log: Callable[[str], None],
+        cache: EvalCache | None = None,
     ) -> None:
         self.c = campaign
         self.ev = evaluators
@@ -93,6 +95,8 @@ class StageEvaluation:
         self.decisions = decisions  # earlier stages' decisions: a candidate with their weights reuses metrics
         self.out_of_time = out_of_time
         self.log = log
+        self.cache = cache  # values across campaigns (search.eval_cache)
+        self._fresh: set[int] = set()  # trials whose metrics this worker evaluated (put into the cache)
         self.names = campaign.objective_names()
         self.directions = campaign.directions()
         self.metric_of = dict(zip(self.names, (o.metric for o in campaign.config.objectives), strict=True))
@@ -211,11 +215,14 @@ class StageEvaluation:
                 self._run_inline(trial, recipe)
                 return
             reused = self._reused_metrics(trial, recipe)
+            if reused is None:
+                reused = self._cached_metrics(trial, recipe)
             if reused is not None:
                 future: Future[dict[str, float]] = Future()
                 future.set_result(reused)
             else:
                 future = self.ev.submit(recipe, self.incumbent, self.space.layer)  # inline when workers == 1
+                self._fresh.add(trial.number)
         except BaseException:
             self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
@@ -233,6 +240,18 @@ class StageEvaluation:
             trial.set_user_attr("reused", f"trial {same.number}")
             return T.metrics_of(same, self.names)
         return None
+
+    def _cached_metrics(self, trial: Trial, recipe: Recipe) -> dict[str, float] | None:
+        """The metrics of the same model from the evaluation cache, noted in the trial's ``cached`` attr
+        (the campaign that evaluated it); unlike ``reused`` it counts toward the budget, so a re-run
+        replays the trials of the first run."""
+        if self.cache is None:
+            return None
+        hit = self.cache.get(self.keys.key_of_json(recipe.to_json()), "search")
+        if hit is None:
+            return None
+        trial.set_user_attr("cached", hit.campaign)
+        return hit.values
 
     def _same_model_in_stage(self, recipe: Recipe) -> FrozenTrial | None:
         """A COMPLETE trial of this stage with the same weights (a sampler repeating itself)."""
@@ -299,6 +318,8 @@ class StageEvaluation:
             return
         annotate_trial(self.c, trial, recipe.to_json())  # before tell: a finished trial takes no artifacts
         self.study.tell(trial, T.told_values(metrics, self.names, self.directions), skip_if_finished=True)
+        if self.cache is not None and trial.number in self._fresh:
+            self.cache.put(self.keys.key_of_json(recipe.to_json()), "search", metrics)
 
     def _sweep_stale(self) -> None:
         """Fail trials of dead workers (so that their candidates are retried)."""

@@ -18,6 +18,7 @@ from olmopt.model_ids import public_ids, renamed_everywhere
 from olmopt.outdir import check_output
 from olmopt.recipe import Recipe
 from olmopt.report import add_donor_map
+from olmopt.sealed_split import sealed_test_report
 from olmopt.search.annotate import annotate_export
 from olmopt.search.api import check_inputs_unchanged
 from olmopt.search.campaign import Campaign
@@ -27,7 +28,9 @@ from olmopt.search.kinds.es import REFINE_INFO, refine_targets
 from olmopt.search.storage import redact, sqlite_path
 from olmopt.search.trials import RECIPE_ATTR, nonfinite_objectives
 
-REPORT_STAGE_KEYS = ("stage", "winner", "trial", "kept_incumbent", "metrics", "held_out", "reason")  # per stage
+REPORT_STAGE_KEYS = (
+    "stage", "winner", "trial", "kept_incumbent", "metrics", "held_out", "reason", "ties", "significance",
+)  # fmt: skip
 
 
 def pick_recipe(campaign: Campaign, trial: int | None, stage_key: str | None) -> tuple[Recipe, dict[str, float], str, int | None]:
@@ -96,6 +99,7 @@ def export_best(
         raise ReproductionError(f"rebuilt recipe does not reproduce the trial's metrics: expected {expected}, got {got}")
     has_held = any(o.held_out > 0 for o in ctx.objectives)
     held = ctx.score(recipe, "held_out") if has_held else {}
+    sealed = sealed_test(campaign, ctx, recipe, got)  # the one reading of the test part
     table = [{"model": "merged (olmopt)", "search": got, "held_out": held}]
     refine_report = None
     if refined is not None:
@@ -123,6 +127,7 @@ def export_best(
             "recipe": recipe.to_dict(),
             "objectives": {
                 o.name: {"metric": o.metric, "direction": o.direction, "dataset": str(o.path), "held_out": o.held_out}
+                | ({"test": o.test} if o.test > 0 else {})
                 | ({"lm_eval_task": o.lm_eval.task} if o.lm_eval is not None else {})
                 for o in ctx.objectives
             },
@@ -130,7 +135,7 @@ def export_best(
                 {k: v for k, v in d.to_dict().items() if k in REPORT_STAGE_KEYS}
                 for d in (decisions[s.key] for s in campaign.plan if s.key in decisions)
             ],
-            "merged": {"search": got, "held_out": held},
+            "merged": {"search": got, "held_out": held} | ({"test": sealed["values"]} if sealed else {}),
             "comparison": table,
             "held_out_copeland": verdict,
             "provenance": provenance(redact(url), name, key, trial_number, campaign.info.get("datasets", {})),
@@ -138,6 +143,8 @@ def export_best(
     )
     if refine_report is not None:
         report["refine"] = refine_report
+    if sealed:
+        report["test"] = sealed
     # the directory is meant to be shared: models by hub id or directory name, no local path anywhere
     config = campaign.config
     ids = public_ids(list(config.pool.models), config.path(config.pool.base_dir or "."))
@@ -148,7 +155,7 @@ def export_best(
         info["dataset"] = Path(info["dataset"]).name
     card = model_card(
         f"{name} (olmopt merge)", recipe.renamed(to_id), renamed_everywhere(table, to_id), names, directions,
-        pool=report["pool"], objective_info=report["objectives"], campaign=name,
+        pool=report["pool"], objective_info=report["objectives"], campaign=name, sealed_test=sealed,
     )  # fmt: skip
     adapter = ctx.pool.adapter
     units = adapter.all_units(ctx.pool[recipe.base].checkpoint.keys())
@@ -159,6 +166,8 @@ def export_best(
     annotate_export(campaign, out)
     result: dict[str, Any] = {"out": str(out), "recipe": recipe.to_dict(), "stage": key, "trial": trial_number}
     result.update({"metrics": got, "held_out": held, "comparison": table, "held_out_copeland": verdict})
+    if sealed:
+        result["test"] = sealed
     if refine_report is not None:
         result["refine"] = refine_report
     return result
@@ -213,6 +222,23 @@ def refinement_report(
         },
         "after": {"search": got, "held_out": held},
     }
+
+
+def sealed_test(
+    campaign: Campaign, ctx: EvalContext, recipe: Recipe, search: dict[str, float]
+) -> dict[str, Any]:
+    """The merged model on the sealed test part (``objectives[].test``), scored here and nowhere else:
+    ``sealed_split.sealed_test_report`` plus the figures as ``values``; {} when no objective has one."""
+    sealed = [o for o in ctx.objectives if o.test > 0]
+    if not sealed:
+        return {}
+    values = ctx.score(recipe, "test")
+    encoded = ctx.evaluator.encoded
+    counts = {o.name: (len(encoded(o, "search")), len(encoded(o, "test"))) for o in sealed}
+    metric_of = {o.name: o.metric for o in sealed}
+    level = campaign.config.selection.confidence
+    report = sealed_test_report(search, values, campaign.directions(), metric_of, counts, level)
+    return {"values": values} | report
 
 
 def held_out_items(ctx: EvalContext, objective: Any) -> int:

@@ -30,6 +30,7 @@ from olmopt.search.campaign import Campaign, record_decision, stage_decision
 from olmopt.search.coordination import POLL_SECONDS, WORKER_ID, StageLock, next_poll
 from olmopt.search.decide import DecideRules, decide
 from olmopt.search.decision import Decision
+from olmopt.search.eval_cache import EvalCache, cached_scorer, open_cache
 from olmopt.search.evaluation import StageEvaluation
 from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import Stage, StageSpace
@@ -117,6 +118,7 @@ class CampaignRunner:
         self._env: _Env | None = None
         self._overall: tqdm | None = None  # the campaign bar, in trials
         self._keys: ModelKeys | None = None
+        self._cache: EvalCache | None | bool = False  # False: not opened yet
 
     @property
     def env(self) -> _Env:
@@ -131,6 +133,13 @@ class CampaignRunner:
         if self._keys is None:
             self._keys = ModelKeys(self.env.adapter, self.env.param_names)
         return self._keys
+
+    @property
+    def cache(self) -> EvalCache | None:
+        """Objective values across the storage's campaigns (``search.eval_cache``; None: not cached)."""
+        if self._cache is False:
+            self._cache = open_cache(self.c.storage, self.ev.local, self.c.name)
+        return self._cache if isinstance(self._cache, EvalCache) else None
 
     def _out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -181,7 +190,7 @@ class CampaignRunner:
             T.fail_running(study)  # we hold the single-writer lock: RUNNING trials are orphans
         evaluation = StageEvaluation(
             self.c, self.ev, study, stage, space, incumbent, self._references(decisions, incumbent),
-            self.keys, self.env.decisions, self._out_of_time, self.log,
+            self.keys, self.env.decisions, self._out_of_time, self.log, cache=self.cache,
         )  # fmt: skip
         evaluation.enqueue_missing()
         try:
@@ -232,9 +241,11 @@ class CampaignRunner:
         rules = DecideRules(
             self.names, self.directions, self.pool_names, selection, get_kind(stage.kind).joint,
             any(o.held_out > 0 for o in self.c.config.objectives),
+            {o.name: o.metric for o in self.ev.local.objectives}, self.ev.local.item_counts(),
         )  # fmt: skip
         earlier = self.keys.earlier_decision(incumbent, self.env.decisions)
-        decision = decide(stage, trials, space, incumbent, rules, self.keys, earlier, self.ev.local.score, WORKER_ID)
+        score = cached_scorer(self.cache, lambda r: self.keys.key_of_json(r.to_json()), self.ev.local.score)
+        decision = decide(stage, trials, space, incumbent, rules, self.keys, earlier, score, WORKER_ID)
         record_decision(study, decision)
         annotate_decision(self.c, study, decision)
         label = decision.winner

@@ -35,7 +35,7 @@ def calibration_items(env: SpaceEnv, limit: int) -> list[dict[str, Any]]:
         if obj.kind in ("recipe", "lm_eval"):
             continue
         raw = json.loads(obj.path.read_text())
-        keep = len(split_examples(load_examples(obj.path), obj.held_out, "search", None))
+        keep = len(split_examples(load_examples(obj.path), obj.held_out, "search", None, obj.test))
         items.extend(raw[:keep])
     return items[:: max(1, len(items) // limit)][:limit]
 
