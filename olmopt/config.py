@@ -340,7 +340,24 @@ class SamplerConfig(_Strict):
         return self.population_size or max(4, min(50, n_trials // 5))
 
 
+class EarlyStopConfig(_Strict):
+    """Paired sequential early stopping (olmopt.evaluate.sequential, docs/early_stop.md): candidates are
+    scored in chunks of ``chunk`` items of each dataset and stopped (PRUNED) once the incumbent is
+    significantly better at level ``alpha`` (spent over the looks)."""
+
+    mode: Literal["on", "off"] = "off"
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)
+    chunk: int = Field(20, gt=0)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _on_off(cls, value: object) -> object:
+        """YAML 1.1 reads bare ``on``/``off`` as True/False."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class EvaluationConfig(_Strict):
+    early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(256, gt=0)
     stop_at_first_mismatch: bool = True

@@ -50,19 +50,18 @@ def _study(
 
 
 class Counter:
-    """Counts ``EvalContext.score`` calls by split (every evaluation of the campaign goes through it)."""
+    """Counts ``EvalContext.evaluate`` calls by split (every evaluation of the campaign goes through it,
+    ``score`` included)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: dict[str, int] = {}
-        original = EvalContext.score
+        original = EvalContext.evaluate
 
-        def score(
-            ctx: EvalContext, recipe: Any, split: str = "search", *args: Any, **kwargs: Any
-        ) -> dict[str, float]:
+        def evaluate(ctx: EvalContext, recipe: Any, split: str = "search", *args: Any, **kwargs: Any) -> Any:
             self.calls[split] = self.calls.get(split, 0) + 1
             return original(ctx, recipe, split, *args, **kwargs)
 
-        monkeypatch.setattr(EvalContext, "score", score)
+        monkeypatch.setattr(EvalContext, "evaluate", evaluate)
 
     def take(self) -> int:
         total, self.calls = sum(self.calls.values()), {}

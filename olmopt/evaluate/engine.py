@@ -78,6 +78,7 @@ class _Batch:
     mask: torch.Tensor  # [B, R]
     last_prompt: torch.Tensor  # [B] position of the last prompt token
     rows: list[int]
+    chunk: int = 0  # the early-stopping chunk its items belong to (0 without chunks)
 
 
 class Evaluator:
@@ -91,7 +92,10 @@ class Evaluator:
         batch_size: int = 32,
         max_new_tokens: int = 256,
         stop_at_first_mismatch: bool = True,
+        chunks: tuple[int, int] | None = None,
     ) -> None:
+        """``chunks``: (seed, items per chunk) to batch every dataset part chunk by chunk, its items in a
+        fixed random order from ``seed`` (early stopping, ``evaluate(chunk=c)``); None: one sorted batching."""
         names = [o.name for o in objectives]
         if len(set(names)) != len(names):
             raise InputError(f"objective names must be unique: {names}")
@@ -110,6 +114,11 @@ class Evaluator:
         self._batch_cache: dict[int, list[_Batch]] = {}
         self.nonfinite: list[str] = []  # objectives whose logits held NaN/inf in the last ``evaluate``
         self._saw_nonfinite = False
+        self.chunks = chunks
+        # per-item results of the last ``evaluate``: objective -> item index -> value (perplexity: the
+        # item's summed token cross-entropy, its token count in ``item_tokens``)
+        self.item_scores: dict[str, dict[int, float]] = {}
+        self.item_tokens: dict[str, dict[int, int]] = {}
 
     # -- data --------------------------------------------------------------------------------------
     def encoded(self, obj: Objective, split: Split) -> Encoded:
@@ -135,16 +144,28 @@ class Evaluator:
         return next(self.model.parameters()).device
 
     def _batches(self, enc: Encoded) -> list[_Batch]:
-        """The padded batches of a dataset part, built once (shortest first; deterministic)."""
+        """The padded batches of a dataset part, built once (shortest first; deterministic); with
+        ``chunks``, chunk by chunk (``item_chunks``), shortest first within each chunk."""
         cached = self._batch_cache.get(id(enc))
         if cached is None:
-            order = sorted(range(len(enc)), key=lambda i: (len(enc.prompts[i]) + len(enc.answers[i]), i))
-            rows = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-            cached = [self._make_batch(enc, r) for r in rows]
+            groups = item_chunks(len(enc), self.chunks, self.looks(), enc.prompts) if self.chunks else [list(range(len(enc)))]
+            cached = []
+            for number, items in enumerate(groups):
+                order = sorted(items, key=lambda i: (len(enc.prompts[i]) + len(enc.answers[i]), i))
+                rows = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+                cached += [self._make_batch(enc, r, number) for r in rows]
             self._batch_cache[id(enc)] = cached
         return cached
 
-    def _make_batch(self, enc: Encoded, rows: list[int]) -> _Batch:
+    def looks(self, split: Split = "search") -> int:
+        """Chunks of an early-stopped evaluation: the largest dataset part's items / chunk size, rounded up
+        (every part is cut into this many chunks of about equal size); 1 without ``chunks``."""
+        if self.chunks is None:
+            return 1
+        sizes = [len(self.encoded(o, split)) for o in self.objectives if o.kind != "recipe"]
+        return max([1] + [-(-n // self.chunks[1]) for n in sizes])
+
+    def _make_batch(self, enc: Encoded, rows: list[int], chunk: int = 0) -> _Batch:
         seqs = [enc.prompts[i] + enc.answers[i] for i in rows]
         width = max(len(s) for s in seqs)
         r_max = max(len(enc.answers[i]) for i in rows)
@@ -164,7 +185,7 @@ class Evaluator:
             last_prompt[b] = p - 1
         dev = self.device
         return _Batch(
-            ids.to(dev), attention.to(dev), gather.to(dev), target.to(dev), mask.to(dev), last_prompt.to(dev), rows
+            ids.to(dev), attention.to(dev), gather.to(dev), target.to(dev), mask.to(dev), last_prompt.to(dev), rows, chunk
         )
 
     # -- forward passes ------------------------------------------------------------------------------
@@ -236,9 +257,16 @@ class Evaluator:
     # -- public API -----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(
-        self, split: Split = "search", prefix: PrefixCache | None = None, carry: Sequence[int] = ()
+        self,
+        split: Split = "search",
+        prefix: PrefixCache | None = None,
+        carry: Sequence[int] = (),
+        chunk: int | None = None,
     ) -> dict[str, float]:
-        """Objective name -> value for the model as it is now.
+        """Objective name -> value for the model as it is now; per-item values in ``item_scores``.
+
+        ``chunk``: only that chunk's items (an Evaluator built with ``chunks``); the values are then
+        over those items, and ``carried`` keeps growing from chunk 1 on (chunk 0 starts it afresh).
 
         With ``prefix`` teacher-forced batches start from its stored inputs of its layer: the caller
         guarantees that the weights below that layer (and the embedding) equal those at capture time.
@@ -250,7 +278,9 @@ class Evaluator:
         """
         self.model.eval()
         self.nonfinite = []
-        self.carried = {}
+        if not chunk:
+            self.carried = {}
+        self.item_scores, self.item_tokens = {}, {}
         self._carry = list(carry)
         results: dict[str, float] = {}
         groups: dict[tuple[Path, float, float, int | None], list[Objective]] = {}
@@ -262,22 +292,28 @@ class Evaluator:
             forced = [o for o in objs if o.kind in ("teacher_forced", "choice")]
             generated = [o for o in objs if o.kind == "generate"]
             if forced:
-                results.update(self._score_forced(forced, split, prefix))
+                results.update(self._score_forced(forced, split, prefix, chunk))
             for obj in generated:
                 self._saw_nonfinite = False
-                results[obj.name] = self._score_generated(obj, split)
+                results[obj.name] = self._score_generated(obj, split, chunk)
                 if self._saw_nonfinite:
                     self.nonfinite.append(obj.name)
                     results[obj.name] = float("nan")
         return {o.name: results[o.name] for o in scored}
 
-    def _score_forced(self, objs: list[Objective], split: Split, cache: PrefixCache | None) -> dict[str, float]:
+    def _score_forced(
+        self, objs: list[Objective], split: Split, cache: PrefixCache | None, chunk: int | None
+    ) -> dict[str, float]:
         first = objs[0]
         enc = self.encoded(first, split)
         sums: dict[str, list[torch.Tensor]] = {o.name: [] for o in objs}
+        rows: list[int] = []
         ce_sum, ce_n = 0.0, 0
         bad: set[str] = set()
         for n, batch in enumerate(self._batches(enc)):
+            if chunk is not None and batch.chunk != chunk:
+                continue
+            rows += batch.rows
             key = (first.path, split, first.held_out, first.test, first.samples, n)
             prefix, start = (cache.inputs(key), cache.layer or 0) if cache is not None else (None, 0)
             hidden, kept = self._hidden(batch, prefix, start, self._carry)
@@ -294,6 +330,8 @@ class Evaluator:
                     s, c = M.cross_entropy_sums(logits, batch.target, batch.mask)
                     ce_sum += float(s.sum())
                     ce_n += int(c.sum())
+                    sums[obj.name].append(s)
+                    self.item_tokens.setdefault(obj.name, {}).update(zip(batch.rows, c.tolist(), strict=True))
                 elif obj.metric == "bigram_loss":
                     sums[obj.name].append(M.bigram_loss_scores(logits, batch.target, batch.mask))
                 elif obj.metric == "token_accuracy":
@@ -304,6 +342,7 @@ class Evaluator:
                     raise InputError(f"metric {obj.metric} has no teacher-forced implementation")
         out: dict[str, float] = {}
         for obj in objs:
+            self.item_scores[obj.name] = dict(zip(rows, torch.cat(sums[obj.name]).float().tolist(), strict=True))
             if obj.metric == "perplexity":
                 out[obj.name] = M.perplexity_from_sums(ce_sum, ce_n)
             else:
@@ -323,10 +362,14 @@ class Evaluator:
         answers = torch.tensor([enc.answer_index[i] for i in batch.rows], device=first.device)
         return M.mc_correct(scores, answers)
 
-    def _score_generated(self, obj: Objective, split: Split) -> float:
+    def _score_generated(self, obj: Objective, split: Split, chunk: int | None) -> float:
         enc = self.encoded(obj, split)
         values: list[torch.Tensor] = []
+        rows: list[int] = []
         for batch in self._batches(enc):
+            if chunk is not None and batch.chunk != chunk:
+                continue
+            rows += batch.rows
             prompts = [enc.prompts[i] for i in batch.rows]
             if obj.metric in ("exact_match", "accuracy"):
                 stop = self.stop_at_first_mismatch
@@ -340,6 +383,7 @@ class Evaluator:
                 score = M.diversity_score if obj.metric == "diversity" else M.quality_score
                 texts = [self._decode(row) for row in pred.tolist()]
                 values.append(torch.tensor([score(t) for t in texts]))
+        self.item_scores[obj.name] = dict(zip(rows, torch.cat(values).float().tolist(), strict=True))
         return float(torch.cat(values).float().mean())
 
     def _decode(self, ids: list[int]) -> str:
@@ -394,3 +438,15 @@ class Evaluator:
             )
             hidden = out.last_hidden_state[:, -1]
         return preds, pmax
+
+
+def item_chunks(n_items: int, chunks: tuple[int, int], looks: int, salt: Sequence[Sequence[int]]) -> list[list[int]]:
+    """``looks`` chunks of about equal size of a part's item indices, in a random order fixed by the seed
+    and the part's content (``salt``: its prompts), so every candidate of a campaign sees the same order."""
+    import hashlib
+    import random
+
+    digest = hashlib.sha256(repr((chunks[0], n_items, [list(p) for p in salt])).encode()).hexdigest()
+    order = list(range(n_items))
+    random.Random(digest).shuffle(order)
+    return [order[round(c * n_items / looks) : round((c + 1) * n_items / looks)] for c in range(looks)]

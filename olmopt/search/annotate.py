@@ -210,6 +210,9 @@ def stage_note(decision: Decision, names: list[str], directions: dict[str, str])
         for label, c in ranked[:NOTE_ROWS]:
             cells = " | ".join(_fmt(c.metrics.get(n)) for n in names)
             lines.append(f"| {short_name(label)} | {c.trial} | {'yes' if c.feasible else 'no'} | {cells} |")
+    if decision.pruned:  # early stopping (docs/early_stop.md): partial metrics on their trials, never winners
+        lines += ["", f"Stopped early (PRUNED, {len(decision.pruned)}):", ""]
+        lines += [f"- {short_name(label)}: {why}" for label, why in sorted(decision.pruned.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from olmopt.config import StudyConfig, default_objective_name
+from olmopt.evaluate.early_stop import ChunkResult, Scored, StopRule, run_chunks
 from olmopt.evaluate.engine import Evaluator, Objective
+from olmopt.evaluate.item_scores import ItemScores
 from olmopt.evaluate.lmeval import LmEvalEvaluator, spec_of
 from olmopt.evaluate.prefix_cache import PrefixCache
 from olmopt.methods.dfs.resident import ResidentPool, dfs_eval_model
@@ -60,6 +62,7 @@ class EvalContext:
             batch_size=ev.batch_size,
             max_new_tokens=ev.max_new_tokens,
             stop_at_first_mismatch=ev.stop_at_first_mismatch,
+            chunks=(config.sampler.seed, ev.early_stop.chunk) if ev.early_stop.mode == "on" else None,
         )
         lm_objs = [o for o in self.objectives if o.kind == "lm_eval"]  # lm-eval tasks wrap the same resident model
         self.lm_eval = (
@@ -86,14 +89,31 @@ class EvalContext:
         Fusion recipes are fused on top of the patch and restored; data-flow paths run on the pool's
         resident layers. Metrics read off the Recipe (layers_removed) are added here.
         """
+        return self.evaluate(recipe, split, incumbent, layer).metrics
+
+    def evaluate(
+        self,
+        recipe: Recipe,
+        split: str = "search",
+        incumbent: Recipe | None = None,
+        layer: int | None = None,
+        reference: ItemScores | None = None,
+    ) -> Scored:
+        """``score`` with the per-item values. With early stopping on (``evaluation.early_stop``) a
+        search-split evaluation runs chunk by chunk and stops when ``reference`` (the incumbent's per-item
+        values) shows that ``recipe`` cannot win the stage (olmopt.evaluate.early_stop); lm-eval objectives
+        and data-flow recipes are always scored whole."""
         if recipe.dfs is not None:
-            values = self._score_dfs(recipe, split)
+            scored = self._score_dfs(recipe, split)
         else:
-            values = self._score_patched(recipe, split, incumbent, layer)
+            scored = self._score_patched(recipe, split, incumbent, layer, reference)
         for obj in self.objectives:
             if obj.kind == "recipe":
-                values[obj.name] = layers_removed(recipe, self.pool.adapter.num_layers)
-        return {o.name: values[o.name] for o in self.objectives if o.name in values and o.has_part(split)}
+                scored.metrics[obj.name] = layers_removed(recipe, self.pool.adapter.num_layers)
+        scored.metrics = {
+            o.name: scored.metrics[o.name] for o in self.objectives if o.name in scored.metrics and o.has_part(split)
+        }
+        return scored
 
     def item_counts(self, split: str = "search") -> dict[str, int]:
         """Objective -> number of items of ``split`` (dataset objectives; lm-eval tasks are not counted)."""
@@ -105,28 +125,68 @@ class EvalContext:
         """Per-item results of the last evaluation's lm-eval objectives: name -> document index -> value."""
         return self.lm_eval.item_scores if self.lm_eval is not None else {}
 
-    def _score_patched(self, recipe: Recipe, split: str, incumbent: Recipe | None, layer: int | None) -> dict[str, float]:
+    @property
+    def stop_rule(self) -> StopRule:
+        cfg = self.config
+        return StopRule(
+            alpha=cfg.evaluation.early_stop.alpha,
+            directions={o.name: o.direction for o in self.objectives},
+            metric_of={o.name: o.metric for o in self.objectives},
+            score=cfg.selection.score,
+            # ties by confidence (no tolerance): the sequential test is itself the significance test
+            tolerance=cfg.selection.tolerance or 0.0,
+        )
+
+    def _chunks(
+        self, recipe: Recipe, incumbent: Recipe | None, reference: ItemScores | None, cache: PrefixCache | None, carry: list[int]
+    ) -> Scored:
+        """The early-stopping run of ``recipe`` on the current (patched) weights, chunk by chunk. Objectives
+        read off the Recipe compare with the incumbent's exactly (none: they certify nothing)."""
+        ev = self.evaluator
+
+        def chunk(c: int) -> ChunkResult:
+            ev.evaluate("search", prefix=cache, carry=carry, chunk=c)
+            return ChunkResult(dict(ev.item_scores), dict(ev.item_tokens), list(ev.nonfinite))
+
+        num_layers = self.pool.adapter.num_layers
+        known = (
+            {o.name: float(layers_removed(recipe, num_layers) - layers_removed(incumbent, num_layers))
+             for o in self.objectives if o.kind == "recipe"}
+            if incumbent is not None else {}
+        )  # fmt: skip
+        return run_chunks(chunk, ev.looks(), self.stop_rule, reference, known)
+
+    def _score_patched(
+        self, recipe: Recipe, split: str, incumbent: Recipe | None, layer: int | None, reference: ItemScores | None = None
+    ) -> Scored:
         if incumbent is not None and not incumbent.dfs and self.working.recipe != without_fusion(incumbent):
             self.working.apply(without_fusion(incumbent))  # the new resident state; never undone
         plan = self.prefix.before(recipe, incumbent, layer, split)
+        chunked = self.evaluator.chunks is not None and split == "search" and self.lm_eval is None
         with self.working.patched(without_fusion(recipe)), fused(self.working.model, recipe):
             cache = self.prefix if plan.use else None
-            values = self.evaluator.evaluate(split, prefix=cache, carry=plan.carry)  # type: ignore[arg-type]
-            if self.lm_eval is not None and split != "test":  # lm-eval tasks have no sealed test part
-                values.update(self.lm_eval.evaluate(split))
+            if chunked:
+                scored = self._chunks(recipe, incumbent, reference, cache, list(plan.carry))
+            else:
+                values = self.evaluator.evaluate(split, prefix=cache, carry=plan.carry)  # type: ignore[arg-type]
+                scored = Scored(values, dict(self.evaluator.item_scores))
+                if self.lm_eval is not None and split != "test":  # lm-eval tasks have no sealed test part
+                    scored.metrics.update(self.lm_eval.evaluate(split))
+                    scored.items.update(self.lm_eval.item_scores)
         self.prefix.after(recipe, plan, self.evaluator.carried)
-        return values
+        return scored
 
-    def _score_dfs(self, recipe: Recipe, split: str) -> dict[str, float]:
+    def _score_dfs(self, recipe: Recipe, split: str) -> Scored:
         if self._resident is None:
             self._resident = ResidentPool(self.pool, self.working.device, self.working.dtype)
         model = dfs_eval_model(self._resident, recipe)
         evaluator = Evaluator(model, self.evaluator.tokenizer, self.evaluator.objectives, batch_size=self.evaluator.batch_size)
         evaluator._encoded = self.evaluator._encoded  # share the tokenization cache
-        values = evaluator.evaluate(split)  # type: ignore[arg-type]
+        scored = Scored(evaluator.evaluate(split), dict(evaluator.item_scores))  # type: ignore[arg-type]
         if self.lm_eval is not None and split != "test":
-            values.update(self.lm_eval.evaluate(split, model=model))
-        return values
+            scored.metrics.update(self.lm_eval.evaluate(split, model=model))
+            scored.items.update(self.lm_eval.item_scores)
+        return scored
 
 
 def _kv_greedy(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> Any:

@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial
 
 from olmopt.confidence import selection_ties
 from olmopt.config import SelectionConfig
+from olmopt.evaluate.item_scores import packed_items
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
 from olmopt.search.decision import CandidateResult, Decision
@@ -50,12 +51,14 @@ def decide(
     earlier: Decision | None,
     score: Scorer,
     decided_by: str,
+    pruned: dict[str, str] | None = None,
 ) -> Decision:
     """The decision of ``stage`` from its COMPLETE ``trials`` (by label, first result of a retried label).
 
-    ``earlier``: the latest earlier decision of the same model as ``incumbent`` (its metrics and held-out
-    figures are reused). ``score``: evaluates a Recipe on a split (the incumbent when nothing was
-    acceptable and it was not evaluated here; held-out figures).
+    ``earlier``: the latest earlier decision of the same model as ``incumbent`` (its metrics, held-out
+    figures and per-item values are reused). ``score``: evaluates a Recipe on a split (the incumbent when
+    nothing was acceptable and it was not evaluated here; held-out figures). ``pruned``: the candidates
+    stopped early (label -> why): recorded, never winners (they are not among ``trials``).
     """
     names = rules.names
     scores = {n: {label: float(t.values[i]) for label, t in trials.items()} for i, n in enumerate(names)}
@@ -90,6 +93,9 @@ def decide(
         t = trials[winner]
         recipe, trial_number, label = Recipe.from_json(t.user_attrs[T.RECIPE_ATTR]), t.number, winner
         metrics = T.metrics_of(t, names)
+    items = packed_items(t.user_attrs) if winner is not None else {}
+    if not items and earlier is not None and keys.same(earlier.recipe, recipe):
+        items = dict(earlier.items)  # the incumbent again: its per-item values, the next stage's reference
     held_out: dict[str, float] = {}
     if winner is not None and winner in guarded:
         held_out = guarded[winner]
@@ -123,6 +129,8 @@ def decide(
         decided_by=decided_by,
         kept_incumbent=keep is not None and label == keep,
         held_out_guard=list(guarded),
+        items=items,
+        pruned=dict(pruned or {}),
         details=space.details(trials) if space.details is not None else {},
         ties=ties,
         significance=verdicts,

@@ -15,7 +15,7 @@ from olmopt.recipe import Recipe
 
 _CORE = (
     "stage", "winner", "trial", "kept_incumbent", "recipe", "metrics", "held_out", "reason", "decided_by",
-    "candidates", "held_out_guard", "ties", "significance",
+    "candidates", "held_out_guard", "ties", "significance", "items", "pruned",
 )  # fmt: skip
 
 
@@ -57,6 +57,8 @@ class Decision:
     decided_by: str | None = None
     kept_incumbent: bool = False
     held_out_guard: list[str] = field(default_factory=list)  # the candidates the guard compared, search order
+    items: dict[str, str] = field(default_factory=dict)  # the winner's packed per-item values (evaluate.item_scores)
+    pruned: dict[str, str] = field(default_factory=dict)  # candidates stopped early (PRUNED) -> why
     details: dict[str, Any] = field(default_factory=dict)  # the kind's own fields (``StageSpace.details``)
     ties: str = ""  # selection's tie rule (``confidence.selection_ties``); "" under a kind's own rule
     significance: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> objective -> vs winner
@@ -79,6 +81,10 @@ class Decision:
             out["held_out_guard"] = list(self.held_out_guard)
         if self.ties:
             out["ties"], out["significance"] = self.ties, self.significance
+        if self.items:
+            out["items"] = dict(self.items)
+        if self.pruned:
+            out["pruned"] = dict(self.pruned)
         return out | self.details
 
     @classmethod
@@ -100,6 +106,8 @@ class Decision:
             held_out_guard=list(data.get("held_out_guard") or []),
             ties=str(data.get("ties", "")),
             significance=dict(data.get("significance") or {}),
+            items=dict(data.get("items") or {}),
+            pruned=dict(data.get("pruned") or {}),
             details={k: v for k, v in data.items() if k not in _CORE},
         )
 

@@ -21,6 +21,8 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm import tqdm
 
 from olmopt.errors import OlmoptError
+from olmopt.evaluate.early_stop import Scored
+from olmopt.evaluate.item_scores import N_ITEMS_ATTR, ItemScores, item_attrs, unpack_all
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
 from olmopt.search.annotate import annotate_trial
@@ -42,13 +44,13 @@ from olmopt.search.workers import Evaluators
 from olmopt.select import degradation_constraints, is_feasible
 
 REUSE_CAP = 3  # a budget of N evaluations stops after 3 N trials however many repeat earlier ones
-LIVE_STATES = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)  # trials that spend the budget
+LIVE_STATES = (*T.DONE_STATES, TrialState.RUNNING, TrialState.WAITING)  # trials that spend the budget
 
-InFlight = dict[Future[dict[str, float]], tuple[Trial, Recipe]]
+InFlight = dict[Future[Scored], tuple[Trial, Recipe]]
 
 
 def budget_spent(trials: list[FrozenTrial], budget: int) -> bool:
-    """Whether ``trials`` (complete or running) use up a budget of ``budget`` evaluations."""
+    """Whether ``trials`` (complete, pruned or running) use up a budget of ``budget`` evaluations."""
     evaluated = sum("reused" not in t.user_attrs for t in trials)
     return evaluated >= budget or len(trials) >= REUSE_CAP * budget
 
@@ -60,9 +62,10 @@ def stage_complete(study: optuna.Study, space: StageSpace) -> tuple[bool, int]:
     incumbent again) are free, up to ``REUSE_CAP`` times the budget in trials."""
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    done_labels = {str(t.user_attrs.get(T.LABEL_ATTR)) for t in complete} | T.exhausted_labels(study)
+    done = [t for t in trials if t.state in T.DONE_STATES]  # a pruned candidate was evaluated (partly)
+    done_labels = {str(t.user_attrs.get(T.LABEL_ATTR)) for t in done} | T.exhausted_labels(study)
     labels_done = all(label in done_labels for label, _ in space.enqueue)
-    budget_done = space.budget is None or budget_spent(complete, space.budget)
+    budget_done = space.budget is None or budget_spent(done, space.budget)
     return labels_done and budget_done, len(complete)
 
 
@@ -104,6 +107,14 @@ class StageEvaluation:
         self._in_flight: InFlight = {}
         self._beat: _Heartbeat | None = None
         self._writer = _Writer()
+        self.reference = self._reference()
+
+    def _reference(self) -> ItemScores | None:
+        """The incumbent's per-item values (its decision's ``items``) when early stopping is on, else None."""
+        if self.c.config.evaluation.early_stop.mode != "on":
+            return None
+        earlier = self.keys.earlier_decision(self.incumbent, self.decisions)
+        return unpack_all(earlier.items) if earlier is not None and earlier.items else None
 
     # -- enqueueing --------------------------------------------------------------------------------------
     def enqueue_missing(self) -> None:
@@ -218,10 +229,10 @@ class StageEvaluation:
             if reused is None:
                 reused = self._cached_metrics(trial, recipe)
             if reused is not None:
-                future: Future[dict[str, float]] = Future()
-                future.set_result(reused)
-            else:
-                future = self.ev.submit(recipe, self.incumbent, self.space.layer)  # inline when workers == 1
+                future: Future[Scored] = Future()
+                future.set_result(Scored(reused))
+            else:  # inline when workers == 1; early stopping against the incumbent's items
+                future = self.ev.submit(recipe, self.incumbent, self.space.layer, self.reference)
                 self._fresh.add(trial.number)
         except BaseException:
             self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -264,7 +275,7 @@ class StageEvaluation:
     def _run_inline(self, trial: Trial, recipe: Recipe) -> None:
         """A multi-evaluation trial, in this process; listed in flight meanwhile (heartbeats, interrupts)."""
         assert self.space.run is not None
-        future: Future[dict[str, float]] = Future()
+        future: Future[Scored] = Future()
         self._in_flight[future] = (trial, recipe)
         try:
             final, metrics = self.space.run(trial, recipe)
@@ -275,13 +286,13 @@ class StageEvaluation:
             future.set_exception(exc)
             return
         self._in_flight[future] = (trial, final)
-        future.set_result(metrics)
+        future.set_result(Scored(metrics))
 
-    def _collect(self, future: Future[dict[str, float]]) -> bool:
+    def _collect(self, future: Future[Scored]) -> bool:
         """Hand a finished evaluation to the writer (or fail its trial). True when it is to be written."""
         trial, recipe = self._in_flight[future]  # stays listed until told, so an interrupt fails it
         try:
-            metrics = future.result()
+            scored = future.result()
         except OlmoptError:
             raise  # the user's input is wrong: every trial would fail the same way
         except Exception as exc:  # noqa: BLE001 - a numerical failure rejects this candidate only
@@ -290,13 +301,21 @@ class StageEvaluation:
             self.log(f"{self.stage.key}: trial {trial.number} failed ({type(exc).__name__}: {exc})")
             del self._in_flight[future]
             return False
-        self._writer.submit(self._write, trial, recipe, metrics)  # the next evaluation starts now
+        self._writer.submit(self._write, trial, recipe, scored)  # the next evaluation starts now
         del self._in_flight[future]
         self.evaluated += 1
         return True
 
-    def _write(self, trial: Trial, recipe: Recipe, metrics: dict[str, float]) -> None:
-        """Record one candidate's results on its trial and tell it (on the writer thread)."""
+    def _write(self, trial: Trial, recipe: Recipe, scored: Scored) -> None:
+        """Record one candidate's results on its trial and tell it (on the writer thread): COMPLETE, or
+        PRUNED with its partial metrics and the reason when early stopping stopped it. Per-item values and
+        ``n_items`` (0 for reused metrics; absent for a multi-evaluation trial) go with them."""
+        metrics = scored.metrics
+        extra: dict[str, Any] = item_attrs(scored.items) if scored.items else {}
+        if "reused" in trial.user_attrs or "cached" in trial.user_attrs:  # no item was evaluated
+            extra[N_ITEMS_ATTR] = 0
+        if scored.stopped:
+            extra[T.PRUNED_ATTR] = scored.stopped
         refs = self.references
         rule = self.c.config.selection.improve_all
         constraints = (
@@ -307,7 +326,7 @@ class StageEvaluation:
         nonfinite = T.nonfinite_objectives(metrics, self.names)  # a damaged model: infeasible, and why
         try:
             T.record_result(
-                trial, metrics, constraints, is_feasible(constraints) and not nonfinite, recipe.to_json()
+                trial, metrics, constraints, is_feasible(constraints) and not nonfinite, recipe.to_json(), extra
             )
             if nonfinite:
                 trial.set_user_attr(
@@ -317,6 +336,9 @@ class StageEvaluation:
             self.log(f"trial {trial.number}: failed meanwhile by another worker's heartbeat sweep; evaluated again")
             return
         annotate_trial(self.c, trial, recipe.to_json())  # before tell: a finished trial takes no artifacts
+        if scored.stopped:  # Trial.report is refused in multi-objective studies: told directly
+            self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+            return
         self.study.tell(trial, T.told_values(metrics, self.names, self.directions), skip_if_finished=True)
         if self.cache is not None and trial.number in self._fresh:
             self.cache.put(self.keys.key_of_json(recipe.to_json()), "search", metrics)

@@ -244,14 +244,19 @@ class CampaignRunner:
             {o.name: o.metric for o in self.ev.local.objectives}, self.ev.local.item_counts(),
         )  # fmt: skip
         earlier = self.keys.earlier_decision(incumbent, self.env.decisions)
+        pruned = {
+            str(t.user_attrs.get(T.LABEL_ATTR, f"#{t.number}")): str(t.user_attrs.get(T.PRUNED_ATTR, ""))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+        }  # stopped early: recorded, never winners
         score = cached_scorer(self.cache, lambda r: self.keys.key_of_json(r.to_json()), self.ev.local.score)
-        decision = decide(stage, trials, space, incumbent, rules, self.keys, earlier, score, WORKER_ID)
+        decision = decide(stage, trials, space, incumbent, rules, self.keys, earlier, score, WORKER_ID, pruned)
         record_decision(study, decision)
         annotate_decision(self.c, study, decision)
         label = decision.winner
         why = decision.reason.removeprefix(f"{label!r}: ")
         figures = self._figures(decision.metrics, decision.held_out)
-        self.log(f"{stage.key}: winner {label} ({why}); {len(trials)} trials; {figures}")
+        stopped = f", {len(pruned)} stopped early" if pruned else ""
+        self.log(f"{stage.key}: winner {label} ({why}); {len(trials)} trials{stopped}; {figures}")
         return decision
 
     def _figures(self, metrics: dict[str, float], held_out: dict[str, float]) -> str:

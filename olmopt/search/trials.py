@@ -28,9 +28,13 @@ def pop_waiting(study: optuna.Study) -> Trial | None:
     return None
 
 
+DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)  # a candidate evaluated (PRUNED: stopped early, docs/early_stop.md)
+PRUNED_ATTR = "pruned"  # why an early-stopped trial was stopped
+
+
 def enqueued_labels(study: optuna.Study) -> set[str]:
-    """Labels already present as waiting, running or complete trials (failed ones are retried)."""
-    live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+    """Labels already present as waiting, running, complete or pruned trials (failed ones are retried)."""
+    live = (TrialState.WAITING, TrialState.RUNNING, *DONE_STATES)
     return {str(t.user_attrs.get(LABEL_ATTR)) for t in study.get_trials(deepcopy=False, states=live)}
 
 
@@ -61,8 +65,10 @@ def record_result(
     constraints: Mapping[str, float],
     feasible: bool,
     recipe_json: str,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Flat numeric user attrs (dashboard-friendly), constraints, and the trial's Recipe.
+    """Flat numeric user attrs (dashboard-friendly), constraints, the trial's Recipe and ``extra`` attrs
+    (per-item values, ``n_items``).
 
     On RDB storages everything is written in one transaction (one round trip instead of one per
     attribute); constraints are Optuna's ``constraints:<name>`` system attrs, as ``set_constraint``
@@ -72,6 +78,7 @@ def record_result(
     attrs.update({METRIC_PREFIX + name: _finite_or_none(value) for name, value in metrics.items()})
     attrs.update({CONSTRAINT_PREFIX + name: float(value) for name, value in constraints.items()})
     attrs["feasible"] = int(bool(feasible))  # a number: sortable and plottable in the dashboard
+    attrs.update(extra or {})
     if any(math.isnan(float(v)) for v in constraints.values()):
         raise ValueError("a constraint value is NaN")
     backend = _rdb_backend(trial.study._storage)

@@ -1,7 +1,8 @@
 """Where candidates are evaluated: in this process, or in K local worker processes.
 
 Only the coordinating process talks to the storage (so the embedded SQLite default stays safe); the
-workers receive Recipes as JSON and send back objective values. Each worker owns one resident model
+workers receive Recipes as JSON (and the incumbent's per-item values, for early stopping) and send back
+objective values with their per-item values (``Scored``). Each worker owns one resident model
 (and one CUDA device where several exist).
 """
 
@@ -17,6 +18,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from olmopt.config import StudyConfig
+from olmopt.evaluate.early_stop import Scored
+from olmopt.evaluate.item_scores import ItemScores
 from olmopt.recipe import Recipe
 
 if TYPE_CHECKING:  # torch and transformers: imported where a model is loaded
@@ -59,10 +62,10 @@ def _ready() -> bool:
     return _WORKER_CTX is not None
 
 
-def _score_task(recipe_json: str, incumbent_json: str | None, layer: int | None) -> dict[str, float]:
+def _score_task(recipe_json: str, incumbent_json: str | None, layer: int | None, reference: ItemScores | None) -> Scored:
     assert _WORKER_CTX is not None
     incumbent = Recipe.from_json(incumbent_json) if incumbent_json else None
-    return _WORKER_CTX.score(Recipe.from_json(recipe_json), "search", incumbent, layer)
+    return _WORKER_CTX.evaluate(Recipe.from_json(recipe_json), "search", incumbent, layer, reference)
 
 
 class Evaluators:
@@ -99,17 +102,20 @@ class Evaluators:
             self._local = EvalContext(self.config)
         return self._local
 
-    def submit(self, recipe: Recipe, incumbent: Recipe | None, layer: int | None) -> Future[dict[str, float]]:
+    def submit(
+        self, recipe: Recipe, incumbent: Recipe | None, layer: int | None, reference: ItemScores | None = None
+    ) -> Future[Scored]:
+        """Evaluate ``recipe`` on the search split; ``reference``: the incumbent's per-item values (early stop)."""
         if self._pool is None:
-            future: Future[dict[str, float]] = Future()
+            future: Future[Scored] = Future()
             try:
-                future.set_result(self.local.score(recipe, "search", incumbent, layer))
+                future.set_result(self.local.evaluate(recipe, "search", incumbent, layer, reference))
             except BaseException as exc:  # noqa: BLE001 - surfaced through the future
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 future.set_exception(exc)
             return future
-        return self._pool.submit(_score_task, recipe.to_json(), incumbent.to_json() if incumbent else None, layer)
+        return self._pool.submit(_score_task, recipe.to_json(), incumbent.to_json() if incumbent else None, layer, reference)
 
     def close(self) -> None:
         if self._pool is not None:

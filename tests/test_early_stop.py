@@ -1,0 +1,169 @@
+"""Per-item results and chunked evaluation on real (small random) models; early stopping in a campaign."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from transformers import AutoModelForCausalLM
+
+from olmopt.cli import main
+from olmopt.evaluate.engine import Evaluator, Objective
+from olmopt.evaluate.item_scores import metric_of_items, unpack
+from olmopt.recipe import Recipe
+from olmopt.search.annotate import stage_note
+from olmopt.search.campaign import Campaign
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import char_tokenizer, make_family, write_addition_data  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("early_stop_family")
+    close = make_family(root / "close", ["a", "b"], layers=2, noise=0.05)
+    far = make_family(root / "far", ["a2", "x", "c"], layers=2, noise=3.0)  # the same base, c heavily damaged
+    return {"a": close["a"], "b": close["b"], "c": far["c"], "data": write_addition_data(root / "add.json", n=120)}
+
+
+def _objectives(data: Path) -> list[Objective]:
+    return [
+        Objective("ppl", data, "perplexity", held_out=0.0),
+        Objective("acc", data, "token_accuracy", held_out=0.0),
+        Objective("bigram", data, "bigram_loss", held_out=0.0),
+    ]
+
+
+def test_item_values_give_the_objective_values(family: dict[str, Path]) -> None:
+    model = AutoModelForCausalLM.from_pretrained(family["b"])
+    ev = Evaluator(model, char_tokenizer(), _objectives(family["data"]), batch_size=16)
+    values = ev.evaluate()
+    assert {n: len(v) for n, v in ev.item_scores.items()} == {"ppl": 120, "acc": 120, "bigram": 120}
+    assert set(ev.item_scores["acc"].values()) <= {0.0, 1.0}
+    for name in ("acc", "bigram"):
+        assert metric_of_items("", ev.item_scores[name]) == pytest.approx(values[name], rel=1e-5)
+    assert metric_of_items("perplexity", ev.item_scores["ppl"], ev.item_tokens["ppl"]) == pytest.approx(values["ppl"], rel=1e-5)
+
+
+def test_chunks_partition_the_items_in_a_fixed_seeded_order(family: dict[str, Path]) -> None:
+    model = AutoModelForCausalLM.from_pretrained(family["b"])
+    whole = Evaluator(model, char_tokenizer(), _objectives(family["data"]), batch_size=16)
+    whole.evaluate()
+
+    def chunk_items(seed: int) -> tuple[list[set[int]], dict[int, float]]:
+        ev = Evaluator(model, char_tokenizer(), _objectives(family["data"]), batch_size=16, chunks=(seed, 20))
+        assert ev.looks() == 6  # 120 items in chunks of 20
+        sets, bigram = [], {}
+        for c in range(ev.looks()):
+            ev.evaluate(chunk=c)
+            sets.append(set(ev.item_scores["bigram"]))
+            bigram.update(ev.item_scores["bigram"])
+        return sets, bigram
+
+    sets, bigram = chunk_items(7)
+    assert [len(s) for s in sets] == [20] * 6 and set().union(*sets) == set(range(120))
+    assert sets != [set(range(20 * c, 20 * c + 20)) for c in range(6)]  # shuffled, not in file order
+    assert bigram == pytest.approx(whole.item_scores["bigram"], abs=1e-5)  # the same values, chunk by chunk
+    assert chunk_items(7)[0] == sets  # every candidate of a campaign: the same order
+    assert chunk_items(8)[0] != sets  # another campaign seed: another order
+
+
+def _run_campaign(zoo: Path, tmp: Path, name: str, early_stop: str) -> Campaign:
+    """A greedy layer campaign on the tiny zoo (two 0/1 objectives, 200 items each, no held-out part)."""
+    root = zoo.parents[1]
+    study = tmp / f"{name}.yaml"
+    study.write_text(
+        f"name: {name}\nroot: {root}\n"
+        "pool: {models: [storage/zoo-tiny/base, storage/zoo-tiny/spec_add, storage/zoo-tiny/spec_rev, "
+        "storage/zoo-tiny/spec_fact]}\n"
+        "objectives:\n"
+        "  - {name: add, dataset: objectives/add.json, metric: token_accuracy, held_out: 0}\n"
+        "  - {name: rev, dataset: objectives/rev.json, metric: token_accuracy, held_out: 0}\n"
+        "decisions: {base: {mode: fixed, model: storage/zoo-tiny/base}, layers: {mode: greedy}}\n"
+        f"evaluation: {{early_stop: {early_stop}}}\n"
+    )
+    url = f"sqlite:///{tmp}/{name}.db"
+    assert main(["study", "create", str(study), "--storage", url]) == 0
+    assert main(["study", "run", name, "--storage", url, "--quiet"]) == 0
+    return Campaign.load(name, url)
+
+
+def _trials(campaign: Campaign) -> list[optuna.trial.FrozenTrial]:
+    out = []
+    for stage in campaign.plan:
+        study = campaign.existing_stage_study(stage)
+        assert study is not None
+        out += study.get_trials()
+    return out
+
+
+def test_early_stopping_prunes_hopeless_candidates_and_keeps_the_decisions(tiny_zoo: Path, tmp_path: Path) -> None:
+    off = _run_campaign(tiny_zoo, tmp_path, "esoff", "{mode: off}")
+    off_knobs = _run_campaign(tiny_zoo, tmp_path, "esknobs", "{mode: off, alpha: 0.5, chunk: 5}")
+    on = _run_campaign(tiny_zoo, tmp_path, "eson", "{mode: on, alpha: 0.05, chunk: 20}")
+    # off: every knob inert, every evaluation complete with all its items
+    decisions = {k: (d.winner, d.metrics) for k, d in off.decisions().items()}
+    assert {k: (d.winner, d.metrics) for k, d in off_knobs.decisions().items()} == decisions
+    off_trials = _trials(off)
+    assert all(t.state == TrialState.COMPLETE for t in off_trials)
+    for t in off_trials:
+        assert t.user_attrs["n_items"] == (0 if "reused" in t.user_attrs else 400)  # 200 items, 2 objectives
+        if "reused" not in t.user_attrs:
+            assert len(unpack(t.user_attrs["i.add"])) == 200
+    # on: hopeless layer candidates are stopped, with partial metrics
+    on_trials = _trials(on)
+    pruned = [t for t in on_trials if t.state == TrialState.PRUNED]
+    assert pruned
+    for t in pruned:
+        assert 0 < t.user_attrs["n_items"] < 400 and "dominated by the incumbent" in t.user_attrs["pruned"]
+        seen = unpack(t.user_attrs["i.add"])
+        assert len(seen) == t.user_attrs["n_items"] // 2
+        assert t.user_attrs["m.add"] == pytest.approx(sum(seen.values()) / len(seen))  # partial metrics
+        assert Recipe.from_json(t.user_attrs["recipe"]).layers  # a layer candidate (the base stage has no reference)
+    decisions_on = on.decisions()
+    for stage in on.plan:
+        study = on.existing_stage_study(stage)
+        assert study is not None
+        stage_pruned = {str(t.user_attrs["candidate"]) for t in study.get_trials(states=(TrialState.PRUNED,))}
+        decision = decisions_on[stage.key]
+        assert set(decision.pruned) == stage_pruned and decision.winner not in stage_pruned
+        assert set(decision.items) == {"add", "rev"}  # the winner's items: the next stage's reference
+        note = stage_note(decision, ["add", "rev"], {"add": "maximize", "rev": "maximize"})
+        assert ("Stopped early (PRUNED" in note) == bool(stage_pruned)  # shown in the dashboard
+    assert on.final_recipe() == off.final_recipe()  # the same merged model
+    spent_on = sum(int(t.user_attrs["n_items"]) for t in on_trials)
+    spent_off = sum(int(t.user_attrs["n_items"]) for t in off_trials)
+    print(f"item evaluations: early stop on {spent_on}, off {spent_off}")
+    assert spent_on < spent_off
+
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ("{mode: maybe}", "evaluation.early_stop.mode"),
+        ("{mode: on, alpha: 1.5}", "evaluation.early_stop.alpha"),
+        ("{mode: on, chunk: 0}", "evaluation.early_stop.chunk"),
+        ("{mode: on, looks: 3}", "evaluation.early_stop.looks: unknown key"),
+    ],
+)
+def test_bad_early_stop_settings_are_one_line(
+    family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], block: str, message: str
+) -> None:
+    study = tmp_path / "bad.yaml"
+    study.write_text(
+        f"name: bad\npool: {{models: [{family['a']}, {family['b']}]}}\n"
+        f"objectives: [{{dataset: {family['data']}, metric: perplexity}}]\n"
+        f"evaluation: {{early_stop: {block}}}\n"
+    )
+    url = f"sqlite:///{tmp_path}/bad.db"
+    assert main(["study", "create", str(study), "--storage", url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "bad.db").exists()  # nothing written

@@ -1,0 +1,144 @@
+"""The paired sequential test of early stopping (olmopt.evaluate.sequential): hand-computed p-values and
+its error rates on simulated paired data with known per-item success rates (no model, no zoo)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from olmopt.evaluate.sequential import Look, decide, look_level, upper_bound, worse_p_value
+
+
+def test_sign_test_and_t_test_match_hand_computations() -> None:
+    # 0/1 scores: 1 win, 4 losses, 5 ties -> P(Bin(5, 1/2) <= 1) = (1 + 5) / 32
+    diffs = [1.0, -1.0, -1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert worse_p_value(diffs) == pytest.approx(6 / 32)
+    assert worse_p_value([0.0, 0.0]) == 1.0  # no discordant item: no evidence
+    # continuous: d = -1, -2, -3 -> mean -2, sd 1, t = -2 / (1 / sqrt 3) = -3.4641 with 2 df
+    t = -2.0 * math.sqrt(3.0)
+    expected = 0.5 * (1.0 + t / math.sqrt(2.0 + t * t))  # the Student t cdf with 2 degrees of freedom
+    assert worse_p_value([-1.0, -2.0, -3.0]) == pytest.approx(expected)
+    # a tolerance of 2 moves the mean to 0: p = 1/2
+    assert worse_p_value([-1.0, -2.0, -3.0], shift=2.0) == pytest.approx(0.5)
+    # t bound: mean -2 + t_{0.95, 2} (2.919986) * 1 / sqrt 3
+    assert upper_bound([-1.0, -2.0, -3.0], 0.05) == pytest.approx(-2.0 + 2.919986 / math.sqrt(3.0), abs=1e-5)
+
+
+def test_linear_alpha_spending_sums_to_alpha() -> None:
+    looks = [20, 40, 60, 80]
+    levels = [look_level(0.05, s, p, 80) for s, p in zip(looks, [0, *looks[:-1]], strict=True)]
+    assert levels == pytest.approx([0.0125] * 4)
+    assert sum(levels) == pytest.approx(0.05)
+
+
+def test_every_objective_must_be_significantly_worse_under_copeland() -> None:
+    bad = Look([-1.0] * 12)  # 12 losses: p = 2^-12
+    even = Look([1.0, -1.0] * 6)
+    assert decide({"a": bad, "b": bad}, 0.001).stop
+    assert not decide({"a": bad, "b": even}, 0.001).stop  # better or equal on b: maybe on the front
+    assert not decide({"a": bad, "b": Look([-1.0] * 12, shift=None)}, 0.001).stop  # b cannot certify
+    # the mean rule: a much worse, b slightly better -> the mean is still worse
+    verdict = decide({"a": Look([-1.0, -0.9] * 10), "b": Look([0.05, 0.0] * 10)}, 0.01, score="mean")
+    assert verdict.stop and "mean" in verdict.reason
+
+
+def _simulate(rng: random.Random, delta: float, n: int = 200, chunk: int = 20, alpha: float = 0.05) -> int:
+    """Items until the candidate is stopped (n: never). Per-item success rates p_i ~ Beta(2, 1) for the
+    incumbent and p_i - delta for the candidate; 80 % of items share their uniform draw (related models)."""
+    diffs = []
+    for _ in range(n):
+        p, u = rng.betavariate(2, 1), rng.random()
+        v = u if rng.random() < 0.8 else rng.random()
+        diffs.append(float(v < max(0.0, p - delta)) - float(u < p))
+    previous = 0
+    for seen in range(chunk, n, chunk):
+        level = look_level(alpha, seen, previous, n - chunk)
+        previous = seen
+        if decide({"acc": Look(diffs[:seen])}, level).stop:
+            return seen
+    return n
+
+
+def test_simulated_error_rates(record_property: pytest.RecordProperty) -> None:
+    rng = random.Random(17)
+    runs = 400
+    equal = [_simulate(rng, 0.0) for _ in range(runs)]
+    worse = [_simulate(rng, 0.1) for _ in range(runs)]
+    wrongly_stopped = sum(s < 200 for s in equal) / runs
+    worse_items = sum(worse) / runs
+    worse_stopped = sum(s < 200 for s in worse) / runs
+    record_property("equal_wrongly_stopped", wrongly_stopped)
+    record_property("worse_mean_items", worse_items)
+    print(f"equal wrongly stopped {wrongly_stopped:.3f}; 0.1 worse: stopped {worse_stopped:.3f}, "
+          f"mean items {worse_items:.1f} of 200")
+    assert wrongly_stopped <= 0.05
+    assert worse_stopped >= 0.7
+    assert worse_items <= 0.7 * 200
+
+
+def test_item_scores_pack_and_partial_metrics() -> None:
+    from olmopt.evaluate.item_scores import (
+        item_attrs,
+        metric_of_items,
+        pack,
+        packed_items,
+        unpack,
+        unpack_all,
+    )
+
+    values = {0: 1.0, 2: 0.25, 3: 0.0}
+    assert unpack(pack(values)) == values  # item 1 was not scored: absent again
+    attrs = item_attrs({"acc": values, "ppl": {1: 2.5}})
+    assert attrs["n_items"] == 4 and set(attrs) == {"i.acc", "i.ppl", "n_items"}
+    assert unpack_all(packed_items({**attrs, "m.acc": 0.5})) == {"acc": values, "ppl": {1: 2.5}}
+    assert metric_of_items("token_accuracy", values) == pytest.approx(1.25 / 3)
+    # perplexity: exp(summed CE / tokens) = exp((2 + 4) / (2 + 1))
+    assert metric_of_items("perplexity", {0: 2.0, 1: 4.0}, {0: 2, 1: 1}) == pytest.approx(math.exp(2.0))
+
+
+def test_paired_looks_orient_by_direction_and_refuse_what_they_cannot_certify() -> None:
+    from olmopt.evaluate.item_scores import paired_looks
+
+    cand = {"acc": {0: 1.0, 1: 0.0, 2: 1.0}, "loss": {0: 0.5, 1: 0.7}, "ppl": {0: 3.0}}
+    ref = {"acc": {0: 0.0, 1: 1.0}, "loss": {0: 0.2, 1: 0.9}, "ppl": {0: 2.0}}
+    directions = {"acc": "maximize", "loss": "minimize", "ppl": "minimize", "layers": "maximize", "lm": "maximize"}
+    metric_of = {"acc": "token_accuracy", "loss": "bigram_loss", "ppl": "perplexity", "layers": "layers_removed"}
+    looks = paired_looks(cand, ref, directions, metric_of, known={"layers": -1.0})
+    assert list(looks["acc"].diffs) == [1.0, -1.0]  # only the items both scored
+    assert list(looks["loss"].diffs) == pytest.approx([-0.3, 0.2])  # lower loss = better: sign flipped
+    assert looks["ppl"].shift == 0.0 and looks["layers"].known == -1.0
+    assert looks["lm"].shift is None  # no items, not known: never certifies
+    tolerant = paired_looks(cand, ref, directions, metric_of, tolerance=0.01)
+    assert tolerant["ppl"].shift is None and tolerant["acc"].shift == 0.01
+
+
+def _chunk_source(values: list[float]):  # noqa: ANN202 - a tiny fake evaluator
+    from olmopt.evaluate.early_stop import ChunkResult
+
+    calls: list[int] = []
+
+    def evaluate_chunk(c: int) -> ChunkResult:
+        calls.append(c)
+        return ChunkResult({"acc": {i: values[i] for i in range(20 * c, 20 * c + 20)}}, {}, [])
+
+    return evaluate_chunk, calls
+
+
+def test_run_chunks_stops_a_hopeless_candidate_and_keeps_partial_metrics() -> None:
+    from olmopt.evaluate.early_stop import StopRule, run_chunks
+
+    rule = StopRule(0.05, {"acc": "maximize"}, {"acc": "token_accuracy"})
+    reference = {"acc": dict.fromkeys(range(200), 1.0)}
+    evaluate_chunk, calls = _chunk_source([0.0] * 200)
+    # 20 losses, no win: p = 2^-20 <= 0.05 / 9 at the first look
+    scored = run_chunks(evaluate_chunk, 10, rule, reference)
+    assert calls == [0] and scored.n_items == 20
+    assert scored.metrics == {"acc": 0.0} and scored.stopped and "chunk 1 of 10" in scored.stopped
+    # the same candidate against no reference, or a candidate as good as the reference: every chunk
+    evaluate_chunk, calls = _chunk_source([0.0] * 200)
+    assert run_chunks(evaluate_chunk, 10, rule, None).n_items == 200 and len(calls) == 10
+    evaluate_chunk, calls = _chunk_source([1.0] * 200)
+    whole = run_chunks(evaluate_chunk, 10, rule, reference)
+    assert whole.stopped is None and whole.metrics == {"acc": 1.0} and len(calls) == 10
