@@ -7,9 +7,10 @@ The original OLM configuration (olm_config.yaml) is accepted too and converted.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -436,12 +437,60 @@ def _read_yaml(path: Path) -> Any:
 
 
 def _validation_message(path: Path, exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
+    """The first error as ``FILE: KEY: problem``; an unknown key comes first (a missing one is often its
+    typo) with the close matches among the keys allowed there, and no Python class name is shown."""
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _did_you_mean(str(loc[-1]), _keys_at(StudyConfig, loc[:-1]))
+    elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        msg = f"expected a mapping of keys, got {_yaml_kind(err['input'])}"
     return f"{path}: {where + ': ' if where else ''}{msg}"
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys a study file may hold at ``loc`` (a path of keys and list indices from the top)."""
+    annotation: Any = model
+    for part in loc:
+        found = _model_in(annotation)
+        if found is None or not (isinstance(part, int) or part in found.model_fields):
+            return []
+        # an index: an item of the same list model; a key: that field's annotation
+        annotation = found if isinstance(part, int) else found.model_fields[part].annotation
+    found = _model_in(annotation)
+    return list(found.model_fields) if found is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The study-file model an annotation holds (``X``, ``X | None``, ``list[X]``), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _did_you_mean(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, [k for k in allowed if k != "root"], n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(k) for k in close)}?)" if close else ""
+
+
+def _yaml_kind(value: object) -> str:
+    """What a YAML value is, in the user's words (never a Python class name)."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, int | float):
+        return f"{value!r} (a number)"
+    if isinstance(value, str):
+        return f"{value!r} (a string)"
+    if isinstance(value, list):
+        return "a list"
+    return "nothing" if value is None else "a value of another kind"
 
 
 def load_study_file(path: str | Path) -> StudyConfig:
@@ -515,7 +564,7 @@ def olm_to_study(data: dict[str, Any], path: Path) -> dict[str, Any]:
     }  # fmt: skip
     for key in data:
         if key not in known:
-            raise InputError(f"{path}: {key}: unknown key in OLM config")
+            raise InputError(f"{path}: {key}: unknown key in OLM config{_did_you_mean(key, sorted(known))}")
     dataset_dir = str(data.get("dataset_dir", "."))
     objectives = []
     datasets = data.get("dataset") or {}

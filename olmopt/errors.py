@@ -17,5 +17,10 @@ class ModelError(InputError):
     """A model that cannot be found, loaded or that does not match the pool."""
 
 
+class StudyKeyError(InputError):
+    """A study-file key refused by a check that needs more than the file (the pool, the machine); the
+    command that read the file puts its name in front, as schema errors have it."""
+
+
 class StorageError(InputError):
     """An unreachable or malformed storage URL, or a study that does (not) exist."""

@@ -14,6 +14,8 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ["OLMOPT_THREADS"] = "1"
 os.environ["OMP_NUM_THREADS"] = "1"
+# an unreachable storage server fails at once (the retry grace has its own test in test_bad_input.py)
+os.environ.setdefault("OLMOPT_STORAGE_GRACE", "0")
 # the zoo's portable CPU kernels for the whole suite: the tiny zoo is built in this process, and
 # figures are the same on every x86-64 machine (olmopt.kernels)
 from olmopt.kernels import request_portable_kernels  # noqa: E402 - torch-free

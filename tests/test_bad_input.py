@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -539,7 +540,10 @@ def test_study_create_cross_field_checks(workdir: Path, tmp_path: Path, capsys, 
     path = _edit_study(workdir, edit)
     capsys.readouterr()
     assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
-    assert needle in _one_line_error(capsys)
+    line = _one_line_error(capsys)
+    assert needle in line
+    if "pool lists" not in needle:  # a key of the file, checked with or without the pool: the file's name first
+        assert line.startswith(f"olmopt: error: {path}: ")
     assert not (tmp_path / "s.db").exists()
 
 
@@ -866,3 +870,141 @@ def test_a_lost_storage_connection_is_one_line(monkeypatch, capsys) -> None:
     assert main(["merge", "circuit", "a", "b", "--out", "c"]) == 1
     line = _one_line_error(capsys)
     assert "storage failure (OperationalError): server closed the connection unexpectedly; rerun to resume" in line
+
+
+# -- 19. a refused command leaves no lock file; read-only commands create no Optuna tables -------------------------
+def test_a_refused_zoo_build_leaves_no_lock_file(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "zoo"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["zoo", "build", "--out", str(out), "--size", "tiny", "--quiet"]) == 2
+    assert "pass --force" in _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["notes.txt", "zoo"]
+
+
+def test_the_sqlite_writer_lock_file_exists_only_while_held(tmp_path: Path) -> None:
+    from olmopt.errors import StorageError
+    from olmopt.search.storage import single_writer, sqlite_busy
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    lock = tmp_path / "s.db.lock"
+    with single_writer(url):
+        assert lock.is_file() and sqlite_busy(url)
+        with pytest.raises(StorageError, match="another olmopt process is running on"), single_writer(url):
+            pass
+        assert lock.is_file()  # the refused one removed nothing of the holder's
+    assert not lock.exists() and not sqlite_busy(url)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_waiter_holds_the_lock_file_that_is_there_after_the_holder_removed_its_own(tmp_path: Path) -> None:
+    """The holder removes the file on release; a process blocked on the removed file must not hold a lock that
+    a third one, creating a new file, could take as well: the waiter moves to the current file."""
+    import threading
+
+    from olmopt.lockfile import held_lock
+
+    path = tmp_path / "x.lock"
+    seen: list[bool] = []
+    holding = threading.Event()
+
+    def waiter() -> None:
+        holding.wait()
+        with held_lock(path):
+            seen.append(path.is_file())
+            with pytest.raises(BlockingIOError), held_lock(path, wait=False):
+                pass  # the file at `path` is the one this waiter holds
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    with held_lock(path):
+        holding.set()
+        time.sleep(0.3)  # the waiter has opened the file and blocks on it
+    thread.join(timeout=10)
+    assert seen == [True]
+    assert not path.exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(("grace", "low", "high"), [("0", 0.0, 1.0), ("2", 1.8, 5.0)])
+def test_an_unreachable_storage_server_is_retried_for_the_grace(
+    tmp_path: Path, monkeypatch, capsys, grace: str, low: float, high: float
+) -> None:
+    pytest.importorskip("psycopg")
+    monkeypatch.setenv("OLMOPT_STORAGE_GRACE", grace)
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{_free_port()}/test"
+    capsys.readouterr()
+    start = time.monotonic()
+    assert main(["study", "list", "--storage", url]) == 2
+    took = time.monotonic() - start
+    line = _one_line_error(capsys)
+    assert line.startswith(f"olmopt: error: cannot open storage {url}: ") and "Connection refused" in line
+    assert ("retried for 2 s; OLMOPT_STORAGE_GRACE" in line) == (grace == "2")
+    assert low <= took < high, took
+
+
+def test_a_bad_storage_grace_is_one_line(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("OLMOPT_STORAGE_GRACE", "soon")
+    capsys.readouterr()
+    assert main(["study", "list", "--storage", "postgresql+psycopg://postgres@127.0.0.1:1/test"]) == 2
+    assert "OLMOPT_STORAGE_GRACE='soon': expected an integer >= 0" in _one_line_error(capsys)
+
+
+@pytest.fixture
+def empty_postgres_db() -> Iterator[str]:
+    """A fresh empty PostgreSQL database (created and dropped here); skips without a server."""
+    from sqlalchemy.engine import make_url
+
+    from tests.test_distributed import server_url
+
+    url = make_url(server_url("postgres"))
+    psycopg = pytest.importorskip("psycopg")
+    name = f"olmopt_empty_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
+    admin = url.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')  # FORCE: pooled connections of this process
+
+
+def _tables(url: str) -> list[str]:
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return sorted(inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.server
+def test_read_only_commands_create_no_tables_in_an_empty_postgresql_database(
+    empty_postgres_db: str, tmp_path: Path, capsys
+) -> None:
+    url = empty_postgres_db
+    capsys.readouterr()
+    for argv in (
+        ["study", "list"], ["study", "status", "x"], ["study", "run", "x", "--quiet"], ["study", "delete", "x", "--yes"],
+        ["export", "best", "x", "--out", str(tmp_path / "o")], ["report", "x", "--out", str(tmp_path / "r")],
+    ):  # fmt: skip
+        assert main([*argv, "--storage", url]) == 2, argv
+        assert "the database holds no Optuna tables (nothing created" in _one_line_error(capsys)
+    assert _tables(url) == []
+    assert list(tmp_path.iterdir()) == []
+    from olmopt.search.storage import open_storage
+
+    open_storage(url)  # a writing command (study create) makes them
+    assert "studies" in _tables(url)

@@ -162,33 +162,41 @@ def _running_trial_worker(url: str, name: str) -> str | None:
 def test_kill_9_mid_trial_is_failed_retried_and_finishes_with_the_same_recipe(
     rdb_url, tiny_zoo, tmp_path, single_worker_recipe, cli
 ) -> None:
+    """Issue 20 item 21: one of three workers killed with SIGKILL mid-trial, and a replacement started. The
+    killed worker's trial is failed by the heartbeat sweep and its candidate evaluated again, once (every
+    candidate COMPLETE exactly once); each stage's decision is recorded by exactly one worker; the recipe is
+    a single worker's."""
     name = create(tiny_zoo, tmp_path, rdb_url)
     try:
-        procs = workers(cli, rdb_url, name, 2)
+        procs = workers(cli, rdb_url, name, 3)
         by_pid = {p.pid: p for p in procs}
-        killed = None
+        killed, killed_worker = None, None
         deadline = time.time() + 300
         while killed is None and time.time() < deadline:
             worker = _running_trial_worker(rdb_url, name)
             if worker and int(worker.rsplit(":", 1)[1]) in by_pid:
-                killed = by_pid[int(worker.rsplit(":", 1)[1])]
+                killed, killed_worker = by_pid[int(worker.rsplit(":", 1)[1])], worker
                 killed.kill()
             time.sleep(0.01)
         assert killed is not None, "never saw a running trial to kill"
         killed.wait(timeout=30)
-        survivor = next(p for p in procs if p is not killed)
-        code, err = cli.finish(survivor, timeout=600)
-        assert code == 0, err[-2000:]
+        procs += workers(cli, rdb_url, name, 1)  # the restart
+        for p in procs:
+            if p is not killed:
+                code, err = cli.finish(p, timeout=600)
+                assert code == 0, err[-2000:]
         assert_exact_candidates(rdb_url, name)
-        failed = [
-            t
+        stage_studies = [
+            optuna.load_study(study_name=s.study_name, storage=rdb_url)
             for s in study_list(rdb_url)
-            if s.study_name.startswith(name + "/")
-            for t in optuna.load_study(study_name=s.study_name, storage=rdb_url).get_trials(
-                states=(optuna.trial.TrialState.FAIL,)
-            )
+            if s.study_name.startswith(name + "/") and "#" not in s.study_name
         ]
+        failed = [t for study in stage_studies for t in study.get_trials(states=(optuna.trial.TrialState.FAIL,))]
         assert failed, "the killed worker's trial should be marked FAIL"
+        assert {t.user_attrs.get("worker") for t in failed} == {killed_worker}
+        logs = "".join(cli.stderr(p) for p in procs)
+        for stage in campaign_status(name, rdb_url)["stages"]:
+            assert logs.count(f" {stage['stage']}: winner ") == 1, (stage["stage"], logs[-3000:])
         assert campaign_status(name, rdb_url)["recipe"] == single_worker_recipe
     finally:
         cleanup(rdb_url, name)
@@ -283,3 +291,50 @@ def test_a_second_process_on_one_sqlite_file_is_refused(tiny_zoo, tmp_path, cli)
     refused = next(err for code, err in results if code == 2).strip().splitlines()
     assert len(refused) == 1 and "SQLite cannot be shared" in refused[0] and "PostgreSQL" in refused[0]
     assert campaign_status(name, url)["finished"]
+
+
+@pytest.mark.server
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_dead_workers_candidate_is_queued_again_exactly_once(rdb_url, monkeypatch) -> None:
+    """Issue 20 item 21. Worker A fails a dead worker's trials (a row-locked state change, then the storage's
+    stale-trial callback); worker B's enqueue of the missing candidates can run between the two. Only one
+    of them may queue the enqueued candidate again (else two trials of it complete); a sampled trial is
+    queued again by the callback with its own params."""
+    from olmopt.search import trials as T
+    from olmopt.search.coordination import fail_dead_workers_trials
+    from olmopt.search.storage import open_storage
+
+    for key, value in FAST_HEARTBEAT.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("OLMOPT_HEARTBEAT_GRACE", "2")
+    storage = open_storage(rdb_url)
+    name = f"once-{uuid.uuid4().hex[:10]}"
+    study = optuna.create_study(study_name=name, storage=storage)
+    candidates = [("a", {"x": 1}), ("b", {"x": 2})]
+    try:
+        sampled = study.ask()  # before the enqueue: ask() would pop a queued candidate
+        sampled.suggest_int("x", 0, 9)
+        sampled.set_user_attr(T.LABEL_ATTR, "sampled")
+        T.enqueue_absent(study, candidates)
+        enqueued = T.pop_waiting(study)
+        assert enqueued is not None and enqueued.suggest_int("x", 0, 9) == 1
+        for trial in (enqueued, sampled):
+            storage.record_heartbeat(trial._trial_id)  # then the worker dies: no more beats
+        time.sleep(3.2)
+        # worker A, first half of its sweep: both trials FAIL ...
+        for trial in (enqueued, sampled):
+            assert storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+        T.enqueue_absent(study, candidates)  # ... worker B enqueues what is missing ...
+        callback = storage.get_heartbeat_stale_trial_callback()
+        assert callback is not None
+        for trial in (enqueued, sampled):  # ... and A's second half runs the callback
+            callback(study, storage.get_trial(trial._trial_id))
+        waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+        labels = sorted(str(t.user_attrs[T.LABEL_ATTR]) for t in waiting)
+        assert labels == ["a", "b", "sampled"], labels  # each once ("b" was never taken)
+        assert next(t for t in waiting if t.user_attrs[T.LABEL_ATTR] == "sampled").params == sampled.params
+        # a second sweep by another worker fails and queues nothing more
+        assert fail_dead_workers_trials(study, storage, stale_after=900) == []
+        assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 3
+    finally:
+        optuna.delete_study(study_name=name, storage=storage)

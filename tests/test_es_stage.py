@@ -346,10 +346,16 @@ def test_refine_rejects_bad_flags(
     assert (
         main(["export", "best", "rf", "--storage", url, "--out", out, "--refine", "es", "--no-compare"]) == 2
     )
-    assert "--es-unit" in capsys.readouterr().err  # nothing decided per unit: say what to pass
+    units = (
+        "(units: lm_head, model.embed_tokens, model.norm, model.layers.N.{input_layernorm, mlp.down_proj, "
+        "mlp.gate_proj, mlp.up_proj, post_attention_layernorm, self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, "
+        "self_attn.v_proj} with N in 0..1)"
+    )
+    err = capsys.readouterr().err.splitlines()[-1]  # nothing decided per unit: say what to pass, and what is valid
+    assert err == f"olmopt: error: campaign 'rf' decided no tensor units: pass --es-unit UNIT to refine {units}"
     bad = ["export", "best", "rf", "--storage", url, "--out", out, "--refine", "es", "--es-unit", "nope"]
     assert main(bad) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"olmopt: error: --es-unit: unit 'nope' does not exist in this architecture {units}\n"
     assert len(Campaign.load("rf", url).plan) == 1  # nothing was appended by the failed attempts
 
 

@@ -242,6 +242,17 @@ def test_study_run_without_a_terminal_logs_one_timestamped_line_per_stage(
         figure = r"[\d.e+-]+( \[[\d.e+-]+\])?"  # held-out figure in brackets
         assert re.fullmatch(STAMP + rf" \d{{3}}-[\w-]+: winner \S+ \(.+\); \d+ trials; acc {figure} ppl {figure}", line), line
     assert "campaign ev: finished" in proc.stdout.decode()
+    if quiet:
+        return
+    # export and rebuild without a terminal: no "writing" bar frames either (issue 19 item 6, README walk)
+    out = tmp_path / "model"
+    with open(log, "wb") as handle:
+        assert _run_cli(["export", "best", "ev", "--storage", url, "--out", str(out), "--no-compare"], handle).returncode == 0
+        report = str(out / "merge_report.json")
+        rebuilt = _run_cli(["rebuild", report, "--out", str(tmp_path / "again"), "--models-dir", str(family["tmp"])], handle)
+        assert rebuilt.returncode == 0
+    raw = log.read_bytes()
+    assert b"\r" not in raw and b"\x1b" not in raw and b"writing" not in raw, raw[-500:]
 
 
 def test_study_run_on_a_terminal_keeps_its_bars(family: dict[str, Any], tmp_path: Path) -> None:
@@ -711,3 +722,61 @@ def test_help_ends_with_examples(argv: list[str], capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     tail = out[out.index("\nexamples:\n") :].strip().splitlines()[1:]
     assert tail and all(line.startswith(f"  olmopt {' '.join(argv)}") for line in tail), tail
+
+
+# -- 11: study-file messages: close matches for unknown keys, the file's name on every key error, no class names --
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"sampler": {"nme": "tpe"}}, "sampler.nme: unknown key (did you mean 'name'?)"),
+        ({"decisions": {"layer": {"mode": "greedy"}}}, "decisions.layer: unknown key (did you mean 'layers'?)"),
+        ({"pool": {"modles": ["a", "b"]}}, "pool.modles: unknown key (did you mean 'models'?)"),  # not "models: required"
+        ({"decisions": {"es": {"svd": {"generation": 2}}}}, "decisions.es.svd.generation: unknown key (did you mean 'generations'?)"),
+        ({"colour": "blue"}, "colour: unknown key"),  # nothing close: no guess
+        ({"decisions": {"layers": 3}}, "decisions.layers: expected a mapping of keys, got 3 (a number)"),
+        ({"pool": ["a", "b"]}, "pool: expected a mapping of keys, got a list"),
+    ],
+    ids=["sampler", "decisions", "pool", "nested", "no-match", "number", "list"],
+)
+def test_study_file_key_errors_suggest_keys_and_name_no_class(
+    family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any], expected: str
+) -> None:
+    path = write_study(tmp_path, family["study"], **change)
+    capsys.readouterr()
+    assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    assert _one_line_error(capsys) == f"olmopt: error: {path}: {expected}\n"
+    assert _tree(tmp_path) == [path.name]
+
+
+def test_an_unknown_key_in_an_objective_gets_a_suggestion(
+    family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    objectives = [{**family["study"]["objectives"][0], "held_outt": 0.1}]
+    path = write_study(tmp_path, family["study"], objectives=objectives)
+    capsys.readouterr()
+    assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    assert _one_line_error(capsys) == f"olmopt: error: {path}: objectives.0.held_outt: unknown key (did you mean 'held_out'?)\n"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"layers": {"mode": "greedy", "only": [0, 2]}}, "decisions.layers.only: layer 2 is outside the model (layers 0..1)"),
+        ({"layers": {"mode": "off"}, "es": {"svd": {"units": ["model.layers.0.nope"]}}},
+         "decisions.es.svd.units: unit 'model.layers.0.nope' does not exist in this architecture (units: lm_head, "
+         "model.embed_tokens, model.norm, model.layers.N.{input_layernorm, mlp.down_proj, mlp.gate_proj, mlp.up_proj, "
+         "post_attention_layernorm, self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, self_attn.v_proj} with N in 0..1)\n"),
+    ],
+    ids=["layers.only", "es.units"],
+)  # fmt: skip
+def test_key_errors_found_against_the_pool_name_the_file(
+    family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any], expected: str
+) -> None:
+    """Cross-field checks that need the opened pool start with the file's name, as schema errors do."""
+    decisions = {**family["study"]["decisions"], **change}
+    path = write_study(tmp_path, family["study"], decisions=decisions)
+    capsys.readouterr()
+    assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith(f"olmopt: error: {path}: {expected}") and line.endswith("\n")
+    assert _tree(tmp_path) == [path.name]

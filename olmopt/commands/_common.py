@@ -1,4 +1,4 @@
-"""Helpers shared by CLI subcommands: storage flags, JSON output, SIGTERM handling."""
+"""Helpers shared by CLI subcommands: storage flags, progress bars, JSON output, SIGTERM handling."""
 
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ class _ExamplesFormatter(argparse.HelpFormatter):
 def examples(*lines: str) -> dict[str, Any]:
     """``add_parser`` keywords for an ``examples:`` section at the end of ``--help``."""
     return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": _ExamplesFormatter}
+
+
+def show_bars(quiet: bool) -> bool:
+    """Progress bars only on a terminal and without --quiet: redirected output gets no carriage-return frames."""
+    return not quiet and sys.stderr.isatty()
 
 
 def print_json(data: Any) -> None:

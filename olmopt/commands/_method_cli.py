@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from olmopt.commands._common import show_bars
 from olmopt.errors import InputError
 from olmopt.methods.delta import MethodParams, MethodSpec, make_params
 from olmopt.methods.registry import Param
@@ -193,7 +194,7 @@ def run_merge(
         seed=seed,
         force=args.force,
         threads=max(1, args.threads),
-        progress=not (args.quiet or args.json),
+        progress=show_bars(args.quiet or args.json),
         layer_params=layer_params,
     )
     if args.json:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from olmopt.commands._common import add_storage_flag, examples, print_json
+from olmopt.commands._common import add_storage_flag, examples, print_json, show_bars
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,7 +66,7 @@ def cmd_export_best(args: argparse.Namespace) -> int:
         raise InputError(f"--mergekit-config {mergekit} already exists (pass --force to replace it)")
     result = export_best(
         args.name, storage_url(args.storage), args.out, args.trial, args.stage, args.force,
-        progress=not args.quiet, compare_donors=not args.no_compare,
+        progress=show_bars(args.quiet), compare_donors=not args.no_compare,
         refine=args.refine, es_units=args.es_unit,
     )  # fmt: skip
     status = 0
@@ -133,7 +133,7 @@ def verdict_lines(merged: str, verdict: dict[str, Any]) -> list[str]:
 def cmd_rebuild(args: argparse.Namespace) -> int:
     from olmopt.export import rebuild
 
-    recipe = rebuild(args.report, args.out, args.models_dir, args.force, progress=not args.quiet)
+    recipe = rebuild(args.report, args.out, args.models_dir, args.force, progress=show_bars(args.quiet))
     if args.json:
         print_json({"out": str(args.out), "recipe": recipe.to_dict()})
     else:

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from olmopt.commands._common import show_bars
 from olmopt.commands._merge_group import merge_subparsers
 from olmopt.errors import InputError, ModelError
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         "olmopt_version": __version__,
     }
     card = f"# olmopt merge\n\nExecuted by olmopt {__version__} from the mergekit configuration `{args.config.name}`.\n"
-    write_model_dir(pool, recipe, args.out, report, card, force=args.force, progress=not (args.quiet or args.json))
+    write_model_dir(pool, recipe, args.out, report, card, force=args.force, progress=show_bars(args.quiet or args.json))
     if args.json:
         print(json.dumps({"out": str(args.out), "recipe": recipe.to_dict()}))
     elif not args.quiet:

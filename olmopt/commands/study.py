@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from olmopt.commands._common import add_storage_flag, examples, print_json, sigterm_as_interrupt
+from olmopt.commands._common import add_storage_flag, examples, print_json, show_bars, sigterm_as_interrupt
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     from olmopt.config import load_study_file
+    from olmopt.errors import StudyKeyError
     from olmopt.search.api import create_campaign
     from olmopt.search.kinds import get_kind
     from olmopt.search.storage import redact, resolve_storage
@@ -90,7 +91,10 @@ def cmd_create(args: argparse.Namespace) -> int:
     if args.name:
         config = config.model_copy(update={"name": args.name})
     url, source = resolve_storage(args.storage, config.storage)
-    campaign = create_campaign(config, url)
+    try:
+        campaign = create_campaign(config, url)
+    except StudyKeyError as exc:  # a key refused against the pool or the machine: the file's name first
+        raise StudyKeyError(f"{args.study_file}: {exc}") from None
     from olmopt.search.advice import sampler_warnings
 
     for warning in sampler_warnings(config, campaign.plan):
@@ -118,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError("--workers must be >= 1")
     sigterm_as_interrupt()
     # bars only on a terminal: redirected output gets plain lines, no carriage-return frames or colours
-    bars = not args.quiet and sys.stderr.isatty()
+    bars = show_bars(args.quiet)
     outcome = run_campaign(
         args.name, storage_url(args.storage), args.workers, args.n_trials, args.timeout, bars, stage_logger(bars)
     )

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from olmopt.commands._common import show_bars
+
 # Literal copies keep `olmopt --help` free of torch imports; build_zoo validates against the real ones.
 SIZES = ("tiny", "small")
 ARCHS = ("llama", "qwen2", "mistral")
@@ -59,7 +61,7 @@ def run_build(args: argparse.Namespace) -> int:
         args.size,
         args.arch,
         args.seed,
-        progress=not args.quiet,
+        progress=show_bars(args.quiet),
         check=not args.no_check,
         force=args.force,
         refresh=args.refresh,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from olmopt.config import NAME_RE, StudyConfig
-from olmopt.errors import InputError
+from olmopt.errors import InputError, StudyKeyError
 from olmopt.model_ids import short_names
 from olmopt.search.campaign import Campaign
 from olmopt.search.plan import Stage, plan_stages
@@ -72,13 +72,13 @@ def check_against_pool(config: StudyConfig, pool_names: list[str], num_layers: i
     for key, swap in (("layers", d.layers), ("tensors", d.tensors)):
         for index in swap.only or []:
             if not 0 <= index < num_layers:
-                raise InputError(f"decisions.{key}.only: layer {index} is outside the model (layers 0..{num_layers - 1})")
+                raise StudyKeyError(f"decisions.{key}.only: layer {index} is outside the model (layers 0..{num_layers - 1})")
         if swap.only is not None and len(set(swap.only)) != len(swap.only):
-            raise InputError(f"decisions.{key}.only lists a layer twice: {swap.only}")
+            raise StudyKeyError(f"decisions.{key}.only lists a layer twice: {swap.only}")
     for key, models in (("merge", d.merge.models), ("dfs", d.dfs.models)):
         for model in models or []:
             if model not in pool_names:
-                raise InputError(f"decisions.{key}.models: {model!r} is not in pool.models")
+                raise StudyKeyError(f"decisions.{key}.models: {model!r} is not in pool.models")
     if d.merge.mode == "joint":
         from olmopt.search.kinds.merge import check_variant_count
 
@@ -154,17 +154,17 @@ def check_device(device: str | None) -> None:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise InputError(f"evaluation.device: {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        raise StudyKeyError(f"evaluation.device: {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise InputError(f"evaluation.device: {device!r} but this machine has no CUDA device")
+            raise StudyKeyError(f"evaluation.device: {device!r} but this machine has no CUDA device")
         if dev.index is not None and dev.index >= count:
-            raise InputError(f"evaluation.device: {device!r} but this machine has {count} CUDA device(s)")
+            raise StudyKeyError(f"evaluation.device: {device!r} but this machine has {count} CUDA device(s)")
     elif dev.type not in ("cpu", "meta"):
         available = getattr(torch, dev.type, None)
         if available is None or not getattr(available, "is_available", lambda: False)():
-            raise InputError(f"evaluation.device: {device!r} is not available on this machine")
+            raise StudyKeyError(f"evaluation.device: {device!r} is not available on this machine")
 
 
 def check_context(path: Path, enc: Any, context: int | None) -> None:

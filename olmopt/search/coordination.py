@@ -17,11 +17,12 @@ from types import TracebackType
 from typing import TypeGuard
 
 import optuna
-from optuna.exceptions import DuplicatedStudyError
-from optuna.storages import BaseStorage, RDBStorage
-from optuna.trial import TrialState
+from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
 LOCK_ATTR = "olmopt.lock_acquired"
+ENQUEUED_ATTR = "fixed_params"  # Optuna's system attr of an enqueued trial (and of its retries)
 POLL_SECONDS = (0.05, 1.0)  # waiting for other workers: first poll, then x1.5 up to the second
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # names this process in trials and decisions
 
@@ -39,23 +40,45 @@ def fail_dead_workers_trials(study: optuna.Study, storage: BaseStorage, stale_af
 
     With heartbeats (RDB storages): a trial whose beats stopped (Optuna's ``fail_stale_trials``), and a
     trial that never beat for 3 intervals: a worker beats a trial as soon as it takes it and then every
-    half interval, so its worker died at once (Optuna skips such trials). Without heartbeats (journal
-    storages): a trial RUNNING for longer than ``stale_after`` seconds. ``storage`` is the one the study
-    was loaded from (a study wraps an RDB storage in a cache that hides its heartbeat settings).
+    half interval, so its worker died at once (Optuna skips such trials); both go through the storage's
+    stale-trial callback (`RetrySampledTrial`). Without heartbeats (journal storages): a trial RUNNING for
+    longer than ``stale_after`` seconds. ``storage`` is the one the study was loaded from (a study wraps an
+    RDB storage in a cache that hides its heartbeat settings). Each trial is failed by one worker only: the
+    storage changes its state under a row lock.
     """
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    failed: list[int] = []
+    callback = None
     if heartbeat_enabled(storage):
         optuna.storages.fail_stale_trials(study)
         beating = trials_with_heartbeat(storage, [t._trial_id for t in running])
         running = [t for t in running if t._trial_id not in beating]
         stale_after = 3 * (storage.get_heartbeat_interval() or 30)
+        callback = storage.get_heartbeat_stale_trial_callback()
     limit = datetime.datetime.now() - datetime.timedelta(seconds=stale_after)
+    failed: list[int] = []
     for t in running:
-        if t.datetime_start is not None and t.datetime_start < limit:
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            failed.append(t.number)
+        if t.datetime_start is None or t.datetime_start >= limit:
+            continue
+        try:
+            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:  # finished or failed by another worker meanwhile
+            continue
+        failed.append(t.number)
+        if callback is not None:
+            callback(study, study._storage.get_trial(t._trial_id))
     return failed
+
+
+class RetrySampledTrial(RetryHeartbeatStaleTrialCallback):
+    """The stale-trial callback of olmopt's RDB storages: a dead worker's trial is queued again (up to
+    ``max_retry`` times) when a sampler suggested it. An enqueued candidate is not: the runner's idempotent
+    enqueue, under the stage's lock, queues every candidate that has no live trial, so a second copy made
+    here (outside that lock) could be evaluated and completed twice."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if ENQUEUED_ATTR not in trial.system_attrs:
+            super().__call__(study, trial)
 
 
 def trials_with_heartbeat(storage: RDBStorage, trial_ids: list[int]) -> set[int]:

@@ -44,6 +44,7 @@ from olmopt.search.workers import Evaluators
 from olmopt.select import degradation_constraints, is_feasible
 
 REUSE_CAP = 3  # a budget of N evaluations stops after 3 N trials however many repeat earlier ones
+LIVE_STATES = (*T.DONE_STATES, TrialState.RUNNING, TrialState.WAITING)  # trials that spend the budget
 
 InFlight = dict[Future[Scored], tuple[Trial, Recipe]]
 
@@ -125,7 +126,7 @@ class StageEvaluation:
         if not self.space.enqueue:
             return
         if is_sqlite(self.c.url):  # this process is the only writer: no lock
-            self._enqueue_absent()
+            T.enqueue_absent(self.study, self.space.enqueue)
             return
         present = T.enqueued_labels(self.study) | T.exhausted_labels(self.study)
         if all(label in present for label, _ in self.space.enqueue):
@@ -134,15 +135,9 @@ class StageEvaluation:
         if not lock.acquire():
             return
         try:
-            self._enqueue_absent()
+            T.enqueue_absent(self.study, self.space.enqueue)
         finally:
             lock.release()
-
-    def _enqueue_absent(self) -> None:
-        present = T.enqueued_labels(self.study) | T.exhausted_labels(self.study)
-        for label, params in self.space.enqueue:
-            if label not in present:
-                self.study.enqueue_trial(params, user_attrs={T.LABEL_ATTR: label})
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self, progress: bool = False, overall: tqdm | None = None, expected: int = 0) -> bool:
@@ -211,7 +206,7 @@ class StageEvaluation:
         trial = T.pop_waiting(self.study)
         if trial is None and self.space.budget is not None:
             self._writer.flush()  # the sampler sees every finished trial: the same suggestions as a sequential run
-            live = self.study.get_trials(deepcopy=False, states=(*T.DONE_STATES, TrialState.RUNNING))
+            live = self.study.get_trials(deepcopy=False, states=LIVE_STATES)  # a queued retry counts too
             if not budget_spent(live, self.space.budget):
                 trial = self.study.ask()
         return trial
@@ -329,13 +324,17 @@ class StageEvaluation:
             else {}
         )
         nonfinite = T.nonfinite_objectives(metrics, self.names)  # a damaged model: infeasible, and why
-        T.record_result(
-            trial, metrics, constraints, is_feasible(constraints) and not nonfinite, recipe.to_json(), extra
-        )
-        if nonfinite:
-            trial.set_user_attr(
-                T.INFEASIBLE_ATTR, f"non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}"
+        try:
+            T.record_result(
+                trial, metrics, constraints, is_feasible(constraints) and not nonfinite, recipe.to_json(), extra
             )
+            if nonfinite:
+                trial.set_user_attr(
+                    T.INFEASIBLE_ATTR, f"non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}"
+                )
+        except optuna.exceptions.UpdateFinishedTrialError:  # its beats were late: another worker failed it
+            self.log(f"trial {trial.number}: failed meanwhile by another worker's heartbeat sweep; evaluated again")
+            return
         annotate_trial(self.c, trial, recipe.to_json())  # before tell: a finished trial takes no artifacts
         if scored.stopped:  # Trial.report is refused in multi-objective studies: told directly
             self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -39,6 +39,15 @@ def enqueued_labels(study: optuna.Study) -> set[str]:
 
 
 MAX_FAILURES = 3  # a candidate whose evaluation failed this often is given up (counted as done)
+
+
+def enqueue_absent(study: optuna.Study, candidates: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Enqueue each ``(label, params)`` that has no waiting, running or complete trial and is not given up.
+    The one way a failed candidate is queued again; on shared storages its caller holds the stage's lock."""
+    present = enqueued_labels(study) | exhausted_labels(study)
+    for label, params in candidates:
+        if label not in present:
+            study.enqueue_trial(params, user_attrs={LABEL_ATTR: label})
 
 
 def exhausted_labels(study: optuna.Study) -> set[str]:

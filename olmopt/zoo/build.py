@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import fcntl
 import functools
 import hashlib
 import logging
@@ -31,6 +30,7 @@ from olmopt.kernels import (
     portable_kernels_key,
     request_portable_kernels,
 )
+from olmopt.lockfile import held_lock
 from olmopt.runtime import configure_threads
 from olmopt.zoo import acceptance
 from olmopt.zoo.family import PINNED_SEEDS, ZOO_VERSION, FamilySpec, family_spec, validate
@@ -154,8 +154,7 @@ _CHILD_ENV = "OLMOPT_ZOO_BUILD_CHILD"
 
 
 def _build_here(out: Path, spec: FamilySpec, seed: int, key: dict[str, Any], progress: bool, force: bool) -> dict[str, Any]:
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent builds of one directory: the second one reuses
+    with held_lock(out.parent / f".{out.name}.lock"):  # concurrent builds of one directory: the second one reuses
         return _build_locked(out, spec, seed, key, progress, force)
 
 

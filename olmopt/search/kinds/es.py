@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from olmopt.config import EsKindDecision, StudyConfig
-from olmopt.errors import InputError
+from olmopt.errors import InputError, StudyKeyError
 from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.recipe import EsStep, Recipe
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
@@ -72,17 +72,32 @@ def kind_settings(config: StudyConfig, kind: str) -> EsKindDecision:
 
 
 def check_units(
-    units: list[str], adapter: ArchitectureAdapter, param_names: list[str], where: str
+    units: list[str], adapter: ArchitectureAdapter, param_names: list[str], where: str,
+    error: type[InputError] = InputError,
 ) -> list[str]:
-    """One-line InputError for a unit that does not exist or has no ``.weight`` (what ES perturbs)."""
+    """One-line ``error`` for a unit that does not exist or has no ``.weight`` (what ES perturbs)."""
     known = set(adapter.all_units(param_names))
     names = set(param_names)
     for unit in units:
         if unit not in known:
-            raise InputError(f"{where}: unit {unit!r} does not exist in this architecture")
-        if unit + ".weight" not in names:
-            raise InputError(f"{where}: unit {unit!r} has no weight to perturb")
+            problem = "does not exist in this architecture"
+        elif unit + ".weight" not in names:
+            problem = "has no weight to perturb"
+        else:
+            continue
+        raise error(f"{where}: unit {unit!r} {problem} ({unit_choices(adapter, param_names)})")
     return units
+
+
+def unit_choices(adapter: ArchitectureAdapter, param_names: list[str]) -> str:
+    """The units ES can perturb, sorted, in one line: the boundary ones, then each layer's once (N: the index)."""
+    names = set(param_names)
+    units = sorted(u for u in adapter.all_units(param_names) if u + ".weight" in names)
+    first = adapter.layer_prefix(0)
+    per_layer = [u.removeprefix(first) for u in units if u.startswith(first)]
+    boundary = [u for u in units if adapter.layer_of(u) is None]
+    layered = f"{adapter.layers_prefix}.N.{{{', '.join(per_layer)}}} with N in 0..{adapter.num_layers - 1}"
+    return "units: " + ", ".join([*boundary, layered])
 
 
 def es_units(
@@ -101,14 +116,17 @@ def es_units(
         es = config.decisions.es
         settings = {k: v for k, v in (("svd", es.svd), ("norm", es.norm)) if v is not None}
     per_kind: dict[str, list[str]] = {}
+    error: type[InputError]
     for kind, block in settings.items():
-        where = f"decisions.es.{kind}.units"
+        where, error = f"decisions.es.{kind}.units", StudyKeyError
+        if units is not None:  # given on the command line
+            where, error = "--es-unit", InputError
         chosen = units if units is not None else block.units
         if chosen is None:
             if config.decisions.tensors.mode == "off":
-                raise InputError(f"{where}: tensor stages are off, so list the units to refine")
+                raise StudyKeyError(f"{where}: tensor stages are off, so list the units to refine")
             chosen = tensor_units(config, adapter, param_names)
-        per_kind[kind] = check_units(list(chosen), adapter, param_names, where)
+        per_kind[kind] = check_units(list(chosen), adapter, param_names, where, error)
     return settings, per_kind
 
 
@@ -404,7 +422,10 @@ def refine_targets(
     settings = settings or {"svd": SvdEsDecision(), "norm": NormEsDecision()}
     chosen = list(units) if units else list(recipe.units)
     if not chosen:
-        raise InputError(f"campaign {campaign.name!r} decided no tensor units: pass --es-unit UNIT to refine")
+        raise InputError(
+            f"campaign {campaign.name!r} decided no tensor units: pass --es-unit UNIT to refine "
+            f"({unit_choices(adapter, param_names)})"
+        )
     done: dict[tuple[str, str], int] = {}
     for stage in campaign.plan:
         if stage.kind in ES_KINDS:

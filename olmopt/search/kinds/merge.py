@@ -35,7 +35,7 @@ from optuna.distributions import BaseDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from olmopt.errors import InputError
+from olmopt.errors import InputError, StudyKeyError
 from olmopt.methods.delta import MethodSpec, get_method
 from olmopt.methods.registry import SearchDim
 from olmopt.recipe import ParamMerge, Recipe
@@ -139,7 +139,7 @@ def check_variant_count(methods: Sequence[str], count: int) -> None:
         try:
             get_method(name).check_count(count)
         except InputError as exc:
-            raise InputError(f"decisions.merge.methods: {exc}") from None
+            raise StudyKeyError(f"decisions.merge.methods: {exc}") from None
 
 
 def merge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
@@ -222,7 +222,7 @@ def mergekit_points(
             merge = config.build(env.adapter).renamed(names).param_merge
             point = _project(merge, base, variants, specs, layouts, order_choices, env.adapter.num_layers)
         except InputError as exc:
-            raise InputError(f"{key}: {exc}") from None
+            raise StudyKeyError(f"{key}: {exc}") from None
         points.append((f"mergekit:{path.name}", point))
     return points
 
