@@ -124,8 +124,8 @@ class SwapDecision(_Strict):
 
     @model_validator(mode="after")
     def _polish_after_joint(self) -> SwapDecision:
-        if self.polish and self.mode != "joint":
-            raise ValueError("polish (greedy sweeps after a joint stage) needs mode: joint; greedy mode sweeps with passes")
+        if self.polish and not (self.mode == "joint" or (self.mode == "greedy" and self.then_joint)):
+            raise ValueError("polish (greedy sweeps after a joint stage) needs mode: joint, or then_joint > 0")
         return self
 
     @field_validator("windows")

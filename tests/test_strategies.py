@@ -58,9 +58,54 @@ def test_plan_of_windows_passes_and_a_joint_stage_after_them() -> None:
     assert [s.key for s in olm] == ["000-base", "001-layer-3", "002-layer-2", "003-layer-1", "004-layer-0"]
 
 
+def test_plan_of_a_joint_stage_then_polish_sweeps() -> None:
+    plan = plan_stages(_config(mode="joint", n_trials=20, polish=2), _ADAPTER, [])  # type: ignore[arg-type]
+    assert [s.key for s in plan] == [
+        "000-base", "001-joint-layers", "002-polish-layer-0", "003-polish-layer-1", "004-polish-layer-2",
+        "005-polish-layer-3", "006-polish-layer-0-pass2", "007-polish-layer-1-pass2", "008-polish-layer-2-pass2",
+        "009-polish-layer-3-pass2",
+    ]  # fmt: skip
+    after = plan_stages(_config(mode="greedy", only=[1, 2], then_joint=5, polish=1), _ADAPTER, [])  # type: ignore[arg-type]
+    assert [s.key for s in after] == [
+        "000-base", "001-layer-1", "002-layer-2", "003-joint-layers", "004-polish-layer-1", "005-polish-layer-2"
+    ]
+    # a polish stage swaps the same slot as a layer stage
+    polish, layer = Stage(4, "polish-layer", "2"), Stage(4, "layer", "2")
+    incumbent = Recipe(base="a", layers={1: "b"})
+    assert greedy_candidates(polish, incumbent, ["a", "b"]) == greedy_candidates(layer, incumbent, ["a", "b"])
+    assert prefix_layer(polish, _ADAPTER) == 2  # type: ignore[arg-type]
+
+
+def test_polish_after_joint_only_improves_and_a_quiet_sweep_costs_nothing(tiny_zoo: Path, tmp_path: Path) -> None:
+    """A 2-trial joint stage (the incumbent and one donor's whole model) leaves the single-layer steps to
+    the polish: every polish decision's mean is at least the one before it (the incumbent is always a
+    candidate, its metrics reused), and the second sweep searches only if the first changed something."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    layers = {"mode": "joint", "n_trials": 2, "warm_start": True, "sampler": "random", "polish": 2}
+    path = study_file(tmp_path, tiny_zoo, "polish", layers=layers)
+    data = yaml.safe_load(path.read_text())
+    data["selection"] = {"score": "mean", "held_out_check": False, "improve_all": None}
+    path.write_text(yaml.safe_dump(data))
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    assert main(["study", "run", "polish", "--storage", url, "--quiet"]) == 0
+    stages = campaign_status("polish", url)["stages"]
+    keys = [s["stage"] for s in stages]
+    assert keys[1] == "001-joint-layers" and keys[2:6] == [f"00{i + 2}-polish-layer-{i}" for i in range(4)]
+    means = [sum(s["metrics"].values()) / len(s["metrics"]) for s in stages[1:]]
+    assert all(b >= a - 1e-12 for a, b in zip(means, means[1:], strict=False)), means
+    first_sweep = [s["winner"] for s in stages[2:6]]
+    changed = means[4] > means[0] + 1e-12
+    second = [_evaluated(url, f"polish/{key}")[0] for key in keys[6:10]]
+    if not changed:
+        assert second == [0, 0, 0, 0], (first_sweep, second)
+    else:
+        assert sum(second) > 0
+
+
 @pytest.mark.parametrize(
     ("layers", "needle"),
     [
+        ({"polish": 1}, "decisions.layers: polish"),
         ({"windows": [0]}, "decisions.layers.windows"),
         ({"windows": [2, 2]}, "decisions.layers.windows"),
         ({"passes": 0}, "decisions.layers.passes"),

@@ -17,9 +17,14 @@ from olmopt.search.kind_registry import register_kind
 from olmopt.search.kinds.swap import POLISH_PREFIX, layer_slots, swap_space, tensor_units
 
 if TYPE_CHECKING:
-    from olmopt.config import StudyConfig
+    from olmopt.config import StudyConfig, SwapDecision
     from olmopt.pool.adapter import ArchitectureAdapter
     from olmopt.recipe import Recipe
+
+
+def has_joint_stage(decision: SwapDecision) -> bool:
+    """Whether the decision plans a joint stage (``mode: joint``, or greedy with ``then_joint``)."""
+    return decision.mode == "joint" or (decision.mode == "greedy" and decision.then_joint > 0)
 
 
 class _Polish(DecisionKind):
@@ -30,14 +35,15 @@ class _Polish(DecisionKind):
 
 
 class PolishLayersKind(_Polish):
-    """``decisions.layers: {mode: joint, polish: N}``: N sweeps over single layers after joint-layers."""
+    """``decisions.layers: {mode: joint, polish: N}`` (or greedy with ``then_joint``): N sweeps over single
+    layers after joint-layers."""
 
     stage_kinds = (POLISH_PREFIX + "layer",)
     order = 45  # after joint-layers (40), before the tensor-unit decisions
 
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         d = config.decisions.layers
-        if d.mode != "joint":
+        if not has_joint_stage(d):
             return []
         layers = sorted(d.only or range(adapter.num_layers))
         return [
@@ -48,14 +54,15 @@ class PolishLayersKind(_Polish):
 
 
 class PolishUnitsKind(_Polish):
-    """``decisions.tensors: {mode: joint, polish: N}``: N sweeps over tensor units after joint-units."""
+    """``decisions.tensors: {mode: joint, polish: N}`` (or greedy with ``then_joint``): N sweeps over tensor
+    units after joint-units."""
 
     stage_kinds = (POLISH_PREFIX + "unit",)
     order = 65  # after joint-units (60)
 
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
         d = config.decisions.tensors
-        if d.mode != "joint":
+        if not has_joint_stage(d):
             return []
         units = tensor_units(config, adapter, param_names)
         return [planned(self.stage_kinds[0], unit, sweep=sweep) for sweep in range(1, d.polish + 1) for unit in units]
