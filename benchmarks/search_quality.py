@@ -74,9 +74,17 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         },
         "joint-tpe-warm+guard": {**joint, "sampler": "tpe", "warm_start": True, "_selection": {"held_out_guard": 5}},
         "joint-tpe-warm+mean": {**joint, "sampler": "tpe", "warm_start": True, "_selection": {"score": "mean"}},
-        # the main job's layer decision (studies/zoo.yaml) at this budget
-        "default": {**main_job_layers(), "n_trials": budget},
+        # the main job's layer decision (studies/zoo.yaml) at this budget: its polish sweeps are paid for
+        # out of the joint stage's trials (an upper bound: candidates that repeat known weights are free)
+        "default": default_at(budget, n_layers, n_pool),
     }
+
+
+def default_at(budget: int, n_layers: int, n_pool: int) -> dict[str, Any]:
+    """The main job's layer decision with ``budget`` evaluations in all (joint stage plus polish sweeps)."""
+    layers = main_job_layers()
+    polish = int(layers.get("polish", 0)) * n_layers * (n_pool - 1)
+    return {**layers, "n_trials": max(10, budget - polish)}
 
 
 def main_job_layers() -> dict[str, Any]:
