@@ -125,7 +125,9 @@ class SwapDecision(_Strict):
     @model_validator(mode="after")
     def _polish_after_joint(self) -> SwapDecision:
         if self.polish and not (self.mode == "joint" or (self.mode == "greedy" and self.then_joint)):
-            raise ValueError("polish (greedy sweeps after a joint stage) needs mode: joint, or then_joint > 0")
+            raise ValueError(
+                "polish (greedy sweeps after a joint stage) needs mode: joint, or then_joint > 0"
+            )
         return self
 
     @field_validator("windows")
@@ -245,7 +247,9 @@ class MergeDecision(_Strict):
     @model_validator(mode="after")
     def _cmaes_one_method(self) -> MergeDecision:
         if self.sampler == "cmaes" and len(self.methods) != 1:
-            raise ValueError(f"sampler cmaes searches one method; list one in methods (got {', '.join(self.methods)})")
+            raise ValueError(
+                f"sampler cmaes searches one method; list one in methods (got {', '.join(self.methods)})"
+            )
         return self
 
     @field_validator("methods")
@@ -406,7 +410,9 @@ class StudyConfig(_Strict):
         rule = self.selection.improve_all
         metrics = {o.metric for o in self.objectives}
         if rule not in (None, "", "base", "all") and rule not in metrics:
-            raise ValueError(f"selection.improve_all {rule!r} must be 'base', 'all' or an objective metric {sorted(metrics)}")
+            raise ValueError(
+                f"selection.improve_all {rule!r} must be 'base', 'all' or an objective metric {sorted(metrics)}"
+            )
         return self
 
     def path(self, value: str) -> Path:

@@ -225,7 +225,9 @@ class Recipe(_Strict):
             named.update(str(model) for model in self.dfs.models_used)
         uses_merge = MERGE_DONOR in named
         if uses_merge and self.param_merge is None:
-            raise InputError(f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not set")
+            raise InputError(
+                f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not set"
+            )
         for name in sorted(self.donors()):
             if name not in pool_names:
                 raise InputError(f"recipe: donor {name!r} is not in the pool ({', '.join(pool_names)})")

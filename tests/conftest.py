@@ -64,8 +64,13 @@ class CliProcesses:
         """Start ``python -m olmopt.cli ARGS`` with one torch thread (and ``env`` on top of ours)."""
         n = len(self.procs)
         full_env = dict(os.environ, OLMOPT_THREADS="1", OMP_NUM_THREADS="1", **(env or {}))
-        with open(self.log_dir / f"cli-{n}.out", "wb") as out, open(self.log_dir / f"cli-{n}.err", "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "olmopt.cli", *args], env=full_env, stdout=out, stderr=err)
+        with (
+            open(self.log_dir / f"cli-{n}.out", "wb") as out,
+            open(self.log_dir / f"cli-{n}.err", "wb") as err,
+        ):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "olmopt.cli", *args], env=full_env, stdout=out, stderr=err
+            )
         self.procs.append(proc)
         return proc
 

@@ -175,7 +175,20 @@ def test_es_stages_run_record_and_replay_bit_exactly(family: dict[str, Any], tmp
     ids = {str(family[m]): m for m in "ab"}  # the report names local models by directory name
     assert Recipe.from_dict(report["recipe"]) == final.renamed(ids)
     root = str(family["root"])
-    assert main(["rebuild", str(out / "merge_report.json"), "--out", str(rebuilt), "--quiet", "--models-dir", root]) == 0
+    assert (
+        main(
+            [
+                "rebuild",
+                str(out / "merge_report.json"),
+                "--out",
+                str(rebuilt),
+                "--quiet",
+                "--models-dir",
+                root,
+            ]
+        )
+        == 0
+    )
     exported, again = _tensors(out), _tensors(rebuilt)
     assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
     replayed = base_w.clone()
@@ -207,7 +220,18 @@ def test_es_stages_run_record_and_replay_bit_exactly(family: dict[str, Any], tmp
     assert main([*args, "--refine", "es", "--force"]) == 0
     assert len(Campaign.load("es1", url).plan) == 7
     assert (
-        main(["rebuild", str(refined / "merge_report.json"), "--out", str(tmp_path / "rb2"), "--quiet", "--models-dir", str(family["root"])]) == 0
+        main(
+            [
+                "rebuild",
+                str(refined / "merge_report.json"),
+                "--out",
+                str(tmp_path / "rb2"),
+                "--quiet",
+                "--models-dir",
+                str(family["root"]),
+            ]
+        )
+        == 0
     )
     a, b = _tensors(refined), _tensors(tmp_path / "rb2")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -351,11 +375,18 @@ def test_refine_rejects_bad_flags(
         "mlp.gate_proj, mlp.up_proj, post_attention_layernorm, self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, "
         "self_attn.v_proj} with N in 0..1)"
     )
-    err = capsys.readouterr().err.splitlines()[-1]  # nothing decided per unit: say what to pass, and what is valid
-    assert err == f"olmopt: error: campaign 'rf' decided no tensor units: pass --es-unit UNIT to refine {units}"
+    err = capsys.readouterr().err.splitlines()[
+        -1
+    ]  # nothing decided per unit: say what to pass, and what is valid
+    assert (
+        err == f"olmopt: error: campaign 'rf' decided no tensor units: pass --es-unit UNIT to refine {units}"
+    )
     bad = ["export", "best", "rf", "--storage", url, "--out", out, "--refine", "es", "--es-unit", "nope"]
     assert main(bad) == 2
-    assert capsys.readouterr().err == f"olmopt: error: --es-unit: unit 'nope' does not exist in this architecture {units}\n"
+    assert (
+        capsys.readouterr().err
+        == f"olmopt: error: --es-unit: unit 'nope' does not exist in this architecture {units}\n"
+    )
     assert len(Campaign.load("rf", url).plan) == 1  # nothing was appended by the failed attempts
 
 

@@ -61,7 +61,9 @@ class ModelPool:
         for ref in refs:
             path = resolve_model(ref, base_dir)
             if path.resolve() in seen:
-                raise ModelError(f"the model pool lists one model twice: {seen[path.resolve()]!r} and {ref!r} are both {path.resolve()}")
+                raise ModelError(
+                    f"the model pool lists one model twice: {seen[path.resolve()]!r} and {ref!r} are both {path.resolve()}"
+                )
             seen[path.resolve()] = ref
             config = load_config(ref, path, trust_remote_code)
             checkpoint = Checkpoint(path, ref)
@@ -132,7 +134,9 @@ class ModelPool:
         for model in self.models.values():
             bad = model.checkpoint.first_nonfinite()
             if bad is not None:
-                raise ModelError(f"model {model.name}: tensor {bad!r} holds NaN or inf values (a damaged checkpoint)")
+                raise ModelError(
+                    f"model {model.name}: tensor {bad!r} holds NaN or inf values (a damaged checkpoint)"
+                )
 
 
 def load_tokenizer(model: PoolModel) -> Any:
@@ -144,7 +148,9 @@ def load_tokenizer(model: PoolModel) -> Any:
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for unreadable tokenizer files
         text = str(exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__
-        raise ModelError(f"model {model.name}: cannot load its tokenizer from {model.path}: {reason}") from None
+        raise ModelError(
+            f"model {model.name}: cannot load its tokenizer from {model.path}: {reason}"
+        ) from None
 
 
 def tokenizer_vocab(path: Path) -> dict[str, int] | None:

@@ -21,7 +21,9 @@ def sampler_warnings(config: StudyConfig, plan: list[Stage]) -> list[str]:
                 "has no joint stage"
             )
     if not joint and "name" in config.sampler.model_fields_set:
-        warnings.append(f"sampler.name {config.sampler.name!r} has no effect: every stage of this campaign is greedy")
+        warnings.append(
+            f"sampler.name {config.sampler.name!r} has no effect: every stage of this campaign is greedy"
+        )
     for stage in joint:
         name = get_kind(stage.kind).sampler_name(config) or config.sampler.name
         if name == "nsga2" and stage.n_trials < 2 * config.sampler.nsga2_population(stage.n_trials):

@@ -118,7 +118,9 @@ def annotate_decision(campaign: Campaign, study: optuna.Study, decision: Decisio
         storage=study._storage, study_name=study.study_name, sampler=optuna.samplers.RandomSampler()
     )
     if decision.trial is not None:
-        trial_id = next((t._trial_id for t in handle.get_trials(deepcopy=False) if t.number == decision.trial), None)
+        trial_id = next(
+            (t._trial_id for t in handle.get_trials(deepcopy=False) if t.number == decision.trial), None
+        )
         if trial_id is not None:
             save_note(optuna.Trial(handle, trial_id), winner_note(decision, names, directions))
     save_note(handle, stage_note(decision, names, directions))
@@ -220,9 +222,7 @@ def _key(value: float | None, sign: float) -> float:
     return math.inf if value is None or math.isnan(value) else sign * value
 
 
-def campaign_note(
-    campaign: Campaign, decisions: dict[str, Decision], exported: Path | None = None
-) -> str:
+def campaign_note(campaign: Campaign, decisions: dict[str, Decision], exported: Path | None = None) -> str:
     names = campaign.objective_names()
     directions = campaign.directions()
     done = sum(1 for s in campaign.plan if s.key in decisions)
@@ -273,7 +273,11 @@ def campaign_report_data(name: str, url: str) -> dict[str, Any]:
             "plot": get_kind(stage.kind).report_plot,
             "decision": None
             if d is None
-            else {k: v for k, v in d.to_dict().items() if k in ("winner", "trial", "reason", "metrics", "held_out", "candidates")},
+            else {
+                k: v
+                for k, v in d.to_dict().items()
+                if k in ("winner", "trial", "reason", "metrics", "held_out", "candidates")
+            },
             "points": [],
         }
         if get_kind(stage.kind).plots_trials:

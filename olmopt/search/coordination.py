@@ -94,7 +94,9 @@ def trials_with_heartbeat(storage: RDBStorage, trial_ids: list[int]) -> set[int]
 
 
 class StageLock:
-    def __init__(self, storage: BaseStorage, name: str, stale_after: float = 120.0, poll: float = 0.2) -> None:
+    def __init__(
+        self, storage: BaseStorage, name: str, stale_after: float = 120.0, poll: float = 0.2
+    ) -> None:
         self.storage = storage
         self.name = f"{name}#lock"
         self.stale_after = stale_after
@@ -141,5 +143,7 @@ class StageLock:
         except KeyError:
             pass
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._delete()

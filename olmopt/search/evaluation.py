@@ -326,14 +326,21 @@ class StageEvaluation:
         nonfinite = T.nonfinite_objectives(metrics, self.names)  # a damaged model: infeasible, and why
         try:
             T.record_result(
-                trial, metrics, constraints, is_feasible(constraints) and not nonfinite, recipe.to_json(), extra
+                trial,
+                metrics,
+                constraints,
+                is_feasible(constraints) and not nonfinite,
+                recipe.to_json(),
+                extra,
             )
             if nonfinite:
                 trial.set_user_attr(
                     T.INFEASIBLE_ATTR, f"non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}"
                 )
         except optuna.exceptions.UpdateFinishedTrialError:  # its beats were late: another worker failed it
-            self.log(f"trial {trial.number}: failed meanwhile by another worker's heartbeat sweep; evaluated again")
+            self.log(
+                f"trial {trial.number}: failed meanwhile by another worker's heartbeat sweep; evaluated again"
+            )
             return
         annotate_trial(self.c, trial, recipe.to_json())  # before tell: a finished trial takes no artifacts
         if scored.stopped:  # Trial.report is refused in multi-objective studies: told directly

@@ -84,9 +84,19 @@ def build_zoo(
         failures.append(f"seed {candidate}: {failure}")
         replace_out = True  # the next candidate replaces the failed family just written
         if i + 1 < len(seeds):
-            log.warning("zoo %s: seed %d fails acceptance here (%s); trying seed %d", out, candidate, failure, seeds[i + 1])
+            log.warning(
+                "zoo %s: seed %d fails acceptance here (%s); trying seed %d",
+                out,
+                candidate,
+                failure,
+                seeds[i + 1],
+            )
     if check:
-        which = f"seed={seeds[0]}) fails acceptance: " if len(seeds) == 1 else "every pinned seed) fails acceptance: "
+        which = (
+            f"seed={seeds[0]}) fails acceptance: "
+            if len(seeds) == 1
+            else "every pinned seed) fails acceptance: "
+        )
         raise acceptance.AcceptanceError(
             f"zoo {out} (size={size} arch={arch} {which}{'; '.join(failures)} "
             "(the zoo was written; pass --no-check to accept it)"
@@ -109,8 +119,17 @@ def build_key(spec: FamilySpec, seed: int) -> dict[str, Any]:
     byte-level-tokenizer architectures, that tokenizer (docs/zoo.md "Tokenizer and encoding")."""
     digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
     kernels = portable_kernels_key() if cpu_has_avx2() else "native"
-    key = {"zoo_version": ZOO_VERSION, "size": spec.size, "arch": spec.arch, "seed": seed, "plan": digest, "kernels": kernels}
-    if spec.arch in BYTE_LEVEL_ARCHS:  # its tokenizer files changed (same ids): a zoo with the old ones is rebuilt
+    key = {
+        "zoo_version": ZOO_VERSION,
+        "size": spec.size,
+        "arch": spec.arch,
+        "seed": seed,
+        "plan": digest,
+        "kernels": kernels,
+    }
+    if (
+        spec.arch in BYTE_LEVEL_ARCHS
+    ):  # its tokenizer files changed (same ids): a zoo with the old ones is rebuilt
         key["tokenizer"] = "byte-level"
     return key
 
@@ -153,8 +172,12 @@ def build_family(
 _CHILD_ENV = "OLMOPT_ZOO_BUILD_CHILD"
 
 
-def _build_here(out: Path, spec: FamilySpec, seed: int, key: dict[str, Any], progress: bool, force: bool) -> dict[str, Any]:
-    with held_lock(out.parent / f".{out.name}.lock"):  # concurrent builds of one directory: the second one reuses
+def _build_here(
+    out: Path, spec: FamilySpec, seed: int, key: dict[str, Any], progress: bool, force: bool
+) -> dict[str, Any]:
+    with held_lock(
+        out.parent / f".{out.name}.lock"
+    ):  # concurrent builds of one directory: the second one reuses
         return _build_locked(out, spec, seed, key, progress, force)
 
 
@@ -171,9 +194,13 @@ def _build_in_child(out: Path, spec: FamilySpec, seed: int, progress: bool, forc
     try:
         # an executor, not a Pool: a child that dies (killed, out of memory) raises here instead of hanging
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-            return pool.submit(build_family, out, spec, seed, progress=progress, check=False, force=force).result()
+            return pool.submit(
+                build_family, out, spec, seed, progress=progress, check=False, force=force
+            ).result()
     except BrokenProcessPool:
-        raise OlmoptError(f"zoo {out}: the build process died (killed, or out of memory); {out} is unchanged") from None
+        raise OlmoptError(
+            f"zoo {out}: the build process died (killed, or out of memory); {out} is unchanged"
+        ) from None
     finally:
         for name, value in saved.items():
             if value is None:

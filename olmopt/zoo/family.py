@@ -120,7 +120,10 @@ def family_spec(size: str, arch: str) -> FamilySpec:
         # is spec_mc's training setup (the base's mc is near 0.95, the recipe must beat it).
         mixture = {"add": 2.0, "rev": 3.0, "fact": 1.0, "mc": 0.5}
         specialists = (spec("add", "all", 5e-4), spec("rev", "all", 5e-4))
-        specialists += (spec("fact", "lower", 3e-3, 0.4, steps=300), spec("mc", "upper", 1e-3, on_top_of="spec_fact"))
+        specialists += (
+            spec("fact", "lower", 3e-3, 0.4, steps=300),
+            spec("mc", "upper", 1e-3, on_top_of="spec_fact"),
+        )
         return FamilySpec(size, arch, TrainPlan(mixture, 1500, base_lr), specialists)
     if tiny and arch == "mistral":
         # with the llama plan the fact specialist's lower layers cost mc, so the layer recipe's mc stays

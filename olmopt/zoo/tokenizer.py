@@ -35,7 +35,11 @@ BYTE_LEVEL_ARCHS = frozenset({"qwen2"})
 
 def byte_level_char(char: str) -> str:
     """GPT-2's printable stand-in for a one-byte character (" " -> "Ġ", "\n" -> "Ċ", "a" -> "a")."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     code = ord(char)
     if code in printable:
         return char

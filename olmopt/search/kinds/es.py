@@ -72,7 +72,10 @@ def kind_settings(config: StudyConfig, kind: str) -> EsKindDecision:
 
 
 def check_units(
-    units: list[str], adapter: ArchitectureAdapter, param_names: list[str], where: str,
+    units: list[str],
+    adapter: ArchitectureAdapter,
+    param_names: list[str],
+    where: str,
     error: type[InputError] = InputError,
 ) -> list[str]:
     """One-line ``error`` for a unit that does not exist or has no ``.weight`` (what ES perturbs)."""
