@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the storage server went away or refused a statement mid-run: one line, not the driver's pages
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         print(
-            f"olmopt: error: storage failure ({type(exc).__name__}): {reason[0] if reason else ''}; rerun to resume",
+            f"olmopt: error: storage failure ({type(exc).__name__}): {reason[0] if reason else ''}; rerun to "
+            "resume",
             file=sys.stderr,
         )
         return 1

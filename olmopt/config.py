@@ -38,13 +38,15 @@ class PoolConfig(_Strict):
 
 
 LM_EVAL_KEYS = (
-    "task", "include_path", "num_fewshot", "limit", "apply_chat_template", "fewshot_as_multiturn", "gen_kwargs", "seed",
+    "task", "include_path", "num_fewshot", "limit", "apply_chat_template", "fewshot_as_multiturn",
+    "gen_kwargs", "seed",
 )  # fmt: skip
 
 
 class ObjectiveConfig(_Strict):
     """A dataset scored with a metric (``kind: dataset``) or an lm-evaluation-harness task (``kind: lm_eval``,
-    docs/lmeval.md: ``task``, ``include_path``, ``metric`` from the task, ``limit``, few-shot/chat options)."""
+    docs/lmeval.md: ``task``, ``include_path``, ``metric``
+    from the task, ``limit``, few-shot/chat options)."""
 
     kind: Literal["dataset", "lm_eval"] = "dataset"
     dataset: str = ""  # not needed by metrics read off the Recipe (layers_removed)
@@ -194,7 +196,8 @@ class EsKindDecision(_Strict):
     def _tune_within_plan(self) -> EsKindDecision:
         if self.tune is not None and self.tune.generations and self.tune.generations[1] > self.generations:
             raise ValueError(
-                f"tune.generations goes up to {self.tune.generations[1]}, more than generations ({self.generations})"
+                f"tune.generations goes up to {self.tune.generations[1]}, more than generations "
+                f"({self.generations})"
             )
         return self
 
@@ -411,7 +414,8 @@ class StudyConfig(_Strict):
         metrics = {o.metric for o in self.objectives}
         if rule not in (None, "", "base", "all") and rule not in metrics:
             raise ValueError(
-                f"selection.improve_all {rule!r} must be 'base', 'all' or an objective metric {sorted(metrics)}"
+                f"selection.improve_all {rule!r} must be 'base', 'all' or an objective metric "
+                f"{sorted(metrics)}"
             )
         return self
 
@@ -566,7 +570,8 @@ def olm_to_study(data: dict[str, Any], path: Path) -> dict[str, Any]:
     """Convert an olm_config.yaml mapping to a study mapping (unknown keys still fail)."""
     known = OLM_KEYS | OLM_IGNORED | {
         "direction", "dataset_dir", "base_select", "boundary_select", "skip_norm", "improve_all", "samples",
-        "es_svd", "es_svd_generations", "es_svd_sigma", "es_norm", "es_norm_generations", "es_norm_sigma", "name",
+        "es_svd", "es_svd_generations", "es_svd_sigma", "es_norm", "es_norm_generations", "es_norm_sigma",
+        "name",
     }  # fmt: skip
     for key in data:
         if key not in known:

@@ -147,9 +147,10 @@ def model_card(
     if local:
         names = ", ".join(f"`{m}`" for m in dict.fromkeys(local))
         lines += [
-            f"> **Note:** {names} {'are local models' if len(set(local)) > 1 else 'is a local model'}, named here by "
-            "directory name: not a Hugging Face Hub id. Replace such names by Hub ids before uploading if the "
-            "models are published (`olmopt rebuild --models-dir DIR` finds them as `DIR/NAME`).",
+            f"> **Note:** {names} {'are local models' if len(set(local)) > 1 else 'is a local model'}, named "
+            "here by directory name: not a Hugging Face Hub id. Replace such names by Hub ids before "
+            "uploading if the models are published (`olmopt rebuild --models-dir DIR` finds them as "
+            "`DIR/NAME`).",
             "",
         ]
     lines += ["## Merged models", "", "| model | role |", "|---|---|"]
@@ -180,7 +181,8 @@ def model_card(
         for n in objectives:
             o = objective_info.get(n, {})
             lines.append(
-                f"| {n} | {o.get('metric', '-')} | {directions[n]} | {o.get('dataset', '-')} | {o.get('held_out', '-')} |"
+                f"| {n} | {o.get('metric', '-')} | {directions[n]} | {o.get('dataset', '-')} | "
+                f"{o.get('held_out', '-')} |"
             )
         lines.append("")
     lines += [

@@ -79,7 +79,8 @@ def recipe_to_mergekit(recipe: Recipe, adapter: ArchitectureAdapter) -> dict[str
             return _ps_config(recipe.param_merge, adapter)
         if picks:
             raise NotExpressible(
-                "the Recipe mixes a parameter-space merge with donor layers or tensors (mergekit runs one method)"
+                "the Recipe mixes a parameter-space merge with donor layers or tensors (mergekit runs one "
+                "method)"
             )
         return _ps_config(recipe.param_merge, adapter)
     return _passthrough_config(recipe, adapter)

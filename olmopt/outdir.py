@@ -336,7 +336,8 @@ class ShardedSafetensorsWriter:
         self._pending_bytes = 0
 
     def close(self) -> list[Path]:
-        """Finish the shards, write ``model.safetensors.index.json`` (several shards); returns the shard paths."""
+        """Finish the shards, write ``model.safetensors.index.json``
+        (several shards); returns the shard paths."""
         with self._lock:
             if self._closed:
                 return list(self._final)

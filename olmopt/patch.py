@@ -58,7 +58,8 @@ def param_sources(recipe: Recipe, adapter: ArchitectureAdapter, param_names: lis
         if donor == MERGE_DONOR:
             if recipe.param_merge is None:
                 raise InputError(
-                    f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not set"
+                    f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not "
+                    "set"
                 )
             donor = recipe.param_merge
         sources[name] = (donor, tuple(es_by_param.get(name, ())))

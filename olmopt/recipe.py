@@ -86,8 +86,8 @@ class ParamMerge(_Strict):
         for key, groups in sorted(self.layer_params.items()):
             if len(groups) != want:
                 raise InputError(
-                    f"recipe: param_merge.layer_params.{key} has {len(groups)} values for {want} layer groups "
-                    f"({num_layers} layers, group_size {self.group_size})"
+                    f"recipe: param_merge.layer_params.{key} has {len(groups)} values for {want} layer "
+                    f"groups ({num_layers} layers, group_size {self.group_size})"
                 )
         for group in range(want if self.layer_params else 1):
             try:

@@ -43,7 +43,8 @@ def examples(*lines: str) -> dict[str, Any]:
 
 
 def show_bars(quiet: bool) -> bool:
-    """Progress bars only on a terminal and without --quiet: redirected output gets no carriage-return frames."""
+    """Progress bars only on a terminal and without --quiet:
+    redirected output gets no carriage-return frames."""
     return not quiet and sys.stderr.isatty()
 
 

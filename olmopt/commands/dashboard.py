@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--artifact-dir",
         type=Path,
         metavar="DIR",
-        help="artifact store (default: $OLMOPT_ARTIFACT_DIR, else artifacts/ beside a SQLite file, else ./storage/artifacts)",
+        help="artifact store (default: $OLMOPT_ARTIFACT_DIR, else artifacts/ beside a SQLite file, else "
+        "./storage/artifacts)",
     )
     parser.add_argument(
         NO_AUTH_FLAG, dest="no_auth_ok", action="store_true", help="allow a non-loopback --host"

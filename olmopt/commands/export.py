@@ -53,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "rebuild",
         help="rebuild a model from a merge_report.json alone",
         **examples(
-            "olmopt rebuild storage/merged-zoo-tiny/merge_report.json --out /tmp/again --models-dir storage/zoo-tiny"
+            "olmopt rebuild storage/merged-zoo-tiny/merge_report.json --out /tmp/again --models-dir "
+            "storage/zoo-tiny"
         ),
     )
     rebuild.add_argument("report", type=Path, metavar="REPORT.json")
@@ -130,7 +131,8 @@ def _write_mergekit(result: dict, out: Path, path: Path) -> int:
     except NotExpressible as exc:
         result["mergekit_config"] = None
         print(
-            f"olmopt: model exported to {out}; mergekit config NOT written: mergekit cannot express this Recipe: {exc}",
+            f"olmopt: model exported to {out}; mergekit config NOT written: mergekit cannot express this "
+            f"Recipe: {exc}",
             file=sys.stderr,
         )
         return 1

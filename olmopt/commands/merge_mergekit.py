@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     base_dtype = checkpoint.dtype_name(checkpoint.keys()[0])
     if config.out_dtype is not None and config.out_dtype != base_dtype:
         raise InputError(
-            f"{args.config}: out_dtype: olmopt writes the base model's dtype ({base_dtype}), got {config.out_dtype}"
+            f"{args.config}: out_dtype: olmopt writes the base model's dtype ({base_dtype}), got "
+            f"{config.out_dtype}"
         )
     recipe.validate_against(
         pool.names, pool.adapter.num_layers, pool.adapter.all_units(pool[recipe.base].checkpoint.keys())
@@ -74,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
         "mergekit_config": yaml.safe_load(args.config.read_text()),
         "olmopt_version": __version__,
     }
-    card = f"# olmopt merge\n\nExecuted by olmopt {__version__} from the mergekit configuration `{args.config.name}`.\n"
+    card = (
+        f"# olmopt merge\n\nExecuted by olmopt {__version__} from the mergekit configuration "
+        f"`{args.config.name}`.\n"
+    )
     write_model_dir(
         pool, recipe, args.out, report, card, force=args.force, progress=show_bars(args.quiet or args.json)
     )

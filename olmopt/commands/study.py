@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run (or resume) a campaign's stages",
         **examples(
             "olmopt study run zoo-tiny",
-            "olmopt study run zoo --workers 2 --timeout 3600 2> run.log   # timestamped stage lines in run.log",
+            "olmopt study run zoo --workers 2 --timeout 3600 2> run.log   # timestamped stage lines in "
+            "run.log",
         ),
     )
     run.add_argument("name", metavar="NAME", help="campaign name (see `olmopt study list`)")
@@ -66,10 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "delete",
         help="delete a campaign (its record, stages and trials) from a storage",
         description=(
-            "Delete campaign NAME: its root study, every stage study and their trials. Refused while a worker "
-            "runs it (SQLite: another olmopt process holds the file; shared storages: a stage lock or a running "
-            "trial that still beats). Asks for confirmation on a terminal; --yes skips it (needed in scripts). "
-            "Re-create a campaign by deleting it and running `study create` again."
+            "Delete campaign NAME: its root study, every stage study and their trials. Refused while a "
+            "worker runs it (SQLite: another olmopt process holds the file; shared storages: a stage lock or "
+            "a running trial that still beats). Asks for confirmation on a terminal; --yes skips it (needed "
+            "in scripts). Re-create a campaign by deleting it and running `study create` again."
         ),
         **examples(
             "olmopt study delete zoo-tiny", "olmopt study delete zoo-tiny --yes --storage sqlite:///other.db"
@@ -120,7 +121,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     for stage in campaign.plan:
         extra = f" ({stage.n_trials} trials)" if get_kind(stage.kind).joint else ""
         print(f"  {stage.key}{extra}")
-    # every later command reads --storage, $OLMOPT_STORAGE or the default, never the study file: say where it lives
+    # every later command reads --storage, $OLMOPT_STORAGE or
+    # the default, never the study file: say where it lives
     where = f" --storage {redact(url)}" if source in ("--storage", "the study file") else ""
     print(f"next: olmopt study run {campaign.name}{where}")
     return 0
@@ -212,7 +214,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     width = max(len(r["name"]) for r in rows) if rows else 0
     for r in rows:
         print(
-            f"{r['name']:<{width}}  {r['decided']:>4}/{r['stages']:<4} stages  {r['state']:<11}  created {r['created']}"
+            f"{r['name']:<{width}}  {r['decided']:>4}/{r['stages']:<4} stages  {r['state']:<11}  created "
+            f"{r['created']}"
         )
     return 0
 
@@ -237,7 +240,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
             busy = live_work(campaign, stale_after())
             if busy:
                 raise StorageError(
-                    f"not deleting campaign {args.name!r}: a worker is running it ({'; '.join(busy)}); stop it first"
+                    f"not deleting campaign {args.name!r}: a worker is running it ({'; '.join(busy)}); stop "
+                    "it first"
                 )
         n = delete_campaign(campaign.storage, args.name)
     print(f"deleted {what} ({n} studies)")

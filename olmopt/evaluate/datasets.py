@@ -87,7 +87,8 @@ def _parse_item(path: Path, index: int, item: Any) -> Example:
         if ROLE_OF.get(conv[-1]["from"]) != "assistant":
             raise _fail(
                 path,
-                f"item {index}: the last turn must be the assistant's answer ('gpt'), not {conv[-1]['from']!r}",
+                f"item {index}: the last turn must be the assistant's answer ('gpt'), not "
+                f"{conv[-1]['from']!r}",
             )
         messages, answer = sharegpt_to_messages(conv)
         return Example(tuple((m["role"], m["content"]) for m in messages), answer)

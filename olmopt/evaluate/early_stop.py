@@ -42,7 +42,8 @@ class StopRule:
 
 @dataclass
 class ChunkResult:
-    """One chunk's evaluation: values over its items (unused), per-item values, token counts, NaN objectives."""
+    """One chunk's evaluation: values over its items (unused),
+    per-item values, token counts, NaN objectives."""
 
     items: ItemScores
     tokens: dict[str, dict[int, int]]

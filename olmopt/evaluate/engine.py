@@ -95,7 +95,8 @@ class Evaluator:
         chunks: tuple[int, int] | None = None,
     ) -> None:
         """``chunks``: (seed, items per chunk) to batch every dataset part chunk by chunk, its items in a
-        fixed random order from ``seed`` (early stopping, ``evaluate(chunk=c)``); None: one sorted batching."""
+        fixed random order from ``seed`` (early stopping,
+        ``evaluate(chunk=c)``); None: one sorted batching."""
         names = [o.name for o in objectives]
         if len(set(names)) != len(names):
             raise InputError(f"objective names must be unique: {names}")
@@ -205,7 +206,8 @@ class Evaluator:
     def _hidden(
         self, batch: _Batch, prefix: torch.Tensor | None, start: int, keep: Sequence[int] = ()
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Final hidden states and the inputs of layers ``keep``; with ``prefix`` only layers ``start..N`` run."""
+        """Final hidden states and the inputs of layers ``keep``;
+        with ``prefix`` only layers ``start..N`` run."""
         base = self.model.base_model
         with self._capturing(keep) as captured:
             if prefix is None:

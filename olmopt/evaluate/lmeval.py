@@ -177,7 +177,8 @@ def load_task(spec: LmEvalSpec) -> Any:
             loaded = tm.load([spec.task])
     except Exception as exc:  # datasets raises many kinds (ConnectionError, DatasetNotFoundError, ...)
         raise InputError(
-            f"lm_eval task {spec.task!r} cannot be loaded offline (its data must be local files): {_one_line(exc)}"
+            f"lm_eval task {spec.task!r} cannot be loaded offline (its data must be local files): "
+            f"{_one_line(exc)}"
         ) from None
     tasks = loaded["tasks"]
     if len(tasks) != 1:
@@ -272,8 +273,9 @@ def resolve_objectives(config: StudyConfig) -> dict[str, Any]:
         shots = task.get_config("num_fewshot") or 0
         if shots > 0 and obj.held_out > 0 and _fewshot_from_eval_docs(task):
             raise InputError(
-                f"lm_eval task {spec.task!r}: num_fewshot {shots} draws examples from the evaluated documents, "
-                "which would show held-out documents to the search; give the task a fewshot_split or set held_out: 0"
+                f"lm_eval task {spec.task!r}: num_fewshot {shots} draws examples from the evaluated "
+                "documents, which would show held-out documents to the search; give the task a fewshot_split "
+                "or set held_out: 0"
             )
         info[obj.name] = {"task": spec.task, "include_path": spec.include_path, "documents": n, **parts}
     return info

@@ -58,7 +58,8 @@ class Checkpoint:
                 for key in sorted(k for k, v in self._file_of.items() if v == shard):
                     if key not in present:
                         raise ModelError(
-                            f"model {self.name}: {index.name} puts tensor {key!r} in {shard.name}, which lacks it"
+                            f"model {self.name}: {index.name} puts tensor {key!r} in {shard.name}, which "
+                            "lacks it"
                         )
             return
         files = sorted(self.directory.glob("*.safetensors"))
@@ -154,13 +155,14 @@ class Checkpoint:
                 if name in expected.optional:
                     continue
                 raise ModelError(
-                    f"model {self.name}: the checkpoint lacks tensor {name!r} (transformers would initialise it at random)"
+                    f"model {self.name}: the checkpoint lacks tensor {name!r} (transformers would initialise "
+                    "it at random)"
                 )
             got = self.shape(stored)
             if got != shape:
                 raise ModelError(
-                    f"model {self.name}: tensor {stored!r} has shape {list(got)} in its checkpoint but {list(shape)} "
-                    "by config.json"
+                    f"model {self.name}: tensor {stored!r} has shape {list(got)} in its checkpoint but "
+                    f"{list(shape)} by config.json"
                 )
 
 

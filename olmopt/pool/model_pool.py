@@ -62,7 +62,8 @@ class ModelPool:
             path = resolve_model(ref, base_dir)
             if path.resolve() in seen:
                 raise ModelError(
-                    f"the model pool lists one model twice: {seen[path.resolve()]!r} and {ref!r} are both {path.resolve()}"
+                    f"the model pool lists one model twice: {seen[path.resolve()]!r} and {ref!r} are both "
+                    f"{path.resolve()}"
                 )
             seen[path.resolve()] = ref
             config = load_config(ref, path, trust_remote_code)
@@ -140,7 +141,8 @@ class ModelPool:
 
 
 def load_tokenizer(model: PoolModel) -> Any:
-    """The model's tokenizer through ``AutoTokenizer`` (as users load it); failures are one ModelError line."""
+    """The model's tokenizer through ``AutoTokenizer`` (as
+    users load it); failures are one ModelError line."""
     from transformers import AutoTokenizer
 
     try:

@@ -34,7 +34,8 @@ def resolve_model(ref: str, base_dir: Path | None = None, revision: str | None =
             and str(path.parent) not in ("", ".")
         ):
             raise ModelError(
-                f"model {ref}: no such directory {path} (its folder {path.parent} exists; not fetched from the hub)"
+                f"model {ref}: no such directory {path} (its folder {path.parent} exists; not fetched from "
+                "the hub)"
             )
     try:
         from huggingface_hub import snapshot_download

@@ -29,12 +29,13 @@ def sampler_warnings(config: StudyConfig, plan: list[Stage]) -> list[str]:
         if name == "nsga2" and stage.n_trials < 2 * config.sampler.nsga2_population(stage.n_trials):
             population = config.sampler.nsga2_population(stage.n_trials)
             warnings.append(
-                f"stage {stage.key}: NSGA-II with a population of {population} and a budget of {stage.n_trials} "
-                "evaluations never leaves its random first generation (lower sampler.population_size or raise the budget)"
+                f"stage {stage.key}: NSGA-II with a population of {population} and a budget of "
+                f"{stage.n_trials} evaluations never leaves its random first generation (lower "
+                "sampler.population_size or raise the budget)"
             )
         if name == "tpe" and stage.n_trials <= config.sampler.n_startup_trials:
             warnings.append(
-                f"stage {stage.key}: TPE's {config.sampler.n_startup_trials} random start-up trials use up the whole "
-                f"budget of {stage.n_trials}: it is random search (lower sampler.n_startup_trials)"
+                f"stage {stage.key}: TPE's {config.sampler.n_startup_trials} random start-up trials use up "
+                f"the whole budget of {stage.n_trials}: it is random search (lower sampler.n_startup_trials)"
             )
     return warnings

@@ -98,7 +98,8 @@ def _has_artifact(target: optuna.Study | optuna.Trial, filename: str) -> bool:
 # -- trials and stage decisions (runner) -------------------------------------------------------------
 @_best_effort
 def annotate_trial(campaign: Campaign, trial: optuna.Trial, recipe_json: str) -> str | None:
-    """Attach the trial's Recipe as ``recipe.json``. Call before ``study.tell`` (finished trials are frozen)."""
+    """Attach the trial's Recipe as ``recipe.json``. Call
+    before ``study.tell`` (finished trials are frozen)."""
     if _has_artifact(trial, RECIPE_FILE):
         return None  # attached by an earlier call
     data = json.dumps(json.loads(recipe_json), indent=2, sort_keys=True).encode()
@@ -135,7 +136,8 @@ def annotate_decision(campaign: Campaign, study: optuna.Study, decision: Decisio
 # -- exports (finalizer) ----------------------------------------------------------------------------
 @_best_effort
 def annotate_export(campaign: Campaign, out: Path) -> list[str] | None:
-    """Attach an exported model's ``merge_report.json``, ``README.md`` and ``donor_map.png`` to the campaign."""
+    """Attach an exported model's ``merge_report.json``,
+    ``README.md`` and ``donor_map.png`` to the campaign."""
     store = artifact_store(artifact_dir_for(campaign.url))
     root = optuna.load_study(storage=campaign.storage, study_name=campaign.name)
     ids = []
@@ -202,7 +204,8 @@ def stage_note(decision: Decision, names: list[str], directions: dict[str, str])
             key=lambda kv: (not kv[1].feasible, *(_key(kv[1].metrics.get(n), signs[n]) for n in names)),
         )
         lines += [
-            f"Candidates ({len(candidates)}; the first {min(NOTE_ROWS, len(candidates))}, feasible first, by {', '.join(names)}):",
+            f"Candidates ({len(candidates)}; the first {min(NOTE_ROWS, len(candidates))}, feasible first, by "
+            f"{', '.join(names)}):",
             "",
             "| candidate | trial | feasible | "
             + " | ".join(f"{n} {_arrow(directions[n])}" for n in names)
@@ -247,7 +250,8 @@ def campaign_note(campaign: Campaign, decisions: dict[str, Decision], exported: 
     if exported is not None:
         lines += [
             "",
-            f"Exported to `{exported}`: `merge_report.json`, `README.md` and the donor map are attached below.",
+            f"Exported to `{exported}`: `merge_report.json`, `README.md` and the donor map are attached "
+            "below.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 
 def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
-    """Validate pool homology, finite weights and every dataset (tokenized) before any heavy work; return the plan."""
+    """Validate pool homology, finite weights and every dataset
+    (tokenized) before any heavy work; return the plan."""
     from olmopt.evaluate.datasets import file_digest
     from olmopt.evaluate.engine import Evaluator
     from olmopt.pool.model_pool import load_tokenizer
@@ -98,7 +99,8 @@ class _NoModel:
 def create_campaign(config: StudyConfig, url: str) -> Campaign:
     if not NAME_RE.match(config.name):  # a name given on the command line skipped the study file's check
         raise InputError(
-            f"campaign name {config.name!r} must be 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)"
+            f"campaign name {config.name!r} must be 1-64 letters, digits, '_', '.', '-' (starting with a "
+            "letter or digit)"
         )
     plan, extra = preflight(config)
     return Campaign.create(config, url, plan, extra)

@@ -83,7 +83,8 @@ class Campaign:
             names = campaign_names(storage)
             there = f"campaigns there: {', '.join(names)}" if names else "it holds no campaign"
             raise StorageError(
-                f"no campaign named {name!r} in {redact(url)} ({there}; pass --storage URL or set OLMOPT_STORAGE)"
+                f"no campaign named {name!r} in {redact(url)} ({there}; pass --storage URL or set "
+                "OLMOPT_STORAGE)"
             ) from None
         info = root.user_attrs.get(CAMPAIGN_ATTR)
         if not info:
@@ -283,7 +284,8 @@ def live_work(campaign: Campaign, stale_after: float) -> list[str]:
     """What shows a worker running ``campaign`` on a shared storage (empty: none does): a stage lock taken
     less than ``stale_after`` s ago, or a RUNNING trial that still beats (RDB storages), that started less
     than 3 heartbeat intervals ago and has not beaten yet, or (no heartbeats: journal storages) that
-    started less than ``stale_after`` s ago. SQLite needs none of this: its single-writer file lock says it."""
+    started less than ``stale_after`` s ago. SQLite needs
+    none of this: its single-writer file lock says it."""
     from olmopt.search.coordination import LOCK_ATTR, heartbeat_enabled, trials_with_heartbeat
 
     storage = campaign.storage

@@ -48,7 +48,8 @@ class EvalContext:
     """Scores Recipes on one resident model; its prefix cache follows the incumbent."""
 
     def __init__(self, config: StudyConfig, pool: ModelPool | None = None) -> None:
-        configure_threads()  # OLMOPT_THREADS, default 1: torch's own default (every core) thrashes a busy machine
+        # OLMOPT_THREADS, default 1: torch's own default (every core) thrashes a busy machine
+        configure_threads()
         self.config = config
         self.pool = pool or open_pool(config)
         self.working = WorkingModel(self.pool, config.base_model, device=config.evaluation.device)

@@ -126,7 +126,8 @@ class StageLock:
         self._delete()
 
     def _break_if_stale(self) -> None:
-        """Delete a lock held for longer than ``stale_after`` (one without a time: since this worker saw it)."""
+        """Delete a lock held for longer than ``stale_after``
+        (one without a time: since this worker saw it)."""
         try:
             acquired = optuna.load_study(storage=self.storage, study_name=self.name).user_attrs.get(LOCK_ATTR)
         except KeyError:  # released meanwhile

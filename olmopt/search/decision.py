@@ -21,7 +21,8 @@ _CORE = (
 
 @dataclass(frozen=True)
 class CandidateResult:
-    """One evaluated candidate of a stage: its search metrics, feasibility, trial and (some) held-out figures."""
+    """One evaluated candidate of a stage: its search metrics,
+    feasibility, trial and (some) held-out figures."""
 
     metrics: dict[str, float]
     feasible: bool

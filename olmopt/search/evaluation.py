@@ -205,7 +205,8 @@ class StageEvaluation:
         """The next trial: an enqueued one, else (budgeted stages) a new suggestion while budget is left."""
         trial = T.pop_waiting(self.study)
         if trial is None and self.space.budget is not None:
-            self._writer.flush()  # the sampler sees every finished trial: the same suggestions as a sequential run
+            # the sampler sees every finished trial: the same suggestions as a sequential run
+            self._writer.flush()
             live = self.study.get_trials(deepcopy=False, states=LIVE_STATES)  # a queued retry counts too
             if not budget_spent(live, self.space.budget):
                 trial = self.study.ask()

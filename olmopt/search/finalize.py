@@ -99,7 +99,8 @@ def export_best(
     if nonfinite:
         where = f"trial {trial_number} of stage {key}" if trial_number is not None else f"stage {key}"
         raise ModelError(
-            f"{where}: the model gives non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}; not exported"
+            f"{where}: the model gives non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}; not "
+            "exported"
         )
     if not metrics_match(expected, got):
         raise ReproductionError(

@@ -161,14 +161,16 @@ class CampaignRunner:
         decisions = self.c.decisions()
         self.env.decisions = decisions  # spaces read earlier decisions (the ES sigma search)
         pending = [s for s in self.c.plan if s.key not in decisions]
-        # the campaign bar counts trials (its ETA follows them); a stage's estimate is corrected when it starts
+        # the campaign bar counts trials (its ETA follows
+        # them); a stage's estimate is corrected when it starts
         expected = sum(self._expected_trials(s) for s in pending)
         overall = tqdm(
             total=expected, desc=f"campaign {self.c.name}", unit="trial", disable=not self.progress
         )
         self._overall = overall
         self.log(
-            f"campaign {self.c.name}: {len(pending)} of {len(self.c.plan)} stages to run (about {expected} trials)"
+            f"campaign {self.c.name}: {len(pending)} of {len(self.c.plan)} stages to run (about {expected} "
+            "trials)"
         )
         try:
             for stage in self.c.plan:
@@ -187,7 +189,8 @@ class CampaignRunner:
         return RunOutcome(finished, stages_run, self.trials_run, self.c.final_recipe())
 
     def _expected_trials(self, stage: Stage) -> int:
-        """Trials a stage will probably take before its space is built: its budget, else one per pool model."""
+        """Trials a stage will probably take before its space
+        is built: its budget, else one per pool model."""
         if stage.n_trials:
             return self.n_trials or stage.n_trials
         return len(self.pool_names)

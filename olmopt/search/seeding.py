@@ -35,7 +35,8 @@ def finished(study: Study) -> int:
 def _random_states(
     obj: object, depth: int = 0, seen: set[int] | None = None
 ) -> Iterator[np.random.RandomState]:
-    """Every numpy random state reachable from ``obj``'s attributes (samplers nest samplers and strategies)."""
+    """Every numpy random state reachable from ``obj``'s
+    attributes (samplers nest samplers and strategies)."""
     seen = seen if seen is not None else set()
     if id(obj) in seen or depth > 4:
         return
@@ -54,7 +55,8 @@ def _random_states(
 
 
 class TrialSeeded(optuna.samplers.BaseSampler):
-    """Wraps a sampler and reseeds all its random states from ``(seed, COMPLETE trials)`` before each trial."""
+    """Wraps a sampler and reseeds all its random states
+    from ``(seed, COMPLETE trials)`` before each trial."""
 
     def __init__(self, inner: optuna.samplers.BaseSampler, seed: int) -> None:
         self.inner = inner

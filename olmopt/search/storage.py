@@ -115,7 +115,8 @@ def storage_url(flag: str | None = None, from_file: str | None = None) -> str:
 
 
 def missing_storage(url: str) -> Path | None:
-    """The file of a SQLite or journal storage that does not exist yet (None for servers, or when it exists)."""
+    """The file of a SQLite or journal storage that does
+    not exist yet (None for servers, or when it exists)."""
     try:
         path = Path(url.removeprefix("journal:")) if url.startswith("journal:") else sqlite_path(url)
     except ArgumentError:
@@ -241,7 +242,8 @@ def _make_parent(path: Path, url: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageError(
-            f"cannot open storage {redact(url)}: cannot create the folder {path.parent} ({exc.strerror or type(exc).__name__})"
+            f"cannot open storage {redact(url)}: cannot create the folder {path.parent} "
+            f"({exc.strerror or type(exc).__name__})"
         ) from None
     if path.is_dir():
         raise StorageError(f"cannot open storage {redact(url)}: {path} is a directory")

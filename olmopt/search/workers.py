@@ -111,7 +111,8 @@ class Evaluators:
     def submit(
         self, recipe: Recipe, incumbent: Recipe | None, layer: int | None, reference: ItemScores | None = None
     ) -> Future[Scored]:
-        """Evaluate ``recipe`` on the search split; ``reference``: the incumbent's per-item values (early stop)."""
+        """Evaluate ``recipe`` on the search split; ``reference``:
+        the incumbent's per-item values (early stop)."""
         if self._pool is None:
             future: Future[Scored] = Future()
             try:

@@ -105,7 +105,8 @@ def build_zoo(
 
 
 def _held_candidate(out: Path, spec: FamilySpec, seeds: tuple[int, ...]) -> tuple[int, dict[str, Any] | None]:
-    """The manifest of the candidate seed ``out`` holds (built as this machine would), and the index after it."""
+    """The manifest of the candidate seed ``out`` holds
+    (built as this machine would), and the index after it."""
     for i, seed in enumerate(seeds):
         manifest = reusable(out, build_key(spec, seed))
         if manifest is not None:
@@ -220,8 +221,8 @@ def _build_locked(
     else:
         if not force and out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise InputError(
-                f"zoo output {out} exists and is not an intact zoo built with size={spec.size} arch={spec.arch} "
-                f"seed={seed}; pass --force to replace it"
+                f"zoo output {out} exists and is not an intact zoo built with size={spec.size} "
+                f"arch={spec.arch} seed={seed}; pass --force to replace it"
             )
         for stale in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed build; we hold the lock
@@ -268,7 +269,8 @@ def _save(model: PreTrainedModel, tokenizer, directory: Path) -> str:
 def _copy_layers(
     model: PreTrainedModel, donor: PreTrainedModel, layers: tuple[int, ...] | None
 ) -> PreTrainedModel:
-    """Overwrite ``model.layers.{i}`` (i in ``layers``) of ``model`` with ``donor``'s, in place; return ``model``."""
+    """Overwrite ``model.layers.{i}`` (i in ``layers``) of
+    ``model`` with ``donor``'s, in place; return ``model``."""
     state = model.state_dict()
     prefixes = tuple(f"model.layers.{i}." for i in layers or ())
     for name, tensor in donor.state_dict().items():
@@ -373,8 +375,8 @@ def _train_family(
         recipe_model = _layer_recipe(base, trained[lower.name], trained[upper.name], spec)
         recipe_scores = score(recipe_model)
         recipe = {
-            "description": "base, with the lower layers of the lower-layer specialist and the upper layers of the "
-            "upper-layer specialist (the ground truth of a layer-donor search)"
+            "description": "base, with the lower layers of the lower-layer specialist and the upper layers "
+            "of the upper-layer specialist (the ground truth of a layer-donor search)"
             + (
                 f"; {lower.name if lower.on_top_of else upper.name} was trained in exactly this configuration"
                 if lower.on_top_of or upper.on_top_of

@@ -1,4 +1,5 @@
-"""What a zoo family is: the base mixture, the specialists (skill, LR, steps, trainable layers) and pinned seeds."""
+"""What a zoo family is: the base mixture, the specialists
+(skill, LR, steps, trainable layers) and pinned seeds."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def validate(size: str, arch: str) -> None:
 
 
 def replay_weights(skill: str, replay: float) -> dict[str, float]:
-    """``skill`` alone, or mixed with ``replay`` of the base mixture (skills in mixture order, zeros dropped)."""
+    """``skill`` alone, or mixed with ``replay`` of the base
+    mixture (skills in mixture order, zeros dropped)."""
     if replay <= 0:
         return {skill: 1.0}
     total = sum(MIXTURE.values())

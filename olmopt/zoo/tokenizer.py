@@ -1,4 +1,5 @@
-"""The zoo's character-level tokenizer: one id per character, a chat template, saved as a standard HF tokenizer.
+"""The zoo's character-level tokenizer: one id per character,
+a chat template, saved as a standard HF tokenizer.
 
 transformers 5 loads some architectures' tokenizers through their own class whatever
 tokenizer_config.json declares: a qwen2 directory through ``Qwen2Tokenizer``, which rebuilds a

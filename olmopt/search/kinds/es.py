@@ -93,7 +93,8 @@ def check_units(
 
 
 def unit_choices(adapter: ArchitectureAdapter, param_names: list[str]) -> str:
-    """The units ES can perturb, sorted, in one line: the boundary ones, then each layer's once (N: the index)."""
+    """The units ES can perturb, sorted, in one line: the
+    boundary ones, then each layer's once (N: the index)."""
     names = set(param_names)
     units = sorted(u for u in adapter.all_units(param_names) if u + ".weight" in names)
     first = adapter.layer_prefix(0)
