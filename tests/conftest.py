@@ -36,7 +36,8 @@ TINY_ZOO_DIR = REPO_ROOT / "storage" / "zoo-tiny"
 
 @pytest.fixture(scope="session")
 def tiny_zoo() -> Path:
-    """The tiny llama zoo at storage/zoo-tiny (built once, ~1.5 min; reused while zoo.json and hashes match)."""
+    """The tiny llama zoo at storage/zoo-tiny (built once,
+    ~1.5 min; reused while zoo.json and hashes match)."""
     from olmopt.zoo import build_zoo
 
     # storage/zoo-tiny is the suite's own cache: one from an older zoo version is rebuilt, not refused

@@ -173,7 +173,8 @@ num_r: 1
 
 @pytest.fixture()
 def workdir(zoo: Path, tmp_path: Path) -> Path:
-    """The zoo's models, an alphas file, a DFS recipe, an OLM report and a study file, all under ``tmp_path/in``."""
+    """The zoo's models, an alphas file, a DFS recipe, an OLM
+    report and a study file, all under ``tmp_path/in``."""
     root = copy_zoo(zoo, tmp_path / "in")
     (root / "alphas.json").write_text("[0.5]")
     (root / "dfs.yml").write_text(DFS_RECIPE.format(a=root / "base", b=root / "spec_add"))
@@ -343,14 +344,15 @@ def test_a_complete_sharded_checkpoint_is_read(workdir: Path) -> None:
     assert torch.equal(checkpoint.get(SHAPED), tensors[SHAPED])
 
 
-# -- 4. the zoo's tokenizer as users load it -------------------------------------------------------------------
+# -- 4. the zoo's tokenizer as users load it -----------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_zoo_tokenizer_round_trips_every_training_prompt_through_autotokenizer(
     tmp_path: Path, arch: str
 ) -> None:
     """The zoo's tokenizer files next to a config.json of ``arch``, loaded with AutoTokenizer as olmopt and
     users load them (transformers 5 picks Qwen2Tokenizer for qwen2), give the ids the family was trained on
-    for every training and objective prompt and answer, decode back to the text, and keep the chat contract."""
+    for every training and objective prompt and answer,
+    decode back to the text, and keep the chat contract."""
     from transformers import AutoTokenizer
 
     from olmopt.evaluate.formatting import encode_example
@@ -386,7 +388,7 @@ def test_zoo_tokenizer_round_trips_every_training_prompt_through_autotokenizer(
     assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id, len(loaded)) == (2, 3, 0, 103)
 
 
-# -- 5. one line instead of a traceback -----------------------------------------------------------------------
+# -- 5. one line instead of a traceback ----------------------------------------------------------------------
 NOT_UTF8 = b"name: caf\xe9\n"  # Latin-1, as an editor might save it
 
 TEXT_FILES = {  # command line, the text file it reads
@@ -565,7 +567,8 @@ def test_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
     os.close(read)
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "olmopt.cli", "study", "list", "--storage", f"sqlite:///{tmp_path}/s.db", "--json"],
+            [sys.executable, "-m", "olmopt.cli", "study", "list", "--storage", f"sqlite:///{tmp_path}/s.db",
+             "--json"],
             stdout=write, stderr=subprocess.PIPE, cwd=REPO, timeout=120, check=False,
         )  # fmt: skip
     finally:
@@ -588,7 +591,7 @@ def test_a_full_disk_is_one_line_naming_the_path(monkeypatch, capsys) -> None:
     )
 
 
-# -- 13 and 14. cross-field checks at `study create`, names from the command line -------------------------------
+# -- 13 and 14. cross-field checks at `study create`, names from the command line ----------------------------
 def _edit_study(workdir: Path, edit) -> Path:  # type: ignore[no-untyped-def]
     path = workdir / "study.yaml"
     data = yaml.safe_load(path.read_text())
@@ -679,7 +682,7 @@ def test_campaign_name_from_the_command_line_is_validated(
     assert not (tmp_path / "s.db").exists()
 
 
-# -- 22. export complete or absent ------------------------------------------------------------------------------
+# -- 22. export complete or absent ---------------------------------------------------------------------------
 def test_export_adds_its_last_files_before_the_directory_appears(workdir: Path, tmp_path: Path) -> None:
     """`export best` writes the donor map inside the temporary directory (a kill after the move used to
     leave a model directory without it, which the rerun then refused as existing)."""
@@ -732,7 +735,7 @@ def test_a_base_tokenizer_that_cannot_be_loaded_is_one_line(
     assert not (tmp_path / "s.db").exists()
 
 
-# -- 4 (issue). inputs that change or vanish after `study create` ---------------------------------------------
+# -- 4 (issue). inputs that change or vanish after `study create` --------------------------------------------
 @pytest.mark.parametrize("change", ["edited", "deleted"])
 def test_a_dataset_changed_after_create_is_named_by_run_and_export(
     workdir: Path, tmp_path: Path, capsys, change: str
@@ -772,7 +775,7 @@ def test_a_deleted_local_model_is_not_fetched_from_the_hub(tmp_path: Path) -> No
         resolve_model("zoo/base", base_dir=tmp_path)
 
 
-# -- 9, 12, 16, 17, 19 ---------------------------------------------------------------------------------------------
+# -- 9, 12, 16, 17, 19 ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheme", ["sqlite:///{tmp}/sub/s.db", "journal:{tmp}/sub/log"])
 def test_read_only_commands_do_not_create_a_storage(tmp_path: Path, capsys, scheme: str) -> None:
     url = scheme.format(tmp=tmp_path)
@@ -859,7 +862,8 @@ def test_rebuild_refuses_reports_that_do_not_fit(
 
 
 def test_rebuild_accepts_olm_reports_in_other_shapes(workdir: Path, tmp_path: Path) -> None:
-    """Layer entries as plain names or as a list of {layer, best_model}: the same model as the mapping form."""
+    """Layer entries as plain names or as a list of {layer,
+    best_model}: the same model as the mapping form."""
     from safetensors.torch import load_file as load
 
     base, donor = str(workdir / "base"), str(workdir / "spec_add")
@@ -880,7 +884,7 @@ def test_rebuild_accepts_olm_reports_in_other_shapes(workdir: Path, tmp_path: Pa
     assert all(torch.equal(built[s][key], built["mapping"][key]) for s in ("names", "list"))
 
 
-# -- 10. loosely typed config files of the merge commands -------------------------------------------------------
+# -- 10. loosely typed config files of the merge commands ----------------------------------------------------
 @pytest.mark.parametrize(
     ("parameters", "needle"),
     [
@@ -926,7 +930,7 @@ def test_loosely_typed_variant_parameters_and_dfs_num_r_are_one_line(
     assert not (tmp_path / "out").exists()
 
 
-# -- 24. tomorrow's breakage -------------------------------------------------------------------------------------
+# -- 24. tomorrow's breakage ---------------------------------------------------------------------------------
 def test_greedy_decoding_uses_the_current_cache_api(zoo: Path) -> None:
     """KV-cached decoding passes ``cache=`` (``past_key_values`` warns that it goes in transformers 5.40)."""
     import warnings
@@ -964,7 +968,7 @@ def test_a_data_flow_model_refuses_cached_generation() -> None:
         evaluator.greedy([[1, 2]], 2)  # the engine's cached decoding, as a generation metric would run it
 
 
-# -- 20. worker processes die with their coordinator ---------------------------------------------------------------
+# -- 20. worker processes die with their coordinator ---------------------------------------------------------
 def _children(pid: int) -> list[int]:
     out = subprocess.run(
         ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
@@ -1033,7 +1037,7 @@ def test_a_lost_storage_connection_is_one_line(monkeypatch, capsys) -> None:
     )
 
 
-# -- 19. a refused command leaves no lock file; read-only commands create no Optuna tables -------------------------
+# -- 19. a refused command leaves no lock file; read-only commands create no Optuna tables -------------------
 def test_a_refused_zoo_build_leaves_no_lock_file(tmp_path: Path, capsys) -> None:
     out = tmp_path / "zoo"
     out.mkdir()
@@ -1158,7 +1162,8 @@ def test_read_only_commands_create_no_tables_in_an_empty_postgresql_database(
     url = empty_postgres_db
     capsys.readouterr()
     for argv in (
-        ["study", "list"], ["study", "status", "x"], ["study", "run", "x", "--quiet"], ["study", "delete", "x", "--yes"],
+        ["study", "list"], ["study", "status", "x"], ["study", "run", "x", "--quiet"],
+        ["study", "delete", "x", "--yes"],
         ["export", "best", "x", "--out", str(tmp_path / "o")], ["report", "x", "--out", str(tmp_path / "r")],
     ):  # fmt: skip
         assert main([*argv, "--storage", url]) == 2, argv

@@ -1,4 +1,5 @@
-"""Scripting output: ``--json`` documents of every command that has one, ``--quiet``, help texts, exit codes."""
+"""Scripting output: ``--json`` documents of every command
+that has one, ``--quiet``, help texts, exit codes."""
 
 from __future__ import annotations
 

@@ -94,7 +94,8 @@ def cleanup(url: str, name: str) -> None:
 
 
 def assert_exact_candidates(url: str, name: str) -> None:
-    """Every stage: each candidate COMPLETE exactly once (retries of killed trials are FAIL + one COMPLETE)."""
+    """Every stage: each candidate COMPLETE exactly once
+    (retries of killed trials are FAIL + one COMPLETE)."""
     status = campaign_status(name, url)
     assert status["finished"]
     for stage in status["stages"]:

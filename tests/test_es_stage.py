@@ -1,4 +1,5 @@
-"""ES generations as campaign stages: plan, seeds, acceptance, replay through export/rebuild, repair, errors."""
+"""ES generations as campaign stages: plan, seeds,
+acceptance, replay through export/rebuild, repair, errors."""
 
 from __future__ import annotations
 
@@ -132,7 +133,8 @@ def test_es_stages_run_record_and_replay_bit_exactly(family: dict[str, Any], tmp
     study = _study_file(
         family,
         "es1",
-        f"{{layers: {{mode: off}}, es: {{svd: {{generations: 2, units: [{UNIT}]}}, norm: {{units: [{UNIT}]}}, acceptance: any}}}}",
+        f"{{layers: {{mode: off}}, es: {{svd: {{generations: 2, units: [{UNIT}]}}, norm: {{units: "
+        f"[{UNIT}]}}, acceptance: any}}}}",
     )
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["study", "create", str(study), "--storage", url]) == 0
@@ -372,8 +374,8 @@ def test_refine_rejects_bad_flags(
     )
     units = (
         "(units: lm_head, model.embed_tokens, model.norm, model.layers.N.{input_layernorm, mlp.down_proj, "
-        "mlp.gate_proj, mlp.up_proj, post_attention_layernorm, self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, "
-        "self_attn.v_proj} with N in 0..1)"
+        "mlp.gate_proj, mlp.up_proj, post_attention_layernorm, self_attn.k_proj, self_attn.o_proj, "
+        "self_attn.q_proj, self_attn.v_proj} with N in 0..1)"
     )
     err = capsys.readouterr().err.splitlines()[
         -1
@@ -393,7 +395,8 @@ def test_refine_rejects_bad_flags(
 # -- repair on the trained tiny zoo ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_norm_es_repairs_a_damaged_tensor(tiny_zoo: Path, tmp_path: Path) -> None:
-    """Row norms of layer 0's v_proj scaled by exp(N(0, 0.7)); two norm-ES generations (sigma 0.1) win some back."""
+    """Row norms of layer 0's v_proj scaled by exp(N(0, 0.7));
+    two norm-ES generations (sigma 0.1) win some back."""
     unit = "model.layers.0.self_attn.v_proj"
     damaged = tmp_path / "damaged"
     damaged_copy(tiny_zoo / "base", damaged, unit)
@@ -403,7 +406,8 @@ def test_norm_es_repairs_a_damaged_tensor(tiny_zoo: Path, tmp_path: Path) -> Non
         f"name: repair\npool: {{models: [{damaged}]}}\nobjectives:\n"
         f"  - {{dataset: {objectives / 'add.json'}, metric: perplexity, name: add, samples: 32}}\n"
         f"  - {{dataset: {objectives / 'rev.json'}, metric: perplexity, name: rev, samples: 32}}\n"
-        f"decisions: {{layers: {{mode: off}}, es: {{norm: {{generations: 2, sigma: 0.1, units: [{unit}]}}}}}}\n"
+        "decisions: {layers: {mode: off}, es: {norm: {generations: 2, sigma: 0.1, units: "
+        f"[{unit}]}}}}}}\n"
     )
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["study", "create", str(study), "--storage", url]) == 0

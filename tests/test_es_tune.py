@@ -85,8 +85,10 @@ def test_best_settings_maximises_gain_per_evaluation() -> None:
 def _pool_and_objectives(model: Path) -> str:
     return (
         f"pool: {{models: [{model}]}}\nobjectives:\n"
-        f"  - {{dataset: {OBJECTIVES / 'add.json'}, metric: perplexity, name: add, samples: 16, held_out: 0}}\n"
-        f"  - {{dataset: {OBJECTIVES / 'rev.json'}, metric: perplexity, name: rev, samples: 16, held_out: 0}}\n"
+        f"  - {{dataset: {OBJECTIVES / 'add.json'}, metric: perplexity, name: add, samples: 16, "
+        "held_out: 0}\n"
+        f"  - {{dataset: {OBJECTIVES / 'rev.json'}, metric: perplexity, name: rev, samples: 16, "
+        "held_out: 0}\n"
     )
 
 
@@ -104,7 +106,8 @@ def test_bad_tune_config_is_one_line_error(tiny_zoo: Path, tmp_path: Path, tune:
     path = tmp_path / "bad.yaml"
     path.write_text(
         "name: bad\n" + _pool_and_objectives(tiny_zoo / "base")
-        + f"decisions: {{layers: {{mode: off}}, es: {{norm: {{generations: 2, units: [{UNIT}], tune: {tune}}}}}}}\n"
+        + f"decisions: {{layers: {{mode: off}}, es: {{norm: {{generations: 2, units: [{UNIT}], tune: "
+          f"{tune}}}}}}}\n"
     )  # fmt: skip
     with pytest.raises(InputError, match=message) as info:
         load_study_file(path)

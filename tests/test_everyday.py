@@ -441,7 +441,7 @@ def test_status_table_shows_whole_winners(
         assert (stage, state) == (key, "decided") and winner in ("a", "b", "c")
 
 
-# -- 5: a model card ready for the Hub -------------------------------------------------------------------------
+# -- 5: a model card ready for the Hub -----------------------------------------------------------------------
 def test_exported_card_and_report_name_models_by_id_without_local_paths(
     family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -521,12 +521,12 @@ def test_root_study_carries_the_objectives_directions(family: dict[str, Any], tm
     assert root.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
 
 
-# -- 12: small things -------------------------------------------------------------------------------------------
+# -- 12: small things ----------------------------------------------------------------------------------------
 def test_export_to_an_existing_directory_fails_before_loading_anything(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "olmopt.cli", "export", "best", "ev", "--out", str(tmp_path / "out"),
-         "--storage", f"sqlite:///{tmp_path}/s.db"],
+        [sys.executable, "-X", "importtime", "-m", "olmopt.cli", "export", "best", "ev",
+         "--out", str(tmp_path / "out"), "--storage", f"sqlite:///{tmp_path}/s.db"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -633,7 +633,8 @@ CHROMIUM = Path("/usr/bin/chromium")
     reason="needs Debian chromium at /usr/bin/chromium (apt-get install -y chromium)",
 )
 def test_screenshot_of_the_trial_list_marks_only_the_winner(zoo_layer0: str, tmp_path: Path) -> None:
-    """Headless Chromium on `olmopt dashboard`: in a decided stage's trial list only the winner is "Best Trial"."""
+    """Headless Chromium on `olmopt dashboard`: in a decided
+    stage's trial list only the winner is "Best Trial"."""
     from PIL import Image
 
     from olmopt.search.campaign import Campaign
@@ -643,7 +644,8 @@ def test_screenshot_of_the_trial_list_marks_only_the_winner(zoo_layer0: str, tmp
     assert decision is not None
     proc = subprocess.Popen(
         [sys.executable, "-m", "olmopt.cli", "dashboard", "--storage", zoo_layer0, "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:
         lines = [proc.stdout.readline() for _ in range(2)]  # type: ignore[union-attr]
@@ -786,7 +788,7 @@ def test_state_on_postgresql(family: dict[str, Any], tmp_path: Path) -> None:
         assert main(["study", "delete", name, "--storage", url, "--yes"]) == 0
 
 
-# -- 11: help with examples -------------------------------------------------------------------------------------
+# -- 11: help with examples ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "argv",
     [["study", "create"], ["study", "run"], ["study", "status"], ["study", "list"], ["study", "delete"],
@@ -802,7 +804,8 @@ def test_help_ends_with_examples(argv: list[str], capsys: pytest.CaptureFixture[
     assert tail and all(line.startswith(f"  olmopt {' '.join(argv)}") for line in tail), tail
 
 
-# -- 11: study-file messages: close matches for unknown keys, the file's name on every key error, no class names --
+# -- 11: study-file messages: close matches for unknown keys, the file's name on every key error,
+# no class names ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -855,11 +858,13 @@ def test_an_unknown_key_in_an_objective_gets_a_suggestion(
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"layers": {"mode": "greedy", "only": [0, 2]}}, "decisions.layers.only: layer 2 is outside the model (layers 0..1)"),
+        ({"layers": {"mode": "greedy", "only": [0, 2]}},
+         "decisions.layers.only: layer 2 is outside the model (layers 0..1)"),
         ({"layers": {"mode": "off"}, "es": {"svd": {"units": ["model.layers.0.nope"]}}},
-         "decisions.es.svd.units: unit 'model.layers.0.nope' does not exist in this architecture (units: lm_head, "
-         "model.embed_tokens, model.norm, model.layers.N.{input_layernorm, mlp.down_proj, mlp.gate_proj, mlp.up_proj, "
-         "post_attention_layernorm, self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, self_attn.v_proj} with N in 0..1)\n"),
+         "decisions.es.svd.units: unit 'model.layers.0.nope' does not exist in this architecture (units: "
+         "lm_head, model.embed_tokens, model.norm, model.layers.N.{input_layernorm, mlp.down_proj, "
+         "mlp.gate_proj, mlp.up_proj, post_attention_layernorm, self_attn.k_proj, self_attn.o_proj, "
+         "self_attn.q_proj, self_attn.v_proj} with N in 0..1)\n"),
     ],
     ids=["layers.only", "es.units"],
 )  # fmt: skip

@@ -97,7 +97,8 @@ def test_result_attrs_and_constraints_land_in_one_write(tmp_path: Path) -> None:
     study.tell(trial, [0.5, 3.0])
     frozen = study.get_trials()[0]
     assert frozen.user_attrs == {
-        T.RECIPE_ATTR: "{}", "m.acc": 0.5, "m.ppl": None, "c.acc.vs_base": -0.1, "c.ppl.vs_base": 0.2, "feasible": 0,
+        T.RECIPE_ATTR: "{}", "m.acc": 0.5, "m.ppl": None, "c.acc.vs_base": -0.1, "c.ppl.vs_base": 0.2,
+        "feasible": 0,
     }  # fmt: skip
     assert frozen.constraints == {"acc.vs_base": -0.1, "ppl.vs_base": 0.2}  # Optuna reads them back
     with pytest.raises(ValueError, match="NaN"):
@@ -149,7 +150,8 @@ def _score_stages(cached: Any, plain: Any, stages: list[tuple[Recipe, int, list[
 def test_prefix_cache_follows_the_incumbent_without_new_captures(
     family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Greedy traversal: the winner's kept inputs become the next stage's prefix; values equal full forwards."""
+    """Greedy traversal: the winner's kept inputs become
+    the next stage's prefix; values equal full forwards."""
     cached, plain = _contexts(family, tmp_path, {"ppl": "perplexity", "acc": "token_accuracy"})
     a, b, c = cached.pool.names
     captures = _spy_captures(monkeypatch, cached.prefix)
@@ -177,7 +179,8 @@ def test_prefix_cache_follows_the_incumbent_without_new_captures(
             1,
             [Recipe(base=a, layers={0: b, 1: b})],
         ),  # never evaluated: captured
-        # the winner was scored elsewhere (another worker): layer 1 changed, the input of layer 1 is still valid
+        # the winner was scored elsewhere (another worker):
+        # layer 1 changed, the input of layer 1 is still valid
         (Recipe(base=a, layers={0: b, 1: c}), 2, [Recipe(base=a, layers={0: b, 1: c, 2: b})]),
     ]
     _score_stages(cached, plain, stages)
@@ -191,7 +194,8 @@ def test_prefix_cache_follows_the_incumbent_without_new_captures(
 def test_a_layer_0_stage_frees_the_inputs_of_losers_for_the_next_candidates(
     family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stages without prefix (layer 0) keep only the new incumbent's inputs, so room stays for later candidates."""
+    """Stages without prefix (layer 0) keep only the new
+    incumbent's inputs, so room stays for later candidates."""
     cached, plain = _contexts(family, tmp_path, {"acc": "token_accuracy"})
     cached.prefix.max_bytes = 6 * cached.prefix.bytes_per_layer("search")  # two full carries, then one layer
     a, b, c = cached.pool.names

@@ -67,8 +67,8 @@ def test_plan_of_a_joint_stage_then_polish_sweeps() -> None:
     plan = plan_stages(_config(mode="joint", n_trials=20, polish=2), _ADAPTER, [])  # type: ignore[arg-type]
     assert [s.key for s in plan] == [
         "000-base", "001-joint-layers", "002-polish-layer-0", "003-polish-layer-1", "004-polish-layer-2",
-        "005-polish-layer-3", "006-polish-layer-0-pass2", "007-polish-layer-1-pass2", "008-polish-layer-2-pass2",
-        "009-polish-layer-3-pass2",
+        "005-polish-layer-3", "006-polish-layer-0-pass2", "007-polish-layer-1-pass2",
+        "008-polish-layer-2-pass2", "009-polish-layer-3-pass2",
     ]  # fmt: skip
     after = plan_stages(_config(mode="greedy", only=[1, 2], then_joint=5, polish=1), _ADAPTER, [])  # type: ignore[arg-type]
     assert [s.key for s in after] == [

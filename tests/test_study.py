@@ -1,4 +1,5 @@
-"""End-to-end campaigns on the tiny zoo: create, run, status, export, rebuild, resume, joint mode, bad input."""
+"""End-to-end campaigns on the tiny zoo: create, run,
+status, export, rebuild, resume, joint mode, bad input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Zoo building blocks: tokenizer + chat contract, shipped objectives, exact match, LR schedule, CLI input errors."""
+"""Zoo building blocks: tokenizer + chat contract, shipped
+objectives, exact match, LR schedule, CLI input errors."""
 
 from __future__ import annotations
 
