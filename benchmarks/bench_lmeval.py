@@ -74,8 +74,8 @@ def config(zoo: Path, objectives: list[dict[str, Any]]) -> StudyConfig:
 
 def lm_eval_config(zoo: Path, names: list[str]) -> StudyConfig:
     objs = [
-        {"name": n, "kind": "lm_eval", "task": TASKS[n][0], "include_path": "objectives/lmeval", "metric": TASKS[n][1],
-         "apply_chat_template": True, "held_out": 0.25}
+        {"name": n, "kind": "lm_eval", "task": TASKS[n][0], "include_path": "objectives/lmeval",
+         "metric": TASKS[n][1], "apply_chat_template": True, "held_out": 0.25}
         for n in names
     ]  # fmt: skip
     cfg = config(zoo, objs)
@@ -171,7 +171,8 @@ def main() -> None:
             agree = all(abs(lm_one.score(r)[n] - ol_one.score(r)[n]) < 1e-6 for r in recipes for n in names)
             rows.append(("+".join(names), t_lm, t_ol, agree))
     print(
-        f"load average {os.getloadavg()[0]:.1f}; ms per candidate, wall (CPU), medians over {args.repeats} passes"
+        f"load average {os.getloadavg()[0]:.1f}; ms per candidate, wall (CPU), medians over {args.repeats} "
+        "passes"
     )
     print("| objectives | lm-eval | olmopt | ratio | same values |\n|---|---:|---:|---:|---|")
     for label, (lm_w, lm_c), (ol_w, ol_c), agree in rows:

@@ -57,7 +57,8 @@ def main() -> None:
         if args.mysql:
             urls["MariaDB/MySQL"] = args.mysql
         print(
-            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.trials} trials/round"
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.trials} "
+            "trials/round"
         )
         print("| storage | URL | ms per trial (median of 3) |\n|---|---|---|")
         for label, url in urls.items():

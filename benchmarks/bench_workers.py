@@ -1,6 +1,7 @@
 """Trial throughput of a greedy campaign with 1 and 2 workers (evaluation-bound, one thread each).
 
-    python benchmarks/bench_workers.py [--zoo storage/zoo-small] [--postgres URL] [--tensor-layers 0,1,2,3,4,5]
+    python benchmarks/bench_workers.py [--zoo storage/zoo-small] [--postgres URL]
+        [--tensor-layers 0,1,2,3,4,5]
 
 Local workers (`study run --workers K`, SQLite) and, with a PostgreSQL URL, K separate `study run`
 processes sharing the storage. Throughput is trials/minute over the campaign (first trial's start to
@@ -93,8 +94,8 @@ def main() -> None:
     args = parser.parse_args()
     layers = [int(x) for x in args.tensor_layers.split(",")]
     print(
-        "| setup | workers | trials (evaluated) | wall s (with start-up) | campaign s | trials/min | speed-up | "
-        "speed-up with start-up |\n|---|---|---|---|---|---|---|---|"
+        "| setup | workers | trials (evaluated) | wall s (with start-up) | campaign s | trials/min | "
+        "speed-up | speed-up with start-up |\n|---|---|---|---|---|---|---|---|"
     )
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)

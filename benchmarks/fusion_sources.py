@@ -1,4 +1,5 @@
-"""Depth fusion: the seed's three alpha sources side by side (MKA baseline, gradient fit, Bayesian optimisation).
+"""Depth fusion: the seed's three alpha sources side by side (MKA baseline, gradient fit, Bayesian
+optimisation).
 
     python benchmarks/fusion_sources.py [--zoo storage/zoo-small] [--steps 2] [--trials 20]
 
@@ -70,14 +71,18 @@ def main() -> None:
         f"zoo {args.zoo}; up to {args.steps} fusion steps; {args.trials} trials; {time.time() - start:.0f} s"
     )
     print(
-        "| alphas (source [values]) | mc search | mc held-out | ppl search | ppl held-out | layers removed |\n|---|---|---|---|---|---|"
+        "| alphas (source [values]) | mc search | mc held-out | ppl search | ppl held-out "
+        "| layers removed |\n"
+        "|---|---|---|---|---|---|"
     )
     print(
-        f"| unfused base | {base[0]['mc']:.3f} | {base[1]['mc']:.3f} | {base[0]['ppl']:.3f} | {base[1]['ppl']:.3f} | 0 |"
+        f"| unfused base | {base[0]['mc']:.3f} | {base[1]['mc']:.3f} | {base[0]['ppl']:.3f} | "
+        f"{base[1]['ppl']:.3f} | 0 |"
     )
     for label, (s, h) in rows.items():
         print(
-            f"| {label} | {s['mc']:.3f} | {h['mc']:.3f} | {s['ppl']:.3f} | {h['ppl']:.3f} | {s['removed']:.0f} |"
+            f"| {label} | {s['mc']:.3f} | {h['mc']:.3f} | {s['ppl']:.3f} | {h['ppl']:.3f} | "
+            f"{s['removed']:.0f} |"
         )
 
 

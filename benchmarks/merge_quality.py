@@ -1,6 +1,7 @@
 """Is merging meaningful on the zoo? Held-out Copeland tables for every merge kind olmopt searches.
 
-    python benchmarks/merge_quality.py [--zoo storage/zoo-small] [--trials 40] [--out storage/merge-quality] [--quick]
+    python benchmarks/merge_quality.py [--zoo storage/zoo-small] [--trials 40] [--out storage/merge-quality]
+        [--quick]
 
 For one zoo it scores, on the search and the held-out parts of objectives/zoo.yaml:
   - every single model of the pool;
@@ -89,7 +90,8 @@ def fixed_merges(zoo: Path, manifest: dict) -> tuple[dict, dict]:
 def score_and_print(
     ctx, zoo: Path, manifest: dict, candidates: dict, merges: dict, note: str
 ) -> tuple[dict, dict]:
-    """Score every recipe on both splits, print the markdown tables; return (rows, held-out Copeland per merge)."""
+    """Score every recipe on both splits, print the markdown
+    tables; return (rows, held-out Copeland per merge)."""
     names = [m["name"] for m in manifest["models"]]
     directions = {o.name: o.direction for o in ctx.objectives}
     rows = {}
@@ -115,7 +117,8 @@ def score_and_print(
         best_single = max(cope[n] for n in names)
         result[label] = (cope[label], best_single)
         print(
-            f"| {label} | {cope[label]:g} | {best_single:g} | {'yes' if cope[label] > best_single else 'no'} |"
+            f"| {label} | {cope[label]:g} | {best_single:g} | "
+            f"{'yes' if cope[label] > best_single else 'no'} |"
         )
     return rows, result
 

@@ -120,20 +120,23 @@ def main() -> int:
                 results.setdefault(name, []).append(run_one(Path(tmp), data))
                 r = results[name][-1]
                 print(
-                    f"{name:<16} seed {seed}: held {r['held_mean']:.4f} search {r['search_mean']:.4f} winner {r['winner']} ({r['seconds']} s)",
+                    f"{name:<16} seed {seed}: held {r['held_mean']:.4f} search {r['search_mean']:.4f} winner "
+                    f"{r['winner']} ({r['seconds']} s)",
                     flush=True,
                 )
     print(f"\nmethod {args.method}, budget {args.budget} trials, seeds {seeds}, zoo {args.zoo.name}")
     print(
-        "| strategy | held-out mean (seeds) | search mean | winners enqueued | s per run |\n|---|---|---|---|---|"
+        "| strategy | held-out mean (seeds) | search mean | winners enqueued | s per run |\n"
+        "|---|---|---|---|---|"
     )
     for name, rows in results.items():
         held = [r["held_mean"] for r in rows]
         spread = f" ± {statistics.stdev(held):.4f}" if len(held) > 1 else ""
         enq = sum("@" in str(r["winner"]) for r in rows)
         print(
-            f"| {name} | {statistics.fmean(held):.4f}{spread} | {statistics.fmean(r['search_mean'] for r in rows):.4f} "
-            f"| {enq} of {len(rows)} | {statistics.fmean(r['seconds'] for r in rows):.0f} |"
+            f"| {name} | {statistics.fmean(held):.4f}{spread} | "
+            f"{statistics.fmean(r['search_mean'] for r in rows):.4f} | {enq} of {len(rows)} | "
+            f"{statistics.fmean(r['seconds'] for r in rows):.0f} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(

@@ -262,20 +262,23 @@ def render(paths: list[str]) -> str:
         first = mine[0]
         accepted = "" if first.get("accepted", True) else ", fails the zoo's acceptance criteria"
         out.append(
-            f"\n**{fam}** (budget {first['budget']}{accepted}): best single donor {first['best_single_test_mean']:.3f}, "
-            f"ground-truth recipe {first['ground_truth_test_mean']:.3f} (test means)\n"
+            f"\n**{fam}** (budget {first['budget']}{accepted}): best single donor "
+            f"{first['best_single_test_mean']:.3f}, ground-truth recipe "
+            f"{first['ground_truth_test_mean']:.3f} (test means)\n"
         )
         out.append(
-            "| strategy | test mean ± 95 % | add | rev | fact | mc | held-out Copeland (best donor) | gap closed | evaluations (+held-out checks) | wall |"
+            "| strategy | test mean ± 95 % | add | rev | fact | mc | held-out Copeland (best donor) | gap "
+            "closed | evaluations (+held-out checks) | wall |"
         )
         out.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in mine:
             t = r["test"]
             gap = f"{r['gap_closed']:+.2f}" if r["gap_closed"] is not None else "n/a"
             out.append(
-                f"| {r['strategy']} | {r['test_mean']:.3f} ± {r['test_ci95']:.3f} | {t['add']:.2f} | {t['rev']:.2f} | "
-                f"{t['fact']:.2f} | {t['mc']:.2f} | {r['held_out_copeland']:+.0f} ({r['held_out_copeland_best_donor']:+.0f}) | "
-                f"{gap} | {r['evaluations']} (+{r['held_out_checks']}) | {r['wall_s']:.0f} s |"
+                f"| {r['strategy']} | {r['test_mean']:.3f} ± {r['test_ci95']:.3f} | {t['add']:.2f} | "
+                f"{t['rev']:.2f} | {t['fact']:.2f} | {t['mc']:.2f} | {r['held_out_copeland']:+.0f} "
+                f"({r['held_out_copeland_best_donor']:+.0f}) | {gap} | {r['evaluations']} "
+                f"(+{r['held_out_checks']}) | {r['wall_s']:.0f} s |"
             )
     return "\n".join(out)
 
@@ -332,7 +335,8 @@ def main() -> None:
             best_single = max(mean_ci(ref_scores[n]["test"], counts)[0] for n in singles)
             gt_mean = mean_ci(ref_scores["ground truth"]["test"], counts)[0]
             print(
-                f"\n## {zoo.name} ({manifest['build_key']['arch']}, {manifest['build_key']['size']}, seed {manifest['build_key']['seed']}), budget {budget}"
+                f"\n## {zoo.name} ({manifest['build_key']['arch']}, {manifest['build_key']['size']}, seed "
+                f"{manifest['build_key']['seed']}), budget {budget}"
             )
             print(f"best single donor test mean {best_single:.3f}; ground-truth recipe {gt_mean:.3f}")
             for name in wanted or list(plans):
@@ -352,7 +356,8 @@ def main() -> None:
                     "family": zoo.name, "strategy": name, "budget": budget, **run,
                     "accepted": bool(manifest["acceptance"]["passed"]),
                     "test_mean": mean, "test_ci95": half, "test": test, "held_out": held,
-                    "held_out_copeland": cope["merged"], "held_out_copeland_best_donor": max(cope[n] for n in singles),
+                    "held_out_copeland": cope["merged"],
+                    "held_out_copeland_best_donor": max(cope[n] for n in singles),
                     "gap_closed": (mean - best_single) / gap if gap > 0 else None,
                     "best_single_test_mean": best_single, "ground_truth_test_mean": gt_mean,
                     "recipe": json.loads(recipe.to_json()),
@@ -362,7 +367,8 @@ def main() -> None:
                 print(
                     f"| {name} | {mean:.3f} ± {half:.3f} | "
                     + " ".join(f"{test[s]:.2f}" for s in test)
-                    + f" | {cope['merged']:+.0f} | {closed} | {run['evaluations']} (+{run['held_out_checks']}) | {run['wall_s']:.0f} s |",
+                    + f" | {cope['merged']:+.0f} | {closed} | {run['evaluations']} "
+                    f"(+{run['held_out_checks']}) | {run['wall_s']:.0f} s |",
                     flush=True,
                 )
                 out.parent.mkdir(parents=True, exist_ok=True)
