@@ -42,7 +42,8 @@ from olmopt.recipe import Recipe  # noqa: E402
 from olmopt.runtime import configure_threads, quiet_transformers  # noqa: E402
 
 ZOO_OBJECTIVES = [("add", "add.json", "token_accuracy"), ("rev", "rev.json", "token_accuracy"),
-                  ("fact", "fact.json", "token_accuracy"), ("mc", "mc_choices.json", "mc_accuracy")]  # fmt: skip
+                  ("fact", "fact.json", "token_accuracy"),
+                  ("mc", "mc_choices.json", "mc_accuracy")]  # fmt: skip
 
 
 @dataclass
@@ -67,8 +68,8 @@ def machine() -> str:
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
-        f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s), "
-        f"load average {load:.1f} at start"
+        f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
+        f"thread(s), load average {load:.1f} at start"
     )
 
 
@@ -198,7 +199,8 @@ def main() -> None:
     items = sum(len(ev.encoded(o, "search")) for o in setup.objectives)
     print(f"Machine: {machine()}")
     print(
-        f"Models: {setup.label}; {len(stage)} candidates per pass (every layer x every donor), {args.repeats} passes"
+        f"Models: {setup.label}; {len(stage)} candidates per pass (every layer x every donor), "
+        f"{args.repeats} passes"
     )
     print(
         f"Objectives: {', '.join(f'{o.name}:{o.metric}' for o in setup.objectives)} ({items} search items)\n"
@@ -211,7 +213,8 @@ def main() -> None:
     over_c = (median(cand_c) - median(bare_c)) / median(bare_c)
     share_c = median(patch_c) / median(bare_c)
     print(
-        f"\nOverhead (candidate vs bare evaluation): wall {100 * over_w:+.1f} %, CPU {100 * over_c:+.1f} % (target <= 5 %)"
+        f"\nOverhead (candidate vs bare evaluation): wall {100 * over_w:+.1f} %, CPU {100 * over_c:+.1f} % "
+        "(target <= 5 %)"
     )
     print(f"patch + undo alone: {100 * share_c:.2f} % of the bare evaluation's CPU time")
 

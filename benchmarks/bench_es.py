@@ -171,14 +171,16 @@ def main() -> int:
         print(json.dumps(results, indent=2))
         return 0
     print(
-        f"model: {results[0]['model']}; unit {results[0]['unit']} {results[0]['shape']}; objectives {results[0]['objectives']}"
+        f"model: {results[0]['model']}; unit {results[0]['unit']} {results[0]['shape']}; objectives "
+        f"{results[0]['objectives']}"
     )
     for r in results:
         print(
-            f"{r['kind']:>4}-ES: {r['generations']} generations ({r['accepted']} accepted), {r['trials']} trials in "
-            f"{r['wall_s']} s -> {r['generations_per_min']} generations/min, {r['s_per_trial']} s/trial; "
-            f"evaluation {r['evaluation_s']} s, patching {r['patching_s']} s, ES planning {r['es_planning_s']} s, "
-            f"other {r['other_s']} s; outside evaluation {100 * r['outside_evaluation_share']:.1f} %"
+            f"{r['kind']:>4}-ES: {r['generations']} generations ({r['accepted']} accepted), {r['trials']} "
+            f"trials in {r['wall_s']} s -> {r['generations_per_min']} generations/min, {r['s_per_trial']} "
+            f"s/trial; evaluation {r['evaluation_s']} s, patching {r['patching_s']} s, ES planning "
+            f"{r['es_planning_s']} s, other {r['other_s']} s; outside evaluation "
+            f"{100 * r['outside_evaluation_share']:.1f} %"
         )
     return 0
 

@@ -117,7 +117,8 @@ def main() -> None:
     same = result["full"] == result["seed"][1]
     print(f"Machine: {machine()}")
     print(
-        f"Models: {setup.label} (base model); {len(prompts)} samples, 32-token answers, batch {args.batch_size}"
+        f"Models: {setup.label} (base model); {len(prompts)} samples, 32-token answers, batch "
+        f"{args.batch_size}"
     )
     print(f"Repeats: {args.repeats} (medians)\n")
     print("| exact_match, 32-token answers | wall s | CPU s | speed-up vs seed (CPU) |")
@@ -131,10 +132,12 @@ def main() -> None:
         print(f"| {name} | {median(w):.3f} | {median(c):.3f} | {median(seed_c) / median(c):.1f}x |")
     print(
         f"\nSpeed-up, same 32-token work: wall {median(seed_w) / median(full_w):.1f}x, "
-        f"CPU {median(seed_c) / median(full_c):.1f}x (target >= 10x); greedy tokens identical to the seed loop: {same}"
+        f"CPU {median(seed_c) / median(full_c):.1f}x (target >= 10x); greedy tokens identical to the seed "
+        f"loop: {same}"
     )
     print(
-        f"Scores: seed HEAD exact_match {result['seed'][0]:.4f}; engine objective (stop at mismatch) {result['obj']:.4f}"
+        f"Scores: seed HEAD exact_match {result['seed'][0]:.4f}; engine objective (stop at mismatch) "
+        f"{result['obj']:.4f}"
     )
 
 

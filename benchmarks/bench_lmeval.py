@@ -44,7 +44,10 @@ from olmopt.runtime import configure_threads  # noqa: E402
 from olmopt.search.api import preflight  # noqa: E402
 from olmopt.search.context import EvalContext  # noqa: E402
 
-TASKS = {"mc": ("zoo_mc", "acc", "mc_choices.json", "mc_accuracy"), "add": ("zoo_add", "exact_match", "add.json", "accuracy")}
+TASKS = {
+    "mc": ("zoo_mc", "acc", "mc_choices.json", "mc_accuracy"),
+    "add": ("zoo_add", "exact_match", "add.json", "accuracy"),
+}
 
 
 def machine() -> str:
@@ -56,7 +59,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}"
+    return (
+        f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
 
 
 def config(zoo: Path, objectives: list[dict[str, Any]]) -> StudyConfig:
@@ -69,8 +74,8 @@ def config(zoo: Path, objectives: list[dict[str, Any]]) -> StudyConfig:
 
 def lm_eval_config(zoo: Path, names: list[str]) -> StudyConfig:
     objs = [
-        {"name": n, "kind": "lm_eval", "task": TASKS[n][0], "include_path": "objectives/lmeval", "metric": TASKS[n][1],
-         "apply_chat_template": True, "held_out": 0.25}
+        {"name": n, "kind": "lm_eval", "task": TASKS[n][0], "include_path": "objectives/lmeval",
+         "metric": TASKS[n][1], "apply_chat_template": True, "held_out": 0.25}
         for n in names
     ]  # fmt: skip
     cfg = config(zoo, objs)
@@ -91,7 +96,9 @@ def olmopt_config(zoo: Path, names: list[str], lm_ctx: EvalContext, tmp: Path) -
     return config(zoo, objs)
 
 
-def per_candidate(contexts: list[EvalContext], recipes: list[Recipe], repeats: int) -> list[tuple[float, float]]:
+def per_candidate(
+    contexts: list[EvalContext], recipes: list[Recipe], repeats: int
+) -> list[tuple[float, float]]:
     """(wall, CPU) medians over passes of the mean seconds per candidate, per context; the contexts take
     turns within each pass so that load from other processes hits them alike (CPU time, which
     contention inflates far less, is the figure to compare on a busy machine)."""
@@ -146,8 +153,16 @@ def main() -> None:
         ol_ctx.prepare()
         rows = []
         for names in (["mc"], ["add"], list(TASKS)):
-            lm_one = EvalContext(lm_eval_config(zoo, names), pool=lm_ctx.pool) if len(names) < len(TASKS) else lm_ctx
-            ol_one = EvalContext(olmopt_config(zoo, names, lm_one, Path(tmp)), pool=ol_ctx.pool) if len(names) < len(TASKS) else ol_ctx
+            lm_one = (
+                EvalContext(lm_eval_config(zoo, names), pool=lm_ctx.pool)
+                if len(names) < len(TASKS)
+                else lm_ctx
+            )
+            ol_one = (
+                EvalContext(olmopt_config(zoo, names, lm_one, Path(tmp)), pool=ol_ctx.pool)
+                if len(names) < len(TASKS)
+                else ol_ctx
+            )
             lm_one.prepare()
             ol_one.prepare()
             for ctx in (lm_one, ol_one):
@@ -155,7 +170,10 @@ def main() -> None:
             t_lm, t_ol = per_candidate([lm_one, ol_one], recipes, args.repeats)
             agree = all(abs(lm_one.score(r)[n] - ol_one.score(r)[n]) < 1e-6 for r in recipes for n in names)
             rows.append(("+".join(names), t_lm, t_ol, agree))
-    print(f"load average {os.getloadavg()[0]:.1f}; ms per candidate, wall (CPU), medians over {args.repeats} passes")
+    print(
+        f"load average {os.getloadavg()[0]:.1f}; ms per candidate, wall (CPU), medians over {args.repeats} "
+        "passes"
+    )
     print("| objectives | lm-eval | olmopt | ratio | same values |\n|---|---:|---:|---:|---|")
     for label, (lm_w, lm_c), (ol_w, ol_c), agree in rows:
         print(

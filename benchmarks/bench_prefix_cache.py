@@ -95,7 +95,9 @@ def bench_greedy(setup: Setup, repeats: int, batch_size: int) -> None:
             cpu[mode].append(timed(run)[1])
     worst = max(abs(v - out["prefix"][k][n]) for k, row in out["full"].items() for n, v in row.items())
     n = len(out["full"])
-    print("\n| greedy traversal (incumbent changes every stage) | CPU s | CPU ms / candidate | speed-up (CPU) |")
+    print(
+        "\n| greedy traversal (incumbent changes every stage) | CPU s | CPU ms / candidate | speed-up (CPU) |"
+    )
     print("|---|---:|---:|---:|")
     for mode, label in (("full", "full forward"), ("prefix", "campaign prefix cache (captures included)")):
         c = median(cpu[mode])

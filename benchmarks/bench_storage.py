@@ -56,7 +56,10 @@ def main() -> None:
             urls["PostgreSQL"] = args.postgres
         if args.mysql:
             urls["MariaDB/MySQL"] = args.mysql
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.trials} trials/round")
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.trials} "
+            "trials/round"
+        )
         print("| storage | URL | ms per trial (median of 3) |\n|---|---|---|")
         for label, url in urls.items():
             runs = [per_trial_ms(url, args.trials) for _ in range(3)]

@@ -35,7 +35,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MK_VENV = REPO / "storage" / "mk-venv"
-MK_HOWTO = f"python3 -m venv {MK_VENV} && {MK_VENV}/bin/pip install torch==2.13.0 && {MK_VENV}/bin/pip install mergekit"
+MK_HOWTO = (
+    f"python3 -m venv {MK_VENV} && {MK_VENV}/bin/pip install torch==2.13.0 && "
+    f"{MK_VENV}/bin/pip install mergekit"
+)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -228,7 +231,8 @@ def main() -> int:
     load_after = os.getloadavg()
     done = {r.name: r for r in results if r.rc == 0}
     print(
-        "| merge (3 x 309M bf16) | wall s | user+sys s | max RSS MB | peak RssAnon MB | wall / mergekit | max RSS / mergekit |"
+        "| merge (3 x 309M bf16) | wall s | user+sys s | max RSS MB | peak RssAnon MB | wall / mergekit | "
+        "max RSS / mergekit |"
     )
     print("|---|---|---|---|---|---|---|")
     for run, r in zip(runs, results, strict=False):
@@ -246,7 +250,8 @@ def main() -> int:
             f"largest |difference| {worst:.3g}"
         )
     print(
-        f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} CPUs"
+        f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} "
+        "CPUs"
     )
     return 0
 

@@ -27,7 +27,9 @@ from olmopt.textio import load_yaml, read_text
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(study_file: Path, tmp: Path, name: str, early_stop: dict[str, Any], score: str | None) -> dict[str, Any]:
+def run(
+    study_file: Path, tmp: Path, name: str, early_stop: dict[str, Any], score: str | None
+) -> dict[str, Any]:
     import yaml
 
     data = load_yaml(read_text(study_file))
@@ -64,8 +66,10 @@ def main_() -> None:
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--chunk", type=int, default=20)
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"OLMOPT_THREADS={os.environ.get('OLMOPT_THREADS', '1')}; study {args.study}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+        f"OLMOPT_THREADS={os.environ.get('OLMOPT_THREADS', '1')}; study {args.study}"
+    )
     on = {"mode": "on", "alpha": args.alpha, "chunk": args.chunk}
     with tempfile.TemporaryDirectory() as tmp:
         rows = {
@@ -74,12 +78,16 @@ def main_() -> None:
             "off (mean)": run(args.study, Path(tmp), "bench-off-mean", {"mode": "off"}, "mean"),
             "on (mean)": run(args.study, Path(tmp), "bench-on-mean", on, "mean"),
         }
-    print("\n| early stop | item evaluations | vs off | trials | pruned | wall s | cpu s | same Recipe as off |")
+    print(
+        "\n| early stop | item evaluations | vs off | trials | pruned | wall s | cpu s | same Recipe as off |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         base = rows["off (mean)" if "mean" in label else "off"]
-        print(f"| {label} | {r['items']} | {r['items'] / base['items']:.0%} | {r['trials']} | {r['pruned']} | "
-              f"{r['wall']:.1f} | {r['cpu']:.1f} | {'yes' if r['recipe'] == base['recipe'] else 'no'} |")
+        print(
+            f"| {label} | {r['items']} | {r['items'] / base['items']:.0%} | {r['trials']} | {r['pruned']} | "
+            f"{r['wall']:.1f} | {r['cpu']:.1f} | {'yes' if r['recipe'] == base['recipe'] else 'no'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Depth fusion: the seed's three alpha sources side by side (MKA baseline, gradient fit, Bayesian optimisation).
+"""Depth fusion: the seed's three alpha sources side by side (MKA baseline, gradient fit, Bayesian
+optimisation).
 
     python benchmarks/fusion_sources.py [--zoo storage/zoo-small] [--steps 2] [--trials 20]
 
@@ -40,7 +41,10 @@ def main() -> None:
             {"name": "ppl", "dataset": str(REPO / "objectives/add.json"), "metric": "perplexity"},
             {"name": "removed", "metric": "layers_removed"},
         ],
-        "decisions": {"layers": {"mode": "off"}, "fusion": {"mode": "joint", "max_steps": args.steps, "n_trials": args.trials}},
+        "decisions": {
+            "layers": {"mode": "off"},
+            "fusion": {"mode": "joint", "max_steps": args.steps, "n_trials": args.trials},
+        },
     }
     path = tmp / "fusion.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -59,12 +63,27 @@ def main() -> None:
         recipe = Recipe.from_json(trial.user_attrs["recipe"])
         alphas = [round(s.alpha, 3) for s in recipe.fusion]
         rows[f"{label} {alphas}"] = (cand.metrics, ctx.score(recipe, "held_out"))
-    base = ctx.score(Recipe(base=campaign.config.pool.models[0]), "search"), ctx.score(Recipe(base=campaign.config.pool.models[0]), "held_out")
-    print(f"zoo {args.zoo}; up to {args.steps} fusion steps; {args.trials} trials; {time.time() - start:.0f} s")
-    print("| alphas (source [values]) | mc search | mc held-out | ppl search | ppl held-out | layers removed |\n|---|---|---|---|---|---|")
-    print(f"| unfused base | {base[0]['mc']:.3f} | {base[1]['mc']:.3f} | {base[0]['ppl']:.3f} | {base[1]['ppl']:.3f} | 0 |")
+    base = (
+        ctx.score(Recipe(base=campaign.config.pool.models[0]), "search"),
+        ctx.score(Recipe(base=campaign.config.pool.models[0]), "held_out"),
+    )
+    print(
+        f"zoo {args.zoo}; up to {args.steps} fusion steps; {args.trials} trials; {time.time() - start:.0f} s"
+    )
+    print(
+        "| alphas (source [values]) | mc search | mc held-out | ppl search | ppl held-out "
+        "| layers removed |\n"
+        "|---|---|---|---|---|---|"
+    )
+    print(
+        f"| unfused base | {base[0]['mc']:.3f} | {base[1]['mc']:.3f} | {base[0]['ppl']:.3f} | "
+        f"{base[1]['ppl']:.3f} | 0 |"
+    )
     for label, (s, h) in rows.items():
-        print(f"| {label} | {s['mc']:.3f} | {h['mc']:.3f} | {s['ppl']:.3f} | {h['ppl']:.3f} | {s['removed']:.0f} |")
+        print(
+            f"| {label} | {s['mc']:.3f} | {h['mc']:.3f} | {s['ppl']:.3f} | {h['ppl']:.3f} | "
+            f"{s['removed']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Is merging meaningful on the zoo? Held-out Copeland tables for every merge kind olmopt searches.
 
-    python benchmarks/merge_quality.py [--zoo storage/zoo-small] [--trials 40] [--out storage/merge-quality] [--quick]
+    python benchmarks/merge_quality.py [--zoo storage/zoo-small] [--trials 40] [--out storage/merge-quality]
+        [--quick]
 
 For one zoo it scores, on the search and the held-out parts of objectives/zoo.yaml:
   - every single model of the pool;
@@ -38,7 +39,11 @@ def study(name: str, zoo: Path, decisions: dict, objs: list[dict] | None = None)
         "name": name,
         "pool": {"models": models},
         "objectives": objs,
-        "decisions": {"base": {"mode": "fixed", "model": str(zoo / "base")}, "layers": {"mode": "off"}, **decisions},
+        "decisions": {
+            "base": {"mode": "fixed", "model": str(zoo / "base")},
+            "layers": {"mode": "off"},
+            **decisions,
+        },
     }
 
 
@@ -68,7 +73,9 @@ def fixed_merges(zoo: Path, manifest: dict) -> tuple[dict, dict]:
     path_of = {n: str(zoo / n) for n in names}
     specialists = [path_of[n] for n in names if n != "base"]
     singles = {n: Recipe(base=path_of[n]) for n in names}
-    task_arithmetic = ParamMerge(method="task_arithmetic", models=tuple(specialists), params={"lambda": 1 / len(specialists)})
+    task_arithmetic = ParamMerge(
+        method="task_arithmetic", models=tuple(specialists), params={"lambda": 1 / len(specialists)}
+    )
     layers = {}
     for m in manifest["models"]:
         if isinstance(m.get("trained_layers"), list):
@@ -80,8 +87,11 @@ def fixed_merges(zoo: Path, manifest: dict) -> tuple[dict, dict]:
     return singles, merges
 
 
-def score_and_print(ctx, zoo: Path, manifest: dict, candidates: dict, merges: dict, note: str) -> tuple[dict, dict]:
-    """Score every recipe on both splits, print the markdown tables; return (rows, held-out Copeland per merge)."""
+def score_and_print(
+    ctx, zoo: Path, manifest: dict, candidates: dict, merges: dict, note: str
+) -> tuple[dict, dict]:
+    """Score every recipe on both splits, print the markdown
+    tables; return (rows, held-out Copeland per merge)."""
     names = [m["name"] for m in manifest["models"]]
     directions = {o.name: o.direction for o in ctx.objectives}
     rows = {}
@@ -92,15 +102,24 @@ def score_and_print(ctx, zoo: Path, manifest: dict, candidates: dict, merges: di
     print("\n| model | " + " | ".join(f"{o} search | {o} held-out" for o in objs) + " |")
     print("|---|" + "---|" * (2 * len(objs)))
     for label, r in rows.items():
-        print(f"| {label} | " + " | ".join(f"{r['search'][o]:.3f} | {r['held_out'][o]:.3f}" for o in objs) + " |")
-    print("\n| merge | held-out Copeland vs the single models | best single | sole winner |\n|---|---|---|---|")
+        print(
+            f"| {label} | "
+            + " | ".join(f"{r['search'][o]:.3f} | {r['held_out'][o]:.3f}" for o in objs)
+            + " |"
+        )
+    print(
+        "\n| merge | held-out Copeland vs the single models | best single | sole winner |\n|---|---|---|---|"
+    )
     result = {}
     for label in merges:
         table = {n: rows[n]["held_out"] for n in names} | {label: rows[label]["held_out"]}
         cope = copeland_table(table, directions)
         best_single = max(cope[n] for n in names)
         result[label] = (cope[label], best_single)
-        print(f"| {label} | {cope[label]:g} | {best_single:g} | {'yes' if cope[label] > best_single else 'no'} |")
+        print(
+            f"| {label} | {cope[label]:g} | {best_single:g} | "
+            f"{'yes' if cope[label] > best_single else 'no'} |"
+        )
     return rows, result
 
 
@@ -137,11 +156,22 @@ def main() -> None:
     ctx = context(args.zoo)
     candidates, merges = fixed_merges(args.zoo, manifest)
     t0 = time.time()
-    searched = run_campaign(args.out, study(f"merge-{int(t0)}", args.zoo, {"merge": {"mode": "joint", "n_trials": args.trials}}), url)
+    searched = run_campaign(
+        args.out,
+        study(f"merge-{int(t0)}", args.zoo, {"merge": {"mode": "joint", "n_trials": args.trials}}),
+        url,
+    )
     merges["searched merge (circuit/della/TA)"] = Recipe.from_dict(searched["recipe"])
     greedy = run_campaign(args.out, study(f"layers-{int(t0)}", args.zoo, {"layers": {"mode": "greedy"}}), url)
     merges["searched greedy layers (OLM)"] = Recipe.from_dict(greedy["recipe"])
-    score_and_print(ctx, args.zoo, manifest, candidates, merges, f"merge search {args.trials} trials; {time.time() - t0:.0f} s")
+    score_and_print(
+        ctx,
+        args.zoo,
+        manifest,
+        candidates,
+        merges,
+        f"merge search {args.trials} trials; {time.time() - t0:.0f} s",
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 }
 
 
-def study_file(zoo: Path, name: str, method: str, budget: int, seed: int, samples: int, merge: dict[str, Any]) -> dict[str, Any]:
+def study_file(
+    zoo: Path, name: str, method: str, budget: int, seed: int, samples: int, merge: dict[str, Any]
+) -> dict[str, Any]:
     objectives = yaml.safe_load((REPO / "objectives" / "zoo.yaml").read_text())["objectives"]
     for o in objectives:
         o["dataset"] = str(REPO / o["dataset"])
@@ -90,7 +92,9 @@ def run_one(tmp: Path, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--zoo", type=Path, default=REPO / "storage" / "zoo-tiny")
     parser.add_argument("--method", default="ties")
     parser.add_argument("--budget", type=int, default=40)
@@ -104,22 +108,40 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.strategies.split(","):
             for seed in seeds:
-                data = study_file(args.zoo, f"{name}-s{seed}", args.method, args.budget, seed, args.samples, STRATEGIES[name])
+                data = study_file(
+                    args.zoo,
+                    f"{name}-s{seed}",
+                    args.method,
+                    args.budget,
+                    seed,
+                    args.samples,
+                    STRATEGIES[name],
+                )
                 results.setdefault(name, []).append(run_one(Path(tmp), data))
                 r = results[name][-1]
-                print(f"{name:<16} seed {seed}: held {r['held_mean']:.4f} search {r['search_mean']:.4f} winner {r['winner']} ({r['seconds']} s)", flush=True)
+                print(
+                    f"{name:<16} seed {seed}: held {r['held_mean']:.4f} search {r['search_mean']:.4f} winner "
+                    f"{r['winner']} ({r['seconds']} s)",
+                    flush=True,
+                )
     print(f"\nmethod {args.method}, budget {args.budget} trials, seeds {seeds}, zoo {args.zoo.name}")
-    print("| strategy | held-out mean (seeds) | search mean | winners enqueued | s per run |\n|---|---|---|---|---|")
+    print(
+        "| strategy | held-out mean (seeds) | search mean | winners enqueued | s per run |\n"
+        "|---|---|---|---|---|"
+    )
     for name, rows in results.items():
         held = [r["held_mean"] for r in rows]
         spread = f" ± {statistics.stdev(held):.4f}" if len(held) > 1 else ""
         enq = sum("@" in str(r["winner"]) for r in rows)
         print(
-            f"| {name} | {statistics.fmean(held):.4f}{spread} | {statistics.fmean(r['search_mean'] for r in rows):.4f} "
-            f"| {enq} of {len(rows)} | {statistics.fmean(r['seconds'] for r in rows):.0f} |"
+            f"| {name} | {statistics.fmean(held):.4f}{spread} | "
+            f"{statistics.fmean(r['search_mean'] for r in rows):.4f} | {enq} of {len(rows)} | "
+            f"{statistics.fmean(r['seconds'] for r in rows):.0f} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+    args.out.write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+    )
     return 0
 
 

@@ -51,7 +51,11 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         "greedy-forward": {"mode": "greedy", "direction": "forward"},
         "greedy-backward": {"mode": "greedy", "direction": "backward"},
         "greedy-multipass": {"mode": "greedy", "passes": max(1, budget // sweep)},
-        "block-swaps": {"mode": "greedy", "windows": [2, 3], "passes": max(1, budget // (pairs + (n_layers - 2) * n_pool))},
+        "block-swaps": {
+            "mode": "greedy",
+            "windows": [2, 3],
+            "passes": max(1, budget // (pairs + (n_layers - 2) * n_pool)),
+        },
         "joint-tpe": {**joint, "sampler": "tpe"},
         "joint-catcma": {**joint, "sampler": "catcma"},
         "joint-nsga2": {**joint, "sampler": "nsga2"},
@@ -72,8 +76,18 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
             "sampler": "tpe",
             "_selection": {"held_out_guard": 5},
         },
-        "joint-tpe-warm+guard": {**joint, "sampler": "tpe", "warm_start": True, "_selection": {"held_out_guard": 5}},
-        "joint-tpe-warm+mean": {**joint, "sampler": "tpe", "warm_start": True, "_selection": {"score": "mean"}},
+        "joint-tpe-warm+guard": {
+            **joint,
+            "sampler": "tpe",
+            "warm_start": True,
+            "_selection": {"held_out_guard": 5},
+        },
+        "joint-tpe-warm+mean": {
+            **joint,
+            "sampler": "tpe",
+            "warm_start": True,
+            "_selection": {"score": "mean"},
+        },
         # the main job's layer decision (studies/zoo.yaml) at this budget: its polish sweeps are paid for
         # out of the joint stage's trials (an upper bound: candidates that repeat known weights are free)
         "default": default_at(budget, n_layers, n_pool),
@@ -115,7 +129,9 @@ def test_split(directory: Path) -> dict[str, Path]:
                 if prompt not in seen and prompt not in prompts:
                     prompts.add(prompt)
                     items.append((prompt, answer))
-        rows = [{"conversation": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]} for p, a in items]
+        rows = [
+            {"conversation": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]} for p, a in items
+        ]
         files[skill] = directory / f"{skill}.json"
         files[skill].write_text(json.dumps(rows))
     seen_mc = {render_choices(q, c) for q, c, _ in objective_mc_questions()}
@@ -141,15 +157,21 @@ def family(zoo: Path) -> tuple[dict[str, Any], dict[str, str]]:
     from olmopt.zoo import build_zoo, load_manifest
 
     if not (zoo / "zoo.json").is_file():
-        parts = zoo.name.split("-")  # zoo-SIZE[-ARCH[-sSEED]] (zoo-tiny, zoo-small: the pinned llama families)
+        parts = zoo.name.split(
+            "-"
+        )  # zoo-SIZE[-ARCH[-sSEED]] (zoo-tiny, zoo-small: the pinned llama families)
         arch = parts[2] if len(parts) > 2 else "llama"
         seed = int(parts[3][1:]) if len(parts) > 3 else None
-        build_zoo(zoo, size=parts[1], arch=arch, seed=seed, progress=False, check=False)  # acceptance is reported
+        build_zoo(
+            zoo, size=parts[1], arch=arch, seed=seed, progress=False, check=False
+        )  # acceptance is reported
     manifest = load_manifest(zoo)
     return manifest, {m["name"]: str(zoo / m["path"]) for m in manifest["models"]}
 
 
-def run_strategy(tmp: Path, zoo: Path, paths: dict[str, str], name: str, layers: dict[str, Any]) -> dict[str, Any]:
+def run_strategy(
+    tmp: Path, zoo: Path, paths: dict[str, str], name: str, layers: dict[str, Any]
+) -> dict[str, Any]:
     """Create and run one campaign; its final Recipe, evaluations spent and wall time."""
     import optuna
 
@@ -169,7 +191,10 @@ def run_strategy(tmp: Path, zoo: Path, paths: dict[str, str], name: str, layers:
     study_file = tmp / f"{name}.yaml"
     study_file.write_text(yaml.safe_dump(spec))
     start = time.perf_counter()
-    for argv in (["study", "create", str(study_file), "--storage", url], ["study", "run", name, "--storage", url, "--quiet"]):
+    for argv in (
+        ["study", "create", str(study_file), "--storage", url],
+        ["study", "run", name, "--storage", url, "--quiet"],
+    ):
         if main(argv) != 0:
             raise SystemExit(f"{name}: olmopt {argv[0]} {argv[1]} failed")
     wall = time.perf_counter() - start
@@ -186,7 +211,13 @@ def run_strategy(tmp: Path, zoo: Path, paths: dict[str, str], name: str, layers:
     held_checks = len({d.recipe.to_json() for d in decisions.values() if d.held_out})
     final = campaign.final_recipe()
     assert final is not None
-    return {"recipe": final, "evaluations": evaluations, "trials": trials, "held_out_checks": held_checks, "wall_s": wall}
+    return {
+        "recipe": final,
+        "evaluations": evaluations,
+        "trials": trials,
+        "held_out_checks": held_checks,
+        "wall_s": wall,
+    }
 
 
 def scorer(zoo: Path, paths: dict[str, str], test_files: dict[str, Path]):  # type: ignore[no-untyped-def]
@@ -195,7 +226,12 @@ def scorer(zoo: Path, paths: dict[str, str], test_files: dict[str, Path]):  # ty
     from olmopt.search.context import EvalContext
 
     def ctx(objs: list[dict[str, Any]]) -> EvalContext:
-        spec = {"name": "score", "pool": {"models": list(paths.values())}, "objectives": objs, "root": str(REPO)}
+        spec = {
+            "name": "score",
+            "pool": {"models": list(paths.values())},
+            "objectives": objs,
+            "root": str(REPO),
+        }
         spec["decisions"] = {"base": {"mode": "fixed", "model": paths["base"]}, "layers": {"mode": "off"}}
         return EvalContext(StudyConfig.model_validate(spec))
 
@@ -226,18 +262,23 @@ def render(paths: list[str]) -> str:
         first = mine[0]
         accepted = "" if first.get("accepted", True) else ", fails the zoo's acceptance criteria"
         out.append(
-            f"\n**{fam}** (budget {first['budget']}{accepted}): best single donor {first['best_single_test_mean']:.3f}, "
-            f"ground-truth recipe {first['ground_truth_test_mean']:.3f} (test means)\n"
+            f"\n**{fam}** (budget {first['budget']}{accepted}): best single donor "
+            f"{first['best_single_test_mean']:.3f}, ground-truth recipe "
+            f"{first['ground_truth_test_mean']:.3f} (test means)\n"
         )
-        out.append("| strategy | test mean ± 95 % | add | rev | fact | mc | held-out Copeland (best donor) | gap closed | evaluations (+held-out checks) | wall |")
+        out.append(
+            "| strategy | test mean ± 95 % | add | rev | fact | mc | held-out Copeland (best donor) | gap "
+            "closed | evaluations (+held-out checks) | wall |"
+        )
         out.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in mine:
             t = r["test"]
             gap = f"{r['gap_closed']:+.2f}" if r["gap_closed"] is not None else "n/a"
             out.append(
-                f"| {r['strategy']} | {r['test_mean']:.3f} ± {r['test_ci95']:.3f} | {t['add']:.2f} | {t['rev']:.2f} | "
-                f"{t['fact']:.2f} | {t['mc']:.2f} | {r['held_out_copeland']:+.0f} ({r['held_out_copeland_best_donor']:+.0f}) | "
-                f"{gap} | {r['evaluations']} (+{r['held_out_checks']}) | {r['wall_s']:.0f} s |"
+                f"| {r['strategy']} | {r['test_mean']:.3f} ± {r['test_ci95']:.3f} | {t['add']:.2f} | "
+                f"{t['rev']:.2f} | {t['fact']:.2f} | {t['mc']:.2f} | {r['held_out_copeland']:+.0f} "
+                f"({r['held_out_copeland_best_donor']:+.0f}) | {gap} | {r['evaluations']} "
+                f"(+{r['held_out_checks']}) | {r['wall_s']:.0f} s |"
             )
     return "\n".join(out)
 
@@ -249,7 +290,9 @@ def main() -> None:
     parser.add_argument("--strategies", default=None, help="comma-separated subset")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(REPO / "storage" / "search-quality.json"))
-    parser.add_argument("--render", nargs="+", metavar="JSON", help="print markdown tables of earlier results and exit")
+    parser.add_argument(
+        "--render", nargs="+", metavar="JSON", help="print markdown tables of earlier results and exit"
+    )
     args = parser.parse_args()
     if args.render:
         print(render(args.render))
@@ -259,7 +302,12 @@ def main() -> None:
     from olmopt.search.finalize import copeland_verdict
 
     default_zoos = ["zoo-tiny", "zoo-small", "zoo-small-llama-s0", "zoo-small-llama-s1", "zoo-small-llama-s2"]
-    zoos = [Path(z) for z in (args.zoo or [str(REPO / "storage" / z) for z in (["zoo-tiny"] if args.quick else default_zoos)])]
+    zoos = [
+        Path(z)
+        for z in (
+            args.zoo or [str(REPO / "storage" / z) for z in (["zoo-tiny"] if args.quick else default_zoos)]
+        )
+    ]
     budget = 40 if args.quick and args.budget == 100 else args.budget
     wanted = args.strategies.split(",") if args.strategies else (QUICK if args.quick else None)
     results: list[dict[str, Any]] = []
@@ -275,12 +323,21 @@ def main() -> None:
             counts = {o.name: len(test_ctx.evaluator.encoded(o, "search")) for o in test_ctx.objectives}
             truth = manifest["layer_recipe"]
             singles = {name: Recipe(base=path) for name, path in paths.items()}
-            gt = Recipe(base=paths[truth["base"]], layers={int(i): paths[m] for i, m in truth["layers"].items()})
+            gt = Recipe(
+                base=paths[truth["base"]], layers={int(i): paths[m] for i, m in truth["layers"].items()}
+            )
             reference = {**singles, "ground truth": gt}
-            ref_scores = {n: {s: test_ctx.score(r, "search") for s in ("test",)} | {"held_out": search_ctx.score(r, "held_out")} for n, r in reference.items()}
+            ref_scores = {
+                n: {s: test_ctx.score(r, "search") for s in ("test",)}
+                | {"held_out": search_ctx.score(r, "held_out")}
+                for n, r in reference.items()
+            }
             best_single = max(mean_ci(ref_scores[n]["test"], counts)[0] for n in singles)
             gt_mean = mean_ci(ref_scores["ground truth"]["test"], counts)[0]
-            print(f"\n## {zoo.name} ({manifest['build_key']['arch']}, {manifest['build_key']['size']}, seed {manifest['build_key']['seed']}), budget {budget}")
+            print(
+                f"\n## {zoo.name} ({manifest['build_key']['arch']}, {manifest['build_key']['size']}, seed "
+                f"{manifest['build_key']['seed']}), budget {budget}"
+            )
             print(f"best single donor test mean {best_single:.3f}; ground-truth recipe {gt_mean:.3f}")
             for name in wanted or list(plans):
                 if name not in plans:
@@ -299,7 +356,8 @@ def main() -> None:
                     "family": zoo.name, "strategy": name, "budget": budget, **run,
                     "accepted": bool(manifest["acceptance"]["passed"]),
                     "test_mean": mean, "test_ci95": half, "test": test, "held_out": held,
-                    "held_out_copeland": cope["merged"], "held_out_copeland_best_donor": max(cope[n] for n in singles),
+                    "held_out_copeland": cope["merged"],
+                    "held_out_copeland_best_donor": max(cope[n] for n in singles),
                     "gap_closed": (mean - best_single) / gap if gap > 0 else None,
                     "best_single_test_mean": best_single, "ground_truth_test_mean": gt_mean,
                     "recipe": json.loads(recipe.to_json()),
@@ -309,7 +367,8 @@ def main() -> None:
                 print(
                     f"| {name} | {mean:.3f} ± {half:.3f} | "
                     + " ".join(f"{test[s]:.2f}" for s in test)
-                    + f" | {cope['merged']:+.0f} | {closed} | {run['evaluations']} (+{run['held_out_checks']}) | {run['wall_s']:.0f} s |",
+                    + f" | {cope['merged']:+.0f} | {closed} | {run['evaluations']} "
+                    f"(+{run['held_out_checks']}) | {run['wall_s']:.0f} s |",
                     flush=True,
                 )
                 out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -69,14 +67,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"olmopt: error: no space left on the device writing {exc.filename or 'the output'}", file=sys.stderr)
+        print(
+            f"olmopt: error: no space left on the device writing {exc.filename or 'the output'}",
+            file=sys.stderr,
+        )
         return 1
     except Exception as exc:
         if not type(exc).__module__.startswith("sqlalchemy"):
             raise
         # the storage server went away or refused a statement mid-run: one line, not the driver's pages
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        print(f"olmopt: error: storage failure ({type(exc).__name__}): {reason[0] if reason else ''}; rerun to resume", file=sys.stderr)
+        print(
+            f"olmopt: error: storage failure ({type(exc).__name__}): {reason[0] if reason else ''}; rerun to "
+            "resume",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -38,13 +38,15 @@ class PoolConfig(_Strict):
 
 
 LM_EVAL_KEYS = (
-    "task", "include_path", "num_fewshot", "limit", "apply_chat_template", "fewshot_as_multiturn", "gen_kwargs", "seed",
+    "task", "include_path", "num_fewshot", "limit", "apply_chat_template", "fewshot_as_multiturn",
+    "gen_kwargs", "seed",
 )  # fmt: skip
 
 
 class ObjectiveConfig(_Strict):
     """A dataset scored with a metric (``kind: dataset``) or an lm-evaluation-harness task (``kind: lm_eval``,
-    docs/lmeval.md: ``task``, ``include_path``, ``metric`` from the task, ``limit``, few-shot/chat options)."""
+    docs/lmeval.md: ``task``, ``include_path``, ``metric``
+    from the task, ``limit``, few-shot/chat options)."""
 
     kind: Literal["dataset", "lm_eval"] = "dataset"
     dataset: str = ""  # not needed by metrics read off the Recipe (layers_removed)
@@ -125,7 +127,9 @@ class SwapDecision(_Strict):
     @model_validator(mode="after")
     def _polish_after_joint(self) -> SwapDecision:
         if self.polish and not (self.mode == "joint" or (self.mode == "greedy" and self.then_joint)):
-            raise ValueError("polish (greedy sweeps after a joint stage) needs mode: joint, or then_joint > 0")
+            raise ValueError(
+                "polish (greedy sweeps after a joint stage) needs mode: joint, or then_joint > 0"
+            )
         return self
 
     @field_validator("windows")
@@ -192,7 +196,8 @@ class EsKindDecision(_Strict):
     def _tune_within_plan(self) -> EsKindDecision:
         if self.tune is not None and self.tune.generations and self.tune.generations[1] > self.generations:
             raise ValueError(
-                f"tune.generations goes up to {self.tune.generations[1]}, more than generations ({self.generations})"
+                f"tune.generations goes up to {self.tune.generations[1]}, more than generations "
+                f"({self.generations})"
             )
         return self
 
@@ -245,7 +250,9 @@ class MergeDecision(_Strict):
     @model_validator(mode="after")
     def _cmaes_one_method(self) -> MergeDecision:
         if self.sampler == "cmaes" and len(self.methods) != 1:
-            raise ValueError(f"sampler cmaes searches one method; list one in methods (got {', '.join(self.methods)})")
+            raise ValueError(
+                f"sampler cmaes searches one method; list one in methods (got {', '.join(self.methods)})"
+            )
         return self
 
     @field_validator("methods")
@@ -406,7 +413,10 @@ class StudyConfig(_Strict):
         rule = self.selection.improve_all
         metrics = {o.metric for o in self.objectives}
         if rule not in (None, "", "base", "all") and rule not in metrics:
-            raise ValueError(f"selection.improve_all {rule!r} must be 'base', 'all' or an objective metric {sorted(metrics)}")
+            raise ValueError(
+                f"selection.improve_all {rule!r} must be 'base', 'all' or an objective metric "
+                f"{sorted(metrics)}"
+            )
         return self
 
     def path(self, value: str) -> Path:
@@ -560,7 +570,8 @@ def olm_to_study(data: dict[str, Any], path: Path) -> dict[str, Any]:
     """Convert an olm_config.yaml mapping to a study mapping (unknown keys still fail)."""
     known = OLM_KEYS | OLM_IGNORED | {
         "direction", "dataset_dir", "base_select", "boundary_select", "skip_norm", "improve_all", "samples",
-        "es_svd", "es_svd_generations", "es_svd_sigma", "es_norm", "es_norm_generations", "es_norm_sigma", "name",
+        "es_svd", "es_svd_generations", "es_svd_sigma", "es_norm", "es_norm_generations", "es_norm_sigma",
+        "name",
     }  # fmt: skip
     for key in data:
         if key not in known:

@@ -33,9 +33,14 @@ class ReproductionError(OlmoptError):
     """Exported weights do not reproduce the metrics recorded for the trial."""
 
 
-def metrics_match(expected: dict[str, float], got: dict[str, float], rel: float = 1e-4, abs_: float = 1e-5) -> bool:
+def metrics_match(
+    expected: dict[str, float], got: dict[str, float], rel: float = 1e-4, abs_: float = 1e-5
+) -> bool:
     return all(
-        name in got and (math.isclose(v, got[name], rel_tol=rel, abs_tol=abs_) or (math.isnan(v) and math.isnan(got[name])))
+        name in got
+        and (
+            math.isclose(v, got[name], rel_tol=rel, abs_tol=abs_) or (math.isnan(v) and math.isnan(got[name]))
+        )
         for name, v in expected.items()
     )
 
@@ -62,7 +67,13 @@ def write_model_dir(
         else:
             names = pool[recipe.base].checkpoint.keys()
             with ShardedSafetensorsWriter(tmp, max_shard_bytes) as writer:
-                for name, tensor in tqdm(materialize(pool, recipe), total=len(names), desc="writing", disable=not progress, leave=False):
+                for name, tensor in tqdm(
+                    materialize(pool, recipe),
+                    total=len(names),
+                    desc="writing",
+                    disable=not progress,
+                    leave=False,
+                ):
                     writer.add(name, tensor)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=True) + "\n")
         (tmp / "README.md").write_text(card)
@@ -136,9 +147,10 @@ def model_card(
     if local:
         names = ", ".join(f"`{m}`" for m in dict.fromkeys(local))
         lines += [
-            f"> **Note:** {names} {'are local models' if len(set(local)) > 1 else 'is a local model'}, named here by "
-            "directory name: not a Hugging Face Hub id. Replace such names by Hub ids before uploading if the "
-            "models are published (`olmopt rebuild --models-dir DIR` finds them as `DIR/NAME`).",
+            f"> **Note:** {names} {'are local models' if len(set(local)) > 1 else 'is a local model'}, named "
+            "here by directory name: not a Hugging Face Hub id. Replace such names by Hub ids before "
+            "uploading if the models are published (`olmopt rebuild --models-dir DIR` finds them as "
+            "`DIR/NAME`).",
             "",
         ]
     lines += ["## Merged models", "", "| model | role |", "|---|---|"]
@@ -160,10 +172,18 @@ def model_card(
         "",
     ]
     if objective_info:
-        lines += ["## Objectives", "", "| objective | metric | direction | dataset | held-out fraction |", "|---|---|---|---|---|"]
+        lines += [
+            "## Objectives",
+            "",
+            "| objective | metric | direction | dataset | held-out fraction |",
+            "|---|---|---|---|---|",
+        ]
         for n in objectives:
             o = objective_info.get(n, {})
-            lines.append(f"| {n} | {o.get('metric', '-')} | {directions[n]} | {o.get('dataset', '-')} | {o.get('held_out', '-')} |")
+            lines.append(
+                f"| {n} | {o.get('metric', '-')} | {directions[n]} | {o.get('dataset', '-')} | "
+                f"{o.get('held_out', '-')} |"
+            )
         lines.append("")
     lines += [
         "## Metrics",
@@ -226,7 +246,9 @@ def _recipe_lines(recipe: Recipe) -> list[str]:
     if recipe.boundary:
         out.append(f"- **boundary** (embeddings, final norm, head) **from** `{recipe.boundary}`")
     if recipe.layers:
-        out.append("- **whole layers:** " + ", ".join(f"{i} ← `{d}`" for i, d in sorted(recipe.layers.items())))
+        out.append(
+            "- **whole layers:** " + ", ".join(f"{i} ← `{d}`" for i, d in sorted(recipe.layers.items()))
+        )
     if recipe.units:
         out.append("- **tensor units:**")
         out += [f"  - `{u}` ← `{d}`" for u, d in sorted(recipe.units.items())]
@@ -237,9 +259,13 @@ def _recipe_lines(recipe: Recipe) -> list[str]:
         pm = recipe.param_merge
         params = ", ".join(f"{k} {v}" for k, v in sorted(pm.params.items())) or "defaults"
         models = ", ".join(f"`{m}`" for m in pm.models)
-        out.append(f"- **parameter merge:** {pm.method} of {models} onto `{pm.base}` ({params}; seed {pm.seed})")
+        out.append(
+            f"- **parameter merge:** {pm.method} of {models} onto `{pm.base}` ({params}; seed {pm.seed})"
+        )
     if recipe.fusion:
-        steps = ", ".join(f"{json.dumps(step.model_dump(mode='json'), sort_keys=True)}" for step in recipe.fusion)
+        steps = ", ".join(
+            f"{json.dumps(step.model_dump(mode='json'), sort_keys=True)}" for step in recipe.fusion
+        )
         out.append(f"- **depth fusion:** {len(recipe.fusion)} step(s): {steps}")
     if recipe.dfs:
         path = " → ".join(f"`{m}`[{layer}]" for m, layer in recipe.dfs.hops)
@@ -251,7 +277,9 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def provenance(url_redacted: str, campaign: str, stage: str | None, trial: int | None, datasets: dict[str, Any]) -> dict[str, Any]:
+def provenance(
+    url_redacted: str, campaign: str, stage: str | None, trial: int | None, datasets: dict[str, Any]
+) -> dict[str, Any]:
     """Where the model came from, without local paths: a file storage and the datasets by file name."""
     storage = url_redacted
     for prefix in ("sqlite:///", "journal:"):
@@ -263,7 +291,9 @@ def provenance(url_redacted: str, campaign: str, stage: str | None, trial: int |
         "campaign": campaign,
         "stage": stage,
         "trial": trial,
-        "datasets": {n: {**d, "path": Path(d["path"]).name} if "path" in d else d for n, d in datasets.items()},
+        "datasets": {
+            n: {**d, "path": Path(d["path"]).name} if "path" in d else d for n, d in datasets.items()
+        },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -309,7 +339,9 @@ def _olm_section(report: dict[str, Any], key: str) -> dict[str, Any]:
             out[str(where)] = entry
         return out
     if not isinstance(section, dict):
-        raise InputError(f"report: {key} must be a mapping (or a list) of entries, got {type(section).__name__}")
+        raise InputError(
+            f"report: {key} must be a mapping (or a list) of entries, got {type(section).__name__}"
+        )
     return section
 
 
@@ -321,10 +353,14 @@ def _olm_model(entry: Any, where: str) -> str | None:
         model = entry.get("best_model", entry.get("name"))
         if model is None or isinstance(model, str):
             return model or None
-    raise InputError(f"report: {where}: expected a model name or an entry with 'best_model', got {entry!r}"[:200])
+    raise InputError(
+        f"report: {where}: expected a model name or an entry with 'best_model', got {entry!r}"[:200]
+    )
 
 
-def resolve_report_models(recipe: Recipe, models_dir: Path | None, pool: dict[str, Any] | None = None) -> dict[str, str]:
+def resolve_report_models(
+    recipe: Recipe, models_dir: Path | None, pool: dict[str, Any] | None = None
+) -> dict[str, str]:
     """Donor name -> pool reference: ``models_dir/NAME`` (OLM kept ``org/name`` as ``models_dir/org_name``),
     else the name itself (a hub id, or a path in reports written before ids). ``pool`` (the report's
     model id -> {source}) says which names were local directories: those need ``models_dir``."""
@@ -332,15 +368,23 @@ def resolve_report_models(recipe: Recipe, models_dir: Path | None, pool: dict[st
     for name in [recipe.base, *sorted(recipe.donors() - {recipe.base})]:
         found = None
         if models_dir is not None:
-            found = next((p for p in (models_dir / name, models_dir / name.replace("/", "_")) if p.is_dir()), None)
+            found = next(
+                (p for p in (models_dir / name, models_dir / name.replace("/", "_")) if p.is_dir()), None
+            )
         if found is None and (pool or {}).get(name, {}).get("source") == "local":
-            where = f"no {models_dir / name}" if models_dir is not None else "pass --models-dir DIR, the directory that holds it"
+            where = (
+                f"no {models_dir / name}"
+                if models_dir is not None
+                else "pass --models-dir DIR, the directory that holds it"
+            )
             raise InputError(f"report: model {name!r} was a local directory ({where})")
         refs[name] = str(found) if found is not None else name
     return refs
 
 
-def rebuild(report_path: Path, out: Path, models_dir: Path | None = None, force: bool = False, progress: bool = True) -> Recipe:
+def rebuild(
+    report_path: Path, out: Path, models_dir: Path | None = None, force: bool = False, progress: bool = True
+) -> Recipe:
     """Rebuild a model directory from a merge report alone (olmopt's or the original OLM's)."""
     try:
         report = json.loads(read_text(report_path, "report"))
@@ -355,7 +399,9 @@ def rebuild(report_path: Path, out: Path, models_dir: Path | None = None, force:
     check_output(out, [report_path, *(m.path for m in pool.models.values())], force)
     pool.check_homology()
     try:  # a recipe that does not fit the models it names (a layer they lack) is refused, not written
-        recipe.validate_against(pool.names, pool.adapter.num_layers, pool.adapter.all_units(pool[recipe.base].checkpoint.keys()))
+        recipe.validate_against(
+            pool.names, pool.adapter.num_layers, pool.adapter.all_units(pool[recipe.base].checkpoint.keys())
+        )
     except InputError as exc:
         raise InputError(f"report {report_path}: {exc}") from None
     card = f"# Rebuilt merge\n\nRebuilt by olmopt {__version__} from `{report_path.name}`.\n"

@@ -38,10 +38,24 @@ from olmopt.recipe import MERGE_DONOR, ParamMerge, Recipe
 
 PER_MODEL_NAMES = {"weights": "weight"}  # olmopt per-variant name -> mergekit's (others are the same)
 NOT_IN_MERGEKIT = {"circuit"}  # olmopt methods mergekit lacks
-OLMOPT_ONLY = {"sign_election", "base_weight", "drop_rates"}  # parameters mergekit lacks (base_weight: base's weight)
+OLMOPT_ONLY = {
+    "sign_election",
+    "base_weight",
+    "drop_rates",
+}  # parameters mergekit lacks (base_weight: base's weight)
 IGNORED_PARAMS = {"int8_mask"}  # mergekit's memory option: olmopt accepts and ignores it
 # ``seed``: olmopt's extension for random methods (mergekit ignores keys it does not know)
-TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "seed"}
+TOP_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "seed",
+}
 UNSUPPORTED_TOP_KEYS = {"modules", "tokenizer", "chat_template"}
 OUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # mergekit's names -> safetensors'
 
@@ -65,7 +79,8 @@ def recipe_to_mergekit(recipe: Recipe, adapter: ArchitectureAdapter) -> dict[str
             return _ps_config(recipe.param_merge, adapter)
         if picks:
             raise NotExpressible(
-                "the Recipe mixes a parameter-space merge with donor layers or tensors (mergekit runs one method)"
+                "the Recipe mixes a parameter-space merge with donor layers or tensors (mergekit runs one "
+                "method)"
             )
         return _ps_config(recipe.param_merge, adapter)
     return _passthrough_config(recipe, adapter)
@@ -77,10 +92,15 @@ def _passthrough_config(recipe: Recipe, adapter: ArchitectureAdapter) -> dict[st
     for unit, donor in recipe.units.items():
         layer = adapter.layer_of(unit)
         if layer is not None and donor != layer_donor[layer]:
-            raise NotExpressible(f"tensor {unit} comes from {donor}, the rest of layer {layer} from another model")
+            raise NotExpressible(
+                f"tensor {unit} comes from {donor}, the rest of layer {layer} from another model"
+            )
     outer = recipe.boundary or recipe.base
     embed = recipe.units.get(adapter.embed, outer)
-    tail = {recipe.units.get(u, outer) for u in (adapter.final_norm, *(() if adapter.tied_embeddings else (adapter.lm_head,)))}
+    tail = {
+        recipe.units.get(u, outer)
+        for u in (adapter.final_norm, *(() if adapter.tied_embeddings else (adapter.lm_head,)))
+    }
     if len(tail) > 1:
         raise NotExpressible("the final norm and the head come from different models")
     if embed != layer_donor[0]:
@@ -94,9 +114,7 @@ def _passthrough_config(recipe: Recipe, adapter: ArchitectureAdapter) -> dict[st
             f"the final norm and head come from {last} but layer {n - 1} from {layer_donor[-1]} "
             "(mergekit's passthrough takes them from the last slice's model)"
         )
-    slices = [
-        {"sources": [{"model": layer_donor[a], "layer_range": [a, b]}]} for a, b in _runs(layer_donor)
-    ]
+    slices = [{"sources": [{"model": layer_donor[a], "layer_range": [a, b]}]} for a, b in _runs(layer_donor)]
     return {"merge_method": "passthrough", "slices": slices}
 
 
@@ -291,17 +309,25 @@ def parse_mergekit(data: Any) -> MergekitConfig:
             piece = _mapping(piece, key)
             _check_keys(piece, {"sources", "parameters", "base_model"}, key)
             if piece.get("base_model") is not None:
-                raise InputError(f"{key}.base_model: a base model per slice is not supported (one Recipe base)")
+                raise InputError(
+                    f"{key}.base_model: a base model per slice is not supported (one Recipe base)"
+                )
             sources = []
             for i, entry in enumerate(_list(piece.get("sources"), f"{key}.sources")):
                 skey = f"{key}.sources[{i}]"
                 entry = _mapping(entry, skey)
                 _check_keys(entry, {"model", "layer_range", "parameters"}, skey)
                 lr = entry.get("layer_range")
-                if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
+                if not (
+                    isinstance(lr, list)
+                    and len(lr) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                ):
                     raise InputError(f"{skey}.layer_range: expected [start, stop]")
                 params = _mapping(entry.get("parameters") or {}, f"{skey}.parameters")
-                sources.append(_Source(_model_ref(entry.get("model"), f"{skey}.model"), skey, (lr[0], lr[1]), params))
+                sources.append(
+                    _Source(_model_ref(entry.get("model"), f"{skey}.model"), skey, (lr[0], lr[1]), params)
+                )
             slices.append((sources, _mapping(piece.get("parameters") or {}, f"{key}.parameters"), key))
 
     refs: dict[str, str] = {}
@@ -326,14 +352,19 @@ def parse_mergekit(data: Any) -> MergekitConfig:
         base = base_ref or slices[0][0][0].model
         models = [base, *[m for m in refs if m != base]]
         return MergekitConfig(
-            tuple(models), tuple(refs[m] for m in models), lambda a: _passthrough_recipe(slices, base, a), out_dtype
+            tuple(models),
+            tuple(refs[m] for m in models),
+            lambda a: _passthrough_recipe(slices, base, a),
+            out_dtype,
         )
 
     spec = get_method(method)
     first = [src.model for src in slices[0][0]]
     for sources, _, key in slices:
         if [src.model for src in sources] != first:
-            raise InputError(f"{key}.sources: every slice must list the same models in the same order as the first")
+            raise InputError(
+                f"{key}.sources: every slice must list the same models in the same order as the first"
+            )
     base = base_ref or first[0]
     variants = [m for m in first if m != base]
     if not variants:
@@ -364,7 +395,9 @@ def _check_param_names(spec: MethodSpec, params: dict[str, Any], key: str, per_m
             spec.param(str(name))
         except InputError:
             raise InputError(f"{key}.{name}: method {spec.name} has no parameter {name!r}") from None
-        evaluate_setting(params[name], 0.0, f"{key}.{name}")  # shape of the setting, filters: refused up front
+        evaluate_setting(
+            params[name], 0.0, f"{key}.{name}"
+        )  # shape of the setting, filters: refused up front
 
 
 def layer_position(index: int, count: int) -> float:
@@ -390,11 +423,15 @@ def evaluate_setting(setting: Any, t: float, key: str) -> Any:
                 raise InputError(f"{key}[{i}]: expected a number or a {{value, filter}} mapping")
             _check_keys(cond, {"value", "filter"}, f"{key}[{i}]")
             if cond.get("filter") not in (None, "*"):
-                raise InputError(f"{key}[{i}].filter: per-tensor filters are not supported (olmopt's values are per layer)")
+                raise InputError(
+                    f"{key}[{i}].filter: per-tensor filters are not supported (olmopt's values are per layer)"
+                )
             if "value" not in cond:
                 raise InputError(f"{key}[{i}].value: required")
             return evaluate_setting(cond["value"], t, f"{key}[{i}].value")
-    raise InputError(f"{key}: expected a number, a list of numbers or {{value, filter}} mappings, got {setting!r}")
+    raise InputError(
+        f"{key}: expected a number, a list of numbers or {{value, filter}} mappings, got {setting!r}"
+    )
 
 
 def _slice_ranges(slices: list[tuple[list[_Source], dict[str, Any], str]], n: int) -> list[tuple[int, int]]:
@@ -421,7 +458,9 @@ def _slice_ranges(slices: list[tuple[list[_Source], dict[str, Any], str]], n: in
     return ranges
 
 
-def _passthrough_recipe(slices: list[tuple[list[_Source], dict[str, Any], str]], base: str, adapter: ArchitectureAdapter) -> Recipe:
+def _passthrough_recipe(
+    slices: list[tuple[list[_Source], dict[str, Any], str]], base: str, adapter: ArchitectureAdapter
+) -> Recipe:
     n = adapter.num_layers
     ranges = _slice_ranges(slices, n)
     layers: dict[int, str] = {}
@@ -473,13 +512,16 @@ def _ps_recipe(
                         value = param.check_scalar(spec.name, value)
                 elif param.per_variant:
                     found = [
-                        lookup((by_model[v].parameters, f"{by_model[v].key}.parameters"), piece, top) for v in variants
+                        lookup((by_model[v].parameters, f"{by_model[v].key}.parameters"), piece, top)
+                        for v in variants
                     ]
                     value = None
                     if any(f is not None for f in found):
                         if param.default is None and None in found:
                             missing = variants[found.index(None)]
-                            raise InputError(f"{by_model[missing].key}.parameters.{param.name}: required (others set it)")
+                            raise InputError(
+                                f"{by_model[missing].key}.parameters.{param.name}: required (others set it)"
+                            )
                         value = tuple(float(param.default if f is None else f) for f in found)  # type: ignore[arg-type]
                 else:
                     value = lookup(piece, top)
@@ -491,13 +533,18 @@ def _ps_recipe(
     varying: dict[str, list[Any]] = {}
     defaults = make_params(spec.name).as_dict()
     for name in names:
-        column = [values.get(name, _default(defaults[name], len(variants), spec.param(name).per_variant)) for values in per_layer]
+        column = [
+            values.get(name, _default(defaults[name], len(variants), spec.param(name).per_variant))
+            for values in per_layer
+        ]
         if all(v == column[0] for v in column):
             params[name] = column[0]
         else:
             varying[name] = column
     group = _group_size(list(varying.values()), n)
-    layer_params = {k: tuple(col[g * group] for g in range(math.ceil(n / group))) for k, col in varying.items()}
+    layer_params = {
+        k: tuple(col[g * group] for g in range(math.ceil(n / group))) for k, col in varying.items()
+    }
     merge = ParamMerge(
         method=spec.name,
         base=base,

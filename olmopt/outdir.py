@@ -62,7 +62,9 @@ def check_output(out: str | Path, inputs: Iterable[str | Path] = (), force: bool
     out = Path(out)
     for item in inputs:
         if _covers(out, Path(item)):
-            raise InputError(f"output {out} would overwrite the input {item} (write the result somewhere else)")
+            raise InputError(
+                f"output {out} would overwrite the input {item} (write the result somewhere else)"
+            )
     if out.exists() and not force:
         raise InputError(f"output {out} already exists (pass --force to replace it)")
     if out.exists() and not out.is_dir():
@@ -84,7 +86,9 @@ def _covers(out: Path, item: Path) -> bool:
 
 
 @contextmanager
-def atomic_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+def atomic_output_dir(
+    out: str | Path, force: bool = False, inputs: Iterable[str | Path] = ()
+) -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; move it to ``out`` only when the block succeeds.
 
     ``check_output`` first: ``out`` may not be or hold one of ``inputs``, and an existing ``out`` is
@@ -332,7 +336,8 @@ class ShardedSafetensorsWriter:
         self._pending_bytes = 0
 
     def close(self) -> list[Path]:
-        """Finish the shards, write ``model.safetensors.index.json`` (several shards); returns the shard paths."""
+        """Finish the shards, write ``model.safetensors.index.json``
+        (several shards); returns the shard paths."""
         with self._lock:
             if self._closed:
                 return list(self._final)
@@ -362,7 +367,10 @@ class ShardedSafetensorsWriter:
                 final.append(target)
                 weight_map.update(dict.fromkeys(names, target.name))
         if len(final) > 1:  # one model.safetensors needs no index (the Hugging Face layout)
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
             (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         self._final = final
         return list(final)

@@ -27,13 +27,20 @@ from olmopt.recipe import MERGE_DONOR, EsStep, ParamMerge, Recipe
 from olmopt.runtime import compute_dtype, pick_device, quiet_transformers
 
 Source = tuple[str | ParamMerge, tuple[EsStep, ...]]
-SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
 
 
 def param_sources(recipe: Recipe, adapter: ArchitectureAdapter, param_names: list[str]) -> dict[str, Source]:
     """Which donor (a pool model, or the recipe's parameter-space merge) and ES steps feed each parameter."""
     if recipe.fusion or recipe.dfs:
-        raise InputError("recipe: fusion and data-flow paths change the architecture; they are not patched in place")
+        raise InputError(
+            "recipe: fusion and data-flow paths change the architecture; they are not patched in place"
+        )
     es_by_param: dict[str, list[EsStep]] = {}
     for step in recipe.es:
         es_by_param.setdefault(step.unit + ".weight", []).append(step)
@@ -50,7 +57,10 @@ def param_sources(recipe: Recipe, adapter: ArchitectureAdapter, param_names: lis
         donor = recipe.units.get(unit, donor)
         if donor == MERGE_DONOR:
             if recipe.param_merge is None:
-                raise InputError(f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not set")
+                raise InputError(
+                    f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not "
+                    "set"
+                )
             donor = recipe.param_merge
         sources[name] = (donor, tuple(es_by_param.get(name, ())))
     return sources
@@ -69,7 +79,9 @@ def model_key(recipe: Recipe, adapter: ArchitectureAdapter, param_names: list[st
     return "sources:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def shared_prefix_depth(old: Recipe, new: Recipe, adapter: ArchitectureAdapter, param_names: list[str]) -> int:
+def shared_prefix_depth(
+    old: Recipe, new: Recipe, adapter: ArchitectureAdapter, param_names: list[str]
+) -> int:
     """The deepest layer k whose input (and every earlier layer's) is the same under both Recipes.
 
     -1 when the embedding differs; ``num_layers`` when no layer differs. Prefix-cache captures of
@@ -90,7 +102,9 @@ def shared_prefix_depth(old: Recipe, new: Recipe, adapter: ArchitectureAdapter, 
     return depth
 
 
-def source_tensor(pool: ModelPool, name: str, source: Source, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def source_tensor(
+    pool: ModelPool, name: str, source: Source, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """The value of parameter ``name`` under ``source``, in ``dtype`` on ``device``."""
     donor, steps = source
     if steps:
@@ -196,7 +210,9 @@ class WorkingModel:
             self.undo(handle)
 
 
-def materialize(pool: ModelPool, recipe: Recipe, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def materialize(
+    pool: ModelPool, recipe: Recipe, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(checkpoint tensor name, tensor)`` of the merged model, in the base checkpoint's layout."""
     base = pool[recipe.base].checkpoint
     names = base.keys()

@@ -86,8 +86,8 @@ class ParamMerge(_Strict):
         for key, groups in sorted(self.layer_params.items()):
             if len(groups) != want:
                 raise InputError(
-                    f"recipe: param_merge.layer_params.{key} has {len(groups)} values for {want} layer groups "
-                    f"({num_layers} layers, group_size {self.group_size})"
+                    f"recipe: param_merge.layer_params.{key} has {len(groups)} values for {want} layer "
+                    f"groups ({num_layers} layers, group_size {self.group_size})"
                 )
         for group in range(want if self.layer_params else 1):
             try:
@@ -225,7 +225,9 @@ class Recipe(_Strict):
             named.update(str(model) for model in self.dfs.models_used)
         uses_merge = MERGE_DONOR in named
         if uses_merge and self.param_merge is None:
-            raise InputError(f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not set")
+            raise InputError(
+                f"recipe: donor {MERGE_DONOR!r} names the parameter-space merge, but param_merge is not set"
+            )
         for name in sorted(self.donors()):
             if name not in pool_names:
                 raise InputError(f"recipe: donor {name!r} is not in the pool ({', '.join(pool_names)})")

@@ -246,7 +246,8 @@ def objective_mean(scores: Scores, directions: Mapping[str, str], candidate: str
 def improves_on(
     candidate: Mapping[str, float], reference: Mapping[str, float], directions: Mapping[str, str]
 ) -> bool:
-    """True when ``candidate`` is strictly better than ``reference`` on at least one objective (OLM ES test)."""
+    """True when ``candidate`` is strictly better than
+    ``reference`` on at least one objective (OLM ES test)."""
     return any(
         _goodness(candidate.get(o), _direction(directions, o)) > _goodness(reference.get(o), directions[o])
         for o in sorted(directions)

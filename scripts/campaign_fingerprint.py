@@ -7,9 +7,9 @@ A refactor that must not change behaviour runs this with the old and the new tre
     OLMOPT_THREADS=1 PYTHONPATH=NEW python scripts/campaign_fingerprint.py NEW /tmp/new ZOO
     cmp /tmp/old/result.json /tmp/new/result.json
 
-(recorded for the decision-kind registry against main at 3f7b4f1, 974edeb and 719297e: identical, 22 stages over
-13 stage kinds plus the two exported models; for the layout by merge system against main at 8b77298:
-identical).
+(recorded for the decision-kind registry against main at 3f7b4f1, 974edeb and 719297e: identical, 22
+stages over 13 stage kinds plus the two exported models; for the layout by merge system against main at
+8b77298: identical).
 """
 
 import hashlib

@@ -82,7 +82,8 @@ def _noisy(model, noise: float, seed: int):
 
 
 def damaged_copy(model_dir: Path, out: Path, unit: str, scale: float = 0.7) -> dict[str, torch.Tensor]:
-    """Copy ``model_dir`` to ``out`` with ``unit``'s row norms scaled by exp(N(0, scale)) (seed 0); the new state."""
+    """Copy ``model_dir`` to ``out`` with ``unit``'s row norms
+    scaled by exp(N(0, scale)) (seed 0); the new state."""
     import shutil
 
     from safetensors.torch import load_file, save_file

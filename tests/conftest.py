@@ -36,7 +36,8 @@ TINY_ZOO_DIR = REPO_ROOT / "storage" / "zoo-tiny"
 
 @pytest.fixture(scope="session")
 def tiny_zoo() -> Path:
-    """The tiny llama zoo at storage/zoo-tiny (built once, ~1.5 min; reused while zoo.json and hashes match)."""
+    """The tiny llama zoo at storage/zoo-tiny (built once,
+    ~1.5 min; reused while zoo.json and hashes match)."""
     from olmopt.zoo import build_zoo
 
     # storage/zoo-tiny is the suite's own cache: one from an older zoo version is rebuilt, not refused
@@ -64,8 +65,13 @@ class CliProcesses:
         """Start ``python -m olmopt.cli ARGS`` with one torch thread (and ``env`` on top of ours)."""
         n = len(self.procs)
         full_env = dict(os.environ, OLMOPT_THREADS="1", OMP_NUM_THREADS="1", **(env or {}))
-        with open(self.log_dir / f"cli-{n}.out", "wb") as out, open(self.log_dir / f"cli-{n}.err", "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "olmopt.cli", *args], env=full_env, stdout=out, stderr=err)
+        with (
+            open(self.log_dir / f"cli-{n}.out", "wb") as out,
+            open(self.log_dir / f"cli-{n}.err", "wb") as err,
+        ):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "olmopt.cli", *args], env=full_env, stdout=out, stderr=err
+            )
         self.procs.append(proc)
         return proc
 

@@ -97,7 +97,9 @@ def test_nonfinite_candidate_is_infeasible_and_says_why(zoo: Path, tmp_path: Pat
     assert main(["study", "run", "nan", "--storage", url, "--quiet"]) == 0
 
     study = optuna.load_study(study_name="nan/001-layer-3", storage=url)
-    by_label = {t.user_attrs["candidate"]: t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    by_label = {
+        t.user_attrs["candidate"]: t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    }
     damaged = [t for label, t in by_label.items() if label.endswith("spec_fact")]
     assert len(damaged) == 1, sorted(by_label)
     bad = damaged[0]
@@ -112,7 +114,22 @@ def test_nonfinite_candidate_is_infeasible_and_says_why(zoo: Path, tmp_path: Pat
 
     out = tmp_path / "out"
     capsys.readouterr()
-    code = main(["export", "best", "nan", "--storage", url, "--stage", "001-layer-3", "--trial", str(bad.number), "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "export",
+            "best",
+            "nan",
+            "--storage",
+            url,
+            "--stage",
+            "001-layer-3",
+            "--trial",
+            str(bad.number),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 2
     assert "non-finite" in _one_line_error(capsys)
     assert not out.exists()
@@ -156,7 +173,8 @@ num_r: 1
 
 @pytest.fixture()
 def workdir(zoo: Path, tmp_path: Path) -> Path:
-    """The zoo's models, an alphas file, a DFS recipe, an OLM report and a study file, all under ``tmp_path/in``."""
+    """The zoo's models, an alphas file, a DFS recipe, an OLM
+    report and a study file, all under ``tmp_path/in``."""
     root = copy_zoo(zoo, tmp_path / "in")
     (root / "alphas.json").write_text("[0.5]")
     (root / "dfs.yml").write_text(DFS_RECIPE.format(a=root / "base", b=root / "spec_add"))
@@ -185,7 +203,9 @@ OVERWRITES = [
 
 @pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
 @pytest.mark.parametrize(("command", "out"), OVERWRITES)
-def test_no_command_writes_over_its_own_input(workdir: Path, capsys, command: str, out: str, force: bool) -> None:
+def test_no_command_writes_over_its_own_input(
+    workdir: Path, capsys, command: str, out: str, force: bool
+) -> None:
     before = snapshot(workdir)
     args = [*command.format(**{"in": workdir}).split(), "--out", out.format(**{"in": workdir}), "--quiet"]
     capsys.readouterr()
@@ -215,7 +235,9 @@ def test_export_best_does_not_write_over_its_storage(zoo: Path, tmp_path: Path, 
 def test_outputs_beside_the_inputs_are_still_written(workdir: Path) -> None:
     """The check refuses overlap only: a sibling output (and one inside no input) is written."""
     base, variant = workdir / "base", workdir / "spec_add"
-    assert main(["merge", "circuit", str(base), str(variant), "--out", str(workdir / "merged"), "--quiet"]) == 0
+    assert (
+        main(["merge", "circuit", str(base), str(variant), "--out", str(workdir / "merged"), "--quiet"]) == 0
+    )
     assert (workdir / "merged" / "config.json").is_file()
     assert main(["rebuild", str(workdir / "report.json"), "--out", str(workdir / "rebuilt"), "--quiet"]) == 0
     assert (workdir / "rebuilt" / "merge_report.json").is_file()
@@ -245,7 +267,9 @@ def _missing_shard(model: Path) -> None:
     for file, part in halves.items():
         save_file({n: tensors[n] for n in part}, model / file, metadata={"format": "pt"})
     weight_map = {n: file for file, part in halves.items() for n in part}
-    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     (model / "model-00002-of-00002.safetensors").unlink()
 
 
@@ -268,7 +292,10 @@ def _header_inconsistent(model: Path) -> None:
 
 DAMAGES = {
     "missing-tensor": (_drop_tensor, f"lacks tensor '{SHAPED}'"),
-    "wrong-shape": (_wrong_shape, f"tensor '{SHAPED}' has shape [171, 64] in its checkpoint but [172, 64] by config.json"),
+    "wrong-shape": (
+        _wrong_shape,
+        f"tensor '{SHAPED}' has shape [171, 64] in its checkpoint but [172, 64] by config.json",
+    ),
     "missing-shard": (_missing_shard, "names shard model-00002-of-00002.safetensors, which is missing"),
     "truncated": (_truncated, "damaged safetensors file model.safetensors"),
     "header-inconsistent": (_header_inconsistent, "damaged safetensors file model.safetensors"),
@@ -284,7 +311,9 @@ READERS = {
 
 @pytest.mark.parametrize("reader", sorted(READERS))
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
-def test_incomplete_or_damaged_checkpoint_is_one_line(workdir: Path, tmp_path: Path, capsys, reader: str, damage: str) -> None:
+def test_incomplete_or_damaged_checkpoint_is_one_line(
+    workdir: Path, tmp_path: Path, capsys, reader: str, damage: str
+) -> None:
     """No command reads a checkpoint that lacks a tensor, disagrees with its config or is damaged:
     one line naming the model and the tensor or file, exit 2, nothing written."""
     make, needle = DAMAGES[damage]
@@ -315,12 +344,15 @@ def test_a_complete_sharded_checkpoint_is_read(workdir: Path) -> None:
     assert torch.equal(checkpoint.get(SHAPED), tensors[SHAPED])
 
 
-# -- 4. the zoo's tokenizer as users load it -------------------------------------------------------------------
+# -- 4. the zoo's tokenizer as users load it -----------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_zoo_tokenizer_round_trips_every_training_prompt_through_autotokenizer(tmp_path: Path, arch: str) -> None:
+def test_zoo_tokenizer_round_trips_every_training_prompt_through_autotokenizer(
+    tmp_path: Path, arch: str
+) -> None:
     """The zoo's tokenizer files next to a config.json of ``arch``, loaded with AutoTokenizer as olmopt and
     users load them (transformers 5 picks Qwen2Tokenizer for qwen2), give the ids the family was trained on
-    for every training and objective prompt and answer, decode back to the text, and keep the chat contract."""
+    for every training and objective prompt and answer,
+    decode back to the text, and keep the chat contract."""
     from transformers import AutoTokenizer
 
     from olmopt.evaluate.formatting import encode_example
@@ -348,13 +380,15 @@ def test_zoo_tokenizer_round_trips_every_training_prompt_through_autotokenizer(t
     got = loaded(texts_list, add_special_tokens=False)["input_ids"]
     assert got == want
     assert loaded.batch_decode(got) == texts_list
-    assert all(len(ids) == len(text) for ids, text in zip(got, texts_list, strict=True))  # one id per character
+    assert all(
+        len(ids) == len(text) for ids, text in zip(got, texts_list, strict=True)
+    )  # one id per character
     messages = [{"role": "user", "content": "larger? A) 17 B) 42"}]
     assert encode_example(loaded, messages, "B") == encode_example(trained, messages, "B")
     assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id, len(loaded)) == (2, 3, 0, 103)
 
 
-# -- 5. one line instead of a traceback -----------------------------------------------------------------------
+# -- 5. one line instead of a traceback ----------------------------------------------------------------------
 NOT_UTF8 = b"name: caf\xe9\n"  # Latin-1, as an editor might save it
 
 TEXT_FILES = {  # command line, the text file it reads
@@ -370,7 +404,9 @@ TEXT_FILES = {  # command line, the text file it reads
 @pytest.mark.parametrize("case", sorted(TEXT_FILES))
 def test_text_that_is_not_utf8_is_one_line(workdir: Path, tmp_path: Path, capsys, case: str) -> None:
     command, name = TEXT_FILES[case]
-    (workdir / "circuit.yaml").write_text(f"base_model: {workdir / 'base'}\nvariant_models: [{workdir / 'spec_add'}]\n")
+    (workdir / "circuit.yaml").write_text(
+        f"base_model: {workdir / 'base'}\nvariant_models: [{workdir / 'spec_add'}]\n"
+    )
     path = workdir / name
     path.write_bytes(path.read_bytes()[:20] + NOT_UTF8)
     out = tmp_path / "out"
@@ -406,19 +442,41 @@ def test_storage_that_cannot_be_created_is_one_line(workdir: Path, tmp_path: Pat
     assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-@pytest.mark.parametrize(("name", "value"), [("OLMOPT_THREADS", "two"), ("OLMOPT_THREADS", "0"), ("OLMOPT_THREADS", "-3")])
-def test_bad_thread_count_is_one_line(workdir: Path, tmp_path: Path, capsys, monkeypatch, name: str, value: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "value"), [("OLMOPT_THREADS", "two"), ("OLMOPT_THREADS", "0"), ("OLMOPT_THREADS", "-3")]
+)
+def test_bad_thread_count_is_one_line(
+    workdir: Path, tmp_path: Path, capsys, monkeypatch, name: str, value: str
+) -> None:
     monkeypatch.setenv(name, value)
     capsys.readouterr()
     out = tmp_path / "out"
-    assert main(["merge", "fuse", str(workdir / "base"), "--alphas", str(workdir / "alphas.json"), "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                "fuse",
+                str(workdir / "base"),
+                "--alphas",
+                str(workdir / "alphas.json"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert f"environment variable {name}={value!r}: expected an integer >= 1" in _one_line_error(capsys)
     assert not out.exists()
 
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("OLMOPT_HEARTBEAT_INTERVAL", "20s"), ("OLMOPT_HEARTBEAT_GRACE", "0"), ("OLMOPT_STALE_AFTER", "nan"), ("OLMOPT_STALE_AFTER", "-1")],
+    [
+        ("OLMOPT_HEARTBEAT_INTERVAL", "20s"),
+        ("OLMOPT_HEARTBEAT_GRACE", "0"),
+        ("OLMOPT_STALE_AFTER", "nan"),
+        ("OLMOPT_STALE_AFTER", "-1"),
+    ],
 )
 def test_bad_heartbeat_settings_are_input_errors(monkeypatch, name: str, value: str) -> None:
     from olmopt.errors import InputError
@@ -428,7 +486,9 @@ def test_bad_heartbeat_settings_are_input_errors(monkeypatch, name: str, value: 
     with pytest.raises(InputError, match=f"environment variable {name}="):
         heartbeat_settings() if "HEARTBEAT" in name else stale_after()
     monkeypatch.setenv(name, "30")
-    assert (heartbeat_settings()[0 if name.endswith("INTERVAL") else 1] if "HEARTBEAT" in name else stale_after()) == 30
+    assert (
+        heartbeat_settings()[0 if name.endswith("INTERVAL") else 1] if "HEARTBEAT" in name else stale_after()
+    ) == 30
 
 
 @pytest.mark.parametrize(
@@ -441,7 +501,9 @@ def test_bad_heartbeat_settings_are_input_errors(monkeypatch, name: str, value: 
         (["--workers", "0"], "--workers must be >= 1"),
     ],
 )
-def test_run_flags_out_of_range_are_refused_before_any_work(tmp_path: Path, capsys, flags: list[str], needle: str) -> None:
+def test_run_flags_out_of_range_are_refused_before_any_work(
+    tmp_path: Path, capsys, flags: list[str], needle: str
+) -> None:
     capsys.readouterr()
     assert main(["study", "run", "any", "--storage", f"sqlite:///{tmp_path}/s.db", "--quiet", *flags]) == 2
     assert needle in _one_line_error(capsys)
@@ -457,16 +519,28 @@ def test_run_flags_out_of_range_are_refused_before_any_work(tmp_path: Path, caps
         ["--temperature", "nan"],
     ],
 )
-def test_non_finite_merge_parameters_are_refused(workdir: Path, tmp_path: Path, capsys, extra: list[str]) -> None:
+def test_non_finite_merge_parameters_are_refused(
+    workdir: Path, tmp_path: Path, capsys, extra: list[str]
+) -> None:
     out = tmp_path / "out"
-    argv = ["merge", "circuit", str(workdir / "base"), str(workdir / "spec_add"), str(workdir / "spec_rev"), "--out", str(out)]
+    argv = [
+        "merge",
+        "circuit",
+        str(workdir / "base"),
+        str(workdir / "spec_add"),
+        str(workdir / "spec_rev"),
+        "--out",
+        str(out),
+    ]
     capsys.readouterr()
     assert main([*argv, *extra, "--quiet"]) == 2
     assert "must be finite" in _one_line_error(capsys)
     assert not out.exists()
 
 
-def test_non_finite_numbers_in_merge_and_study_files_are_refused(workdir: Path, tmp_path: Path, capsys) -> None:
+def test_non_finite_numbers_in_merge_and_study_files_are_refused(
+    workdir: Path, tmp_path: Path, capsys
+) -> None:
     config = workdir / "circuit.yaml"
     config.write_text(
         f"base_model: {workdir / 'base'}\nvariant_models: [{workdir / 'spec_add'}]\n"
@@ -493,7 +567,8 @@ def test_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
     os.close(read)
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "olmopt.cli", "study", "list", "--storage", f"sqlite:///{tmp_path}/s.db", "--json"],
+            [sys.executable, "-m", "olmopt.cli", "study", "list", "--storage", f"sqlite:///{tmp_path}/s.db",
+             "--json"],
             stdout=write, stderr=subprocess.PIPE, cwd=REPO, timeout=120, check=False,
         )  # fmt: skip
     finally:
@@ -510,10 +585,13 @@ def test_a_full_disk_is_one_line_naming_the_path(monkeypatch, capsys) -> None:
     monkeypatch.setattr(merge_circuit, "run", full)
     capsys.readouterr()
     assert main(["merge", "circuit", "a", "b", "--out", "c"]) == 1
-    assert "no space left on the device writing /data/out/model-00001-of-00002.safetensors" in _one_line_error(capsys)
+    assert (
+        "no space left on the device writing /data/out/model-00001-of-00002.safetensors"
+        in _one_line_error(capsys)
+    )
 
 
-# -- 13 and 14. cross-field checks at `study create`, names from the command line -------------------------------
+# -- 13 and 14. cross-field checks at `study create`, names from the command line ----------------------------
 def _edit_study(workdir: Path, edit) -> Path:  # type: ignore[no-untyped-def]
     path = workdir / "study.yaml"
     data = yaml.safe_load(path.read_text())
@@ -525,16 +603,46 @@ def _edit_study(workdir: Path, edit) -> Path:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("edit", "needle"),
     [
-        (lambda d: d["decisions"].update(fusion={"mode": "joint", "alpha_low": 0.8, "alpha_high": 0.2}), "alpha_low 0.8 is above alpha_high 0.2"),
-        (lambda d: d["decisions"].update(dfs={"mode": "joint", "scale_low": 2.0, "scale_high": 1.0}), "scale_low 2.0 is above scale_high 1.0"),
-        (lambda d: d["decisions"]["layers"].update(only=[1, 4]), "decisions.layers.only: layer 4 is outside the model (layers 0..3)"),
-        (lambda d: d["decisions"]["layers"].update(only=[-1]), "decisions.layers.only: layer -1 is outside the model"),
+        (
+            lambda d: d["decisions"].update(fusion={"mode": "joint", "alpha_low": 0.8, "alpha_high": 0.2}),
+            "alpha_low 0.8 is above alpha_high 0.2",
+        ),
+        (
+            lambda d: d["decisions"].update(dfs={"mode": "joint", "scale_low": 2.0, "scale_high": 1.0}),
+            "scale_low 2.0 is above scale_high 1.0",
+        ),
+        (
+            lambda d: d["decisions"]["layers"].update(only=[1, 4]),
+            "decisions.layers.only: layer 4 is outside the model (layers 0..3)",
+        ),
+        (
+            lambda d: d["decisions"]["layers"].update(only=[-1]),
+            "decisions.layers.only: layer -1 is outside the model",
+        ),
         (lambda d: d["decisions"]["layers"].update(only=[2, 2]), "decisions.layers.only lists a layer twice"),
-        (lambda d: d["decisions"].update(merge={"mode": "joint", "models": ["/elsewhere/m"]}), "decisions.merge.models: '/elsewhere/m' is not in pool.models"),
-        (lambda d: d["decisions"].update(dfs={"mode": "joint", "models": ["nope"]}), "decisions.dfs.models: 'nope' is not in pool.models"),
-        (lambda d: d["pool"]["models"].append(d["pool"]["models"][0] + "/"), "the model pool lists one model twice"),
+        (
+            lambda d: d["decisions"].update(merge={"mode": "joint", "models": ["/elsewhere/m"]}),
+            "decisions.merge.models: '/elsewhere/m' is not in pool.models",
+        ),
+        (
+            lambda d: d["decisions"].update(dfs={"mode": "joint", "models": ["nope"]}),
+            "decisions.dfs.models: 'nope' is not in pool.models",
+        ),
+        (
+            lambda d: d["pool"]["models"].append(d["pool"]["models"][0] + "/"),
+            "the model pool lists one model twice",
+        ),
     ],
-    ids=["alpha-range", "scale-range", "layer-above", "layer-negative", "layer-twice", "merge-models", "dfs-models", "two-spellings"],
+    ids=[
+        "alpha-range",
+        "scale-range",
+        "layer-above",
+        "layer-negative",
+        "layer-twice",
+        "merge-models",
+        "dfs-models",
+        "two-spellings",
+    ],
 )
 def test_study_create_cross_field_checks(workdir: Path, tmp_path: Path, capsys, edit, needle: str) -> None:
     path = _edit_study(workdir, edit)
@@ -542,7 +650,9 @@ def test_study_create_cross_field_checks(workdir: Path, tmp_path: Path, capsys, 
     assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
     line = _one_line_error(capsys)
     assert needle in line
-    if "pool lists" not in needle:  # a key of the file, checked with or without the pool: the file's name first
+    if (
+        "pool lists" not in needle
+    ):  # a key of the file, checked with or without the pool: the file's name first
         assert line.startswith(f"olmopt: error: {path}: ")
     assert not (tmp_path / "s.db").exists()
 
@@ -562,7 +672,9 @@ def test_yaml_with_a_duplicated_key_is_refused(tmp_path: Path, capsys, text: str
 
 
 @pytest.mark.parametrize("name", ["has space", "a/b", "-dash", "x" * 65, "café"])
-def test_campaign_name_from_the_command_line_is_validated(workdir: Path, tmp_path: Path, capsys, name: str) -> None:
+def test_campaign_name_from_the_command_line_is_validated(
+    workdir: Path, tmp_path: Path, capsys, name: str
+) -> None:
     capsys.readouterr()
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["study", "create", str(workdir / "study.yaml"), "--storage", url, f"--name={name}"]) == 2
@@ -570,7 +682,7 @@ def test_campaign_name_from_the_command_line_is_validated(workdir: Path, tmp_pat
     assert not (tmp_path / "s.db").exists()
 
 
-# -- 22. export complete or absent ------------------------------------------------------------------------------
+# -- 22. export complete or absent ---------------------------------------------------------------------------
 def test_export_adds_its_last_files_before_the_directory_appears(workdir: Path, tmp_path: Path) -> None:
     """`export best` writes the donor map inside the temporary directory (a kill after the move used to
     leave a model directory without it, which the rerun then refused as existing)."""
@@ -586,14 +698,18 @@ def test_export_adds_its_last_files_before_the_directory_appears(workdir: Path, 
         (tmp / "donor_map.png").write_bytes(b"png")
 
     pool = ModelPool([str(workdir / "base"), str(workdir / "spec_add")])
-    write_model_dir(pool, Recipe(base=str(workdir / "base")), out, {}, "# card\n", progress=False, finish=finish)
+    write_model_dir(
+        pool, Recipe(base=str(workdir / "base")), out, {}, "# card\n", progress=False, finish=finish
+    )
     assert seen == [False] and (out / "donor_map.png").read_bytes() == b"png"
 
 
 def test_stale_temporary_directories_of_dead_processes_are_removed(tmp_path: Path) -> None:
     from olmopt.outdir import atomic_output_dir
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     stale = tmp_path / f".out.tmp-{dead.stdout.strip()}-abc123"
     live = tmp_path / f".out.tmp-{os.getpid()}-def456"  # a process still writing: left alone
     foreign = tmp_path / ".out.tmp-notours"
@@ -606,23 +722,32 @@ def test_stale_temporary_directories_of_dead_processes_are_removed(tmp_path: Pat
 
 
 @pytest.mark.parametrize("file", ["tokenizer_config.json", "chat_template.jinja"])
-def test_a_base_tokenizer_that_cannot_be_loaded_is_one_line(workdir: Path, tmp_path: Path, capsys, file: str) -> None:
+def test_a_base_tokenizer_that_cannot_be_loaded_is_one_line(
+    workdir: Path, tmp_path: Path, capsys, file: str
+) -> None:
     path = workdir / "base" / file
     path.write_bytes(path.read_bytes()[:10] + NOT_UTF8)
     capsys.readouterr()
-    assert main(["study", "create", str(workdir / "study.yaml"), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    assert (
+        main(["study", "create", str(workdir / "study.yaml"), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    )
     assert f"model {workdir / 'base'}: cannot load its tokenizer" in _one_line_error(capsys)
     assert not (tmp_path / "s.db").exists()
 
 
-# -- 4 (issue). inputs that change or vanish after `study create` ---------------------------------------------
+# -- 4 (issue). inputs that change or vanish after `study create` --------------------------------------------
 @pytest.mark.parametrize("change", ["edited", "deleted"])
-def test_a_dataset_changed_after_create_is_named_by_run_and_export(workdir: Path, tmp_path: Path, capsys, change: str) -> None:
+def test_a_dataset_changed_after_create_is_named_by_run_and_export(
+    workdir: Path, tmp_path: Path, capsys, change: str
+) -> None:
     import optuna
 
     data = workdir / "add.json"
     shutil.copy(REPO / "objectives/add.json", data)
-    study = _edit_study(workdir, lambda d: (d["objectives"][0].update(dataset=str(data)), d["decisions"]["layers"].update(only=[3])))
+    study = _edit_study(
+        workdir,
+        lambda d: (d["objectives"][0].update(dataset=str(data)), d["decisions"]["layers"].update(only=[3])),
+    )
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["study", "create", str(study), "--storage", url]) == 0
     if change == "edited":
@@ -644,11 +769,13 @@ def test_a_deleted_local_model_is_not_fetched_from_the_hub(tmp_path: Path) -> No
     from olmopt.pool.resolve import resolve_model
 
     (tmp_path / "zoo").mkdir()
-    with pytest.raises(ModelError, match=r"model zoo/base: no such directory .*zoo/base \(its folder .*zoo exists"):
+    with pytest.raises(
+        ModelError, match=r"model zoo/base: no such directory .*zoo/base \(its folder .*zoo exists"
+    ):
         resolve_model("zoo/base", base_dir=tmp_path)
 
 
-# -- 9, 12, 16, 17, 19 ---------------------------------------------------------------------------------------------
+# -- 9, 12, 16, 17, 19 ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheme", ["sqlite:///{tmp}/sub/s.db", "journal:{tmp}/sub/log"])
 def test_read_only_commands_do_not_create_a_storage(tmp_path: Path, capsys, scheme: str) -> None:
     url = scheme.format(tmp=tmp_path)
@@ -666,7 +793,9 @@ def test_read_only_commands_do_not_create_a_storage(tmp_path: Path, capsys, sche
     ("device", "needle"),
     [("cuda:99", "CUDA device"), ("tpu", "is not a torch device"), ("mps", "not available")],
 )
-def test_a_device_this_machine_lacks_is_refused_at_create(workdir: Path, tmp_path: Path, capsys, device: str, needle: str) -> None:
+def test_a_device_this_machine_lacks_is_refused_at_create(
+    workdir: Path, tmp_path: Path, capsys, device: str, needle: str
+) -> None:
     if device == "mps":
         torch_mps = getattr(torch.backends, "mps", None)
         if torch_mps is not None and torch_mps.is_available():
@@ -682,12 +811,20 @@ def test_a_device_this_machine_lacks_is_refused_at_create(workdir: Path, tmp_pat
 @pytest.mark.parametrize(
     ("items", "needle"),
     [
-        ([{"conversation": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "12+34="}]}], "the last turn must be the assistant's answer"),
-        ([{"conversation": [{"from": "human", "value": "12+34="}, {"from": "gpt", "value": "4" * 500}]}], "more than the model's context of"),
+        (
+            [{"conversation": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "12+34="}]}],
+            "the last turn must be the assistant's answer",
+        ),
+        (
+            [{"conversation": [{"from": "human", "value": "12+34="}, {"from": "gpt", "value": "4" * 500}]}],
+            "more than the model's context of",
+        ),
     ],
     ids=["no-answer", "beyond-context"],
 )
-def test_datasets_that_cannot_be_scored_are_refused_at_create(workdir: Path, tmp_path: Path, capsys, items: list, needle: str) -> None:
+def test_datasets_that_cannot_be_scored_are_refused_at_create(
+    workdir: Path, tmp_path: Path, capsys, items: list, needle: str
+) -> None:
     data = workdir / "bad.json"
     data.write_text(json.dumps(items * 8))
     path = _edit_study(workdir, lambda d: d["objectives"][0].update(dataset=str(data)))
@@ -702,14 +839,19 @@ def test_datasets_that_cannot_be_scored_are_refused_at_create(workdir: Path, tmp
     ("report", "needle"),
     [
         ({"layers": {"9": {"best_model": "{in}/spec_add"}}}, "recipe: layer 9 out of range"),
-        ({"tensors": {"model.layers.0.nope.weight": {"best_model": "{in}/spec_add"}}}, "does not exist in this architecture"),
+        (
+            {"tensors": {"model.layers.0.nope.weight": {"best_model": "{in}/spec_add"}}},
+            "does not exist in this architecture",
+        ),
         ({"layers": {"x": {"best_model": "{in}/spec_add"}}}, "key 'x' is not a layer index"),
         ({"layers": {"1": ["{in}/spec_add"]}}, "layers.1: expected a model name"),
         ({"layers": "all"}, "layers must be a mapping"),
     ],
     ids=["layer-beyond", "unknown-unit", "layer-key", "entry-shape", "section-shape"],
 )
-def test_rebuild_refuses_reports_that_do_not_fit(workdir: Path, tmp_path: Path, capsys, report: dict, needle: str) -> None:
+def test_rebuild_refuses_reports_that_do_not_fit(
+    workdir: Path, tmp_path: Path, capsys, report: dict, needle: str
+) -> None:
     text = json.dumps({"base_model": {"name": "{in}/base"}, **report}).replace("{in}", str(workdir))
     (workdir / "bad.json").write_text(text)
     out = tmp_path / "out"
@@ -720,7 +862,8 @@ def test_rebuild_refuses_reports_that_do_not_fit(workdir: Path, tmp_path: Path, 
 
 
 def test_rebuild_accepts_olm_reports_in_other_shapes(workdir: Path, tmp_path: Path) -> None:
-    """Layer entries as plain names or as a list of {layer, best_model}: the same model as the mapping form."""
+    """Layer entries as plain names or as a list of {layer,
+    best_model}: the same model as the mapping form."""
     from safetensors.torch import load_file as load
 
     base, donor = str(workdir / "base"), str(workdir / "spec_add")
@@ -732,14 +875,16 @@ def test_rebuild_accepts_olm_reports_in_other_shapes(workdir: Path, tmp_path: Pa
     built = {}
     for shape, extra in shapes.items():
         (workdir / f"{shape}.json").write_text(json.dumps({"base_model": {"name": base}, **extra}))
-        assert main(["rebuild", str(workdir / f"{shape}.json"), "--out", str(tmp_path / shape), "--quiet"]) == 0
+        assert (
+            main(["rebuild", str(workdir / f"{shape}.json"), "--out", str(tmp_path / shape), "--quiet"]) == 0
+        )
         built[shape] = load(next((tmp_path / shape).glob("*.safetensors")))
     key = "model.layers.2.mlp.up_proj.weight"
     assert torch.equal(built["mapping"][key], load(workdir / "spec_add" / "model.safetensors")[key])
     assert all(torch.equal(built[s][key], built["mapping"][key]) for s in ("names", "list"))
 
 
-# -- 10. loosely typed config files of the merge commands -------------------------------------------------------
+# -- 10. loosely typed config files of the merge commands ----------------------------------------------------
 @pytest.mark.parametrize(
     ("parameters", "needle"),
     [
@@ -752,7 +897,9 @@ def test_rebuild_accepts_olm_reports_in_other_shapes(workdir: Path, tmp_path: Pa
         ('{normalize: "yes"}', "normalize must be true or false"),
     ],
 )
-def test_loosely_typed_circuit_config_is_one_line(workdir: Path, tmp_path: Path, capsys, parameters: str, needle: str) -> None:
+def test_loosely_typed_circuit_config_is_one_line(
+    workdir: Path, tmp_path: Path, capsys, parameters: str, needle: str
+) -> None:
     config = workdir / "circuit.yaml"
     config.write_text(
         f"base_model: {workdir / 'base'}\nvariant_models: [{workdir / 'spec_add'}]\n"
@@ -765,7 +912,9 @@ def test_loosely_typed_circuit_config_is_one_line(workdir: Path, tmp_path: Path,
     assert not out.exists()
 
 
-def test_loosely_typed_variant_parameters_and_dfs_num_r_are_one_line(workdir: Path, tmp_path: Path, capsys) -> None:
+def test_loosely_typed_variant_parameters_and_dfs_num_r_are_one_line(
+    workdir: Path, tmp_path: Path, capsys
+) -> None:
     config = workdir / "circuit.yaml"
     config.write_text(
         f"base_model: {workdir / 'base'}\n"
@@ -781,7 +930,7 @@ def test_loosely_typed_variant_parameters_and_dfs_num_r_are_one_line(workdir: Pa
     assert not (tmp_path / "out").exists()
 
 
-# -- 24. tomorrow's breakage -------------------------------------------------------------------------------------
+# -- 24. tomorrow's breakage ---------------------------------------------------------------------------------
 def test_greedy_decoding_uses_the_current_cache_api(zoo: Path) -> None:
     """KV-cached decoding passes ``cache=`` (``past_key_values`` warns that it goes in transformers 5.40)."""
     import warnings
@@ -819,9 +968,11 @@ def test_a_data_flow_model_refuses_cached_generation() -> None:
         evaluator.greedy([[1, 2]], 2)  # the engine's cached decoding, as a generation metric would run it
 
 
-# -- 20. worker processes die with their coordinator ---------------------------------------------------------------
+# -- 20. worker processes die with their coordinator ---------------------------------------------------------
 def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False).stdout
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    ).stdout
     return [int(p) for p in out.split()]
 
 
@@ -834,14 +985,19 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_kill_9_of_study_run_takes_its_evaluation_processes_with_it(workdir: Path, tmp_path: Path, cli) -> None:
+def test_kill_9_of_study_run_takes_its_evaluation_processes_with_it(
+    workdir: Path, tmp_path: Path, cli
+) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["study", "create", str(workdir / "study.yaml"), "--storage", url]) == 0
     proc = cli.start("study", "run", "study", "--storage", url, "--workers", "2", "--quiet")
 
-
     def spawned() -> list[int]:  # the evaluation processes (and any helper process multiprocessing started)
-        return [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+        return [
+            p
+            for p in _children(proc.pid)
+            if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+        ]
 
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and len(spawned()) < 2:
@@ -863,16 +1019,25 @@ def test_a_lost_storage_connection_is_one_line(monkeypatch, capsys) -> None:
     from olmopt.commands import merge_circuit
 
     def lost(_args: object) -> int:
-        raise OperationalError("SELECT trials.trial_id FROM trials\nWHERE ...", {}, Exception("server closed the connection unexpectedly\n\tThis probably means the server terminated"))
+        raise OperationalError(
+            "SELECT trials.trial_id FROM trials\nWHERE ...",
+            {},
+            Exception(
+                "server closed the connection unexpectedly\n\tThis probably means the server terminated"
+            ),
+        )
 
     monkeypatch.setattr(merge_circuit, "run", lost)
     capsys.readouterr()
     assert main(["merge", "circuit", "a", "b", "--out", "c"]) == 1
     line = _one_line_error(capsys)
-    assert "storage failure (OperationalError): server closed the connection unexpectedly; rerun to resume" in line
+    assert (
+        "storage failure (OperationalError): server closed the connection unexpectedly; rerun to resume"
+        in line
+    )
 
 
-# -- 19. a refused command leaves no lock file; read-only commands create no Optuna tables -------------------------
+# -- 19. a refused command leaves no lock file; read-only commands create no Optuna tables -------------------
 def test_a_refused_zoo_build_leaves_no_lock_file(tmp_path: Path, capsys) -> None:
     out = tmp_path / "zoo"
     out.mkdir()
@@ -997,7 +1162,8 @@ def test_read_only_commands_create_no_tables_in_an_empty_postgresql_database(
     url = empty_postgres_db
     capsys.readouterr()
     for argv in (
-        ["study", "list"], ["study", "status", "x"], ["study", "run", "x", "--quiet"], ["study", "delete", "x", "--yes"],
+        ["study", "list"], ["study", "status", "x"], ["study", "run", "x", "--quiet"],
+        ["study", "delete", "x", "--yes"],
         ["export", "best", "x", "--out", str(tmp_path / "o")], ["report", "x", "--out", str(tmp_path / "r")],
     ):  # fmt: skip
         assert main([*argv, "--storage", url]) == 2, argv

@@ -1,4 +1,5 @@
-"""Scripting output: ``--json`` documents of every command that has one, ``--quiet``, help texts, exit codes."""
+"""Scripting output: ``--json`` documents of every command
+that has one, ``--quiet``, help texts, exit codes."""
 
 from __future__ import annotations
 
@@ -54,7 +55,12 @@ def test_json_documents_carry_the_documented_fields(
     run_out = capsys.readouterr()
     assert "campaign cj: finished" in run_out.out
     # --quiet: no bars; the campaign line and one line per stage stay
-    assert [line.split(" ")[1] for line in run_out.err.splitlines()] == ["campaign", "000-base:", "001-layer-0:", "002-layer-1:"]
+    assert [line.split(" ")[1] for line in run_out.err.splitlines()] == [
+        "campaign",
+        "000-base:",
+        "001-layer-0:",
+        "002-layer-1:",
+    ]
     assert "\r" not in run_out.err
 
     status = run_json(capsys, "study", "status", NAME, "--storage", url, "--json")

@@ -245,7 +245,8 @@ def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess[str
     reason="needs Debian chromium at /usr/bin/chromium (apt-get install -y chromium)",
 )
 def test_headless_chromium_renders_the_stage_page(server: dict[str, Any], campaign: dict[str, Any]) -> None:
-    """The joint stage's page renders: a non-blank screenshot, and a DOM that names the study and the metrics."""
+    """The joint stage's page renders: a non-blank screenshot,
+    and a DOM that names the study and the metrics."""
     from PIL import Image
 
     client = Client(campaign["url"])

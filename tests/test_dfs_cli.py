@@ -116,8 +116,8 @@ BAD_MASK = SEED_RECIPE.format(second="b").replace("[false, false, true, false]",
     [
         (BAD_MASK, "layer_mask"),
         (
-            "model_paths: [a, b]\nlayer_mask: [[[false, false, false, false], [false, false, false, false]]]\n"
-            "add_last_layer: false\n",
+            "model_paths: [a, b]\nlayer_mask: [[[false, false, false, false], [false, false, false, "
+            "false]]]\nadd_last_layer: false\n",
             "selects no layer",
         ),
         (SEED_RECIPE.format(second="b").replace("[1.0, 1.0, 1.5, 1.0]", "[0.5, 1.0, 1.5, 1.0]"), "inactive"),

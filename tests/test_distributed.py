@@ -69,7 +69,9 @@ def rdb_url(request: pytest.FixtureRequest) -> str:
 
 def workers(cli: CliProcesses, url: str, name: str, n: int) -> list[subprocess.Popen[bytes]]:
     """``n`` worker processes of campaign ``name`` with fast heartbeats."""
-    return [cli.start("study", "run", name, "--storage", url, "--quiet", env=FAST_HEARTBEAT) for _ in range(n)]
+    return [
+        cli.start("study", "run", name, "--storage", url, "--quiet", env=FAST_HEARTBEAT) for _ in range(n)
+    ]
 
 
 LAYERS = [2, 3]  # two greedy stages keep four workers busy without making CI slow
@@ -92,7 +94,8 @@ def cleanup(url: str, name: str) -> None:
 
 
 def assert_exact_candidates(url: str, name: str) -> None:
-    """Every stage: each candidate COMPLETE exactly once (retries of killed trials are FAIL + one COMPLETE)."""
+    """Every stage: each candidate COMPLETE exactly once
+    (retries of killed trials are FAIL + one COMPLETE)."""
     status = campaign_status(name, url)
     assert status["finished"]
     for stage in status["stages"]:
@@ -191,7 +194,9 @@ def test_kill_9_mid_trial_is_failed_retried_and_finishes_with_the_same_recipe(
             for s in study_list(rdb_url)
             if s.study_name.startswith(name + "/") and "#" not in s.study_name
         ]
-        failed = [t for study in stage_studies for t in study.get_trials(states=(optuna.trial.TrialState.FAIL,))]
+        failed = [
+            t for study in stage_studies for t in study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+        ]
         assert failed, "the killed worker's trial should be marked FAIL"
         assert {t.user_attrs.get("worker") for t in failed} == {killed_worker}
         logs = "".join(cli.stderr(p) for p in procs)
@@ -204,7 +209,9 @@ def test_kill_9_mid_trial_is_failed_retried_and_finishes_with_the_same_recipe(
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_sigterm_all_workers_then_restart_resumes(rdb_url, tiny_zoo, tmp_path, single_worker_recipe, cli) -> None:
+def test_sigterm_all_workers_then_restart_resumes(
+    rdb_url, tiny_zoo, tmp_path, single_worker_recipe, cli
+) -> None:
     name = create(tiny_zoo, tmp_path, rdb_url)
     try:
         procs = workers(cli, rdb_url, name, 2)
@@ -225,7 +232,10 @@ def test_sigterm_all_workers_then_restart_resumes(rdb_url, tiny_zoo, tmp_path, s
             code, err = cli.finish(p, timeout=600)
             assert code == 0, err[-2000:]
         assert_exact_candidates(rdb_url, name)
-        assert sum(s["trials"]["complete"] for s in campaign_status(name, rdb_url)["stages"]) == 1 + len(LAYERS) * 5
+        assert (
+            sum(s["trials"]["complete"] for s in campaign_status(name, rdb_url)["stages"])
+            == 1 + len(LAYERS) * 5
+        )
         assert done_before >= 1
         assert campaign_status(name, rdb_url)["recipe"] == single_worker_recipe
     finally:
@@ -272,7 +282,10 @@ def test_without_heartbeats_trials_are_failed_by_age(tmp_path: Path) -> None:
     time.sleep(1.2)
     young = study.ask()
     assert fail_dead_workers_trials(study, storage, stale_after=1.0) == [old.number]
-    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING]
+    assert [t.state for t in study.get_trials()] == [
+        optuna.trial.TrialState.FAIL,
+        optuna.trial.TrialState.RUNNING,
+    ]
     assert young.number == 1
 
 

@@ -29,7 +29,12 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("early_stop_family")
     close = make_family(root / "close", ["a", "b"], layers=2, noise=0.05)
     far = make_family(root / "far", ["a2", "x", "c"], layers=2, noise=3.0)  # the same base, c heavily damaged
-    return {"a": close["a"], "b": close["b"], "c": far["c"], "data": write_addition_data(root / "add.json", n=120)}
+    return {
+        "a": close["a"],
+        "b": close["b"],
+        "c": far["c"],
+        "data": write_addition_data(root / "add.json", n=120),
+    }
 
 
 def _objectives(data: Path) -> list[Objective]:
@@ -48,7 +53,9 @@ def test_item_values_give_the_objective_values(family: dict[str, Path]) -> None:
     assert set(ev.item_scores["acc"].values()) <= {0.0, 1.0}
     for name in ("acc", "bigram"):
         assert metric_of_items("", ev.item_scores[name]) == pytest.approx(values[name], rel=1e-5)
-    assert metric_of_items("perplexity", ev.item_scores["ppl"], ev.item_tokens["ppl"]) == pytest.approx(values["ppl"], rel=1e-5)
+    assert metric_of_items("perplexity", ev.item_scores["ppl"], ev.item_tokens["ppl"]) == pytest.approx(
+        values["ppl"], rel=1e-5
+    )
 
 
 def test_chunks_partition_the_items_in_a_fixed_seeded_order(family: dict[str, Path]) -> None:
@@ -103,7 +110,9 @@ def _trials(campaign: Campaign) -> list[optuna.trial.FrozenTrial]:
     return out
 
 
-def test_early_stopping_prunes_hopeless_candidates_and_keeps_the_decisions(tiny_zoo: Path, tmp_path: Path) -> None:
+def test_early_stopping_prunes_hopeless_candidates_and_keeps_the_decisions(
+    tiny_zoo: Path, tmp_path: Path
+) -> None:
     off = _run_campaign(tiny_zoo, tmp_path, "esoff", "{mode: off}")
     off_knobs = _run_campaign(tiny_zoo, tmp_path, "esknobs", "{mode: off, alpha: 0.5, chunk: 5}")
     on = _run_campaign(tiny_zoo, tmp_path, "eson", "{mode: on, alpha: 0.05, chunk: 20}")
@@ -125,7 +134,9 @@ def test_early_stopping_prunes_hopeless_candidates_and_keeps_the_decisions(tiny_
         seen = unpack(t.user_attrs["i.add"])
         assert len(seen) == t.user_attrs["n_items"] // 2
         assert t.user_attrs["m.add"] == pytest.approx(sum(seen.values()) / len(seen))  # partial metrics
-        assert Recipe.from_json(t.user_attrs["recipe"]).layers  # a layer candidate (the base stage has no reference)
+        assert Recipe.from_json(
+            t.user_attrs["recipe"]
+        ).layers  # a layer candidate (the base stage has no reference)
     decisions_on = on.decisions()
     for stage in on.plan:
         study = on.existing_stage_study(stage)
@@ -141,7 +152,6 @@ def test_early_stopping_prunes_hopeless_candidates_and_keeps_the_decisions(tiny_
     spent_off = sum(int(t.user_attrs["n_items"]) for t in off_trials)
     print(f"item evaluations: early stop on {spent_on}, off {spent_off}")
     assert spent_on < spent_off
-
 
 
 @pytest.mark.parametrize(

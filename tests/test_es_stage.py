@@ -1,4 +1,5 @@
-"""ES generations as campaign stages: plan, seeds, acceptance, replay through export/rebuild, repair, errors."""
+"""ES generations as campaign stages: plan, seeds,
+acceptance, replay through export/rebuild, repair, errors."""
 
 from __future__ import annotations
 
@@ -132,7 +133,8 @@ def test_es_stages_run_record_and_replay_bit_exactly(family: dict[str, Any], tmp
     study = _study_file(
         family,
         "es1",
-        f"{{layers: {{mode: off}}, es: {{svd: {{generations: 2, units: [{UNIT}]}}, norm: {{units: [{UNIT}]}}, acceptance: any}}}}",
+        f"{{layers: {{mode: off}}, es: {{svd: {{generations: 2, units: [{UNIT}]}}, norm: {{units: "
+        f"[{UNIT}]}}, acceptance: any}}}}",
     )
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["study", "create", str(study), "--storage", url]) == 0
@@ -175,7 +177,20 @@ def test_es_stages_run_record_and_replay_bit_exactly(family: dict[str, Any], tmp
     ids = {str(family[m]): m for m in "ab"}  # the report names local models by directory name
     assert Recipe.from_dict(report["recipe"]) == final.renamed(ids)
     root = str(family["root"])
-    assert main(["rebuild", str(out / "merge_report.json"), "--out", str(rebuilt), "--quiet", "--models-dir", root]) == 0
+    assert (
+        main(
+            [
+                "rebuild",
+                str(out / "merge_report.json"),
+                "--out",
+                str(rebuilt),
+                "--quiet",
+                "--models-dir",
+                root,
+            ]
+        )
+        == 0
+    )
     exported, again = _tensors(out), _tensors(rebuilt)
     assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
     replayed = base_w.clone()
@@ -207,7 +222,18 @@ def test_es_stages_run_record_and_replay_bit_exactly(family: dict[str, Any], tmp
     assert main([*args, "--refine", "es", "--force"]) == 0
     assert len(Campaign.load("es1", url).plan) == 7
     assert (
-        main(["rebuild", str(refined / "merge_report.json"), "--out", str(tmp_path / "rb2"), "--quiet", "--models-dir", str(family["root"])]) == 0
+        main(
+            [
+                "rebuild",
+                str(refined / "merge_report.json"),
+                "--out",
+                str(tmp_path / "rb2"),
+                "--quiet",
+                "--models-dir",
+                str(family["root"]),
+            ]
+        )
+        == 0
     )
     a, b = _tensors(refined), _tensors(tmp_path / "rb2")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -348,21 +374,29 @@ def test_refine_rejects_bad_flags(
     )
     units = (
         "(units: lm_head, model.embed_tokens, model.norm, model.layers.N.{input_layernorm, mlp.down_proj, "
-        "mlp.gate_proj, mlp.up_proj, post_attention_layernorm, self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, "
-        "self_attn.v_proj} with N in 0..1)"
+        "mlp.gate_proj, mlp.up_proj, post_attention_layernorm, self_attn.k_proj, self_attn.o_proj, "
+        "self_attn.q_proj, self_attn.v_proj} with N in 0..1)"
     )
-    err = capsys.readouterr().err.splitlines()[-1]  # nothing decided per unit: say what to pass, and what is valid
-    assert err == f"olmopt: error: campaign 'rf' decided no tensor units: pass --es-unit UNIT to refine {units}"
+    err = capsys.readouterr().err.splitlines()[
+        -1
+    ]  # nothing decided per unit: say what to pass, and what is valid
+    assert (
+        err == f"olmopt: error: campaign 'rf' decided no tensor units: pass --es-unit UNIT to refine {units}"
+    )
     bad = ["export", "best", "rf", "--storage", url, "--out", out, "--refine", "es", "--es-unit", "nope"]
     assert main(bad) == 2
-    assert capsys.readouterr().err == f"olmopt: error: --es-unit: unit 'nope' does not exist in this architecture {units}\n"
+    assert (
+        capsys.readouterr().err
+        == f"olmopt: error: --es-unit: unit 'nope' does not exist in this architecture {units}\n"
+    )
     assert len(Campaign.load("rf", url).plan) == 1  # nothing was appended by the failed attempts
 
 
 # -- repair on the trained tiny zoo ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_norm_es_repairs_a_damaged_tensor(tiny_zoo: Path, tmp_path: Path) -> None:
-    """Row norms of layer 0's v_proj scaled by exp(N(0, 0.7)); two norm-ES generations (sigma 0.1) win some back."""
+    """Row norms of layer 0's v_proj scaled by exp(N(0, 0.7));
+    two norm-ES generations (sigma 0.1) win some back."""
     unit = "model.layers.0.self_attn.v_proj"
     damaged = tmp_path / "damaged"
     damaged_copy(tiny_zoo / "base", damaged, unit)
@@ -372,7 +406,8 @@ def test_norm_es_repairs_a_damaged_tensor(tiny_zoo: Path, tmp_path: Path) -> Non
         f"name: repair\npool: {{models: [{damaged}]}}\nobjectives:\n"
         f"  - {{dataset: {objectives / 'add.json'}, metric: perplexity, name: add, samples: 32}}\n"
         f"  - {{dataset: {objectives / 'rev.json'}, metric: perplexity, name: rev, samples: 32}}\n"
-        f"decisions: {{layers: {{mode: off}}, es: {{norm: {{generations: 2, sigma: 0.1, units: [{unit}]}}}}}}\n"
+        "decisions: {layers: {mode: off}, es: {norm: {generations: 2, sigma: 0.1, units: "
+        f"[{unit}]}}}}}}\n"
     )
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["study", "create", str(study), "--storage", url]) == 0

@@ -35,13 +35,19 @@ def test_unit_kind() -> None:
 def test_gain_is_direction_signed_mean_relative_change() -> None:
     directions = {"acc": "maximize", "ppl": "minimize"}
     # acc 0.5 -> 0.6: +20 %; ppl 10 -> 9: -10 % (an improvement): mean (0.2 + 0.1) / 2 = 0.15
-    assert es_tune.gain({"acc": 0.5, "ppl": 10.0}, {"acc": 0.6, "ppl": 9.0}, directions) == pytest.approx(0.15)
+    assert es_tune.gain({"acc": 0.5, "ppl": 10.0}, {"acc": 0.6, "ppl": 9.0}, directions) == pytest.approx(
+        0.15
+    )
     # worse perplexity counts against: (0.2 - 0.1) / 2
-    assert es_tune.gain({"acc": 0.5, "ppl": 10.0}, {"acc": 0.6, "ppl": 11.0}, directions) == pytest.approx(0.05)
+    assert es_tune.gain({"acc": 0.5, "ppl": 10.0}, {"acc": 0.6, "ppl": 11.0}, directions) == pytest.approx(
+        0.05
+    )
     assert es_tune.gain({"acc": 0.5, "ppl": 10.0}, {"acc": 0.5, "ppl": 10.0}, directions) == 0.0
 
 
-def _tune_trial(number: int, sigma: float, generations: int, improvement: float, evaluations: int) -> optuna.trial.FrozenTrial:
+def _tune_trial(
+    number: int, sigma: float, generations: int, improvement: float, evaluations: int
+) -> optuna.trial.FrozenTrial:
     t = optuna.trial.create_trial(
         params={"sigma": sigma, "generations": generations},
         distributions={
@@ -79,8 +85,10 @@ def test_best_settings_maximises_gain_per_evaluation() -> None:
 def _pool_and_objectives(model: Path) -> str:
     return (
         f"pool: {{models: [{model}]}}\nobjectives:\n"
-        f"  - {{dataset: {OBJECTIVES / 'add.json'}, metric: perplexity, name: add, samples: 16, held_out: 0}}\n"
-        f"  - {{dataset: {OBJECTIVES / 'rev.json'}, metric: perplexity, name: rev, samples: 16, held_out: 0}}\n"
+        f"  - {{dataset: {OBJECTIVES / 'add.json'}, metric: perplexity, name: add, samples: 16, "
+        "held_out: 0}\n"
+        f"  - {{dataset: {OBJECTIVES / 'rev.json'}, metric: perplexity, name: rev, samples: 16, "
+        "held_out: 0}\n"
     )
 
 
@@ -98,7 +106,8 @@ def test_bad_tune_config_is_one_line_error(tiny_zoo: Path, tmp_path: Path, tune:
     path = tmp_path / "bad.yaml"
     path.write_text(
         "name: bad\n" + _pool_and_objectives(tiny_zoo / "base")
-        + f"decisions: {{layers: {{mode: off}}, es: {{norm: {{generations: 2, units: [{UNIT}], tune: {tune}}}}}}}\n"
+        + f"decisions: {{layers: {{mode: off}}, es: {{norm: {{generations: 2, units: [{UNIT}], tune: "
+          f"{tune}}}}}}}\n"
     )  # fmt: skip
     with pytest.raises(InputError, match=message) as info:
         load_study_file(path)
@@ -158,7 +167,9 @@ def test_sigma_search_repairs_and_steers_the_es_stages(tiny_zoo: Path, tmp_path:
     assert all(math.isfinite(v) for v in final.metrics.values())
     # export replays the steps: the exported tensor equals the ES replay of the final Recipe
     out = tmp_path / "out"
-    assert main(["export", "best", "tune", "--storage", url, "--out", str(out), "--no-compare", "--quiet"]) == 0
+    assert (
+        main(["export", "best", "tune", "--storage", url, "--out", str(out), "--no-compare", "--quiet"]) == 0
+    )
     replayed = state[UNIT + ".weight"].float()
     for step in final.recipe.es:
         replayed = es_ops.norm_es_step(replayed, step.sigma, step.seed)

@@ -60,7 +60,9 @@ def write_study(directory: Path, study: dict[str, Any], **changes: Any) -> Path:
 
 
 # -- 1, 2: the default storage is resolved once; read-only commands never create one --------------------
-def test_default_storage_is_found_from_any_subdirectory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_storage_is_found_from_any_subdirectory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("OLMOPT_STORAGE", raising=False)
     deep = tmp_path / "a" / "b"
     deep.mkdir(parents=True)
@@ -93,7 +95,11 @@ def test_default_storage_is_found_from_any_subdirectory(tmp_path: Path, monkeypa
 )
 @pytest.mark.parametrize("storage", ["default", "sqlite", "journal"])
 def test_commands_on_a_missing_storage_create_nothing(
-    argv: list[str], storage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    argv: list[str],
+    storage: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.delenv("OLMOPT_STORAGE", raising=False)
     monkeypatch.delenv("OLMOPT_ARTIFACT_DIR", raising=False)
@@ -105,13 +111,20 @@ def test_commands_on_a_missing_storage_create_nothing(
     }[storage]
     assert main([*argv, *extra]) == 2
     line = _one_line_error(capsys)
-    where = {"default": tmp_path / "storage" / "olmopt.db", "sqlite": tmp_path / "sub" / "s.db", "journal": tmp_path / "sub" / "j.log"}
+    where = {
+        "default": tmp_path / "storage" / "olmopt.db",
+        "sqlite": tmp_path / "sub" / "s.db",
+        "journal": tmp_path / "sub" / "j.log",
+    }
     assert f"no storage at {where[storage]}" in line and "--storage URL" in line
     assert _tree(tmp_path) == []
 
 
 def test_create_says_where_the_campaign_lives(
-    family: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    family: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The study file's `storage:` is read by `study create` only: its `next:` hint carries it."""
     monkeypatch.delenv("OLMOPT_STORAGE", raising=False)
@@ -138,12 +151,19 @@ def test_create_says_where_the_campaign_lives(
 
 
 # -- 3: study delete -------------------------------------------------------------------------------------
-def test_study_delete_on_sqlite(family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_study_delete_on_sqlite(
+    family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from olmopt.search.storage import single_writer
 
     url = f"sqlite:///{tmp_path}/s.db"
     for name in ("ev", "ev2"):
-        assert main(["study", "create", str(write_study(tmp_path, family["study"], name=name)), "--storage", url]) == 0
+        assert (
+            main(
+                ["study", "create", str(write_study(tmp_path, family["study"], name=name)), "--storage", url]
+            )
+            == 0
+        )
     assert main(["study", "run", "ev", "--storage", url, "--quiet"]) == 0
     capsys.readouterr()
 
@@ -164,7 +184,11 @@ def test_study_delete_on_sqlite(family: dict[str, Any], tmp_path: Path, capsys: 
     assert names() == ["ev2"]
     import optuna
 
-    assert not [s.study_name for s in optuna.storages.get_storage(url).get_all_studies() if s.study_name.startswith("ev/")]
+    assert not [
+        s.study_name
+        for s in optuna.storages.get_storage(url).get_all_studies()
+        if s.study_name.startswith("ev/")
+    ]
     assert main(["study", "delete", "ev", "--storage", url, "--yes"]) == 2
     assert "no campaign named 'ev'" in _one_line_error(capsys)
     # the name is free again
@@ -188,7 +212,10 @@ def test_study_delete_on_postgresql_refuses_while_a_worker_runs(
 
     url = server_url("postgres")
     name = f"del-{uuid.uuid4().hex[:10]}"
-    assert main(["study", "create", str(write_study(tmp_path, family["study"], name=name)), "--storage", url]) == 0
+    assert (
+        main(["study", "create", str(write_study(tmp_path, family["study"], name=name)), "--storage", url])
+        == 0
+    )
     campaign = Campaign.load(name, url)  # opened with heartbeats, as a worker opens it
     storage = campaign.storage
     assert isinstance(storage, optuna.storages.RDBStorage)
@@ -217,7 +244,11 @@ STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
 def _run_cli(args: list[str], stderr: Any, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
     env = dict(os.environ, OLMOPT_THREADS="1", OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, "-m", "olmopt.cli", *args], stdout=subprocess.PIPE, stderr=stderr, env=env, timeout=timeout
+        [sys.executable, "-m", "olmopt.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=env,
+        timeout=timeout,
     )
 
 
@@ -236,20 +267,31 @@ def test_study_run_without_a_terminal_logs_one_timestamped_line_per_stage(
     lines = raw.decode().splitlines()
     assert re.fullmatch(STAMP + r" campaign ev: 3 of 3 stages to run \(about \d+ trials\)", lines[0]), lines
     stage_lines = lines[1:]
-    assert [line.split(" ")[1] for line in stage_lines] == ["000-base:", "001-layer-0:", "002-layer-1:"], lines
+    assert [line.split(" ")[1] for line in stage_lines] == ["000-base:", "001-layer-0:", "002-layer-1:"], (
+        lines
+    )
     for line in stage_lines:
         # timestamp, stage, winner (why), trials, and every objective's value
         figure = r"[\d.e+-]+( \[[\d.e+-]+\])?"  # held-out figure in brackets
-        assert re.fullmatch(STAMP + rf" \d{{3}}-[\w-]+: winner \S+ \(.+\); \d+ trials; acc {figure} ppl {figure}", line), line
+        assert re.fullmatch(
+            STAMP + rf" \d{{3}}-[\w-]+: winner \S+ \(.+\); \d+ trials; acc {figure} ppl {figure}", line
+        ), line
     assert "campaign ev: finished" in proc.stdout.decode()
     if quiet:
         return
     # export and rebuild without a terminal: no "writing" bar frames either (issue 19 item 6, README walk)
     out = tmp_path / "model"
     with open(log, "wb") as handle:
-        assert _run_cli(["export", "best", "ev", "--storage", url, "--out", str(out), "--no-compare"], handle).returncode == 0
+        assert (
+            _run_cli(
+                ["export", "best", "ev", "--storage", url, "--out", str(out), "--no-compare"], handle
+            ).returncode
+            == 0
+        )
         report = str(out / "merge_report.json")
-        rebuilt = _run_cli(["rebuild", report, "--out", str(tmp_path / "again"), "--models-dir", str(family["tmp"])], handle)
+        rebuilt = _run_cli(
+            ["rebuild", report, "--out", str(tmp_path / "again"), "--models-dir", str(family["tmp"])], handle
+        )
         assert rebuilt.returncode == 0
     raw = log.read_bytes()
     assert b"\r" not in raw and b"\x1b" not in raw and b"writing" not in raw, raw[-500:]
@@ -265,7 +307,9 @@ def test_study_run_on_a_terminal_keeps_its_bars(family: dict[str, Any], tmp_path
     import struct
     import termios
 
-    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws nothing at 0 columns
+    fcntl.ioctl(
+        secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0)
+    )  # tqdm draws nothing at 0 columns
     try:
         proc = _run_cli(["study", "run", "ev", "--storage", url], secondary)
         os.close(secondary)
@@ -294,16 +338,25 @@ def test_status_and_list_do_not_import_torch(family: dict[str, Any], tmp_path: P
     for argv in (["study", "status", "ev"], ["study", "status", "ev", "--json"], ["study", "list"]):
         proc = subprocess.run(
             [sys.executable, "-X", "importtime", "-m", "olmopt.cli", *argv, "--storage", url],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
-        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        imported = {
+            line.split("|")[-1].strip()
+            for line in proc.stderr.splitlines()
+            if line.startswith("import time:")
+        }
         heavy = {m for m in imported if m.split(".")[0] in ("torch", "transformers", "safetensors")}
         assert not heavy, (argv, sorted(heavy)[:5])
 
 
 def test_status_states(
-    family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    family: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import shutil
 
@@ -313,7 +366,10 @@ def test_status_states(
 
     data = tmp_path / "add.json"
     shutil.copy(family["tmp"] / "add.json", data)
-    study = {**family["study"], "objectives": [{**o, "dataset": str(data)} for o in family["study"]["objectives"]]}
+    study = {
+        **family["study"],
+        "objectives": [{**o, "dataset": str(data)} for o in family["study"]["objectives"]],
+    }
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["study", "create", str(write_study(tmp_path, study)), "--storage", url]) == 0
 
@@ -322,6 +378,7 @@ def test_status_states(
         return s["state"] + (f": {s['error']}" if s["error"] else "")
 
     assert state() == "not started"
+
     # Ctrl-C (here: raised by the first log line of the run)
     def interrupt(_line: str) -> None:
         raise KeyboardInterrupt
@@ -360,11 +417,16 @@ def test_status_states(
     assert "finished" in capsys.readouterr().out
 
 
-def test_status_table_shows_whole_winners(family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_table_shows_whole_winners(
+    family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from olmopt.model_ids import short_names
 
     assert short_names(["/x/m/model", "/y/n/model", "org/other", "solo"]) == {
-        "/x/m/model": "m/model", "/y/n/model": "n/model", "org/other": "other", "solo": "solo"
+        "/x/m/model": "m/model",
+        "/y/n/model": "n/model",
+        "org/other": "other",
+        "solo": "solo",
     }
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["study", "create", str(write_study(tmp_path, family["study"])), "--storage", url]) == 0
@@ -379,7 +441,7 @@ def test_status_table_shows_whole_winners(family: dict[str, Any], tmp_path: Path
         assert (stage, state) == (key, "decided") and winner in ("a", "b", "c")
 
 
-# -- 5: a model card ready for the Hub -------------------------------------------------------------------------
+# -- 5: a model card ready for the Hub -----------------------------------------------------------------------
 def test_exported_card_and_report_name_models_by_id_without_local_paths(
     family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -434,7 +496,9 @@ def test_card_front_matter_lists_hub_models(tmp_path: Path) -> None:
         "Qwen/Qwen2.5-0.5B": {"id": "Qwen/Qwen2.5-0.5B", "source": "hub"},
         "org/other": {"id": "org/other", "source": "hub"},
     }
-    recipe = Recipe(base="Qwen/Qwen2.5-0.5B", boundary="mine", units={"model.layers.1.mlp.up_proj": "org/other"})
+    recipe = Recipe(
+        base="Qwen/Qwen2.5-0.5B", boundary="mine", units={"model.layers.1.mlp.up_proj": "org/other"}
+    )
     table = [{"model": "merged (olmopt)", "search": {"acc": 0.5}, "held_out": {"acc": 0.4}}]
     pool = {v["id"]: {"source": v["source"]} for v in ids.values()}
     card = model_card("t", recipe, table, ["acc"], {"acc": "maximize"}, pool=pool)
@@ -457,18 +521,22 @@ def test_root_study_carries_the_objectives_directions(family: dict[str, Any], tm
     assert root.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
 
 
-# -- 12: small things -------------------------------------------------------------------------------------------
+# -- 12: small things ----------------------------------------------------------------------------------------
 def test_export_to_an_existing_directory_fails_before_loading_anything(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "olmopt.cli", "export", "best", "ev", "--out", str(tmp_path / "out"),
-         "--storage", f"sqlite:///{tmp_path}/s.db"],
+        [sys.executable, "-X", "importtime", "-m", "olmopt.cli", "export", "best", "ev",
+         "--out", str(tmp_path / "out"), "--storage", f"sqlite:///{tmp_path}/s.db"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
     assert lines == [f"olmopt: error: output {tmp_path / 'out'} already exists (pass --force to replace it)"]
-    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    imported = {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert not imported & {"torch", "transformers", "optuna"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -565,7 +633,8 @@ CHROMIUM = Path("/usr/bin/chromium")
     reason="needs Debian chromium at /usr/bin/chromium (apt-get install -y chromium)",
 )
 def test_screenshot_of_the_trial_list_marks_only_the_winner(zoo_layer0: str, tmp_path: Path) -> None:
-    """Headless Chromium on `olmopt dashboard`: in a decided stage's trial list only the winner is "Best Trial"."""
+    """Headless Chromium on `olmopt dashboard`: in a decided
+    stage's trial list only the winner is "Best Trial"."""
     from PIL import Image
 
     from olmopt.search.campaign import Campaign
@@ -575,7 +644,8 @@ def test_screenshot_of_the_trial_list_marks_only_the_winner(zoo_layer0: str, tmp
     assert decision is not None
     proc = subprocess.Popen(
         [sys.executable, "-m", "olmopt.cli", "dashboard", "--storage", zoo_layer0, "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:
         lines = [proc.stdout.readline() for _ in range(2)]  # type: ignore[union-attr]
@@ -584,7 +654,12 @@ def test_screenshot_of_the_trial_list_marks_only_the_winner(zoo_layer0: str, tmp
             ids = {s["study_name"]: s["study_id"] for s in json.loads(response.read())["study_summaries"]}
         page = f"{base}/dashboard/studies/{ids['ev/' + campaign.plan[1].key]}/trials"
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-        flags += ["--disable-component-update", "--disable-sync", "--no-first-run", "--virtual-time-budget=15000"]
+        flags += [
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--virtual-time-budget=15000",
+        ]
         flags += ["--window-size=1400,1000"]
         shot = tmp_path / "trials.png"
         for extra, profile in (([f"--screenshot={shot}"], "p1"), (["--dump-dom"], "p2")):
@@ -695,20 +770,25 @@ def test_state_on_postgresql(family: dict[str, Any], tmp_path: Path) -> None:
 
     url = server_url("postgres")
     name = f"state-{uuid.uuid4().hex[:10]}"
-    assert main(["study", "create", str(write_study(tmp_path, family["study"], name=name)), "--storage", url]) == 0
+    assert (
+        main(["study", "create", str(write_study(tmp_path, family["study"], name=name)), "--storage", url])
+        == 0
+    )
     try:
         assert campaign_status(name, url)["state"] == "not started"
         campaign = Campaign.load(name, url)
         campaign.record_run("running")  # a worker that just started (loading models, no trial yet)
         assert campaign_status(name, url)["state"] == "running"
         root_id = campaign.storage.get_study_id_from_name(name)
-        campaign.storage.set_study_user_attr(root_id, RUN_ATTR, {"state": "running", "at": "2020-01-01T00:00:00Z"})
+        campaign.storage.set_study_user_attr(
+            root_id, RUN_ATTR, {"state": "running", "at": "2020-01-01T00:00:00Z"}
+        )
         assert campaign_status(name, url)["state"] == "interrupted"  # a worker killed long ago
     finally:
         assert main(["study", "delete", name, "--storage", url, "--yes"]) == 0
 
 
-# -- 11: help with examples -------------------------------------------------------------------------------------
+# -- 11: help with examples ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "argv",
     [["study", "create"], ["study", "run"], ["study", "status"], ["study", "list"], ["study", "delete"],
@@ -724,14 +804,24 @@ def test_help_ends_with_examples(argv: list[str], capsys: pytest.CaptureFixture[
     assert tail and all(line.startswith(f"  olmopt {' '.join(argv)}") for line in tail), tail
 
 
-# -- 11: study-file messages: close matches for unknown keys, the file's name on every key error, no class names --
+# -- 11: study-file messages: close matches for unknown keys, the file's name on every key error,
+# no class names ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
         ({"sampler": {"nme": "tpe"}}, "sampler.nme: unknown key (did you mean 'name'?)"),
-        ({"decisions": {"layer": {"mode": "greedy"}}}, "decisions.layer: unknown key (did you mean 'layers'?)"),
-        ({"pool": {"modles": ["a", "b"]}}, "pool.modles: unknown key (did you mean 'models'?)"),  # not "models: required"
-        ({"decisions": {"es": {"svd": {"generation": 2}}}}, "decisions.es.svd.generation: unknown key (did you mean 'generations'?)"),
+        (
+            {"decisions": {"layer": {"mode": "greedy"}}},
+            "decisions.layer: unknown key (did you mean 'layers'?)",
+        ),
+        (
+            {"pool": {"modles": ["a", "b"]}},
+            "pool.modles: unknown key (did you mean 'models'?)",
+        ),  # not "models: required"
+        (
+            {"decisions": {"es": {"svd": {"generation": 2}}}},
+            "decisions.es.svd.generation: unknown key (did you mean 'generations'?)",
+        ),
         ({"colour": "blue"}, "colour: unknown key"),  # nothing close: no guess
         ({"decisions": {"layers": 3}}, "decisions.layers: expected a mapping of keys, got 3 (a number)"),
         ({"pool": ["a", "b"]}, "pool: expected a mapping of keys, got a list"),
@@ -739,7 +829,11 @@ def test_help_ends_with_examples(argv: list[str], capsys: pytest.CaptureFixture[
     ids=["sampler", "decisions", "pool", "nested", "no-match", "number", "list"],
 )
 def test_study_file_key_errors_suggest_keys_and_name_no_class(
-    family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any], expected: str
+    family: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, Any],
+    expected: str,
 ) -> None:
     path = write_study(tmp_path, family["study"], **change)
     capsys.readouterr()
@@ -755,22 +849,31 @@ def test_an_unknown_key_in_an_objective_gets_a_suggestion(
     path = write_study(tmp_path, family["study"], objectives=objectives)
     capsys.readouterr()
     assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
-    assert _one_line_error(capsys) == f"olmopt: error: {path}: objectives.0.held_outt: unknown key (did you mean 'held_out'?)\n"
+    assert (
+        _one_line_error(capsys)
+        == f"olmopt: error: {path}: objectives.0.held_outt: unknown key (did you mean 'held_out'?)\n"
+    )
 
 
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"layers": {"mode": "greedy", "only": [0, 2]}}, "decisions.layers.only: layer 2 is outside the model (layers 0..1)"),
+        ({"layers": {"mode": "greedy", "only": [0, 2]}},
+         "decisions.layers.only: layer 2 is outside the model (layers 0..1)"),
         ({"layers": {"mode": "off"}, "es": {"svd": {"units": ["model.layers.0.nope"]}}},
-         "decisions.es.svd.units: unit 'model.layers.0.nope' does not exist in this architecture (units: lm_head, "
-         "model.embed_tokens, model.norm, model.layers.N.{input_layernorm, mlp.down_proj, mlp.gate_proj, mlp.up_proj, "
-         "post_attention_layernorm, self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, self_attn.v_proj} with N in 0..1)\n"),
+         "decisions.es.svd.units: unit 'model.layers.0.nope' does not exist in this architecture (units: "
+         "lm_head, model.embed_tokens, model.norm, model.layers.N.{input_layernorm, mlp.down_proj, "
+         "mlp.gate_proj, mlp.up_proj, post_attention_layernorm, self_attn.k_proj, self_attn.o_proj, "
+         "self_attn.q_proj, self_attn.v_proj} with N in 0..1)\n"),
     ],
     ids=["layers.only", "es.units"],
 )  # fmt: skip
 def test_key_errors_found_against_the_pool_name_the_file(
-    family: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any], expected: str
+    family: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, Any],
+    expected: str,
 ) -> None:
     """Cross-field checks that need the opened pool start with the file's name, as schema errors do."""
     decisions = {**family["study"]["decisions"], **change}

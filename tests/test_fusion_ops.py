@@ -83,7 +83,8 @@ def test_pairs_and_limits() -> None:
     pairs = fusion_pairs(32, 13)
     assert pairs[0] == (30, 31) and pairs[-1] == (18, 19)
     assert fusion_steps(4, [0.1, 0.2]) == [
-        FusionStep(into=2, remove=3, alpha=0.1), FusionStep(into=1, remove=2, alpha=0.2)
+        FusionStep(into=2, remove=3, alpha=0.1),
+        FusionStep(into=1, remove=2, alpha=0.2),
     ]  # the Recipe's type
     check_chain(4, 3)
     with pytest.raises(ValueError, match="at most 3"):

@@ -21,8 +21,9 @@ from tests.test_study import study_file
 
 REPO = Path(__file__).resolve().parents[1]
 BUILT_IN = {
-    "base", "boundary", "layer", "block", "unit", "joint-layers", "joint-units", "joint-merge", "joint-fusion",
-    "joint-dfs", "es-svd", "es-norm", "es-tune-svd", "es-tune-norm", "polish-layer", "polish-unit",
+    "base", "boundary", "layer", "block", "unit", "joint-layers", "joint-units", "joint-merge",
+    "joint-fusion", "joint-dfs", "es-svd", "es-norm", "es-tune-svd", "es-tune-norm", "polish-layer",
+    "polish-unit",
 }  # fmt: skip
 
 
@@ -50,7 +51,8 @@ def every_kind_env(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         boundary={"mode": "greedy"},
         layers={"mode": "greedy", "windows": [2, 1], "passes": 2, "then_joint": 3, "polish": 1},
         tensors={"mode": "greedy", "only": [1], "then_joint": 3, "polish": 1},
-        es={"svd": {"units": [unit], "tune": {"trials": 2}}, "norm": {"units": [unit], "generations": 2, "tune": {"trials": 2}}},
+        es={"svd": {"units": [unit], "tune": {"trials": 2}},
+            "norm": {"units": [unit], "generations": 2, "tune": {"trials": 2}}},
         fusion={"mode": "joint", "n_trials": 3, "calibration_samples": 8},
         dfs={"mode": "joint", "n_trials": 3, "repetitions": 1},
     )  # fmt: skip
@@ -59,8 +61,8 @@ def every_kind_env(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     pool = context.pool
     names = pool[config.base_model].checkpoint.keys()
     return SimpleNamespace(
-        config=config, pool_names=pool.names, adapter=pool.adapter, param_names=names, context=context, pool=pool,
-        decisions={},
+        config=config, pool_names=pool.names, adapter=pool.adapter, param_names=names, context=context,
+        pool=pool, decisions={},
     )  # fmt: skip
 
 

@@ -25,7 +25,9 @@ def pool(tiny_zoo: Path) -> ModelPool:
     return ModelPool([str(tiny_zoo / m) for m in ("base", "spec_add", "spec_fact")])
 
 
-def _recipe(pool: ModelPool, layer_params: dict, group_size: int = 1, method: str = "task_arithmetic", **params) -> Recipe:
+def _recipe(
+    pool: ModelPool, layer_params: dict, group_size: int = 1, method: str = "task_arithmetic", **params
+) -> Recipe:
     base, add, fact = pool.names
     merge = ParamMerge(
         method=method, models=(add, fact), params=params, layer_params=layer_params, group_size=group_size
@@ -33,7 +35,9 @@ def _recipe(pool: ModelPool, layer_params: dict, group_size: int = 1, method: st
     return Recipe(base=base, param_merge=merge)
 
 
-def _hand_task_arithmetic(pool: ModelPool, name: str, w: tuple[float, float], lam: float = 1.0) -> torch.Tensor:
+def _hand_task_arithmetic(
+    pool: ModelPool, name: str, w: tuple[float, float], lam: float = 1.0
+) -> torch.Tensor:
     base, add, fact = (pool.tensor(m, name).double() for m in pool.names)
     return (base + lam * (w[0] * (add - base) + w[1] * (fact - base))).float()
 
@@ -52,7 +56,9 @@ def test_per_layer_weights_reach_their_layers(pool: ModelPool) -> None:
         if layer is None:  # embedding: layer 0's values; final norm and head: the last layer's
             layer = 0 if name.startswith(adapter.embed) else adapter.num_layers - 1
         seen.add(layer)
-        torch.testing.assert_close(tensor, _hand_task_arithmetic(pool, name, PER_LAYER[layer]), rtol=0, atol=2e-6)
+        torch.testing.assert_close(
+            tensor, _hand_task_arithmetic(pool, name, PER_LAYER[layer]), rtol=0, atol=2e-6
+        )
     assert seen == {0, 1, 2, 3}
     # the tolerance tells layers apart: layer 0 is far from what layer 1's weights would give
     q = "model.layers.0.self_attn.q_proj.weight"
@@ -68,7 +74,9 @@ def test_groups_of_adjacent_layers_and_global_values(pool: ModelPool) -> None:
         layer = pool.adapter.layer_of(name)
         if layer is None:
             layer = 0 if name.startswith(pool.adapter.embed) else 3
-        torch.testing.assert_close(tensor, _hand_task_arithmetic(pool, name, want[layer], 0.5), rtol=0, atol=2e-6)
+        torch.testing.assert_close(
+            tensor, _hand_task_arithmetic(pool, name, want[layer], 0.5), rtol=0, atol=2e-6
+        )
     # a layer-wise list equal in every group is the global setting, bit for bit
     flat = _recipe(pool, {"weights": ((0.3, 0.6),) * 4}, **{"lambda": 0.5})
     glob = _recipe(pool, {}, weights=(0.3, 0.6), **{"lambda": 0.5})
@@ -100,13 +108,20 @@ def test_patch_equals_export_and_undo_is_exact(pool: ModelPool) -> None:
 
 
 def test_export_and_rebuild_bit_identical(pool: ModelPool, tmp_path: Path) -> None:
-    recipe = _recipe(pool, {"weights": PER_LAYER, "density": ((0.5, 1.0), (0.9, 0.3))}, group_size=2, method="dare_ties")
+    recipe = _recipe(
+        pool, {"weights": PER_LAYER, "density": ((0.5, 1.0), (0.9, 0.3))}, group_size=2, method="dare_ties"
+    )
     recipe = recipe.model_copy(update={"param_merge": recipe.param_merge.model_copy(update={"seed": 7})})
     out = tmp_path / "out"
     with pytest.raises(InputError, match="weights has 4 values for 2 layer groups"):
         write_model_dir(pool, recipe, out, {"recipe": recipe.to_dict()}, "card")
     assert not out.exists()
-    recipe = _recipe(pool, {"weights": PER_LAYER[:2], "density": ((0.5, 1.0), (0.9, 0.3))}, group_size=2, method="dare_ties")
+    recipe = _recipe(
+        pool,
+        {"weights": PER_LAYER[:2], "density": ((0.5, 1.0), (0.9, 0.3))},
+        group_size=2,
+        method="dare_ties",
+    )
     write_model_dir(pool, recipe, out, {"recipe": recipe.to_dict()}, "card", progress=False)
     again = tmp_path / "again"
     rebuilt = rebuild(out / "merge_report.json", again, progress=False)
@@ -118,7 +133,9 @@ def test_export_and_rebuild_bit_identical(pool: ModelPool, tmp_path: Path) -> No
 
 
 def test_recipe_json_round_trip_and_old_form_unchanged() -> None:
-    merge = ParamMerge(method="ties", models=("a", "b"), layer_params={"weights": ((1.0, 0.5), 0.2)}, group_size=3)
+    merge = ParamMerge(
+        method="ties", models=("a", "b"), layer_params={"weights": ((1.0, 0.5), 0.2)}, group_size=3
+    )
     recipe = Recipe(base="base", param_merge=merge)
     assert Recipe.from_json(recipe.to_json()) == recipe
     old = Recipe(base="base", param_merge=ParamMerge(method="ties", models=("a",), params={"density": 0.5}))
@@ -149,7 +166,9 @@ def test_ps_merge_as_a_donor_of_later_stages(pool: ModelPool, tmp_path: Path) ->
 
     base, add, fact = pool.names
     ps = _recipe(pool, {"weights": PER_LAYER})
-    recipe = ps.model_copy(update={"boundary": base, "layers": {1: fact, 2: MERGE_DONOR}, "units": {"lm_head": MERGE_DONOR}})
+    recipe = ps.model_copy(
+        update={"boundary": base, "layers": {1: fact, 2: MERGE_DONOR}, "units": {"lm_head": MERGE_DONOR}}
+    )
     merged, plain = dict(materialize(pool, recipe)), dict(materialize(pool, ps))
     for name, tensor in merged.items():
         layer = pool.adapter.layer_of(name)
@@ -170,5 +189,7 @@ def test_ps_merge_as_a_donor_of_later_stages(pool: ModelPool, tmp_path: Path) ->
     rebuild(out / "merge_report.json", again, progress=False)
     a, b = _weights(out), _weights(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(InputError, match="'@merge' names the parameter-space merge, but param_merge is not set"):
+    with pytest.raises(
+        InputError, match="'@merge' names the parameter-space merge, but param_merge is not set"
+    ):
         Recipe(base=base, layers={2: MERGE_DONOR}).validate_against(pool.names, 4, [])

@@ -59,10 +59,20 @@ def _decode(space, params: dict[str, Any]) -> Recipe:  # noqa: ANN001
 
 
 def test_default_is_the_global_setting() -> None:
-    for space in (_space(methods=["ties"]), _space(methods=["ties"], group_size=4), _space(methods=["ties"], group_size=9)):
+    for space in (
+        _space(methods=["ties"]),
+        _space(methods=["ties"], group_size=4),
+        _space(methods=["ties"], group_size=9),
+    ):
         label, point = space.enqueue[0]
         assert label == "ties@defaults"
-        assert set(point) == {"method", "ties.weights.0", "ties.weights.1", "ties.density.0", "ties.density.1"}
+        assert set(point) == {
+            "method",
+            "ties.weights.0",
+            "ties.weights.1",
+            "ties.density.0",
+            "ties.density.1",
+        }
         recipe = _decode(space, point)
         assert recipe.param_merge is not None and recipe.param_merge.layer_params == {}
         assert recipe.param_merge.params == {"weights": (1.0, 1.0), "density": (1.0, 1.0)}
@@ -72,7 +82,9 @@ def test_layerwise_dimensions_decode_into_layer_params() -> None:
     space = _space(methods=["ties"], group_size=2)
     point = dict(space.enqueue[0][1])
     names = sorted(k for k in point if k != "method")
-    assert names == sorted(f"ties.{p}.{i}.g{g}" for p in ("weights", "density") for i in (0, 1) for g in (0, 1))
+    assert names == sorted(
+        f"ties.{p}.{i}.g{g}" for p in ("weights", "density") for i in (0, 1) for g in (0, 1)
+    )
     point.update({"ties.weights.0.g1": 0.25, "ties.density.1.g0": 0.5})
     merge = _decode(space, point).param_merge
     assert merge is not None and merge.group_size == 2 and merge.params == {}
@@ -86,7 +98,11 @@ def test_per_layer_groups_and_methods_without_layerwise_parameters() -> None:
     labels = {label: point for label, point in space.enqueue}
     ta = labels["task_arithmetic@1/n"]
     # task arithmetic at 1/n: every per-layer weight at 1, lambda = 1/n
-    assert ta == {"method": "task_arithmetic", "task_arithmetic.lambda": 1.0, **{f"task_arithmetic.weights.0.g{g}": 1.0 for g in range(4)}}
+    assert ta == {
+        "method": "task_arithmetic",
+        "task_arithmetic.lambda": 1.0,
+        **{f"task_arithmetic.weights.0.g{g}": 1.0 for g in range(4)},
+    }
     merge = _decode(space, ta).param_merge
     assert merge is not None and merge.layer_params == {"weights": ((1.0,), (1.0,), (1.0,), (1.0,))}
     # slerp's t and circuit's knobs are not per variant: global as before
@@ -161,7 +177,9 @@ def test_sampler_choice() -> None:
         ({"sampler": "nsga"}, "decisions.merge.sampler"),
     ],
 )
-def test_bad_merge_settings_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], merge: dict, fragment: str) -> None:
+def test_bad_merge_settings_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], merge: dict, fragment: str
+) -> None:
     data = {
         "name": "bad",
         "pool": {"models": ["storage/zoo-tiny/base", "storage/zoo-tiny/spec_add"]},
@@ -184,7 +202,15 @@ def test_layerwise_cmaes_stage_exports_and_rebuilds(tiny_zoo: Path, tmp_path: Pa
         tiny_zoo,
         "lw",
         ["base", "spec_add", "spec_fact"],
-        {"merge": {"mode": "joint", "methods": ["task_arithmetic"], "group_size": 2, "sampler": "cmaes", "n_trials": 6}},
+        {
+            "merge": {
+                "mode": "joint",
+                "methods": ["task_arithmetic"],
+                "group_size": 2,
+                "sampler": "cmaes",
+                "n_trials": 6,
+            }
+        },
     )
     data["objectives"] = data["objectives"][:2]
     for o in data["objectives"]:
@@ -194,7 +220,10 @@ def test_layerwise_cmaes_stage_exports_and_rebuilds(tiny_zoo: Path, tmp_path: Pa
     mk = {
         "merge_method": "task_arithmetic",
         "base_model": str(tiny_zoo / "base"),
-        "models": [{"model": add, "parameters": {"weight": 0.5}}, {"model": fact, "parameters": {"weight": 0.25}}],
+        "models": [
+            {"model": add, "parameters": {"weight": 0.5}},
+            {"model": fact, "parameters": {"weight": 0.25}},
+        ],
         "parameters": {"lambda": 0.8},
     }
     (tmp_path / "mk.yml").write_text(yaml.safe_dump(mk))
@@ -241,43 +270,89 @@ def _ties(**slices_or_models: Any) -> dict:
 def test_mergekit_configs_are_enqueued_as_points_of_the_stage(tmp_path: Path) -> None:
     from olmopt.mergekit import parse_mergekit
 
-    glob = _ties(models=[{"model": "a", "parameters": {"weight": 0.3, "density": 0.5}}, {"model": "b", "parameters": {"weight": 0.6}}])
+    glob = _ties(
+        models=[
+            {"model": "a", "parameters": {"weight": 0.3, "density": 0.5}},
+            {"model": "b", "parameters": {"weight": 0.6}},
+        ]
+    )
     per_pair = _ties(
         slices=[
-            {"sources": [{"model": "base", "layer_range": [a, a + 2]}, *({"model": m, "layer_range": [a, a + 2], "parameters": {"weight": w, "density": 0.8}} for m, w in (("a", 0.1 + 0.2 * a), ("b", 0.2)))]}
+            {
+                "sources": [
+                    {"model": "base", "layer_range": [a, a + 2]},
+                    *(
+                        {"model": m, "layer_range": [a, a + 2], "parameters": {"weight": w, "density": 0.8}}
+                        for m, w in (("a", 0.1 + 0.2 * a), ("b", 0.2))
+                    ),
+                ]
+            }
             for a in (0, 2)
         ]
     )
     space = _space_with(tmp_path, [glob], methods=["ties", "task_arithmetic"])
     label, point = space.enqueue[1]
     assert label == "mergekit:mk0.yml"
-    assert point == {"method": "ties", "ties.weights.0": 0.3, "ties.weights.1": 0.6, "ties.density.0": 0.5, "ties.density.1": 1.0}
+    assert point == {
+        "method": "ties",
+        "ties.weights.0": 0.3,
+        "ties.weights.1": 0.6,
+        "ties.density.0": 0.5,
+        "ties.density.1": 1.0,
+    }
     space = _space_with(tmp_path, [per_pair], methods=["ties"], group_size=2)
     label, point = space.enqueue[0]
     merge = _decode(space, point).param_merge
-    want = parse_mergekit(yaml.safe_load((tmp_path / "mk0.yml").read_text())).build(ArchitectureAdapter("llama", 4, False)).param_merge
+    want = (
+        parse_mergekit(yaml.safe_load((tmp_path / "mk0.yml").read_text()))
+        .build(ArchitectureAdapter("llama", 4, False))
+        .param_merge
+    )
     assert merge is not None and want is not None and merge.group_size == 2 and want.group_size == 2
     from olmopt.methods.delta import make_params
 
     for layer in range(4):
-        assert make_params("ties", merge.params_at(layer)).resolve(2) == make_params("ties", want.params_at(layer)).resolve(2)
+        assert make_params("ties", merge.params_at(layer)).resolve(2) == make_params(
+            "ties", want.params_at(layer)
+        ).resolve(2)
 
 
 @pytest.mark.parametrize(
     ("config", "merge", "fragment"),
     [
-        (_ties(models=[{"model": "a", "parameters": {"weight": [0.1, 0.9]}}, {"model": "b"}]), {"group_size": 2}, "weights on layer 1 is (0.3666"),
-        (_ties(models=[{"model": "a"}, {"model": "b"}], parameters={"lambda": 0.5}), {}, "lambda on layer 0 is 0.5"),
+        (
+            _ties(models=[{"model": "a", "parameters": {"weight": [0.1, 0.9]}}, {"model": "b"}]),
+            {"group_size": 2},
+            "weights on layer 1 is (0.3666",
+        ),
+        (
+            _ties(models=[{"model": "a"}, {"model": "b"}], parameters={"lambda": 0.5}),
+            {},
+            "lambda on layer 0 is 0.5",
+        ),
         (_ties(models=[{"model": "a"}, {"model": "c"}]), {}, "models[1].model: model c is not in the pool"),
-        ({"merge_method": "slerp", "base_model": "base", "models": [{"model": "a"}], "parameters": {"t": 0.5}}, {}, "method slerp is not in decisions.merge.methods"),
+        (
+            {
+                "merge_method": "slerp",
+                "base_model": "base",
+                "models": [{"model": "a"}],
+                "parameters": {"t": 0.5},
+            },
+            {},
+            "method slerp is not in decisions.merge.methods",
+        ),
         (_ties(models=[{"model": "b"}, {"model": "a"}]), {}, "list the models in the stage's order"),
         (_ties(models=[{"model": "a"}, {"model": "b"}], colour=1), {}, "colour: unknown key"),
     ],
 )
-def test_mergekit_configs_the_stage_cannot_represent_are_one_line(tmp_path: Path, config: dict, merge: dict, fragment: str) -> None:
+def test_mergekit_configs_the_stage_cannot_represent_are_one_line(
+    tmp_path: Path, config: dict, merge: dict, fragment: str
+) -> None:
     from olmopt.errors import InputError
 
     with pytest.raises(InputError, match=None) as info:
         _space_with(tmp_path, [config], methods=["ties"], **merge)
     message = str(info.value)
-    assert message.startswith("decisions.merge.enqueue[0]: ") and fragment in message and "\n" not in message, message
+    assert (
+        message.startswith("decisions.merge.enqueue[0]: ") and fragment in message and "\n" not in message
+    ), message

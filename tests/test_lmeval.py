@@ -40,7 +40,10 @@ def study_file(tmp: Path, zoo: Path, name: str, objs: list[dict[str, Any]] | Non
         "name": name,
         "pool": {"models": [str(zoo / m) for m in ZOO_MODELS]},
         "objectives": objs if objs is not None else objectives(),
-        "decisions": {"base": {"mode": "fixed", "model": str(zoo / "base")}, "layers": {"mode": "greedy", "only": [2, 3]}},
+        "decisions": {
+            "base": {"mode": "fixed", "model": str(zoo / "base")},
+            "layers": {"mode": "greedy", "only": [2, 3]},
+        },
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -84,7 +87,9 @@ def assert_same_items(ctx: EvalContext, values: dict[str, float], ref: dict[str,
                     assert mine == their
 
 
-def test_per_item_results_equal_lm_evals_own_run_on_the_resident_model(tiny_zoo: Path, tmp_path: Path) -> None:
+def test_per_item_results_equal_lm_evals_own_run_on_the_resident_model(
+    tiny_zoo: Path, tmp_path: Path
+) -> None:
     config = load_study_file(study_file(tmp_path, tiny_zoo, "eq", objectives(mc_limit=60, add_limit=40)))
     preflight(config)
     assert [(o.name, o.metric, o.direction) for o in config.objectives] == [
@@ -106,7 +111,10 @@ def test_per_item_results_equal_lm_evals_own_run_on_the_resident_model(tiny_zoo:
 
 def test_held_out_documents_are_never_seen_by_the_search(tiny_zoo: Path, tmp_path: Path) -> None:
     n = 200
-    search, held = split_doc_ids(n, 0.25, 1234, "search", None), split_doc_ids(n, 0.25, 1234, "held_out", None)
+    search, held = (
+        split_doc_ids(n, 0.25, 1234, "search", None),
+        split_doc_ids(n, 0.25, 1234, "held_out", None),
+    )
     assert len(held) == 50 and not set(search) & set(held) and sorted(search + held) == list(range(n))
     assert held != list(range(150, 200))  # shuffled with the seed, not the file's tail
     assert split_doc_ids(n, 0.25, 1234, "search", 30) == split_doc_ids(n, 0.25, 1234, "search", 30)
@@ -148,14 +156,22 @@ def test_held_out_documents_are_never_seen_by_the_search(tiny_zoo: Path, tmp_pat
         preflight(config)
 
 
-def test_campaign_runs_resumes_and_exports(tiny_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_campaign_runs_resumes_and_exports(
+    tiny_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     path = study_file(tmp_path, tiny_zoo, "lme")
     assert main(["study", "create", str(path), "--storage", url]) == 0
     assert main(["study", "run", "lme", "--storage", url, "--quiet", "--timeout", "0.01"]) in (0, 3)
     assert main(["study", "run", "lme", "--storage", url, "--quiet"]) == 0
     err = capsys.readouterr().err
-    for chatter in ("Custom kwargs", "Running loglikelihood", "Building contexts", "lm_eval", "max_new_tokens"):
+    for chatter in (
+        "Custom kwargs",
+        "Running loglikelihood",
+        "Building contexts",
+        "lm_eval",
+        "max_new_tokens",
+    ):
         assert chatter not in err  # lm-eval's console output stays hidden without --verbose
     status = campaign_status("lme", url)
     assert status["finished"] and status["objectives"] == {"mc": "maximize", "add": "maximize"}
@@ -171,8 +187,14 @@ def test_campaign_runs_resumes_and_exports(tiny_zoo: Path, tmp_path: Path, capsy
     out = tmp_path / "merged"
     assert main(["export", "best", "lme", "--storage", url, "--out", str(out), "--quiet"]) == 0
     report = json.loads((out / "merge_report.json").read_text())
-    assert set(report["merged"]["search"]) == {"mc", "add"} and set(report["merged"]["held_out"]) == {"mc", "add"}
-    assert report["objectives"]["mc"]["lm_eval_task"] == "zoo_mc" and report["objectives"]["add"]["metric"] == "exact_match"
+    assert set(report["merged"]["search"]) == {"mc", "add"} and set(report["merged"]["held_out"]) == {
+        "mc",
+        "add",
+    }
+    assert (
+        report["objectives"]["mc"]["lm_eval_task"] == "zoo_mc"
+        and report["objectives"]["add"]["metric"] == "exact_match"
+    )
     config = load_study_file(path)
     preflight(config)
     ctx = EvalContext(config)
@@ -197,15 +219,23 @@ def _network_task(tmp: Path) -> Path:
 @pytest.mark.parametrize(
     ("edit", "needle"),
     [
-        (lambda o, t: o[0].update(task="no_such_task", include_path=str(TASKS)), "lm_eval task 'no_such_task': unknown task"),
+        (
+            lambda o, t: o[0].update(task="no_such_task", include_path=str(TASKS)),
+            "lm_eval task 'no_such_task': unknown task",
+        ),
         (lambda o, t: o[0].update(metric="bleu"), "does not produce metric 'bleu'"),
         (lambda o, t: o[0].update(include_path=str(t / "missing")), "is not a directory"),
-        (lambda o, t: o[0].update(task="hub_task", include_path=str(_network_task(t))), "'hub_task' cannot be loaded offline"),
+        (
+            lambda o, t: o[0].update(task="hub_task", include_path=str(_network_task(t))),
+            "'hub_task' cannot be loaded offline",
+        ),
         (lambda o, t: o[1].update(dataset="x.json"), "objectives.1: dataset: not a key of kind lm_eval"),
         (lambda o, t: o[1].pop("task"), "objectives.1: task: required for kind lm_eval"),
     ],
 )
-def test_bad_lm_eval_objectives(tiny_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: Any, needle: str) -> None:
+def test_bad_lm_eval_objectives(
+    tiny_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: Any, needle: str
+) -> None:
     objs = objectives()
     edit(objs, tmp_path)
     path = study_file(tmp_path, tiny_zoo, "bad", objs)
@@ -223,7 +253,9 @@ def test_missing_lm_eval_names_the_extra(tiny_zoo: Path, tmp_path: Path) -> None
     (fake / "lm_eval").mkdir(parents=True)
     (fake / "lm_eval" / "__init__.py").write_text("raise ImportError('No module named lm_eval')\n")
     path = study_file(tmp_path, tiny_zoo, "nolm")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
     db = tmp_path / "s.db"
     proc = subprocess.run(
         [sys.executable, "-m", "olmopt.cli", "study", "create", str(path), "--storage", f"sqlite:///{db}"],

@@ -1,4 +1,5 @@
-"""Merge methods of the registry: hand computations, the conformance kit, the CLI, bad input, a toy plug-in."""
+"""Merge methods of the registry: hand computations, the
+conformance kit, the CLI, bad input, a toy plug-in."""
 
 from __future__ import annotations
 
@@ -46,7 +47,10 @@ def test_every_registered_method_passes_the_conformance_kit(method: str) -> None
 
 
 def test_importing_the_registry_and_the_cli_loads_no_torch() -> None:
-    code = "import sys, olmopt.methods.delta, olmopt.config, olmopt.cli; olmopt.cli.build_parser(); print('torch' in sys.modules)"
+    code = (
+        "import sys, olmopt.methods.delta, olmopt.config, olmopt.cli; olmopt.cli.build_parser(); "
+        "print('torch' in sys.modules)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )

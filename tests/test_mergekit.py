@@ -53,13 +53,19 @@ def _recipes(pool: ModelPool) -> dict[str, Recipe]:
             group_size=2,
             seed=11,
         ),
-        "ta-per-layer": ps("task_arithmetic", layer_params={"weights": ((1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (0.3, 0.1))}),
+        "ta-per-layer": ps(
+            "task_arithmetic", layer_params={"weights": ((1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (0.3, 0.1))}
+        ),
         "slerp-t-layerwise": ps("slerp", models=(add,), layer_params={"t": (0.1, 0.9)}, group_size=2),
         "linear-base-weight": ps("linear", params={"weights": (0.6, 0.3), "base_weight": 0.4}),
         "breadcrumbs": ps("breadcrumbs", params={"gamma": (0.05, 0.02), "density": 0.7}),
-        "passthrough": Recipe(base=base, layers={1: add, 2: fact, 3: add}, boundary=None).with_unit("model.norm", add).with_unit("lm_head", add),
+        "passthrough": Recipe(base=base, layers={1: add, 2: fact, 3: add}, boundary=None)
+        .with_unit("model.norm", add)
+        .with_unit("lm_head", add),
         "passthrough-boundary": Recipe(base=base, boundary=fact, layers={0: fact, 1: add, 3: fact}),
-        "ps-kept-by-later-stages": ps("ties", params={"density": 0.5}).model_copy(update={"layers": {2: MERGE_DONOR}}),
+        "ps-kept-by-later-stages": ps("ties", params={"density": 0.5}).model_copy(
+            update={"layers": {2: MERGE_DONOR}}
+        ),
     }
 
 
@@ -98,12 +104,30 @@ def test_recipe_yaml_recipe_round_trip_gives_the_same_weights(pool: ModelPool, l
 @pytest.mark.parametrize(
     ("recipe", "reason"),
     [
-        (Recipe(base="b", param_merge=ParamMerge(method="circuit", models=("a",))), "mergekit has no method circuit"),
-        (Recipe(base="b", units={"model.layers.1.mlp.up_proj": "a"}), "tensor model.layers.1.mlp.up_proj comes from a"),
-        (Recipe(base="b", es=(EsStep(unit="model.layers.0.mlp.up_proj", kind="svd", sigma=0.1, seed=1),)), "ES steps"),
+        (
+            Recipe(base="b", param_merge=ParamMerge(method="circuit", models=("a",))),
+            "mergekit has no method circuit",
+        ),
+        (
+            Recipe(base="b", units={"model.layers.1.mlp.up_proj": "a"}),
+            "tensor model.layers.1.mlp.up_proj comes from a",
+        ),
+        (
+            Recipe(base="b", es=(EsStep(unit="model.layers.0.mlp.up_proj", kind="svd", sigma=0.1, seed=1),)),
+            "ES steps",
+        ),
         (Recipe(base="b", boundary="a"), "the embedding comes from a but layer 0 from b"),
-        (Recipe(base="b", layers={1: "a"}, param_merge=ParamMerge(method="ties", models=("a",))), "mixes a parameter-space merge"),
-        (Recipe(base="b", param_merge=ParamMerge(method="della", models=("a",), params={"sign_election": False})), "sign_election"),
+        (
+            Recipe(base="b", layers={1: "a"}, param_merge=ParamMerge(method="ties", models=("a",))),
+            "mixes a parameter-space merge",
+        ),
+        (
+            Recipe(
+                base="b",
+                param_merge=ParamMerge(method="della", models=("a",), params={"sign_election": False}),
+            ),
+            "sign_election",
+        ),
     ],
 )
 def test_what_mergekit_cannot_express_is_said(pool: ModelPool, recipe: Recipe, reason: str) -> None:
@@ -113,12 +137,17 @@ def test_what_mergekit_cannot_express_is_said(pool: ModelPool, recipe: Recipe, r
 
 def test_gradients_evaluate_as_mergekit() -> None:
     assert evaluate_setting([0.0, 1.0, 0.5], 0.75, "k") == pytest.approx(0.75)
-    assert evaluate_setting([0.0, 1.0, 0.5], 0.0, "k") == 0.0 and evaluate_setting([0.0, 1.0, 0.5], 1.0, "k") == 0.5
+    assert (
+        evaluate_setting([0.0, 1.0, 0.5], 0.0, "k") == 0.0
+        and evaluate_setting([0.0, 1.0, 0.5], 1.0, "k") == 0.5
+    )
     assert evaluate_setting([{"value": [1.0, 3.0]}], 0.5, "k") == 2.0
     assert evaluate_setting({"filter": "*", "value": 0.3}, 0.5, "k") == 0.3
 
 
-def test_merge_mergekit_cli_applies_gradient_lists_per_layer(pool: ModelPool, tiny_zoo: Path, tmp_path: Path) -> None:
+def test_merge_mergekit_cli_applies_gradient_lists_per_layer(
+    pool: ModelPool, tiny_zoo: Path, tmp_path: Path
+) -> None:
     base, add, fact = pool.names
     config = {
         "merge_method": "ties",
@@ -141,12 +170,17 @@ def test_merge_mergekit_cli_applies_gradient_lists_per_layer(pool: ModelPool, ti
         name = f"model.layers.{layer}.self_attn.v_proj.weight"
         tensors = [pool.tensor(m, name) for m in pool.names]
         want = merge_tensor(
-            "ties", tensors[0], tensors[1:], {"weights": (1.0 - t, 0.5), "density": (0.5, 0.2 + 0.8 * t), "normalize": False}
+            "ties",
+            tensors[0],
+            tensors[1:],
+            {"weights": (1.0 - t, 0.5), "density": (0.5, 0.2 + 0.8 * t), "normalize": False},
         )
         assert torch.equal(merged[name], want), layer
     # the embedding takes t = 0, the head t = 1 (mergekit's convention)
     head = [pool.tensor(m, "lm_head.weight") for m in pool.names]
-    want = merge_tensor("ties", head[0], head[1:], {"weights": (0.0, 0.5), "density": (0.5, 1.0), "normalize": False})
+    want = merge_tensor(
+        "ties", head[0], head[1:], {"weights": (0.0, 0.5), "density": (0.5, 1.0), "normalize": False}
+    )
     assert torch.equal(merged["lm_head.weight"], want)
     # the written report replays bit for bit
     again = tmp_path / "again"
@@ -160,28 +194,57 @@ def test_merge_mergekit_cli_applies_gradient_lists_per_layer(pool: ModelPool, ti
     [
         (lambda c: c.update(modulez=1), "modulez: unknown key"),
         (lambda c: c.update(modules={}), "modules: not supported by olmopt"),
-        (lambda c: c.update(merge_method="frankenmerge"), "merge_method: unknown merge method 'frankenmerge'"),
-        (lambda c: c["models"][1].update(model="storage/nowhere/model"), "models[1].model: model storage/nowhere/model"),
+        (
+            lambda c: c.update(merge_method="frankenmerge"),
+            "merge_method: unknown merge method 'frankenmerge'",
+        ),
+        (
+            lambda c: c["models"][1].update(model="storage/nowhere/model"),
+            "models[1].model: model storage/nowhere/model",
+        ),
         (lambda c: c["models"][1].update(colour=3), "models[1].colour: unknown key"),
-        (lambda c: c["models"][1]["parameters"].update(density=1.5), "models[1].parameters.density: ties: density must be in (0, 1], got 1.5"),
-        (lambda c: c["models"][1]["parameters"].update(density=[0.5, 1.5]), "models[1].parameters.density: ties: density must be in (0, 1]"),
-        (lambda c: c["models"][1]["parameters"].update(temperature=0.5), "models[1].parameters.temperature: method ties has no parameter"),
-        (lambda c: c.update(parameters={"weight": [{"filter": "self_attn", "value": 0.5}]}), "parameters.weight[0].filter: per-tensor filters"),
+        (
+            lambda c: c["models"][1]["parameters"].update(density=1.5),
+            "models[1].parameters.density: ties: density must be in (0, 1], got 1.5",
+        ),
+        (
+            lambda c: c["models"][1]["parameters"].update(density=[0.5, 1.5]),
+            "models[1].parameters.density: ties: density must be in (0, 1]",
+        ),
+        (
+            lambda c: c["models"][1]["parameters"].update(temperature=0.5),
+            "models[1].parameters.temperature: method ties has no parameter",
+        ),
+        (
+            lambda c: c.update(parameters={"weight": [{"filter": "self_attn", "value": 0.5}]}),
+            "parameters.weight[0].filter: per-tensor filters",
+        ),
         (lambda c: c.update(merge_method="slerp"), "merge_method: slerp: takes exactly 1 variant"),
         (lambda c: c.update(seed=-1), "seed: expected an integer"),
-        (lambda c: c.update(out_dtype="float16"), "out_dtype: olmopt writes the base model's dtype (F32), got F16"),
+        (
+            lambda c: c.update(out_dtype="float16"),
+            "out_dtype: olmopt writes the base model's dtype (F32), got F16",
+        ),
         (lambda c: c.update(out_dtype="int4"), "out_dtype: expected one of float32, bfloat16, float16"),
         (lambda c: c["models"].append({"model": c["models"][1]["model"]}), "models[3].model: "),
     ],
 )
 def test_bad_mergekit_yaml_is_one_line_exit_2_nothing_written(
-    pool: ModelPool, tmp_path: Path, capsys: pytest.CaptureFixture[str], change, fragment: str  # noqa: ANN001
+    pool: ModelPool,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change,
+    fragment: str,  # noqa: ANN001
 ) -> None:
     base, add, fact = pool.names
     config = {
         "merge_method": "ties",
         "base_model": base,
-        "models": [{"model": base}, {"model": add, "parameters": {"weight": 1.0}}, {"model": fact, "parameters": {"weight": 0.5}}],
+        "models": [
+            {"model": base},
+            {"model": add, "parameters": {"weight": 1.0}},
+            {"model": fact, "parameters": {"weight": 0.5}},
+        ],
     }
     change(config)
     path = tmp_path / "bad.yml"
@@ -194,7 +257,9 @@ def test_bad_mergekit_yaml_is_one_line_exit_2_nothing_written(
     assert not out.exists()
 
 
-def test_slices_that_move_layers_are_refused(pool: ModelPool, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_slices_that_move_layers_are_refused(
+    pool: ModelPool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base, add, _ = pool.names
     config = {
         "merge_method": "passthrough",
@@ -212,7 +277,9 @@ def test_slices_that_move_layers_are_refused(pool: ModelPool, tmp_path: Path, ca
 
 
 @pytest.mark.slow
-def test_export_best_writes_mergekit_config_that_rebuilds_the_same_weights(tiny_zoo: Path, tmp_path: Path) -> None:
+def test_export_best_writes_mergekit_config_that_rebuilds_the_same_weights(
+    tiny_zoo: Path, tmp_path: Path
+) -> None:
     from tests.test_param_studies import run, spec
 
     data = spec(
@@ -225,7 +292,19 @@ def test_export_best_writes_mergekit_config_that_rebuilds_the_same_weights(tiny_
     data["objectives"][0]["samples"] = 20
     url, _ = run(tmp_path, data)
     out, mk = tmp_path / "out", tmp_path / "winner.yml"
-    args = ["export", "best", "mk", "--storage", url, "--out", str(out), "--quiet", "--no-compare", "--mergekit-config", str(mk)]
+    args = [
+        "export",
+        "best",
+        "mk",
+        "--storage",
+        url,
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-compare",
+        "--mergekit-config",
+        str(mk),
+    ]
     assert main(args) == 0
     config = yaml.safe_load(mk.read_text())
     assert config["merge_method"] == "ties" and "slices" in config
@@ -238,16 +317,35 @@ def test_export_best_writes_mergekit_config_that_rebuilds_the_same_weights(tiny_
 
 
 @pytest.mark.slow
-def test_export_best_says_when_mergekit_cannot(tiny_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_best_says_when_mergekit_cannot(
+    tiny_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from tests.test_param_studies import run, spec
 
-    data = spec(tiny_zoo, "mkc", list(MODELS), {"merge": {"mode": "joint", "methods": ["circuit"], "n_trials": 1}})
+    data = spec(
+        tiny_zoo, "mkc", list(MODELS), {"merge": {"mode": "joint", "methods": ["circuit"], "n_trials": 1}}
+    )
     data["objectives"] = data["objectives"][:1]
     data["objectives"][0]["samples"] = 10
     url, _ = run(tmp_path, data)
     mk = tmp_path / "winner.yml"
-    args = ["export", "best", "mkc", "--storage", url, "--out", str(tmp_path / "out"), "--quiet", "--no-compare", "--mergekit-config", str(mk)]
+    args = [
+        "export",
+        "best",
+        "mkc",
+        "--storage",
+        url,
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+        "--no-compare",
+        "--mergekit-config",
+        str(mk),
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "mergekit config NOT written: mergekit cannot express this Recipe: mergekit has no method circuit" in err
+    assert (
+        "mergekit config NOT written: mergekit cannot express this Recipe: mergekit has no method circuit"
+        in err
+    )
     assert (tmp_path / "out" / "merge_report.json").exists() and not mk.exists()

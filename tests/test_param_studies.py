@@ -76,7 +76,15 @@ def export_and_rebuild(tmp: Path, url: str, name: str) -> Path:
     assert main(["export", "best", name, "--storage", url, "--out", str(out), "--quiet", "--no-compare"]) == 0
     rebuilt = tmp / f"{name}-rebuilt"
     zoo = Path(__file__).resolve().parents[1] / "storage" / "zoo-tiny"  # the report names models by id
-    argv = ["rebuild", str(out / "merge_report.json"), "--out", str(rebuilt), "--quiet", "--models-dir", str(zoo)]
+    argv = [
+        "rebuild",
+        str(out / "merge_report.json"),
+        "--out",
+        str(rebuilt),
+        "--quiet",
+        "--models-dir",
+        str(zoo),
+    ]
     assert main(argv) == 0
     a, b = weights(out), weights(rebuilt)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

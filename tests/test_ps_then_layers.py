@@ -47,6 +47,7 @@ def _env(decisions: dict[str, Any], incumbent: Recipe | None = PS) -> Env:
             "decisions": decisions,
         }
     )
+
     def decided(stage: str, recipe: Recipe) -> Decision:
         return Decision(stage=stage, winner="w", trial=None, recipe=recipe, metrics={})
 

@@ -38,7 +38,9 @@ def test_model_key_is_equal_exactly_for_the_same_weights(family: dict[str, Path]
     names = WorkingModel(pool, a, device="cpu").param_names
     key = lambda r: model_key(r, pool.adapter, names)  # noqa: E731
     assert key(Recipe(base=a)) == key(Recipe(base=a, layers={1: a})) == key(Recipe(base=a, boundary=a))
-    assert key(Recipe(base=a, layers={1: b})) == key(Recipe(base=a, layers={1: b}, units={"model.layers.1.mlp.up_proj": b}))
+    assert key(Recipe(base=a, layers={1: b})) == key(
+        Recipe(base=a, layers={1: b}, units={"model.layers.1.mlp.up_proj": b})
+    )
     assert key(Recipe(base=a)) != key(Recipe(base=a, layers={1: b}))
     s1 = EsStep(unit="model.layers.0.mlp.up_proj", kind="norm", sigma=0.1, seed=1)
     s2 = EsStep(unit="model.layers.0.mlp.up_proj", kind="norm", sigma=0.1, seed=2)
@@ -67,7 +69,9 @@ def test_kept_candidate_reuses_the_incumbents_metrics(family: dict[str, Path], t
         assert study_ is not None
         incumbent_key = model_key(previous.recipe, pool.adapter, names)
         for t in study_.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
-            same = model_key(Recipe.from_json(t.user_attrs[T.RECIPE_ATTR]), pool.adapter, names) == incumbent_key
+            same = (
+                model_key(Recipe.from_json(t.user_attrs[T.RECIPE_ATTR]), pool.adapter, names) == incumbent_key
+            )
             # exactly the candidate with the incumbent's weights is not evaluated again, and its
             # metrics are the incumbent's
             assert ("reused" in t.user_attrs) == same
@@ -86,12 +90,15 @@ def test_result_attrs_and_constraints_land_in_one_write(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path}/s.db")
     study = optuna.create_study(storage=storage, study_name="w", directions=["maximize", "minimize"])
     trial = study.ask()
-    T.record_result(trial, {"acc": 0.5, "ppl": float("inf")}, {"acc.vs_base": -0.1, "ppl.vs_base": 0.2}, False, "{}")
+    T.record_result(
+        trial, {"acc": 0.5, "ppl": float("inf")}, {"acc.vs_base": -0.1, "ppl.vs_base": 0.2}, False, "{}"
+    )
     assert trial.user_attrs["feasible"] == 0  # the live handle sees its attrs
     study.tell(trial, [0.5, 3.0])
     frozen = study.get_trials()[0]
     assert frozen.user_attrs == {
-        T.RECIPE_ATTR: "{}", "m.acc": 0.5, "m.ppl": None, "c.acc.vs_base": -0.1, "c.ppl.vs_base": 0.2, "feasible": 0,
+        T.RECIPE_ATTR: "{}", "m.acc": 0.5, "m.ppl": None, "c.acc.vs_base": -0.1, "c.ppl.vs_base": 0.2,
+        "feasible": 0,
     }  # fmt: skip
     assert frozen.constraints == {"acc.vs_base": -0.1, "ppl.vs_base": 0.2}  # Optuna reads them back
     with pytest.raises(ValueError, match="NaN"):
@@ -105,7 +112,8 @@ def _contexts(family: dict[str, Path], tmp_path: Path, metrics: dict[str, str]) 
     from olmopt.search.context import EvalContext
 
     objectives = "".join(
-        f"  - {{dataset: {family['data']}, metric: {metric}, name: {name}, held_out: 0}}\n" for name, metric in metrics.items()
+        f"  - {{dataset: {family['data']}, metric: {metric}, name: {name}, held_out: 0}}\n"
+        for name, metric in metrics.items()
     )
     study = tmp_path / "ctx.yaml"
     study.write_text(
@@ -142,19 +150,37 @@ def _score_stages(cached: Any, plain: Any, stages: list[tuple[Recipe, int, list[
 def test_prefix_cache_follows_the_incumbent_without_new_captures(
     family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Greedy traversal: the winner's kept inputs become the next stage's prefix; values equal full forwards."""
+    """Greedy traversal: the winner's kept inputs become
+    the next stage's prefix; values equal full forwards."""
     cached, plain = _contexts(family, tmp_path, {"ppl": "perplexity", "acc": "token_accuracy"})
     a, b, c = cached.pool.names
     captures = _spy_captures(monkeypatch, cached.prefix)
     unit = "model.layers.2.mlp.up_proj"
     stages = [  # (incumbent, prefix layer, candidates)
         (Recipe(base=a), 0, [Recipe(base=a, layers={0: b}), Recipe(base=a, layers={0: c})]),
-        (Recipe(base=a, layers={0: c}), 1, [Recipe(base=a, layers={0: c, 1: b}), Recipe(base=a, layers={0: c, 1: c})]),
+        (
+            Recipe(base=a, layers={0: c}),
+            1,
+            [Recipe(base=a, layers={0: c, 1: b}), Recipe(base=a, layers={0: c, 1: c})],
+        ),
         (Recipe(base=a, layers={0: c, 1: b}), 2, [Recipe(base=a, layers={0: c, 1: b, 2: c})]),
-        (Recipe(base=a, layers={0: c, 1: b, 2: c}), 2, [Recipe(base=a, layers={0: c, 1: b, 2: c}, units={unit: a})]),
-        (Recipe(base=a, layers={0: c, 1: b, 2: c}, units={unit: a}), 2, [Recipe(base=a, layers={0: c, 1: b, 2: c}, units={unit: b})]),
-        (Recipe(base=a, layers={0: b}), 1, [Recipe(base=a, layers={0: b, 1: b})]),  # never evaluated: captured
-        # the winner was scored elsewhere (another worker): layer 1 changed, the input of layer 1 is still valid
+        (
+            Recipe(base=a, layers={0: c, 1: b, 2: c}),
+            2,
+            [Recipe(base=a, layers={0: c, 1: b, 2: c}, units={unit: a})],
+        ),
+        (
+            Recipe(base=a, layers={0: c, 1: b, 2: c}, units={unit: a}),
+            2,
+            [Recipe(base=a, layers={0: c, 1: b, 2: c}, units={unit: b})],
+        ),
+        (
+            Recipe(base=a, layers={0: b}),
+            1,
+            [Recipe(base=a, layers={0: b, 1: b})],
+        ),  # never evaluated: captured
+        # the winner was scored elsewhere (another worker):
+        # layer 1 changed, the input of layer 1 is still valid
         (Recipe(base=a, layers={0: b, 1: c}), 2, [Recipe(base=a, layers={0: b, 1: c, 2: b})]),
     ]
     _score_stages(cached, plain, stages)
@@ -168,7 +194,8 @@ def test_prefix_cache_follows_the_incumbent_without_new_captures(
 def test_a_layer_0_stage_frees_the_inputs_of_losers_for_the_next_candidates(
     family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stages without prefix (layer 0) keep only the new incumbent's inputs, so room stays for later candidates."""
+    """Stages without prefix (layer 0) keep only the new
+    incumbent's inputs, so room stays for later candidates."""
     cached, plain = _contexts(family, tmp_path, {"acc": "token_accuracy"})
     cached.prefix.max_bytes = 6 * cached.prefix.bytes_per_layer("search")  # two full carries, then one layer
     a, b, c = cached.pool.names
@@ -178,7 +205,11 @@ def test_a_layer_0_stage_frees_the_inputs_of_losers_for_the_next_candidates(
     stages = [
         (Recipe(base=a), 0, [Recipe(base=a, layers={0: b}), Recipe(base=a, layers={0: c})]),
         (Recipe(base=a, layers={0: c}), 0, [x1, x2]),  # a unit stage in layer 0 under the new incumbent
-        (x2, 1, [Recipe(base=a, layers={0: c, 1: b}, units={unit: b})]),  # x2 won: its kept inputs serve layer 1
+        (
+            x2,
+            1,
+            [Recipe(base=a, layers={0: c, 1: b}, units={unit: b})],
+        ),  # x2 won: its kept inputs serve layer 1
     ]
     _score_stages(cached, plain, stages)
     assert captures == []
@@ -203,12 +234,16 @@ def test_one_worker_records_a_decision_the_others_wait_for_it(
         f"objectives:\n  - {{dataset: {family['data']}, metric: perplexity, name: ppl, held_out: 0}}\n"
         "decisions: {layers: {mode: greedy}, boundary: {mode: off}}\n"
     )
-    url = f"journal:{tmp_path}/d.log"  # a storage several processes share (on SQLite one process decides alone)
+    url = (
+        f"journal:{tmp_path}/d.log"  # a storage several processes share (on SQLite one process decides alone)
+    )
     assert main(["study", "create", str(study_file), "--storage", url]) == 0
     campaign = Campaign.load("decide", url)
     runner = CampaignRunner(campaign, Evaluators(load_study_file(study_file)), progress=False)
     recorded: list[str] = []
-    monkeypatch.setattr(runner, "_record_decision", lambda study, stage, *_: (recorded.append(stage.key), {"mine": True})[1])
+    monkeypatch.setattr(
+        runner, "_record_decision", lambda study, stage, *_: (recorded.append(stage.key), {"mine": True})[1]
+    )
     stage = campaign.plan[1]
     study = campaign.stage_study(stage, make_sampler(campaign, stage))
 

@@ -71,8 +71,10 @@ def test_simulated_error_rates(record_property: pytest.RecordProperty) -> None:
     worse_stopped = sum(s < 200 for s in worse) / runs
     record_property("equal_wrongly_stopped", wrongly_stopped)
     record_property("worse_mean_items", worse_items)
-    print(f"equal wrongly stopped {wrongly_stopped:.3f}; 0.1 worse: stopped {worse_stopped:.3f}, "
-          f"mean items {worse_items:.1f} of 200")
+    print(
+        f"equal wrongly stopped {wrongly_stopped:.3f}; 0.1 worse: stopped {worse_stopped:.3f}, "
+        f"mean items {worse_items:.1f} of 200"
+    )
     assert wrongly_stopped <= 0.05
     assert worse_stopped >= 0.7
     assert worse_items <= 0.7 * 200
@@ -103,8 +105,19 @@ def test_paired_looks_orient_by_direction_and_refuse_what_they_cannot_certify() 
 
     cand = {"acc": {0: 1.0, 1: 0.0, 2: 1.0}, "loss": {0: 0.5, 1: 0.7}, "ppl": {0: 3.0}}
     ref = {"acc": {0: 0.0, 1: 1.0}, "loss": {0: 0.2, 1: 0.9}, "ppl": {0: 2.0}}
-    directions = {"acc": "maximize", "loss": "minimize", "ppl": "minimize", "layers": "maximize", "lm": "maximize"}
-    metric_of = {"acc": "token_accuracy", "loss": "bigram_loss", "ppl": "perplexity", "layers": "layers_removed"}
+    directions = {
+        "acc": "maximize",
+        "loss": "minimize",
+        "ppl": "minimize",
+        "layers": "maximize",
+        "lm": "maximize",
+    }
+    metric_of = {
+        "acc": "token_accuracy",
+        "loss": "bigram_loss",
+        "ppl": "perplexity",
+        "layers": "layers_removed",
+    }
     looks = paired_looks(cand, ref, directions, metric_of, known={"layers": -1.0})
     assert list(looks["acc"].diffs) == [1.0, -1.0]  # only the items both scored
     assert list(looks["loss"].diffs) == pytest.approx([-0.3, 0.2])  # lower loss = better: sign flipped

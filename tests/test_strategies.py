@@ -36,7 +36,12 @@ _ADAPTER = SimpleNamespace(num_layers=4, all_units=lambda names: [])
 
 
 def test_layer_slots_are_windows_of_adjacent_searched_layers() -> None:
-    assert layer_slots([0, 1, 2, 3], 1, "forward") == [("layer", "0"), ("layer", "1"), ("layer", "2"), ("layer", "3")]
+    assert layer_slots([0, 1, 2, 3], 1, "forward") == [
+        ("layer", "0"),
+        ("layer", "1"),
+        ("layer", "2"),
+        ("layer", "3"),
+    ]
     assert layer_slots([0, 1, 2, 3], 2, "forward") == [("block", "0-1"), ("block", "1-2"), ("block", "2-3")]
     assert layer_slots([0, 1, 2, 3], 3, "backward") == [("block", "1-3"), ("block", "0-2")]
     assert layer_slots([0, 1, 3], 2, "forward") == [("block", "0-1")]  # never across a gap in layers.only
@@ -62,12 +67,17 @@ def test_plan_of_a_joint_stage_then_polish_sweeps() -> None:
     plan = plan_stages(_config(mode="joint", n_trials=20, polish=2), _ADAPTER, [])  # type: ignore[arg-type]
     assert [s.key for s in plan] == [
         "000-base", "001-joint-layers", "002-polish-layer-0", "003-polish-layer-1", "004-polish-layer-2",
-        "005-polish-layer-3", "006-polish-layer-0-pass2", "007-polish-layer-1-pass2", "008-polish-layer-2-pass2",
-        "009-polish-layer-3-pass2",
+        "005-polish-layer-3", "006-polish-layer-0-pass2", "007-polish-layer-1-pass2",
+        "008-polish-layer-2-pass2", "009-polish-layer-3-pass2",
     ]  # fmt: skip
     after = plan_stages(_config(mode="greedy", only=[1, 2], then_joint=5, polish=1), _ADAPTER, [])  # type: ignore[arg-type]
     assert [s.key for s in after] == [
-        "000-base", "001-layer-1", "002-layer-2", "003-joint-layers", "004-polish-layer-1", "005-polish-layer-2"
+        "000-base",
+        "001-layer-1",
+        "002-layer-2",
+        "003-joint-layers",
+        "004-polish-layer-1",
+        "005-polish-layer-2",
     ]
     # a polish stage swaps the same slot as a layer stage
     polish, layer = Stage(4, "polish-layer", "2"), Stage(4, "layer", "2")
@@ -76,7 +86,9 @@ def test_plan_of_a_joint_stage_then_polish_sweeps() -> None:
     assert prefix_layer(polish, _ADAPTER) == 2  # type: ignore[arg-type]
 
 
-def test_polish_after_joint_only_improves_and_a_quiet_sweep_costs_nothing(tiny_zoo: Path, tmp_path: Path) -> None:
+def test_polish_after_joint_only_improves_and_a_quiet_sweep_costs_nothing(
+    tiny_zoo: Path, tmp_path: Path
+) -> None:
     """A 2-trial joint stage (the incumbent and one donor's whole model) leaves the single-layer steps to
     the polish: every polish decision's mean is at least the one before it (the incumbent is always a
     candidate, its metrics reused), and the second sweep searches only if the first changed something."""
@@ -112,7 +124,9 @@ def test_polish_after_joint_only_improves_and_a_quiet_sweep_costs_nothing(tiny_z
         ({"sampler": "cmaes-typo"}, "decisions.layers.sampler"),
     ],
 )
-def test_bad_strategy_keys_are_one_line_errors(tmp_path: Path, tiny_zoo: Path, capsys, layers, needle) -> None:
+def test_bad_strategy_keys_are_one_line_errors(
+    tmp_path: Path, tiny_zoo: Path, capsys, layers, needle
+) -> None:
     path = study_file(tmp_path, tiny_zoo, "bad", layers={"mode": "greedy", **layers})
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["study", "create", str(path), "--storage", url]) == 2
@@ -145,7 +159,12 @@ def test_joint_budget_counts_evaluations_and_repeats_are_free(tiny_zoo: Path, tm
     base stage's model, so 4 evaluations exhaust the space; the sampler's repeats cost nothing and the
     stage stops after 3 x budget trials."""
     url = f"sqlite:///{tmp_path}/s.db"
-    path = study_file(tmp_path, tiny_zoo, "repeat", layers={"mode": "joint", "only": [3], "n_trials": 6, "sampler": "random"})
+    path = study_file(
+        tmp_path,
+        tiny_zoo,
+        "repeat",
+        layers={"mode": "joint", "only": [3], "n_trials": 6, "sampler": "random"},
+    )
     assert main(["study", "create", str(path), "--storage", url]) == 0
     assert main(["study", "run", "repeat", "--storage", url, "--quiet"]) == 0
     evaluated, complete = _evaluated(url, "repeat/001-joint-layers")
@@ -187,9 +206,13 @@ def test_trial_seeded_samplers_resume_exactly(sampler: str) -> None:
 
     def params(interrupt_after: int) -> list[dict[str, object]]:
         storage = optuna.storages.InMemoryStorage()
-        study = optuna.create_study(directions=["maximize"] * 2, storage=storage, sampler=TrialSeeded(make(), 5))
+        study = optuna.create_study(
+            directions=["maximize"] * 2, storage=storage, sampler=TrialSeeded(make(), 5)
+        )
         study.optimize(objective, n_trials=interrupt_after)
-        resumed = optuna.load_study(study_name=study.study_name, storage=storage, sampler=TrialSeeded(make(), 5))
+        resumed = optuna.load_study(
+            study_name=study.study_name, storage=storage, sampler=TrialSeeded(make(), 5)
+        )
         resumed.optimize(objective, n_trials=14 - interrupt_after)
         return [t.params for t in resumed.trials]
 
@@ -259,7 +282,9 @@ def test_export_verdict_reports_means_draws_and_higher_donors() -> None:
     assert lines[-1] == "a higher held-out mean than the merge's: spec_add"
 
 
-def test_held_out_guard_picks_the_best_held_out_mean_among_the_top_candidates(tiny_zoo: Path, tmp_path: Path) -> None:
+def test_held_out_guard_picks_the_best_held_out_mean_among_the_top_candidates(
+    tiny_zoo: Path, tmp_path: Path
+) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     path = study_file(tmp_path, tiny_zoo, "guard", layers={"mode": "joint", "only": [2, 3], "n_trials": 8})
     data = yaml.safe_load(path.read_text())
@@ -303,13 +328,17 @@ def test_block_swaps_take_the_step_a_one_layer_traversal_cannot(
     path = study_file(tmp_path, tiny_zoo, "one", layers=layers)
     data = yaml.safe_load(path.read_text())
     data["objectives"] = [
-        {k: v for k, v in o.items() if k != "samples"} for o in data["objectives"] if o["name"] == truth[f"{skill}_skill"]
+        {k: v for k, v in o.items() if k != "samples"}
+        for o in data["objectives"]
+        if o["name"] == truth[f"{skill}_skill"]
     ]
     data["selection"] = {"tolerance": 0.02, "held_out_check": False}
     path.write_text(yaml.safe_dump(data))
     assert main(["study", "create", str(path), "--storage", url]) == 0
     assert main(["study", "run", "one", "--storage", url, "--quiet"]) == 0
-    donors = {int(i): Path(m).name for i, m in campaign_status("one", url)["recipe"].get("layers", {}).items()}
+    donors = {
+        int(i): Path(m).name for i, m in campaign_status("one", url)["recipe"].get("layers", {}).items()
+    }
     trained = next(m["trained_layers"] for m in tiny_manifest["models"] if m["name"] == model)
     assert all(donors.get(i) == model for i in trained) is recovered, donors
 
@@ -317,14 +346,20 @@ def test_block_swaps_take_the_step_a_one_layer_traversal_cannot(
 @pytest.mark.parametrize(
     ("layers", "sampler", "needle"),
     [
-        ({"mode": "joint", "n_trials": 30, "sampler": "nsga2"}, {"population_size": 20}, "never leaves its random first generation"),
+        (
+            {"mode": "joint", "n_trials": 30, "sampler": "nsga2"},
+            {"population_size": 20},
+            "never leaves its random first generation",
+        ),
         ({"mode": "joint", "n_trials": 8, "sampler": "tpe"}, {}, "it is random search"),
         ({"mode": "greedy", "sampler": "catcma"}, {}, "decisions.layers.sampler 'catcma' has no effect"),
         ({"mode": "greedy"}, {"name": "nsga2"}, "every stage of this campaign is greedy"),
         ({"mode": "joint", "n_trials": 30, "sampler": "nsga2"}, {}, None),  # population 6: five generations
     ],
 )
-def test_create_warns_about_samplers_that_cannot_work(tiny_zoo: Path, tmp_path: Path, capsys, layers, sampler, needle) -> None:
+def test_create_warns_about_samplers_that_cannot_work(
+    tiny_zoo: Path, tmp_path: Path, capsys, layers, sampler, needle
+) -> None:
     path = study_file(tmp_path, tiny_zoo, "warn", layers=layers)
     data = yaml.safe_load(path.read_text())
     data["sampler"] = sampler

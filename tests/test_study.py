@@ -1,4 +1,5 @@
-"""End-to-end campaigns on the tiny zoo: create, run, status, export, rebuild, resume, joint mode, bad input."""
+"""End-to-end campaigns on the tiny zoo: create, run,
+status, export, rebuild, resume, joint mode, bad input."""
 
 from __future__ import annotations
 
@@ -87,7 +88,14 @@ def test_status_and_list_json(layer_campaign, capsys) -> None:
     assert main(["study", "list", "--storage", url, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows == [
-        {"name": name, "stages": 5, "decided": 5, "finished": True, "state": "finished", "created": rows[0]["created"]}
+        {
+            "name": name,
+            "stages": 5,
+            "decided": 5,
+            "finished": True,
+            "state": "finished",
+            "created": rows[0]["created"],
+        }
     ]
 
 
@@ -122,13 +130,35 @@ def test_export_loads_and_reproduces_metrics_and_rebuild_is_bit_identical(layer_
     assert "held-out" in card and "spec_mc" in card
     # rebuild from the report alone gives bit-identical weights
     rebuilt = tmp / "rebuilt"
-    assert main(["rebuild", str(out / "merge_report.json"), "--out", str(rebuilt), "--quiet", "--models-dir", str(tiny_zoo)]) == 0
+    assert (
+        main(
+            [
+                "rebuild",
+                str(out / "merge_report.json"),
+                "--out",
+                str(rebuilt),
+                "--quiet",
+                "--models-dir",
+                str(tiny_zoo),
+            ]
+        )
+        == 0
+    )
     a = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
     b = {k: v for f in rebuilt.glob("*.safetensors") for k, v in load_file(f).items()}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # refusing to overwrite, and --force
     assert main(["export", "best", name, "--storage", url, "--out", str(out), "--quiet"]) == 2
-    argv = ["rebuild", str(out / "merge_report.json"), "--out", str(rebuilt), "--quiet", "--force", "--models-dir", str(tiny_zoo)]
+    argv = [
+        "rebuild",
+        str(out / "merge_report.json"),
+        "--out",
+        str(rebuilt),
+        "--quiet",
+        "--force",
+        "--models-dir",
+        str(tiny_zoo),
+    ]
     assert main(argv) == 0
 
 

@@ -60,7 +60,9 @@ def test_build_moves_to_a_child_process_when_this_one_uses_other_kernels(
 ) -> None:
     from olmopt.kernels import cpu_has_avx2
 
-    monkeypatch.setattr(zoo_build, "portable_kernels_active", lambda: False)  # as if torch ran AVX-512 kernels
+    monkeypatch.setattr(
+        zoo_build, "portable_kernels_active", lambda: False
+    )  # as if torch ran AVX-512 kernels
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     child = quick_build(tmp_path / "child")
     first = load_manifest(quick_zoos["llama"])
@@ -232,7 +234,9 @@ def test_pinned_seeds_are_tried_in_order_and_a_held_candidate_is_reused(
 
     def verdict(*_args: Any) -> list[dict[str, Any]]:  # seed 3 "fails", seed 4 "passes"
         passed = building[-1] == 4
-        return [{"name": "own_skill_best", "description": "", "passed": passed, "detail": f"seed {building[-1]}"}]
+        return [
+            {"name": "own_skill_best", "description": "", "passed": passed, "detail": f"seed {building[-1]}"}
+        ]
 
     monkeypatch.setattr(zoo_build, "build_family", build)
     monkeypatch.setattr(zoo_build.acceptance, "check", verdict)
@@ -248,6 +252,8 @@ def test_pinned_seeds_are_tried_in_order_and_a_held_candidate_is_reused(
     # every candidate fails: one error naming each seed's failed criterion; the last family is kept
     monkeypatch.setitem(zoo_build.PINNED_SEEDS, ("tiny", "llama"), (3, 5))
     building.clear()
-    with pytest.raises(AcceptanceError, match=r"every pinned seed.*seed 3: own_skill_best.*seed 5: own_skill_best"):
+    with pytest.raises(
+        AcceptanceError, match=r"every pinned seed.*seed 3: own_skill_best.*seed 5: own_skill_best"
+    ):
         build_zoo(tmp_path / "none", progress=False)
     assert building == [3, 5] and load_manifest(tmp_path / "none")["seed"] == 5

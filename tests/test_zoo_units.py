@@ -1,4 +1,5 @@
-"""Zoo building blocks: tokenizer + chat contract, shipped objectives, exact match, LR schedule, CLI input errors."""
+"""Zoo building blocks: tokenizer + chat contract, shipped
+objectives, exact match, LR schedule, CLI input errors."""
 
 from __future__ import annotations
 
@@ -149,4 +150,6 @@ def test_pinned_family_plans_are_the_verified_ones() -> None:
     assert set(PINNED_SEEDS) == set(VERIFIED_PLANS)
     for (size, arch), digest in VERIFIED_PLANS.items():
         plan = build_key(family_spec(size, arch), PINNED_SEEDS[size, arch][0])["plan"]
-        assert plan == digest, f"{size}/{arch}: plan changed; rebuild it, check acceptance, update docs/zoo.md and this digest"
+        assert plan == digest, (
+            f"{size}/{arch}: plan changed; rebuild it, check acceptance, update docs/zoo.md and this digest"
+        )

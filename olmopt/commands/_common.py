@@ -36,11 +36,15 @@ class _ExamplesFormatter(argparse.HelpFormatter):
 
 def examples(*lines: str) -> dict[str, Any]:
     """``add_parser`` keywords for an ``examples:`` section at the end of ``--help``."""
-    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines), "formatter_class": _ExamplesFormatter}
+    return {
+        "epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines),
+        "formatter_class": _ExamplesFormatter,
+    }
 
 
 def show_bars(quiet: bool) -> bool:
-    """Progress bars only on a terminal and without --quiet: redirected output gets no carriage-return frames."""
+    """Progress bars only on a terminal and without --quiet:
+    redirected output gets no carriage-return frames."""
     return not quiet and sys.stderr.isatty()
 
 

@@ -103,6 +103,7 @@ def flag_values(args: argparse.Namespace, spec: MethodSpec, flags: dict[str, Par
 
 def split_gradients(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(values without per-layer lists, the values that hold one)."""
+
     def layered(value: Any) -> bool:
         items = value if isinstance(value, list) else [value]
         return any(isinstance(v, tuple) for v in items)

@@ -30,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             f"127.0.0.1 unless {NO_AUTH_FLAG} is given; reach it remotely through an SSH tunnel. "
             "Stop it with Ctrl-C or SIGTERM."
         ),
-        **examples("olmopt dashboard", "olmopt dashboard --storage postgresql+psycopg://me@db/olmopt --port 8081"),
+        **examples(
+            "olmopt dashboard", "olmopt dashboard --storage postgresql+psycopg://me@db/olmopt --port 8081"
+        ),
     )
     add_storage_flag(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -45,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--artifact-dir",
         type=Path,
         metavar="DIR",
-        help="artifact store (default: $OLMOPT_ARTIFACT_DIR, else artifacts/ beside a SQLite file, else ./storage/artifacts)",
+        help="artifact store (default: $OLMOPT_ARTIFACT_DIR, else artifacts/ beside a SQLite file, else "
+        "./storage/artifacts)",
     )
     parser.add_argument(
         NO_AUTH_FLAG, dest="no_auth_ok", action="store_true", help="allow a non-loopback --host"

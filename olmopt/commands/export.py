@@ -10,7 +10,9 @@ from olmopt.commands._common import add_storage_flag, examples, print_json, show
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    export = subparsers.add_parser("export", help="write a campaign's merged model as a Hugging Face directory")
+    export = subparsers.add_parser(
+        "export", help="write a campaign's merged model as a Hugging Face directory"
+    )
     sub = export.add_subparsers(dest="export_command", metavar="WHAT", required=True)
     best = sub.add_parser(
         "best",
@@ -21,15 +23,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     best.add_argument("name", metavar="NAME", help="campaign name (see `olmopt study list`)")
-    best.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory to write (must not exist unless --force)")
-    best.add_argument("--trial", type=int, metavar="N", help="export trial N of the last stage (or of --stage)")
+    best.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="model directory to write (must not exist unless --force)",
+    )
+    best.add_argument(
+        "--trial", type=int, metavar="N", help="export trial N of the last stage (or of --stage)"
+    )
     best.add_argument("--stage", metavar="KEY", help="stage key as shown by `olmopt study status`")
     best.add_argument("--force", action="store_true", help="replace an existing output directory")
     best.add_argument("--no-compare", action="store_true", help="skip scoring every donor for the model card")
     best.add_argument("--refine", choices=["es"], help="first refine the winner's units by ES (docs/es.md)")
     best.add_argument("--es-unit", action="append", metavar="UNIT", help="with --refine es: refine UNIT")
     best.add_argument("--json", action="store_true", help="print the result as JSON (see docs/monitoring.md)")
-    best.add_argument("--mergekit-config", type=Path, metavar="FILE", help="also write the winner as a mergekit YAML (exit 1 when mergekit cannot express it)")
+    best.add_argument(
+        "--mergekit-config",
+        type=Path,
+        metavar="FILE",
+        help="also write the winner as a mergekit YAML (exit 1 when mergekit cannot express it)",
+    )
     best.add_argument("--quiet", action="store_true", help="no progress bars")
     add_storage_flag(best)
     best.set_defaults(func=cmd_export_best)
@@ -37,10 +52,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rebuild = subparsers.add_parser(
         "rebuild",
         help="rebuild a model from a merge_report.json alone",
-        **examples("olmopt rebuild storage/merged-zoo-tiny/merge_report.json --out /tmp/again --models-dir storage/zoo-tiny"),
+        **examples(
+            "olmopt rebuild storage/merged-zoo-tiny/merge_report.json --out /tmp/again --models-dir "
+            "storage/zoo-tiny"
+        ),
     )
     rebuild.add_argument("report", type=Path, metavar="REPORT.json")
-    rebuild.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory to write (must not exist unless --force)")
+    rebuild.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="model directory to write (must not exist unless --force)",
+    )
     rebuild.add_argument(
         "--models-dir", type=Path, metavar="DIR",
         help="where the report's local models are (NAME -> DIR/NAME; OLM's org/name -> DIR/org_name)",
@@ -79,7 +103,10 @@ def cmd_export_best(args: argparse.Namespace) -> int:
     names = list(result["metrics"])
     print(f"{'model':<44} " + " ".join(f"{n[:12]:>12} {'(held)':>8}" for n in names))
     for row in result["comparison"]:
-        cells = " ".join(f"{row['search'].get(n, float('nan')):>12.4f} {row['held_out'].get(n, float('nan')):>8.4f}" for n in names)
+        cells = " ".join(
+            f"{row['search'].get(n, float('nan')):>12.4f} {row['held_out'].get(n, float('nan')):>8.4f}"
+            for n in names
+        )
         print(f"{row['model'][-44:]:<44} {cells}")
     if "refine" in result:
         r = result["refine"]
@@ -103,7 +130,11 @@ def _write_mergekit(result: dict, out: Path, path: Path) -> int:
         write_mergekit_config(Recipe.from_dict(result["recipe"]), out, path)
     except NotExpressible as exc:
         result["mergekit_config"] = None
-        print(f"olmopt: model exported to {out}; mergekit config NOT written: mergekit cannot express this Recipe: {exc}", file=sys.stderr)
+        print(
+            f"olmopt: model exported to {out}; mergekit config NOT written: mergekit cannot express this "
+            f"Recipe: {exc}",
+            file=sys.stderr,
+        )
         return 1
     result["mergekit_config"] = str(path)
     return 0

@@ -131,7 +131,8 @@ def _merge(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     elif not args.quiet:
         print(
-            f"wrote {summary['architecture']} with {path.num_hops} layers ({path.num_hops} hops) to {args.out}",
+            f"wrote {summary['architecture']} with {path.num_hops} layers ({path.num_hops} hops) to "
+            f"{args.out}",
             file=sys.stdout,
         )
     return 0

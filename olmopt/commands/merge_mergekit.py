@@ -63,17 +63,30 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = pool[recipe.base].checkpoint
     base_dtype = checkpoint.dtype_name(checkpoint.keys()[0])
     if config.out_dtype is not None and config.out_dtype != base_dtype:
-        raise InputError(f"{args.config}: out_dtype: olmopt writes the base model's dtype ({base_dtype}), got {config.out_dtype}")
-    recipe.validate_against(pool.names, pool.adapter.num_layers, pool.adapter.all_units(pool[recipe.base].checkpoint.keys()))
+        raise InputError(
+            f"{args.config}: out_dtype: olmopt writes the base model's dtype ({base_dtype}), got "
+            f"{config.out_dtype}"
+        )
+    recipe.validate_against(
+        pool.names, pool.adapter.num_layers, pool.adapter.all_units(pool[recipe.base].checkpoint.keys())
+    )
     report = {
         "recipe": recipe.to_dict(),
         "mergekit_config": yaml.safe_load(args.config.read_text()),
         "olmopt_version": __version__,
     }
-    card = f"# olmopt merge\n\nExecuted by olmopt {__version__} from the mergekit configuration `{args.config.name}`.\n"
-    write_model_dir(pool, recipe, args.out, report, card, force=args.force, progress=show_bars(args.quiet or args.json))
+    card = (
+        f"# olmopt merge\n\nExecuted by olmopt {__version__} from the mergekit configuration "
+        f"`{args.config.name}`.\n"
+    )
+    write_model_dir(
+        pool, recipe, args.out, report, card, force=args.force, progress=show_bars(args.quiet or args.json)
+    )
     if args.json:
         print(json.dumps({"out": str(args.out), "recipe": recipe.to_dict()}))
     elif not args.quiet:
-        print(f"wrote {args.out} ({recipe.param_merge.method if recipe.param_merge else 'passthrough'})", file=sys.stdout)
+        print(
+            f"wrote {args.out} ({recipe.param_merge.method if recipe.param_merge else 'passthrough'})",
+            file=sys.stdout,
+        )
     return 0

@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "objective across stages (search and held-out), the Pareto front of each joint stage with the "
             "selected trial marked, and ES progress. Works on unfinished campaigns too."
         ),
-        **examples("olmopt report zoo-tiny --out /tmp/zoo-tiny-report", "olmopt report zoo --out report --embed"),
+        **examples(
+            "olmopt report zoo-tiny --out /tmp/zoo-tiny-report", "olmopt report zoo --out report --embed"
+        ),
     )
     parser.add_argument("name", metavar="NAME", help="campaign name (see `olmopt study list`)")
     parser.add_argument(

@@ -33,13 +33,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run (or resume) a campaign's stages",
         **examples(
             "olmopt study run zoo-tiny",
-            "olmopt study run zoo --workers 2 --timeout 3600 2> run.log   # timestamped stage lines in run.log",
+            "olmopt study run zoo --workers 2 --timeout 3600 2> run.log   # timestamped stage lines in "
+            "run.log",
         ),
     )
     run.add_argument("name", metavar="NAME", help="campaign name (see `olmopt study list`)")
     add_storage_flag(run)
-    run.add_argument("--workers", type=int, default=1, metavar="K", help="evaluate K candidates at once (processes)")
-    run.add_argument("--n-trials", type=int, metavar="N", help="trial budget of joint stages (overrides the study)")
+    run.add_argument(
+        "--workers", type=int, default=1, metavar="K", help="evaluate K candidates at once (processes)"
+    )
+    run.add_argument(
+        "--n-trials", type=int, metavar="N", help="trial budget of joint stages (overrides the study)"
+    )
     run.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds (resume later)")
     run.add_argument(
         "--quiet", action="store_true", help="no progress bars (the timestamped line per stage stays)"
@@ -53,19 +58,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     status.add_argument("name", metavar="NAME", help="campaign name (see `olmopt study list`)")
     add_storage_flag(status)
-    status.add_argument("--json", action="store_true", help="print the status as JSON (see docs/monitoring.md)")
+    status.add_argument(
+        "--json", action="store_true", help="print the status as JSON (see docs/monitoring.md)"
+    )
     status.set_defaults(func=cmd_status)
 
     delete = sub.add_parser(
         "delete",
         help="delete a campaign (its record, stages and trials) from a storage",
         description=(
-            "Delete campaign NAME: its root study, every stage study and their trials. Refused while a worker "
-            "runs it (SQLite: another olmopt process holds the file; shared storages: a stage lock or a running "
-            "trial that still beats). Asks for confirmation on a terminal; --yes skips it (needed in scripts). "
-            "Re-create a campaign by deleting it and running `study create` again."
+            "Delete campaign NAME: its root study, every stage study and their trials. Refused while a "
+            "worker runs it (SQLite: another olmopt process holds the file; shared storages: a stage lock or "
+            "a running trial that still beats). Asks for confirmation on a terminal; --yes skips it (needed "
+            "in scripts). Re-create a campaign by deleting it and running `study create` again."
         ),
-        **examples("olmopt study delete zoo-tiny", "olmopt study delete zoo-tiny --yes --storage sqlite:///other.db"),
+        **examples(
+            "olmopt study delete zoo-tiny", "olmopt study delete zoo-tiny --yes --storage sqlite:///other.db"
+        ),
     )
     delete.add_argument("name", metavar="NAME", help="campaign name (see `olmopt study list`)")
     add_storage_flag(delete)
@@ -100,13 +109,20 @@ def cmd_create(args: argparse.Namespace) -> int:
     for warning in sampler_warnings(config, campaign.plan):
         print(f"olmopt: warning: {warning}", file=sys.stderr)
     if args.json:
-        print_json({"name": campaign.name, "storage": redact(url), "stages": [s.to_dict() | {"key": s.key} for s in campaign.plan]})
+        print_json(
+            {
+                "name": campaign.name,
+                "storage": redact(url),
+                "stages": [s.to_dict() | {"key": s.key} for s in campaign.plan],
+            }
+        )
         return 0
     print(f"created campaign {campaign.name!r} in {redact(url)} with {len(campaign.plan)} stages:")
     for stage in campaign.plan:
         extra = f" ({stage.n_trials} trials)" if get_kind(stage.kind).joint else ""
         print(f"  {stage.key}{extra}")
-    # every later command reads --storage, $OLMOPT_STORAGE or the default, never the study file: say where it lives
+    # every later command reads --storage, $OLMOPT_STORAGE or
+    # the default, never the study file: say where it lives
     where = f" --storage {redact(url)}" if source in ("--storage", "the study file") else ""
     print(f"next: olmopt study run {campaign.name}{where}")
     return 0
@@ -124,10 +140,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     # bars only on a terminal: redirected output gets plain lines, no carriage-return frames or colours
     bars = show_bars(args.quiet)
     outcome = run_campaign(
-        args.name, storage_url(args.storage), args.workers, args.n_trials, args.timeout, bars, stage_logger(bars)
+        args.name,
+        storage_url(args.storage),
+        args.workers,
+        args.n_trials,
+        args.timeout,
+        bars,
+        stage_logger(bars),
     )
     state = "finished" if outcome.finished else "stopped (resume with the same command)"
-    print(f"campaign {args.name}: {state}; {outcome.stages_run} stages and {outcome.trials_run} trials this run")
+    print(
+        f"campaign {args.name}: {state}; {outcome.stages_run} stages and {outcome.trials_run} trials this run"
+    )
     if outcome.final is not None and outcome.finished:
         print(f"recipe: {outcome.final.to_json()}")
     return 0 if outcome.finished else 3
@@ -166,7 +190,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     ws = max([len("stage"), *(len(s["stage"]) for s in stages)])  # nothing is cut: columns fit their cells
     ww = max([len("winner"), *(len(w) for w in winners)])
     mw = max([10, *(len(n) for n in names)])
-    print(f"{'stage':<{ws}}  {'state':<8} {'trials':>6}  {'winner':<{ww}}  " + " ".join(f"{n:>{mw}}" for n in names))
+    print(
+        f"{'stage':<{ws}}  {'state':<8} {'trials':>6}  {'winner':<{ww}}  "
+        + " ".join(f"{n:>{mw}}" for n in names)
+    )
     for s, winner in zip(stages, winners, strict=True):
         metrics = s["metrics"] or {}
         vals = " ".join(f"{metrics[n]:>{mw}.4f}" if n in metrics else f"{'-':>{mw}}" for n in names)
@@ -186,7 +213,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no campaigns")
     width = max(len(r["name"]) for r in rows) if rows else 0
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['decided']:>4}/{r['stages']:<4} stages  {r['state']:<11}  created {r['created']}")
+        print(
+            f"{r['name']:<{width}}  {r['decided']:>4}/{r['stages']:<4} stages  {r['state']:<11}  created "
+            f"{r['created']}"
+        )
     return 0
 
 
@@ -210,7 +240,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
             busy = live_work(campaign, stale_after())
             if busy:
                 raise StorageError(
-                    f"not deleting campaign {args.name!r}: a worker is running it ({'; '.join(busy)}); stop it first"
+                    f"not deleting campaign {args.name!r}: a worker is running it ({'; '.join(busy)}); stop "
+                    "it first"
                 )
         n = delete_campaign(campaign.storage, args.name)
     print(f"deleted {what} ({n} studies)")

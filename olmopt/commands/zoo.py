@@ -19,8 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = zoo_sub.add_parser(
         "build",
         help="train the zoo family into a directory (cached; deterministic)",
-        description="Train a base model and its specialists on synthetic skills, check the acceptance criteria "
-        "and write DIR/zoo.json. Threads: OLMOPT_THREADS (default 1).",
+        description="Train a base model and its specialists on synthetic skills, check the acceptance "
+        "criteria and write DIR/zoo.json. Threads: OLMOPT_THREADS (default 1).",
     )
     build.add_argument("--out", required=True, type=Path, metavar="DIR", help="zoo directory to write")
     # choices are validated by build_zoo so that a bad value gives one clear line and exit 2

@@ -74,13 +74,22 @@ def load_examples(path: Path) -> list[Example]:
 def _parse_item(path: Path, index: int, item: Any) -> Example:
     if isinstance(item, dict) and "conversation" in item:
         conv = item["conversation"]
-        ok = isinstance(conv, list) and conv and all(
-            isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str) for t in conv
+        ok = (
+            isinstance(conv, list)
+            and conv
+            and all(
+                isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
+                for t in conv
+            )
         )
         if not ok or len(conv) < 2:
             raise _fail(path, f"item {index}: 'conversation' must list >= 2 turns with 'from' and 'value'")
         if ROLE_OF.get(conv[-1]["from"]) != "assistant":
-            raise _fail(path, f"item {index}: the last turn must be the assistant's answer ('gpt'), not {conv[-1]['from']!r}")
+            raise _fail(
+                path,
+                f"item {index}: the last turn must be the assistant's answer ('gpt'), not "
+                f"{conv[-1]['from']!r}",
+            )
         messages, answer = sharegpt_to_messages(conv)
         return Example(tuple((m["role"], m["content"]) for m in messages), answer)
     if isinstance(item, dict) and {"question", "choices", "answer"} <= item.keys():
@@ -92,7 +101,9 @@ def _parse_item(path: Path, index: int, item: Any) -> Example:
             raise _fail(path, f"item {index}: 'answer' must be the index of a choice")
         prompt = render_choices(str(item["question"]), [str(c) for c in choices])
         return Example((("user", prompt),), LETTERS[answer], tuple(str(c) for c in choices), answer)
-    raise _fail(path, f"item {index}: neither ShareGPT ('conversation') nor multiple-choice (question/choices/answer)")
+    raise _fail(
+        path, f"item {index}: neither ShareGPT ('conversation') nor multiple-choice (question/choices/answer)"
+    )
 
 
 def split_examples(

@@ -42,7 +42,8 @@ class StopRule:
 
 @dataclass
 class ChunkResult:
-    """One chunk's evaluation: values over its items (unused), per-item values, token counts, NaN objectives."""
+    """One chunk's evaluation: values over its items (unused),
+    per-item values, token counts, NaN objectives."""
 
     items: ItemScores
     tokens: dict[str, dict[int, int]]
@@ -74,13 +75,17 @@ def run_chunks(
         if reference is None or chunk == looks - 1:
             continue
         level = look_level(rule.alpha, chunk + 1, chunk, looks - 1)  # equal chunks: alpha / (looks - 1) each
-        diffs = paired_looks(items, reference, rule.directions, rule.metric_of, rule.tolerance, rule.score, known)
+        diffs = paired_looks(
+            items, reference, rule.directions, rule.metric_of, rule.tolerance, rule.score, known
+        )
         verdict = decide(diffs, level, rule.score)
         if verdict.stop:
             stopped = f"stopped after chunk {chunk + 1} of {looks}: {verdict.reason}"
             break
     metrics = {
-        name: math.nan if name in nonfinite else metric_of_items(rule.metric_of.get(name, ""), per, tokens.get(name))
+        name: math.nan
+        if name in nonfinite
+        else metric_of_items(rule.metric_of.get(name, ""), per, tokens.get(name))
         for name, per in items.items()
     }
     return Scored(metrics, items, stopped)

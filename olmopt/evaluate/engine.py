@@ -95,7 +95,8 @@ class Evaluator:
         chunks: tuple[int, int] | None = None,
     ) -> None:
         """``chunks``: (seed, items per chunk) to batch every dataset part chunk by chunk, its items in a
-        fixed random order from ``seed`` (early stopping, ``evaluate(chunk=c)``); None: one sorted batching."""
+        fixed random order from ``seed`` (early stopping,
+        ``evaluate(chunk=c)``); None: one sorted batching."""
         names = [o.name for o in objectives]
         if len(set(names)) != len(names):
             raise InputError(f"objective names must be unique: {names}")
@@ -148,11 +149,17 @@ class Evaluator:
         ``chunks``, chunk by chunk (``item_chunks``), shortest first within each chunk."""
         cached = self._batch_cache.get(id(enc))
         if cached is None:
-            groups = item_chunks(len(enc), self.chunks, self.looks(), enc.prompts) if self.chunks else [list(range(len(enc)))]
+            groups = (
+                item_chunks(len(enc), self.chunks, self.looks(), enc.prompts)
+                if self.chunks
+                else [list(range(len(enc)))]
+            )
             cached = []
             for number, items in enumerate(groups):
                 order = sorted(items, key=lambda i: (len(enc.prompts[i]) + len(enc.answers[i]), i))
-                rows = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+                rows = [
+                    order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)
+                ]
                 cached += [self._make_batch(enc, r, number) for r in rows]
             self._batch_cache[id(enc)] = cached
         return cached
@@ -185,18 +192,28 @@ class Evaluator:
             last_prompt[b] = p - 1
         dev = self.device
         return _Batch(
-            ids.to(dev), attention.to(dev), gather.to(dev), target.to(dev), mask.to(dev), last_prompt.to(dev), rows, chunk
+            ids.to(dev),
+            attention.to(dev),
+            gather.to(dev),
+            target.to(dev),
+            mask.to(dev),
+            last_prompt.to(dev),
+            rows,
+            chunk,
         )
 
     # -- forward passes ------------------------------------------------------------------------------
     def _hidden(
         self, batch: _Batch, prefix: torch.Tensor | None, start: int, keep: Sequence[int] = ()
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Final hidden states and the inputs of layers ``keep``; with ``prefix`` only layers ``start..N`` run."""
+        """Final hidden states and the inputs of layers ``keep``;
+        with ``prefix`` only layers ``start..N`` run."""
         base = self.model.base_model
         with self._capturing(keep) as captured:
             if prefix is None:
-                return base(input_ids=batch.ids, attention_mask=batch.attention, use_cache=False).last_hidden_state, captured
+                return base(
+                    input_ids=batch.ids, attention_mask=batch.attention, use_cache=False
+                ).last_hidden_state, captured
             layers = base.layers
             base.layers = nn.ModuleList([_Passthrough() for _ in range(start)] + list(layers[start:]))
             try:
@@ -212,10 +229,14 @@ class Evaluator:
         handles = []
         for layer in layers:
 
-            def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: int = layer) -> None:
+            def hook(
+                _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: int = layer
+            ) -> None:
                 captured[layer] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
 
-            handles.append(self.model.base_model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
+            handles.append(
+                self.model.base_model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+            )
         try:
             yield captured
         finally:
@@ -342,7 +363,9 @@ class Evaluator:
                     raise InputError(f"metric {obj.metric} has no teacher-forced implementation")
         out: dict[str, float] = {}
         for obj in objs:
-            self.item_scores[obj.name] = dict(zip(rows, torch.cat(sums[obj.name]).float().tolist(), strict=True))
+            self.item_scores[obj.name] = dict(
+                zip(rows, torch.cat(sums[obj.name]).float().tolist(), strict=True)
+            )
             if obj.metric == "perplexity":
                 out[obj.name] = M.perplexity_from_sums(ce_sum, ce_n)
             else:
@@ -357,8 +380,12 @@ class Evaluator:
         """Letter-logit multiple choice; items with fewer choices are padded with -inf scores."""
         k = max(len(enc.choice_ids[i]) for i in batch.rows)
         ids = [enc.choice_ids[i] + [enc.choice_ids[i][0]] * (k - len(enc.choice_ids[i])) for i in batch.rows]
-        valid = torch.tensor([[j < len(enc.choice_ids[i]) for j in range(k)] for i in batch.rows], device=first.device)
-        scores = torch.gather(first, 1, torch.tensor(ids, device=first.device)).masked_fill(~valid, float("-inf"))
+        valid = torch.tensor(
+            [[j < len(enc.choice_ids[i]) for j in range(k)] for i in batch.rows], device=first.device
+        )
+        scores = torch.gather(first, 1, torch.tensor(ids, device=first.device)).masked_fill(
+            ~valid, float("-inf")
+        )
         answers = torch.tensor([enc.answer_index[i] for i in batch.rows], device=first.device)
         return M.mc_correct(scores, answers)
 
@@ -434,13 +461,19 @@ class Evaluator:
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
             out = base(
-                input_ids=tok[:, None], attention_mask=attention, position_ids=positions, use_cache=True, **cache
+                input_ids=tok[:, None],
+                attention_mask=attention,
+                position_ids=positions,
+                use_cache=True,
+                **cache,
             )
             hidden = out.last_hidden_state[:, -1]
         return preds, pmax
 
 
-def item_chunks(n_items: int, chunks: tuple[int, int], looks: int, salt: Sequence[Sequence[int]]) -> list[list[int]]:
+def item_chunks(
+    n_items: int, chunks: tuple[int, int], looks: int, salt: Sequence[Sequence[int]]
+) -> list[list[int]]:
     """``looks`` chunks of about equal size of a part's item indices, in a random order fixed by the seed
     and the part's content (``salt``: its prompts), so every candidate of a campaign sees the same order."""
     import hashlib

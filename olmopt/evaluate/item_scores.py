@@ -38,7 +38,9 @@ def unpack(text: str) -> dict[int, float]:
 
 def item_attrs(items: ItemScores) -> dict[str, str | int]:
     """The user attrs of an evaluation's per-item values: ``i.<objective>`` (packed) and ``n_items``."""
-    attrs: dict[str, str | int] = {ITEMS_PREFIX + name: pack(per) for name, per in sorted(items.items()) if per}
+    attrs: dict[str, str | int] = {
+        ITEMS_PREFIX + name: pack(per) for name, per in sorted(items.items()) if per
+    }
     attrs[N_ITEMS_ATTR] = count(items)
     return attrs
 
@@ -58,7 +60,9 @@ def count(items: ItemScores) -> int:
     return sum(len(per) for per in items.values())
 
 
-def metric_of_items(metric: str, values: Mapping[int, float], tokens: Mapping[int, int] | None = None) -> float:
+def metric_of_items(
+    metric: str, values: Mapping[int, float], tokens: Mapping[int, int] | None = None
+) -> float:
     """An objective's value over the scored items: their mean; perplexity ``exp(sum CE / sum tokens)``."""
     if not values:
         return math.nan

@@ -177,7 +177,8 @@ def load_task(spec: LmEvalSpec) -> Any:
             loaded = tm.load([spec.task])
     except Exception as exc:  # datasets raises many kinds (ConnectionError, DatasetNotFoundError, ...)
         raise InputError(
-            f"lm_eval task {spec.task!r} cannot be loaded offline (its data must be local files): {_one_line(exc)}"
+            f"lm_eval task {spec.task!r} cannot be loaded offline (its data must be local files): "
+            f"{_one_line(exc)}"
         ) from None
     tasks = loaded["tasks"]
     if len(tasks) != 1:
@@ -204,7 +205,9 @@ def metric_of(task: Any, spec: LmEvalSpec) -> tuple[str, str | None, Literal["ma
     metrics = list(better)
     name = spec.metric_name or (metrics[0] if metrics else "")
     if name not in better:
-        raise InputError(f"lm_eval task {spec.task!r} does not produce metric {name!r} (it produces {metrics})")
+        raise InputError(
+            f"lm_eval task {spec.task!r} does not produce metric {name!r} (it produces {metrics})"
+        )
     filters = [f.name for f in getattr(task, "_filters", [])]
     if spec.filter_name is not None and spec.filter_name not in filters:
         raise InputError(f"lm_eval task {spec.task!r} has no filter {spec.filter_name!r} (it has {filters})")
@@ -262,14 +265,17 @@ def resolve_objectives(config: StudyConfig) -> dict[str, Any]:
         obj.metric = metric if flt is None else f"{metric},{flt}"
         obj.direction = direction
         n = len(task.eval_docs)
-        parts = {s: len(split_doc_ids(n, obj.held_out, obj.seed, s, obj.limit)) for s in ("search", "held_out")}
+        parts = {
+            s: len(split_doc_ids(n, obj.held_out, obj.seed, s, obj.limit)) for s in ("search", "held_out")
+        }
         if parts["search"] == 0:
             raise InputError(f"lm_eval task {spec.task!r}: the search part is empty ({n} documents)")
         shots = task.get_config("num_fewshot") or 0
         if shots > 0 and obj.held_out > 0 and _fewshot_from_eval_docs(task):
             raise InputError(
-                f"lm_eval task {spec.task!r}: num_fewshot {shots} draws examples from the evaluated documents, "
-                "which would show held-out documents to the search; give the task a fewshot_split or set held_out: 0"
+                f"lm_eval task {spec.task!r}: num_fewshot {shots} draws examples from the evaluated "
+                "documents, which would show held-out documents to the search; give the task a fewshot_split "
+                "or set held_out: 0"
             )
         info[obj.name] = {"task": spec.task, "include_path": spec.include_path, "documents": n, **parts}
     return info
@@ -285,7 +291,9 @@ class _Part:
     docs: list[Any]
     by_doc: list[list[Any]]  # per document: its Instances in idx order
     instances: list[Any]
-    encoded: dict[int, Any] = field(default_factory=dict)  # id(instance) -> pre-tokenized loglikelihood request
+    encoded: dict[int, Any] = field(
+        default_factory=dict
+    )  # id(instance) -> pre-tokenized loglikelihood request
 
 
 class LmEvalEvaluator:
@@ -372,7 +380,9 @@ class LmEvalEvaluator:
         lm = self.lm
         if context == "":
             cont = lm.tok_encode(continuation, add_special_tokens=False)
-            ctx, cont = ([lm.prefix_token_id], cont) if lm.prefix_token_id != cont[0] else (cont[:1], cont[1:])
+            ctx, cont = (
+                ([lm.prefix_token_id], cont) if lm.prefix_token_id != cont[0] else (cont[:1], cont[1:])
+            )
             return (context, continuation), ctx, cont
         ctx, cont = lm._encode_pair(context, continuation)
         return (context, continuation), ctx, cont
@@ -482,7 +492,9 @@ def _resident_lm_class(hflm: type, greedy: Greedy | None = None) -> type:
     (no per-step logits processors and stopping criteria decoding text)."""
 
     class ResidentHFLM(hflm):
-        def _model_generate(self, context: Any, max_length: int, stop: list[str], **generation_kwargs: Any) -> Any:
+        def _model_generate(
+            self, context: Any, max_length: int, stop: list[str], **generation_kwargs: Any
+        ) -> Any:
             import torch
 
             kwargs = dict(generation_kwargs)  # normalised as HFLM._model_generate does
@@ -512,7 +524,9 @@ def _memoize_doc_fields(task: Any, docs: list[Any]) -> None:
         if not hasattr(wrapper, "olmopt_memo"):
             original, memo = wrapper, dict[int, Any]()
 
-            def cached(doc: Any, *args: Any, _memo: dict[int, Any] = memo, _orig: Any = original, **kwargs: Any) -> Any:
+            def cached(
+                doc: Any, *args: Any, _memo: dict[int, Any] = memo, _orig: Any = original, **kwargs: Any
+            ) -> Any:
                 if args or kwargs or id(doc) not in _memo:
                     return _orig(doc, *args, **kwargs)
                 return _memo[id(doc)]

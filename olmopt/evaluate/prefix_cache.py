@@ -91,7 +91,8 @@ class PrefixCache:
         return True
 
     def adopt(self, store: PrefixStore, layer: int) -> bool:
-        """Use ``store`` (captures under the weights the caller now guarantees) from ``layer``; False if absent."""
+        """Use ``store`` (captures under the weights the caller
+        now guarantees) from ``layer``; False if absent."""
         if not store or any(layer not in entry for entry in store.values()):
             return False
         self.store, self.layer = store, layer

@@ -133,12 +133,19 @@ def decide(looks: Mapping[str, Look], level: float, score: Score = "copeland") -
         each = level / len(names)
         bound = sum(looks[n].bound(each) for n in names) / len(names)
         if bound < 0.0:
-            return Verdict(True, level, f"objective mean worse than the incumbent's after {seen} items "
-                                        f"(upper bound {bound:.4g}, level {level:.3g})")
+            return Verdict(
+                True,
+                level,
+                f"objective mean worse than the incumbent's after {seen} items "
+                f"(upper bound {bound:.4g}, level {level:.3g})",
+            )
         return Verdict(False, level, f"mean bound {bound:.4g}")
     p_values = {n: looks[n].p_value() for n in names}
     if all(p <= level for p in p_values.values()):
         worst = max(p_values.values())
-        return Verdict(True, level, f"dominated by the incumbent after {seen} items "
-                                    f"(largest p {worst:.3g} <= level {level:.3g})")
+        return Verdict(
+            True,
+            level,
+            f"dominated by the incumbent after {seen} items (largest p {worst:.3g} <= level {level:.3g})",
+        )
     return Verdict(False, level, "not dominated: " + ", ".join(f"{n} p {p_values[n]:.3g}" for n in names))

@@ -42,18 +42,25 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(read_text(index, f"model {self.name}:", ModelError))["weight_map"]
-                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()
+                ):
                     raise ValueError("weight_map must map tensor names to file names")
             except (ValueError, KeyError, TypeError) as exc:
                 raise ModelError(f"model {self.name}: malformed {index.name}: {exc}") from None
             self._file_of = {k: self.directory / v for k, v in weight_map.items()}
             for shard in sorted(set(self._file_of.values())):
                 if not shard.is_file():
-                    raise ModelError(f"model {self.name}: {index.name} names shard {shard.name}, which is missing")
+                    raise ModelError(
+                        f"model {self.name}: {index.name} names shard {shard.name}, which is missing"
+                    )
                 present = set(self._open(shard).keys())
                 for key in sorted(k for k, v in self._file_of.items() if v == shard):
                     if key not in present:
-                        raise ModelError(f"model {self.name}: {index.name} puts tensor {key!r} in {shard.name}, which lacks it")
+                        raise ModelError(
+                            f"model {self.name}: {index.name} puts tensor {key!r} in {shard.name}, which "
+                            "lacks it"
+                        )
             return
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:
@@ -75,7 +82,9 @@ class Checkpoint:
             try:
                 handle = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError, ValueError) as exc:
-                raise ModelError(f"model {self.name}: damaged safetensors file {path.name} ({_first_line(exc)})") from None
+                raise ModelError(
+                    f"model {self.name}: damaged safetensors file {path.name} ({_first_line(exc)})"
+                ) from None
             self._handles[path] = handle
         return handle
 
@@ -100,7 +109,9 @@ class Checkpoint:
         try:
             return self._handle(path).get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise ModelError(f"model {self.name}: tensor {name!r} cannot be read from {path.name} ({_first_line(exc)})") from None
+            raise ModelError(
+                f"model {self.name}: tensor {name!r} cannot be read from {path.name} ({_first_line(exc)})"
+            ) from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self._file_of[name]).get_slice(name).get_shape())
@@ -119,7 +130,9 @@ class Checkpoint:
                 return name
         return None
 
-    def check_complete(self, config: Any = None, auto_class: Any = None, trust_remote_code: bool = False) -> None:
+    def check_complete(
+        self, config: Any = None, auto_class: Any = None, trust_remote_code: bool = False
+    ) -> None:
         """Every tensor the model's class expects is in the checkpoint with the shape its config gives.
 
         ``from_pretrained`` would otherwise initialise a missing tensor at random (and a shape that
@@ -142,13 +155,14 @@ class Checkpoint:
                 if name in expected.optional:
                     continue
                 raise ModelError(
-                    f"model {self.name}: the checkpoint lacks tensor {name!r} (transformers would initialise it at random)"
+                    f"model {self.name}: the checkpoint lacks tensor {name!r} (transformers would initialise "
+                    "it at random)"
                 )
             got = self.shape(stored)
             if got != shape:
                 raise ModelError(
-                    f"model {self.name}: tensor {stored!r} has shape {list(got)} in its checkpoint but {list(shape)} "
-                    "by config.json"
+                    f"model {self.name}: tensor {stored!r} has shape {list(got)} in its checkpoint but "
+                    f"{list(shape)} by config.json"
                 )
 
 
@@ -178,7 +192,9 @@ class ExpectedTensors:
 _EXPECTED: dict[tuple[str, str], ExpectedTensors | None] = {}
 
 
-def expected_tensors(config: Any, auto_class: Any = None, trust_remote_code: bool = False) -> ExpectedTensors | None:
+def expected_tensors(
+    config: Any, auto_class: Any = None, trust_remote_code: bool = False
+) -> ExpectedTensors | None:
     """The state dict (names and shapes) a model of ``config`` loads, built on the meta device (no memory).
 
     None when it cannot be compared by name (transformers renames this architecture's checkpoints).
@@ -207,7 +223,9 @@ def expected_tensors(config: Any, auto_class: Any = None, trust_remote_code: boo
                 for name, t in model.state_dict().items()
                 if not any(p.search(name) for p in ignore)
             }
-            result = ExpectedTensors(shapes, frozenset(optional), getattr(model, "base_model_prefix", "") or "")
+            result = ExpectedTensors(
+                shapes, frozenset(optional), getattr(model, "base_model_prefix", "") or ""
+            )
     _EXPECTED[key] = result
     return result
 
@@ -219,4 +237,6 @@ def load_config(name: str, path: Path, trust_remote_code: bool = False) -> Any:
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise ModelError(f"model {name}: cannot read config.json in {path}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(
+            f"model {name}: cannot read config.json in {path}: {str(exc).splitlines()[0]}"
+        ) from None

@@ -61,7 +61,10 @@ class ModelPool:
         for ref in refs:
             path = resolve_model(ref, base_dir)
             if path.resolve() in seen:
-                raise ModelError(f"the model pool lists one model twice: {seen[path.resolve()]!r} and {ref!r} are both {path.resolve()}")
+                raise ModelError(
+                    f"the model pool lists one model twice: {seen[path.resolve()]!r} and {ref!r} are both "
+                    f"{path.resolve()}"
+                )
             seen[path.resolve()] = ref
             config = load_config(ref, path, trust_remote_code)
             checkpoint = Checkpoint(path, ref)
@@ -132,11 +135,14 @@ class ModelPool:
         for model in self.models.values():
             bad = model.checkpoint.first_nonfinite()
             if bad is not None:
-                raise ModelError(f"model {model.name}: tensor {bad!r} holds NaN or inf values (a damaged checkpoint)")
+                raise ModelError(
+                    f"model {model.name}: tensor {bad!r} holds NaN or inf values (a damaged checkpoint)"
+                )
 
 
 def load_tokenizer(model: PoolModel) -> Any:
-    """The model's tokenizer through ``AutoTokenizer`` (as users load it); failures are one ModelError line."""
+    """The model's tokenizer through ``AutoTokenizer`` (as
+    users load it); failures are one ModelError line."""
     from transformers import AutoTokenizer
 
     try:
@@ -144,7 +150,9 @@ def load_tokenizer(model: PoolModel) -> Any:
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for unreadable tokenizer files
         text = str(exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__
-        raise ModelError(f"model {model.name}: cannot load its tokenizer from {model.path}: {reason}") from None
+        raise ModelError(
+            f"model {model.name}: cannot load its tokenizer from {model.path}: {reason}"
+        ) from None
 
 
 def tokenizer_vocab(path: Path) -> dict[str, int] | None:

@@ -28,8 +28,15 @@ def resolve_model(ref: str, base_dir: Path | None = None, revision: str | None =
     if not _HUB_ID.match(ref):
         raise ModelError(f"model {ref}: no such directory and not a hub id (org/name)")
     for path in candidates:  # `zoo/base` after zoo/base was deleted: a local path, not a hub id
-        if path.parent.is_dir() and path.parent.resolve() != Path.cwd().resolve() and str(path.parent) not in ("", "."):
-            raise ModelError(f"model {ref}: no such directory {path} (its folder {path.parent} exists; not fetched from the hub)")
+        if (
+            path.parent.is_dir()
+            and path.parent.resolve() != Path.cwd().resolve()
+            and str(path.parent) not in ("", ".")
+        ):
+            raise ModelError(
+                f"model {ref}: no such directory {path} (its folder {path.parent} exists; not fetched from "
+                "the hub)"
+            )
     try:
         from huggingface_hub import snapshot_download
 

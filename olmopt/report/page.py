@@ -13,13 +13,16 @@ from olmopt.recipe import Recipe
 from olmopt.report import plots
 
 INDEX = "index.html"
-STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1000px;color:#222;padding:0 1em}
-table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
-th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-img{max-width:100%;border:1px solid #eee;margin:.5em 0}pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}
-.muted{color:#777}
-"""
+STYLE = (
+    "\n"
+    "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1000px;color:#222;padding:0 1em}\n"
+    "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}\n"
+    "th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}\n"
+    "img{max-width:100%;border:1px solid #eee;margin:.5em 0}"
+    "pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}\n"
+    ".muted{color:#777}\n"
+)
 
 
 def _slug(text: str) -> str:
@@ -49,7 +52,8 @@ def write_report(data: dict[str, Any], out: Path, embed: bool = False) -> dict[s
         if stage.get("plot") == "pareto" and stage["points"]:
             png = plots.pareto_png(stage, objectives, out / f"pareto_{_slug(stage['key'])}.png")
             caption = (
-                "Trials on the first two objectives; the Pareto set (over all objectives, feasible trials) in blue, the selected trial starred."
+                "Trials on the first two objectives; the Pareto set (over all objectives, feasible trials) "
+                "in blue, the selected trial starred."
                 if len(objectives) > 1
                 else "Trials and the best value so far; the selected trial starred."
             )
@@ -92,9 +96,10 @@ def _page(data: dict[str, Any], figures: list[tuple[str, str, Path]], out: Path,
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>olmopt report: {e(data['name'])}</title><style>{STYLE}</style></head><body>",
         f"<h1>Campaign {e(data['name'])}</h1>",
-        f'<p class="muted">storage {e(str(data.get("storage")))} &middot; created {e(str(data.get("created")))} '
-        f"&middot; olmopt {e(str(data.get('olmopt_version')))} &middot; {decided} of {len(data['stages'])} stages decided"
-        f"{'' if data.get('finished') else ' (in progress)'}</p>",
+        f'<p class="muted">storage {e(str(data.get("storage")))} &middot; created '
+        f"{e(str(data.get('created')))} "
+        f"&middot; olmopt {e(str(data.get('olmopt_version')))} &middot; {decided} of {len(data['stages'])} "
+        f"stages decided{'' if data.get('finished') else ' (in progress)'}</p>",
         "<h2>Pool and objectives</h2><ul>",
         *[
             f"<li>{e(plots.short_name(m))} <span class='muted'>{e(m)}</span></li>"

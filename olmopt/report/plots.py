@@ -287,7 +287,9 @@ def _parallel_coordinates(
     ]
     for label, keep, style in styles:
         for i, p in enumerate(q for q in points if keep(q) and q["number"] != selected):
-            ax.plot(xs, scaled(p), marker="o", markersize=3, linewidth=1, label=label if i == 0 else None, **style)
+            ax.plot(
+                xs, scaled(p), marker="o", markersize=3, linewidth=1, label=label if i == 0 else None, **style
+            )
     chosen = [p for p in points if p["number"] == selected]
     if chosen:
         ax.plot(xs, scaled(chosen[0]), marker="*", markersize=14, linewidth=3, color="#edc948",

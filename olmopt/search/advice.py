@@ -21,18 +21,21 @@ def sampler_warnings(config: StudyConfig, plan: list[Stage]) -> list[str]:
                 "has no joint stage"
             )
     if not joint and "name" in config.sampler.model_fields_set:
-        warnings.append(f"sampler.name {config.sampler.name!r} has no effect: every stage of this campaign is greedy")
+        warnings.append(
+            f"sampler.name {config.sampler.name!r} has no effect: every stage of this campaign is greedy"
+        )
     for stage in joint:
         name = get_kind(stage.kind).sampler_name(config) or config.sampler.name
         if name == "nsga2" and stage.n_trials < 2 * config.sampler.nsga2_population(stage.n_trials):
             population = config.sampler.nsga2_population(stage.n_trials)
             warnings.append(
-                f"stage {stage.key}: NSGA-II with a population of {population} and a budget of {stage.n_trials} "
-                "evaluations never leaves its random first generation (lower sampler.population_size or raise the budget)"
+                f"stage {stage.key}: NSGA-II with a population of {population} and a budget of "
+                f"{stage.n_trials} evaluations never leaves its random first generation (lower "
+                "sampler.population_size or raise the budget)"
             )
         if name == "tpe" and stage.n_trials <= config.sampler.n_startup_trials:
             warnings.append(
-                f"stage {stage.key}: TPE's {config.sampler.n_startup_trials} random start-up trials use up the whole "
-                f"budget of {stage.n_trials}: it is random search (lower sampler.n_startup_trials)"
+                f"stage {stage.key}: TPE's {config.sampler.n_startup_trials} random start-up trials use up "
+                f"the whole budget of {stage.n_trials}: it is random search (lower sampler.n_startup_trials)"
             )
     return warnings

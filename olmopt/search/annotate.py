@@ -98,7 +98,8 @@ def _has_artifact(target: optuna.Study | optuna.Trial, filename: str) -> bool:
 # -- trials and stage decisions (runner) -------------------------------------------------------------
 @_best_effort
 def annotate_trial(campaign: Campaign, trial: optuna.Trial, recipe_json: str) -> str | None:
-    """Attach the trial's Recipe as ``recipe.json``. Call before ``study.tell`` (finished trials are frozen)."""
+    """Attach the trial's Recipe as ``recipe.json``. Call
+    before ``study.tell`` (finished trials are frozen)."""
     if _has_artifact(trial, RECIPE_FILE):
         return None  # attached by an earlier call
     data = json.dumps(json.loads(recipe_json), indent=2, sort_keys=True).encode()
@@ -118,7 +119,9 @@ def annotate_decision(campaign: Campaign, study: optuna.Study, decision: Decisio
         storage=study._storage, study_name=study.study_name, sampler=optuna.samplers.RandomSampler()
     )
     if decision.trial is not None:
-        trial_id = next((t._trial_id for t in handle.get_trials(deepcopy=False) if t.number == decision.trial), None)
+        trial_id = next(
+            (t._trial_id for t in handle.get_trials(deepcopy=False) if t.number == decision.trial), None
+        )
         if trial_id is not None:
             save_note(optuna.Trial(handle, trial_id), winner_note(decision, names, directions))
     save_note(handle, stage_note(decision, names, directions))
@@ -133,7 +136,8 @@ def annotate_decision(campaign: Campaign, study: optuna.Study, decision: Decisio
 # -- exports (finalizer) ----------------------------------------------------------------------------
 @_best_effort
 def annotate_export(campaign: Campaign, out: Path) -> list[str] | None:
-    """Attach an exported model's ``merge_report.json``, ``README.md`` and ``donor_map.png`` to the campaign."""
+    """Attach an exported model's ``merge_report.json``,
+    ``README.md`` and ``donor_map.png`` to the campaign."""
     store = artifact_store(artifact_dir_for(campaign.url))
     root = optuna.load_study(storage=campaign.storage, study_name=campaign.name)
     ids = []
@@ -200,7 +204,8 @@ def stage_note(decision: Decision, names: list[str], directions: dict[str, str])
             key=lambda kv: (not kv[1].feasible, *(_key(kv[1].metrics.get(n), signs[n]) for n in names)),
         )
         lines += [
-            f"Candidates ({len(candidates)}; the first {min(NOTE_ROWS, len(candidates))}, feasible first, by {', '.join(names)}):",
+            f"Candidates ({len(candidates)}; the first {min(NOTE_ROWS, len(candidates))}, feasible first, by "
+            f"{', '.join(names)}):",
             "",
             "| candidate | trial | feasible | "
             + " | ".join(f"{n} {_arrow(directions[n])}" for n in names)
@@ -220,9 +225,7 @@ def _key(value: float | None, sign: float) -> float:
     return math.inf if value is None or math.isnan(value) else sign * value
 
 
-def campaign_note(
-    campaign: Campaign, decisions: dict[str, Decision], exported: Path | None = None
-) -> str:
+def campaign_note(campaign: Campaign, decisions: dict[str, Decision], exported: Path | None = None) -> str:
     names = campaign.objective_names()
     directions = campaign.directions()
     done = sum(1 for s in campaign.plan if s.key in decisions)
@@ -247,7 +250,8 @@ def campaign_note(
     if exported is not None:
         lines += [
             "",
-            f"Exported to `{exported}`: `merge_report.json`, `README.md` and the donor map are attached below.",
+            f"Exported to `{exported}`: `merge_report.json`, `README.md` and the donor map are attached "
+            "below.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -273,7 +277,11 @@ def campaign_report_data(name: str, url: str) -> dict[str, Any]:
             "plot": get_kind(stage.kind).report_plot,
             "decision": None
             if d is None
-            else {k: v for k, v in d.to_dict().items() if k in ("winner", "trial", "reason", "metrics", "held_out", "candidates")},
+            else {
+                k: v
+                for k, v in d.to_dict().items()
+                if k in ("winner", "trial", "reason", "metrics", "held_out", "candidates")
+            },
             "points": [],
         }
         if get_kind(stage.kind).plots_trials:

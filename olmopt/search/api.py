@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 
 def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
-    """Validate pool homology, finite weights and every dataset (tokenized) before any heavy work; return the plan."""
+    """Validate pool homology, finite weights and every dataset
+    (tokenized) before any heavy work; return the plan."""
     from olmopt.evaluate.datasets import file_digest
     from olmopt.evaluate.engine import Evaluator
     from olmopt.pool.model_pool import load_tokenizer
@@ -58,7 +59,11 @@ def preflight(config: StudyConfig) -> tuple[list[Stage], dict[str, Any]]:
         names = [n for n in names if not n.startswith(pool.adapter.lm_head)]
     plan = plan_stages(config, pool.adapter, names)
     extra = {
-        "datasets": {o.name: {"path": str(o.path), "sha256": file_digest(o.path)} for o in objectives if o.kind != "recipe"}
+        "datasets": {
+            o.name: {"path": str(o.path), "sha256": file_digest(o.path)}
+            for o in objectives
+            if o.kind != "recipe"
+        }
     }
     if lm_eval_info:
         extra["lm_eval"] = lm_eval_info
@@ -72,7 +77,9 @@ def check_against_pool(config: StudyConfig, pool_names: list[str], num_layers: i
     for key, swap in (("layers", d.layers), ("tensors", d.tensors)):
         for index in swap.only or []:
             if not 0 <= index < num_layers:
-                raise StudyKeyError(f"decisions.{key}.only: layer {index} is outside the model (layers 0..{num_layers - 1})")
+                raise StudyKeyError(
+                    f"decisions.{key}.only: layer {index} is outside the model (layers 0..{num_layers - 1})"
+                )
         if swap.only is not None and len(set(swap.only)) != len(swap.only):
             raise StudyKeyError(f"decisions.{key}.only lists a layer twice: {swap.only}")
     for key, models in (("merge", d.merge.models), ("dfs", d.dfs.models)):
@@ -91,7 +98,10 @@ class _NoModel:
 
 def create_campaign(config: StudyConfig, url: str) -> Campaign:
     if not NAME_RE.match(config.name):  # a name given on the command line skipped the study file's check
-        raise InputError(f"campaign name {config.name!r} must be 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)")
+        raise InputError(
+            f"campaign name {config.name!r} must be 1-64 letters, digits, '_', '.', '-' (starting with a "
+            "letter or digit)"
+        )
     plan, extra = preflight(config)
     return Campaign.create(config, url, plan, extra)
 
@@ -123,7 +133,9 @@ def run_campaign(
             campaign.record_run("interrupted")
             raise
         except BaseException as exc:
-            campaign.record_run("failed", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            campaign.record_run(
+                "failed", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            )
             raise
         campaign.record_run("finished" if outcome.finished else "stopped")
         return outcome
@@ -137,7 +149,9 @@ def check_inputs_unchanged(campaign: Campaign) -> None:
     for objective, entry in sorted((campaign.info.get("datasets") or {}).items()):
         path = Path(entry["path"])
         if not path.is_file():
-            raise InputError(f"dataset {path} (objective {objective}) is gone since `study create`; restore it")
+            raise InputError(
+                f"dataset {path} (objective {objective}) is gone since `study create`; restore it"
+            )
         if file_digest(path) != entry["sha256"]:
             raise InputError(
                 f"dataset {path} (objective {objective}) changed since `study create` (sha256 differs); "
@@ -154,7 +168,9 @@ def check_device(device: str | None) -> None:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise StudyKeyError(f"evaluation.device: {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        raise StudyKeyError(
+            f"evaluation.device: {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+        ) from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -217,7 +233,9 @@ def campaign_status(name: str, url: str) -> dict[str, Any]:
                 "stage": stage.key,
                 "kind": stage.kind,
                 "target": stage.target,
-                "state": "decided" if d else ("pending" if study is None else ("running" if running else "started")),
+                "state": "decided"
+                if d
+                else ("pending" if study is None else ("running" if running else "started")),
                 "trials": counts,
                 "winner": d.winner if d else None,
                 "metrics": d.metrics if d else None,

@@ -53,7 +53,9 @@ class Campaign:
         extra = {DIRECTIONS_KEY: directions_of(config), **extra}
         storage = open_storage(url)
         if config.name in campaign_names(storage):
-            raise StorageError(f"campaign {config.name!r} already exists in {redact(url)} (pick another name)")
+            raise StorageError(
+                f"campaign {config.name!r} already exists in {redact(url)} (pick another name)"
+            )
         info = {
             "olmopt_version": __version__,
             "config": config.model_dump(mode="json"),
@@ -65,7 +67,9 @@ class Campaign:
         # shows them on the campaign's page)
         names = [o.name or default_objective_name(o) for o in config.objectives]
         directions = extra[DIRECTIONS_KEY]
-        root = optuna.create_study(storage=storage, study_name=config.name, directions=[directions[n] for n in names])
+        root = optuna.create_study(
+            storage=storage, study_name=config.name, directions=[directions[n] for n in names]
+        )
         root.set_metric_names(names)
         root.set_user_attr(CAMPAIGN_ATTR, info)
         return cls(config.name, url, storage, config, plan, info)
@@ -79,7 +83,8 @@ class Campaign:
             names = campaign_names(storage)
             there = f"campaigns there: {', '.join(names)}" if names else "it holds no campaign"
             raise StorageError(
-                f"no campaign named {name!r} in {redact(url)} ({there}; pass --storage URL or set OLMOPT_STORAGE)"
+                f"no campaign named {name!r} in {redact(url)} ({there}; pass --storage URL or set "
+                "OLMOPT_STORAGE)"
             ) from None
         info = root.user_attrs.get(CAMPAIGN_ATTR)
         if not info:
@@ -137,7 +142,10 @@ class Campaign:
 
     def decisions(self) -> dict[str, Decision]:
         """stage key -> decision, for decided stages (one storage round trip per stage study)."""
-        return {key: Decision.from_dict(stored) for key, stored in _stored_decisions(self.name, all_studies(self.storage)).items()}
+        return {
+            key: Decision.from_dict(stored)
+            for key, stored in _stored_decisions(self.name, all_studies(self.storage)).items()
+        }
 
     def incumbent_before(self, stage: Stage, decisions: dict[str, Decision] | None = None) -> Recipe | None:
         """The Recipe decided by the last decided stage before ``stage``."""
@@ -183,7 +191,9 @@ class Campaign:
         if is_sqlite(self.url):
             if last.get("state") == "running" and sqlite_busy(self.url):
                 return "running", None
-        elif live_work(self, stale_after()) or (last.get("state") == "running" and _age(last) < stale_after()):
+        elif live_work(self, stale_after()) or (
+            last.get("state") == "running" and _age(last) < stale_after()
+        ):
             return "running", None  # a worker's trial beats, or a worker started lately (loading models)
         if last.get("state") in ("failed", "stopped", "interrupted"):
             return last["state"], last.get("error")
@@ -194,7 +204,9 @@ class Campaign:
             return "not started", None
         return "interrupted", None
 
-    def extend_plan(self, specs: list[tuple[str, str]], info_update: dict[str, Any] | None = None) -> list[Stage]:
+    def extend_plan(
+        self, specs: list[tuple[str, str]], info_update: dict[str, Any] | None = None
+    ) -> list[Stage]:
         """Append stages ``(kind, target)`` to the stored plan (e.g. ``export best --refine es``)."""
         added = [Stage(len(self.plan) + i, kind, target) for i, (kind, target) in enumerate(specs)]
         self.plan = [*self.plan, *added]
@@ -245,7 +257,11 @@ def all_studies(storage: optuna.storages.BaseStorage, attempts: int = 5) -> list
 def delete_campaign(storage: optuna.storages.BaseStorage, name: str) -> int:
     """Delete campaign ``name``: its record study and every study under ``name/`` (stages, locks).
     Returns how many studies were deleted."""
-    doomed = [s.study_name for s in all_studies(storage) if s.study_name == name or s.study_name.startswith(name + "/")]
+    doomed = [
+        s.study_name
+        for s in all_studies(storage)
+        if s.study_name == name or s.study_name.startswith(name + "/")
+    ]
     for study_name in doomed:
         try:
             optuna.delete_study(study_name=study_name, storage=storage)
@@ -268,7 +284,8 @@ def live_work(campaign: Campaign, stale_after: float) -> list[str]:
     """What shows a worker running ``campaign`` on a shared storage (empty: none does): a stage lock taken
     less than ``stale_after`` s ago, or a RUNNING trial that still beats (RDB storages), that started less
     than 3 heartbeat intervals ago and has not beaten yet, or (no heartbeats: journal storages) that
-    started less than ``stale_after`` s ago. SQLite needs none of this: its single-writer file lock says it."""
+    started less than ``stale_after`` s ago. SQLite needs
+    none of this: its single-writer file lock says it."""
     from olmopt.search.coordination import LOCK_ATTR, heartbeat_enabled, trials_with_heartbeat
 
     storage = campaign.storage
@@ -283,7 +300,9 @@ def live_work(campaign: Campaign, stale_after: float) -> list[str]:
             if acquired is None or now - float(acquired) < stale_after:
                 found.append(f"stage {stage.split('#')[0]} is locked by a worker")
             continue
-        running = storage.get_all_trials(s._study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        running = storage.get_all_trials(
+            s._study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)
+        )
         if not running:
             continue
         if heartbeat_enabled(storage):
@@ -294,21 +313,25 @@ def live_work(campaign: Campaign, stale_after: float) -> list[str]:
                 t
                 for t in running
                 if (t._trial_id in beaten and t._trial_id not in stale)
-                or (t._trial_id not in beaten and t.datetime_start is not None and t.datetime_start.timestamp() > limit)
+                or (
+                    t._trial_id not in beaten
+                    and t.datetime_start is not None
+                    and t.datetime_start.timestamp() > limit
+                )
             ]
         else:
-            alive = [t for t in running if t.datetime_start is not None and t.datetime_start.timestamp() > now - stale_after]
+            alive = [
+                t
+                for t in running
+                if t.datetime_start is not None and t.datetime_start.timestamp() > now - stale_after
+            ]
         if alive:
             found.append(f"stage {stage} has {len(alive)} running trial(s)")
     return found
 
 
 def campaign_names(storage: optuna.storages.BaseStorage) -> list[str]:
-    return [
-        s.study_name
-        for s in all_studies(storage)
-        if CAMPAIGN_ATTR in s.user_attrs
-    ]
+    return [s.study_name for s in all_studies(storage) if CAMPAIGN_ATTR in s.user_attrs]
 
 
 def list_campaigns(url: str) -> list[dict[str, Any]]:
@@ -337,5 +360,3 @@ def list_campaigns(url: str) -> list[dict[str, Any]]:
             }
         )
     return out
-
-

@@ -23,10 +23,14 @@ from olmopt.search.seeding import finished, trial_seed
 
 
 class CatCmaSampler(optuna.samplers.BaseSampler):
-    def __init__(self, space: dict[str, BaseDistribution], seed: int | None = None, population_size: int | None = None) -> None:
+    def __init__(
+        self, space: dict[str, BaseDistribution], seed: int | None = None, population_size: int | None = None
+    ) -> None:
         self.space = space
         self.continuous = [n for n, d in space.items() if isinstance(d, FloatDistribution)]
-        self.discrete = [n for n, d in space.items() if isinstance(d, CategoricalDistribution | IntDistribution)]
+        self.discrete = [
+            n for n, d in space.items() if isinstance(d, CategoricalDistribution | IntDistribution)
+        ]
         self.choices = {n: _choices(space[n]) for n in self.discrete}
         self.optimizer = CatCMAwM(
             x_space=[[space[n].low, space[n].high] for n in self.continuous] or None,  # type: ignore[attr-defined]
@@ -40,10 +44,14 @@ class CatCmaSampler(optuna.samplers.BaseSampler):
         self._told: list[tuple[Any, Sequence[float]]] = []
         self._replayed = False
 
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
         return dict(self.space)
 
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         if "fixed_params" in trial.system_attrs:
             return {}
         if not self._replayed:
@@ -63,7 +71,9 @@ class CatCmaSampler(optuna.samplers.BaseSampler):
         it continues as the uninterrupted run would (exact for categorical spaces; continuous parameters
         are replayed without CatCMA's raw Gaussian draw, which only its constraint penalty reads)."""
         self._replayed = True
-        for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
+        for t in sorted(
+            study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number
+        ):
             if t.number >= before or "fixed_params" in t.system_attrs or t.values is None:
                 continue
             if any(n not in t.params for n in self.space):
@@ -78,10 +88,14 @@ class CatCmaSampler(optuna.samplers.BaseSampler):
             self._pending[t._trial_id] = solution
             self.after_trial(study, t, TrialState.COMPLETE, t.values)
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)
 
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
         solution = self._pending.pop(trial._trial_id, None)
         if solution is None or state != TrialState.COMPLETE or values is None:
             return

@@ -48,7 +48,8 @@ class EvalContext:
     """Scores Recipes on one resident model; its prefix cache follows the incumbent."""
 
     def __init__(self, config: StudyConfig, pool: ModelPool | None = None) -> None:
-        configure_threads()  # OLMOPT_THREADS, default 1: torch's own default (every core) thrashes a busy machine
+        # OLMOPT_THREADS, default 1: torch's own default (every core) thrashes a busy machine
+        configure_threads()
         self.config = config
         self.pool = pool or open_pool(config)
         self.working = WorkingModel(self.pool, config.base_model, device=config.evaluation.device)
@@ -64,9 +65,13 @@ class EvalContext:
             stop_at_first_mismatch=ev.stop_at_first_mismatch,
             chunks=(config.sampler.seed, ev.early_stop.chunk) if ev.early_stop.mode == "on" else None,
         )
-        lm_objs = [o for o in self.objectives if o.kind == "lm_eval"]  # lm-eval tasks wrap the same resident model
+        lm_objs = [
+            o for o in self.objectives if o.kind == "lm_eval"
+        ]  # lm-eval tasks wrap the same resident model
         self.lm_eval = (
-            LmEvalEvaluator(self.working.model, tokenizer, lm_objs, ev.batch_size, greedy=_kv_greedy) if lm_objs else None
+            LmEvalEvaluator(self.working.model, tokenizer, lm_objs, ev.batch_size, greedy=_kv_greedy)
+            if lm_objs
+            else None
         )
         self.prefix = PrefixCache(self.evaluator, self.working.adapter, self.working.param_names)
         self._resident: ResidentPool | None = None
@@ -111,7 +116,9 @@ class EvalContext:
             if obj.kind == "recipe":
                 scored.metrics[obj.name] = layers_removed(recipe, self.pool.adapter.num_layers)
         scored.metrics = {
-            o.name: scored.metrics[o.name] for o in self.objectives if o.name in scored.metrics and o.has_part(split)
+            o.name: scored.metrics[o.name]
+            for o in self.objectives
+            if o.name in scored.metrics and o.has_part(split)
         }
         return scored
 
@@ -138,7 +145,12 @@ class EvalContext:
         )
 
     def _chunks(
-        self, recipe: Recipe, incumbent: Recipe | None, reference: ItemScores | None, cache: PrefixCache | None, carry: list[int]
+        self,
+        recipe: Recipe,
+        incumbent: Recipe | None,
+        reference: ItemScores | None,
+        cache: PrefixCache | None,
+        carry: list[int],
     ) -> Scored:
         """The early-stopping run of ``recipe`` on the current (patched) weights, chunk by chunk. Objectives
         read off the Recipe compare with the incumbent's exactly (none: they certify nothing)."""
@@ -157,7 +169,12 @@ class EvalContext:
         return run_chunks(chunk, ev.looks(), self.stop_rule, reference, known)
 
     def _score_patched(
-        self, recipe: Recipe, split: str, incumbent: Recipe | None, layer: int | None, reference: ItemScores | None = None
+        self,
+        recipe: Recipe,
+        split: str,
+        incumbent: Recipe | None,
+        layer: int | None,
+        reference: ItemScores | None = None,
     ) -> Scored:
         if incumbent is not None and not incumbent.dfs and self.working.recipe != without_fusion(incumbent):
             self.working.apply(without_fusion(incumbent))  # the new resident state; never undone
@@ -180,7 +197,9 @@ class EvalContext:
         if self._resident is None:
             self._resident = ResidentPool(self.pool, self.working.device, self.working.dtype)
         model = dfs_eval_model(self._resident, recipe)
-        evaluator = Evaluator(model, self.evaluator.tokenizer, self.evaluator.objectives, batch_size=self.evaluator.batch_size)
+        evaluator = Evaluator(
+            model, self.evaluator.tokenizer, self.evaluator.objectives, batch_size=self.evaluator.batch_size
+        )
         evaluator._encoded = self.evaluator._encoded  # share the tokenization cache
         scored = Scored(evaluator.evaluate(split), dict(evaluator.item_scores))  # type: ignore[arg-type]
         if self.lm_eval is not None and split != "test":

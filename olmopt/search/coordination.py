@@ -94,7 +94,9 @@ def trials_with_heartbeat(storage: RDBStorage, trial_ids: list[int]) -> set[int]
 
 
 class StageLock:
-    def __init__(self, storage: BaseStorage, name: str, stale_after: float = 120.0, poll: float = 0.2) -> None:
+    def __init__(
+        self, storage: BaseStorage, name: str, stale_after: float = 120.0, poll: float = 0.2
+    ) -> None:
         self.storage = storage
         self.name = f"{name}#lock"
         self.stale_after = stale_after
@@ -124,7 +126,8 @@ class StageLock:
         self._delete()
 
     def _break_if_stale(self) -> None:
-        """Delete a lock held for longer than ``stale_after`` (one without a time: since this worker saw it)."""
+        """Delete a lock held for longer than ``stale_after``
+        (one without a time: since this worker saw it)."""
         try:
             acquired = optuna.load_study(storage=self.storage, study_name=self.name).user_attrs.get(LOCK_ATTR)
         except KeyError:  # released meanwhile
@@ -141,5 +144,7 @@ class StageLock:
         except KeyError:
             pass
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._delete()

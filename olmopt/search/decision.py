@@ -21,7 +21,8 @@ _CORE = (
 
 @dataclass(frozen=True)
 class CandidateResult:
-    """One evaluated candidate of a stage: its search metrics, feasibility, trial and (some) held-out figures."""
+    """One evaluated candidate of a stage: its search metrics,
+    feasibility, trial and (some) held-out figures."""
 
     metrics: dict[str, float]
     feasible: bool
@@ -57,7 +58,9 @@ class Decision:
     decided_by: str | None = None
     kept_incumbent: bool = False
     held_out_guard: list[str] = field(default_factory=list)  # the candidates the guard compared, search order
-    items: dict[str, str] = field(default_factory=dict)  # the winner's packed per-item values (evaluate.item_scores)
+    items: dict[str, str] = field(
+        default_factory=dict
+    )  # the winner's packed per-item values (evaluate.item_scores)
     pruned: dict[str, str] = field(default_factory=dict)  # candidates stopped early (PRUNED) -> why
     details: dict[str, Any] = field(default_factory=dict)  # the kind's own fields (``StageSpace.details``)
     ties: str = ""  # selection's tie rule (``confidence.selection_ties``); "" under a kind's own rule

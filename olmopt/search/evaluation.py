@@ -205,7 +205,8 @@ class StageEvaluation:
         """The next trial: an enqueued one, else (budgeted stages) a new suggestion while budget is left."""
         trial = T.pop_waiting(self.study)
         if trial is None and self.space.budget is not None:
-            self._writer.flush()  # the sampler sees every finished trial: the same suggestions as a sequential run
+            # the sampler sees every finished trial: the same suggestions as a sequential run
+            self._writer.flush()
             live = self.study.get_trials(deepcopy=False, states=LIVE_STATES)  # a queued retry counts too
             if not budget_spent(live, self.space.budget):
                 trial = self.study.ask()
@@ -326,14 +327,21 @@ class StageEvaluation:
         nonfinite = T.nonfinite_objectives(metrics, self.names)  # a damaged model: infeasible, and why
         try:
             T.record_result(
-                trial, metrics, constraints, is_feasible(constraints) and not nonfinite, recipe.to_json(), extra
+                trial,
+                metrics,
+                constraints,
+                is_feasible(constraints) and not nonfinite,
+                recipe.to_json(),
+                extra,
             )
             if nonfinite:
                 trial.set_user_attr(
                     T.INFEASIBLE_ATTR, f"non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}"
                 )
         except optuna.exceptions.UpdateFinishedTrialError:  # its beats were late: another worker failed it
-            self.log(f"trial {trial.number}: failed meanwhile by another worker's heartbeat sweep; evaluated again")
+            self.log(
+                f"trial {trial.number}: failed meanwhile by another worker's heartbeat sweep; evaluated again"
+            )
             return
         annotate_trial(self.c, trial, recipe.to_json())  # before tell: a finished trial takes no artifacts
         if scored.stopped:  # Trial.report is refused in multi-objective studies: told directly

@@ -33,7 +33,9 @@ REPORT_STAGE_KEYS = (
 )  # fmt: skip
 
 
-def pick_recipe(campaign: Campaign, trial: int | None, stage_key: str | None) -> tuple[Recipe, dict[str, float], str, int | None]:
+def pick_recipe(
+    campaign: Campaign, trial: int | None, stage_key: str | None
+) -> tuple[Recipe, dict[str, float], str, int | None]:
     """(recipe, expected search metrics, stage key, trial number) to export."""
     decisions = campaign.decisions()
     if trial is None and stage_key is None:
@@ -41,7 +43,9 @@ def pick_recipe(campaign: Campaign, trial: int | None, stage_key: str | None) ->
             d = decisions.get(stage.key)
             if d:
                 if stage is not campaign.plan[-1]:
-                    raise InputError(f"campaign {campaign.name!r} is not finished (run `olmopt study run {campaign.name}`)")
+                    raise InputError(
+                        f"campaign {campaign.name!r} is not finished (run `olmopt study run {campaign.name}`)"
+                    )
                 return d.recipe, d.metrics, stage.key, d.trial
         raise InputError(f"campaign {campaign.name!r} has no decided stage yet")
     stages = {s.key: s for s in campaign.plan}
@@ -94,9 +98,14 @@ def export_best(
     nonfinite = nonfinite_objectives(got, list(got))
     if nonfinite:
         where = f"trial {trial_number} of stage {key}" if trial_number is not None else f"stage {key}"
-        raise ModelError(f"{where}: the model gives non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}; not exported")
+        raise ModelError(
+            f"{where}: the model gives non-finite outputs (NaN/inf logits) on {', '.join(nonfinite)}; not "
+            "exported"
+        )
     if not metrics_match(expected, got):
-        raise ReproductionError(f"rebuilt recipe does not reproduce the trial's metrics: expected {expected}, got {got}")
+        raise ReproductionError(
+            f"rebuilt recipe does not reproduce the trial's metrics: expected {expected}, got {got}"
+        )
     has_held = any(o.held_out > 0 for o in ctx.objectives)
     held = ctx.score(recipe, "held_out") if has_held else {}
     sealed = sealed_test(campaign, ctx, recipe, got)  # the one reading of the test part
@@ -105,7 +114,9 @@ def export_best(
     if refined is not None:
         refine_report = refinement_report(campaign, ctx, refined, recipe, got, held)
         before = refine_report["before"]
-        table.append({"model": "merged, before ES", "search": before["search"], "held_out": before["held_out"]})
+        table.append(
+            {"model": "merged, before ES", "search": before["search"], "held_out": before["held_out"]}
+        )
     if compare_donors:
         for model in campaign.config.pool.models:
             donor = Recipe(base=model)
@@ -118,15 +129,24 @@ def export_best(
             )
     names = campaign.objective_names()
     directions = campaign.directions()
-    counts = {o.name: held_out_items(ctx, o) for o in ctx.objectives if o.kind != "recipe"} if has_held else {}
+    counts = (
+        {o.name: held_out_items(ctx, o) for o in ctx.objectives if o.kind != "recipe"} if has_held else {}
+    )
     verdict = copeland_verdict(table, directions, counts) if has_held and compare_donors else None
     decisions = campaign.decisions()
-    report = olm_report_sections(get_kind(s.kind).olm_report(s, decisions[s.key]) for s in campaign.plan if s.key in decisions)
+    report = olm_report_sections(
+        get_kind(s.kind).olm_report(s, decisions[s.key]) for s in campaign.plan if s.key in decisions
+    )
     report.update(
         {
             "recipe": recipe.to_dict(),
             "objectives": {
-                o.name: {"metric": o.metric, "direction": o.direction, "dataset": str(o.path), "held_out": o.held_out}
+                o.name: {
+                    "metric": o.metric,
+                    "direction": o.direction,
+                    "dataset": str(o.path),
+                    "held_out": o.held_out,
+                }
                 | ({"test": o.test} if o.test > 0 else {})
                 | ({"lm_eval_task": o.lm_eval.task} if o.lm_eval is not None else {})
                 for o in ctx.objectives
@@ -164,7 +184,12 @@ def export_best(
         finish=lambda tmp: add_donor_map(tmp, recipe, units, adapter.num_layers),
     )  # fmt: skip
     annotate_export(campaign, out)
-    result: dict[str, Any] = {"out": str(out), "recipe": recipe.to_dict(), "stage": key, "trial": trial_number}
+    result: dict[str, Any] = {
+        "out": str(out),
+        "recipe": recipe.to_dict(),
+        "stage": key,
+        "trial": trial_number,
+    }
     result.update({"metrics": got, "held_out": held, "comparison": table, "held_out_copeland": verdict})
     if sealed:
         result["test"] = sealed
@@ -285,10 +310,16 @@ def copeland_verdict(
     }
 
 
-def mean_with_interval(values: dict[str, float], directions: dict[str, str], counts: dict[str, int] | None) -> list[float] | None:
+def mean_with_interval(
+    values: dict[str, float], directions: dict[str, str], counts: dict[str, int] | None
+) -> list[float] | None:
     """[mean over objectives, half-width of its 95 % interval] for maximised scores in [0, 1] (each
     objective a binomial share of its ``counts`` items, objectives independent); None otherwise."""
-    if not values or any(d != "maximize" for d in directions.values()) or any(not 0 <= v <= 1 for v in values.values()):
+    if (
+        not values
+        or any(d != "maximize" for d in directions.values())
+        or any(not 0 <= v <= 1 for v in values.values())
+    ):
         return None
     k = len(values)
     mean = sum(values.values()) / k

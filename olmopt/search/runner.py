@@ -48,7 +48,9 @@ class RunOutcome:
     final: Recipe | None
 
 
-def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0, env: Any = None) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    campaign: Campaign, stage: Stage, worker_seed: int = 0, env: Any = None
+) -> optuna.samplers.BaseSampler:
     """The kind's own sampler if it has one; else greedy stages only pop enqueued trials and joint stages
     use the configured sampler (per-worker seed)."""
     cfg = campaign.config.sampler
@@ -75,7 +77,10 @@ def make_sampler(campaign: Campaign, stage: Stage, worker_seed: int = 0, env: An
         inner = optuna.samplers.RandomSampler(seed=seed)
     else:  # group=True keeps conditional parameters (per-method knobs, per-slot scales) in joint models
         inner = optuna.samplers.TPESampler(
-            seed=seed, multivariate=cfg.multivariate, group=cfg.multivariate, n_startup_trials=cfg.n_startup_trials
+            seed=seed,
+            multivariate=cfg.multivariate,
+            group=cfg.multivariate,
+            n_startup_trials=cfg.n_startup_trials,
         )
     return TrialSeeded(inner, seed)  # a resumed stage suggests what an uninterrupted one would
 
@@ -124,7 +129,14 @@ class CampaignRunner:
     def env(self) -> _Env:
         if self._env is None:
             working = self.ev.local.working
-            self._env = _Env(self.c.config, self.pool_names, working.adapter, working.param_names, self.ev.local, self.ev.local.pool)
+            self._env = _Env(
+                self.c.config,
+                self.pool_names,
+                working.adapter,
+                working.param_names,
+                self.ev.local,
+                self.ev.local.pool,
+            )
         return self._env
 
     @property
@@ -149,11 +161,17 @@ class CampaignRunner:
         decisions = self.c.decisions()
         self.env.decisions = decisions  # spaces read earlier decisions (the ES sigma search)
         pending = [s for s in self.c.plan if s.key not in decisions]
-        # the campaign bar counts trials (its ETA follows them); a stage's estimate is corrected when it starts
+        # the campaign bar counts trials (its ETA follows
+        # them); a stage's estimate is corrected when it starts
         expected = sum(self._expected_trials(s) for s in pending)
-        overall = tqdm(total=expected, desc=f"campaign {self.c.name}", unit="trial", disable=not self.progress)
+        overall = tqdm(
+            total=expected, desc=f"campaign {self.c.name}", unit="trial", disable=not self.progress
+        )
         self._overall = overall
-        self.log(f"campaign {self.c.name}: {len(pending)} of {len(self.c.plan)} stages to run (about {expected} trials)")
+        self.log(
+            f"campaign {self.c.name}: {len(pending)} of {len(self.c.plan)} stages to run (about {expected} "
+            "trials)"
+        )
         try:
             for stage in self.c.plan:
                 if stage.key in decisions:
@@ -171,7 +189,8 @@ class CampaignRunner:
         return RunOutcome(finished, stages_run, self.trials_run, self.c.final_recipe())
 
     def _expected_trials(self, stage: Stage) -> int:
-        """Trials a stage will probably take before its space is built: its budget, else one per pool model."""
+        """Trials a stage will probably take before its space
+        is built: its budget, else one per pool model."""
         if stage.n_trials:
             return self.n_trials or stage.n_trials
         return len(self.pool_names)
@@ -201,7 +220,9 @@ class CampaignRunner:
             return None
         return self._decide(study, stage, incumbent, space)
 
-    def _references(self, decisions: dict[str, Decision], incumbent: Recipe | None) -> dict[str, dict[str, float]]:
+    def _references(
+        self, decisions: dict[str, Decision], incumbent: Recipe | None
+    ) -> dict[str, dict[str, float]]:
         """Metrics the degradation constraints compare with: the base stage's, and the incumbent's."""
         refs: dict[str, dict[str, float]] = {}
         base_key = self.c.plan[0].key
@@ -212,7 +233,9 @@ class CampaignRunner:
             refs["incumbent"] = earlier.metrics
         return refs
 
-    def _decide(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace) -> Decision:
+    def _decide(
+        self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace
+    ) -> Decision:
         """The stage's decision: recorded by exactly one worker (the holder of the stage's decide lock);
         the others wait for it. A decider that dies leaves a stale lock, which the next worker breaks."""
         if is_sqlite(self.c.url):  # this process is the only writer
@@ -233,10 +256,16 @@ class CampaignRunner:
         finally:
             lock.release()
 
-    def _record_decision(self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace) -> Decision:
+    def _record_decision(
+        self, study: optuna.Study, stage: Stage, incumbent: Recipe | None, space: StageSpace
+    ) -> Decision:
         trials: dict[str, FrozenTrial] = {}
-        for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
-            trials.setdefault(str(t.user_attrs.get(T.LABEL_ATTR, f"#{t.number}")), t)  # a retry: first result counts
+        for t in sorted(
+            study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number
+        ):
+            trials.setdefault(
+                str(t.user_attrs.get(T.LABEL_ATTR, f"#{t.number}")), t
+            )  # a retry: first result counts
         selection = self.c.config.selection
         rules = DecideRules(
             self.names, self.directions, self.pool_names, selection, get_kind(stage.kind).joint,
@@ -249,7 +278,9 @@ class CampaignRunner:
             for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
         }  # stopped early: recorded, never winners
         score = cached_scorer(self.cache, lambda r: self.keys.key_of_json(r.to_json()), self.ev.local.score)
-        decision = decide(stage, trials, space, incumbent, rules, self.keys, earlier, score, WORKER_ID, pruned)
+        decision = decide(
+            stage, trials, space, incumbent, rules, self.keys, earlier, score, WORKER_ID, pruned
+        )
         record_decision(study, decision)
         annotate_decision(self.c, study, decision)
         label = decision.winner

@@ -32,8 +32,11 @@ def finished(study: Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def _random_states(obj: object, depth: int = 0, seen: set[int] | None = None) -> Iterator[np.random.RandomState]:
-    """Every numpy random state reachable from ``obj``'s attributes (samplers nest samplers and strategies)."""
+def _random_states(
+    obj: object, depth: int = 0, seen: set[int] | None = None
+) -> Iterator[np.random.RandomState]:
+    """Every numpy random state reachable from ``obj``'s
+    attributes (samplers nest samplers and strategies)."""
     seen = seen if seen is not None else set()
     if id(obj) in seen or depth > 4:
         return
@@ -52,7 +55,8 @@ def _random_states(obj: object, depth: int = 0, seen: set[int] | None = None) ->
 
 
 class TrialSeeded(optuna.samplers.BaseSampler):
-    """Wraps a sampler and reseeds all its random states from ``(seed, COMPLETE trials)`` before each trial."""
+    """Wraps a sampler and reseeds all its random states
+    from ``(seed, COMPLETE trials)`` before each trial."""
 
     def __init__(self, inner: optuna.samplers.BaseSampler, seed: int) -> None:
         self.inner = inner
@@ -61,7 +65,9 @@ class TrialSeeded(optuna.samplers.BaseSampler):
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return self.inner.infer_relative_search_space(study, trial)
 
-    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         return self.inner.sample_relative(study, trial, search_space)
 
     def sample_independent(
@@ -75,7 +81,9 @@ class TrialSeeded(optuna.samplers.BaseSampler):
             rng.seed(trial_seed(state_seed, i))
         self.inner.before_trial(study, trial)
 
-    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+    def after_trial(
+        self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
         self.inner.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:  # pragma: no cover - the seed is the point of this class

@@ -115,7 +115,8 @@ def storage_url(flag: str | None = None, from_file: str | None = None) -> str:
 
 
 def missing_storage(url: str) -> Path | None:
-    """The file of a SQLite or journal storage that does not exist yet (None for servers, or when it exists)."""
+    """The file of a SQLite or journal storage that does
+    not exist yet (None for servers, or when it exists)."""
     try:
         path = Path(url.removeprefix("journal:")) if url.startswith("journal:") else sqlite_path(url)
     except ArgumentError:
@@ -166,16 +167,22 @@ def open_storage(url: str, heartbeat: bool = True, create: bool = True) -> optun
         try:
             return JournalStorage(JournalFileBackend(str(journal)))
         except OSError as exc:
-            raise StorageError(f"cannot open storage {url}: {exc.strerror or type(exc).__name__} ({journal})") from None
+            raise StorageError(
+                f"cannot open storage {url}: {exc.strerror or type(exc).__name__} ({journal})"
+            ) from None
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # a port that is not a number raises ValueError
-        raise StorageError(f"malformed storage URL {redact(url)!r} (e.g. sqlite:///storage/olmopt.db)") from None
+        raise StorageError(
+            f"malformed storage URL {redact(url)!r} (e.g. sqlite:///storage/olmopt.db)"
+        ) from None
     if parsed.drivername.split("+")[0] == "postgres":  # libpq's scheme; SQLAlchemy knows only postgresql
         fixed = redact(url).replace(parsed.drivername, "postgresql+psycopg", 1)
         raise StorageError(f"unsupported storage 'postgres': SQLAlchemy spells it postgresql, e.g. {fixed}")
     if parsed.drivername.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
-        raise StorageError(f"unsupported storage {parsed.drivername!r}: use sqlite, postgresql, mysql or journal:PATH")
+        raise StorageError(
+            f"unsupported storage {parsed.drivername!r}: use sqlite, postgresql, mysql or journal:PATH"
+        )
     path = sqlite_path(url)
     if path is not None:
         _make_parent(path, url)
@@ -235,7 +242,8 @@ def _make_parent(path: Path, url: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageError(
-            f"cannot open storage {redact(url)}: cannot create the folder {path.parent} ({exc.strerror or type(exc).__name__})"
+            f"cannot open storage {redact(url)}: cannot create the folder {path.parent} "
+            f"({exc.strerror or type(exc).__name__})"
         ) from None
     if path.is_dir():
         raise StorageError(f"cannot open storage {redact(url)}: {path} is a directory")
@@ -261,7 +269,9 @@ def sqlite_busy(url: str) -> bool:
         return False
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts only with a writer's exclusive lock
+            fcntl.flock(
+                handle, fcntl.LOCK_SH | fcntl.LOCK_NB
+            )  # conflicts only with a writer's exclusive lock
         except BlockingIOError:
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)

@@ -28,7 +28,10 @@ def pop_waiting(study: optuna.Study) -> Trial | None:
     return None
 
 
-DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)  # a candidate evaluated (PRUNED: stopped early, docs/early_stop.md)
+DONE_STATES = (
+    TrialState.COMPLETE,
+    TrialState.PRUNED,
+)  # a candidate evaluated (PRUNED: stopped early, docs/early_stop.md)
 PRUNED_ATTR = "pruned"  # why an early-stopped trial was stopped
 
 
@@ -94,9 +97,13 @@ def record_result(
     system = {f"{_CONSTRAINTS_KEY}:{name}": float(value) for name, value in constraints.items()}
     with _create_scoped_session(backend.scoped_session, True) as session:
         for key, value in attrs.items():
-            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial._trial_id, key, value)
+            backend._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, trial._trial_id, key, value
+            )
         for key, value in system.items():
-            backend._set_trial_attr_without_commit(session, models.TrialSystemAttributeModel, trial._trial_id, key, value)
+            backend._set_trial_attr_without_commit(
+                session, models.TrialSystemAttributeModel, trial._trial_id, key, value
+            )
     trial._cached_frozen_trial.user_attrs.update(attrs)  # what Trial.set_user_attr keeps in step
 
 

@@ -53,7 +53,11 @@ def _init_worker(config_json: dict[str, Any], index_queue: Any, parent: int) -> 
     index = index_queue.get()
     if torch.cuda.is_available() and torch.cuda.device_count() > 1 and not config.evaluation.device:
         config = config.model_copy(
-            update={"evaluation": config.evaluation.model_copy(update={"device": f"cuda:{index % torch.cuda.device_count()}"})}
+            update={
+                "evaluation": config.evaluation.model_copy(
+                    update={"device": f"cuda:{index % torch.cuda.device_count()}"}
+                )
+            }
         )
     _WORKER_CTX = EvalContext(config)
 
@@ -62,7 +66,9 @@ def _ready() -> bool:
     return _WORKER_CTX is not None
 
 
-def _score_task(recipe_json: str, incumbent_json: str | None, layer: int | None, reference: ItemScores | None) -> Scored:
+def _score_task(
+    recipe_json: str, incumbent_json: str | None, layer: int | None, reference: ItemScores | None
+) -> Scored:
     assert _WORKER_CTX is not None
     incumbent = Recipe.from_json(incumbent_json) if incumbent_json else None
     return _WORKER_CTX.evaluate(Recipe.from_json(recipe_json), "search", incumbent, layer, reference)
@@ -105,7 +111,8 @@ class Evaluators:
     def submit(
         self, recipe: Recipe, incumbent: Recipe | None, layer: int | None, reference: ItemScores | None = None
     ) -> Future[Scored]:
-        """Evaluate ``recipe`` on the search split; ``reference``: the incumbent's per-item values (early stop)."""
+        """Evaluate ``recipe`` on the search split; ``reference``:
+        the incumbent's per-item values (early stop)."""
         if self._pool is None:
             future: Future[Scored] = Future()
             try:
@@ -115,7 +122,9 @@ class Evaluators:
                     raise
                 future.set_exception(exc)
             return future
-        return self._pool.submit(_score_task, recipe.to_json(), incumbent.to_json() if incumbent else None, layer, reference)
+        return self._pool.submit(
+            _score_task, recipe.to_json(), incumbent.to_json() if incumbent else None, layer, reference
+        )
 
     def close(self) -> None:
         if self._pool is not None:

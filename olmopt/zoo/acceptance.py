@@ -11,7 +11,8 @@ OWN_MARGIN = 0.05  # a specialist beats every other model on its skill by this m
 
 
 def clear_margin(rival: float) -> float:
-    """How far above the best rival a specialist must be: 0.05, or half the room left when the rival is near 1."""
+    """How far above the best rival a specialist must be:
+    0.05, or half the room left when the rival is near 1."""
     return min(OWN_MARGIN, (1.0 - rival) / 2)
 
 
@@ -19,7 +20,8 @@ BASE_BAND = (0.2, 0.8)  # the base's average exact match: mediocre, so merging h
 
 
 class AcceptanceError(OlmoptError):
-    """A built zoo that fails its acceptance criteria (exit status 1; the zoo is kept and zoo.json says why)."""
+    """A built zoo that fails its acceptance criteria (exit
+    status 1; the zoo is kept and zoo.json says why)."""
 
     exit_code = 1
 
@@ -37,7 +39,8 @@ def _criterion(name: str, description: str, failures: list[str], ok_detail: str)
 
 
 def check(scores: Scores, specialists: dict[str, str], recipe: dict[str, Any]) -> list[dict[str, Any]]:
-    """Evaluate the criteria. ``specialists``: name -> skill; ``recipe``: the layer recipe's skills and scores."""
+    """Evaluate the criteria. ``specialists``: name -> skill;
+    ``recipe``: the layer recipe's skills and scores."""
     skills = list(scores["base"])
     own, forget = [], []
     for name, skill in specialists.items():
@@ -76,8 +79,8 @@ def check(scores: Scores, specialists: dict[str, str], recipe: dict[str, Any]) -
         ),
         _criterion(
             "layer_recipe_combines",
-            "base + lower layers of the lower specialist + upper layers of the upper specialist beats the base "
-            "on both skills, and each layer specialist on the other one's skill",
+            "base + lower layers of the lower specialist + upper layers of the upper specialist beats the "
+            "base on both skills, and each layer specialist on the other one's skill",
             combine,
             f"recipe {low}={r[low]:.3f}, {up}={r[up]:.3f}",
         ),

@@ -84,9 +84,19 @@ def build_zoo(
         failures.append(f"seed {candidate}: {failure}")
         replace_out = True  # the next candidate replaces the failed family just written
         if i + 1 < len(seeds):
-            log.warning("zoo %s: seed %d fails acceptance here (%s); trying seed %d", out, candidate, failure, seeds[i + 1])
+            log.warning(
+                "zoo %s: seed %d fails acceptance here (%s); trying seed %d",
+                out,
+                candidate,
+                failure,
+                seeds[i + 1],
+            )
     if check:
-        which = f"seed={seeds[0]}) fails acceptance: " if len(seeds) == 1 else "every pinned seed) fails acceptance: "
+        which = (
+            f"seed={seeds[0]}) fails acceptance: "
+            if len(seeds) == 1
+            else "every pinned seed) fails acceptance: "
+        )
         raise acceptance.AcceptanceError(
             f"zoo {out} (size={size} arch={arch} {which}{'; '.join(failures)} "
             "(the zoo was written; pass --no-check to accept it)"
@@ -95,7 +105,8 @@ def build_zoo(
 
 
 def _held_candidate(out: Path, spec: FamilySpec, seeds: tuple[int, ...]) -> tuple[int, dict[str, Any] | None]:
-    """The manifest of the candidate seed ``out`` holds (built as this machine would), and the index after it."""
+    """The manifest of the candidate seed ``out`` holds
+    (built as this machine would), and the index after it."""
     for i, seed in enumerate(seeds):
         manifest = reusable(out, build_key(spec, seed))
         if manifest is not None:
@@ -109,8 +120,17 @@ def build_key(spec: FamilySpec, seed: int) -> dict[str, Any]:
     byte-level-tokenizer architectures, that tokenizer (docs/zoo.md "Tokenizer and encoding")."""
     digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
     kernels = portable_kernels_key() if cpu_has_avx2() else "native"
-    key = {"zoo_version": ZOO_VERSION, "size": spec.size, "arch": spec.arch, "seed": seed, "plan": digest, "kernels": kernels}
-    if spec.arch in BYTE_LEVEL_ARCHS:  # its tokenizer files changed (same ids): a zoo with the old ones is rebuilt
+    key = {
+        "zoo_version": ZOO_VERSION,
+        "size": spec.size,
+        "arch": spec.arch,
+        "seed": seed,
+        "plan": digest,
+        "kernels": kernels,
+    }
+    if (
+        spec.arch in BYTE_LEVEL_ARCHS
+    ):  # its tokenizer files changed (same ids): a zoo with the old ones is rebuilt
         key["tokenizer"] = "byte-level"
     return key
 
@@ -153,8 +173,12 @@ def build_family(
 _CHILD_ENV = "OLMOPT_ZOO_BUILD_CHILD"
 
 
-def _build_here(out: Path, spec: FamilySpec, seed: int, key: dict[str, Any], progress: bool, force: bool) -> dict[str, Any]:
-    with held_lock(out.parent / f".{out.name}.lock"):  # concurrent builds of one directory: the second one reuses
+def _build_here(
+    out: Path, spec: FamilySpec, seed: int, key: dict[str, Any], progress: bool, force: bool
+) -> dict[str, Any]:
+    with held_lock(
+        out.parent / f".{out.name}.lock"
+    ):  # concurrent builds of one directory: the second one reuses
         return _build_locked(out, spec, seed, key, progress, force)
 
 
@@ -171,9 +195,13 @@ def _build_in_child(out: Path, spec: FamilySpec, seed: int, progress: bool, forc
     try:
         # an executor, not a Pool: a child that dies (killed, out of memory) raises here instead of hanging
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-            return pool.submit(build_family, out, spec, seed, progress=progress, check=False, force=force).result()
+            return pool.submit(
+                build_family, out, spec, seed, progress=progress, check=False, force=force
+            ).result()
     except BrokenProcessPool:
-        raise OlmoptError(f"zoo {out}: the build process died (killed, or out of memory); {out} is unchanged") from None
+        raise OlmoptError(
+            f"zoo {out}: the build process died (killed, or out of memory); {out} is unchanged"
+        ) from None
     finally:
         for name, value in saved.items():
             if value is None:
@@ -193,8 +221,8 @@ def _build_locked(
     else:
         if not force and out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise InputError(
-                f"zoo output {out} exists and is not an intact zoo built with size={spec.size} arch={spec.arch} "
-                f"seed={seed}; pass --force to replace it"
+                f"zoo output {out} exists and is not an intact zoo built with size={spec.size} "
+                f"arch={spec.arch} seed={seed}; pass --force to replace it"
             )
         for stale in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed build; we hold the lock
@@ -241,7 +269,8 @@ def _save(model: PreTrainedModel, tokenizer, directory: Path) -> str:
 def _copy_layers(
     model: PreTrainedModel, donor: PreTrainedModel, layers: tuple[int, ...] | None
 ) -> PreTrainedModel:
-    """Overwrite ``model.layers.{i}`` (i in ``layers``) of ``model`` with ``donor``'s, in place; return ``model``."""
+    """Overwrite ``model.layers.{i}`` (i in ``layers``) of
+    ``model`` with ``donor``'s, in place; return ``model``."""
     state = model.state_dict()
     prefixes = tuple(f"model.layers.{i}." for i in layers or ())
     for name, tensor in donor.state_dict().items():
@@ -346,8 +375,8 @@ def _train_family(
         recipe_model = _layer_recipe(base, trained[lower.name], trained[upper.name], spec)
         recipe_scores = score(recipe_model)
         recipe = {
-            "description": "base, with the lower layers of the lower-layer specialist and the upper layers of the "
-            "upper-layer specialist (the ground truth of a layer-donor search)"
+            "description": "base, with the lower layers of the lower-layer specialist and the upper layers "
+            "of the upper-layer specialist (the ground truth of a layer-donor search)"
             + (
                 f"; {lower.name if lower.on_top_of else upper.name} was trained in exactly this configuration"
                 if lower.on_top_of or upper.on_top_of

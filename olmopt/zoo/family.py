@@ -1,4 +1,5 @@
-"""What a zoo family is: the base mixture, the specialists (skill, LR, steps, trainable layers) and pinned seeds."""
+"""What a zoo family is: the base mixture, the specialists
+(skill, LR, steps, trainable layers) and pinned seeds."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def validate(size: str, arch: str) -> None:
 
 
 def replay_weights(skill: str, replay: float) -> dict[str, float]:
-    """``skill`` alone, or mixed with ``replay`` of the base mixture (skills in mixture order, zeros dropped)."""
+    """``skill`` alone, or mixed with ``replay`` of the base
+    mixture (skills in mixture order, zeros dropped)."""
     if replay <= 0:
         return {skill: 1.0}
     total = sum(MIXTURE.values())
@@ -120,7 +122,10 @@ def family_spec(size: str, arch: str) -> FamilySpec:
         # is spec_mc's training setup (the base's mc is near 0.95, the recipe must beat it).
         mixture = {"add": 2.0, "rev": 3.0, "fact": 1.0, "mc": 0.5}
         specialists = (spec("add", "all", 5e-4), spec("rev", "all", 5e-4))
-        specialists += (spec("fact", "lower", 3e-3, 0.4, steps=300), spec("mc", "upper", 1e-3, on_top_of="spec_fact"))
+        specialists += (
+            spec("fact", "lower", 3e-3, 0.4, steps=300),
+            spec("mc", "upper", 1e-3, on_top_of="spec_fact"),
+        )
         return FamilySpec(size, arch, TrainPlan(mixture, 1500, base_lr), specialists)
     if tiny and arch == "mistral":
         # with the llama plan the fact specialist's lower layers cost mc, so the layer recipe's mc stays

@@ -16,7 +16,8 @@ Encoded = tuple[list[int], list[int]]
 def exact_match(
     model: PreTrainedModel, items: Sequence[Encoded], pad_id: int, batch_size: int = 100
 ) -> float:
-    """Fraction of (prompt ids, answer ids) items whose answer the model reproduces exactly under teacher forcing."""
+    """Fraction of (prompt ids, answer ids) items whose answer
+    the model reproduces exactly under teacher forcing."""
     if not items:
         return 0.0
     model.eval()

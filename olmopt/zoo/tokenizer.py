@@ -1,4 +1,5 @@
-"""The zoo's character-level tokenizer: one id per character, a chat template, saved as a standard HF tokenizer.
+"""The zoo's character-level tokenizer: one id per character,
+a chat template, saved as a standard HF tokenizer.
 
 transformers 5 loads some architectures' tokenizers through their own class whatever
 tokenizer_config.json declares: a qwen2 directory through ``Qwen2Tokenizer``, which rebuilds a
@@ -35,7 +36,11 @@ BYTE_LEVEL_ARCHS = frozenset({"qwen2"})
 
 def byte_level_char(char: str) -> str:
     """GPT-2's printable stand-in for a one-byte character (" " -> "Ġ", "\n" -> "Ċ", "a" -> "a")."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     code = ord(char)
     if code in printable:
         return char

@@ -1,4 +1,5 @@
-"""Model construction and the deterministic CPU training loop of the zoo (base pretraining and specialists)."""
+"""Model construction and the deterministic CPU training
+loop of the zoo (base pretraining and specialists)."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.
 
 
 def answer_loss(model: PreTrainedModel, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens (right padding needs no attention mask under causal attention)."""
+    """Mean cross-entropy over answer tokens (right padding
+    needs no attention mask under causal attention)."""
     logits = model(input_ids=ids).logits
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
@@ -87,7 +89,8 @@ def answer_loss(model: PreTrainedModel, ids: torch.Tensor, labels: torch.Tensor)
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """What one training run does: skill mixture, steps, LR, batch size and the trainable layers (None = all)."""
+    """What one training run does: skill mixture, steps, LR,
+    batch size and the trainable layers (None = all)."""
 
     weights: dict[str, float]
     steps: int
@@ -106,7 +109,8 @@ def lr_at(step: int, plan: TrainPlan) -> float:
 
 
 def freeze_outside(model: PreTrainedModel, layers: tuple[int, ...] | None) -> list[torch.nn.Parameter]:
-    """Mark only ``model.layers.{i}`` for i in ``layers`` trainable (all when None); return those parameters."""
+    """Mark only ``model.layers.{i}`` for i in ``layers``
+    trainable (all when None); return those parameters."""
     for name, param in model.named_parameters():
         param.requires_grad = layers is None or any(name.startswith(f"model.layers.{i}.") for i in layers)
     return [p for p in model.parameters() if p.requires_grad]

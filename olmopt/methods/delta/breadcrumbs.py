@@ -23,7 +23,8 @@ GAMMA = Param(
 
 
 def outlier_counts(numel: int, density: float, gamma: float) -> tuple[int, int]:
-    """``(keep_top, skip_top)``: keep the ``keep_top`` largest minus the ``skip_top`` largest (mergekit's counts)."""
+    """``(keep_top, skip_top)``: keep the ``keep_top`` largest
+    minus the ``skip_top`` largest (mergekit's counts)."""
     target = int(density * numel)
     top = int(gamma * numel)
     bottom = numel - target - top

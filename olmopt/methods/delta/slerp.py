@@ -1,4 +1,5 @@
-"""SLERP: spherical interpolation between the base (t = 0) and one variant (t = 1), as mergekit's ``slerp``."""
+"""SLERP: spherical interpolation between the base (t =
+0) and one variant (t = 1), as mergekit's ``slerp``."""
 
 from __future__ import annotations
 

@@ -243,5 +243,3 @@ def classification_accuracy(
             predicted = logits.argmax(-1).cpu()
             correct += int((predicted == torch.tensor([row["label"] for row in rows])).sum())
     return correct / len(dataset)
-
-

@@ -249,7 +249,9 @@ def export_path(
     check_structure(models)
     check_exportable([m.config for m in models], path, type(models[path.output_index]).__name__)
     config = exported_config(models, path)
-    with atomic_output_dir(out_dir, force, inputs=[side_files_from] if side_files_from is not None else []) as tmp:
+    with atomic_output_dir(
+        out_dir, force, inputs=[side_files_from] if side_files_from is not None else []
+    ) as tmp:
         if side_files_from is not None:
             copy_side_files(side_files_from, tmp)
         writer = (
@@ -280,5 +282,3 @@ def build_exported_model(models: Sequence[PreTrainedModel], path: DfsPath) -> Pr
         model.tie_weights()
     dtype = next(models[path.output_index].parameters()).dtype
     return model.to(dtype).eval()  # type: ignore[arg-type]  # transformers types PreTrainedModel.to's wrapper wrongly
-
-

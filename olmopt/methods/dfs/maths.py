@@ -128,8 +128,8 @@ def _decode_scales(scales: Any, mask: np.ndarray, n_active: int) -> list[float]:
         if inactive.size:
             r, m, l_ = (int(i) for i in inactive[0])
             raise InputError(
-                f"scaling_factors[{r}][{m}][{l_}] = {array[r, m, l_]:g} is set for an inactive layer_mask slot "
-                "(inactive slots must hold 1.0)"
+                f"scaling_factors[{r}][{m}][{l_}] = {array[r, m, l_]:g} is set for an inactive layer_mask "
+                "slot (inactive slots must hold 1.0)"
             )
         values = array[mask]
     elif array.ndim == 1 and array.shape[0] == n_active:

@@ -207,7 +207,12 @@ class DfsPath:
 
     def _plain_fields(self) -> tuple[Any, ...]:
         return (
-            self.hops, self.scales, self.input_model, self.output_model, self.scale_target, len(self.affine)
+            self.hops,
+            self.scales,
+            self.input_model,
+            self.output_model,
+            self.scale_target,
+            len(self.affine),
         )
 
     def equals(self, other: DfsPath) -> bool:

@@ -96,7 +96,8 @@ class DfsRecipe:
             )
         if biases.shape not in (shape, (*shape, hidden_size)):
             raise InputError(
-                f"bias_factors has shape {biases.shape}; expected {shape} (scalars) or {(*shape, hidden_size)}"
+                f"bias_factors has shape {biases.shape}; expected {shape} (scalars) or "
+                f"{(*shape, hidden_size)}"
             )
         if biases.shape == shape:
             biases = np.repeat(biases[..., None], hidden_size, axis=-1)

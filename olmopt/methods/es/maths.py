@@ -115,7 +115,8 @@ def svd_damping(S: Tensor) -> Tensor:
 def svd_noise(
     shape: torch.Size | tuple[int, ...], basis: SvdBasis, delta: Tensor, clamp: float = NOISE_CLAMP
 ) -> tuple[Tensor, Tensor]:
-    """``(mult, add)``: ``add = clamp(U diag(delta * damping) Vh)`` reshaped to ``shape``; ``mult = exp(add)``."""
+    """``(mult, add)``: ``add = clamp(U diag(delta * damping)
+    Vh)`` reshaped to ``shape``; ``mult = exp(add)``."""
     if delta.shape != basis.S.shape:
         raise ValueError(f"svd_noise: delta {tuple(delta.shape)} vs {basis.S.numel()} singular values")
     coeffs = delta.to(device=basis.S.device, dtype=torch.float32) * svd_damping(basis.S)

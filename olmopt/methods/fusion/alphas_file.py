@@ -118,5 +118,3 @@ def alphas_records(num_layers: int, alphas: Sequence[float]) -> list[dict[str, A
         }
         for i, step in enumerate(fusion_steps(num_layers, alphas))
     ]
-
-

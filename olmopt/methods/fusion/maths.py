@@ -33,7 +33,8 @@ def check_chain(num_layers: int, num_steps: int) -> None:
         raise ValueError(f"a model needs at least one layer, got {num_layers}")
     if num_steps < 0 or num_steps > num_layers - 1:
         raise ValueError(
-            f"{num_steps} fusion steps do not fit {num_layers} layers (at most {num_layers - 1}: one layer must stay)"
+            f"{num_steps} fusion steps do not fit {num_layers} layers (at most {num_layers - 1}: one layer "
+            "must stay)"
         )
 
 

@@ -175,5 +175,3 @@ def _update_config(model: nn.Module, old_count: int, kept: list[int]) -> None:
     inner = getattr(model, "model", model)
     if hasattr(inner, "has_sliding_layers") and getattr(config, "layer_types", None) is not None:
         inner.has_sliding_layers = "sliding_attention" in config.layer_types
-
-

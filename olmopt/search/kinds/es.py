@@ -72,7 +72,10 @@ def kind_settings(config: StudyConfig, kind: str) -> EsKindDecision:
 
 
 def check_units(
-    units: list[str], adapter: ArchitectureAdapter, param_names: list[str], where: str,
+    units: list[str],
+    adapter: ArchitectureAdapter,
+    param_names: list[str],
+    where: str,
     error: type[InputError] = InputError,
 ) -> list[str]:
     """One-line ``error`` for a unit that does not exist or has no ``.weight`` (what ES perturbs)."""
@@ -90,7 +93,8 @@ def check_units(
 
 
 def unit_choices(adapter: ArchitectureAdapter, param_names: list[str]) -> str:
-    """The units ES can perturb, sorted, in one line: the boundary ones, then each layer's once (N: the index)."""
+    """The units ES can perturb, sorted, in one line: the
+    boundary ones, then each layer's once (N: the index)."""
     names = set(param_names)
     units = sorted(u for u in adapter.all_units(param_names) if u + ".weight" in names)
     first = adapter.layer_prefix(0)

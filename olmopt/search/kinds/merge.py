@@ -68,7 +68,9 @@ class Layout:
             param = self.spec.param(name)
             low, high = (float(param.search[0]), float(param.search[1])) if param.search else LAYERWISE_RANGE
             out.extend(
-                SearchDim(f"{name}.{i}.g{g}", low, high) for i in range(self.count) for g in range(self.groups)
+                SearchDim(f"{name}.{i}.g{g}", low, high)
+                for i in range(self.count)
+                for g in range(self.groups)
             )
         return out
 
@@ -86,14 +88,17 @@ class Layout:
                 params[param.name] = values[param.name]
         layer_params = {
             name: tuple(
-                tuple(float(values[f"{name}.{i}.g{g}"]) for i in range(self.count)) for g in range(self.groups)
+                tuple(float(values[f"{name}.{i}.g{g}"]) for i in range(self.count))
+                for g in range(self.groups)
             )
             for name in self.layerwise
         }
         return params, layer_params
 
 
-def layout(spec: MethodSpec, count: int, num_layers: int, group_size: int | None, wanted: Sequence[str]) -> Layout:
+def layout(
+    spec: MethodSpec, count: int, num_layers: int, group_size: int | None, wanted: Sequence[str]
+) -> Layout:
     """Which of ``wanted`` parameters ``spec`` searches per layer group (per-variant ones it declares)."""
     groups = math.ceil(num_layers / group_size) if group_size else 1
     names: tuple[str, ...] = ()
@@ -150,7 +155,9 @@ def merge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
     specs = {name: get_method(name) for name in cfg.methods}
     check_variant_count(cfg.methods, len(variants))
     num_layers = env.adapter.num_layers
-    layouts = {n: layout(s, len(variants), num_layers, cfg.group_size, cfg.layerwise) for n, s in specs.items()}
+    layouts = {
+        n: layout(s, len(variants), num_layers, cfg.group_size, cfg.layerwise) for n, s in specs.items()
+    }
     order_choices = orders(len(variants), cfg.search_order)
 
     def decode(trial: Trial) -> tuple[str, Recipe]:
@@ -168,7 +175,12 @@ def merge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
         if layer_params:
             extra = {"layer_params": layer_params, "group_size": cfg.group_size}
         merge = ParamMerge(
-            method=spec.name, base=base, models=tuple(variants[i] for i in order), params=params, seed=seed, **extra
+            method=spec.name,
+            base=base,
+            models=tuple(variants[i] for i in order),
+            params=params,
+            seed=seed,
+            **extra,
         )
         return f"#{trial.number}", Recipe(base=base, param_merge=merge)
 
@@ -242,7 +254,9 @@ def _pool_names(refs: Sequence[str], keys: Sequence[str], env: SpaceEnv) -> dict
             directory = resolve_model(ref, base_dir=Path(env.config.root))
         except Exception:  # noqa: BLE001 - any failure: the model is not one of the pool's
             directory = None
-        match = [name for name in env.pool_names if directory is not None and env.pool[name].path == directory]
+        match = [
+            name for name in env.pool_names if directory is not None and env.pool[name].path == directory
+        ]
         if not match:
             raise InputError(f"{key}: model {ref} is not in the pool")
         out[ref] = match[0]
@@ -267,7 +281,9 @@ def _project(
         raise InputError(f"method {merge.method} is not in decisions.merge.methods")
     spec, lay = specs[merge.method], layouts[merge.method]
     if spec.search is not None:
-        raise InputError(f"{spec.name} is searched through derived dimensions; it cannot be enqueued from mergekit")
+        raise InputError(
+            f"{spec.name} is searched through derived dimensions; it cannot be enqueued from mergekit"
+        )
     if merge.base != base:
         raise InputError(f"base_model is {merge.base}, the stage's base is {base}")
     if sorted(merge.models) != sorted(variants):
@@ -373,7 +389,9 @@ class _ScalarView:
     def _is_multi_objective(self) -> bool:
         return False
 
-    def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
+    def _get_trials(
+        self, deepcopy: bool = True, states: Any = None, use_cache: bool = False
+    ) -> list[FrozenTrial]:
         trials = self._study._get_trials(deepcopy=False, states=states, use_cache=use_cache)
         complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
         scores = borda(complete, self._study.directions)
@@ -401,13 +419,19 @@ class BordaCmaEs(optuna.samplers.BaseSampler):
             independent_sampler=optuna.samplers.RandomSampler(seed=seed),
         )
 
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
         return self.cma.infer_relative_search_space(_ScalarView(study), trial)  # type: ignore[arg-type]
 
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         return self.cma.sample_relative(_ScalarView(study), trial, search_space)  # type: ignore[arg-type]
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
         return self.cma.sample_independent(_ScalarView(study), trial, param_name, param_distribution)  # type: ignore[arg-type]
 
     def reseed_rng(self) -> None:

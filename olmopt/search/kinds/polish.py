@@ -65,7 +65,11 @@ class PolishUnitsKind(_Polish):
         if not has_joint_stage(d):
             return []
         units = tensor_units(config, adapter, param_names)
-        return [planned(self.stage_kinds[0], unit, sweep=sweep) for sweep in range(1, d.polish + 1) for unit in units]
+        return [
+            planned(self.stage_kinds[0], unit, sweep=sweep)
+            for sweep in range(1, d.polish + 1)
+            for unit in units
+        ]
 
 
 register_kind(PolishLayersKind())

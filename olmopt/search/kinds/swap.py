@@ -269,7 +269,9 @@ class LayerKind(_SwapKind):
         """One layer's candidates (OLM has no section for blocks)."""
         if stage.kind != "layer":
             return {}
-        return {"layers": {stage.target: {"metrics": decision.candidate_metrics(), "best_model": decision.winner}}}
+        return {
+            "layers": {stage.target: {"metrics": decision.candidate_metrics(), "best_model": decision.winner}}
+        }
 
 
 class UnitKind(_SwapKind):
