@@ -24,7 +24,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check olmopt tests benchmarks
+	$(VENV)/bin/ruff format --check olmopt tests benchmarks scripts
+	$(VENV)/bin/ruff check olmopt tests benchmarks scripts
 	$(VENV)/bin/mypy olmopt
 
 clean-storage:

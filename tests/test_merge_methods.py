@@ -554,5 +554,7 @@ def test_study_create_refuses_a_method_that_cannot_take_the_variants(
     capsys.readouterr()  # the family's own output
     assert main(["study", "create", str(path), "--storage", f"sqlite:///{tmp_path}/s3.db"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"olmopt: error: {path}: decisions.merge.methods: {fragment}" in err, err
+    assert (
+        len(err.splitlines()) == 1 and f"olmopt: error: {path}: decisions.merge.methods: {fragment}" in err
+    ), err
     assert not (tmp_path / "s3.db").exists()
