@@ -64,6 +64,8 @@ def merge_tensor(
         params = make_params(spec.name, params)
     elif params.method != spec.name:
         raise ValueError(f"parameters of {params.method!r} passed to method {spec.name!r}")
+    from olmopt.methods.delta._kernels import check_shapes  # torch: only when merging
+
     check_shapes(base, variants, name)
     return spec.function(
         base,
@@ -73,16 +75,3 @@ def merge_tensor(
         name=name,
         chunk_elems=int(chunk_elems),
     )
-
-
-def check_shapes(base: torch.Tensor, variants: Sequence[torch.Tensor], name: str) -> None:
-    from olmopt.errors import InputError
-
-    if not variants:
-        raise InputError(f"tensor {name!r}: no variants to merge")
-    for index, variant in enumerate(variants):
-        if variant.shape != base.shape:
-            raise InputError(
-                f"tensor {name!r}: variant {index + 1} has shape {tuple(variant.shape)}, "
-                f"base has {tuple(base.shape)}"
-            )

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from olmopt.errors import InputError
 from olmopt.methods.delta.seeded_uniform import INT16_OFFSET, LEVELS, stream_key, uniform_int16
 
 REDUCE_BLOCK = 1 << 14  # below torch's parallel grain size (32768): one thread, one summation order
@@ -233,3 +234,15 @@ def task_arithmetic_family(
         mixed = mix(weighted, weights, sign_election, normalize)
         out[start:stop] = base32.add_(mixed, alpha=scale)
     return out.reshape(base.shape)
+
+
+def check_shapes(base: torch.Tensor, variants: Sequence[torch.Tensor], name: str) -> None:
+    """One-line InputError unless there are variants and each has the base's shape."""
+    if not variants:
+        raise InputError(f"tensor {name!r}: no variants to merge")
+    for index, variant in enumerate(variants):
+        if variant.shape != base.shape:
+            raise InputError(
+                f"tensor {name!r}: variant {index + 1} has shape {tuple(variant.shape)}, "
+                f"base has {tuple(base.shape)}"
+            )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from olmopt.errors import InputError
+from olmopt.methods.delta._kernels import check_shapes
 from olmopt.methods.delta.seeded_uniform import INT16_OFFSET, LEVELS, stream_key, uniform_int16
 
 DEFAULT_CHUNK_ELEMS = 1 << 18
@@ -170,17 +171,6 @@ def magprune(
     return pruned.reshape(delta.shape)
 
 
-def check_same_shapes(base: torch.Tensor, variants: list[torch.Tensor], name: str) -> None:
-    if not variants:
-        raise InputError(f"tensor {name!r}: no variants to merge")
-    for index, variant in enumerate(variants):
-        if variant.shape != base.shape:
-            raise InputError(
-                f"tensor {name!r}: variant {index + 1} has shape {tuple(variant.shape)}, "
-                f"base has {tuple(base.shape)}"
-            )
-
-
 def circuit_merge(
     base: torch.Tensor,
     variants: list[torch.Tensor],
@@ -191,7 +181,7 @@ def circuit_merge(
 ) -> torch.Tensor:
     """Circuit-merge one tensor; ``variants`` are listed highest priority first. Output in base dtype."""
     params.validate()
-    check_same_shapes(base, variants, name)
+    check_shapes(base, variants, name)
     count = len(variants)
     rates = params.rates(count)
     flat_base = base.reshape(-1)

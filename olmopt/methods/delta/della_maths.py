@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from olmopt.errors import InputError
-from olmopt.methods.delta.circuit_maths import DEFAULT_CHUNK_ELEMS, check_same_shapes
+from olmopt.methods.delta._kernels import check_shapes
+from olmopt.methods.delta.circuit_maths import DEFAULT_CHUNK_ELEMS
 from olmopt.methods.delta.seeded_uniform import INT16_OFFSET, LEVELS, stream_key, uniform_int16
 
 PerVariant = float | tuple[float, ...]
@@ -116,7 +117,7 @@ def della_merge(
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
 ) -> torch.Tensor:
     """DELLA-merge one tensor (output in the base dtype), chunked by whole rows."""
-    check_same_shapes(base, variants, name)
+    check_shapes(base, variants, name)
     densities, epsilons, weights = params.resolved(len(variants))
     rows_base = as_rows(base)
     rows_variants = [as_rows(v) for v in variants]
@@ -169,7 +170,7 @@ def task_arithmetic_merge(
 ) -> torch.Tensor:
     """``base + lambda * sum w_i (v_i - base)`` for one tensor, output in the base dtype."""
     del seed  # deterministic method; same signature as the stochastic ones
-    check_same_shapes(base, variants, name)
+    check_shapes(base, variants, name)
     weights = per_variant(params.weights, len(variants), "task_arithmetic weights")
     total = sum(weights)
     scale = params.lambda_ / total if params.normalize and abs(total) >= 1e-8 else params.lambda_

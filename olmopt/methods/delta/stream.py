@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from olmopt import __version__
 from olmopt.errors import InputError, ModelError
-from olmopt.methods.delta import DEFAULT_CHUNK_ELEMS, MethodParams, check_shapes, get_method, make_params
+from olmopt.methods.delta import DEFAULT_CHUNK_ELEMS, MethodParams, get_method, make_params
+from olmopt.methods.delta._kernels import check_shapes
 from olmopt.outdir import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardedSafetensorsWriter,
