@@ -2,7 +2,8 @@
 
 An accuracy-like score (the share of items right: ``accuracy``, ``token_accuracy``, ``mc_accuracy``) of
 ``n`` items has a Wilson score interval; the difference of two such scores has Newcombe's hybrid score
-interval (Newcombe 1998, method 10). A difference whose interval contains 0 is not significant: the two
+interval (Newcombe 1998, method 10); a loss-like score with per-item values has a paired bootstrap
+interval (``olmopt.bootstrap``). A difference whose interval contains 0 is not significant: the two
 candidates tie. Pure maths: no torch, no Optuna. See docs/selection.md ("Ties by confidence").
 """
 
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
+from typing import Any
 
+from olmopt.bootstrap import RESAMPLES, PairedBootstrap
 from olmopt.errors import InputError
 
 # metrics whose per-item values are 0 or 1, so that a score is a binomial share of its items
@@ -49,31 +52,93 @@ def is_share(value: float) -> bool:
     return math.isfinite(value) and 0.0 <= value <= 1.0
 
 
+ItemValues = Mapping[str, Mapping[str, Mapping[int, float]]]  # objective -> candidate -> item -> value
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How ``a`` compares with ``b`` on one objective: the ``rule`` used (``newcombe``, ``bootstrap`` or
+    ``equal``), the interval of ``a - b`` (None without one) and whether the difference is a tie."""
+
+    rule: str
+    interval: tuple[float, float] | None
+    tied: bool
+
+
 @dataclass(frozen=True)
 class ConfidenceTies:
-    """Which differences selection treats as ties: ``tied(objective, a, b)``.
+    """Which differences selection treats as ties: ``tied(objective, a, b, x, y)`` (values ``a``, ``b`` of
+    candidates ``x``, ``y``).
 
     ``counts`` maps each accuracy-like objective to its number of items: two of its scores tie when
-    their difference's interval at ``level`` contains 0. Other objectives (losses, generation scores)
-    have no interval without per-item scores: their values tie only when equal. Non-finite values tie
-    only with each other (both are the worst).
+    their difference's Newcombe interval at ``level`` contains 0. ``items`` holds the per-item values
+    of the other objectives (losses, generation scores; ``tokens``: the answer tokens of each item of a
+    perplexity objective): two candidates with values on common items tie when the paired bootstrap
+    interval of their difference (``bootstrap.PairedBootstrap``) contains 0. Otherwise values tie only
+    when equal. Non-finite values tie only with each other (both are the worst).
     """
 
     counts: Mapping[str, int]
     level: float = 0.95
+    items: ItemValues = field(default_factory=dict)
+    tokens: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
+    resamples: int = RESAMPLES
+    _boots: dict[tuple[str, tuple[int, ...]], PairedBootstrap | None] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
+    _pairs: dict[tuple[str, str, str], tuple[float, float] | None] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
-    def tied(self, objective: str, a: float, b: float) -> bool:
-        if a == b or (not math.isfinite(a) and not math.isfinite(b)):
-            return True
+    def tied(self, objective: str, a: float, b: float, x: str = "", y: str = "") -> bool:
+        return self.compare(objective, a, b, x, y).tied
+
+    def compare(self, objective: str, a: float, b: float, x: str = "", y: str = "") -> Comparison:
+        """Candidate ``x`` (value ``a``) against ``y`` (value ``b``) on ``objective``."""
+        if not math.isfinite(a) or not math.isfinite(b):
+            return Comparison("equal", None, not math.isfinite(a) and not math.isfinite(b))
         n = self.counts.get(objective, 0)
-        if n <= 0 or not is_share(a) or not is_share(b):
-            return False
-        low, high = difference_interval(a, n, b, n, self.level)
-        return low <= 0.0 <= high
+        if n > 0 and is_share(a) and is_share(b):
+            low, high = difference_interval(a, n, b, n, self.level)
+            return Comparison("newcombe", (low, high), low <= 0.0 <= high)
+        key = (objective, x, y)
+        if key not in self._pairs:
+            self._pairs[key] = self._bootstrap(objective, x, y)
+        interval = self._pairs[key]
+        if interval is not None:
+            return Comparison("bootstrap", interval, a == b or interval[0] <= 0.0 <= interval[1])
+        return Comparison("equal", None, a == b)
+
+    def _bootstrap(self, objective: str, x: str, y: str) -> tuple[float, float] | None:
+        """The paired bootstrap interval of ``x - y`` on their common items; None without per-item values."""
+        per = self.items.get(objective, {})
+        if x not in per or y not in per:
+            return None
+        vx, vy = per[x], per[y]
+        common = tuple(sorted(set(vx) & set(vy)))
+        key = (objective, common)
+        if key not in self._boots:
+            self._boots[key] = self._resampler(objective, common)
+        boot = self._boots[key]
+        if boot is None or not all(math.isfinite(vx[i]) and math.isfinite(vy[i]) for i in common):
+            return None
+        return boot.interval(vx, vy, self.level, (x, y))
+
+    def _resampler(self, objective: str, common: tuple[int, ...]) -> PairedBootstrap | None:
+        tokens = self.tokens.get(objective)
+        if not common or (tokens is not None and any(i not in tokens for i in common)):
+            return None
+        return PairedBootstrap(objective, common, tokens, self.resamples)
 
     def describe(self) -> str:
         shares = ", ".join(f"{o} ({n} items)" for o, n in sorted(self.counts.items()))
-        return f"ties by {self.level:.0%} confidence on {shares or 'no objective'}; other objectives by value"
+        parts = [f"ties by {self.level:.0%} confidence on {shares or 'no objective'}"]
+        if self.items:
+            boot = ", ".join(sorted(self.items))
+            parts.append(
+                f"paired bootstrap ({self.resamples} resamples) on {boot} where per-item values exist"
+            )
+        return "; ".join(parts) + "; other objectives by value"
 
 
 def proportion_counts(metric_of: Mapping[str, str], items: Mapping[str, int]) -> dict[str, int]:
@@ -82,10 +147,48 @@ def proportion_counts(metric_of: Mapping[str, str], items: Mapping[str, int]) ->
 
 
 def selection_ties(
-    tolerance: float | None, level: float, metric_of: Mapping[str, str], items: Mapping[str, int]
+    tolerance: float | None,
+    level: float,
+    metric_of: Mapping[str, str],
+    items: Mapping[str, int],
+    per_item: ItemValues | None = None,
+    tokens: Mapping[str, Mapping[int, int]] | None = None,
 ) -> tuple[float, ConfidenceTies | None]:
     """(fixed tolerance, confidence rule) of a stage's selection: an explicit ``tolerance`` alone, else
-    ties by confidence on the accuracy-like objectives of ``items`` (objective -> search items)."""
+    ties by confidence: Newcombe on the accuracy-like objectives of ``items`` (objective -> search items),
+    the paired bootstrap on the other objectives of ``per_item`` (objective -> candidate -> item -> value;
+    perplexity objectives only with their ``tokens``)."""
     if tolerance is not None:
         return tolerance, None
-    return 0.0, ConfidenceTies(proportion_counts(metric_of, items), level)
+    counts = proportion_counts(metric_of, items)
+    tokens = tokens or {}
+    boot = {
+        o: per
+        for o, per in (per_item or {}).items()
+        if o not in counts and per and (metric_of.get(o) != "perplexity" or o in tokens)
+    }
+    return 0.0, ConfidenceTies(counts, level, boot, {o: tokens[o] for o in boot if o in tokens})
+
+
+def significance_table(
+    verdicts: Mapping[str, Mapping[str, str]],
+    scores: Mapping[str, Mapping[str, float]],
+    winner: str,
+    rule: ConfidenceTies | None,
+    tolerance: float,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """candidate -> objective -> {verdict, rule, interval}: ``verdicts`` (``select.significance``) with
+    the rule that decided each and the interval of (candidate - winner), None without one."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for label, row in verdicts.items():
+        out: dict[str, dict[str, Any]] = {}
+        for objective, verdict in row.items():
+            a, w = scores[objective].get(label, math.nan), scores[objective].get(winner, math.nan)
+            if rule is None:
+                cmp = Comparison(f"tolerance {tolerance:g}", None, verdict == "tie")
+            else:
+                cmp = rule.compare(objective, a, w, label, winner)
+            interval = None if cmp.interval is None else [cmp.interval[0], cmp.interval[1]]
+            out[objective] = {"verdict": verdict, "rule": cmp.rule, "interval": interval}
+        table[label] = out
+    return table

@@ -16,7 +16,8 @@ from olmopt.errors import InputError
 
 Scores = Mapping[str, Mapping[str, float]]
 Ranks = Mapping[str, Mapping[str, float]]
-TieRule = Callable[[str, float, float], bool]  # (objective, value a, value b) -> the difference is noise
+# (objective, value a, value b, candidate of a, candidate of b) -> the difference is noise
+TieRule = Callable[[str, float, float, str, str], bool]
 
 DIRECTIONS = ("minimize", "maximize")
 # A finite stand-in for "infinitely violated": Optuna refuses NaN constraints and JSON has no infinity.
@@ -49,12 +50,19 @@ def _value(per: Mapping[str, float], candidate: str) -> float:
 
 
 def _beats(
-    objective: str, a: float, b: float, direction: str, tolerance: float, tied: TieRule | None
+    objective: str,
+    a: float,
+    b: float,
+    direction: str,
+    tolerance: float,
+    tied: TieRule | None,
+    pair: tuple[str, str] = ("", ""),
 ) -> bool:
-    """Whether value ``a`` is better than ``b`` by more than ``tolerance`` and, with ``tied``, not a tie."""
+    """Whether value ``a`` (of candidate ``pair[0]``) is better than ``b`` (of ``pair[1]``) by more than
+    ``tolerance`` and, with ``tied``, not a tie."""
     if _goodness(a, direction) <= _goodness(b, direction) + tolerance:
         return False
-    return tied is None or not tied(objective, a, b)
+    return tied is None or not tied(objective, a, b, *pair)
 
 
 def rank_table(
@@ -73,7 +81,9 @@ def rank_table(
         direction = _direction(directions, objective)
         value = {c: _value(scores[objective], c) for c in candidates}
         beaten_by = {
-            c: sum(_beats(objective, value[o], value[c], direction, tolerance, tied) for o in candidates)
+            c: sum(
+                _beats(objective, value[o], value[c], direction, tolerance, tied, (o, c)) for o in candidates
+            )
             for c in candidates
         }
         table[objective] = {c: float(1 + n) for c, n in beaten_by.items()}
@@ -93,9 +103,9 @@ def significance(
         for objective in sorted(scores):
             direction = _direction(directions, objective)
             a, w = _value(scores[objective], c), _value(scores[objective], winner)
-            if _beats(objective, a, w, direction, 0.0, tied):
+            if _beats(objective, a, w, direction, 0.0, tied, (c, winner)):
                 row[objective] = "better"
-            elif _beats(objective, w, a, direction, 0.0, tied):
+            elif _beats(objective, w, a, direction, 0.0, tied, (winner, c)):
                 row[objective] = "worse"
             else:
                 row[objective] = "tie"
@@ -163,8 +173,8 @@ def pareto_front(
 
     def dominates(x: str, y: str) -> bool:
         beats = [
-            (_beats(o, _value(scores[o], x), _value(scores[o], y), directions[o], tolerance, tied),
-             _beats(o, _value(scores[o], y), _value(scores[o], x), directions[o], tolerance, tied))
+            (_beats(o, _value(scores[o], x), _value(scores[o], y), directions[o], tolerance, tied, (x, y)),
+             _beats(o, _value(scores[o], y), _value(scores[o], x), directions[o], tolerance, tied, (y, x)))
             for o in objectives
         ]  # fmt: skip
         return not any(y_wins for _, y_wins in beats) and any(x_wins for x_wins, _ in beats)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import optuna
+import pytest
 
 from olmopt.config import SelectionConfig
+from olmopt.evaluate.item_scores import pack
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
 from olmopt.search.decide import DecideRules, decide
@@ -150,11 +153,87 @@ def test_decide_ties_by_confidence_and_records_which_differences_are_significant
     )  # fmt: skip
     d = decide(stage, trials, space, None, rules, keys, None, lambda _r, _s: {}, "me")
     assert d.winner == "a" and d.ties == "ties by 95% confidence on acc (40 items); other objectives by value"
-    assert d.significance == {"b": {"acc": "tie"}, "c": {"acc": "worse"}}
+    b_vs_a, c_vs_a = difference_interval(0.8, 40, 0.9, 40), difference_interval(0.5, 40, 0.9, 40)
+    assert d.significance == {
+        "b": {"acc": {"verdict": "tie", "rule": "newcombe", "interval": list(b_vs_a)}},
+        "c": {"acc": {"verdict": "worse", "rule": "newcombe", "interval": list(c_vs_a)}},
+    }
+    assert d.runner_up == "b" and d.incumbent_label == ""
     assert Decision.from_dict(d.to_dict()) == d and d.to_dict()["significance"] == d.significance
     # an explicit tolerance replaces the rule: 0.9 beats 0.8
     by_value = SelectionConfig(tolerance=0.0, held_out_check=False)
     metric, items = {"acc": "token_accuracy"}, {"acc": 40}
     fixed = DecideRules(["acc"], {"acc": "maximize"}, [], by_value, False, False, metric, items)
     d = decide(stage, trials, space, None, fixed, keys, None, lambda _r, _s: {}, "me")
-    assert d.ties == "fixed tolerance 0" and d.significance == {"b": {"acc": "worse"}, "c": {"acc": "worse"}}
+    worse = {"verdict": "worse", "rule": "tolerance 0", "interval": None}
+    assert d.ties == "fixed tolerance 0" and d.significance == {"b": {"acc": worse}, "c": {"acc": worse}}
+    # decisions of earlier versions stored the verdict alone
+    old = Decision.from_dict(STORED | {"ties": "fixed tolerance 0", "significance": {"t1": {"acc": "worse"}}})
+    assert old.significance == {"t1": {"acc": "worse"}} and old.runner_up == ""
+
+
+def _loss_trial(number: int, per_item: list[float], reused: bool = False) -> optuna.trial.FrozenTrial:
+    recipe = Recipe(base="m/a", layers={0: f"m/{number % 10}"}).to_json()
+    attrs: dict[str, Any] = {T.RECIPE_ATTR: recipe, "feasible": 1}
+    if not reused:
+        attrs["i.loss"] = pack(dict(enumerate(per_item)))
+    mean = float(np.mean(np.asarray(per_item, dtype=np.float32)))
+    trial = optuna.trial.create_trial(values=[mean], user_attrs=attrs)
+    trial.number = number
+    return trial
+
+
+def test_decide_ties_losses_by_the_paired_bootstrap_of_their_items() -> None:
+    """keep and a (the same items plus noise of mean 0.002) tie; b is 0.3 worse on every item: worse.
+    A reused trial of keep's model (no items of its own) borrows those of its evaluated twin."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 1.5, 60)
+    noise = rng.normal(0.0, 0.05, 60)
+    per_item = {
+        "keep": list(base),
+        "a": list(base + noise - noise.mean() - 0.002),
+        "b": list(base + 0.3),
+        "twin": list(base),
+    }
+    numbers = {"keep": 0, "a": 1, "b": 2, "twin": 10}  # twin: m/0 again, keep's model, metrics reused
+    trials = {k: _loss_trial(numbers[k], v, reused=k == "twin") for k, v in per_item.items()}
+    assert trials["a"].values[0] < trials["keep"].values[0]  # a is better by value
+    space = StageSpace(decode=lambda _t: ("x", Recipe(base="m/a")), enqueue=[("keep", {})])
+    stage = Stage(1, "layer", target="0")
+    keys: Any = _SameJson()
+    rules = DecideRules(
+        ["loss"], {"loss": "minimize"}, [], SelectionConfig(held_out_check=False), False, False,
+        {"loss": "bigram_loss"}, {"loss": 60},
+    )  # fmt: skip
+    d = decide(stage, trials, space, Recipe(base="m/a", layers={0: "m/0"}), rules, keys, None, _none, "me")
+    assert d.winner == "keep" and d.kept_incumbent and d.incumbent_label == "keep"
+    assert d.ties.startswith(
+        "ties by 95% confidence on no objective; paired bootstrap (2000 resamples) on loss"
+    )
+    a, b, twin = (d.significance[c]["loss"] for c in ("a", "b", "twin"))
+    assert a["verdict"] == "tie" and a["rule"] == "bootstrap" and a["interval"][0] < 0 < a["interval"][1]
+    assert b["verdict"] == "worse" and b["rule"] == "bootstrap"
+    assert b["interval"] == pytest.approx([0.3, 0.3], abs=1e-5)  # every resample differs by exactly 0.3
+    assert twin == {"verdict": "tie", "rule": "bootstrap", "interval": [0.0, 0.0]}
+    # without per-item values the loss ties only when equal: a (better by value) wins
+    bare = {k: _loss_trial(numbers[k], v, reused=True) for k, v in per_item.items()}
+    d = decide(stage, bare, space, Recipe(base="m/a", layers={0: "m/0"}), rules, keys, None, _none, "me")
+    assert d.winner == "a" and d.significance["keep"]["loss"] == {
+        "verdict": "worse",
+        "rule": "equal",
+        "interval": None,
+    }
+
+
+def _none(_r: Recipe, _s: str) -> dict[str, float]:
+    return {}
+
+
+class _SameJson:
+    """Model identity by Recipe JSON (no pool needed)."""
+
+    def same_json(self, a: str, b: str) -> bool:
+        return a == b
+
+    def same(self, a: Recipe, b: Recipe) -> bool:
+        return a.to_json() == b.to_json()

@@ -131,6 +131,10 @@ class Evaluator:
             self._encoded[key] = encode(self.tokenizer, examples, obj.path)
         return self._encoded[key]
 
+    def answer_tokens(self, obj: Objective, split: Split = "search") -> dict[int, int]:
+        """Item index -> answer tokens of a dataset part: each item's token count in ``item_tokens``."""
+        return {i: len(answer) for i, answer in enumerate(self.encoded(obj, split).answers)}
+
     def prepare(self, split: Split = "search") -> None:
         """Load and tokenize every objective's data now (so bad files fail before heavy work)."""
         for obj in self.objectives:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from optuna.trial import FrozenTrial
 
-from olmopt.confidence import selection_ties
+from olmopt.confidence import PROPORTION_METRICS, ItemValues, selection_ties, significance_table
 from olmopt.config import SelectionConfig
-from olmopt.evaluate.item_scores import packed_items
+from olmopt.evaluate.item_scores import packed_items, unpack
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
 from olmopt.search.decision import CandidateResult, Decision
@@ -39,6 +39,7 @@ class DecideRules:
     has_held_out: bool  # some objective has a held-out part
     metric_of: dict[str, str] = field(default_factory=dict)  # objective -> metric (ties by confidence)
     items: dict[str, int] = field(default_factory=dict)  # objective -> search items (ties by confidence)
+    tokens: dict[str, dict[int, int]] = field(default_factory=dict)  # perplexity objective -> item -> tokens
 
 
 def decide(
@@ -65,13 +66,18 @@ def decide(
     feasible = {label: bool(t.user_attrs.get("feasible", True)) for label, t in trials.items()}
     keep = _kept_label(trials, space, incumbent, keys)
     guarded: dict[str, dict[str, float]] = {}  # held-out figures of the guard's candidates
-    ties, verdicts = "", {}
+    ties: str = ""
+    verdicts: dict[str, dict[str, dict[str, object]]] = {}
+    runner_up = ""
     if space.decide is not None:
         winner, reason = space.decide(trials, scores, feasible, keep), "stage acceptance rule"
     else:
         order = {name: i for i, name in enumerate(rules.pool_names)}
         chosen = rules.selection
-        tolerance, rule = selection_ties(chosen.tolerance, chosen.confidence, rules.metric_of, rules.items)
+        per_item = _item_values(trials, rules, keys, earlier) if chosen.tolerance is None else None
+        tolerance, rule = selection_ties(
+            chosen.tolerance, chosen.confidence, rules.metric_of, rules.items, per_item, rules.tokens
+        )
         tied = rule.tied if rule is not None else None
         selection = select(
             scores, rules.directions, feasible, keep=keep,
@@ -81,7 +87,10 @@ def decide(
         winner, reason = selection.winner, selection.reason
         ties = rule.describe() if rule is not None else f"fixed tolerance {tolerance:g}"
         if winner is not None:
-            verdicts = significance(scores, rules.directions, winner, tied)
+            verdicts = significance_table(
+                significance(scores, rules.directions, winner, tied), scores, winner, rule, tolerance
+            )
+            runner_up = selection.order[1] if len(selection.order) > 1 else ""
         guard = rules.selection.held_out_guard
         if rules.joint and guard > 1 and winner is not None and rules.has_held_out:
             winner, reason, guarded = _held_out_guard(trials, selection.order[:guard], reason, rules, score)
@@ -134,7 +143,38 @@ def decide(
         details=space.details(trials) if space.details is not None else {},
         ties=ties,
         significance=verdicts,
+        runner_up=runner_up if ties else "",
+        incumbent_label=(keep or "") if ties else "",
     )
+
+
+def _item_values(
+    trials: dict[str, FrozenTrial], rules: DecideRules, keys: ModelKeys, earlier: Decision | None
+) -> ItemValues:
+    """objective -> candidate -> item -> value of the objectives without a binomial interval (losses,
+    generation scores), from each trial's packed per-item values; a trial whose metrics were reused has
+    none: those of an evaluated trial of the same model in the stage, else of ``earlier`` (the incumbent's
+    decision) when it is the same model."""
+    wanted = [n for n in rules.names if rules.metric_of.get(n) not in PROPORTION_METRICS]
+    packed = {label: packed_items(t.user_attrs) for label, t in trials.items()}
+    for label, t in trials.items():
+        if packed[label] or T.RECIPE_ATTR not in t.user_attrs:
+            continue
+        mine = str(t.user_attrs[T.RECIPE_ATTR])
+        same = [
+            packed[o] for o, u in trials.items()
+            if packed[o] and keys.same_json(str(u.user_attrs.get(T.RECIPE_ATTR, "")), mine)
+        ]  # fmt: skip
+        if same:
+            packed[label] = same[0]
+        elif earlier is not None and earlier.items and keys.same_json(earlier.recipe.to_json(), mine):
+            packed[label] = dict(earlier.items)
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for name in wanted:
+        per = {label: unpack(p[name]) for label, p in packed.items() if name in p}
+        if per:
+            out[name] = per
+    return out
 
 
 def _kept_label(

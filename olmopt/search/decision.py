@@ -15,7 +15,7 @@ from olmopt.recipe import Recipe
 
 _CORE = (
     "stage", "winner", "trial", "kept_incumbent", "recipe", "metrics", "held_out", "reason", "decided_by",
-    "candidates", "held_out_guard", "ties", "significance", "items", "pruned",
+    "candidates", "held_out_guard", "ties", "significance", "runner_up", "incumbent_label", "items", "pruned",
 )  # fmt: skip
 
 
@@ -64,7 +64,11 @@ class Decision:
     pruned: dict[str, str] = field(default_factory=dict)  # candidates stopped early (PRUNED) -> why
     details: dict[str, Any] = field(default_factory=dict)  # the kind's own fields (``StageSpace.details``)
     ties: str = ""  # selection's tie rule (``confidence.selection_ties``); "" under a kind's own rule
-    significance: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> objective -> vs winner
+    # label -> objective -> vs the winner: {verdict: better/worse/tie, rule, interval of (label - winner)}
+    # (decisions of earlier versions: the verdict alone, a string)
+    significance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runner_up: str = ""  # second in the selection order ("" under a kind's own rule or with one candidate)
+    incumbent_label: str = ""  # the incumbent among the candidates ("" when it was not one)
 
     def to_dict(self) -> dict[str, Any]:
         """The stored (JSON) form."""
@@ -84,6 +88,7 @@ class Decision:
             out["held_out_guard"] = list(self.held_out_guard)
         if self.ties:
             out["ties"], out["significance"] = self.ties, self.significance
+            out["runner_up"], out["incumbent_label"] = self.runner_up, self.incumbent_label
         if self.items:
             out["items"] = dict(self.items)
         if self.pruned:
@@ -109,6 +114,8 @@ class Decision:
             held_out_guard=list(data.get("held_out_guard") or []),
             ties=str(data.get("ties", "")),
             significance=dict(data.get("significance") or {}),
+            runner_up=str(data.get("runner_up", "")),
+            incumbent_label=str(data.get("incumbent_label", "")),
             items=dict(data.get("items") or {}),
             pruned=dict(data.get("pruned") or {}),
             details={k: v for k, v in data.items() if k not in _CORE},

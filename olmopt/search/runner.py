@@ -271,6 +271,7 @@ class CampaignRunner:
             self.names, self.directions, self.pool_names, selection, get_kind(stage.kind).joint,
             any(o.held_out > 0 for o in self.c.config.objectives),
             {o.name: o.metric for o in self.ev.local.objectives}, self.ev.local.item_counts(),
+            self._perplexity_tokens(),
         )  # fmt: skip
         earlier = self.keys.earlier_decision(incumbent, self.env.decisions)
         pruned = {
@@ -289,6 +290,15 @@ class CampaignRunner:
         stopped = f", {len(pruned)} stopped early" if pruned else ""
         self.log(f"{stage.key}: winner {label} ({why}); {len(trials)} trials{stopped}; {figures}")
         return decision
+
+    def _perplexity_tokens(self) -> dict[str, dict[int, int]]:
+        """Perplexity objective -> search item -> answer tokens (the paired bootstrap's denominators)."""
+        local = self.ev.local
+        return {
+            o.name: local.evaluator.answer_tokens(o)
+            for o in local.objectives
+            if o.metric == "perplexity" and o.kind not in ("recipe", "lm_eval") and o.has_part("search")
+        }
 
     def _figures(self, metrics: dict[str, float], held_out: dict[str, float]) -> str:
         """``acc 0.9333 ppl 1.204`` (held-out figures in brackets) for log lines."""
