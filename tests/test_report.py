@@ -12,10 +12,14 @@ import yaml
 from _models import make_family, write_addition_data
 from PIL import Image
 
+from olmopt.bootstrap import PairedBootstrap
 from olmopt.cli import main
+from olmopt.confidence import difference_interval
+from olmopt.evaluate.item_scores import unpack
 from olmopt.recipe import EsStep, Recipe
 from olmopt.report import add_donor_map, donor_map_png, plots
 from olmopt.search.annotate import campaign_report_data
+from olmopt.search.campaign import Campaign
 
 NAME = "rep"
 L = "model.layers"
@@ -193,3 +197,87 @@ def test_es_progress_and_single_objective_plots(tmp_path: Path) -> None:
     joint = stage("001-joint-layers", "joint-layers", [3.0, 1.0, 2.0, 0.5], 3)
     assert _size(plots.pareto_png(joint, {"loss": "minimize"}, tmp_path / "p.png")) == plots.PARETO_SIZE
     assert _rgb("#edc948") in _colours(tmp_path / "p.png")  # the selected trial's star
+
+
+def test_report_shows_which_differences_are_significant(campaign: tuple[Path, str]) -> None:
+    """Each decided stage's runner-up against the winner: accuracy by Newcombe's interval, perplexity by
+    the paired bootstrap of its items (the runner passes the answer tokens), the verdict from the interval."""
+    tmp, url = campaign
+    out = tmp / "significance"
+    assert main(["report", NAME, "--storage", url, "--out", str(out), "--quiet"]) == 0
+    page = (out / "index.html").read_text()
+    assert "<h2>Significant differences</h2>" in page
+    for stage in campaign_report_data(NAME, url)["stages"]:
+        d = stage["decision"]
+        row = d["significance"][d["runner_up"]]
+        assert row["acc"]["rule"] == "newcombe" and row["ppl"]["rule"] == "bootstrap"
+        low, high = row["ppl"]["interval"]
+        assert (row["ppl"]["verdict"] == "tie") == (low <= 0 <= high)
+        assert f"<td>{stage['key']}</td><td>{plots.short_name(d['runner_up'])}</td>" in page
+        assert f"<td>[{low:.4g}, {high:.4g}]</td><td>bootstrap</td>" in page
+
+
+@pytest.fixture(scope="module")
+def zoo_campaign(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A finished campaign on the tiny zoo: fixed base, greedy layers 0 and 1, scored by an accuracy, a
+    bigram loss and a perplexity (60 items each)."""
+    from tests.test_study import REPO, study_file
+
+    tmp = tmp_path_factory.mktemp("zoo_significance")
+    url = f"sqlite:///{tmp}/s.db"
+    path = study_file(tmp, tiny_zoo, "sig", layers={"mode": "greedy", "only": [0, 1]})
+    data = yaml.safe_load(path.read_text())
+    data["objectives"] = [
+        {"name": n, "dataset": str(REPO / f"objectives/{d}.json"), "metric": m, "samples": 60}
+        for n, d, m in (
+            ("add", "add", "token_accuracy"),
+            ("loss", "rev", "bigram_loss"),
+            ("ppl", "fact", "perplexity"),
+        )
+    ]
+    path.write_text(yaml.safe_dump(data))
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    assert main(["study", "run", "sig", "--storage", url, "--quiet"]) == 0
+    return tmp, url
+
+
+def test_report_of_a_zoo_campaign_shows_intervals_computed_from_the_trials_items(
+    zoo_campaign: tuple[Path, str],
+) -> None:
+    """The HTML table per stage: the runner-up against the winner, its interval and verdict. Checked by
+    hand against the trials: Newcombe's interval of the two accuracies on 60 items, and the paired
+    bootstrap of the two trials' stored per-item bigram losses (seeded by the objective and the items)."""
+    tmp, url = zoo_campaign
+    out = tmp / "report"
+    assert main(["report", "sig", "--storage", url, "--out", str(out), "--quiet"]) == 0
+    page = (out / "index.html").read_text()
+    assert "<h2>Significant differences</h2>" in page
+    checked = 0
+    decisions = Campaign.load("sig", url).decisions()
+    for stage in campaign_report_data("sig", url)["stages"]:
+        d = stage["decision"]
+        winner, runner = d["winner"], d["runner_up"]
+        if not runner:  # the fixed base: one candidate
+            continue
+        row = d["significance"][runner]
+        assert [row[n]["rule"] for n in ("add", "loss", "ppl")] == ["newcombe", "bootstrap", "bootstrap"]
+        metrics = {label: c["metrics"] for label, c in d["candidates"].items()}
+        newcombe = difference_interval(metrics[runner]["add"], 60, metrics[winner]["add"], 60)
+        assert row["add"]["interval"] == pytest.approx(list(newcombe))
+        for n in ("add", "loss", "ppl"):
+            low, high = row[n]["interval"]
+            assert (row[n]["verdict"] == "tie") == (low <= 0 <= high)
+            diff = metrics[runner][n] - metrics[winner][n]
+            assert f'<td>{n}</td><td class="num">{diff:.4f}</td><td>[{low:.4g}, {high:.4g}]</td>' in page
+        study = optuna.load_study(study_name=f"sig/{stage['key']}", storage=url)
+        attrs = {t.user_attrs["candidate"]: t.user_attrs for t in study.get_trials() if t.values}
+        # the winner (the incumbent, its metrics reused) has the per-item values of its earlier evaluation
+        items = {
+            winner: unpack(decisions[stage["key"]].items["loss"]),
+            runner: unpack(attrs[runner]["i.loss"]),
+        }
+        assert len(items[winner]) == 60 and set(items[winner]) == set(items[runner])
+        boot = PairedBootstrap("loss", sorted(items[winner]))
+        assert row["loss"]["interval"] == pytest.approx(list(boot.interval(items[runner], items[winner])))
+        checked += 1
+    assert checked == 2

@@ -119,6 +119,7 @@ def _page(data: dict[str, Any], figures: list[tuple[str, str, Path]], out: Path,
             f"<tr>{_cell(s['key'])}{_cell(s['state'])}{_cell(winner)}{_cell(d.get('trial'))}{cells}{_cell(d.get('reason'))}</tr>"
         )
     parts.append("</table>")
+    parts += _significance(data["stages"], names)
     for title, caption, png in figures:
         parts += [f"<h2>{e(title)}</h2>", f"<p>{e(caption)}</p>", _img(png, out, embed, title)]
     if data.get("recipe"):
@@ -128,3 +129,57 @@ def _page(data: dict[str, Any], figures: list[tuple[str, str, Path]], out: Path,
         ]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _significance(stages: list[dict[str, Any]], names: list[str]) -> list[str]:
+    """The decisions' significance tables: per stage, the runner-up and the incumbent against the winner,
+    per objective: the difference, its interval, the rule and whether it is significant."""
+    rows = [row for s in stages for row in _significance_rows(s, names)]
+    if not rows:
+        return []
+    rules = [
+        f"<li>{html.escape(s['key'])}: {html.escape(str(s['decision']['ties']))}</li>"
+        for s in stages
+        if (s.get("decision") or {}).get("ties")
+    ]
+    return [
+        "<h2>Significant differences</h2>",
+        "<p>Per stage, the runner-up and the incumbent against the winner: the difference (candidate minus "
+        "winner), its confidence interval and whether it is significant (a tie when the interval holds 0). "
+        "Every candidate's verdicts are in the stage's decision and the exported "
+        "<code>merge_report.json</code>.</p>",
+        '<table class="significance"><tr><th>stage</th><th>candidate</th><th>role</th><th>objective</th>'
+        "<th>difference</th><th>interval</th><th>rule</th><th>significant</th></tr>",
+        *rows,
+        '</table><ul class="muted">',
+        *rules,
+        "</ul>",
+    ]
+
+
+def _significance_rows(stage: dict[str, Any], names: list[str]) -> list[str]:
+    d = stage.get("decision") or {}
+    table = d.get("significance") or {}
+    roles: dict[str, list[str]] = {}  # label -> its roles (the runner-up may be the incumbent)
+    for name, label in (("runner-up", d.get("runner_up")), ("incumbent", d.get("incumbent_label"))):
+        if label and label in table:
+            roles.setdefault(str(label), []).append(name)
+    candidates = d.get("candidates") or {}
+    best = (candidates.get(str(d.get("winner"))) or {}).get("metrics") or {}
+    rows = []
+    for label, of in roles.items():
+        mine = (candidates.get(label) or {}).get("metrics") or {}
+        for n in names:
+            entry = table[label].get(n)
+            if entry is None:
+                continue
+            entry = entry if isinstance(entry, dict) else {"verdict": entry}  # earlier versions: the verdict
+            verdict, interval = str(entry.get("verdict")), entry.get("interval")
+            span = f"[{interval[0]:.4g}, {interval[1]:.4g}]" if interval else None
+            diff = mine[n] - best[n] if n in mine and n in best else None
+            significant = "no (tie)" if verdict == "tie" else f"yes ({verdict})"
+            rows.append(
+                f"<tr>{_cell(stage['key'])}{_cell(plots.short_name(label))}{_cell(' and '.join(of))}"
+                f"{_cell(n)}{_cell(diff)}{_cell(span)}{_cell(entry.get('rule'))}{_cell(significant)}</tr>"
+            )
+    return rows

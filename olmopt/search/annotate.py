@@ -261,6 +261,12 @@ def _json_number(value: Any) -> Any:
 
 
 # -- data for reports -------------------------------------------------------------------------------
+REPORT_DECISION_KEYS = (
+    "winner", "trial", "reason", "metrics", "held_out", "candidates", "ties", "significance", "runner_up",
+    "incumbent_label",
+)  # fmt: skip
+
+
 def campaign_report_data(name: str, url: str) -> dict[str, Any]:
     """Everything ``olmopt report`` draws, JSON-ready (no Optuna objects)."""
     campaign = Campaign.load(name, url)
@@ -277,11 +283,7 @@ def campaign_report_data(name: str, url: str) -> dict[str, Any]:
             "plot": get_kind(stage.kind).report_plot,
             "decision": None
             if d is None
-            else {
-                k: v
-                for k, v in d.to_dict().items()
-                if k in ("winner", "trial", "reason", "metrics", "held_out", "candidates")
-            },
+            else {k: v for k, v in d.to_dict().items() if k in REPORT_DECISION_KEYS},
             "points": [],
         }
         if get_kind(stage.kind).plots_trials:
