@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from olmopt.cli import main
+from olmopt.evaluate.item_scores import pack, unpack
 from olmopt.search.campaign import Campaign
 from olmopt.search.context import EvalContext
 from olmopt.search.eval_cache import CACHE_TABLE, EvalCache
@@ -101,6 +102,16 @@ def test_rerun_under_a_new_name_evaluates_almost_nothing(
     assert [d.held_out for d in again.decisions().values()] == [
         d.held_out for d in first.decisions().values()
     ]
+    # the cache keeps per-item values too: selection's paired bootstrap ties decide the same way
+    assert [d.significance for d in again.decisions().values()] == [
+        d.significance for d in first.decisions().values()
+    ]
+    assert any(
+        e["rule"] == "bootstrap"
+        for d in again.decisions().values()
+        for r in d.significance.values()
+        for e in r.values()
+    )
     trials = _complete(again)
     assert trials and all(t.user_attrs.get("cached") == "first" or "reused" in t.user_attrs for t in trials)
     assert sum("cached" in t.user_attrs for t in trials) == sum(
@@ -155,9 +166,10 @@ def test_two_workers_share_the_cache_on_postgres() -> None:
     one = EvalCache(open_storage(url).engine, fingerprint, "c1")  # type: ignore[attr-defined]
     two = EvalCache(open_storage(url).engine, fingerprint, "c2")  # type: ignore[attr-defined]
     assert two.get("sources:m1", "search") is None
-    one.put("sources:m1", "search", {"ppl": 1.25, "acc": 0.5})
+    one.put("sources:m1", "search", {"ppl": 1.25, "acc": 0.5}, {"ppl": pack({0: 1.5, 1: 2.0})})
     hit = two.get("sources:m1", "search")
     assert hit is not None and hit.values == {"ppl": 1.25, "acc": 0.5} and hit.campaign == "c1"
+    assert unpack(hit.items["ppl"]) == {0: 1.5, 1: 2.0}  # the per-item values travel with the values
     assert two.get("sources:m1", "held_out") is None and two.hits == 1
     other = EvalCache(one.engine, uuid.uuid4().hex, "c3")  # other data or settings: another key
     assert other.get("sources:m1", "search") is None

@@ -22,7 +22,7 @@ import json
 import math
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Column, MetaData, String, Table, Text, insert, select
@@ -35,13 +35,13 @@ from olmopt.recipe import Recipe
 if TYPE_CHECKING:
     from olmopt.search.context import EvalContext
 
-CACHE_VERSION = 1  # bump when what a value means changes (a metric's definition)
+CACHE_VERSION = 2  # bump when what a value means changes (a metric's definition); 2: per-item values
 _METADATA = MetaData()
 CACHE_TABLE = Table(
     "olmopt_eval_cache",
     _METADATA,
     Column("key", String(64), primary_key=True),
-    Column("value", Text, nullable=False),  # JSON: objective -> value
+    Column("value", Text, nullable=False),  # JSON: {values: objective -> value, items: objective -> packed}
     Column(
         "campaign", String(512), nullable=False
     ),  # the campaign that evaluated it (for people reading the table)
@@ -84,6 +84,7 @@ def _checkpoint_identity(path: Any) -> list[Any]:
 class CacheHit:
     values: dict[str, float]
     campaign: str  # the campaign whose evaluation stored them
+    items: dict[str, str] = field(default_factory=dict)  # objective -> packed per-item values
 
 
 class EvalCache:
@@ -112,15 +113,21 @@ class EvalCache:
             return None
         with self._lock:
             self.hits += 1
-        return CacheHit({name: float(v) for name, v in json.loads(row[0]).items()}, str(row[1]))
+        data = json.loads(row[0])
+        values = {name: float(v) for name, v in data["values"].items()}
+        return CacheHit(values, str(row[1]), dict(data.get("items") or {}))
 
-    def put(self, model_key: str, split: str, values: Mapping[str, float]) -> None:
-        """Store finite values (a damaged model's NaN is re-evaluated, not cached); the first writer wins."""
+    def put(
+        self, model_key: str, split: str, values: Mapping[str, float], items: Mapping[str, str] | None = None
+    ) -> None:
+        """Store finite values (a damaged model's NaN is re-evaluated, not cached) and the per-item values
+        (``items``: objective -> packed, ``evaluate.item_scores``; selection's ties need them); the first
+        writer wins."""
         if not values or not all(math.isfinite(v) for v in values.values()):
             return
         row = {
             "key": self.key(model_key, split),
-            "value": json.dumps(dict(values)),
+            "value": json.dumps({"values": dict(values), "items": dict(items or {})}),
             "campaign": self.campaign,
         }
         try:

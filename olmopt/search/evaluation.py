@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from olmopt.errors import OlmoptError
 from olmopt.evaluate.early_stop import Scored
-from olmopt.evaluate.item_scores import N_ITEMS_ATTR, ItemScores, item_attrs, unpack_all
+from olmopt.evaluate.item_scores import N_ITEMS_ATTR, ItemScores, item_attrs, packed_items, unpack_all
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
 from olmopt.search.annotate import annotate_trial
@@ -227,11 +227,10 @@ class StageEvaluation:
                 self._run_inline(trial, recipe)
                 return
             reused = self._reused_metrics(trial, recipe)
-            if reused is None:
-                reused = self._cached_metrics(trial, recipe)
-            if reused is not None:
+            known = Scored(reused) if reused is not None else self._cached(trial, recipe)
+            if known is not None:
                 future: Future[Scored] = Future()
-                future.set_result(Scored(reused))
+                future.set_result(known)
             else:  # inline when workers == 1; early stopping against the incumbent's items
                 future = self.ev.submit(recipe, self.incumbent, self.space.layer, self.reference)
                 self._fresh.add(trial.number)
@@ -253,17 +252,17 @@ class StageEvaluation:
             return T.metrics_of(same, self.names)
         return None
 
-    def _cached_metrics(self, trial: Trial, recipe: Recipe) -> dict[str, float] | None:
-        """The metrics of the same model from the evaluation cache, noted in the trial's ``cached`` attr
-        (the campaign that evaluated it); unlike ``reused`` it counts toward the budget, so a re-run
-        replays the trials of the first run."""
+    def _cached(self, trial: Trial, recipe: Recipe) -> Scored | None:
+        """The metrics and per-item values of the same model from the evaluation cache, noted in the
+        trial's ``cached`` attr (the campaign that evaluated it); unlike ``reused`` it counts toward the
+        budget, so a re-run replays the trials (and the decisions) of the first run."""
         if self.cache is None:
             return None
         hit = self.cache.get(self.keys.key_of_json(recipe.to_json()), "search")
         if hit is None:
             return None
         trial.set_user_attr("cached", hit.campaign)
-        return hit.values
+        return Scored(hit.values, unpack_all(hit.items))
 
     def _same_model_in_stage(self, recipe: Recipe) -> FrozenTrial | None:
         """A COMPLETE trial of this stage with the same weights (a sampler repeating itself)."""
@@ -349,7 +348,7 @@ class StageEvaluation:
             return
         self.study.tell(trial, T.told_values(metrics, self.names, self.directions), skip_if_finished=True)
         if self.cache is not None and trial.number in self._fresh:
-            self.cache.put(self.keys.key_of_json(recipe.to_json()), "search", metrics)
+            self.cache.put(self.keys.key_of_json(recipe.to_json()), "search", metrics, packed_items(extra))
 
     def _sweep_stale(self) -> None:
         """Fail trials of dead workers (so that their candidates are retried)."""
