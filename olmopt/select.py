@@ -91,10 +91,10 @@ def rank_table(
 
 
 def significance(
-    scores: Scores, directions: Mapping[str, str], winner: str, tied: TieRule | None
+    scores: Scores, directions: Mapping[str, str], winner: str, tied: TieRule | None, tolerance: float = 0.0
 ) -> dict[str, dict[str, str]]:
     """candidate -> objective -> "better" / "worse" / "tie": each other candidate against ``winner``
-    under the tie rule (without one, only equal values tie)."""
+    under the tie rule and ``tolerance`` (without either, only equal values tie)."""
     table: dict[str, dict[str, str]] = {}
     for c in _candidates(scores):
         if c == winner:
@@ -103,9 +103,9 @@ def significance(
         for objective in sorted(scores):
             direction = _direction(directions, objective)
             a, w = _value(scores[objective], c), _value(scores[objective], winner)
-            if _beats(objective, a, w, direction, 0.0, tied, (c, winner)):
+            if _beats(objective, a, w, direction, tolerance, tied, (c, winner)):
                 row[objective] = "better"
-            elif _beats(objective, w, a, direction, 0.0, tied, (winner, c)):
+            elif _beats(objective, w, a, direction, tolerance, tied, (winner, c)):
                 row[objective] = "worse"
             else:
                 row[objective] = "tie"

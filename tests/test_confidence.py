@@ -82,6 +82,9 @@ def test_selection_keeps_the_incumbent_within_the_interval() -> None:
     assert pareto_front(scores, directions, tied=only_mc.tied) == ["cand"]
     assert significance(scores, directions, "keep", only_mc.tied) == {"cand": {"fact": "better", "mc": "tie"}}
     assert significance(scores, directions, "keep", None) == {"cand": {"fact": "better", "mc": "better"}}
+    # a fixed tolerance ties what selection ties: mc differs by 0.06, fact by 0.25
+    by_tolerance = significance(scores, directions, "keep", None, tolerance=0.1)
+    assert by_tolerance == {"cand": {"fact": "better", "mc": "tie"}}
 
 
 def test_paired_bootstrap_matches_the_enumerated_distribution() -> None:

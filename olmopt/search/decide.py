@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from optuna.trial import FrozenTrial
 
-from olmopt.confidence import PROPORTION_METRICS, ItemValues, selection_ties, significance_table
+from olmopt.confidence import ItemValues, proportion_counts, selection_ties, significance_table
 from olmopt.config import SelectionConfig
 from olmopt.evaluate.item_scores import packed_items, unpack
 from olmopt.recipe import Recipe
@@ -88,7 +88,11 @@ def decide(
         ties = rule.describe() if rule is not None else f"fixed tolerance {tolerance:g}"
         if winner is not None:
             verdicts = significance_table(
-                significance(scores, rules.directions, winner, tied), scores, winner, rule, tolerance
+                significance(scores, rules.directions, winner, tied, tolerance),
+                scores,
+                winner,
+                rule,
+                tolerance,
             )
             runner_up = selection.order[1] if len(selection.order) > 1 else ""
         guard = rules.selection.held_out_guard
@@ -155,7 +159,8 @@ def _item_values(
     generation scores), from each trial's packed per-item values; a trial whose metrics were reused has
     none: those of an evaluated trial of the same model in the stage, else of ``earlier`` (the incumbent's
     decision) when it is the same model."""
-    wanted = [n for n in rules.names if rules.metric_of.get(n) not in PROPORTION_METRICS]
+    newcombe = proportion_counts(rules.metric_of, rules.items)
+    wanted = [n for n in rules.names if n not in newcombe]
     packed = {label: packed_items(t.user_attrs) for label, t in trials.items()}
     for label, t in trials.items():
         if packed[label] or T.RECIPE_ATTR not in t.user_attrs:
