@@ -131,14 +131,14 @@ class ConfidenceTies:
         return PairedBootstrap(objective, common, tokens, self.resamples)
 
     def describe(self) -> str:
-        shares = ", ".join(f"{o} ({n} items)" for o, n in sorted(self.counts.items()))
-        parts = [f"ties by {self.level:.0%} confidence on {shares or 'no objective'}"]
-        if self.items:
-            boot = ", ".join(sorted(self.items))
+        parts = []
+        if self.counts:
             parts.append(
-                f"paired bootstrap ({self.resamples} resamples) on {boot} where per-item values exist"
+                "Newcombe on " + ", ".join(f"{o} ({n} items)" for o, n in sorted(self.counts.items()))
             )
-        return "; ".join(parts) + "; other objectives by value"
+        if self.items:
+            parts.append(f"paired bootstrap ({self.resamples} resamples) on {', '.join(sorted(self.items))}")
+        return f"ties by {self.level:.0%} confidence: {', '.join(parts) or 'no objective'}; others by value"
 
 
 def proportion_counts(metric_of: Mapping[str, str], items: Mapping[str, int]) -> dict[str, int]:

@@ -84,6 +84,9 @@ def test_decide_runs_the_held_out_guard_through_the_injected_scorer() -> None:
     assert d.winner == "b" and d.trial == 1 and d.metrics == {"acc": 0.8} and d.held_out == {"acc": 0.7}
     assert "held-out guard: 'b'" in d.reason and d.held_out_guard == ["a", "b"] and d.decided_by == "me"
     assert calls == [("a", "held_out"), ("b", "held_out"), ("c", "held_out")]  # c: the enqueued baseline
+    # the significance table compares with the final winner b (no item counts: by value); a runs up
+    assert d.runner_up == "a" and set(d.significance) == {"a", "c"}
+    assert d.significance["a"]["acc"] == {"verdict": "better", "rule": "equal", "interval": None}
     assert {lbl: c.held_out for lbl, c in d.candidates.items()} == {
         "a": {"acc": 0.6},
         "b": {"acc": 0.7},
@@ -152,7 +155,7 @@ def test_decide_ties_by_confidence_and_records_which_differences_are_significant
         {"acc": "token_accuracy"}, {"acc": 40},
     )  # fmt: skip
     d = decide(stage, trials, space, None, rules, keys, None, lambda _r, _s: {}, "me")
-    assert d.winner == "a" and d.ties == "ties by 95% confidence on acc (40 items); other objectives by value"
+    assert d.winner == "a" and d.ties == "ties by 95% confidence: Newcombe on acc (40 items); others by value"
     b_vs_a, c_vs_a = difference_interval(0.8, 40, 0.9, 40), difference_interval(0.5, 40, 0.9, 40)
     assert d.significance == {
         "b": {"acc": {"verdict": "tie", "rule": "newcombe", "interval": list(b_vs_a)}},
@@ -207,9 +210,7 @@ def test_decide_ties_losses_by_the_paired_bootstrap_of_their_items() -> None:
     )  # fmt: skip
     d = decide(stage, trials, space, Recipe(base="m/a", layers={0: "m/0"}), rules, keys, None, _none, "me")
     assert d.winner == "keep" and d.kept_incumbent and d.incumbent_label == "keep"
-    assert d.ties.startswith(
-        "ties by 95% confidence on no objective; paired bootstrap (2000 resamples) on loss"
-    )
+    assert d.ties == "ties by 95% confidence: paired bootstrap (2000 resamples) on loss; others by value"
     a, b, twin = (d.significance[c]["loss"] for c in ("a", "b", "twin"))
     assert a["verdict"] == "tie" and a["rule"] == "bootstrap" and a["interval"][0] < 0 < a["interval"][1]
     assert b["verdict"] == "worse" and b["rule"] == "bootstrap"

@@ -86,7 +86,10 @@ def decide(
         )  # fmt: skip
         winner, reason = selection.winner, selection.reason
         ties = rule.describe() if rule is not None else f"fixed tolerance {tolerance:g}"
-        if winner is not None:
+        guard = rules.selection.held_out_guard
+        if rules.joint and guard > 1 and winner is not None and rules.has_held_out:
+            winner, reason, guarded = _held_out_guard(trials, selection.order[:guard], reason, rules, score)
+        if winner is not None:  # against the final winner (the held-out guard's choice)
             verdicts = significance_table(
                 significance(scores, rules.directions, winner, tied, tolerance),
                 scores,
@@ -94,10 +97,7 @@ def decide(
                 rule,
                 tolerance,
             )
-            runner_up = selection.order[1] if len(selection.order) > 1 else ""
-        guard = rules.selection.held_out_guard
-        if rules.joint and guard > 1 and winner is not None and rules.has_held_out:
-            winner, reason, guarded = _held_out_guard(trials, selection.order[:guard], reason, rules, score)
+            runner_up = next((c for c in selection.order if c != winner), "")
     if winner is None:  # nothing acceptable and the incumbent was not evaluated here
         assert incumbent is not None
         recipe, trial_number, label = incumbent, None, "incumbent"
