@@ -67,7 +67,7 @@ class Decision:
     # label -> objective -> vs the winner: {verdict: better/worse/tie, rule, interval of (label - winner)}
     # (decisions of earlier versions: the verdict alone, a string)
     significance: dict[str, dict[str, Any]] = field(default_factory=dict)
-    runner_up: str = ""  # second in the selection order ("" under a kind's own rule or with one candidate)
+    runner_up: str = ""  # the best other candidate of the selection order ("" under a kind's rule, or alone)
     incumbent_label: str = ""  # the incumbent among the candidates ("" when it was not one)
 
     def to_dict(self) -> dict[str, Any]:
