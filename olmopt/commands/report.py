@@ -14,8 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write an HTML report (donor map, metrics per stage, Pareto fronts) of a campaign",
         description=(
             "Write DIR/index.html with PNG plots beside it: the donor map of the final Recipe, every "
-            "objective across stages (search and held-out), the Pareto front of each joint stage with the "
-            "selected trial marked, and ES progress. Works on unfinished campaigns too."
+            "objective across stages (search and held-out), which differences each stage's decision found "
+            "significant, the Pareto front of each joint stage with the selected trial marked, and ES "
+            "progress. Works on unfinished campaigns too."
         ),
         **examples(
             "olmopt report zoo-tiny --out /tmp/zoo-tiny-report", "olmopt report zoo --out report --embed"
