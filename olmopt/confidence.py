@@ -10,7 +10,7 @@ candidates tie. Pure maths: no torch, no Optuna. See docs/selection.md ("Ties by
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -176,11 +176,16 @@ def significance_table(
     winner: str,
     rule: ConfidenceTies | None,
     tolerance: float,
+    labels: Iterable[str],
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """candidate -> objective -> {verdict, rule, interval}: ``verdicts`` (``select.significance``) with
-    the rule that decided each and the interval of (candidate - winner), None without one."""
+    """candidate -> objective -> {verdict, rule, interval} for the candidates ``labels`` (the runner-up
+    and the incumbent): their ``verdicts`` (``select.significance``) with the rule that decided each and
+    the interval of (candidate - winner), None without one."""
     table: dict[str, dict[str, dict[str, Any]]] = {}
-    for label, row in verdicts.items():
+    for label in labels:
+        row = verdicts.get(label)
+        if row is None:
+            continue
         out: dict[str, dict[str, Any]] = {}
         for objective, verdict in row.items():
             a, w = scores[objective].get(label, math.nan), scores[objective].get(winner, math.nan)

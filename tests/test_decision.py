@@ -85,8 +85,8 @@ def test_decide_runs_the_held_out_guard_through_the_injected_scorer() -> None:
     assert "held-out guard: 'b'" in d.reason and d.held_out_guard == ["a", "b"] and d.decided_by == "me"
     assert calls == [("a", "held_out"), ("b", "held_out"), ("c", "held_out")]  # c: the enqueued baseline
     # the significance table compares with the final winner b (no item counts: by value); a runs up
-    assert d.runner_up == "a" and set(d.significance) == {"a", "c"}
-    assert d.significance["a"]["acc"] == {"verdict": "better", "rule": "equal", "interval": None}
+    assert d.runner_up == "a" and d.significance == {"a": {"acc": "better"}, "c": {"acc": "worse"}}
+    assert d.intervals == {"a": {"acc": {"verdict": "better", "rule": "equal", "interval": None}}}
     assert {lbl: c.held_out for lbl, c in d.candidates.items()} == {
         "a": {"acc": 0.6},
         "b": {"acc": 0.7},
@@ -156,23 +156,22 @@ def test_decide_ties_by_confidence_and_records_which_differences_are_significant
     )  # fmt: skip
     d = decide(stage, trials, space, None, rules, keys, None, lambda _r, _s: {}, "me")
     assert d.winner == "a" and d.ties == "ties by 95% confidence: Newcombe on acc (40 items); others by value"
-    b_vs_a, c_vs_a = difference_interval(0.8, 40, 0.9, 40), difference_interval(0.5, 40, 0.9, 40)
-    assert d.significance == {
-        "b": {"acc": {"verdict": "tie", "rule": "newcombe", "interval": list(b_vs_a)}},
-        "c": {"acc": {"verdict": "worse", "rule": "newcombe", "interval": list(c_vs_a)}},
-    }
+    assert d.significance == {"b": {"acc": "tie"}, "c": {"acc": "worse"}}
+    # the runner-up's interval and rule (no incumbent among the candidates)
+    b_vs_a = difference_interval(0.8, 40, 0.9, 40)
     assert d.runner_up == "b" and d.incumbent_label == ""
-    assert Decision.from_dict(d.to_dict()) == d and d.to_dict()["significance"] == d.significance
+    assert d.intervals == {"b": {"acc": {"verdict": "tie", "rule": "newcombe", "interval": list(b_vs_a)}}}
+    assert Decision.from_dict(d.to_dict()) == d and d.to_dict()["intervals"] == d.intervals
     # an explicit tolerance replaces the rule: 0.9 beats 0.8
     by_value = SelectionConfig(tolerance=0.0, held_out_check=False)
     metric, items = {"acc": "token_accuracy"}, {"acc": 40}
     fixed = DecideRules(["acc"], {"acc": "maximize"}, [], by_value, False, False, metric, items)
     d = decide(stage, trials, space, None, fixed, keys, None, lambda _r, _s: {}, "me")
-    worse = {"verdict": "worse", "rule": "tolerance 0", "interval": None}
-    assert d.ties == "fixed tolerance 0" and d.significance == {"b": {"acc": worse}, "c": {"acc": worse}}
-    # decisions of earlier versions stored the verdict alone
+    assert d.ties == "fixed tolerance 0" and d.significance == {"b": {"acc": "worse"}, "c": {"acc": "worse"}}
+    assert d.intervals == {"b": {"acc": {"verdict": "worse", "rule": "tolerance 0", "interval": None}}}
+    # decisions of earlier versions have no intervals
     old = Decision.from_dict(STORED | {"ties": "fixed tolerance 0", "significance": {"t1": {"acc": "worse"}}})
-    assert old.significance == {"t1": {"acc": "worse"}} and old.runner_up == ""
+    assert old.significance == {"t1": {"acc": "worse"}} and old.intervals == {} and old.runner_up == ""
 
 
 def _loss_trial(number: int, per_item: list[float], reused: bool = False) -> optuna.trial.FrozenTrial:
@@ -187,8 +186,8 @@ def _loss_trial(number: int, per_item: list[float], reused: bool = False) -> opt
 
 
 def test_decide_ties_losses_by_the_paired_bootstrap_of_their_items() -> None:
-    """keep and a (the same items plus noise of mean 0.002) tie; b is 0.3 worse on every item: worse.
-    A reused trial of keep's model (no items of its own) borrows those of its evaluated twin."""
+    """a (keep's items plus noise of mean -0.002) ties keep; b is 0.3 worse on every item: worse. keep's
+    metrics were reused (no items of its own): it borrows those of twin, an evaluation of the same model."""
     rng = np.random.default_rng(0)
     base = rng.uniform(0.5, 1.5, 60)
     noise = rng.normal(0.0, 0.05, 60)
@@ -198,8 +197,8 @@ def test_decide_ties_losses_by_the_paired_bootstrap_of_their_items() -> None:
         "b": list(base + 0.3),
         "twin": list(base),
     }
-    numbers = {"keep": 0, "a": 1, "b": 2, "twin": 10}  # twin: m/0 again, keep's model, metrics reused
-    trials = {k: _loss_trial(numbers[k], v, reused=k == "twin") for k, v in per_item.items()}
+    numbers = {"keep": 0, "a": 1, "b": 2, "twin": 10}  # twin: m/0 again, keep's model
+    trials = {k: _loss_trial(numbers[k], v, reused=k == "keep") for k, v in per_item.items()}
     assert trials["a"].values[0] < trials["keep"].values[0]  # a is better by value
     space = StageSpace(decode=lambda _t: ("x", Recipe(base="m/a")), enqueue=[("keep", {})])
     stage = Stage(1, "layer", target="0")
@@ -209,21 +208,25 @@ def test_decide_ties_losses_by_the_paired_bootstrap_of_their_items() -> None:
         {"loss": "bigram_loss"}, {"loss": 60},
     )  # fmt: skip
     d = decide(stage, trials, space, Recipe(base="m/a", layers={0: "m/0"}), rules, keys, None, _none, "me")
-    assert d.winner == "keep" and d.kept_incumbent and d.incumbent_label == "keep"
+    assert d.winner == "keep" and d.kept_incumbent and d.incumbent_label == "keep"  # a only ties it
     assert d.ties == "ties by 95% confidence: paired bootstrap (2000 resamples) on loss; others by value"
-    a, b, twin = (d.significance[c]["loss"] for c in ("a", "b", "twin"))
+    assert d.significance == {"a": {"loss": "tie"}, "b": {"loss": "worse"}, "twin": {"loss": "tie"}}
+    a = d.intervals["a"]["loss"]
+    assert d.runner_up == "a" and set(d.intervals) == {"a"}
     assert a["verdict"] == "tie" and a["rule"] == "bootstrap" and a["interval"][0] < 0 < a["interval"][1]
+    # without a and with b's model as the incumbent, b's interval against keep (its items borrowed from
+    # twin) is recorded: every resample differs by exactly 0.3
+    no_a = {k: t for k, t in trials.items() if k != "a"}
+    d = decide(stage, no_a, space, Recipe(base="m/a", layers={0: "m/2"}), rules, keys, None, _none, "me")
+    assert d.winner == "keep" and d.incumbent_label == "b"
+    b = d.intervals["b"]["loss"]
     assert b["verdict"] == "worse" and b["rule"] == "bootstrap"
-    assert b["interval"] == pytest.approx([0.3, 0.3], abs=1e-5)  # every resample differs by exactly 0.3
-    assert twin == {"verdict": "tie", "rule": "bootstrap", "interval": [0.0, 0.0]}
+    assert b["interval"] == pytest.approx([0.3, 0.3], abs=1e-5)
     # without per-item values the loss ties only when equal: a (better by value) wins
     bare = {k: _loss_trial(numbers[k], v, reused=True) for k, v in per_item.items()}
     d = decide(stage, bare, space, Recipe(base="m/a", layers={0: "m/0"}), rules, keys, None, _none, "me")
-    assert d.winner == "a" and d.significance["keep"]["loss"] == {
-        "verdict": "worse",
-        "rule": "equal",
-        "interval": None,
-    }
+    assert d.winner == "a" and d.significance["keep"]["loss"] == "worse"
+    assert d.intervals["keep"]["loss"] == {"verdict": "worse", "rule": "equal", "interval": None}
 
 
 def _none(_r: Recipe, _s: str) -> dict[str, float]:

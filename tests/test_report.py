@@ -209,7 +209,7 @@ def test_report_shows_which_differences_are_significant(campaign: tuple[Path, st
     assert "<h2>Significant differences</h2>" in page
     for stage in campaign_report_data(NAME, url)["stages"]:
         d = stage["decision"]
-        row = d["significance"][d["runner_up"]]
+        row = d["intervals"][d["runner_up"]]
         assert row["acc"]["rule"] == "newcombe" and row["ppl"]["rule"] == "bootstrap"
         low, high = row["ppl"]["interval"]
         assert (row["ppl"]["verdict"] == "tie") == (low <= 0 <= high)
@@ -259,7 +259,7 @@ def test_report_of_a_zoo_campaign_shows_intervals_computed_from_the_trials_items
         winner, runner = d["winner"], d["runner_up"]
         if not runner:  # the fixed base: one candidate
             continue
-        row = d["significance"][runner]
+        row = d["intervals"][runner]
         assert [row[n]["rule"] for n in ("add", "loss", "ppl")] == ["newcombe", "bootstrap", "bootstrap"]
         metrics = {label: c["metrics"] for label, c in d["candidates"].items()}
         newcombe = difference_interval(metrics[runner]["add"], 60, metrics[winner]["add"], 60)

@@ -146,7 +146,7 @@ def _significance(stages: list[dict[str, Any]], names: list[str]) -> list[str]:
         "<h2>Significant differences</h2>",
         "<p>Per stage, the runner-up and the incumbent against the winner: the difference (candidate minus "
         "winner), its confidence interval and whether it is significant (a tie when the interval holds 0). "
-        "Every candidate's verdicts are in the stage's decision and the exported "
+        "Every candidate's verdict is in the stage's decision (<code>significance</code>) and the exported "
         "<code>merge_report.json</code>.</p>",
         '<table class="significance"><tr><th>stage</th><th>candidate</th><th>role</th><th>objective</th>'
         "<th>difference</th><th>interval</th><th>rule</th><th>significant</th></tr>",
@@ -159,7 +159,7 @@ def _significance(stages: list[dict[str, Any]], names: list[str]) -> list[str]:
 
 def _significance_rows(stage: dict[str, Any], names: list[str]) -> list[str]:
     d = stage.get("decision") or {}
-    table = d.get("significance") or {}
+    table = d.get("intervals") or {}
     roles: dict[str, list[str]] = {}  # label -> its roles (the runner-up may be the incumbent)
     for name, label in (("runner-up", d.get("runner_up")), ("incumbent", d.get("incumbent_label"))):
         if label and label in table:
@@ -173,7 +173,6 @@ def _significance_rows(stage: dict[str, Any], names: list[str]) -> list[str]:
             entry = table[label].get(n)
             if entry is None:
                 continue
-            entry = entry if isinstance(entry, dict) else {"verdict": entry}  # earlier versions: the verdict
             verdict, interval = str(entry.get("verdict")), entry.get("interval")
             span = f"[{interval[0]:.4g}, {interval[1]:.4g}]" if interval else None
             diff = mine[n] - best[n] if n in mine and n in best else None

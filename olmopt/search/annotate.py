@@ -262,7 +262,7 @@ def _json_number(value: Any) -> Any:
 
 # -- data for reports -------------------------------------------------------------------------------
 REPORT_DECISION_KEYS = (
-    "winner", "trial", "reason", "metrics", "held_out", "candidates", "ties", "significance", "runner_up",
+    "winner", "trial", "reason", "metrics", "held_out", "candidates", "ties", "intervals", "runner_up",
     "incumbent_label",
 )  # fmt: skip
 

@@ -67,7 +67,8 @@ def decide(
     keep = _kept_label(trials, space, incumbent, keys)
     guarded: dict[str, dict[str, float]] = {}  # held-out figures of the guard's candidates
     ties: str = ""
-    verdicts: dict[str, dict[str, dict[str, object]]] = {}
+    verdicts: dict[str, dict[str, str]] = {}
+    intervals: dict[str, dict[str, dict[str, object]]] = {}
     runner_up = ""
     if space.decide is not None:
         winner, reason = space.decide(trials, scores, feasible, keep), "stage acceptance rule"
@@ -90,14 +91,10 @@ def decide(
         if rules.joint and guard > 1 and winner is not None and rules.has_held_out:
             winner, reason, guarded = _held_out_guard(trials, selection.order[:guard], reason, rules, score)
         if winner is not None:  # against the final winner (the held-out guard's choice)
-            verdicts = significance_table(
-                significance(scores, rules.directions, winner, tied, tolerance),
-                scores,
-                winner,
-                rule,
-                tolerance,
-            )
+            verdicts = significance(scores, rules.directions, winner, tied, tolerance)
             runner_up = next((c for c in selection.order if c != winner), "")
+            compared = [c for c in (runner_up, keep) if c]
+            intervals = significance_table(verdicts, scores, winner, rule, tolerance, compared)
     if winner is None:  # nothing acceptable and the incumbent was not evaluated here
         assert incumbent is not None
         recipe, trial_number, label = incumbent, None, "incumbent"
@@ -147,6 +144,7 @@ def decide(
         details=space.details(trials) if space.details is not None else {},
         ties=ties,
         significance=verdicts,
+        intervals=intervals,
         runner_up=runner_up if ties else "",
         incumbent_label=(keep or "") if ties else "",
     )

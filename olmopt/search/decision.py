@@ -15,7 +15,8 @@ from olmopt.recipe import Recipe
 
 _CORE = (
     "stage", "winner", "trial", "kept_incumbent", "recipe", "metrics", "held_out", "reason", "decided_by",
-    "candidates", "held_out_guard", "ties", "significance", "runner_up", "incumbent_label", "items", "pruned",
+    "candidates", "held_out_guard", "ties", "significance", "intervals", "runner_up", "incumbent_label",
+    "items", "pruned",
 )  # fmt: skip
 
 
@@ -64,9 +65,9 @@ class Decision:
     pruned: dict[str, str] = field(default_factory=dict)  # candidates stopped early (PRUNED) -> why
     details: dict[str, Any] = field(default_factory=dict)  # the kind's own fields (``StageSpace.details``)
     ties: str = ""  # selection's tie rule (``confidence.selection_ties``); "" under a kind's own rule
-    # label -> objective -> vs the winner: {verdict: better/worse/tie, rule, interval of (label - winner)}
-    # (decisions of earlier versions: the verdict alone, a string)
-    significance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    significance: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> objective -> vs winner
+    # the runner-up's and the incumbent's: label -> objective -> {verdict, rule, interval of (label - winner)}
+    intervals: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     runner_up: str = ""  # the best other candidate of the selection order ("" under a kind's rule, or alone)
     incumbent_label: str = ""  # the incumbent among the candidates ("" when it was not one)
 
@@ -88,6 +89,7 @@ class Decision:
             out["held_out_guard"] = list(self.held_out_guard)
         if self.ties:
             out["ties"], out["significance"] = self.ties, self.significance
+            out["intervals"] = self.intervals
             out["runner_up"], out["incumbent_label"] = self.runner_up, self.incumbent_label
         if self.items:
             out["items"] = dict(self.items)
@@ -114,6 +116,7 @@ class Decision:
             held_out_guard=list(data.get("held_out_guard") or []),
             ties=str(data.get("ties", "")),
             significance=dict(data.get("significance") or {}),
+            intervals=dict(data.get("intervals") or {}),
             runner_up=str(data.get("runner_up", "")),
             incumbent_label=str(data.get("incumbent_label", "")),
             items=dict(data.get("items") or {}),

@@ -30,7 +30,7 @@ from olmopt.search.trials import RECIPE_ATTR, nonfinite_objectives
 
 REPORT_STAGE_KEYS = (
     "stage", "winner", "trial", "kept_incumbent", "metrics", "held_out", "reason", "ties", "significance",
-    "runner_up", "incumbent_label",
+    "intervals", "runner_up", "incumbent_label",
 )  # fmt: skip
 
 
