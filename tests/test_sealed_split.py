@@ -149,4 +149,7 @@ def test_search_never_reads_the_test_items(tmp_path: Path, monkeypatch: pytest.M
         and row["search"] == merged["search"]["add"]
     )
     assert report["objectives"]["add"]["test"] == 0.2
+    # each stage's significance table travels with it (runner-up: Newcombe's interval of the accuracy)
+    detail = [e for st in report["stages"] for row in st.get("intervals", {}).values() for e in row.values()]
+    assert detail and {e["rule"] for e in detail} == {"newcombe"}
     assert "## Sealed test" in (out / "README.md").read_text()
