@@ -12,6 +12,7 @@ in the output shards, so the output is byte-identical whatever the thread count.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -242,6 +243,7 @@ def merge_directories(
     check_output(out, inputs, force)
 
     buffers = _ReadBuffers()
+    retain_freed_memory()
 
     def merge_one(name: str) -> str:
         models = [base, *variants]
@@ -299,6 +301,19 @@ def merge_directories(
         "shards": len(shards),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def retain_freed_memory(pad: int = 64 << 20) -> None:
+    """Let glibc keep ``pad`` bytes of freed heap instead of returning it at once (``M_TOP_PAD``).
+
+    A merge allocates and frees the same chunk temporaries and output tensors thousands of times; by
+    default glibc hands that memory back and faults it in again (3 s of system time per 3 x 309M merge,
+    half of it avoidable). Process-wide and harmless elsewhere; a no-op without glibc.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(-2, pad)  # M_TOP_PAD
+    except (OSError, AttributeError):
+        pass
 
 
 def _layer_resolver(
