@@ -254,12 +254,12 @@ def _expected_file(config_path: Path) -> Path | None:
     try:
         digest = hashlib.sha256(config_path.read_bytes())
         digest.update(f"\0transformers {version('transformers')}\0AutoModelForCausalLM".encode())
-    except (OSError, PackageNotFoundError):
+        root = (
+            os.environ.get("OLMOPT_CACHE_DIR")
+            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olmopt"
+        )
+    except (OSError, PackageNotFoundError, RuntimeError):  # RuntimeError: no home directory
         return None
-    root = (
-        os.environ.get("OLMOPT_CACHE_DIR")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olmopt"
-    )
     return Path(root) / "expected-tensors" / f"{digest.hexdigest()}.json"
 
 
