@@ -2,8 +2,9 @@
 
 Everything here is chunk-independent by construction: whole-tensor sums run over fixed blocks of
 ``REDUCE_BLOCK`` elements (small enough that torch sums each block on one thread) in float64 and are
-added in index order; the top-k threshold is found exactly by a two-pass radix select; random masks
-come from ``olmopt.methods.delta.seeded_uniform``.
+added in index order; the top-k threshold is found exactly by a two-pass radix select (TIES finds it
+faster in ``trim``, falling back to this one); random masks come from
+``olmopt.methods.delta.seeded_uniform``.
 """
 
 from __future__ import annotations
