@@ -7,7 +7,8 @@ Inputs are read with ``os.pread`` at the offsets in each safetensors header rath
 mmap'd pages count towards the process's resident memory until unmapped, which would make peak RSS
 grow with the input size. Tensors are merged by a small thread pool (torch releases the GIL inside ops;
 each worker runs single-threaded torch ops) and each result is written straight to its planned offset
-in the output shards, so the output is byte-identical whatever the thread count.
+in the output shards, so the output is byte-identical whatever the thread count. glibc is asked to keep
+64 MiB of freed heap (``retain_freed_memory``) so that the chunk temporaries are not faulted in anew.
 """
 
 from __future__ import annotations
