@@ -3,7 +3,8 @@
 Usage:
   python benchmarks/make_big_models.py                  # once: storage/bench-big/{A,B,C}, 3 x 309M bf16
   python benchmarks/circuit_vs_mergekit.py [--root storage/bench-big] [--runs circuit,della,mergekit-della]
-  python benchmarks/circuit_vs_mergekit.py --threads 1 --runs ties,mergekit-ties,dare_ties,mergekit-dare_ties
+  python benchmarks/circuit_vs_mergekit.py --setting single --repeats 3 \
+      --runs ties,mergekit-ties,dare_ties,mergekit-dare_ties,ties-cold
 
 Each olmopt run is compared with mergekit's run of the same method (``mergekit-ties`` for ``ties``;
 circuit with ``mergekit-della``), same parameters: weight 0.5 and density 0.5 per variant, lambda 1;
@@ -11,8 +12,14 @@ normalize on for della and ties, off for dare_ties (each method's mergekit defau
 
 Each merge runs as a subprocess under ``/usr/bin/time -v`` (wall, user, sys, max RSS) while this script
 samples the merge process's ``RssAnon`` (private memory; max RSS also counts mmap'd input pages) every
-50 ms. Prints a markdown table for BENCHMARKS.md plus the load average before and after (the machine
+50 ms. ``--repeats N`` runs the whole list N times in turn (olmopt and mergekit alternate) and reports
+medians. Prints a markdown table for BENCHMARKS.md plus the load average before and after (the machine
 may be shared: CPU time is the contention-robust figure).
+
+Threads (``--setting``): ``single`` runs both single-threaded (``OMP_NUM_THREADS=1``, olmopt
+``--threads 1``); ``default`` leaves both at their defaults (mergekit: torch's threads, one per core;
+olmopt: 2 merge workers of one torch thread each). ``NAME-cold`` runs olmopt's ``NAME`` with an empty
+``OLMOPT_CACHE_DIR`` (the model-class check builds its expected tensors again: a first merge).
 
 mergekit lives in its own venv (torch first, so pip keeps the CPU build; ``--mergekit-venv`` elsewhere):
   python3 -m venv storage/mk-venv && storage/mk-venv/bin/pip install torch==2.13.0 \
@@ -25,11 +32,11 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,11 +178,23 @@ def reference_of(run: str) -> str:
     return f"mergekit-{method}" if method in MERGEKIT_PARAMS else "mergekit-della"
 
 
+def _median(results: list[Result]) -> Result:
+    ok = [r for r in results if r.rc == 0] or results
+    return Result(
+        ok[0].name,
+        *(statistics.median(getattr(r, f) for r in ok) for f in ("wall_s", "user_s", "sys_s")),
+        statistics.median(r.max_rss_mb for r in ok),
+        statistics.median(r.peak_anon_mb for r in ok),
+        max(r.rc for r in results),
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=REPO / "storage" / "bench-big")
     parser.add_argument("--runs", default="startup,circuit,della,mergekit-della")
-    parser.add_argument("--threads", type=int, default=2, help="olmopt worker threads")
+    parser.add_argument("--setting", choices=("single", "default"), default="single", help="threads")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of the whole list, in turn")
     parser.add_argument("--mergekit-venv", type=Path, default=MK_VENV, help=f"mergekit's venv ({MK_VENV})")
     args = parser.parse_args()
     root = args.root.resolve()
@@ -188,9 +207,15 @@ def main() -> int:
         print(f"mergekit venv missing; create it with:\n  {MK_HOWTO}", file=sys.stderr)
         runs = [r for r in runs if not r.startswith("mergekit-")]
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=REPO / "storage"))
-    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1", "OLMOPT_THREADS": "1"}
+    env = {**os.environ, **OFFLINE}
+    for name in ("OMP_NUM_THREADS", "OLMOPT_THREADS", "MKL_NUM_THREADS"):
+        env.pop(name, None)
+    threads = []
+    if args.setting == "single":
+        env.update(OMP_NUM_THREADS="1", OLMOPT_THREADS="1")
+        threads = ["--threads", "1"]
     olmopt_cli = [sys.executable, "-m", "olmopt.cli", "merge", "circuit", str(root / "A"), str(root / "B")]
-    olmopt_cli += [str(root / "C"), "--quiet", "--threads", str(args.threads)]
+    olmopt_cli += [str(root / "C"), "--quiet", *threads]
     commands = {
         "circuit": [*olmopt_cli, "--out", str(work / "circuit")],
         "della": [*olmopt_cli, "--method", "della", "--density", "0.5", "--epsilon", "0.1"]
@@ -208,41 +233,61 @@ def main() -> int:
             str(mergekit_yaml), str(work / f"mk-{method}.yaml"), str(work / f"mk-{method}"),
             "--random-seed", "0",
         ]  # fmt: skip
+    for name in [r for r in runs if r.endswith("-cold") and r.removesuffix("-cold") in commands]:
+        warm = commands[name.removesuffix("-cold")]
+        commands[name] = [*warm[: warm.index("--out") + 1], str(work / name)]
+    outputs = {n: Path(c[c.index("--out") + 1]) for n, c in commands.items() if "--out" in c}
+    outputs.update({n: Path(c[2]) for n, c in commands.items() if n.startswith("mergekit-")})
     load_before = os.getloadavg()
-    results = []
+    results: dict[str, list[Result]] = {name: [] for name in runs}
+    agreement: dict[str, tuple[float, float]] = {}
     try:
-        for name in runs:
-            if name not in commands:
-                print(f"unknown run {name!r} (choose from {', '.join(commands)})", file=sys.stderr)
-                return 2
-            label = name if name.startswith("mergekit") else f"olmopt {name}"
-            label = "olmopt CLI start-up only (--help)" if name == "startup" else label
-            print(f"running {label} ...", file=sys.stderr)
-            started = time.perf_counter()
-            results.append(run_timed(label, commands[name], env))
-            print(f"  {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        agreement = {
-            method: compare_outputs(work / method, work / f"mk-{method}")
-            for method in ("ties",)  # deterministic: the random methods draw differently
-            if (work / method).is_dir() and (work / f"mk-{method}").is_dir()
-        }
+        for repeat in range(args.repeats):
+            for name in runs:
+                if name not in commands:
+                    print(f"unknown run {name!r} (choose from {', '.join(commands)})", file=sys.stderr)
+                    return 2
+                label = name if name.startswith("mergekit") else f"olmopt {name}"
+                label = "olmopt CLI start-up only (--help)" if name == "startup" else label
+                run_env = dict(env)
+                if name.endswith("-cold"):
+                    run_env["OLMOPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="cold-cache-", dir=work)
+                if name in outputs:
+                    shutil.rmtree(outputs[name], ignore_errors=True)  # the previous repeat's
+                print(f"[{repeat + 1}/{args.repeats}] running {label} ...", file=sys.stderr)
+                result = run_timed(label, commands[name], run_env)
+                print(
+                    f"  {result.wall_s:.1f} s wall, {result.user_s + result.sys_s:.1f} s CPU", file=sys.stderr
+                )
+                results[name].append(result)
+            if repeat == 0:
+                agreement = {
+                    method: compare_outputs(work / method, work / f"mk-{method}")
+                    for method in ("ties",)  # deterministic: the random methods draw differently
+                    if (work / method).is_dir() and (work / f"mk-{method}").is_dir()
+                }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
-    done = {r.name: r for r in results if r.rc == 0}
+    medians = {name: _median(rs) for name, rs in results.items() if rs}
+    done = {run: r for run, r in medians.items() if r.rc == 0}
     print(
+        f"setting {args.setting}, {args.repeats} repeat(s), medians\n\n"
         "| merge (3 x 309M bf16) | wall s | user+sys s | max RSS MB | peak RssAnon MB | wall / mergekit | "
-        "max RSS / mergekit |"
+        "CPU / mergekit | max RSS / mergekit |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for run, r in zip(runs, results, strict=False):
-        reference = done.get(reference_of(run))
+    print("|---|---|---|---|---|---|---|---|")
+    for run, r in medians.items():
+        reference = done.get(reference_of(run.removesuffix("-cold")))
+        cpu = r.user_s + r.sys_s
         ratio_wall = f"{r.wall_s / reference.wall_s:.2f}" if reference else "-"
+        ratio_cpu = f"{cpu / (reference.user_s + reference.sys_s):.2f}" if reference else "-"
         ratio_rss = f"{r.max_rss_mb / reference.max_rss_mb:.2f}" if reference else "-"
         status = "" if r.rc == 0 else f" (exit {r.rc})"
+        walls = "/".join(f"{x.wall_s:.1f}" for x in results[run])
         print(
-            f"| {r.name}{status} | {r.wall_s:.1f} | {r.user_s + r.sys_s:.1f} | {r.max_rss_mb:.0f} | "
-            f"{r.peak_anon_mb:.0f} | {ratio_wall} | {ratio_rss} |"
+            f"| {r.name}{status} | {r.wall_s:.1f} ({walls}) | {cpu:.1f} | {r.max_rss_mb:.0f} | "
+            f"{r.peak_anon_mb:.0f} | {ratio_wall} | {ratio_cpu} | {ratio_rss} |"
         )
     for method, (equal, worst) in agreement.items():
         print(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from _models import char_tokenizer, make_config, make_family
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from olmopt.errors import InputError, ModelError
@@ -301,3 +301,28 @@ def test_unsupported_architecture() -> None:
     with pytest.raises(ModelError, match=r"^model m: architecture 'gpt2' is not supported") as exc:
         ArchitectureAdapter.from_config(config, "m")
     assert isinstance(exc.value, InputError)
+
+
+def test_expected_tensors_are_kept_per_config_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, llama: dict[str, Path]
+) -> None:
+    monkeypatch.setenv("OLMOPT_CACHE_DIR", str(tmp_path / "cache"))
+    Checkpoint(llama["a"]).check_complete()  # builds the model on the meta device, stores the result
+    stored = json.loads(next((tmp_path / "cache" / "expected-tensors").glob("*.json")).read_text())
+    assert stored["shapes"]["model.norm.weight"] == [make_config("llama", layers=3).hidden_size]
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the stored expectation should have been used")
+
+    monkeypatch.setattr(checkpoint_module, "expected_tensors", no_build)
+    partial = tmp_path / "partial"
+    shutil.copytree(llama["a"], partial)
+    weights = load_file(partial / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="lacks tensor 'model.norm.weight'"):
+        Checkpoint(partial).check_complete()  # same config.json: from disk, still checked
+    config = json.loads((partial / "config.json").read_text())
+    (partial / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    with pytest.raises(AssertionError, match="stored expectation"):
+        Checkpoint(partial).check_complete()  # another config.json: built again

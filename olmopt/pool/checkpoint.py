@@ -6,8 +6,10 @@ reads one tensor at a time with ``safe_open`` (memory-mapped, nothing else loade
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -142,10 +144,18 @@ class Checkpoint:
         on load (a conversion mapping) are not compared by name.
         """
         if config is None:
-            if not (self.directory / "config.json").is_file():
+            path = self.directory / "config.json"
+            if not path.is_file():
                 return
-            config = load_config(self.name, self.directory, trust_remote_code)
-        expected = expected_tensors(config, auto_class, trust_remote_code)
+            cacheable = auto_class is None and not trust_remote_code
+            expected = expected_from_disk(path) if cacheable else MISS
+            if expected is MISS:
+                config = load_config(self.name, self.directory, trust_remote_code)
+                expected = expected_tensors(config, auto_class, trust_remote_code)
+                if cacheable:
+                    expected_to_disk(path, expected)
+        else:
+            expected = expected_tensors(config, auto_class, trust_remote_code)
         if expected is None:
             return
         names, prefix = set(self._file_of), expected.prefix
@@ -228,6 +238,71 @@ def expected_tensors(
             )
     _EXPECTED[key] = result
     return result
+
+
+MISS: Any = object()  # expected_from_disk: nothing stored for this config.json
+
+
+def _expected_file(config_path: Path) -> Path | None:
+    """Where the expected tensors of this config.json (bytes and installed transformers) are stored.
+
+    ``OLMOPT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/olmopt`` or ``~/.cache/olmopt``); None when
+    transformers is not installed or the file cannot be read.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        digest = hashlib.sha256(config_path.read_bytes())
+        digest.update(f"\0transformers {version('transformers')}\0AutoModelForCausalLM".encode())
+        root = (
+            os.environ.get("OLMOPT_CACHE_DIR")
+            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olmopt"
+        )
+    except (OSError, PackageNotFoundError, RuntimeError):  # RuntimeError: no home directory
+        return None
+    return Path(root) / "expected-tensors" / f"{digest.hexdigest()}.json"
+
+
+def expected_from_disk(config_path: Path) -> ExpectedTensors | None:
+    """The stored ``expected_tensors`` of a config.json, None (not comparable) or ``MISS``.
+
+    Building them imports the architecture's transformers modules (about 3 CPU s for a Llama, most of a
+    streaming merge's start-up), so ``check_complete`` keeps them on disk per config.json and
+    transformers version.
+    """
+    file = _expected_file(config_path)
+    try:
+        data = json.loads(file.read_text()) if file is not None else None
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        return MISS
+    if data.get("comparable") is False:
+        return None
+    try:
+        shapes = {str(k): tuple(int(x) for x in v) for k, v in data["shapes"].items()}
+        return ExpectedTensors(shapes, frozenset(map(str, data["optional"])), str(data["prefix"]))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return MISS
+
+
+def expected_to_disk(config_path: Path, expected: ExpectedTensors | None) -> None:
+    """Store ``expected`` for ``expected_from_disk`` (atomically; a failure only costs the next check)."""
+    file = _expected_file(config_path)
+    if file is None:
+        return
+    if expected is None:
+        record: dict[str, Any] = {"comparable": False}
+    else:
+        shapes = {k: list(v) for k, v in expected.shapes.items()}
+        record = {"shapes": shapes, "optional": sorted(expected.optional), "prefix": expected.prefix}
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(record))
+        os.replace(temporary, file)
+    except OSError as exc:
+        log.debug("cannot store expected tensors in %s: %s", file, exc)
 
 
 def load_config(name: str, path: Path, trust_remote_code: bool = False) -> Any:

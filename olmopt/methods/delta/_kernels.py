@@ -2,8 +2,9 @@
 
 Everything here is chunk-independent by construction: whole-tensor sums run over fixed blocks of
 ``REDUCE_BLOCK`` elements (small enough that torch sums each block on one thread) in float64 and are
-added in index order; the top-k threshold is found exactly by a two-pass radix select; random masks
-come from ``olmopt.methods.delta.seeded_uniform``.
+added in index order; the top-k threshold is found exactly by a two-pass radix select (TIES finds it
+faster in ``trim``, falling back to this one); random masks come from
+``olmopt.methods.delta.seeded_uniform``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy
 import torch
+import torch.nn.functional as F
 
 from olmopt.errors import InputError
 from olmopt.methods.delta.seeded_uniform import INT16_OFFSET, LEVELS, stream_key, uniform_int16
 
 REDUCE_BLOCK = 1 << 14  # below torch's parallel grain size (32768): one thread, one summation order
+SEQUENTIAL_SUM = 4  # torch.stack(t).sum(0) adds up to this many tensors in index order
+NORMAL = float(numpy.finfo(numpy.float32).tiny)  # the smallest normal float32 (denormals divide slowly)
 
 
 def spans(numel: int, chunk_elems: int) -> Iterator[tuple[int, int]]:
@@ -133,26 +138,47 @@ def mix(
     """Combine weighted deltas as mergekit's generalized task arithmetic does.
 
     Without sign election: the sum, divided by ``sum(weights)`` when ``normalize`` (unless it is below
-    1e-8 in magnitude). With it (TIES "sum" consensus): the majority sign is the sign of the sum (0
-    counts as +), only deltas of that sign (zeros excluded) are summed, and ``normalize`` divides by the
-    weights of the agreeing deltas (1 where none agrees).
+    1e-8 in magnitude). With it (TIES "sum" consensus, ``elect``): the majority sign is the sign of the
+    sum (0 counts as +), only deltas of that sign (zeros excluded) are summed, and ``normalize`` divides
+    by the weights of the agreeing deltas (1 where none agrees).
     """
-    if not sign_election:
-        mixed = torch.stack(weighted).sum(0)
-        total = math.fsum(weights)
-        return mixed.div_(total) if normalize and abs(total) >= 1e-8 else mixed
-    majority = torch.stack(weighted).sum(0).sign_().add_(0.5).sign_()
-    mixed = torch.zeros_like(majority)
-    divisor = torch.zeros_like(majority)
-    for tensor, weight in zip(weighted, weights, strict=True):
-        agree = tensor.sign().mul_(majority).clamp_(min=0.0)
-        mixed.addcmul_(tensor, agree)
-        if normalize:
-            divisor.add_(agree, alpha=weight)
+    if sign_election:
+        return elect(weighted, weights, normalize)
+    mixed = torch.stack(weighted).sum(0)
+    total = math.fsum(weights)
+    return mixed.div_(total) if normalize and abs(total) >= 1e-8 else mixed
+
+
+def elect(weighted: list[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """TIES sign election of float32 ``weighted`` deltas (consumed: modified in place).
+
+    Float passes only, no boolean masks: with ``sign`` the elected sign (+-1), ``threshold(sign * w)``
+    is ``|w|`` where ``w`` agrees and +0 elsewhere; their sum in index order, times ``sign``, is the
+    agreeing sum (where none agrees the sum is +0 and the elected sign is +). The sum deciding the sign
+    adds in index order up to ``SEQUENTIAL_SUM`` deltas (as ``torch.stack(...).sum(0)`` does), beyond
+    that it is that sum itself.
+    """
+    if len(weighted) > SEQUENTIAL_SUM:
+        total = torch.stack(weighted).sum(0)
+    else:
+        total = torch.add(weighted[0], weighted[1]) if len(weighted) > 1 else weighted[0].clone()
+        for tensor in weighted[2:]:
+            total.add_(tensor)
+    sign = torch.copysign(torch.ones(()), total.add_(0.0))  # -0 + 0 = +0: a zero sum elects +
+    agreed = [F.threshold(tensor.mul_(sign), 0.0, 0.0, inplace=True) for tensor in weighted]
+    mixed = torch.add(agreed[0], agreed[1]) if len(agreed) > 1 else agreed[0].clone()
+    for tensor in agreed[2:]:
+        mixed.add_(tensor)
     if not normalize:
-        return mixed
-    divisor.add_(1.0 - divisor.abs().sign())
-    return mixed.div_(divisor)
+        return mixed.mul_(sign)
+    divisor = agreed[0].sign_().mul_(weights[0])  # agreement 1/0 times the weight
+    for tensor, weight in zip(agreed[1:], weights[1:], strict=True):
+        divisor.add_(tensor.sign_(), alpha=weight)
+    if all(float(numpy.float32(weight)) >= NORMAL for weight in weights):
+        divisor.clamp_(min=NORMAL)  # 0 only where nothing agrees (mixed +0): +0 / NORMAL = +0 / 1
+    else:
+        divisor.add_(1.0 - divisor.abs().sign())
+    return mixed.div_(divisor).mul_(sign)
 
 
 class Sparsifier:
@@ -197,6 +223,11 @@ class Magnitude(Sparsifier):
         return delta.mul_(mask)
 
 
+def abs_delta(flat_base: torch.Tensor, flat_variant: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """``|variant - base|`` over ``[start, stop)`` in float32."""
+    return f32(flat_variant, start, stop).sub_(flat_base[start:stop].float()).abs_()
+
+
 def delta_chunks(
     flat_base: torch.Tensor, flat_variant: torch.Tensor, chunk_elems: int
 ) -> Callable[[], Iterator[torch.Tensor]]:
@@ -204,7 +235,7 @@ def delta_chunks(
 
     def iterate() -> Iterator[torch.Tensor]:
         for start, stop in spans(flat_base.numel(), chunk_elems):
-            yield f32(flat_variant, start, stop).sub_(flat_base[start:stop].float()).abs_()
+            yield abs_delta(flat_base, flat_variant, start, stop)
 
     return iterate
 

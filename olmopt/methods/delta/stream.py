@@ -7,11 +7,13 @@ Inputs are read with ``os.pread`` at the offsets in each safetensors header rath
 mmap'd pages count towards the process's resident memory until unmapped, which would make peak RSS
 grow with the input size. Tensors are merged by a small thread pool (torch releases the GIL inside ops;
 each worker runs single-threaded torch ops) and each result is written straight to its planned offset
-in the output shards, so the output is byte-identical whatever the thread count.
+in the output shards, so the output is byte-identical whatever the thread count. glibc is asked to keep
+64 MiB of freed heap (``retain_freed_memory``) so that the chunk temporaries are not faulted in anew.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -242,6 +244,7 @@ def merge_directories(
     check_output(out, inputs, force)
 
     buffers = _ReadBuffers()
+    retain_freed_memory()
 
     def merge_one(name: str) -> str:
         models = [base, *variants]
@@ -299,6 +302,19 @@ def merge_directories(
         "shards": len(shards),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def retain_freed_memory(pad: int = 64 << 20) -> None:
+    """Let glibc keep ``pad`` bytes of freed heap instead of returning it at once (``M_TOP_PAD``).
+
+    A merge allocates and frees the same chunk temporaries and output tensors thousands of times; by
+    default glibc hands that memory back and faults it in again (3 s of system time per 3 x 309M merge,
+    half of it avoidable). Process-wide and harmless elsewhere; a no-op without glibc.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(-2, pad)  # M_TOP_PAD
+    except (OSError, AttributeError):
+        pass
 
 
 def _layer_resolver(

@@ -27,20 +27,13 @@ def ties(
     chunk_elems: int,
 ) -> torch.Tensor:
     """TIES of one tensor: ``k = int(density * numel)`` largest |delta| kept (ties: lower index first)."""
-    from olmopt.methods.delta._kernels import (
-        Magnitude,
-        Sparsifier,
-        delta_chunks,
-        flatten,
-        task_arithmetic_family,
-    )
+    from olmopt.methods.delta._kernels import Sparsifier, flatten, task_arithmetic_family
+    from olmopt.methods.delta.trim import trim
 
     flat_base, flats = flatten(base, variants)
     numel = flat_base.numel()
     sparsifiers: list[Sparsifier | None] = [
-        None
-        if density >= 1.0
-        else Magnitude(delta_chunks(flat_base, flat, chunk_elems), numel, int(density * numel))
+        None if density >= 1.0 else trim(flat_base, flat, int(density * numel), chunk_elems)
         for flat, density in zip(flats, p["density"], strict=True)
     ]
     return task_arithmetic_family(
