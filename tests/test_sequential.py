@@ -223,3 +223,52 @@ def test_racing_stops_a_candidate_outside_the_top_third_of_a_rung() -> None:
     zero = {"acc": dict.fromkeys(range(200), 0.0)}
     scored = run_chunks(evaluate_chunk, 10, rule, None, race=Race(3, 1, [good, good, zero, zero, zero]))
     assert scored.stopped and "rank 3 of the 6" in scored.stopped and "top 2 go on" in scored.stopped
+
+
+def test_mean_bound_matches_a_hand_computation() -> None:
+    from scipy import stats
+
+    from olmopt.evaluate.sequential import mean_bound
+
+    # a: d = -1, -2, -3 (mean -2; second moment about 0: 14 / 2); b: d = 0, 1 (mean 0.5; 1 / 1);
+    # c known +1 (no variance)
+    looks = {"a": Look([-1.0, -2.0, -3.0]), "b": Look([0.0, 1.0]), "c": Look([], known=1.0)}
+    se = math.sqrt(7.0 / 3 + 1.0 / 2)
+    expected = (-2.0 + 0.5 + 1.0 + float(stats.t.ppf(0.9, 1)) * se) / 3  # df: the smallest n - 1
+    assert mean_bound(looks, 0.1) == pytest.approx(expected)
+    assert mean_bound({**looks, "d": Look([1.0], shift=None)}, 0.1) == math.inf  # d cannot certify
+
+
+def _simulate_mean(rng: random.Random, deltas: list[float], n: int = 150, looks: int = 8) -> int:
+    """Items per objective until the candidate is stopped under the mean rule (n: never); one 0/1
+    objective per delta, shared draws as in ``_simulate``, the Pocock boundary at alpha 0.05."""
+    diffs: list[list[float]] = []
+    for delta in deltas:
+        per = []
+        for _ in range(n):
+            p, u = rng.betavariate(2, 1), rng.random()
+            v = u if rng.random() < 0.8 else rng.random()
+            per.append(float(v < max(0.0, p - delta)) - float(u < p))
+        diffs.append(per)
+    levels = nominal_levels(0.05, looks - 1)
+    for look in range(looks - 1):
+        seen = round((look + 1) * n / looks)
+        verdict = decide({f"o{k}": Look(d[:seen]) for k, d in enumerate(diffs)}, levels[look], "mean")
+        if verdict.stop:
+            return seen
+    return n
+
+
+def test_mean_rule_error_rates_over_four_objectives() -> None:
+    rng = random.Random(3)
+    runs = 1000
+    equal = [_simulate_mean(rng, [0.0] * 4) for _ in range(runs)]
+    worse = [_simulate_mean(rng, [0.2, 0.2, 0.0, 0.0]) for _ in range(runs)]  # the mean 0.1 worse
+    wrongly_stopped = sum(s < 150 for s in equal) / runs
+    worse_stopped = sum(s < 150 for s in worse) / runs
+    print(
+        f"mean rule: equal wrongly stopped {wrongly_stopped:.3f}; 0.1 worse on the mean: stopped "
+        f"{worse_stopped:.3f}, mean items {sum(worse) / runs:.1f} of 150"
+    )
+    assert wrongly_stopped <= 0.05
+    assert worse_stopped >= 0.9

@@ -44,13 +44,6 @@ class StopRule:
     tolerance: float = 0.0
     boundary: Boundary = "pocock"
 
-    def levels(self, looks: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Nominal levels of ``looks`` looks: the rule's, and each objective's under the mean rule."""
-        k = max(1, len(self.directions))
-        return nominal_levels(self.alpha, looks, self.boundary), nominal_levels(
-            self.alpha / k, looks, self.boundary
-        )
-
 
 @dataclass(frozen=True)
 class Race:
@@ -138,7 +131,7 @@ def run_chunks(
     tokens: dict[str, dict[int, int]] = {}
     nonfinite: set[str] = set()
     stopped: str | None = None
-    levels, each = rule.levels(looks - 1)
+    levels = nominal_levels(rule.alpha, looks - 1, rule.boundary)
     rungs = race.rungs(looks) if race is not None else []
     for chunk in range(looks):
         result = evaluate_chunk(chunk)
@@ -153,7 +146,7 @@ def run_chunks(
             diffs = paired_looks(
                 items, reference, rule.directions, rule.metric_of, rule.tolerance, rule.score, known
             )
-            verdict = decide(diffs, levels[chunk], rule.score, each[chunk], against)
+            verdict = decide(diffs, levels[chunk], rule.score, against)
             if verdict.stop:
                 stopped = f"stopped after chunk {chunk + 1} of {looks}: {verdict.reason}"
                 break

@@ -21,9 +21,9 @@ conservative. The candidate is stopped when
   is no worse than the reference by more than the tolerance" at ``alpha_k``. An intersection-union test:
   no correction over objectives is needed. A candidate dominated by the (feasible) reference is not on
   the stage's feasible Pareto front, and the Copeland winner always is, so it cannot win.
-* ``score: mean``: the mean over objectives of the per-objective upper confidence bounds (each at
-  the level of a boundary spending ``alpha / K``, Bonferroni over the ``K`` objectives) is below 0:
-  its objective mean is worse.
+* ``score: mean``: the upper confidence bound of the mean over objectives of the mean differences
+  (:func:`mean_bound`: one bound on the combined estimate, its variance the sum of the objectives')
+  is below 0: its objective mean is worse.
 
 Tests: 0/1 scores (accuracies) use the exact sign test on the discordant items (McNemar, binomial
 tail); other scores a one-sided Student t test (bounds: t intervals). The population is the stage's
@@ -73,12 +73,6 @@ class Look:
         if self.known is not None:
             return 0.0 if self.known + self.shift < 0 else 1.0
         return worse_p_value(self.diffs, self.shift)
-
-    def bound(self, level: float) -> float:
-        """One-sided ``1 - level`` upper confidence bound of the mean difference (+inf: cannot certify)."""
-        if self.shift is None:
-            return math.inf
-        return self.known if self.known is not None else upper_bound(self.diffs, level)
 
 
 @dataclass(frozen=True)
@@ -184,17 +178,41 @@ def upper_bound(diffs: Sequence[float], level: float) -> float:
     return mean + float(stats.t.ppf(1.0 - level, n - 1)) * math.sqrt(var / n)
 
 
+def mean_bound(looks: Mapping[str, Look], level: float) -> float:
+    """One-sided ``1 - level`` upper confidence bound of the mean over objectives of the mean differences.
+
+    The objectives' items are different samples, so the estimate ``(1/K) sum_k mean(d_k)`` has the
+    standard error ``(1/K) sqrt(sum_k var(d_k) / n_k)``, each variance taken about 0, the null's mean (a
+    score test: ``sum d^2 / (n - 1)``, larger than the sample variance when the candidate is worse, and
+    better calibrated for the 0/1 differences of accuracies); Student t with the smallest ``n_k - 1``
+    degrees of freedom (an objective read off the Recipe adds its known difference, no
+    variance). +inf when some objective cannot certify or has fewer than 2 items."""
+    centre, variance, df = 0.0, 0.0, math.inf
+    for look in looks.values():
+        if look.shift is None:
+            return math.inf
+        if look.known is not None:
+            centre += look.known
+            continue
+        n = len(look.diffs)
+        if n < 2:
+            return math.inf
+        mean = sum(look.diffs) / n
+        centre += mean
+        variance += sum(x * x for x in look.diffs) / (n - 1) / n  # about 0, the null's mean: a score test
+        df = min(df, n - 1)
+    k = max(1, len(looks))
+    if variance <= 0.0 or level <= 0.0:
+        return centre / k if variance <= 0.0 else math.inf
+    return (centre + float(stats.t.ppf(1.0 - level, df)) * math.sqrt(variance)) / k
+
+
 def decide(
-    looks: Mapping[str, Look],
-    level: float,
-    score: Score = "copeland",
-    each: float | None = None,
-    against: str = "the reference",
+    looks: Mapping[str, Look], level: float, score: Score = "copeland", against: str = "the reference"
 ) -> Verdict:
     """Whether the candidate cannot win the stage's selection, at this look's ``level`` (module docstring).
 
-    ``each``: the per-objective level of the mean rule (this look's level of a boundary spending
-    ``alpha / K``); default ``level / K``. ``against``: the reference's name in the reason."""
+    ``against``: the reference's name in the reason."""
     if not looks or level <= 0.0:
         return Verdict(False, level, "nothing to compare")
     names = sorted(looks)
@@ -202,8 +220,7 @@ def decide(
         return Verdict(False, level, "an objective cannot be certified")
     seen = min((len(looks[n].diffs) for n in names if looks[n].known is None), default=0)
     if score == "mean":
-        each = level / len(names) if each is None else each
-        bound = sum(looks[n].bound(each) for n in names) / len(names)
+        bound = mean_bound(looks, level)
         if bound < 0.0:
             return Verdict(
                 True,
