@@ -90,6 +90,7 @@ def _run_campaign(
     layers: str = "{mode: greedy}",
     racing: str = "{mode: off}",
     extra: str = "",
+    run_args: tuple[str, ...] = (),
 ) -> Campaign:
     """A layer campaign on the tiny zoo (two 0/1 objectives, 200 items each, no held-out part): greedy, or
     ``layers``; ``extra``: more study-file lines."""
@@ -107,7 +108,7 @@ def _run_campaign(
     )
     url = f"sqlite:///{tmp}/{name}.db"
     assert main(["study", "create", str(study), "--storage", url]) == 0
-    assert main(["study", "run", name, "--storage", url, "--quiet"]) == 0
+    assert main(["study", "run", name, "--storage", url, "--quiet", *run_args]) == 0
     return Campaign.load(name, url)
 
 
@@ -206,6 +207,28 @@ def test_joint_stage_stops_against_the_leader_and_races(tiny_zoo: Path, tmp_path
     assert off_study is not None
     spent_off = sum(int(t.user_attrs.get("n_items", 0)) for t in off_study.get_trials())
     assert sum(int(t.user_attrs.get("n_items", 0)) for t in trials) < spent_off
+
+
+def test_early_stopping_and_racing_with_two_worker_processes(tiny_zoo: Path, tmp_path: Path) -> None:
+    """Spawned workers get the leader's items and the race's peers (pickled); stopped trials never win."""
+    joint = "{mode: joint, n_trials: 10, warm_start: true, sampler: tpe}"
+    mean = "selection: {score: mean}\n"
+    campaign = _run_campaign(
+        tiny_zoo, tmp_path, "jw2", "{mode: on}", joint, "{mode: on}", mean, ("--workers", "2")
+    )
+    stage = campaign.plan[-1]
+    study = campaign.existing_stage_study(stage)
+    assert study is not None
+    trials = study.get_trials()
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    pruned = {str(t.user_attrs["candidate"]) for t in trials if t.state == TrialState.PRUNED}
+    reasons = [str(t.user_attrs["pruned"]) for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and all(
+        any(why in r for why in ("the stage's leader (trial", "the incumbent", "racing: rank"))
+        for r in reasons
+    )
+    decision = campaign.decisions()[stage.key]
+    assert set(decision.pruned) == pruned and decision.winner not in pruned
 
 
 @pytest.mark.parametrize(
