@@ -11,7 +11,10 @@ item evaluations (sum of the trials' ``n_items``; reused metrics cost 0) as a sh
 campaign with both off, trials stopped early (PRUNED), wall time, whether the exported Recipe is the one
 without early stopping and, if not, whether its mean on the sealed test split (benchmarks/search_quality.py,
 never read by the search) lies inside the 95 % interval of the Recipe without early stopping.
-Variants: ``off``; ``es`` early stopping; ``race`` racing; ``es+race`` both. See docs/early_stop.md.
+Variants: ``off``; ``es`` early stopping; ``race`` racing; ``es+race`` both. After each ``off`` campaign
+it also prints how often racing would have stopped that campaign's joint-stage winner: its COMPLETE
+trials' per-item values replayed at the first rungs on 2,000 random item orders (the winner ranked
+against every other trial, ties to the winner). See docs/early_stop.md.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def run(tmp: Path, spec: dict[str, Any]) -> dict[str, Any]:
     recipe = campaign.final_recipe()
     assert recipe is not None
     return {
+        "campaign": campaign,
         "items": sum(int(t.user_attrs.get("n_items", 0)) for t in trials),
         "trials": len(trials),
         "pruned": sum(t.state == TrialState.PRUNED for t in trials),
@@ -86,6 +90,40 @@ def run(tmp: Path, spec: dict[str, Any]) -> dict[str, Any]:
         "wall_s": wall,
         "recipe": recipe,
     }
+
+
+def winner_stopped(campaign: Any, chunk: int, eta: int = 3, orders: int = 2000) -> dict[int, float]:
+    """Rung (chunks of ``chunk`` items) -> share of random item orders in which the joint stage's best-mean
+    COMPLETE trial is outside the top ``max(1, n // eta)`` of the stage's COMPLETE trials on the rung's
+    items (every objective has the same number of search items here)."""
+    import numpy as np
+    from optuna.trial import TrialState
+
+    import olmopt.search.kinds  # noqa: F401 - registers the decision kinds
+    from olmopt.evaluate.item_scores import packed_items, unpack_all
+    from olmopt.search.kind_registry import get_kind
+
+    stage = next(s for s in campaign.plan if get_kind(s.kind).joint)
+    study = campaign.existing_stage_study(stage)
+    values = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        items = unpack_all(packed_items(t.user_attrs))
+        if items:
+            values.append([[items[o][i] for i in sorted(items[o])] for o in sorted(items)])
+    array = np.array(values)  # trials x objectives x items
+    winner = int(np.argmax(array.mean(axis=(1, 2))))
+    rng = np.random.default_rng(0)
+    n_items = array.shape[2]
+    looks = -(-n_items // chunk)
+    out = {}
+    for rung in (1, eta):
+        stopped = 0
+        for _ in range(orders):
+            seen = rng.choice(n_items, round(rung * n_items / looks), replace=False)
+            part = array[:, :, seen].mean(axis=(1, 2))
+            stopped += 1 + int((part > part[winner]).sum()) > max(1, len(part) // eta)
+        out[rung] = stopped / orders
+    return out
 
 
 def main_() -> None:
@@ -101,6 +139,8 @@ def main_() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OLMOPT_THREADS", "1")
     from search_quality import family, mean_ci, scorer, test_split
+
+    from olmopt.search.kind_registry import get_kind
 
     variants = args.variants.split(",")
     if "off" not in variants or any(v not in VARIANTS for v in variants):
@@ -128,7 +168,12 @@ def main_() -> None:
                 name = f"es-{args.zoo.name}-s{seed}-{variant.replace('+', '-')}"
                 r = run(tmp, campaign_spec(args.study, paths, name, seed, variant, es))
                 r["test_mean"], r["test_ci95"] = mean_ci(test_ctx.score(r["recipe"], "search"), counts)
-                off = off or r
+                if not off:
+                    off = r
+                    if any(get_kind(s.kind).joint for s in r["campaign"].plan):
+                        rates = winner_stopped(r["campaign"], args.chunk)
+                        r["winner_stopped"] = rates
+                        print(f"racing would stop the winner at rungs {rates} (seed {seed})", flush=True)
                 same = r["recipe"] == off["recipe"]
                 inside = abs(r["test_mean"] - off["test_mean"]) <= off["test_ci95"]
                 share = r["items"] / off["items"]
@@ -140,7 +185,7 @@ def main_() -> None:
                 )
                 rows.append({
                     "zoo": args.zoo.name, "seed": seed, "variant": variant, "share": share, "same": same,
-                    "inside": inside, **{k: v for k, v in r.items() if k != "recipe"},
+                    "inside": inside, **{k: v for k, v in r.items() if k not in ("recipe", "campaign")},
                     "recipe": json.loads(r["recipe"].to_json()),
                 })  # fmt: skip
                 args.out.parent.mkdir(parents=True, exist_ok=True)
