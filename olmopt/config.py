@@ -31,6 +31,11 @@ def _off_from_yaml(value: object) -> object:
     return "off" if value is False else value
 
 
+def _on_off(value: object) -> object:
+    """YAML 1.1 reads bare ``on``/``off`` as True/False."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class PoolConfig(_Strict):
     models: list[str] = Field(min_length=1)
     base_dir: str | None = None
@@ -359,22 +364,32 @@ class SamplerConfig(_Strict):
 
 class EarlyStopConfig(_Strict):
     """Paired sequential early stopping (olmopt.evaluate.sequential, docs/early_stop.md): candidates are
-    scored in chunks of ``chunk`` items of each dataset and stopped (PRUNED) once the incumbent is
-    significantly better at level ``alpha`` (spent over the looks)."""
+    scored in chunks of ``chunk`` items of each dataset and stopped (PRUNED) once the stage's leader (or
+    the incumbent) is significantly better at level ``alpha``, spent over the looks by ``boundary``."""
 
     mode: Literal["on", "off"] = "off"
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
     chunk: int = Field(20, gt=0)
+    boundary: Literal["pocock", "obrien-fleming", "bonferroni"] = "pocock"
 
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _on_off(cls, value: object) -> object:
-        """YAML 1.1 reads bare ``on``/``off`` as True/False."""
-        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    _mode = field_validator("mode", mode="before")(_on_off)
+
+
+class RacingConfig(_Strict):
+    """Successive halving over item budgets in joint stages (docs/early_stop.md): at the rungs after
+    ``first``, ``first * eta``, ... chunks (``early_stop.chunk`` items each) a candidate goes on only when
+    its partial score is among the top ``1 / eta`` of the stage's candidates that reached the rung."""
+
+    mode: Literal["on", "off"] = "off"
+    eta: int = Field(3, ge=2)
+    first: int = Field(1, ge=1)
+
+    _mode = field_validator("mode", mode="before")(_on_off)
 
 
 class EvaluationConfig(_Strict):
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    racing: RacingConfig = Field(default_factory=RacingConfig)
     batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(256, gt=0)
     stop_at_first_mismatch: bool = True

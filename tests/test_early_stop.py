@@ -17,6 +17,7 @@ from olmopt.evaluate.item_scores import metric_of_items, unpack
 from olmopt.recipe import Recipe
 from olmopt.search.annotate import stage_note
 from olmopt.search.campaign import Campaign
+from olmopt.search.kind_registry import get_kind
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _models import char_tokenizer, make_family, write_addition_data  # noqa: E402
@@ -81,8 +82,18 @@ def test_chunks_partition_the_items_in_a_fixed_seeded_order(family: dict[str, Pa
     assert chunk_items(8)[0] != sets  # another campaign seed: another order
 
 
-def _run_campaign(zoo: Path, tmp: Path, name: str, early_stop: str) -> Campaign:
-    """A greedy layer campaign on the tiny zoo (two 0/1 objectives, 200 items each, no held-out part)."""
+def _run_campaign(
+    zoo: Path,
+    tmp: Path,
+    name: str,
+    early_stop: str,
+    layers: str = "{mode: greedy}",
+    racing: str = "{mode: off}",
+    extra: str = "",
+    run_args: tuple[str, ...] = (),
+) -> Campaign:
+    """A layer campaign on the tiny zoo (two 0/1 objectives, 200 items each, no held-out part): greedy, or
+    ``layers``; ``extra``: more study-file lines."""
     root = zoo.parents[1]
     study = tmp / f"{name}.yaml"
     study.write_text(
@@ -92,12 +103,12 @@ def _run_campaign(zoo: Path, tmp: Path, name: str, early_stop: str) -> Campaign:
         "objectives:\n"
         "  - {name: add, dataset: objectives/add.json, metric: token_accuracy, held_out: 0}\n"
         "  - {name: rev, dataset: objectives/rev.json, metric: token_accuracy, held_out: 0}\n"
-        "decisions: {base: {mode: fixed, model: storage/zoo-tiny/base}, layers: {mode: greedy}}\n"
-        f"evaluation: {{early_stop: {early_stop}}}\n"
+        f"decisions: {{base: {{mode: fixed, model: storage/zoo-tiny/base}}, layers: {layers}}}\n"
+        f"evaluation: {{early_stop: {early_stop}, racing: {racing}}}\n" + extra
     )
     url = f"sqlite:///{tmp}/{name}.db"
     assert main(["study", "create", str(study), "--storage", url]) == 0
-    assert main(["study", "run", name, "--storage", url, "--quiet"]) == 0
+    assert main(["study", "run", name, "--storage", url, "--quiet", *run_args]) == 0
     return Campaign.load(name, url)
 
 
@@ -130,7 +141,7 @@ def test_early_stopping_prunes_hopeless_candidates_and_keeps_the_decisions(
     pruned = [t for t in on_trials if t.state == TrialState.PRUNED]
     assert pruned
     for t in pruned:
-        assert 0 < t.user_attrs["n_items"] < 400 and "dominated by the incumbent" in t.user_attrs["pruned"]
+        assert 0 < t.user_attrs["n_items"] < 400 and "dominated by the " in t.user_attrs["pruned"]
         seen = unpack(t.user_attrs["i.add"])
         assert len(seen) == t.user_attrs["n_items"] // 2
         assert t.user_attrs["m.add"] == pytest.approx(sum(seen.values()) / len(seen))  # partial metrics
@@ -154,13 +165,83 @@ def test_early_stopping_prunes_hopeless_candidates_and_keeps_the_decisions(
     assert spent_on < spent_off
 
 
+def _objective_mean(t: optuna.trial.FrozenTrial) -> float:
+    return (t.user_attrs["m.add"] + t.user_attrs["m.rev"]) / 2
+
+
+def test_joint_stage_stops_against_the_leader_and_races(tiny_zoo: Path, tmp_path: Path) -> None:
+    joint = "{mode: joint, n_trials: 16, warm_start: true, sampler: tpe}"
+    mean = "selection: {score: mean}\nsampler: {name: tpe, seed: 3}\n"
+    off = _run_campaign(tiny_zoo, tmp_path, "joff", "{mode: off}", joint, extra=mean)
+    knobs = _run_campaign(
+        tiny_zoo, tmp_path, "jknobs", "{mode: off, boundary: bonferroni}", joint, "{mode: off, eta: 5}", mean
+    )
+    on = _run_campaign(tiny_zoo, tmp_path, "jon", "{mode: on}", joint, "{mode: on, eta: 3}", mean)
+    # both off: every knob inert, the same decisions
+    decisions = [(k, d.winner, d.metrics) for k, d in off.decisions().items()]
+    assert [(k, d.winner, d.metrics) for k, d in knobs.decisions().items()] == decisions
+    stage = on.plan[-1]
+    study = on.existing_stage_study(stage)
+    assert study is not None and get_kind(stage.kind).joint
+    trials = study.get_trials()
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    raced = [t for t in pruned if "racing: rank" in t.user_attrs["pruned"]]
+    led = [t for t in pruned if "the stage's leader (trial " in t.user_attrs["pruned"]]
+    print(
+        f"joint stage: {len(pruned)} of {len(trials)} stopped, {len(raced)} by racing, "
+        f"{len(led)} against the leader"
+    )
+    assert raced
+    for t in pruned:  # partial metrics over the items it was scored on
+        seen = unpack(t.user_attrs["i.add"])
+        assert 0 < len(seen) < 200 and t.user_attrs["m.add"] == pytest.approx(sum(seen.values()) / len(seen))
+    for t in led:  # the leader: the best objective mean among the COMPLETE trials (with items) before it
+        number = int(t.user_attrs["pruned"].split("leader (trial ")[1].split(")")[0])
+        earlier = [u for u in trials if u.number < t.number and u.state == TrialState.COMPLETE
+                   and "i.add" in u.user_attrs]  # fmt: skip
+        assert _objective_mean(trials[number]) == max(_objective_mean(u) for u in earlier)
+    decision = on.decisions()[stage.key]
+    labels = {str(t.user_attrs["candidate"]) for t in pruned}
+    assert set(decision.pruned) == labels and decision.winner not in labels  # stopped trials never win
+    off_study = off.existing_stage_study(off.plan[-1])
+    assert off_study is not None
+    spent_off = sum(int(t.user_attrs.get("n_items", 0)) for t in off_study.get_trials())
+    assert sum(int(t.user_attrs.get("n_items", 0)) for t in trials) < spent_off
+
+
+def test_early_stopping_and_racing_with_two_worker_processes(tiny_zoo: Path, tmp_path: Path) -> None:
+    """Spawned workers get the leader's items and the race's peers (pickled); stopped trials never win."""
+    joint = "{mode: joint, n_trials: 10, warm_start: true, sampler: tpe}"
+    mean = "selection: {score: mean}\n"
+    campaign = _run_campaign(
+        tiny_zoo, tmp_path, "jw2", "{mode: on}", joint, "{mode: on}", mean, ("--workers", "2")
+    )
+    stage = campaign.plan[-1]
+    study = campaign.existing_stage_study(stage)
+    assert study is not None
+    trials = study.get_trials()
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    pruned = {str(t.user_attrs["candidate"]) for t in trials if t.state == TrialState.PRUNED}
+    reasons = [str(t.user_attrs["pruned"]) for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and all(
+        any(why in r for why in ("the stage's leader (trial", "the incumbent", "racing: rank"))
+        for r in reasons
+    )
+    decision = campaign.decisions()[stage.key]
+    assert set(decision.pruned) == pruned and decision.winner not in pruned
+
+
 @pytest.mark.parametrize(
     ("block", "message"),
     [
-        ("{mode: maybe}", "evaluation.early_stop.mode"),
-        ("{mode: on, alpha: 1.5}", "evaluation.early_stop.alpha"),
-        ("{mode: on, chunk: 0}", "evaluation.early_stop.chunk"),
-        ("{mode: on, looks: 3}", "evaluation.early_stop.looks: unknown key"),
+        ("{early_stop: {mode: maybe}}", "evaluation.early_stop.mode"),
+        ("{early_stop: {mode: on, alpha: 1.5}}", "evaluation.early_stop.alpha"),
+        ("{early_stop: {mode: on, chunk: 0}}", "evaluation.early_stop.chunk"),
+        ("{early_stop: {mode: on, looks: 3}}", "evaluation.early_stop.looks: unknown key"),
+        ("{early_stop: {boundary: pocok}}", "evaluation.early_stop.boundary"),
+        ("{racing: {mode: on, eta: 1}}", "evaluation.racing.eta"),
+        ("{racing: {first: 0}}", "evaluation.racing.first"),
+        ("{racing: {rungs: 3}}", "evaluation.racing.rungs: unknown key"),
     ],
 )
 def test_bad_early_stop_settings_are_one_line(
@@ -170,7 +251,7 @@ def test_bad_early_stop_settings_are_one_line(
     study.write_text(
         f"name: bad\npool: {{models: [{family['a']}, {family['b']}]}}\n"
         f"objectives: [{{dataset: {family['data']}, metric: perplexity}}]\n"
-        f"evaluation: {{early_stop: {block}}}\n"
+        f"evaluation: {block}\n"
     )
     url = f"sqlite:///{tmp_path}/bad.db"
     assert main(["study", "create", str(study), "--storage", url]) == 2

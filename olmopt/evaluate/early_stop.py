@@ -1,19 +1,23 @@
-"""Chunked evaluation of one candidate with paired sequential early stopping (torch-free driver).
+"""Chunked evaluation of one candidate with paired sequential early stopping and racing (torch-free).
 
 The evaluator scores chunk after chunk (the same fixed random order for every candidate); after each
 chunk but the last, :func:`olmopt.evaluate.sequential.decide` compares the items seen so far with the
-reference's (the incumbent's) and may stop the candidate. A stopped candidate's metrics are those of
-the items it was scored on (partial), with the reason in ``stopped``. See docs/early_stop.md.
+reference's (the stage's leader or the incumbent) and may stop the candidate; at the rungs of a
+:class:`Race` (successive halving over item budgets) the candidate is stopped unless its partial score
+is among the top ``1 / eta`` of the stage's candidates that reached that rung. A stopped candidate's
+metrics are those of the items it was scored on (partial), with the reason in ``stopped``. See
+docs/early_stop.md.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from olmopt.evaluate.item_scores import ItemScores, count, metric_of_items, paired_looks
-from olmopt.evaluate.sequential import Score, decide, look_level
+from olmopt.evaluate.sequential import Boundary, Score, decide, nominal_levels
+from olmopt.select import select
 
 
 @dataclass
@@ -38,6 +42,65 @@ class StopRule:
     metric_of: Mapping[str, str]
     score: Score = "copeland"
     tolerance: float = 0.0
+    boundary: Boundary = "pocock"
+
+
+@dataclass(frozen=True)
+class Race:
+    """Successive halving among a stage's candidates over item budgets (rungs after ``first``,
+    ``first * eta``, ... chunks, before the last): a candidate goes on past a rung when its partial score
+    (the stage's selection score of its values over the rung's items) is among the top
+    ``max(1, n // eta)`` of the ``n`` candidates that reached the rung, itself included; with fewer
+    than ``eta`` there it goes on. ``peers``: per-item values of the stage's trials so far."""
+
+    eta: int
+    first: int
+    peers: Sequence[ItemScores]
+
+    def rungs(self, looks: int) -> list[int]:
+        """Chunk counts after which the race looks (each below ``looks``)."""
+        out, r = [], self.first
+        while r < looks:
+            out.append(r)
+            r *= self.eta
+        return out
+
+    def verdict(self, items: ItemScores, rule: StopRule) -> str | None:
+        """Why the candidate with ``items`` (a rung's) stops at this rung; None: it goes on."""
+        scores: dict[str, dict[str, float]] = {name: {} for name in items}  # objectives with items
+        entrants = {"candidate": items}
+        for i, peer in enumerate(self.peers):
+            if all(set(per) <= set(peer.get(name, {})) for name, per in items.items()):
+                entrants[f"peer {i:05d}"] = {
+                    name: {j: peer[name][j] for j in per} for name, per in items.items()
+                }
+        if len(entrants) < self.eta:
+            return None
+        for label, values in entrants.items():
+            for name in scores:  # the mean of per-item values (perplexity: the mean summed cross-entropy)
+                per = values.get(name)
+                scores[name][label] = metric_of_items("", per) if per else math.nan
+        directions = {name: rule.directions[name] for name in scores}
+        order = select(scores, directions, score=rule.score).order
+        rank, keep = order.index("candidate") + 1, max(1, len(order) // self.eta)
+        if rank <= keep:
+            return None
+        return (
+            f"racing: rank {rank} of the {len(order)} candidates after {count(items)} item evaluations "
+            f"(the top {keep} go on)"
+        )
+
+
+@dataclass(frozen=True)
+class StopInputs:
+    """What a candidate's evaluation is stopped against: the reference's per-item values (None: no
+    sequential test), its name in the reason and its objective values (those read off the Recipe
+    compare exactly); the race's peers (None: no race). Picklable."""
+
+    reference: ItemScores | None = None
+    against: str = "the incumbent"
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    peers: Sequence[ItemScores] | None = None
 
 
 @dataclass
@@ -56,15 +119,20 @@ def run_chunks(
     rule: StopRule,
     reference: ItemScores | None,
     known: Mapping[str, float] | None = None,
+    race: Race | None = None,
+    against: str = "the reference",
 ) -> Scored:
     """Score chunks ``0 .. looks-1`` and stop after chunk ``c < looks - 1`` when the rule says the candidate
-    cannot win against ``reference`` (None: never stop). ``known``: candidate-minus-reference differences
-    of objectives read off the Recipe. Metrics are computed over the items scored (NaN for an objective
-    whose outputs were non-finite in any chunk)."""
+    cannot win against ``reference`` (``against`` names it; None: no such test) or when it loses a rung of
+    ``race``. ``known``: candidate-minus-reference differences of objectives read off the Recipe. Metrics
+    are computed over the items scored (NaN for an objective whose outputs were non-finite in any
+    chunk)."""
     items: ItemScores = {}
     tokens: dict[str, dict[int, int]] = {}
     nonfinite: set[str] = set()
     stopped: str | None = None
+    levels = nominal_levels(rule.alpha, looks - 1, rule.boundary)
+    rungs = race.rungs(looks) if race is not None else []
     for chunk in range(looks):
         result = evaluate_chunk(chunk)
         for name, per in result.items.items():
@@ -72,16 +140,21 @@ def run_chunks(
         for name, per_tokens in result.tokens.items():
             tokens.setdefault(name, {}).update(per_tokens)
         nonfinite.update(result.nonfinite)
-        if reference is None or chunk == looks - 1:
+        if chunk == looks - 1:
             continue
-        level = look_level(rule.alpha, chunk + 1, chunk, looks - 1)  # equal chunks: alpha / (looks - 1) each
-        diffs = paired_looks(
-            items, reference, rule.directions, rule.metric_of, rule.tolerance, rule.score, known
-        )
-        verdict = decide(diffs, level, rule.score)
-        if verdict.stop:
-            stopped = f"stopped after chunk {chunk + 1} of {looks}: {verdict.reason}"
-            break
+        if reference is not None:
+            diffs = paired_looks(
+                items, reference, rule.directions, rule.metric_of, rule.tolerance, rule.score, known
+            )
+            verdict = decide(diffs, levels[chunk], rule.score, against)
+            if verdict.stop:
+                stopped = f"stopped after chunk {chunk + 1} of {looks}: {verdict.reason}"
+                break
+        if race is not None and chunk + 1 in rungs:
+            lost = race.verdict(items, rule)
+            if lost is not None:
+                stopped = f"stopped after chunk {chunk + 1} of {looks}: {lost}"
+                break
     metrics = {
         name: math.nan
         if name in nonfinite

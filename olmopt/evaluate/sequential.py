@@ -2,20 +2,28 @@
 
 Pure and torch-free. A stage evaluates every candidate on the same items in the same fixed random order,
 in chunks; after each chunk but the last the runner *looks*: it compares the candidate's per-item scores
-with the incumbent's on the items both have seen (paired differences ``d_i = candidate - incumbent``,
-oriented so that positive means the candidate is better).
+with a reference's on the items both have seen (paired differences ``d_i = candidate - reference``,
+oriented so that positive means the candidate is better). The reference is any feasible candidate of the
+stage evaluated on every item (the incumbent, or the stage's current leader): a candidate that cannot
+beat it cannot win the stage.
 
-**The rule.** At look ``k`` (``n_k`` items seen of a planned ``n_last`` at the last look before the end)
-each test is run at the level ``alpha_k = alpha * (n_k - n_{k-1}) / n_last`` (linear alpha spending,
-Bonferroni over looks: the chance of ever stopping wrongly is at most the sum, ``alpha``, whatever the
-correlation between looks). The candidate is stopped when
+**The rule.** Look ``k`` of ``L`` (equally spaced in items, the last one before the end of the
+evaluation) runs each test at a nominal level from a group-sequential boundary
+(:func:`nominal_levels`), so that the chance of ever stopping wrongly over all looks is at most
+``alpha``: Lan-DeMets alpha spending with the Pocock-type function ``alpha ln(1 + (e - 1) t)`` (the
+default: spends early, stops clearly worse candidates soon) or the O'Brien-Fleming-type one
+``2 - 2 Phi(z_{1 - alpha/2} / sqrt t)`` (spends late), the boundaries computed exactly for the
+Brownian motion that the tests' statistics approach (independent increments, numerical integration); or
+``bonferroni``: ``alpha / L`` at every look, valid whatever the dependence between looks and
+conservative. The candidate is stopped when
 
 * ``score: copeland`` (Pareto + Copeland): on EVERY objective the one-sided test rejects "the candidate
-  is no worse than the incumbent by more than the tolerance" at ``alpha_k``. An intersection-union test:
-  no correction over objectives is needed. A candidate dominated by the (feasible) incumbent is not on
+  is no worse than the reference by more than the tolerance" at ``alpha_k``. An intersection-union test:
+  no correction over objectives is needed. A candidate dominated by the (feasible) reference is not on
   the stage's feasible Pareto front, and the Copeland winner always is, so it cannot win.
-* ``score: mean``: the mean over objectives of the per-objective upper confidence bounds (each at
-  ``alpha_k / K``, Bonferroni over the ``K`` objectives) is below 0: its objective mean is worse.
+* ``score: mean``: the upper confidence bound of the mean over objectives of the mean differences
+  (:func:`mean_bound`: one bound on the combined estimate, its variance the sum of the objectives')
+  is below 0: its objective mean is worse.
 
 Tests: 0/1 scores (accuracies) use the exact sign test on the discordant items (McNemar, binomial
 tail); other scores a one-sided Student t test (bounds: t intervals). The population is the stage's
@@ -31,19 +39,25 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
-from scipy import stats
+import numpy as np
+from scipy import optimize, stats
 
 Score = Literal["copeland", "mean"]
+Boundary = Literal["pocock", "obrien-fleming", "bonferroni"]
+BOUNDARIES: tuple[Boundary, ...] = ("pocock", "obrien-fleming", "bonferroni")
+_GRID = 0.02  # step of the numerical integration of the boundaries (in units of the final sd)
+_Z_MAX = 8.0  # a look that spends (almost) nothing: its boundary, nominal level ~6e-16
 
 
 @dataclass(frozen=True)
 class Look:
     """One comparison's inputs for an objective: oriented paired differences and the allowed shift.
 
-    ``diffs``: candidate minus incumbent per item, positive = candidate better. ``shift``: the
-    tolerance in item units (a candidate within it of the incumbent is a tie, not dominated), or None
+    ``diffs``: candidate minus reference per item, positive = candidate better. ``shift``: the
+    tolerance in item units (a candidate within it of the reference is a tie, not dominated), or None
     when this objective can never certify that the candidate is worse. ``known``: the difference itself,
     when it is known without sampling (an objective read off the Recipe); ``diffs`` is then unused.
     """
@@ -60,12 +74,6 @@ class Look:
             return 0.0 if self.known + self.shift < 0 else 1.0
         return worse_p_value(self.diffs, self.shift)
 
-    def bound(self, level: float) -> float:
-        """One-sided ``1 - level`` upper confidence bound of the mean difference (+inf: cannot certify)."""
-        if self.shift is None:
-            return math.inf
-        return self.known if self.known is not None else upper_bound(self.diffs, level)
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -76,11 +84,60 @@ class Verdict:
     reason: str
 
 
-def look_level(alpha: float, seen: int, previous: int, last_look: int) -> float:
-    """Level spent at a look that has seen ``seen`` items after one at ``previous`` (linear spending)."""
-    if last_look <= 0 or seen <= previous:
+def spent(alpha: float, t: float, boundary: Boundary) -> float:
+    """Alpha spent by information fraction ``t`` in [0, 1] (Lan-DeMets spending functions)."""
+    if t <= 0.0:
         return 0.0
-    return alpha * (min(seen, last_look) - previous) / last_look
+    if boundary == "pocock":
+        return alpha * math.log1p((math.e - 1.0) * t)
+    if boundary == "obrien-fleming":
+        return float(2.0 * stats.norm.sf(stats.norm.isf(alpha / 2.0) / math.sqrt(t)))
+    return alpha * t
+
+
+@lru_cache(maxsize=64)
+def nominal_levels(alpha: float, looks: int, boundary: Boundary = "pocock") -> tuple[float, ...]:
+    """One-sided nominal level of each of ``looks`` equally spaced looks, spending ``alpha`` in all.
+
+    ``bonferroni``: ``alpha / looks`` each. Otherwise the group-sequential boundary ``c_k`` of a
+    standardised statistic ``Z_k = W(t_k) / sqrt(t_k)`` (``W`` a Brownian motion, ``t_k = k / looks``)
+    with ``P(Z_1 < c_1, ..., Z_{k-1} < c_{k-1}, Z_k >= c_k) = spent(t_k) - spent(t_{k-1})`` under the
+    null, found look by look with the density of ``W`` on the continuation region integrated on a grid;
+    the level is ``1 - Phi(c_k)``.
+    """
+    if looks <= 0:
+        return ()
+    if boundary == "bonferroni":
+        return (alpha / looks,) * looks
+    grid = np.arange(-_Z_MAX, _Z_MAX + 2.0, _GRID)  # values of W(t) (final sd 1)
+    density: np.ndarray | None = None  # of W(t_{k-1}) on the grid, continuing paths only
+    levels: list[float] = []
+    previous_t = 0.0
+    for k in range(1, looks + 1):
+        t = k / looks
+        target = spent(alpha, t, boundary) - spent(alpha, previous_t, boundary)
+        step = math.sqrt(t - previous_t)
+
+        def crossing(
+            c: float, density: np.ndarray | None = density, t: float = t, step: float = step
+        ) -> float:
+            """P(no stop before look k, then Z_k >= c)."""
+            if density is None:
+                return float(stats.norm.sf(c))
+            return float(np.sum(density * stats.norm.sf((c * math.sqrt(t) - grid) / step)) * _GRID)
+
+        c = _Z_MAX
+        if target > 0.0 and crossing(_Z_MAX) < target:
+            c = float(optimize.brentq(lambda x, g=target: crossing(x) - g, -_Z_MAX, _Z_MAX, xtol=1e-9))
+        levels.append(float(stats.norm.sf(c)))
+        if density is None:
+            new = stats.norm.pdf(grid / step) / step
+        else:
+            kernel = stats.norm.pdf((grid[:, None] - grid[None, :]) / step) / step
+            new = kernel @ density * _GRID
+        density = np.where(grid < c * math.sqrt(t), new, 0.0)
+        previous_t = t
+    return tuple(levels)
 
 
 def is_binary(values: Sequence[float]) -> bool:
@@ -121,8 +178,41 @@ def upper_bound(diffs: Sequence[float], level: float) -> float:
     return mean + float(stats.t.ppf(1.0 - level, n - 1)) * math.sqrt(var / n)
 
 
-def decide(looks: Mapping[str, Look], level: float, score: Score = "copeland") -> Verdict:
-    """Whether the candidate cannot win the stage's selection, at this look's ``level`` (module docstring)."""
+def mean_bound(looks: Mapping[str, Look], level: float) -> float:
+    """One-sided ``1 - level`` upper confidence bound of the mean over objectives of the mean differences.
+
+    The objectives' items are different samples, so the estimate ``(1/K) sum_k mean(d_k)`` has the
+    standard error ``(1/K) sqrt(sum_k var(d_k) / n_k)``, each variance taken about 0, the null's mean (a
+    score test: ``sum d^2 / (n - 1)``, larger than the sample variance when the candidate is worse, and
+    better calibrated for the 0/1 differences of accuracies); Student t with the smallest ``n_k - 1``
+    degrees of freedom (an objective read off the Recipe adds its known difference, no
+    variance). +inf when some objective cannot certify or has fewer than 2 items."""
+    centre, variance, df = 0.0, 0.0, math.inf
+    for look in looks.values():
+        if look.shift is None:
+            return math.inf
+        if look.known is not None:
+            centre += look.known
+            continue
+        n = len(look.diffs)
+        if n < 2:
+            return math.inf
+        mean = sum(look.diffs) / n
+        centre += mean
+        variance += sum(x * x for x in look.diffs) / (n - 1) / n  # about 0, the null's mean: a score test
+        df = min(df, n - 1)
+    k = max(1, len(looks))
+    if variance <= 0.0 or level <= 0.0:
+        return centre / k if variance <= 0.0 else math.inf
+    return (centre + float(stats.t.ppf(1.0 - level, df)) * math.sqrt(variance)) / k
+
+
+def decide(
+    looks: Mapping[str, Look], level: float, score: Score = "copeland", against: str = "the reference"
+) -> Verdict:
+    """Whether the candidate cannot win the stage's selection, at this look's ``level`` (module docstring).
+
+    ``against``: the reference's name in the reason."""
     if not looks or level <= 0.0:
         return Verdict(False, level, "nothing to compare")
     names = sorted(looks)
@@ -130,13 +220,12 @@ def decide(looks: Mapping[str, Look], level: float, score: Score = "copeland") -
         return Verdict(False, level, "an objective cannot be certified")
     seen = min((len(looks[n].diffs) for n in names if looks[n].known is None), default=0)
     if score == "mean":
-        each = level / len(names)
-        bound = sum(looks[n].bound(each) for n in names) / len(names)
+        bound = mean_bound(looks, level)
         if bound < 0.0:
             return Verdict(
                 True,
                 level,
-                f"objective mean worse than the incumbent's after {seen} items "
+                f"objective mean worse than {against}'s after {seen} items "
                 f"(upper bound {bound:.4g}, level {level:.3g})",
             )
         return Verdict(False, level, f"mean bound {bound:.4g}")
@@ -146,6 +235,6 @@ def decide(looks: Mapping[str, Look], level: float, score: Score = "copeland") -
         return Verdict(
             True,
             level,
-            f"dominated by the incumbent after {seen} items (largest p {worst:.3g} <= level {level:.3g})",
+            f"dominated by {against} after {seen} items (largest p {worst:.3g} <= level {level:.3g})",
         )
     return Verdict(False, level, "not dominated: " + ", ".join(f"{n} p {p_values[n]:.3g}" for n in names))

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from olmopt.config import StudyConfig, default_objective_name
-from olmopt.evaluate.early_stop import ChunkResult, Scored, StopRule, run_chunks
+from olmopt.evaluate.early_stop import ChunkResult, Race, Scored, StopInputs, StopRule, run_chunks
 from olmopt.evaluate.engine import Evaluator, Objective
-from olmopt.evaluate.item_scores import ItemScores
 from olmopt.evaluate.lmeval import LmEvalEvaluator, spec_of
 from olmopt.evaluate.prefix_cache import PrefixCache
 from olmopt.methods.dfs.resident import ResidentPool, dfs_eval_model
@@ -32,6 +31,12 @@ def objectives_of(config: StudyConfig) -> list[Objective]:
         )
         for o in config.objectives
     ]
+
+
+def chunked(config: StudyConfig) -> bool:
+    """Whether candidates are scored chunk by chunk (early stopping or racing on)."""
+    ev = config.evaluation
+    return ev.early_stop.mode == "on" or ev.racing.mode == "on"
 
 
 def directions_of(config: StudyConfig) -> dict[str, str]:
@@ -63,7 +68,7 @@ class EvalContext:
             batch_size=ev.batch_size,
             max_new_tokens=ev.max_new_tokens,
             stop_at_first_mismatch=ev.stop_at_first_mismatch,
-            chunks=(config.sampler.seed, ev.early_stop.chunk) if ev.early_stop.mode == "on" else None,
+            chunks=(config.sampler.seed, ev.early_stop.chunk) if chunked(config) else None,
         )
         lm_objs = [
             o for o in self.objectives if o.kind == "lm_eval"
@@ -102,16 +107,16 @@ class EvalContext:
         split: str = "search",
         incumbent: Recipe | None = None,
         layer: int | None = None,
-        reference: ItemScores | None = None,
+        stop: StopInputs | None = None,
     ) -> Scored:
-        """``score`` with the per-item values. With early stopping on (``evaluation.early_stop``) a
-        search-split evaluation runs chunk by chunk and stops when ``reference`` (the incumbent's per-item
-        values) shows that ``recipe`` cannot win the stage (olmopt.evaluate.early_stop); lm-eval objectives
-        and data-flow recipes are always scored whole."""
+        """``score`` with the per-item values. With early stopping or racing on (``evaluation``) a
+        search-split evaluation runs chunk by chunk and stops when ``stop`` (the reference's per-item
+        values, the race's peers) shows that ``recipe`` cannot win the stage (olmopt.evaluate.early_stop);
+        lm-eval objectives and data-flow recipes are always scored whole."""
         if recipe.dfs is not None:
             scored = self._score_dfs(recipe, split)
         else:
-            scored = self._score_patched(recipe, split, incumbent, layer, reference)
+            scored = self._score_patched(recipe, split, incumbent, layer, stop)
         for obj in self.objectives:
             if obj.kind == "recipe":
                 scored.metrics[obj.name] = layers_removed(recipe, self.pool.adapter.num_layers)
@@ -142,18 +147,18 @@ class EvalContext:
             score=cfg.selection.score,
             # ties by confidence (no tolerance): the sequential test is itself the significance test
             tolerance=cfg.selection.tolerance or 0.0,
+            boundary=cfg.evaluation.early_stop.boundary,
         )
 
     def _chunks(
         self,
         recipe: Recipe,
-        incumbent: Recipe | None,
-        reference: ItemScores | None,
+        stop: StopInputs,
         cache: PrefixCache | None,
         carry: list[int],
     ) -> Scored:
         """The early-stopping run of ``recipe`` on the current (patched) weights, chunk by chunk. Objectives
-        read off the Recipe compare with the incumbent's exactly (none: they certify nothing)."""
+        read off the Recipe compare with the reference's values exactly (none: they certify nothing)."""
         ev = self.evaluator
 
         def chunk(c: int) -> ChunkResult:
@@ -161,12 +166,14 @@ class EvalContext:
             return ChunkResult(dict(ev.item_scores), dict(ev.item_tokens), list(ev.nonfinite))
 
         num_layers = self.pool.adapter.num_layers
-        known = (
-            {o.name: float(layers_removed(recipe, num_layers) - layers_removed(incumbent, num_layers))
-             for o in self.objectives if o.kind == "recipe"}
-            if incumbent is not None else {}
-        )  # fmt: skip
-        return run_chunks(chunk, ev.looks(), self.stop_rule, reference, known)
+        known = {
+            o.name: float(layers_removed(recipe, num_layers)) - stop.metrics[o.name]
+            for o in self.objectives
+            if o.kind == "recipe" and o.name in stop.metrics
+        }
+        racing = self.config.evaluation.racing
+        race = Race(racing.eta, racing.first, stop.peers) if stop.peers is not None else None
+        return run_chunks(chunk, ev.looks(), self.stop_rule, stop.reference, known, race, stop.against)
 
     def _score_patched(
         self,
@@ -174,7 +181,7 @@ class EvalContext:
         split: str,
         incumbent: Recipe | None,
         layer: int | None,
-        reference: ItemScores | None = None,
+        stop: StopInputs | None = None,
     ) -> Scored:
         if incumbent is not None and not incumbent.dfs and self.working.recipe != without_fusion(incumbent):
             self.working.apply(without_fusion(incumbent))  # the new resident state; never undone
@@ -183,7 +190,7 @@ class EvalContext:
         with self.working.patched(without_fusion(recipe)), fused(self.working.model, recipe):
             cache = self.prefix if plan.use else None
             if chunked:
-                scored = self._chunks(recipe, incumbent, reference, cache, list(plan.carry))
+                scored = self._chunks(recipe, stop or StopInputs(), cache, list(plan.carry))
             else:
                 values = self.evaluator.evaluate(split, prefix=cache, carry=plan.carry)  # type: ignore[arg-type]
                 scored = Scored(values, dict(self.evaluator.item_scores))

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm import tqdm
 
 from olmopt.errors import OlmoptError
-from olmopt.evaluate.early_stop import Scored
+from olmopt.evaluate.early_stop import Scored, StopInputs
 from olmopt.evaluate.item_scores import N_ITEMS_ATTR, ItemScores, item_attrs, packed_items, unpack_all
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
@@ -39,9 +39,10 @@ from olmopt.search.decision import Decision
 from olmopt.search.eval_cache import EvalCache
 from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import Stage, StageSpace
+from olmopt.search.kind_registry import get_kind
 from olmopt.search.storage import is_sqlite, stale_after
 from olmopt.search.workers import Evaluators
-from olmopt.select import degradation_constraints, is_feasible
+from olmopt.select import degradation_constraints, is_feasible, select
 
 REUSE_CAP = 3  # a budget of N evaluations stops after 3 N trials however many repeat earlier ones
 LIVE_STATES = (*T.DONE_STATES, TrialState.RUNNING, TrialState.WAITING)  # trials that spend the budget
@@ -107,14 +108,55 @@ class StageEvaluation:
         self._in_flight: InFlight = {}
         self._beat: _Heartbeat | None = None
         self._writer = _Writer()
+        ev = campaign.config.evaluation
+        self.early_stop = ev.early_stop.mode == "on"
+        self.racing = ev.racing.mode == "on" and get_kind(stage.kind).joint
+        self._items: dict[int, ItemScores] = {}  # trial number -> its per-item values (unpacked once)
         self.reference = self._reference()
 
-    def _reference(self) -> ItemScores | None:
-        """The incumbent's per-item values (its decision's ``items``) when early stopping is on, else None."""
-        if self.c.config.evaluation.early_stop.mode != "on":
+    def _reference(self) -> tuple[dict[str, float], ItemScores] | None:
+        """The incumbent's metrics and per-item values (its decision's ``items``), early stopping on."""
+        if not self.early_stop:
             return None
         earlier = self.keys.earlier_decision(self.incumbent, self.decisions)
-        return unpack_all(earlier.items) if earlier is not None and earlier.items else None
+        return (dict(earlier.metrics), unpack_all(earlier.items)) if earlier and earlier.items else None
+
+    def _stop_inputs(self) -> StopInputs | None:
+        """What the candidate starting now is stopped against (docs/early_stop.md), read from the storage
+        at its start: early stopping compares it with the stage's leader (the best feasible COMPLETE trial
+        with per-item values by the stage's selection score; the incumbent among them) when the stage
+        selects by that score (no acceptance rule of its kind), else with the incumbent; racing (joint
+        stages) ranks it among the trials that have per-item values. With one worker every write has
+        landed first, so the reads are those of a sequential run."""
+        if not self.early_stop and not self.racing:
+            return None
+        self._writer.flush()
+        done = [(t, self._items_of(t)) for t in self.study.get_trials(deepcopy=False, states=T.DONE_STATES)]
+        done = [(t, items) for t, items in done if items]
+        peers = [items for _, items in done] if self.racing else None
+        if self.reference is None and (not self.early_stop or self.space.decide is not None):
+            return StopInputs(peers=peers)
+        entrants: dict[str, tuple[dict[str, float], ItemScores]] = {}
+        if self.reference is not None:
+            entrants["the incumbent"] = self.reference
+        if self.space.decide is None:
+            for t, items in done:
+                if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible", True):
+                    entrants[f"the stage's leader (trial {t.number})"] = (T.metrics_of(t, self.names), items)
+        if not entrants:
+            return StopInputs(peers=peers)
+        scores = {
+            n: {label: m.get(n, float("nan")) for label, (m, _) in entrants.items()} for n in self.names
+        }
+        leader = select(scores, self.directions, score=self.c.config.selection.score).winner
+        assert leader is not None
+        metrics, items = entrants[leader]
+        return StopInputs(items, leader, metrics, peers)
+
+    def _items_of(self, trial: FrozenTrial) -> ItemScores:
+        if trial.number not in self._items:
+            self._items[trial.number] = unpack_all(packed_items(trial.user_attrs))
+        return self._items[trial.number]
 
     # -- enqueueing --------------------------------------------------------------------------------------
     def enqueue_missing(self) -> None:
@@ -231,8 +273,8 @@ class StageEvaluation:
             if known is not None:
                 future: Future[Scored] = Future()
                 future.set_result(known)
-            else:  # inline when workers == 1; early stopping against the incumbent's items
-                future = self.ev.submit(recipe, self.incumbent, self.space.layer, self.reference)
+            else:  # inline when workers == 1; early stopping against the leader's or incumbent's items
+                future = self.ev.submit(recipe, self.incumbent, self.space.layer, self._stop_inputs())
                 self._fresh.add(trial.number)
         except BaseException:
             self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)

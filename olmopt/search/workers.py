@@ -18,8 +18,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from olmopt.config import StudyConfig
-from olmopt.evaluate.early_stop import Scored
-from olmopt.evaluate.item_scores import ItemScores
+from olmopt.evaluate.early_stop import Scored, StopInputs
 from olmopt.recipe import Recipe
 
 if TYPE_CHECKING:  # torch and transformers: imported where a model is loaded
@@ -67,11 +66,11 @@ def _ready() -> bool:
 
 
 def _score_task(
-    recipe_json: str, incumbent_json: str | None, layer: int | None, reference: ItemScores | None
+    recipe_json: str, incumbent_json: str | None, layer: int | None, stop: StopInputs | None
 ) -> Scored:
     assert _WORKER_CTX is not None
     incumbent = Recipe.from_json(incumbent_json) if incumbent_json else None
-    return _WORKER_CTX.evaluate(Recipe.from_json(recipe_json), "search", incumbent, layer, reference)
+    return _WORKER_CTX.evaluate(Recipe.from_json(recipe_json), "search", incumbent, layer, stop)
 
 
 class Evaluators:
@@ -109,21 +108,20 @@ class Evaluators:
         return self._local
 
     def submit(
-        self, recipe: Recipe, incumbent: Recipe | None, layer: int | None, reference: ItemScores | None = None
+        self, recipe: Recipe, incumbent: Recipe | None, layer: int | None, stop: StopInputs | None = None
     ) -> Future[Scored]:
-        """Evaluate ``recipe`` on the search split; ``reference``:
-        the incumbent's per-item values (early stop)."""
+        """Evaluate ``recipe`` on the search split; ``stop``: what early stopping and racing compare with."""
         if self._pool is None:
             future: Future[Scored] = Future()
             try:
-                future.set_result(self.local.evaluate(recipe, "search", incumbent, layer, reference))
+                future.set_result(self.local.evaluate(recipe, "search", incumbent, layer, stop))
             except BaseException as exc:  # noqa: BLE001 - surfaced through the future
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 future.set_exception(exc)
             return future
         return self._pool.submit(
-            _score_task, recipe.to_json(), incumbent.to_json() if incumbent else None, layer, reference
+            _score_task, recipe.to_json(), incumbent.to_json() if incumbent else None, layer, stop
         )
 
     def close(self) -> None:
