@@ -97,6 +97,17 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         # of the layer stage's budget
         "ps+layers": ps_then_layers(budget, n_layers, n_pool, budget * 2 // 5),
         "ps-lw+layers": ps_then_layers(budget, n_layers, n_pool, budget * 2 // 5, group_size=2),
+        # the parameter-space merge alone (per-model weights per pair of layers), the whole budget
+        "ps-lw": {
+            "mode": "off",
+            **{k: v for k, v in ps_then_layers(budget, n_layers, n_pool, budget, 2).items() if k[0] == "_"},
+        },
+        # the main job's layer decision on half the budget, then a joint search over tensor units (every
+        # attention and MLP projection, embeddings and head; warm-started with each donor's whole model)
+        "layers+units": {
+            **default_at(budget // 2, n_layers, n_pool),
+            "_decisions": {"tensors": {"mode": "joint", "n_trials": budget - budget // 2, "sampler": "tpe"}},
+        },
     }
 
 
