@@ -206,11 +206,16 @@ def main() -> None:
             differ = check_cache(search_ctx, test_ctx, paths, scores, args.check) if args.check else None
             rows = verdicts(scores, donors, counts)
             picks: dict[str, tuple[str, ...] | None] = {}
+            runs = {}
             plans = sq.strategies(args.budget, n_layers, len(paths))
             for name in filter(None, args.strategies.split(",")):
                 run = sq.run_strategy(tmp, zoo, paths, f"{zoo.name}-{name}".replace("+", "-"), plans[name])
-                picks[name] = assignment_of(json.loads(run["recipe"].to_json()), paths, n_layers)
+                picks[name] = assignment_of(json.loads(run.pop("recipe").to_json()), paths, n_layers)
+                runs[name] = run  # evaluations, held-out checks, wall
             result = summary(rows, len(paths), gt, picks)
+            for name, pick in result["picks"].items():
+                if pick is not None:
+                    pick["run"] = runs[name]
             best_donor = max(donor_means, key=lambda n: donor_means[n][0])
             result |= {"family": zoo.name, "wall_s": wall, "cache_mismatches": differ, "rows": rows}
             result["donor_test_means"] = {n: m[0] for n, m in donor_means.items()}
@@ -232,7 +237,11 @@ def main() -> None:
                 if pick is None:
                     print(f"{name}: its pick is outside the layer space")
                 else:
-                    print(f"{name}: rank {pick['rank']} of {len(rows)}: {describe(pick['row'])}")
+                    run = pick["run"]
+                    print(
+                        f"{name}: rank {pick['rank']} of {len(rows)}: {describe(pick['row'])}; "
+                        f"{run['evaluations']} evaluations (+{run['held_out_checks']}), {run['wall_s']:.0f} s"
+                    )
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=1))
