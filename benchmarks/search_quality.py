@@ -91,6 +91,23 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         # the main job's layer decision (studies/zoo.yaml) at this budget: its polish sweeps are paid for
         # out of the joint stage's trials (an upper bound: candidates that repeat known weights are free)
         "default": default_at(budget, n_layers, n_pool),
+        # a parameter-space merge stage first (its winner joins the layer stages as the donor @merge), then
+        # the main job's layer decision: TIES / task arithmetic / DELLA with per-model weights, global
+        # ("ps+layers") or per pair of adjacent layers ("ps-lw+layers"); the merge stage's trials come out
+        # of the layer stage's budget
+        "ps+layers": ps_then_layers(budget, n_layers, n_pool, budget * 2 // 5),
+        "ps-lw+layers": ps_then_layers(budget, n_layers, n_pool, budget * 2 // 5, group_size=2),
+        # the parameter-space merge alone (per-model weights per pair of layers), the whole budget
+        "ps-lw": {
+            "mode": "off",
+            **{k: v for k, v in ps_then_layers(budget, n_layers, n_pool, budget, 2).items() if k[0] == "_"},
+        },
+        # the main job's layer decision on half the budget, then a joint search over tensor units (every
+        # attention and MLP projection, embeddings and head; warm-started with each donor's whole model)
+        "layers+units": {
+            **default_at(budget // 2, n_layers, n_pool),
+            "_decisions": {"tensors": {"mode": "joint", "n_trials": budget - budget // 2, "sampler": "tpe"}},
+        },
     }
 
 
@@ -99,6 +116,23 @@ def default_at(budget: int, n_layers: int, n_pool: int) -> dict[str, Any]:
     layers = main_job_layers()
     polish = int(layers.get("polish", 0)) * n_layers * (n_pool - 1)
     return {**layers, "n_trials": max(10, budget - polish)}
+
+
+def ps_then_layers(
+    budget: int, n_layers: int, n_pool: int, merge_trials: int, group_size: int | None = None
+) -> dict[str, Any]:
+    """A merge stage of ``merge_trials`` evaluations, then the main job's layer decision with the rest of
+    ``budget`` (its polish sweeps also offer the merge, one donor more per slot)."""
+    layers = main_job_layers()
+    rest = budget - merge_trials
+    polish = int(layers.get("polish", 0)) * n_layers * n_pool
+    merge: dict[str, Any] = {
+        "mode": "joint",
+        "methods": ["ties", "task_arithmetic", "della"],
+        "n_trials": merge_trials,
+        "group_size": group_size,
+    }
+    return {**layers, "n_trials": max(10, rest - polish), "_decisions": {"merge": merge}}
 
 
 def main_job_layers() -> dict[str, Any]:
@@ -179,12 +213,13 @@ def run_strategy(
     from olmopt.search.campaign import Campaign
 
     layers = dict(layers)
+    extra = layers.pop("_decisions", {})  # decisions besides the layers (a merge stage before them)
     spec = {
         "name": name,
         "pool": {"models": list(paths.values())},
         "objectives": zoo_objectives(),
         "selection": layers.pop("_selection", {}),
-        "decisions": {"base": {"mode": "fixed", "model": paths["base"]}, "layers": layers},
+        "decisions": {"base": {"mode": "fixed", "model": paths["base"]}, "layers": layers, **extra},
         "sampler": {"name": "tpe", "seed": 0},
     }
     url = f"sqlite:///{tmp / (name + '.db')}"
