@@ -27,9 +27,10 @@ wall time; each family is marked accepted or not (zoo.json ``acceptance``). The 
 
 ``--budget`` takes several values; ``--zoo DIR=100,300`` gives one zoo its own budgets. ``--jobs N``
 (default 2) runs N campaigns at once in spawned processes of one torch thread each (scoring stays in
-this process); campaigns start seed by seed, smaller budgets first, so a run stopped early has whole
-tables for the first seed. The JSON (``--out``, rewritten after every campaign) holds every seed's row
-and the run's machine, total wall time and whether it finished; ``--render FILE ...`` prints the tables.
+this process); campaigns start seed by seed, then in the order of ``--zoo`` and its budgets, so a run
+stopped early has whole tables for the first families of the first seed. The JSON (``--out``, rewritten
+after every campaign) holds every seed's row and the run's machine, total wall time and whether it
+finished; ``--render FILE ...`` prints the tables.
 ``--quick``: the tiny llama family, budget 40, four strategies (target: under 5 minutes).
 """
 
@@ -552,13 +553,13 @@ def main() -> None:
     from olmopt.runtime import configure_threads
 
     configure_threads()  # scoring in this process: one thread too
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    host, start, load_start = machine(), time.perf_counter(), os.getloadavg()[0]
     out = Path(args.out)
     results: list[dict[str, Any]] = []
 
     def write(complete: bool) -> None:
         meta = {
-            "machine": machine(), "jobs": args.jobs, "seeds": args.seeds, "campaigns": len(results),
+            "machine": host, "jobs": args.jobs, "seeds": args.seeds, "campaigns": len(results),
             "wall_s": time.perf_counter() - start, "load_start": load_start, "load_end": os.getloadavg()[0],
             "complete": complete, "argv": sys.argv[1:],
         }  # fmt: skip
@@ -569,7 +570,8 @@ def main() -> None:
         tmp = Path(tmp_name)
         test_files = test_split(tmp / "test-split")
         families = {zoo: Family(zoo, test_files) for zoo, _ in zoos}
-        # seed 0 of everything first, smaller budgets first: a run stopped early has whole tables
+        # seed 0 of everything first, in the order of --zoo and of the budgets: a run stopped early has
+        # whole tables for its first families
         jobs = [
             {
                 "tmp": tmp_name, "zoo": str(zoo), "paths": families[zoo].paths, "strategy": name,
@@ -577,12 +579,11 @@ def main() -> None:
                 "campaign": f"{zoo.name}-{name}-b{b}-s{seed}".replace("+", "-"),
             }
             for seed in range(args.seeds)
-            for b in sorted(set(budget).union(*(bs or [] for _, bs in zoos)))
             for zoo, budgets in zoos
-            if b in (budgets or budget)
+            for b in budgets or budget
             for name in wanted
         ]  # fmt: skip
-        print(f"{machine()}; {len(jobs)} campaigns, {args.jobs} worker process(es)", flush=True)
+        print(f"{host}; {len(jobs)} campaigns, {args.jobs} worker process(es)", flush=True)
         shown: set[Path] = set()
         for job, run in execute(jobs, args.jobs):
             fam = families[Path(job["zoo"])]
