@@ -301,6 +301,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 **{k: first[k] for k in ("family", "budget", "strategy")},
                 **{k: first[k] for k in ("best_single_test_mean", "ground_truth_test_mean")},
                 "accepted": first.get("accepted", True),
+                "donors": first.get("donors", 5),
                 "seeds": [r.get("seed", 0) for r in runs],
                 "same_recipe": len({json.dumps(r["recipe"], sort_keys=True) for r in runs}) == 1,
                 "test_mean": mean,
@@ -321,6 +322,19 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return summaries
+
+
+def targets(s: dict[str, Any]) -> str:
+    """Issue 15's targets for one summary: test mean >= 95 % of the ground-truth recipe's, above the best
+    single donor where the recipe is, and held-out Copeland beating every donor (in every seed)."""
+    best, truth, mean = s["best_single_test_mean"], s["ground_truth_test_mean"], s["test_mean"]
+    above = ("met" if mean > best else "missed") if truth > best else "n/a (recipe below the best donor)"
+    copeland = "met" if s["held_out_copeland"] == s.get("donors", 5) else "missed"
+    return (
+        f"{s['strategy']}: >= 95 % of the recipe {'met' if mean >= 0.95 * truth else 'missed'} "
+        f"({mean / truth:.0%}); above the best donor {above}; beats every donor on held-out Copeland "
+        f"{copeland}"
+    )
 
 
 def load_results(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -384,6 +398,7 @@ def render(paths: list[str]) -> str:
                 + f"{_num(s['held_out_copeland'], '+')} ({_num(s['held_out_copeland_best_donor'], '+')}) | "
                 f"{gap} | {_num(s['evaluations'])} (+{_num(s['held_out_checks'])}) | {s['wall_s']:.0f} s |"
             )
+        out += [f"\nTargets, {targets(s)}." for s in mine if s["strategy"] == "default"]
     return "\n".join(out)
 
 
@@ -504,6 +519,7 @@ class Family:
             "test_mean": mean, "test_ci95": half, "test": test, "held_out": held,
             "held_out_copeland": cope["merged"],
             "held_out_copeland_best_donor": max(cope[n] for n in self.singles),
+            "donors": len(self.singles),
             "gap_closed": (mean - refs["best_single"]) / gap if gap > 0 else None,
             "best_single_test_mean": refs["best_single"], "ground_truth_test_mean": refs["truth"],
             "recipe": json.loads(recipe.to_json()),

@@ -86,3 +86,18 @@ def test_zoo_argument(sq: ModuleType) -> None:
     assert sq.zoo_arg("/z/zoo-small") == (Path("/z/zoo-small"), None)
     assert sq.zoo_arg("/z/a=b") == (Path("/z/a=b"), None)  # not budgets: part of the name
     assert sq.zoo_arg("/z/a=0") == (Path("/z/a=0"), None)
+
+
+def test_targets(sq: ModuleType) -> None:
+    s = {"strategy": "default", "best_single_test_mean": 0.4, "ground_truth_test_mean": 0.6}
+    # 0.58 / 0.6 = 97 % of the recipe, above the donor's 0.4, beats all 5 donors
+    assert sq.targets({**s, "test_mean": 0.58, "held_out_copeland": 5, "donors": 5}) == (
+        "default: >= 95 % of the recipe met (97%); above the best donor met; beats every donor on held-out "
+        "Copeland met"
+    )
+    # 0.56 / 0.6 = 93 %; a mean Copeland of 4.5 over seeds: one seed did not beat every donor
+    text = sq.targets({**s, "test_mean": 0.56, "held_out_copeland": 4.5, "donors": 5})
+    assert "recipe missed (93%); above the best donor met;" in text and text.endswith("Copeland missed")
+    # the recipe below the best donor: no room to be above it
+    low = {**s, "ground_truth_test_mean": 0.3, "test_mean": 0.39, "held_out_copeland": 5}
+    assert "met (130%); above the best donor n/a (recipe below the best donor);" in sq.targets(low)
