@@ -1,12 +1,14 @@
 """Search quality: which campaign strategy finds the best layer-donor merge, at equal evaluation budgets.
 
-    python benchmarks/search_quality.py [--zoo DIR ...] [--budget 100] [--strategies a,b] [--quick]
-                                        [--out storage/search-quality.json]
+    python benchmarks/search_quality.py [--zoo DIR[=B1,B2] ...] [--budget 100 [300 ...]] [--seeds 1]
+                                        [--jobs 2] [--strategies a,b] [--quick]
+                                        [--out storage/search-quality.json] [--render JSON ...]
 
 For every zoo family (a directory built by ``olmopt zoo build``; missing ones are built with the pinned
-seed named by the directory ``storage/zoo-SIZE-ARCH[-sSEED]``) and every strategy, it runs a campaign
-on SQLite (base fixed to the pool's base, objectives/zoo.yaml), counts the evaluations it spent
-(trials whose metrics were not reused, and held-out checks separately) and scores the final Recipe on:
+seed named by the directory ``storage/zoo-SIZE-ARCH[-sSEED]``), every budget and every strategy, it runs
+``--seeds K`` campaigns (``sampler.seed`` 0..K-1) on SQLite (base fixed to the pool's base,
+objectives/zoo.yaml), counts the evaluations each spent (trials whose metrics were not reused, and
+held-out checks separately) and scores its final Recipe on:
 
 - the search and held-out parts of objectives/zoo.yaml (the campaign saw the first, checked the second);
 - a **sealed test split** written by this script (``test_split``): 400 items per skill for add, rev and
@@ -15,24 +17,39 @@ on SQLite (base fixed to the pool's base, objectives/zoo.yaml), counts the evalu
   specialists' training pools, < 1 %); add has only 8,100 prompts and the zoo trains on every one outside
   objectives/, so its test items are trained prompts, like fact's (both measure retained skill).
 
-Per family and strategy it reports the test mean with a 95 % confidence interval (normal approximation
-over the items of all skills), the per-skill test scores, held-out Copeland against the donors, the
-share of the gap closed between the best single donor and the zoo's ground-truth layer recipe on the
-test mean, evaluations and wall time. The ground truth (zoo.json ``layer_recipe``) only scores results:
-no strategy reads it. ``--quick``: the tiny llama family, budget 40, four strategies (about 5 minutes).
+Per family, budget and strategy it reports the test mean with a 95 % confidence interval (normal
+approximation over the items of all skills; with several seeds: the mean over seeds with a 95 % Student-t
+interval across seeds, beside the mean single-run interval, and whether every seed ended on the same
+merge), the per-skill test scores, held-out Copeland against the donors, the share of the gap closed
+between the best single donor and the zoo's ground-truth layer recipe on the test mean, evaluations and
+wall time; each family is marked accepted or not (zoo.json ``acceptance``). The ground truth (zoo.json
+``layer_recipe``) only scores results: no strategy reads it.
+
+``--budget`` takes several values; ``--zoo DIR=100,300`` gives one zoo its own budgets. ``--jobs N``
+(default 2) runs N campaigns at once in spawned processes of one torch thread each (scoring stays in
+this process); campaigns start seed by seed, then in the order of ``--zoo`` and its budgets, so a run
+stopped early has whole tables for the first families of the first seed. The JSON (``--out``, rewritten
+after every campaign) holds every seed's row and the run's machine, total wall time and whether it
+finished; ``--render FILE ...`` prints the tables.
+``--quick``: the tiny llama family, budget 40, four strategies (target: under 5 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import multiprocessing
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -204,9 +221,10 @@ def family(zoo: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def run_strategy(
-    tmp: Path, zoo: Path, paths: dict[str, str], name: str, layers: dict[str, Any]
+    tmp: Path, zoo: Path, paths: dict[str, str], name: str, layers: dict[str, Any], seed: int = 0
 ) -> dict[str, Any]:
-    """Create and run one campaign; its final Recipe, evaluations spent and wall time."""
+    """Create and run one campaign (``sampler.seed`` = ``seed``); its final Recipe, evaluations spent and
+    wall time."""
     import optuna
 
     from olmopt.cli import main
@@ -220,7 +238,7 @@ def run_strategy(
         "objectives": zoo_objectives(),
         "selection": layers.pop("_selection", {}),
         "decisions": {"base": {"mode": "fixed", "model": paths["base"]}, "layers": layers, **extra},
-        "sampler": {"name": "tpe", "seed": 0},
+        "sampler": {"name": "tpe", "seed": seed},
     }
     url = f"sqlite:///{tmp / (name + '.db')}"
     study_file = tmp / f"{name}.yaml"
@@ -286,42 +304,279 @@ def mean_ci(scores: dict[str, float], counts: dict[str, int]) -> tuple[float, fl
     return result[0], result[1]
 
 
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """Mean of ``values`` and the half-width of its 95 % Student-t interval (nan for a single value)."""
+    from scipy import stats
+
+    k = len(values)
+    mean = sum(values) / k
+    if k < 2:
+        return mean, float("nan")
+    return mean, float(stats.t.ppf(0.975, k - 1)) * statistics.stdev(values) / k**0.5
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per (family, budget, strategy) over its campaign seeds, in first-seen order: the mean
+    of every figure, the 95 % t interval of the test mean across seeds (``seed_ci95``) beside the mean
+    single-run interval (``test_ci95``), and whether every seed ended on the same Recipe."""
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["family"], r["budget"], r["strategy"]), []).append(r)
+    summaries = []
+    for runs in groups.values():
+        mean, across = t_interval([r["test_mean"] for r in runs])
+
+        def avg(key: str, runs: list[dict[str, Any]] = runs) -> float:
+            return sum(r[key] for r in runs) / len(runs)
+
+        gaps = [r["gap_closed"] for r in runs]
+        first = runs[0]
+        summaries.append(
+            {
+                **{k: first[k] for k in ("family", "budget", "strategy")},
+                **{k: first[k] for k in ("best_single_test_mean", "ground_truth_test_mean")},
+                "accepted": first.get("accepted", True),
+                "donors": first.get("donors", 5),
+                "seeds": [r.get("seed", 0) for r in runs],
+                "same_recipe": len({json.dumps(r["recipe"], sort_keys=True) for r in runs}) == 1,
+                "test_mean": mean,
+                "seed_ci95": across,
+                "test_ci95": avg("test_ci95"),
+                "test": {s: sum(r["test"][s] for r in runs) / len(runs) for s in first["test"]},
+                "gap_closed": None if None in gaps else sum(gaps) / len(gaps),
+                **{
+                    k: avg(k)
+                    for k in (
+                        "held_out_copeland",
+                        "held_out_copeland_best_donor",
+                        "evaluations",
+                        "held_out_checks",
+                        "wall_s",
+                    )
+                },  # fmt: skip
+            }
+        )
+    return summaries
+
+
+def targets(s: dict[str, Any]) -> str:
+    """Issue 15's targets for one summary: test mean >= 95 % of the ground-truth recipe's, above the best
+    single donor where the recipe is, and held-out Copeland beating every donor (in every seed)."""
+    best, truth, mean = s["best_single_test_mean"], s["ground_truth_test_mean"], s["test_mean"]
+    above = ("met" if mean > best else "missed") if truth > best else "n/a (recipe below the best donor)"
+    copeland = "met" if s["held_out_copeland"] == s.get("donors", 5) else "missed"
+    return (
+        f"{s['strategy']}: >= 95 % of the recipe {'met' if mean >= 0.95 * truth else 'missed'} "
+        f"({mean / truth:.0%}); above the best donor {above}; beats every donor on held-out Copeland "
+        f"{copeland}"
+    )
+
+
+def load_results(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(run metadata, rows) of a result file (older files are a bare list of rows)."""
+    data = json.loads(Path(path).read_text())
+    return ({}, data) if isinstance(data, list) else (data["meta"], data["rows"])
+
+
+def _num(x: float, sign: str = "") -> str:
+    """An integer as one, anything else with one decimal (means over seeds)."""
+    return f"{x:{sign}.0f}" if float(x).is_integer() else f"{x:{sign}.1f}"
+
+
+def run_line(meta: dict[str, Any]) -> str:
+    done = "" if meta["complete"] else f", stopped before the end ({meta['campaigns']} campaigns finished)"
+    return (
+        f"Run: {meta['machine']}; {meta['jobs']} worker process(es), {meta['seeds']} campaign seed(s), "
+        f"{meta['campaigns']} campaigns; total wall {meta['wall_s']:.0f} s{done}; load average "
+        f"{meta['load_start']:.1f} at start, {meta['load_end']:.1f} at the end."
+    )
+
+
 def render(paths: list[str]) -> str:
-    """Markdown tables (one per family) from result files this script wrote."""
+    """Markdown tables (one per family and budget) from result files this script wrote."""
     rows: list[dict[str, Any]] = []
-    for path in paths:
-        rows += json.loads(Path(path).read_text())
     out = []
-    for fam in dict.fromkeys(r["family"] for r in rows):
-        mine = sorted((r for r in rows if r["family"] == fam), key=lambda r: -r["test_mean"])
+    for path in paths:
+        meta, more = load_results(path)
+        rows += more
+        if meta:
+            out.append(run_line(meta))
+    summaries = aggregate(rows)
+    for fam, budget in dict.fromkeys((s["family"], s["budget"]) for s in summaries):
+        mine = sorted(
+            (s for s in summaries if s["family"] == fam and s["budget"] == budget),
+            key=lambda s: -s["test_mean"],
+        )
         first = mine[0]
-        accepted = "" if first.get("accepted", True) else ", fails the zoo's acceptance criteria"
+        mark = "accepted" if first["accepted"] else "NOT accepted: fails the zoo's acceptance criteria"
         out.append(
-            f"\n**{fam}** (budget {first['budget']}{accepted}): best single donor "
+            f"\n**{fam}** [{mark}] (budget {budget}): best single donor "
             f"{first['best_single_test_mean']:.3f}, ground-truth recipe "
             f"{first['ground_truth_test_mean']:.3f} (test means)\n"
         )
+        skills = list(first["test"])
         out.append(
-            "| strategy | test mean ± 95 % | add | rev | fact | mc | held-out Copeland (best donor) | gap "
-            "closed | evaluations (+held-out checks) | wall |"
+            "| strategy | seeds | test mean ± 95 % across seeds (t) | ± 95 % one run | "
+            + "".join(f"{k} | " for k in skills)
+            + "held-out Copeland (best donor) | gap closed | evaluations (+held-out checks) | wall |"
         )
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
-        for r in mine:
-            t = r["test"]
-            gap = f"{r['gap_closed']:+.2f}" if r["gap_closed"] is not None else "n/a"
+        out.append("|---" * (8 + len(skills)) + "|")
+        for s in mine:
+            t = s["test"]
+            n = len(s["seeds"])
+            seeds = f"{n} (same merge)" if n > 1 and s["same_recipe"] else str(n)
+            across = "n/a" if math.isnan(s["seed_ci95"]) else f"{s['seed_ci95']:.3f}"
+            gap = f"{s['gap_closed']:+.2f}" if s["gap_closed"] is not None else "n/a"
             out.append(
-                f"| {r['strategy']} | {r['test_mean']:.3f} ± {r['test_ci95']:.3f} | {t['add']:.2f} | "
-                f"{t['rev']:.2f} | {t['fact']:.2f} | {t['mc']:.2f} | {r['held_out_copeland']:+.0f} "
-                f"({r['held_out_copeland_best_donor']:+.0f}) | {gap} | {r['evaluations']} "
-                f"(+{r['held_out_checks']}) | {r['wall_s']:.0f} s |"
+                f"| {s['strategy']} | {seeds} | {s['test_mean']:.3f} ± {across} | {s['test_ci95']:.3f} | "
+                + "".join(f"{t[k]:.2f} | " for k in skills)
+                + f"{_num(s['held_out_copeland'], '+')} ({_num(s['held_out_copeland_best_donor'], '+')}) | "
+                f"{gap} | {_num(s['evaluations'])} (+{_num(s['held_out_checks'])}) | {s['wall_s']:.0f} s |"
             )
+        out += [f"\nTargets, {targets(s)}." for s in mine if s["strategy"] == "default"]
     return "\n".join(out)
+
+
+def zoo_arg(text: str) -> tuple[Path, list[int] | None]:
+    """``DIR`` or ``DIR=B1,B2``: a zoo directory and the budgets for it alone (None: ``--budget``)."""
+    head, sep, tail = text.rpartition("=")
+    if sep and tail and all(b.isdigit() and int(b) > 0 for b in tail.split(",")):
+        return Path(head), [int(b) for b in tail.split(",")]
+    return Path(text), None
+
+
+def one_thread() -> None:
+    """Worker initializer: one torch thread per campaign process."""
+    os.environ["OLMOPT_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def campaign_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One campaign (a worker's unit of work); the final Recipe travels back as JSON."""
+    run = run_strategy(
+        Path(job["tmp"]), Path(job["zoo"]), job["paths"], job["campaign"], job["layers"], job["seed"]
+    )
+    run["recipe"] = run["recipe"].to_json()
+    return run
+
+
+def execute(jobs: list[dict[str, Any]], workers: int) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(job, run) for every campaign as it finishes: in this process with one worker, else in ``workers``
+    spawned processes (submitted in order, so a stopped run has finished the first jobs)."""
+    if workers == 1:
+        for job in jobs:
+            yield job, campaign_job(job)
+        return
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=one_thread
+    )
+    try:
+        futures = {pool.submit(campaign_job, job): job for job in jobs}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+class Family:
+    """One zoo family's scoring: the two evaluation contexts (built on demand, the last two families kept)
+    and its reference figures (the single donors and the ground-truth recipe)."""
+
+    contexts: dict[str, tuple[Any, Any]] = {}
+
+    def __init__(self, zoo: Path, test_files: dict[str, Path]) -> None:
+        from olmopt.recipe import Recipe
+
+        self.zoo, self.test_files = zoo, test_files
+        self.manifest, self.paths = family(zoo)
+        self.n_layers = int(self.manifest["model_config"]["num_hidden_layers"])
+        self.singles = {name: Recipe(base=path) for name, path in self.paths.items()}
+        truth = self.manifest["layer_recipe"]
+        self.truth = Recipe(
+            base=self.paths[truth["base"]], layers={int(i): self.paths[m] for i, m in truth["layers"].items()}
+        )
+        self.refs: dict[str, Any] | None = None
+
+    def plans(self, budget: int) -> dict[str, dict[str, Any]]:
+        return strategies(budget, self.n_layers, len(self.paths))
+
+    def ctx(self) -> tuple[Any, Any]:
+        key = str(self.zoo)
+        if key not in Family.contexts:
+            while len(Family.contexts) >= 2:
+                del Family.contexts[next(iter(Family.contexts))]
+            Family.contexts[key] = scorer(self.zoo, self.paths, self.test_files)
+        return Family.contexts[key]
+
+    def references(self) -> dict[str, Any]:
+        if self.refs is None:
+            search_ctx, test_ctx = self.ctx()
+            counts = {o.name: len(test_ctx.evaluator.encoded(o, "search")) for o in test_ctx.objectives}
+            means = {n: mean_ci(test_ctx.score(r, "search"), counts)[0] for n, r in self.singles.items()}
+            self.refs = {
+                "counts": counts,
+                "held_out": {n: search_ctx.score(r, "held_out") for n, r in self.singles.items()},
+                "best_single": max(means.values()),
+                "truth": mean_ci(test_ctx.score(self.truth, "search"), counts)[0],
+            }
+        return self.refs
+
+    def header(self) -> str:
+        key = self.manifest["build_key"]
+        refs = self.references()
+        mark = "accepted" if self.manifest["acceptance"]["passed"] else "NOT accepted"
+        return (
+            f"## {self.zoo.name} ({key['arch']}, {key['size']}, seed {key['seed']}, {mark}): best single "
+            f"donor test mean {refs['best_single']:.3f}; ground-truth recipe {refs['truth']:.3f}"
+        )
+
+    def score(self, job: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+        """The benchmark row of one finished campaign (test split, held-out Copeland, gap closed)."""
+        from olmopt.recipe import Recipe
+        from olmopt.search.finalize import copeland_verdict
+
+        refs = self.references()
+        search_ctx, test_ctx = self.ctx()
+        recipe = Recipe.from_json(run.pop("recipe"))
+        test = test_ctx.score(recipe, "search")
+        held = search_ctx.score(recipe, "held_out")
+        mean, half = mean_ci(test, refs["counts"])
+        table = [{"model": "merged", "held_out": held}]
+        table += [{"model": n, "held_out": refs["held_out"][n]} for n in self.singles]
+        cope = copeland_verdict(table, dict.fromkeys(held, "maximize"))["scores"]
+        gap = refs["truth"] - refs["best_single"]
+        return {
+            **{k: job[k] for k in ("strategy", "budget", "seed")}, "family": self.zoo.name,
+            **run,
+            "accepted": bool(self.manifest["acceptance"]["passed"]),
+            "test_mean": mean, "test_ci95": half, "test": test, "held_out": held,
+            "held_out_copeland": cope["merged"],
+            "held_out_copeland_best_donor": max(cope[n] for n in self.singles),
+            "donors": len(self.singles),
+            "gap_closed": (mean - refs["best_single"]) / gap if gap > 0 else None,
+            "best_single_test_mean": refs["best_single"], "ground_truth_test_mean": refs["truth"],
+            "recipe": json.loads(recipe.to_json()),
+        }  # fmt: skip
+
+
+def fail(message: str) -> NoReturn:
+    print(f"search_quality: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", nargs="*", default=None, help="zoo directories (default: every family)")
-    parser.add_argument("--budget", type=int, default=100)
+    parser.add_argument(
+        "--zoo",
+        nargs="*",
+        default=None,
+        help="zoo directories, each DIR or DIR=B1,B2 (default: every family)",
+    )
+    parser.add_argument("--budget", type=int, nargs="+", default=[100], help="evaluation budgets")
+    parser.add_argument("--seeds", type=int, default=1, help="campaign seeds per strategy (0..K-1)")
+    parser.add_argument("--jobs", type=int, default=2, help="campaigns run at once, one process each")
     parser.add_argument("--strategies", default=None, help="comma-separated subset")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(REPO / "storage" / "search-quality.json"))
@@ -332,83 +587,75 @@ def main() -> None:
     if args.render:
         print(render(args.render))
         return
-    os.environ.setdefault("OLMOPT_THREADS", "1")
-    from olmopt.recipe import Recipe
-    from olmopt.search.finalize import copeland_verdict
-
+    if min(args.budget) < 1 or args.seeds < 1 or args.jobs < 1:
+        fail("--budget, --seeds and --jobs must be positive")
+    known = list(strategies(100, 2, 2))
+    wanted = args.strategies.split(",") if args.strategies else (QUICK if args.quick else known)
+    if unknown := [n for n in wanted if n not in known]:
+        fail(f"unknown strategy {unknown[0]!r}; known: {', '.join(known)}")
     default_zoos = ["zoo-tiny", "zoo-small", "zoo-small-llama-s0", "zoo-small-llama-s1", "zoo-small-llama-s2"]
-    zoos = [
-        Path(z)
-        for z in (
-            args.zoo or [str(REPO / "storage" / z) for z in (["zoo-tiny"] if args.quick else default_zoos)]
-        )
-    ]
-    budget = 40 if args.quick and args.budget == 100 else args.budget
-    wanted = args.strategies.split(",") if args.strategies else (QUICK if args.quick else None)
-    results: list[dict[str, Any]] = []
+    zoo_args = args.zoo or [str(REPO / "storage" / z) for z in (["zoo-tiny"] if args.quick else default_zoos)]
+    zoos = [zoo_arg(z) for z in zoo_args]
+    budget = [40] if args.quick and args.budget == [100] else args.budget
+    for var in ("OLMOPT_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    from bench_candidate import machine
+
+    from olmopt.runtime import configure_threads
+
+    configure_threads()  # scoring in this process: one thread too
+    host, start, load_start = machine(), time.perf_counter(), os.getloadavg()[0]
     out = Path(args.out)
+    results: list[dict[str, Any]] = []
+
+    def write(complete: bool) -> None:
+        meta = {
+            "machine": host, "jobs": args.jobs, "seeds": args.seeds, "campaigns": len(results),
+            "wall_s": time.perf_counter() - start, "load_start": load_start, "load_end": os.getloadavg()[0],
+            "complete": complete, "argv": sys.argv[1:],
+        }  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         test_files = test_split(tmp / "test-split")
-        for zoo in zoos:
-            manifest, paths = family(zoo)
-            n_layers = int(manifest["model_config"]["num_hidden_layers"])
-            plans = strategies(budget, n_layers, len(paths))
-            search_ctx, test_ctx = scorer(zoo, paths, test_files)
-            counts = {o.name: len(test_ctx.evaluator.encoded(o, "search")) for o in test_ctx.objectives}
-            truth = manifest["layer_recipe"]
-            singles = {name: Recipe(base=path) for name, path in paths.items()}
-            gt = Recipe(
-                base=paths[truth["base"]], layers={int(i): paths[m] for i, m in truth["layers"].items()}
-            )
-            reference = {**singles, "ground truth": gt}
-            ref_scores = {
-                n: {s: test_ctx.score(r, "search") for s in ("test",)}
-                | {"held_out": search_ctx.score(r, "held_out")}
-                for n, r in reference.items()
+        families = {zoo: Family(zoo, test_files) for zoo, _ in zoos}
+        # seed 0 of everything first, in the order of --zoo and of the budgets: a run stopped early has
+        # whole tables for its first families
+        jobs = [
+            {
+                "tmp": tmp_name, "zoo": str(zoo), "paths": families[zoo].paths, "strategy": name,
+                "seed": seed, "budget": b, "layers": families[zoo].plans(b)[name],
+                "campaign": f"{zoo.name}-{name}-b{b}-s{seed}".replace("+", "-"),
             }
-            best_single = max(mean_ci(ref_scores[n]["test"], counts)[0] for n in singles)
-            gt_mean = mean_ci(ref_scores["ground truth"]["test"], counts)[0]
+            for seed in range(args.seeds)
+            for zoo, budgets in zoos
+            for b in budgets or budget
+            for name in wanted
+        ]  # fmt: skip
+        print(f"{host}; {len(jobs)} campaigns, {args.jobs} worker process(es)", flush=True)
+        shown: set[Path] = set()
+        for job, run in execute(jobs, args.jobs):
+            fam = families[Path(job["zoo"])]
+            if fam.zoo not in shown:
+                shown.add(fam.zoo)
+                print(f"\n{fam.header()}", flush=True)
+            row = fam.score(job, run)
+            results.append(row)
+            closed = f"{row['gap_closed']:+.2f}" if row["gap_closed"] is not None else "n/a"
             print(
-                f"\n## {zoo.name} ({manifest['build_key']['arch']}, {manifest['build_key']['size']}, seed "
-                f"{manifest['build_key']['seed']}), budget {budget}"
+                f"| {fam.zoo.name} | {job['strategy']} | budget {job['budget']} | seed {job['seed']} | "
+                f"{row['test_mean']:.3f} ± {row['test_ci95']:.3f} | "
+                + " ".join(f"{row['test'][s]:.2f}" for s in row["test"])
+                + f" | {row['held_out_copeland']:+.0f} | {closed} | {row['evaluations']} "
+                f"(+{row['held_out_checks']}) | {row['wall_s']:.0f} s |",
+                flush=True,
             )
-            print(f"best single donor test mean {best_single:.3f}; ground-truth recipe {gt_mean:.3f}")
-            for name in wanted or list(plans):
-                if name not in plans:
-                    raise SystemExit(f"unknown strategy {name!r}; known: {', '.join(plans)}")
-                layers = plans[name]
-                run = run_strategy(tmp, zoo, paths, f"{zoo.name}-{name}".replace("+", "-"), layers)
-                recipe = run.pop("recipe")
-                test = test_ctx.score(recipe, "search")
-                held = search_ctx.score(recipe, "held_out")
-                mean, half = mean_ci(test, counts)
-                table = [{"model": "merged", "held_out": held}]
-                table += [{"model": n, "held_out": ref_scores[n]["held_out"]} for n in singles]
-                cope = copeland_verdict(table, dict.fromkeys(held, "maximize"))["scores"]
-                gap = gt_mean - best_single
-                row = {
-                    "family": zoo.name, "strategy": name, "budget": budget, **run,
-                    "accepted": bool(manifest["acceptance"]["passed"]),
-                    "test_mean": mean, "test_ci95": half, "test": test, "held_out": held,
-                    "held_out_copeland": cope["merged"],
-                    "held_out_copeland_best_donor": max(cope[n] for n in singles),
-                    "gap_closed": (mean - best_single) / gap if gap > 0 else None,
-                    "best_single_test_mean": best_single, "ground_truth_test_mean": gt_mean,
-                    "recipe": json.loads(recipe.to_json()),
-                }  # fmt: skip
-                results.append(row)
-                closed = f"{row['gap_closed']:+.2f}" if row["gap_closed"] is not None else "n/a"
-                print(
-                    f"| {name} | {mean:.3f} ± {half:.3f} | "
-                    + " ".join(f"{test[s]:.2f}" for s in test)
-                    + f" | {cope['merged']:+.0f} | {closed} | {run['evaluations']} "
-                    f"(+{run['held_out_checks']}) | {run['wall_s']:.0f} s |",
-                    flush=True,
-                )
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {out}")
+            write(complete=False)
+    write(complete=True)
+    print(f"\ntotal wall {time.perf_counter() - start:.0f} s for {len(results)} campaigns; wrote {out}")
+    print(render([str(out)]))
 
 
 if __name__ == "__main__":

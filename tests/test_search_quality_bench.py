@@ -1,0 +1,103 @@
+"""benchmarks/search_quality.py: the seed aggregation, its t interval, zoo arguments (hand computations)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "search_quality.py"
+
+
+@pytest.fixture(scope="module")
+def sq() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("search_quality", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_t_interval(sq: ModuleType) -> None:
+    # two values: mean 0.5, sd 0.1414, t(0.975, 1) = 12.706 -> 12.706 * 0.1414 / sqrt(2) = 1.2706
+    mean, half = sq.t_interval([0.4, 0.6])
+    assert mean == pytest.approx(0.5) and half == pytest.approx(1.2706, abs=1e-4)
+    # three values: sd 0.1, t(0.975, 2) = 4.3027 -> 4.3027 * 0.1 / sqrt(3) = 0.2484
+    mean, half = sq.t_interval([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and half == pytest.approx(0.2484, abs=1e-4)
+    assert sq.t_interval([0.3, 0.3, 0.3]) == pytest.approx((0.3, 0.0))
+    mean, half = sq.t_interval([0.42])
+    assert mean == 0.42 and math.isnan(half)
+
+
+def _row(strategy: str, seed: int, mean: float, layers: dict[str, str], gap: float | None) -> dict[str, Any]:
+    return {
+        "family": "zoo-x", "budget": 100, "strategy": strategy, "seed": seed, "accepted": False,
+        "test_mean": mean, "test_ci95": 0.02 + seed / 100, "test": {"add": mean, "rev": 1 - mean},
+        "held_out_copeland": 3 + seed, "held_out_copeland_best_donor": 4, "gap_closed": gap,
+        "evaluations": 100 + seed, "held_out_checks": 2, "wall_s": 10.0 * (seed + 1),
+        "best_single_test_mean": 0.4, "ground_truth_test_mean": 0.6, "recipe": {"layers": layers},
+    }  # fmt: skip
+
+
+def test_aggregate_over_seeds(sq: ModuleType) -> None:
+    rows = [
+        _row("joint", 0, 0.5, {"0": "a"}, 0.5),
+        _row("greedy", 0, 0.45, {"1": "b"}, None),
+        _row("joint", 1, 0.6, {"0": "b"}, 1.0),
+        _row("greedy", 1, 0.45, {"1": "b"}, None),
+    ]
+    joint, greedy = sq.aggregate(rows)
+    assert (joint["strategy"], joint["seeds"], joint["same_recipe"]) == ("joint", [0, 1], False)
+    assert joint["test_mean"] == pytest.approx(0.55)
+    assert joint["seed_ci95"] == pytest.approx(12.706 * 0.0707107 / 2**0.5, abs=1e-4)  # = 0.6353
+    assert joint["test_ci95"] == pytest.approx(0.025)  # the mean single-run half-width
+    assert joint["test"] == pytest.approx({"add": 0.55, "rev": 0.45})
+    assert joint["gap_closed"] == pytest.approx(0.75)
+    assert (joint["held_out_copeland"], joint["evaluations"], joint["wall_s"]) == (3.5, 100.5, 15.0)
+    assert greedy["same_recipe"] and greedy["seed_ci95"] == 0.0 and greedy["gap_closed"] is None
+    assert joint["accepted"] is False
+
+
+def test_render_marks_acceptance_and_seeds(sq: ModuleType, tmp_path: Path) -> None:
+    rows = [_row("joint", 0, 0.5, {"0": "a"}, 0.5), _row("joint", 1, 0.5, {"0": "a"}, 0.5)]
+    meta = {
+        "machine": "some CPU", "jobs": 2, "seeds": 2, "campaigns": 2, "wall_s": 61.2,
+        "load_start": 1.0, "load_end": 2.0, "complete": False,
+    }  # fmt: skip
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    text = sq.render([str(path)])
+    assert "total wall 61 s, stopped before the end (2 campaigns finished)" in text
+    assert "**zoo-x** [NOT accepted" in text
+    assert "| joint | 2 (same merge) | 0.500 ± 0.000 | 0.025 |" in text
+    assert "| +3.5 (+4) | +0.50 | 100.5 (+2) | 15 s |" in text
+    path.write_text(json.dumps(rows[:1]))  # an older result file: a bare list, one seed
+    assert "| joint | 1 | 0.500 ± n/a | 0.020 |" in sq.render([str(path)])
+
+
+def test_zoo_argument(sq: ModuleType) -> None:
+    assert sq.zoo_arg("/z/zoo-small=100,300") == (Path("/z/zoo-small"), [100, 300])
+    assert sq.zoo_arg("/z/zoo-small") == (Path("/z/zoo-small"), None)
+    assert sq.zoo_arg("/z/a=b") == (Path("/z/a=b"), None)  # not budgets: part of the name
+    assert sq.zoo_arg("/z/a=0") == (Path("/z/a=0"), None)
+
+
+def test_targets(sq: ModuleType) -> None:
+    s = {"strategy": "default", "best_single_test_mean": 0.4, "ground_truth_test_mean": 0.6}
+    # 0.58 / 0.6 = 97 % of the recipe, above the donor's 0.4, beats all 5 donors
+    assert sq.targets({**s, "test_mean": 0.58, "held_out_copeland": 5, "donors": 5}) == (
+        "default: >= 95 % of the recipe met (97%); above the best donor met; beats every donor on held-out "
+        "Copeland met"
+    )
+    # 0.56 / 0.6 = 93 %; a mean Copeland of 4.5 over seeds: one seed did not beat every donor
+    text = sq.targets({**s, "test_mean": 0.56, "held_out_copeland": 4.5, "donors": 5})
+    assert "recipe missed (93%); above the best donor met;" in text and text.endswith("Copeland missed")
+    # the recipe below the best donor: no room to be above it
+    low = {**s, "ground_truth_test_mean": 0.3, "test_mean": 0.39, "held_out_copeland": 5}
+    assert "met (130%); above the best donor n/a (recipe below the best donor);" in sq.targets(low)
