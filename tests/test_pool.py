@@ -307,6 +307,7 @@ def test_expected_tensors_are_kept_per_config_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, llama: dict[str, Path]
 ) -> None:
     monkeypatch.setenv("OLMOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(checkpoint_module, "expected_from_table", lambda path: None)  # as if not listed
     Checkpoint(llama["a"]).check_complete()  # builds the model on the meta device, stores the result
     stored = json.loads(next((tmp_path / "cache" / "expected-tensors").glob("*.json")).read_text())
     assert stored["shapes"]["model.norm.weight"] == [make_config("llama", layers=3).hidden_size]
@@ -326,3 +327,53 @@ def test_expected_tensors_are_kept_per_config_on_disk(
     (partial / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
     with pytest.raises(AssertionError, match="stored expectation"):
         Checkpoint(partial).check_complete()  # another config.json: built again
+
+
+@pytest.mark.parametrize(
+    "arch, extra",
+    [
+        ("llama", {}),
+        ("llama", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True, "head_dim": 32}),
+        ("mistral", {"num_key_value_heads": 2}),
+        ("qwen2", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+        ("qwen2", {}),
+    ],
+)
+def test_architecture_table_gives_transformers_state_dict(arch: str, extra: dict[str, object]) -> None:
+    """The table of pool.architectures (no transformers import) equals the meta-device model's state dict."""
+    from olmopt.pool.architectures import decoder_state_dict
+
+    config = AutoConfig.for_model(
+        arch, hidden_size=64, intermediate_size=172, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=103, **extra,
+    )  # fmt: skip
+    config.architectures = [{"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[arch] + "ForCausalLM"]
+    found = decoder_state_dict(json.loads(config.to_json_string()))
+    built = checkpoint_module.expected_tensors(config)
+    assert found is not None and built is not None
+    shapes, tied = found
+    assert shapes == built.shapes
+    assert (frozenset({"lm_head.weight"}) if tied else frozenset()) == built.optional
+    assert built.prefix == "model"
+
+
+def test_architecture_table_checks_without_building_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, llama: dict[str, Path]
+) -> None:
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a listed architecture should not build its model")
+
+    monkeypatch.setenv("OLMOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(checkpoint_module, "expected_tensors", no_build)
+    Checkpoint(llama["a"]).check_complete()
+    partial = tmp_path / "partial"
+    shutil.copytree(llama["a"], partial)
+    weights = load_file(partial / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"] = weights["model.layers.1.mlp.up_proj.weight"][:-1]
+    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="'model.layers.1.mlp.up_proj.weight' has shape"):
+        Checkpoint(partial).check_complete()
+    config = json.loads((partial / "config.json").read_text())
+    (partial / "config.json").write_text(json.dumps({**config, "architectures": ["OtherForCausalLM"]}))
+    with pytest.raises(AssertionError, match="should not build"):
+        Checkpoint(partial).check_complete()  # not listed: built on the meta device

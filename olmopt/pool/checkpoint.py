@@ -148,7 +148,7 @@ class Checkpoint:
             if not path.is_file():
                 return
             cacheable = auto_class is None and not trust_remote_code
-            expected = expected_from_disk(path) if cacheable else MISS
+            expected = (expected_from_table(path) or expected_from_disk(path)) if cacheable else MISS
             if expected is MISS:
                 config = load_config(self.name, self.directory, trust_remote_code)
                 expected = expected_tensors(config, auto_class, trust_remote_code)
@@ -241,6 +241,22 @@ def expected_tensors(
 
 
 MISS: Any = object()  # expected_from_disk: nothing stored for this config.json
+
+
+def expected_from_table(config_path: Path) -> ExpectedTensors | None:
+    """``expected_tensors`` of a config.json whose architecture ``pool.architectures`` lists (no
+    transformers import), else None."""
+    from olmopt.pool.architectures import decoder_state_dict
+
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    found = decoder_state_dict(config) if isinstance(config, dict) else None
+    if found is None:
+        return None
+    shapes, tied = found
+    return ExpectedTensors(shapes, frozenset({"lm_head.weight"} if tied else ()), "model")
 
 
 def _expected_file(config_path: Path) -> Path | None:
