@@ -238,7 +238,7 @@ def select(
         f"{len(ok)} of {len(candidates)} feasible, front of {len(front)}"
     )
     if score == "mean":
-        reason = f"{winner!r}: best mean {mean[winner]:.4g}; " + reason.split(": ", 1)[1]
+        reason = f"{winner!r}: best mean {mean[winner]:.4g}; " + reason.removeprefix(f"{winner!r}: ")
     return Selection(winner, order, cope, bord, ranks, front, ok, reason)
 
 

@@ -17,7 +17,9 @@ from olmopt.evaluate.item_scores import metric_of_items, unpack
 from olmopt.recipe import Recipe
 from olmopt.search.annotate import stage_note
 from olmopt.search.campaign import Campaign
+from olmopt.evaluate.early_stop import StopRule
 from olmopt.search.kind_registry import get_kind
+from olmopt.search.near_ties import RESUME_ATTR, NearTies
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _models import char_tokenizer, make_family, write_addition_data  # noqa: E402
@@ -165,6 +167,12 @@ def test_early_stopping_prunes_hopeless_candidates_and_keeps_the_decisions(
     assert spent_on < spent_off
 
 
+def _stop_rule() -> StopRule:
+    """The rule of the campaigns below (two 0/1 objectives, ``selection.score: mean``)."""
+    maximize = {"add": "maximize", "rev": "maximize"}
+    return StopRule(0.05, maximize, {"add": "token_accuracy", "rev": "token_accuracy"}, "mean")
+
+
 def _objective_mean(t: optuna.trial.FrozenTrial) -> float:
     return (t.user_attrs["m.add"] + t.user_attrs["m.rev"]) / 2
 
@@ -203,6 +211,28 @@ def test_joint_stage_stops_against_the_leader_and_races(tiny_zoo: Path, tmp_path
     decision = on.decisions()[stage.key]
     labels = {str(t.user_attrs["candidate"]) for t in pruned}
     assert set(decision.pruned) == labels and decision.winner not in labels  # stopped trials never win
+    # near-ties: every race-stopped candidate not significantly worse than the final leader was resumed
+    rule = NearTies(_stop_rule(), ["add", "rev"], 0.05)
+    leader = rule.leader(trials)
+    assert leader is not None and str(leader.user_attrs["candidate"]) == decision.winner
+    resumed = {int(t.user_attrs[RESUME_ATTR]): t for t in trials if RESUME_ATTR in t.user_attrs}
+    print(f"near-ties resumed: {sorted(resumed)} of the raced {[t.number for t in raced]}")
+    assert resumed and set(resumed) <= {t.number for t in raced}
+    assert rule.due(trials) == []
+    for t in raced:
+        assert t.user_attrs["raced"] is True
+        if t.number not in resumed:
+            assert not rule.near(t, leader)  # significantly worse than the leader on its items
+            continue
+        again = resumed[t.number]  # its items read, only the rest evaluated; no race
+        assert "racing" not in str(again.user_attrs.get("pruned", ""))
+        before, after = unpack(t.user_attrs["i.add"]), unpack(again.user_attrs["i.add"])
+        assert before.items() <= after.items()
+        fresh = sum(len(unpack(again.user_attrs[f"i.{n}"])) - len(unpack(t.user_attrs[f"i.{n}"]))
+                    for n in ("add", "rev"))  # fmt: skip
+        assert again.user_attrs["n_items"] == fresh > 0
+        if again.state == TrialState.COMPLETE:
+            assert len(after) == 200 and again.params == t.params
     off_study = off.existing_stage_study(off.plan[-1])
     assert off_study is not None
     spent_off = sum(int(t.user_attrs.get("n_items", 0)) for t in off_study.get_trials())
@@ -258,3 +288,35 @@ def test_bad_early_stop_settings_are_one_line(
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "bad.db").exists()  # nothing written
+
+
+def test_rerun_with_early_stopping_and_racing_replays_the_stops_from_the_cache(
+    tiny_zoo: Path, tmp_path: Path
+) -> None:
+    """The evaluation cache keeps stopped candidates' partial per-item values: a re-run under a new name
+    replays every stop (the same PRUNED trials, the same reasons), resumes the same near-ties and
+    decides the same, spending (almost) no item evaluations."""
+    joint = "{mode: joint, n_trials: 16, warm_start: true, sampler: tpe}"
+    mean = "selection: {score: mean}\nsampler: {name: tpe, seed: 3}\n"
+    args = ("{mode: on}", joint, "{mode: on, eta: 3}", mean)
+    first = _run_campaign(tiny_zoo, tmp_path, "first", *args)
+    study = tmp_path / "again.yaml"
+    study.write_text((tmp_path / "first.yaml").read_text().replace("name: first", "name: again"))
+    url = f"sqlite:///{tmp_path}/first.db"
+    assert main(["study", "create", str(study), "--storage", url]) == 0
+    assert main(["study", "run", "again", "--storage", url, "--quiet"]) == 0
+    again = Campaign.load("again", url)
+    spent = sum(int(t.user_attrs.get("n_items", 0)) for t in _trials(first))
+    respent = sum(int(t.user_attrs.get("n_items", 0)) for t in _trials(again))
+    print(f"item evaluations: first run {spent}, re-run {respent}")
+    assert spent > 0 and respent <= 0.05 * spent
+    assert [(k, d.winner, d.metrics, d.pruned) for k, d in again.decisions().items()] == [
+        (k, d.winner, d.metrics, d.pruned) for k, d in first.decisions().items()
+    ]
+
+    def stops(campaign: Campaign) -> list[tuple[int, str, str]]:
+        return [(t.number, t.state.name, str(t.user_attrs.get("pruned"))) for t in _trials(campaign)]
+
+    assert stops(again) == stops(first)
+    pruned = [t for t in _trials(again) if t.state == TrialState.PRUNED]
+    assert pruned and all(t.user_attrs.get("cached") == "first" for t in pruned)

@@ -5,7 +5,10 @@ chunk but the last, :func:`olmopt.evaluate.sequential.decide` compares the items
 reference's (the stage's leader or the incumbent) and may stop the candidate; at the rungs of a
 :class:`Race` (successive halving over item budgets) the candidate is stopped unless its partial score
 is among the top ``1 / eta`` of the stage's candidates that reached that rung. A stopped candidate's
-metrics are those of the items it was scored on (partial), with the reason in ``stopped``. See
+metrics are those of the items it was scored on (partial), with the reason in ``stopped``. Chunks whose
+items are already known (the evaluation cache, a raced candidate resumed) are read, not evaluated, and
+the same rule runs over them, so a re-run stops where the first run stopped. Values are rounded to
+float32, as stored, so that a replay from storage decides exactly as the evaluation did. See
 docs/early_stop.md.
 """
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from olmopt.evaluate.item_scores import ItemScores, count, metric_of_items, paired_looks
 from olmopt.evaluate.sequential import Boundary, Score, decide, nominal_levels
@@ -27,10 +32,13 @@ class Scored:
     metrics: dict[str, float]
     items: ItemScores = field(default_factory=dict)
     stopped: str | None = None
+    raced: bool = False  # stopped by a race's rung (not by the sequential test)
+    known_items: int = 0  # item values read from earlier results, not evaluated now
 
     @property
     def n_items(self) -> int:
-        return count(self.items)
+        """Item evaluations spent on this result (items scored now, summed over objectives)."""
+        return count(self.items) - self.known_items
 
 
 @dataclass(frozen=True)
@@ -101,16 +109,39 @@ class StopInputs:
     against: str = "the incumbent"
     metrics: Mapping[str, float] = field(default_factory=dict)
     peers: Sequence[ItemScores] | None = None
+    known: ItemScores | None = None  # the candidate's own values already known: chunks they cover are read
 
 
 @dataclass
 class ChunkResult:
-    """One chunk's evaluation: values over its items (unused),
-    per-item values, token counts, NaN objectives."""
+    """One chunk's evaluation: per-item values, token counts, NaN objectives; ``known``: read from
+    earlier results (:func:`known_chunk`), not evaluated."""
 
     items: ItemScores
     tokens: dict[str, dict[int, int]]
     nonfinite: list[str]
+    known: bool = False
+
+
+def known_chunk(
+    known: ItemScores, wanted: Mapping[str, Sequence[int]], tokens: Mapping[str, Mapping[int, int]]
+) -> ChunkResult | None:
+    """The chunk whose items are ``wanted`` (objective -> item indices) read from ``known`` values, when
+    they hold every one of them (None: it must be evaluated). ``tokens``: perplexity objectives' token
+    counts per item (a property of the data, not of the model)."""
+    if not wanted or any(not set(idx) <= known.get(name, {}).keys() for name, idx in wanted.items()):
+        return None
+    items = {name: {i: known[name][i] for i in idx} for name, idx in wanted.items()}
+    counts = {name: {i: tokens[name][i] for i in idx} for name, idx in wanted.items() if name in tokens}
+    return ChunkResult(items, counts, [], known=True)
+
+
+def as_stored(items: ItemScores) -> ItemScores:
+    """``items`` rounded to float32, the precision in which trials and the cache keep them."""
+    return {
+        name: dict(zip(per, np.asarray(list(per.values()), dtype="<f4").tolist(), strict=True))
+        for name, per in items.items()
+    }
 
 
 def run_chunks(
@@ -131,11 +162,15 @@ def run_chunks(
     tokens: dict[str, dict[int, int]] = {}
     nonfinite: set[str] = set()
     stopped: str | None = None
+    raced = False
+    known_items = 0
     levels = nominal_levels(rule.alpha, looks - 1, rule.boundary)
     rungs = race.rungs(looks) if race is not None else []
     for chunk in range(looks):
         result = evaluate_chunk(chunk)
-        for name, per in result.items.items():
+        if result.known:
+            known_items += count(result.items)
+        for name, per in as_stored(result.items).items():
             items.setdefault(name, {}).update(per)
         for name, per_tokens in result.tokens.items():
             tokens.setdefault(name, {}).update(per_tokens)
@@ -153,7 +188,7 @@ def run_chunks(
         if race is not None and chunk + 1 in rungs:
             lost = race.verdict(items, rule)
             if lost is not None:
-                stopped = f"stopped after chunk {chunk + 1} of {looks}: {lost}"
+                stopped, raced = f"stopped after chunk {chunk + 1} of {looks}: {lost}", True
                 break
     metrics = {
         name: math.nan
@@ -161,4 +196,4 @@ def run_chunks(
         else metric_of_items(rule.metric_of.get(name, ""), per, tokens.get(name))
         for name, per in items.items()
     }
-    return Scored(metrics, items, stopped)
+    return Scored(metrics, items, stopped, raced, known_items)

@@ -176,6 +176,18 @@ class Evaluator:
         sizes = [len(self.encoded(o, split)) for o in self.objectives if o.kind != "recipe"]
         return max([1] + [-(-n // self.chunks[1]) for n in sizes])
 
+    def chunk_items(self, chunk: int, split: Split = "search") -> dict[str, list[int]]:
+        """Objective -> the item indices of chunk ``chunk`` of ``split`` (an Evaluator built with
+        ``chunks``; objectives read off the Recipe have none)."""
+        assert self.chunks is not None, "an Evaluator built without chunks"
+        looks = self.looks(split)
+        out: dict[str, list[int]] = {}
+        for obj in self.objectives:
+            if obj.kind != "recipe" and obj.has_part(split):
+                enc = self.encoded(obj, split)
+                out[obj.name] = item_chunks(len(enc), self.chunks, looks, enc.prompts)[chunk]
+        return out
+
     def _make_batch(self, enc: Encoded, rows: list[int], chunk: int = 0) -> _Batch:
         seqs = [enc.prompts[i] + enc.answers[i] for i in rows]
         width = max(len(s) for s in seqs)

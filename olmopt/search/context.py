@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from olmopt.config import StudyConfig, default_objective_name
-from olmopt.evaluate.early_stop import ChunkResult, Race, Scored, StopInputs, StopRule, run_chunks
+from olmopt.evaluate.early_stop import (
+    ChunkResult,
+    Race,
+    Scored,
+    StopInputs,
+    StopRule,
+    known_chunk,
+    run_chunks,
+)
 from olmopt.evaluate.engine import Evaluator, Objective
+from olmopt.evaluate.item_scores import ItemScores
 from olmopt.evaluate.lmeval import LmEvalEvaluator, spec_of
 from olmopt.evaluate.prefix_cache import PrefixCache
 from olmopt.methods.dfs.resident import ResidentPool, dfs_eval_model
@@ -16,6 +26,10 @@ from olmopt.patch import WorkingModel
 from olmopt.pool.model_pool import ModelPool, load_tokenizer
 from olmopt.recipe import Recipe, layers_removed
 from olmopt.runtime import configure_threads
+
+
+class _NotKnown(Exception):
+    """A replayed chunk whose items are not all known."""
 
 
 def objectives_of(config: StudyConfig) -> list[Objective]:
@@ -117,6 +131,36 @@ class EvalContext:
             scored = self._score_dfs(recipe, split)
         else:
             scored = self._score_patched(recipe, split, incumbent, layer, stop)
+        return self._finish(recipe, split, scored)
+
+    def chunked_for(self, recipe: Recipe) -> bool:
+        """Whether a search-split evaluation of ``recipe`` runs chunk by chunk (early stopping or racing
+        on; not for lm-eval objectives or data-flow recipes)."""
+        return self.evaluator.chunks is not None and self.lm_eval is None and recipe.dfs is None
+
+    def replay(self, recipe: Recipe, known: ItemScores, stop: StopInputs | None) -> Scored | None:
+        """The chunked search evaluation of ``recipe`` read entirely from ``known`` per-item values (the
+        evaluation cache), with the stops the evaluation itself would make against ``stop``; None when it
+        would need an item that ``known`` lacks. Needs no model: a re-run replays a stopped candidate
+        for free."""
+        if not self.chunked_for(recipe):
+            return None
+        tokens = self._answer_tokens()
+
+        def chunk(c: int) -> ChunkResult:
+            hit = known_chunk(known, self.evaluator.chunk_items(c), tokens)
+            if hit is None:
+                raise _NotKnown
+            return hit
+
+        try:
+            scored = self._run_chunks(recipe, stop or StopInputs(), chunk)
+        except _NotKnown:
+            return None
+        return self._finish(recipe, "search", scored)
+
+    def _finish(self, recipe: Recipe, split: str, scored: Scored) -> Scored:
+        """Add the metrics read off the Recipe and keep the objectives that ``split`` has."""
         for obj in self.objectives:
             if obj.kind == "recipe":
                 scored.metrics[obj.name] = layers_removed(recipe, self.pool.adapter.num_layers)
@@ -160,11 +204,26 @@ class EvalContext:
         """The early-stopping run of ``recipe`` on the current (patched) weights, chunk by chunk. Objectives
         read off the Recipe compare with the reference's values exactly (none: they certify nothing)."""
         ev = self.evaluator
+        tokens = self._answer_tokens() if stop.known else {}
+        ev.carried = {}  # chunk 0 may be read from ``stop.known``: nothing from the last candidate is kept
 
         def chunk(c: int) -> ChunkResult:
+            hit = known_chunk(stop.known, ev.chunk_items(c), tokens) if stop.known else None
+            if hit is not None:
+                return hit
             ev.evaluate("search", prefix=cache, carry=carry, chunk=c)
             return ChunkResult(dict(ev.item_scores), dict(ev.item_tokens), list(ev.nonfinite))
 
+        return self._run_chunks(recipe, stop, chunk)
+
+    def _answer_tokens(self) -> dict[str, dict[int, int]]:
+        """Perplexity objectives' token counts per search item (for values read, not evaluated)."""
+        ev = self.evaluator
+        return {o.name: ev.answer_tokens(o) for o in ev.objectives if o.metric == "perplexity"}
+
+    def _run_chunks(self, recipe: Recipe, stop: StopInputs, chunk: Callable[[int], ChunkResult]) -> Scored:
+        """``run_chunks`` with this campaign's rule, race and the differences read off the Recipe."""
+        ev = self.evaluator
         num_layers = self.pool.adapter.num_layers
         known = {
             o.name: float(layers_removed(recipe, num_layers)) - stop.metrics[o.name]

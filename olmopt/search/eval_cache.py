@@ -5,7 +5,9 @@ checkpoint files), the data (each dataset file's sha256 and its split) and the e
 (metrics, batch size, generation length, device type, dtype). ``EvalCache`` stores them in the campaign's
 own database, so every worker and host of every campaign in that storage shares them: a campaign re-run
 under a new name finds its candidates already scored. A changed dataset file, pool checkpoint or setting
-changes the key: the old values are never read again.
+changes the key: the old values are never read again. A candidate stopped early is stored too, marked
+``partial`` with the per-item values it was scored on: a re-run replays its chunks from them and stops
+where the first run stopped (or, with another reference, evaluates only the chunks they lack).
 
 Why a table of its own (``olmopt_eval_cache``) and not a dedicated Optuna study: a lookup is one query on
 the primary key, whereas Optuna reads a study's user attrs all at once and ``get_all_studies`` (every
@@ -25,11 +27,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Column, MetaData, String, Table, Text, insert, select
+from sqlalchemy import Column, MetaData, String, Table, Text, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from olmopt.evaluate.datasets import file_digest
+from olmopt.evaluate.item_scores import unpack
 from olmopt.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -85,6 +88,7 @@ class CacheHit:
     values: dict[str, float]
     campaign: str  # the campaign whose evaluation stored them
     items: dict[str, str] = field(default_factory=dict)  # objective -> packed per-item values
+    partial: bool = False  # stopped early: ``values`` are over the items scored (replayed, never used whole)
 
 
 class EvalCache:
@@ -115,26 +119,48 @@ class EvalCache:
             self.hits += 1
         data = json.loads(row[0])
         values = {name: float(v) for name, v in data["values"].items()}
-        return CacheHit(values, str(row[1]), dict(data.get("items") or {}))
+        return CacheHit(values, str(row[1]), dict(data.get("items") or {}), bool(data.get("partial")))
 
     def put(
-        self, model_key: str, split: str, values: Mapping[str, float], items: Mapping[str, str] | None = None
+        self,
+        model_key: str,
+        split: str,
+        values: Mapping[str, float],
+        items: Mapping[str, str] | None = None,
+        partial: bool = False,
     ) -> None:
         """Store finite values (a damaged model's NaN is re-evaluated, not cached) and the per-item values
-        (``items``: objective -> packed, ``evaluate.item_scores``; selection's ties need them); the first
-        writer wins."""
+        (``items``: objective -> packed, ``evaluate.item_scores``; selection's ties and replays need
+        them). ``partial``: a candidate stopped early (its values over the items scored). The first
+        complete writer wins; a partial entry is replaced by one with more items."""
         if not values or not all(math.isfinite(v) for v in values.values()):
             return
-        row = {
-            "key": self.key(model_key, split),
-            "value": json.dumps({"values": dict(values), "items": dict(items or {})}),
-            "campaign": self.campaign,
-        }
+        key = self.key(model_key, split)
+        value: dict[str, Any] = {"values": dict(values), "items": dict(items or {})}
+        if partial:
+            value["partial"] = True
+        row = {"key": key, "value": json.dumps(value), "campaign": self.campaign}
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(CACHE_TABLE).values(**row))
-        except IntegrityError:
-            pass  # written by another worker (the same values: evaluation is deterministic)
+        except IntegrityError:  # written by another worker or run (same values: evaluation is deterministic)
+            self._extend(key, row, partial, _n_scored(value["items"]))
+
+    def _extend(self, key: str, row: Mapping[str, str], partial: bool, n_items: int) -> None:
+        """Replace a partial entry by ``row`` when ``row`` is complete or holds more items."""
+        column = CACHE_TABLE.c
+        with self.engine.begin() as conn:
+            old = conn.execute(select(column.value).where(column.key == key)).first()
+            if old is None:
+                return
+            data = json.loads(old[0])
+            if data.get("partial") and (not partial or n_items > _n_scored(data.get("items") or {})):
+                conn.execute(update(CACHE_TABLE).where(column.key == key).values(**row))
+
+
+def _n_scored(items: Mapping[str, str]) -> int:
+    """Items scored in an entry's packed per-item values, summed over objectives."""
+    return sum(len(unpack(text)) for text in items.values())
 
 
 def open_cache(storage: Any, ctx: EvalContext, campaign: str) -> EvalCache | None:
@@ -157,7 +183,7 @@ def cached_scorer(
     def scored(recipe: Recipe, split: str) -> dict[str, float]:
         key = key_of(recipe)
         hit = cache.get(key, split)
-        if hit is not None:
+        if hit is not None and not hit.partial:
             return hit.values
         values = score(recipe, split)
         cache.put(key, split, values)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -40,6 +41,7 @@ from olmopt.search.eval_cache import EvalCache
 from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import Stage, StageSpace
 from olmopt.search.kind_registry import get_kind
+from olmopt.search.near_ties import RACED_ATTR, RESUME_ATTR, NearTies, resumes
 from olmopt.search.storage import is_sqlite, stale_after
 from olmopt.search.workers import Evaluators
 from olmopt.select import degradation_constraints, is_feasible, select
@@ -56,18 +58,24 @@ def budget_spent(trials: list[FrozenTrial], budget: int) -> bool:
     return evaluated >= budget or len(trials) >= REUSE_CAP * budget
 
 
-def stage_complete(study: optuna.Study, space: StageSpace) -> tuple[bool, int]:
+def stage_complete(
+    study: optuna.Study, space: StageSpace, near_ties: NearTies | None = None
+) -> tuple[bool, int]:
     """(every enqueued label and the budget are done, number of COMPLETE trials).
 
     A budget counts evaluations: trials whose metrics were reused (a repeated suggestion, the
-    incumbent again) are free, up to ``REUSE_CAP`` times the budget in trials."""
+    incumbent again) are free, up to ``REUSE_CAP`` times the budget in trials. With ``near_ties``
+    (racing) the race-stopped near-ties of the leader must have been resumed too (``search.near_ties``)."""
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     done = [t for t in trials if t.state in T.DONE_STATES]  # a pruned candidate was evaluated (partly)
     done_labels = {str(t.user_attrs.get(T.LABEL_ATTR)) for t in done} | T.exhausted_labels(study)
     labels_done = all(label in done_labels for label, _ in space.enqueue)
     budget_done = space.budget is None or budget_spent(done, space.budget)
-    return labels_done and budget_done, len(complete)
+    finished = labels_done and budget_done
+    if finished and near_ties is not None:
+        finished = not near_ties.due(trials, T.exhausted_labels(study))
+    return finished, len(complete)
 
 
 class StageEvaluation:
@@ -113,6 +121,9 @@ class StageEvaluation:
         self.racing = ev.racing.mode == "on" and get_kind(stage.kind).joint
         self._items: dict[int, ItemScores] = {}  # trial number -> its per-item values (unpacked once)
         self.reference = self._reference()
+        self.near_ties = (
+            NearTies(evaluators.local.stop_rule, self.names, ev.early_stop.alpha) if self.racing else None
+        )
 
     def _reference(self) -> tuple[dict[str, float], ItemScores] | None:
         """The incumbent's metrics and per-item values (its decision's ``items``), early stopping on."""
@@ -121,7 +132,7 @@ class StageEvaluation:
         earlier = self.keys.earlier_decision(self.incumbent, self.decisions)
         return (dict(earlier.metrics), unpack_all(earlier.items)) if earlier and earlier.items else None
 
-    def _stop_inputs(self) -> StopInputs | None:
+    def _stop_inputs(self, race: bool = True) -> StopInputs | None:
         """What the candidate starting now is stopped against (docs/early_stop.md), read from the storage
         at its start: early stopping compares it with the stage's leader (the best feasible COMPLETE trial
         with per-item values by the stage's selection score; the incumbent among them) when the stage
@@ -133,7 +144,7 @@ class StageEvaluation:
         self._writer.flush()
         done = [(t, self._items_of(t)) for t in self.study.get_trials(deepcopy=False, states=T.DONE_STATES)]
         done = [(t, items) for t, items in done if items]
-        peers = [items for _, items in done] if self.racing else None
+        peers = [items for _, items in done] if self.racing and race else None
         if self.reference is None and (not self.early_stop or self.space.decide is not None):
             return StopInputs(peers=peers)
         entrants: dict[str, tuple[dict[str, float], ItemScores]] = {}
@@ -165,19 +176,24 @@ class StageEvaluation:
         When another worker holds the stage's lock it is enqueueing them: this one goes on and takes
         trials as they appear (the loop calls this again while it waits).
         """
-        if not self.space.enqueue:
+        candidates, attrs = list(self.space.enqueue), {}
+        if self.near_ties is not None and stage_complete(self.study, self.space)[0]:
+            for label, params, extra in resumes(self.near_ties.due(self.study.get_trials(deepcopy=False))):
+                candidates.append((label, params))
+                attrs[label] = extra
+        if not candidates:
             return
         if is_sqlite(self.c.url):  # this process is the only writer: no lock
-            T.enqueue_absent(self.study, self.space.enqueue)
+            T.enqueue_absent(self.study, candidates, attrs)
             return
         present = T.enqueued_labels(self.study) | T.exhausted_labels(self.study)
-        if all(label in present for label, _ in self.space.enqueue):
+        if all(label in present for label, _ in candidates):
             return  # the common case while waiting: nothing to enqueue, no lock taken
         lock = StageLock(self.c.storage, self.c.stage_study_name(self.stage))
         if not lock.acquire():
             return
         try:
-            T.enqueue_absent(self.study, self.space.enqueue)
+            T.enqueue_absent(self.study, candidates, attrs)
         finally:
             lock.release()
 
@@ -210,12 +226,14 @@ class StageEvaluation:
                     self._start(trial)
                 if not self._in_flight:
                     self._writer.flush()
-                    if stage_complete(study, space)[0]:
+                    if stage_complete(study, space, self.near_ties)[0]:
                         return True
                     if self.out_of_time():
                         return False
                     self._sweep_stale()  # other workers' dead trials get failed ...
-                    self.enqueue_missing()  # ... and their candidates retried
+                    self.enqueue_missing()  # ... and their candidates retried (and near-ties resumed)
+                    if T.has_waiting(study):
+                        continue
                     time.sleep(poll)  # soon at first: the stage's last trials are about to finish
                     poll = next_poll(poll)
                     continue
@@ -269,12 +287,12 @@ class StageEvaluation:
                 self._run_inline(trial, recipe)
                 return
             reused = self._reused_metrics(trial, recipe)
-            known = Scored(reused) if reused is not None else self._cached(trial, recipe)
+            known, stop = (Scored(reused), None) if reused is not None else self._known(trial, recipe)
             if known is not None:
                 future: Future[Scored] = Future()
                 future.set_result(known)
             else:  # inline when workers == 1; early stopping against the leader's or incumbent's items
-                future = self.ev.submit(recipe, self.incumbent, self.space.layer, self._stop_inputs())
+                future = self.ev.submit(recipe, self.incumbent, self.space.layer, stop)
                 self._fresh.add(trial.number)
         except BaseException:
             self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -294,17 +312,44 @@ class StageEvaluation:
             return T.metrics_of(same, self.names)
         return None
 
-    def _cached(self, trial: Trial, recipe: Recipe) -> Scored | None:
-        """The metrics and per-item values of the same model from the evaluation cache, noted in the
-        trial's ``cached`` attr (the campaign that evaluated it); unlike ``reused`` it counts toward the
-        budget, so a re-run replays the trials (and the decisions) of the first run."""
-        if self.cache is None:
-            return None
-        hit = self.cache.get(self.keys.key_of_json(recipe.to_json()), "search")
-        if hit is None:
-            return None
-        trial.set_user_attr("cached", hit.campaign)
-        return Scored(hit.values, unpack_all(hit.items))
+    def _known(self, trial: Trial, recipe: Recipe) -> tuple[Scored | None, StopInputs | None]:
+        """The result of ``trial`` when it needs no evaluation (from the evaluation cache), else what its
+        evaluation is stopped against and starts from.
+
+        A cache entry of the same model is noted in the trial's ``cached`` attr (the campaign that
+        evaluated it); unlike ``reused`` it counts toward the budget, so a re-run replays the trials (and
+        the decisions) of the first run. With chunked evaluation the entry's per-item values are
+        replayed through the stopping rule (a candidate stopped early stops again where it did); when
+        they lack a chunk the rule needs, or for a resume trial (``search.near_ties``), the evaluation
+        reads the values it has and scores only the rest."""
+        resumed = RESUME_ATTR in trial.user_attrs
+        stop = self._stop_inputs(race=not resumed)
+        known: ItemScores = self._resumed_items(int(trial.user_attrs[RESUME_ATTR])) if resumed else {}
+        hit = self.cache.get(self.keys.key_of_json(recipe.to_json()), "search") if self.cache else None
+        local = self.ev.local
+        if hit is not None:
+            items = unpack_all(hit.items)
+            if not local.chunked_for(recipe):
+                if not hit.partial:
+                    trial.set_user_attr("cached", hit.campaign)
+                    return Scored(hit.values, items), None
+            else:
+                replayed = local.replay(recipe, items, stop)
+                if replayed is not None:
+                    trial.set_user_attr("cached", hit.campaign)
+                    return replayed, None
+                for name, per in items.items():
+                    known.setdefault(name, {}).update(per)
+        if known:
+            stop = replace(stop or StopInputs(), known=known)
+        return None, stop
+
+    def _resumed_items(self, number: int) -> ItemScores:
+        """The per-item values of race-stopped trial ``number`` (a resume trial's start)."""
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+            if t.number == number:
+                return {name: dict(per) for name, per in self._items_of(t).items()}
+        return {}
 
     def _same_model_in_stage(self, recipe: Recipe) -> FrozenTrial | None:
         """A COMPLETE trial of this stage with the same weights (a sampler repeating itself)."""
@@ -354,10 +399,14 @@ class StageEvaluation:
         ``n_items`` (0 for reused metrics; absent for a multi-evaluation trial) go with them."""
         metrics = scored.metrics
         extra: dict[str, Any] = item_attrs(scored.items) if scored.items else {}
+        if scored.items:
+            extra[N_ITEMS_ATTR] = scored.n_items  # the items read from earlier results cost nothing
         if "reused" in trial.user_attrs or "cached" in trial.user_attrs:  # no item was evaluated
             extra[N_ITEMS_ATTR] = 0
         if scored.stopped:
             extra[T.PRUNED_ATTR] = scored.stopped
+        if scored.raced:
+            extra[RACED_ATTR] = True
         refs = self.references
         rule = self.c.config.selection.improve_all
         constraints = (
@@ -387,10 +436,11 @@ class StageEvaluation:
         annotate_trial(self.c, trial, recipe.to_json())  # before tell: a finished trial takes no artifacts
         if scored.stopped:  # Trial.report is refused in multi-objective studies: told directly
             self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-            return
-        self.study.tell(trial, T.told_values(metrics, self.names, self.directions), skip_if_finished=True)
-        if self.cache is not None and trial.number in self._fresh:
-            self.cache.put(self.keys.key_of_json(recipe.to_json()), "search", metrics, packed_items(extra))
+        else:
+            self.study.tell(trial, T.told_values(metrics, self.names, self.directions), skip_if_finished=True)
+        if self.cache is not None and trial.number in self._fresh:  # stopped ones too: a re-run replays them
+            key = self.keys.key_of_json(recipe.to_json())
+            self.cache.put(key, "search", metrics, packed_items(extra), partial=bool(scored.stopped))
 
     def _sweep_stale(self) -> None:
         """Fail trials of dead workers (so that their candidates are retried)."""

@@ -28,6 +28,11 @@ def pop_waiting(study: optuna.Study) -> Trial | None:
     return None
 
 
+def has_waiting(study: optuna.Study) -> bool:
+    """Whether an enqueued trial waits to be claimed."""
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
 DONE_STATES = (
     TrialState.COMPLETE,
     TrialState.PRUNED,
@@ -44,13 +49,18 @@ def enqueued_labels(study: optuna.Study) -> set[str]:
 MAX_FAILURES = 3  # a candidate whose evaluation failed this often is given up (counted as done)
 
 
-def enqueue_absent(study: optuna.Study, candidates: Sequence[tuple[str, dict[str, Any]]]) -> None:
-    """Enqueue each ``(label, params)`` that has no waiting, running or complete trial and is not given up.
-    The one way a failed candidate is queued again; on shared storages its caller holds the stage's lock."""
+def enqueue_absent(
+    study: optuna.Study,
+    candidates: Sequence[tuple[str, dict[str, Any]]],
+    attrs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """Enqueue each ``(label, params)`` that has no waiting, running or complete trial and is not given up,
+    with the user attrs ``attrs[label]`` if any. The one way a failed candidate is queued again; on shared
+    storages its caller holds the stage's lock."""
     present = enqueued_labels(study) | exhausted_labels(study)
     for label, params in candidates:
         if label not in present:
-            study.enqueue_trial(params, user_attrs={LABEL_ATTR: label})
+            study.enqueue_trial(params, user_attrs={**(attrs or {}).get(label, {}), LABEL_ATTR: label})
 
 
 def exhausted_labels(study: optuna.Study) -> set[str]:
