@@ -12,12 +12,12 @@ from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
 from olmopt.cli import main
+from olmopt.evaluate.early_stop import StopRule
 from olmopt.evaluate.engine import Evaluator, Objective
 from olmopt.evaluate.item_scores import metric_of_items, unpack
 from olmopt.recipe import Recipe
 from olmopt.search.annotate import stage_note
 from olmopt.search.campaign import Campaign
-from olmopt.evaluate.early_stop import StopRule
 from olmopt.search.kind_registry import get_kind
 from olmopt.search.near_ties import RESUME_ATTR, NearTies
 
