@@ -92,3 +92,28 @@ class PairedBootstrap:
         if not np.isfinite(diff).all():
             return None
         return percentile_interval(diff, level)
+
+
+def unpaired_interval(
+    objective: str,
+    a: Mapping[int, float],
+    b: Mapping[int, float],
+    level: float = 0.95,
+    tokens: tuple[Mapping[int, int], Mapping[int, int]] | None = None,
+    resamples: int = RESAMPLES,
+) -> tuple[float, float] | None:
+    """Percentile interval of ``stat(a) - stat(b)`` for scores on two different item sets (the search and
+    the sealed test part): each set resampled on its own, with its own seed. ``tokens``: the two sets'
+    answer tokens (perplexity). None when a set is empty or a resample is not finite."""
+    if not a or not b:
+        return None
+    stats = []
+    for values, side in ((a, 0), (b, 1)):
+        boot = PairedBootstrap(
+            f"{objective}|{side}", sorted(values), tokens[side] if tokens else None, resamples
+        )
+        stats.append(boot.statistic(values))
+    diff = stats[0] - stats[1]
+    if not np.isfinite(diff).all():
+        return None
+    return percentile_interval(diff, level)

@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from olmopt.bootstrap import unpaired_interval
 from olmopt.confidence import PROPORTION_METRICS, difference_interval, is_share
+
+ItemValues = tuple[Mapping[int, float], Mapping[int, float]]  # (search, test): item -> value
 
 
 def sealed_test_report(
@@ -20,13 +23,17 @@ def sealed_test_report(
     metric_of: Mapping[str, str],
     items: Mapping[str, tuple[int, int]],
     level: float = 0.95,
+    per_item: Mapping[str, ItemValues] | None = None,
+    tokens: Mapping[str, tuple[Mapping[int, int], Mapping[int, int]]] | None = None,
 ) -> dict[str, Any]:
     """``{"level", "objectives": {name: {search, test, items, drop, interval, significant}}, "warnings"}``.
 
     ``items`` maps an objective to its (search, test) item counts. ``drop`` is how much worse the test
-    figure is (signed by direction: positive = worse on test). For accuracy-like objectives
-    ``interval`` is the drop's Newcombe interval and ``significant`` whether it excludes 0; other
-    objectives have no interval (per-item scores are not kept) and ``significant`` is None.
+    figure is (signed by direction: positive = worse on test) and ``interval`` the drop's interval:
+    Newcombe's for accuracy-like objectives; for other objectives (losses, perplexity) a bootstrap
+    interval of the two parts resampled independently (``bootstrap.unpaired_interval``), from
+    ``per_item`` (objective -> (search, test) per-item values; perplexity also needs ``tokens``: per-item
+    answer tokens). ``significant``: whether the interval excludes 0; None without an interval.
     """
     rows: dict[str, dict[str, Any]] = {}
     warnings: list[str] = []
@@ -37,8 +44,15 @@ def sealed_test_report(
         row: dict[str, Any] = {"search": s, "test": t, "items": n_test, "drop": sign * (s - t)}
         row["interval"], row["significant"] = None, None
         shares = is_share(s) and is_share(t) and metric_of.get(name) in PROPORTION_METRICS
+        interval: tuple[float, float] | None = None
         if shares and n_search > 0 and n_test > 0:
-            low, high = difference_interval(s, n_search, t, n_test, level)
+            interval = difference_interval(s, n_search, t, n_test, level)
+        elif per_item is not None and name in per_item:
+            pair = (tokens or {}).get(name) if metric_of.get(name) == "perplexity" else None
+            if metric_of.get(name) != "perplexity" or pair is not None:
+                interval = unpaired_interval(name, *per_item[name], level, pair)
+        if interval is not None:
+            low, high = sorted((sign * interval[0], sign * interval[1]))  # the drop's: positive = worse
             row["interval"] = [low, high]
             row["significant"] = not low <= 0.0 <= high
             if row["significant"] and row["drop"] > 0:
@@ -58,8 +72,9 @@ def card_section(report: Mapping[str, Any]) -> list[str]:
         "## Sealed test",
         "",
         "Items that neither the search nor the selection ever read, scored once at export. `drop` is how "
-        f"much worse the test figure is than the search figure; its {level} interval (accuracy-like "
-        "objectives) says whether the drop is more than evaluation noise.",
+        f"much worse the test figure is than the search figure; its {level} interval (Newcombe's for "
+        "accuracy-like objectives, a bootstrap of both parts' items for the others) says whether the "
+        "drop is more than evaluation noise.",
         "",
         f"| objective | search | test | test items | drop | {level} interval | significant |",
         "|---|---|---|---|---|---|---|",

@@ -153,3 +153,50 @@ def test_search_never_reads_the_test_items(tmp_path: Path, monkeypatch: pytest.M
     detail = [e for st in report["stages"] for row in st.get("intervals", {}).values() for e in row.values()]
     assert detail and {e["rule"] for e in detail} == {"newcombe"}
     assert "## Sealed test" in (out / "README.md").read_text()
+
+
+def test_losses_get_a_bootstrap_interval_from_per_item_values() -> None:
+    import math
+
+    import numpy as np
+
+    directions = {"chat": "minimize", "ppl": "minimize"}
+    metric_of = {"chat": "bigram_loss", "ppl": "perplexity"}
+    counts = {"chat": (100, 50), "ppl": (100, 50)}
+    # constant per-item values: every resample gives the same figures, so the interval is the drop itself
+    # (0.40 -> 0.55: 0.15 worse; perplexity exp(2 ln 3 / 2) = 3 -> exp(3 ln 4 / 3) = 4: 1.0 worse)
+    per_item = {
+        "chat": ({i: 0.40 for i in range(100)}, {i: 0.55 for i in range(50)}),
+        "ppl": ({i: 2 * math.log(3) for i in range(100)}, {i: 3 * math.log(4) for i in range(50)}),
+    }
+    tokens = {"ppl": ({i: 2 for i in range(100)}, {i: 3 for i in range(50)})}
+    report = sealed_test_report(
+        {"chat": 0.40, "ppl": 3.0}, {"chat": 0.55, "ppl": 4.0}, directions, metric_of, counts,
+        per_item=per_item, tokens=tokens,
+    )  # fmt: skip
+    rows = report["objectives"]
+    assert rows["chat"]["interval"] == pytest.approx([0.15, 0.15]) and rows["chat"]["significant"] is True
+    assert rows["ppl"]["interval"] == pytest.approx([1.0, 1.0]) and rows["ppl"]["significant"] is True
+    assert [w.split(":")[0] for w in report["warnings"]] == ["chat", "ppl"]
+    # perplexity without its token counts: no interval
+    bare = sealed_test_report({"ppl": 3.0}, {"ppl": 4.0}, directions, metric_of, counts, per_item=per_item)
+    assert bare["objectives"]["ppl"]["interval"] is None
+    # noisy losses 0.02 apart: the interval holds the drop, about as wide as the normal one, not significant
+    rng = np.random.default_rng(0)
+    search = dict(enumerate(rng.normal(0.40, 0.1, 400).tolist()))
+    test = dict(enumerate(rng.normal(0.42, 0.1, 200).tolist()))
+    s, t = sum(search.values()) / 400, sum(test.values()) / 200
+    noisy = sealed_test_report(
+        {"chat": s},
+        {"chat": t},
+        directions,
+        metric_of,
+        {"chat": (400, 200)},
+        per_item={"chat": (search, test)},
+    )["objectives"]["chat"]
+    low, high = noisy["interval"]
+    half = 1.96 * math.sqrt(np.var(list(search.values())) / 400 + np.var(list(test.values())) / 200)
+    assert low < noisy["drop"] < high and (high - low) == pytest.approx(2 * half, rel=0.1)
+    assert noisy["significant"] is (not low <= 0 <= high)
+    card = "\n".join(card_section(report))
+    assert "| chat | 0.4 | 0.55 | 50 | 0.15 | [0.15, 0.15] | yes |" in card

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from olmopt.errors import InputError, ModelError
+from olmopt.evaluate.early_stop import Scored
 from olmopt.export import (
     ReproductionError,
     metrics_match,
@@ -95,7 +96,8 @@ def export_best(
     check_output(out, [m.path for m in ctx.pool.models.values()], force)
     refined = refine_es(campaign, ctx, es_units, progress) if refine else None
     recipe, expected, key, trial_number = pick_recipe(campaign, trial, stage_key)
-    got = ctx.score(recipe, "search")
+    searched = ctx.evaluate(recipe, "search")
+    got = searched.metrics
     nonfinite = nonfinite_objectives(got, list(got))
     if nonfinite:
         where = f"trial {trial_number} of stage {key}" if trial_number is not None else f"stage {key}"
@@ -109,7 +111,7 @@ def export_best(
         )
     has_held = any(o.held_out > 0 for o in ctx.objectives)
     held = ctx.score(recipe, "held_out") if has_held else {}
-    sealed = sealed_test(campaign, ctx, recipe, got)  # the one reading of the test part
+    sealed = sealed_test(campaign, ctx, recipe, searched)  # the one reading of the test part
     table = [{"model": "merged (olmopt)", "search": got, "held_out": held}]
     refine_report = None
     if refined is not None:
@@ -250,20 +252,32 @@ def refinement_report(
     }
 
 
-def sealed_test(
-    campaign: Campaign, ctx: EvalContext, recipe: Recipe, search: dict[str, float]
-) -> dict[str, Any]:
+def sealed_test(campaign: Campaign, ctx: EvalContext, recipe: Recipe, search: Scored) -> dict[str, Any]:
     """The merged model on the sealed test part (``objectives[].test``), scored here and nowhere else:
-    ``sealed_split.sealed_test_report`` plus the figures as ``values``; {} when no objective has one."""
+    ``sealed_split.sealed_test_report`` (intervals from both parts' per-item values) plus the figures as
+    ``values``; {} when no objective has one."""
     sealed = [o for o in ctx.objectives if o.test > 0]
     if not sealed:
         return {}
-    values = ctx.score(recipe, "test")
-    encoded = ctx.evaluator.encoded
-    counts = {o.name: (len(encoded(o, "search")), len(encoded(o, "test"))) for o in sealed}
+    tested = ctx.evaluate(recipe, "test")
+    values = tested.metrics
+    ev = ctx.evaluator
+    counts = {o.name: (len(ev.encoded(o, "search")), len(ev.encoded(o, "test"))) for o in sealed}
     metric_of = {o.name: o.metric for o in sealed}
+    per_item = {
+        o.name: (search.items[o.name], tested.items[o.name])
+        for o in sealed
+        if search.items.get(o.name) and tested.items.get(o.name)
+    }
+    tokens = {
+        o.name: (ev.answer_tokens(o, "search"), ev.answer_tokens(o, "test"))
+        for o in sealed
+        if o.metric == "perplexity"
+    }
     level = campaign.config.selection.confidence
-    report = sealed_test_report(search, values, campaign.directions(), metric_of, counts, level)
+    report = sealed_test_report(
+        search.metrics, values, campaign.directions(), metric_of, counts, level, per_item, tokens
+    )
     return {"values": values} | report
 
 
