@@ -220,11 +220,22 @@ def family(zoo: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return manifest, {m["name"]: str(zoo / m["path"]) for m in manifest["models"]}
 
 
+FULL_EVALUATIONS = {"early_stop": {"mode": "off"}, "racing": {"mode": "off"}}
+
+
 def run_strategy(
-    tmp: Path, zoo: Path, paths: dict[str, str], name: str, layers: dict[str, Any], seed: int = 0
+    tmp: Path,
+    zoo: Path,
+    paths: dict[str, str],
+    name: str,
+    layers: dict[str, Any],
+    seed: int = 0,
+    evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Create and run one campaign (``sampler.seed`` = ``seed``); its final Recipe, evaluations spent and
-    wall time."""
+    """Create and run one campaign (``sampler.seed`` = ``seed``); its final Recipe, evaluations spent (a
+    candidate stopped early counts as one), item evaluations and wall time. ``evaluation``: the study
+    file's ``evaluation`` section (default: every candidate scored on every item, as the table's rows
+    were measured; ``--early-stop auto`` passes {} for the defaults)."""
     import optuna
 
     from olmopt.cli import main
@@ -239,6 +250,7 @@ def run_strategy(
         "selection": layers.pop("_selection", {}),
         "decisions": {"base": {"mode": "fixed", "model": paths["base"]}, "layers": layers, **extra},
         "sampler": {"name": "tpe", "seed": seed},
+        "evaluation": FULL_EVALUATIONS if evaluation is None else evaluation,
     }
     url = f"sqlite:///{tmp / (name + '.db')}"
     study_file = tmp / f"{name}.yaml"
@@ -252,14 +264,16 @@ def run_strategy(
             raise SystemExit(f"{name}: olmopt {argv[0]} {argv[1]} failed")
     wall = time.perf_counter() - start
     campaign = Campaign.load(name, url)
-    evaluations = trials = held_checks = 0
+    evaluations = trials = held_checks = items = 0
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     for stage in campaign.plan:
         study = campaign.existing_stage_study(stage)
         if study is None:
             continue
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        for t in study.get_trials(deepcopy=False, states=done):
             trials += 1
             evaluations += "reused" not in t.user_attrs
+            items += int(t.user_attrs.get("n_items", 0))
     decisions = campaign.decisions()
     held_checks = len({d.recipe.to_json() for d in decisions.values() if d.held_out})
     final = campaign.final_recipe()
@@ -268,6 +282,7 @@ def run_strategy(
         "recipe": final,
         "evaluations": evaluations,
         "trials": trials,
+        "items": items,
         "held_out_checks": held_checks,
         "wall_s": wall,
     }
@@ -456,8 +471,9 @@ def one_thread() -> None:
 def campaign_job(job: dict[str, Any]) -> dict[str, Any]:
     """One campaign (a worker's unit of work); the final Recipe travels back as JSON."""
     run = run_strategy(
-        Path(job["tmp"]), Path(job["zoo"]), job["paths"], job["campaign"], job["layers"], job["seed"]
-    )
+        Path(job["tmp"]), Path(job["zoo"]), job["paths"], job["campaign"], job["layers"], job["seed"],
+        job.get("evaluation"),
+    )  # fmt: skip
     run["recipe"] = run["recipe"].to_json()
     return run
 
@@ -579,6 +595,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="campaigns run at once, one process each")
     parser.add_argument("--strategies", default=None, help="comma-separated subset")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--early-stop",
+        choices=["off", "auto"],
+        default="off",
+        help="off: every candidate on every item (the table's figures); auto: the study-file defaults "
+        "(early stopping and racing under selection.score: mean)",
+    )
     parser.add_argument("--out", default=str(REPO / "storage" / "search-quality.json"))
     parser.add_argument(
         "--render", nargs="+", metavar="JSON", help="print markdown tables of earlier results and exit"
@@ -612,7 +635,7 @@ def main() -> None:
         meta = {
             "machine": host, "jobs": args.jobs, "seeds": args.seeds, "campaigns": len(results),
             "wall_s": time.perf_counter() - start, "load_start": load_start, "load_end": os.getloadavg()[0],
-            "complete": complete, "argv": sys.argv[1:],
+            "complete": complete, "argv": sys.argv[1:], "early_stop": args.early_stop,
         }  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
@@ -628,6 +651,7 @@ def main() -> None:
                 "tmp": tmp_name, "zoo": str(zoo), "paths": families[zoo].paths, "strategy": name,
                 "seed": seed, "budget": b, "layers": families[zoo].plans(b)[name],
                 "campaign": f"{zoo.name}-{name}-b{b}-s{seed}".replace("+", "-"),
+                "evaluation": None if args.early_stop == "off" else {},
             }
             for seed in range(args.seeds)
             for zoo, budgets in zoos

@@ -365,9 +365,11 @@ class SamplerConfig(_Strict):
 class EarlyStopConfig(_Strict):
     """Paired sequential early stopping (olmopt.evaluate.sequential, docs/early_stop.md): candidates are
     scored in chunks of ``chunk`` items of each dataset and stopped (PRUNED) once the stage's leader (or
-    the incumbent) is significantly better at level ``alpha``, spent over the looks by ``boundary``."""
+    the incumbent) is significantly better at level ``alpha``, spent over the looks by ``boundary``.
+    ``auto`` (the default): on when stages select by ``selection.score: mean``, off under Copeland
+    (whose counts change when a dominated candidate leaves the field: OLM's selection stays exact)."""
 
-    mode: Literal["on", "off"] = "off"
+    mode: Literal["auto", "on", "off"] = "auto"
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
     chunk: int = Field(20, gt=0)
     boundary: Literal["pocock", "obrien-fleming", "bonferroni"] = "pocock"
@@ -378,9 +380,11 @@ class EarlyStopConfig(_Strict):
 class RacingConfig(_Strict):
     """Successive halving over item budgets in joint stages (docs/early_stop.md): at the rungs after
     ``first``, ``first * eta``, ... chunks (``early_stop.chunk`` items each) a candidate goes on only when
-    its partial score is among the top ``1 / eta`` of the stage's candidates that reached the rung."""
+    its partial score is among the top ``1 / eta`` of the stage's candidates that reached the rung; before
+    the stage decides, race-stopped near-ties of the leader are resumed (olmopt.search.near_ties).
+    ``auto`` (the default): as ``early_stop.mode``."""
 
-    mode: Literal["on", "off"] = "off"
+    mode: Literal["auto", "on", "off"] = "auto"
     eta: int = Field(3, ge=2)
     first: int = Field(1, ge=1)
 
@@ -425,6 +429,11 @@ class StudyConfig(_Strict):
         names = [o.name or default_objective_name(o) for o in self.objectives]
         if len(set(names)) != len(names):
             raise ValueError(f"objectives: names must be unique, got {names}")
+        ev, by_mean = self.evaluation, self.selection.score == "mean"
+        if ev.early_stop.mode == "auto":  # resolved once: every reader sees on or off
+            ev.early_stop.mode = "on" if by_mean else "off"
+        if ev.racing.mode == "auto":
+            ev.racing.mode = ev.early_stop.mode if by_mean else "off"
         rule = self.selection.improve_all
         metrics = {o.metric for o in self.objectives}
         if rule not in (None, "", "base", "all") and rule not in metrics:

@@ -351,3 +351,58 @@ def test_a_dead_workers_candidate_is_queued_again_exactly_once(rdb_url, monkeypa
         assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 3
     finally:
         optuna.delete_study(study_name=name, storage=storage)
+
+
+@pytest.mark.server
+def test_two_workers_race_a_joint_stage_and_resume_each_near_tie_once(
+    rdb_url, tiny_zoo, tmp_path, cli
+) -> None:
+    """Early stopping and racing (on by default under ``score: mean``) with two `study run` workers: the
+    stage ends only when no race-stopped near-tie of the leader is left unresumed, each resume runs once,
+    and stopped trials never win."""
+    from olmopt.evaluate.early_stop import StopRule
+    from olmopt.search.campaign import Campaign
+    from olmopt.search.near_ties import RACED_ATTR, RESUME_ATTR, NearTies
+
+    name = f"race-{uuid.uuid4().hex[:10]}"
+    layers = {"mode": "joint", "n_trials": 16, "warm_start": True, "sampler": "tpe"}
+    path = study_file(tmp_path, tiny_zoo, name, layers=layers)
+    path.write_text(
+        path.read_text() + "selection: {score: mean}\nevaluation: {cache: false, racing: {eta: 2}}\n"
+    )
+    assert main(["study", "create", str(path), "--storage", rdb_url]) == 0
+    try:
+        for p in workers(cli, rdb_url, name, 2):
+            code, err = cli.finish(p, timeout=600)
+            assert code == 0, err[-2000:]
+        campaign = Campaign.load(name, rdb_url)
+        assert (
+            campaign.config.evaluation.early_stop.mode == "on"
+            and campaign.config.evaluation.racing.mode == "on"
+        )
+        stage = campaign.plan[-1]
+        study = campaign.existing_stage_study(stage)
+        assert study is not None
+        trials = study.get_trials()
+        done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        assert all(t.state in (*done, optuna.trial.TrialState.FAIL) for t in trials)
+        resumed = [
+            int(t.user_attrs[RESUME_ATTR]) for t in trials if RESUME_ATTR in t.user_attrs and t.state in done
+        ]
+        assert len(resumed) == len(set(resumed))  # each near-tie resumed once, by one of the workers
+        raced = [t for t in trials if t.user_attrs.get(RACED_ATTR)]
+        maximize = dict.fromkeys(("add", "rev", "fact", "mc"), "maximize")
+        metrics = {
+            "add": "token_accuracy",
+            "rev": "token_accuracy",
+            "fact": "token_accuracy",
+            "mc": "mc_accuracy",
+        }
+        rule = NearTies(StopRule(0.05, maximize, metrics, "mean"), ["add", "rev", "fact", "mc"], 0.05)
+        assert raced and rule.due(trials) == []  # racing stopped some; nothing left that could still win
+        print(f"{len(trials)} trials, {len(raced)} raced, resumed {resumed}")
+        decision = campaign.decisions()[stage.key]
+        pruned = {str(t.user_attrs["candidate"]) for t in trials if t.state == optuna.trial.TrialState.PRUNED}
+        assert decision.winner not in pruned and campaign_status(name, rdb_url)["finished"]
+    finally:
+        cleanup(rdb_url, name)

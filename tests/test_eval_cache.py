@@ -224,3 +224,34 @@ def test_two_study_workers_rerun_from_the_cache_on_postgres(
         storage = open_storage(url)
         for name in (first, again):
             delete_campaign(storage, name)
+
+
+def test_partial_entries_grow_and_never_replace_a_complete_one(tmp_path: Path) -> None:
+    """A stopped candidate's entry (``partial``) is replaced by one with more items or a complete one; a
+    complete entry is never replaced; held-out scoring never reads a partial entry."""
+    from olmopt.search.eval_cache import cached_scorer
+
+    cache = EvalCache(open_storage(f"sqlite:///{tmp_path}/c.db").engine, uuid.uuid4().hex, "c1")  # type: ignore[attr-defined]
+    cache.put("m", "search", {"acc": 0.5}, {"acc": pack({0: 1.0, 1: 0.0})}, partial=True)
+    hit = cache.get("m", "search")
+    assert hit is not None and hit.partial and unpack(hit.items["acc"]) == {0: 1.0, 1: 0.0}
+    cache.put("m", "search", {"acc": 1.0}, {"acc": pack({0: 1.0})}, partial=True)  # fewer items: kept
+    assert cache.get("m", "search").values == {"acc": 0.5}  # type: ignore[union-attr]
+    cache.put("m", "search", {"acc": 2 / 3}, {"acc": pack({0: 1.0, 1: 0.0, 2: 1.0})}, partial=True)
+    assert cache.get("m", "search").values == {"acc": 2 / 3}  # type: ignore[union-attr]
+    cache.put("m", "search", {"acc": 0.75}, {"acc": pack({0: 1.0, 1: 0.0, 2: 1.0, 3: 1.0})})
+    hit = cache.get("m", "search")
+    assert hit is not None and not hit.partial and hit.values == {"acc": 0.75}
+    cache.put("m", "search", {"acc": 0.0}, {"acc": pack({i: 0.0 for i in range(9)})}, partial=True)
+    assert cache.get("m", "search").values == {"acc": 0.75}  # type: ignore[union-attr]
+    # held-out checks (cached_scorer) evaluate a model whose only entry is partial, and store the result
+    cache.put("p", "held_out", {"acc": 0.1}, {"acc": pack({0: 0.0})}, partial=True)
+    calls: list[str] = []
+
+    def score(recipe: Any, split: str) -> dict[str, float]:
+        calls.append(split)
+        return {"acc": 0.9}
+
+    scorer = cached_scorer(cache, lambda recipe: "p", score)
+    assert scorer(object(), "held_out") == {"acc": 0.9} and calls == ["held_out"]  # type: ignore[arg-type]
+    assert scorer(object(), "held_out") == {"acc": 0.9} and calls == ["held_out"]  # type: ignore[arg-type]
