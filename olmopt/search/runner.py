@@ -35,6 +35,7 @@ from olmopt.search.evaluation import StageEvaluation
 from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import Stage, StageSpace
 from olmopt.search.kinds import get_kind
+from olmopt.search.near_ties import RESUME_ATTR
 from olmopt.search.seeding import TrialSeeded
 from olmopt.search.storage import is_sqlite
 from olmopt.search.workers import Evaluators
@@ -274,10 +275,14 @@ class CampaignRunner:
             self._perplexity_tokens(),
         )  # fmt: skip
         earlier = self.keys.earlier_decision(incumbent, self.env.decisions)
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        resumed = {int(t.user_attrs[RESUME_ATTR]): t.number for t in finished if RESUME_ATTR in t.user_attrs}
         pruned = {
             str(t.user_attrs.get(T.LABEL_ATTR, f"#{t.number}")): str(t.user_attrs.get(T.PRUNED_ATTR, ""))
-            for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-        }  # stopped early: recorded, never winners
+            + (f"; resumed as trial {resumed[t.number]}" if t.number in resumed else "")
+            for t in finished
+            if t.state == TrialState.PRUNED
+        }  # stopped early: recorded, never winners (a near-tie's resume trial competes in its place)
         score = cached_scorer(self.cache, lambda r: self.keys.key_of_json(r.to_json()), self.ev.local.score)
         decision = decide(
             stage, trials, space, incumbent, rules, self.keys, earlier, score, WORKER_ID, pruned
