@@ -352,6 +352,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 **{k: first[k] for k in ("best_single_test_mean", "ground_truth_test_mean")},
                 "accepted": first.get("accepted", True),
                 "donors": first.get("donors", 5),
+                "ground_truth_held_out_copeland": first.get("ground_truth_held_out_copeland"),
                 "seeds": [r.get("seed", 0) for r in runs],
                 "same_recipe": len({json.dumps(r["recipe"], sort_keys=True) for r in runs}) == 1,
                 "test_mean": mean,
@@ -380,6 +381,10 @@ def targets(s: dict[str, Any]) -> str:
     best, truth, mean = s["best_single_test_mean"], s["ground_truth_test_mean"], s["test_mean"]
     above = ("met" if mean > best else "missed") if truth > best else "n/a (recipe below the best donor)"
     copeland = "met" if s["held_out_copeland"] == s.get("donors", 5) else "missed"
+    truth_cope = s.get("ground_truth_held_out_copeland")
+    if truth_cope is not None:  # reported only: what the zoo's own recipe scores on the same test
+        reach = "met" if truth_cope == s.get("donors", 5) else "missed"
+        copeland += f" (the ground-truth recipe: {truth_cope:+.0f}, {reach})"
     return (
         f"{s['strategy']}: >= 95 % of the recipe {'met' if mean >= 0.95 * truth else 'missed'} "
         f"({mean / truth:.0%}); above the best donor {above}; beats every donor on held-out Copeland "
@@ -427,7 +432,13 @@ def render(paths: list[str]) -> str:
         out.append(
             f"\n**{fam}** [{mark}] (budget {budget}): best single donor "
             f"{first['best_single_test_mean']:.3f}, ground-truth recipe "
-            f"{first['ground_truth_test_mean']:.3f} (test means)\n"
+            f"{first['ground_truth_test_mean']:.3f} (test means)"
+            + (
+                f"; its held-out Copeland {truth_cope:+.0f}"
+                if (truth_cope := first.get("ground_truth_held_out_copeland")) is not None
+                else ""
+            )
+            + "\n"
         )
         skills = list(first["test"])
         out.append(
@@ -537,7 +548,18 @@ class Family:
                 "best_single": max(means.values()),
                 "truth": mean_ci(test_ctx.score(self.truth, "search"), counts)[0],
             }
+            truth_cope = self.copeland(search_ctx.score(self.truth, "held_out"))
+            self.refs["truth_copeland"] = truth_cope["merged"]
         return self.refs
+
+    def copeland(self, held: dict[str, float]) -> dict[str, float]:
+        """Held-out Copeland scores of a merge (``held``: its held-out values, "merged") and the singles."""
+        from olmopt.search.finalize import copeland_verdict
+
+        assert self.refs is not None
+        table = [{"model": "merged", "held_out": held}]
+        table += [{"model": n, "held_out": self.refs["held_out"][n]} for n in self.singles]
+        return dict(copeland_verdict(table, dict.fromkeys(held, "maximize"))["scores"])
 
     def header(self) -> str:
         key = self.manifest["build_key"]
@@ -551,7 +573,6 @@ class Family:
     def score(self, job: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
         """The benchmark row of one finished campaign (test split, held-out Copeland, gap closed)."""
         from olmopt.recipe import Recipe
-        from olmopt.search.finalize import copeland_verdict
 
         refs = self.references()
         search_ctx, test_ctx = self.ctx()
@@ -559,9 +580,7 @@ class Family:
         test = test_ctx.score(recipe, "search")
         held = search_ctx.score(recipe, "held_out")
         mean, half = mean_ci(test, refs["counts"])
-        table = [{"model": "merged", "held_out": held}]
-        table += [{"model": n, "held_out": refs["held_out"][n]} for n in self.singles]
-        cope = copeland_verdict(table, dict.fromkeys(held, "maximize"))["scores"]
+        cope = self.copeland(held)
         gap = refs["truth"] - refs["best_single"]
         return {
             **{k: job[k] for k in ("strategy", "budget", "seed")}, "family": self.zoo.name,
@@ -573,6 +592,7 @@ class Family:
             "donors": len(self.singles),
             "gap_closed": (mean - refs["best_single"]) / gap if gap > 0 else None,
             "best_single_test_mean": refs["best_single"], "ground_truth_test_mean": refs["truth"],
+            "ground_truth_held_out_copeland": refs["truth_copeland"],
             "recipe": json.loads(recipe.to_json()),
         }  # fmt: skip
 

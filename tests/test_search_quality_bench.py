@@ -101,3 +101,11 @@ def test_targets(sq: ModuleType) -> None:
     # the recipe below the best donor: no room to be above it
     low = {**s, "ground_truth_test_mean": 0.3, "test_mean": 0.39, "held_out_copeland": 5}
     assert "met (130%); above the best donor n/a (recipe below the best donor);" in sq.targets(low)
+
+
+def test_targets_say_what_the_ground_truth_recipe_scores_on_held_out_copeland(sq: ModuleType) -> None:
+    s = {"strategy": "default", "best_single_test_mean": 0.5, "ground_truth_test_mean": 0.57, "donors": 5}
+    text = sq.targets({**s, "test_mean": 0.57, "held_out_copeland": 4, "ground_truth_held_out_copeland": 4})
+    assert text.endswith("held-out Copeland missed (the ground-truth recipe: +4, missed)")
+    text = sq.targets({**s, "test_mean": 0.57, "held_out_copeland": 5, "ground_truth_held_out_copeland": 5})
+    assert text.endswith("held-out Copeland met (the ground-truth recipe: +5, met)")
