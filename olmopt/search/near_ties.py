@@ -7,10 +7,11 @@ feasible COMPLETE trial by the stage's selection) on the items the candidate was
 of the sequential test (``olmopt.evaluate.sequential.decide``) at one look of level ``alpha``. A
 candidate that is not significantly worse, a near-tie, is evaluated on its remaining search items by a
 *resume* trial (its chunks already scored are read, not evaluated again) and then competes like every
-complete candidate. A candidate as good as the leader on the stage's items is thus left out with
-probability at most ``alpha`` (the test's level; the items seen are a random part of the stage's fixed
-items), whatever racing did; the resumes are repeated until none is due (a resumed candidate can become
-the leader). Pure: reads only the stage's trials. See docs/early_stop.md.
+complete candidate. A candidate as good as the leader on the stage's items is thus left out only when
+the test rejects at the rung where it was stopped: at most ``alpha`` per rung (the items seen are a
+random part of the stage's fixed items), measured 1.75 % at 0.05 over three rungs in simulation. The
+resumes are repeated until none is due (a resumed candidate can become the leader). Pure: reads only the
+stage's trials. See docs/early_stop.md.
 """
 
 from __future__ import annotations
