@@ -7,7 +7,7 @@
 For every zoo family (a directory built by ``olmopt zoo build``; missing ones are built with the pinned
 seed named by the directory ``storage/zoo-SIZE-ARCH[-sSEED]``), every budget and every strategy, it runs
 ``--seeds K`` campaigns (``sampler.seed`` 0..K-1) on SQLite (base fixed to the pool's base,
-objectives/zoo.yaml), counts the evaluations each spent (trials whose metrics were not reused, and
+objectives/zoo.yaml), counts the evaluations each spent (trials that cost budget: not reused metrics, and
 held-out checks separately) and scores its final Recipe on:
 
 - the search and held-out parts of objectives/zoo.yaml (the campaign saw the first, checked the second);
@@ -240,6 +240,7 @@ def run_strategy(
 
     from olmopt.cli import main
     from olmopt.search.campaign import Campaign
+    from olmopt.search.trials import costs_budget
 
     layers = dict(layers)
     extra = layers.pop("_decisions", {})  # decisions besides the layers (a merge stage before them)
@@ -272,7 +273,7 @@ def run_strategy(
             continue
         for t in study.get_trials(deepcopy=False, states=done):
             trials += 1
-            evaluations += "reused" not in t.user_attrs
+            evaluations += costs_budget(t)
             items += int(t.user_attrs.get("n_items", 0))
     decisions = campaign.decisions()
     held_checks = len({d.recipe.to_json() for d in decisions.values() if d.held_out})
@@ -353,6 +354,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "accepted": first.get("accepted", True),
                 "donors": first.get("donors", 5),
                 "ground_truth_held_out_copeland": first.get("ground_truth_held_out_copeland"),
+                "ground_truth_test_copeland": first.get("ground_truth_test_copeland"),
+                "test_copeland": avg("test_copeland") if all("test_copeland" in r for r in runs) else None,
                 "seeds": [r.get("seed", 0) for r in runs],
                 "same_recipe": len({json.dumps(r["recipe"], sort_keys=True) for r in runs}) == 1,
                 "test_mean": mean,
@@ -385,6 +388,11 @@ def targets(s: dict[str, Any]) -> str:
     if truth_cope is not None:  # reported only: what the zoo's own recipe scores on the same test
         reach = "met" if truth_cope == s.get("donors", 5) else "missed"
         copeland += f" (the ground-truth recipe: {truth_cope:+.0f}, {reach})"
+    if s.get("test_copeland") is not None:  # the same count on the sealed test split (400 items per skill)
+        on_test = "met" if s["test_copeland"] == s.get("donors", 5) else "missed"
+        copeland += f"; on the sealed test split {_num(s['test_copeland'], '+')}, {on_test}"
+        if (truth_test := s.get("ground_truth_test_copeland")) is not None:
+            copeland += f" (the ground-truth recipe: {truth_test:+.0f})"
     return (
         f"{s['strategy']}: >= 95 % of the recipe {'met' if mean >= 0.95 * truth else 'missed'} "
         f"({mean / truth:.0%}); above the best donor {above}; beats every donor on held-out Copeland "
@@ -542,24 +550,28 @@ class Family:
             search_ctx, test_ctx = self.ctx()
             counts = {o.name: len(test_ctx.evaluator.encoded(o, "search")) for o in test_ctx.objectives}
             means = {n: mean_ci(test_ctx.score(r, "search"), counts)[0] for n, r in self.singles.items()}
+            truth_test = test_ctx.score(self.truth, "search")
             self.refs = {
                 "counts": counts,
                 "held_out": {n: search_ctx.score(r, "held_out") for n, r in self.singles.items()},
+                "test": {n: test_ctx.score(r, "search") for n, r in self.singles.items()},
                 "best_single": max(means.values()),
-                "truth": mean_ci(test_ctx.score(self.truth, "search"), counts)[0],
+                "truth": mean_ci(truth_test, counts)[0],
             }
             truth_cope = self.copeland(search_ctx.score(self.truth, "held_out"))
             self.refs["truth_copeland"] = truth_cope["merged"]
+            self.refs["truth_test_copeland"] = self.copeland(truth_test, "test")["merged"]
         return self.refs
 
-    def copeland(self, held: dict[str, float]) -> dict[str, float]:
-        """Held-out Copeland scores of a merge (``held``: its held-out values, "merged") and the singles."""
+    def copeland(self, values: dict[str, float], split: str = "held_out") -> dict[str, float]:
+        """Copeland scores of a merge (``values``: its scores on ``split``, "merged") and the singles, on
+        the held-out part (50 items per skill) or the sealed test split ("test", 400 per skill)."""
         from olmopt.search.finalize import copeland_verdict
 
         assert self.refs is not None
-        table = [{"model": "merged", "held_out": held}]
-        table += [{"model": n, "held_out": self.refs["held_out"][n]} for n in self.singles]
-        return dict(copeland_verdict(table, dict.fromkeys(held, "maximize"))["scores"])
+        table = [{"model": "merged", "held_out": values}]
+        table += [{"model": n, "held_out": self.refs[split][n]} for n in self.singles]
+        return dict(copeland_verdict(table, dict.fromkeys(values, "maximize"))["scores"])
 
     def header(self) -> str:
         key = self.manifest["build_key"]
@@ -581,6 +593,7 @@ class Family:
         held = search_ctx.score(recipe, "held_out")
         mean, half = mean_ci(test, refs["counts"])
         cope = self.copeland(held)
+        test_cope = self.copeland(test, "test")
         gap = refs["truth"] - refs["best_single"]
         return {
             **{k: job[k] for k in ("strategy", "budget", "seed")}, "family": self.zoo.name,
@@ -593,6 +606,9 @@ class Family:
             "gap_closed": (mean - refs["best_single"]) / gap if gap > 0 else None,
             "best_single_test_mean": refs["best_single"], "ground_truth_test_mean": refs["truth"],
             "ground_truth_held_out_copeland": refs["truth_copeland"],
+            "test_copeland": test_cope["merged"],
+            "test_copeland_best_donor": max(test_cope[n] for n in self.singles),
+            "ground_truth_test_copeland": refs["truth_test_copeland"],
             "recipe": json.loads(recipe.to_json()),
         }  # fmt: skip
 

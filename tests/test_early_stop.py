@@ -20,6 +20,7 @@ from olmopt.search.annotate import stage_note
 from olmopt.search.campaign import Campaign
 from olmopt.search.kind_registry import get_kind
 from olmopt.search.near_ties import RESUME_ATTR, NearTies
+from olmopt.search.trials import costs_budget
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _models import char_tokenizer, make_family, write_addition_data  # noqa: E402
@@ -177,6 +178,10 @@ def _objective_mean(t: optuna.trial.FrozenTrial) -> float:
     return (t.user_attrs["m.add"] + t.user_attrs["m.rev"]) / 2
 
 
+def _items(trial: optuna.trial.FrozenTrial, name: str) -> dict[int, float]:
+    return unpack(trial.user_attrs[f"i.{name}"]) if f"i.{name}" in trial.user_attrs else {}
+
+
 def test_joint_stage_stops_against_the_leader_and_races(tiny_zoo: Path, tmp_path: Path) -> None:
     joint = "{mode: joint, n_trials: 16, warm_start: true, sampler: tpe}"
     mean = "selection: {score: mean}\nsampler: {name: tpe, seed: 3}\n"
@@ -219,20 +224,44 @@ def test_joint_stage_stops_against_the_leader_and_races(tiny_zoo: Path, tmp_path
     print(f"near-ties resumed: {sorted(resumed)} of the raced {[t.number for t in raced]}")
     assert resumed and set(resumed) <= {t.number for t in raced}
     assert rule.due(trials) == []
+    # one resume per model (a sampler repeats itself), none for a model with a COMPLETE trial
+    models = [t.user_attrs["recipe"] for t in resumed.values()]
+    assert len(set(models)) == len(models)
+    assert not set(models) & {t.user_attrs["recipe"] for t in trials if t.state == TrialState.COMPLETE
+                              and RESUME_ATTR not in t.user_attrs}  # fmt: skip
     for t in raced:
         assert t.user_attrs["raced"] is True
         if t.number not in resumed:
-            assert not rule.near(t, leader)  # significantly worse than the leader on its items
+            # significantly worse than the leader on its items, or its model resumed from another trial
+            assert not rule.near(t, leader) or t.user_attrs["recipe"] in models
             continue
         again = resumed[t.number]  # its items read, only the rest evaluated; no race
         assert "racing" not in str(again.user_attrs.get("pruned", ""))
         before, after = unpack(t.user_attrs["i.add"]), unpack(again.user_attrs["i.add"])
-        assert before.items() <= after.items()
+        assert before.items() <= after.items() and len(after) > len(before)
         fresh = sum(len(unpack(again.user_attrs[f"i.{n}"])) - len(unpack(t.user_attrs[f"i.{n}"]))
                     for n in ("add", "rev"))  # fmt: skip
-        assert again.user_attrs["n_items"] == fresh > 0
+        # the new items are evaluated, or read from the evaluation cache where a stopped trial of the same
+        # model was scored on more chunks (then none is counted as evaluated)
+        if "cached" in again.user_attrs:
+            assert again.user_attrs["n_items"] < fresh
+        else:
+            assert again.user_attrs["n_items"] == fresh > 0
         if again.state == TrialState.COMPLETE:
             assert len(after) == 200 and again.params == t.params
+    # a sampler's repeat of a stopped model that scored no new item costs no budget (``repeat_of``)
+    for t in trials:
+        same = [
+            u for u in trials if u.number < t.number and u.user_attrs.get("recipe") == t.user_attrs["recipe"]
+        ]
+        scored = {(n, i) for u in same for n in ("add", "rev") for i in _items(u, n)}
+        mine = {(n, i) for n in ("add", "rev") for i in _items(t, n)}
+        repeat = bool(same) and bool(mine) and mine <= scored and RESUME_ATTR not in t.user_attrs
+        assert ("repeat_of" in t.user_attrs) == repeat, t.number
+        if repeat:
+            assert t.user_attrs["repeat_of"] == same[0].number and t.user_attrs["n_items"] == 0
+    assert sum(costs_budget(t) for t in trials if RESUME_ATTR not in t.user_attrs) == 16
+    print(f"repeats of stopped models: {[t.number for t in trials if 'repeat_of' in t.user_attrs]}")
     off_study = off.existing_stage_study(off.plan[-1])
     assert off_study is not None
     spent_off = sum(int(t.user_attrs.get("n_items", 0)) for t in off_study.get_trials())

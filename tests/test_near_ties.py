@@ -60,6 +60,30 @@ def test_only_race_stopped_near_ties_without_a_finished_resume_are_due() -> None
     assert rule.due([near, far]) == []
 
 
+def test_one_resume_per_model_and_none_for_a_model_that_completed() -> None:
+    """A sampler that stops the same model three times gets one resume of it, of the trial scored on the
+    most items, kept while that resume waits; a model with a COMPLETE trial gets none."""
+    ones = [1.0] * 20
+    raced = {RACED_ATTR: True, "pruned": "racing"}
+    leader = _trial(0, TrialState.COMPLETE, ones * 10, ones * 10, recipe="L")
+    a1 = _trial(1, TrialState.PRUNED, ones, ones, recipe="A", **raced)
+    a2 = _trial(2, TrialState.PRUNED, ones * 3, ones * 3, recipe="A", **raced)  # the most items of A
+    a3 = _trial(3, TrialState.PRUNED, ones * 2, ones * 2, recipe="A", **raced)
+    b1 = _trial(4, TrialState.PRUNED, ones, ones, recipe="B", **raced)
+    b_done = _trial(5, TrialState.COMPLETE, ones * 10, ones * 9 + [0.0] * 20, recipe="B")
+    trials = [leader, a1, a2, a3, b1, b_done]
+    rule = NearTies(RULE, NAMES, 0.05)
+    assert rule.due(trials) == [a2]
+    # its resume waits: a later stop of A with more items does not make a second resume due
+    waiting = _trial(6, TrialState.COMPLETE, ones, ones, **{RESUME_ATTR: 2})
+    waiting.state, waiting.values = TrialState.WAITING, None
+    a4 = _trial(7, TrialState.PRUNED, ones * 4, ones * 4, recipe="A", **raced)
+    assert rule.due([*trials, waiting, a4]) == [a2]
+    # once it is done, model A is settled whichever of its trials it resumed
+    waiting.state = TrialState.PRUNED
+    assert rule.due([*trials, waiting, a4]) == []
+
+
 def test_the_near_tie_test_is_one_look_of_the_sequential_rule() -> None:
     """A candidate 4 items worse in 40 on one objective and equal on the other: the objective-mean rule's
     upper bound (score test, Student t with 39 degrees of freedom) is below 0 at level 0.05 (not near)

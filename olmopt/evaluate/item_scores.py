@@ -11,12 +11,22 @@ import base64
 import math
 import zlib
 from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 
 from olmopt.evaluate.sequential import Look
 
 ItemScores = dict[str, dict[int, float]]  # objective -> item index -> value
+
+
+class _Trial(Protocol):
+    @property
+    def number(self) -> int: ...
+    @property
+    def user_attrs(self) -> dict[str, object]: ...
+
+
 ITEMS_PREFIX = "i."  # trial user attr of an objective's packed per-item values
 N_ITEMS_ATTR = "n_items"  # trial user attr: item evaluations spent (items scored, summed over objectives)
 
@@ -53,6 +63,19 @@ def packed_items(user_attrs: Mapping[str, object]) -> dict[str, str]:
 def unpack_all(packed: Mapping[str, str]) -> ItemScores:
     """Objective -> item index -> value from :func:`packed_items` (or a decision's ``items``)."""
     return {name: unpack(text) for name, text in packed.items()}
+
+
+class TrialItems:
+    """Per-item values of finished trials, unpacked once per trial number (a stage's trials: a finished
+    trial's user attrs never change). Call with anything that has ``number`` and ``user_attrs``."""
+
+    def __init__(self) -> None:
+        self._unpacked: dict[int, ItemScores] = {}
+
+    def __call__(self, trial: _Trial) -> ItemScores:
+        if trial.number not in self._unpacked:
+            self._unpacked[trial.number] = unpack_all(packed_items(trial.user_attrs))
+        return self._unpacked[trial.number]
 
 
 def count(items: ItemScores) -> int:

@@ -23,7 +23,14 @@ from tqdm import tqdm
 
 from olmopt.errors import OlmoptError
 from olmopt.evaluate.early_stop import Scored, StopInputs
-from olmopt.evaluate.item_scores import N_ITEMS_ATTR, ItemScores, item_attrs, packed_items, unpack_all
+from olmopt.evaluate.item_scores import (
+    N_ITEMS_ATTR,
+    ItemScores,
+    TrialItems,
+    item_attrs,
+    packed_items,
+    unpack_all,
+)
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
 from olmopt.search.annotate import annotate_trial
@@ -54,7 +61,7 @@ InFlight = dict[Future[Scored], tuple[Trial, Recipe]]
 
 def budget_spent(trials: list[FrozenTrial], budget: int) -> bool:
     """Whether ``trials`` (complete, pruned or running) use up a budget of ``budget`` evaluations."""
-    evaluated = sum("reused" not in t.user_attrs for t in trials)
+    evaluated = sum(T.costs_budget(t) for t in trials)
     return evaluated >= budget or len(trials) >= REUSE_CAP * budget
 
 
@@ -64,7 +71,8 @@ def stage_complete(
     """(every enqueued label and the budget are done, number of COMPLETE trials).
 
     A budget counts evaluations: trials whose metrics were reused (a repeated suggestion, the
-    incumbent again) are free, up to ``REUSE_CAP`` times the budget in trials. With ``near_ties``
+    incumbent again) or that repeated a stopped model on items already scored are free, up to
+    ``REUSE_CAP`` times the budget in trials. With ``near_ties``
     (racing) the race-stopped near-ties of the leader must have been resumed too (``search.near_ties``)."""
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -119,10 +127,12 @@ class StageEvaluation:
         ev = campaign.config.evaluation
         self.early_stop = ev.early_stop.mode == "on"
         self.racing = ev.racing.mode == "on" and get_kind(stage.kind).joint
-        self._items: dict[int, ItemScores] = {}  # trial number -> its per-item values (unpacked once)
+        self._items_of = TrialItems()  # the stage's per-item values, unpacked once per trial
         self.reference = self._reference()
         self.near_ties = (
-            NearTies(evaluators.local.stop_rule, self.names, ev.early_stop.alpha) if self.racing else None
+            NearTies(evaluators.local.stop_rule, self.names, ev.early_stop.alpha, self._items_of)
+            if self.racing
+            else None
         )
 
     def _reference(self) -> tuple[dict[str, float], ItemScores] | None:
@@ -163,11 +173,6 @@ class StageEvaluation:
         assert leader is not None
         metrics, items = entrants[leader]
         return StopInputs(items, leader, metrics, peers)
-
-    def _items_of(self, trial: FrozenTrial) -> ItemScores:
-        if trial.number not in self._items:
-            self._items[trial.number] = unpack_all(packed_items(trial.user_attrs))
-        return self._items[trial.number]
 
     # -- enqueueing --------------------------------------------------------------------------------------
     def enqueue_missing(self) -> None:
@@ -304,11 +309,11 @@ class StageEvaluation:
         the same weights, noted in the trial's ``reused`` attr; None: evaluate it."""
         earlier = self.keys.earlier_decision(recipe, self.decisions)
         if earlier is not None:
-            trial.set_user_attr("reused", earlier.stage)
+            trial.set_user_attr(T.REUSED_ATTR, earlier.stage)
             return dict(earlier.metrics)
         same = self._same_model_in_stage(recipe) if self.space.budget else None
         if same is not None:
-            trial.set_user_attr("reused", f"trial {same.number}")
+            trial.set_user_attr(T.REUSED_ATTR, f"trial {same.number}")
             return T.metrics_of(same, self.names)
         return None
 
@@ -350,6 +355,29 @@ class StageEvaluation:
             if t.number == number:
                 return {name: dict(per) for name, per in self._items_of(t).items()}
         return {}
+
+    def _repeat_of(self, trial: Trial, recipe: Recipe, items: ItemScores) -> int | None:
+        """The first earlier trial of this (budgeted) stage with the same model when, together, such
+        trials had scored every item of ``items``: a sampler repeating a stopped candidate learns nothing
+        new, so the repeat costs no budget. Decided from the stage's trials only, so a re-run from the
+        evaluation cache decides the same."""
+        if not items or not self.space.budget or RESUME_ATTR in trial.user_attrs:
+            return None
+        recipe_json = recipe.to_json()
+        earlier = [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=T.DONE_STATES)
+            if t.number < trial.number
+            and (other := t.user_attrs.get(T.RECIPE_ATTR))
+            and self.keys.same_json(str(other), recipe_json)
+        ]
+        scored: dict[str, set[int]] = {}
+        for t in earlier:
+            for name, per in self._items_of(t).items():
+                scored.setdefault(name, set()).update(per)
+        if earlier and all(set(per) <= scored.get(name, set()) for name, per in items.items()):
+            return min(t.number for t in earlier)
+        return None
 
     def _same_model_in_stage(self, recipe: Recipe) -> FrozenTrial | None:
         """A COMPLETE trial of this stage with the same weights (a sampler repeating itself)."""
@@ -401,8 +429,10 @@ class StageEvaluation:
         extra: dict[str, Any] = item_attrs(scored.items) if scored.items else {}
         if scored.items:
             extra[N_ITEMS_ATTR] = scored.n_items  # the items read from earlier results cost nothing
-        if "reused" in trial.user_attrs or "cached" in trial.user_attrs:  # no item was evaluated
+        if T.REUSED_ATTR in trial.user_attrs or "cached" in trial.user_attrs:  # no item was evaluated
             extra[N_ITEMS_ATTR] = 0
+        if (repeat := self._repeat_of(trial, recipe, scored.items)) is not None:
+            extra[T.REPEAT_ATTR] = repeat
         if scored.stopped:
             extra[T.PRUNED_ATTR] = scored.stopped
         if scored.raced:

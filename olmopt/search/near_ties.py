@@ -23,7 +23,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from olmopt.evaluate.early_stop import StopRule
-from olmopt.evaluate.item_scores import ItemScores, packed_items, paired_looks, unpack_all
+from olmopt.evaluate.item_scores import TrialItems, count, paired_looks
 from olmopt.evaluate.sequential import decide
 from olmopt.search import trials as T
 from olmopt.select import select
@@ -34,17 +34,13 @@ RESUME_ATTR = "resume_of"  # trial user attr of a resume trial: the number of th
 
 @dataclass
 class NearTies:
-    """The near-tie rule of one racing stage: its stop rule, objective names and level."""
+    """The near-tie rule of one racing stage: its stop rule, objective names and level (``items_of``:
+    the stage's per-item values, shared with its evaluation)."""
 
     rule: StopRule
     names: Sequence[str]
     level: float
-    _items: dict[int, ItemScores] = field(default_factory=dict, repr=False)
-
-    def items_of(self, trial: FrozenTrial) -> ItemScores:
-        if trial.number not in self._items:
-            self._items[trial.number] = unpack_all(packed_items(trial.user_attrs))
-        return self._items[trial.number]
+    items_of: TrialItems = field(default_factory=TrialItems, repr=False)
 
     def leader(self, trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
         """The best feasible COMPLETE trial with per-item values, by the stage's selection score."""
@@ -79,23 +75,42 @@ class NearTies:
         return not decide(looks, self.level, self.rule.score).stop
 
     def due(self, trials: Sequence[FrozenTrial], exhausted: Collection[str] = ()) -> list[FrozenTrial]:
-        """Race-stopped near-ties of the leader whose resume has not finished (absent, waiting, running;
-        one given up after repeated failures, ``exhausted`` labels, counts as finished)."""
-        finished = {
-            int(t.user_attrs[RESUME_ATTR])
-            for t in trials
-            if RESUME_ATTR in t.user_attrs
-            and (t.state in T.DONE_STATES or str(t.user_attrs.get(T.LABEL_ATTR)) in exhausted)
+        """Race-stopped near-ties of the leader whose model still needs a resume: one per model (a
+        sampler repeats itself; the stopped trial scored on the most items), none for a model that has a
+        COMPLETE trial in the stage or a finished resume (done; or given up after repeated failures,
+        ``exhausted`` labels)."""
+        by_number = {t.number: t for t in trials}
+        resumes = {t.number: int(t.user_attrs[RESUME_ATTR]) for t in trials if RESUME_ATTR in t.user_attrs}
+        resumes = {n: of for n, of in resumes.items() if of in by_number}
+        # a model is settled by a COMPLETE trial or a finished resume (done, or given up: ``exhausted``)
+        settled = {_model(t) for t in trials if t.state == TrialState.COMPLETE} | {
+            _model(by_number[of])
+            for n, of in resumes.items()
+            if by_number[n].state in T.DONE_STATES
+            or str(by_number[n].user_attrs.get(T.LABEL_ATTR)) in exhausted
         }
-        raced = [
-            t
-            for t in trials
-            if t.state == TrialState.PRUNED and t.user_attrs.get(RACED_ATTR) and t.number not in finished
-        ]
+        # a model whose resume waits or runs keeps the trial that resume is of (one label per model)
+        pending = {_model(by_number[of]): of for of in resumes.values()}
+        raced: dict[str, FrozenTrial] = {}
+        for t in trials:
+            model = _model(t)
+            if t.state != TrialState.PRUNED or not t.user_attrs.get(RACED_ATTR) or model in settled:
+                continue
+            kept = raced.get(model)
+            if model in pending:
+                if t.number == pending[model]:
+                    raced[model] = t
+            elif kept is None or count(self.items_of(t)) > count(self.items_of(kept)):
+                raced[model] = t
         leader = self.leader(trials) if raced else None
         if leader is None:
             return []
-        return [t for t in raced if self.near(t, leader)]
+        return [t for t in raced.values() if self.near(t, leader)]
+
+
+def _model(trial: FrozenTrial) -> str:
+    """What identifies a trial's model: its Recipe's JSON, or its number when it has none."""
+    return str(trial.user_attrs.get(T.RECIPE_ATTR, f"#{trial.number}"))
 
 
 def _recorded(trial: FrozenTrial, names: Sequence[str]) -> dict[str, float]:

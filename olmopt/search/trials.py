@@ -14,6 +14,14 @@ RECIPE_ATTR = "recipe"
 LABEL_ATTR = "candidate"
 METRIC_PREFIX = "m."
 CONSTRAINT_PREFIX = "c."
+REUSED_ATTR = "reused"  # metrics taken from an earlier decision or COMPLETE trial of the same model
+REPEAT_ATTR = "repeat_of"  # a sampler's repeat of a stopped model that scored no item not known before
+
+
+def costs_budget(trial: FrozenTrial) -> bool:
+    """Whether a finished trial counts as an evaluation in a stage's budget: not when it reused metrics
+    (``reused``) nor when it repeated a stopped model on items already scored (``repeat_of``)."""
+    return REUSED_ATTR not in trial.user_attrs and REPEAT_ATTR not in trial.user_attrs
 
 
 def pop_waiting(study: optuna.Study) -> Trial | None:
