@@ -113,7 +113,13 @@ def test_targets_say_what_the_ground_truth_recipe_scores_on_held_out_copeland(sq
 
 def test_targets_add_the_same_copeland_count_on_the_sealed_test_split(sq: ModuleType) -> None:
     s = {"strategy": "default", "best_single_test_mean": 0.5, "ground_truth_test_mean": 0.57, "donors": 5}
-    row = {**s, "test_mean": 0.57, "held_out_copeland": 4, "test_copeland": 5, "ground_truth_test_copeland": 3}
+    row = {
+        **s,
+        "test_mean": 0.57,
+        "held_out_copeland": 4,
+        "test_copeland": 5,
+        "ground_truth_test_copeland": 3,
+    }
     text = sq.targets(row)
     assert text.endswith("Copeland missed; on the sealed test split +5, met (the ground-truth recipe: +3)")
     # a mean over seeds keeps its decimal; one seed below 5 misses
