@@ -20,7 +20,7 @@ PINNED_SEEDS: dict[tuple[str, str], tuple[int, ...]] = {
     ("tiny", "llama"): (1,),
     ("small", "llama"): (0, 6),
     ("tiny", "qwen2"): (1,),
-    ("tiny", "mistral"): (3,),
+    ("tiny", "mistral"): (3, 6),
     ("small", "qwen2"): (0,),
     ("small", "mistral"): (0,),
 }
