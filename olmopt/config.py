@@ -382,9 +382,10 @@ class RacingConfig(_Strict):
     ``first``, ``first * eta``, ... chunks (``early_stop.chunk`` items each) a candidate goes on only when
     its partial score is among the top ``1 / eta`` of the stage's candidates that reached the rung; before
     the stage decides, race-stopped near-ties of the leader are resumed (olmopt.search.near_ties).
-    ``auto`` (the default): as ``early_stop.mode``."""
+    Off by default: candidates it stops at a rung are failures to the sampler, which then steered the
+    main job away from the best merge on one zoo family in 3 of 5 campaigns (docs/early_stop.md)."""
 
-    mode: Literal["auto", "on", "off"] = "auto"
+    mode: Literal["on", "off"] = "off"
     eta: int = Field(3, ge=2)
     first: int = Field(1, ge=1)
 
@@ -432,8 +433,6 @@ class StudyConfig(_Strict):
         ev, by_mean = self.evaluation, self.selection.score == "mean"
         if ev.early_stop.mode == "auto":  # resolved once: every reader sees on or off
             ev.early_stop.mode = "on" if by_mean else "off"
-        if ev.racing.mode == "auto":
-            ev.racing.mode = ev.early_stop.mode if by_mean else "off"
         rule = self.selection.improve_all
         metrics = {o.metric for o in self.objectives}
         if rule not in (None, "", "base", "all") and rule not in metrics:

@@ -357,9 +357,9 @@ def test_a_dead_workers_candidate_is_queued_again_exactly_once(rdb_url, monkeypa
 def test_two_workers_race_a_joint_stage_and_resume_each_near_tie_once(
     rdb_url, tiny_zoo, tmp_path, cli
 ) -> None:
-    """Early stopping and racing (on by default under ``score: mean``) with two `study run` workers: the
-    stage ends only when no race-stopped near-tie of the leader is left unresumed, each resume runs once,
-    and stopped trials never win."""
+    """Early stopping (on by default under ``score: mean``) and racing (asked for) with two `study run`
+    workers: the stage ends only when no race-stopped near-tie of the leader is left unresumed, each
+    resume runs once, and stopped trials never win."""
     from olmopt.evaluate.early_stop import StopRule
     from olmopt.search.campaign import Campaign
     from olmopt.search.near_ties import RACED_ATTR, RESUME_ATTR, NearTies
@@ -368,7 +368,8 @@ def test_two_workers_race_a_joint_stage_and_resume_each_near_tie_once(
     layers = {"mode": "joint", "n_trials": 16, "warm_start": True, "sampler": "tpe"}
     path = study_file(tmp_path, tiny_zoo, name, layers=layers)
     path.write_text(
-        path.read_text() + "selection: {score: mean}\nevaluation: {cache: false, racing: {eta: 2}}\n"
+        path.read_text()
+        + "selection: {score: mean}\nevaluation: {cache: false, racing: {mode: on, eta: 2}}\n"
     )
     assert main(["study", "create", str(path), "--storage", rdb_url]) == 0
     try:

@@ -301,6 +301,7 @@ def test_early_stopping_and_racing_with_two_worker_processes(tiny_zoo: Path, tmp
         ("{racing: {mode: on, eta: 1}}", "evaluation.racing.eta"),
         ("{racing: {first: 0}}", "evaluation.racing.first"),
         ("{racing: {rungs: 3}}", "evaluation.racing.rungs: unknown key"),
+        ("{racing: {mode: auto}}", "evaluation.racing.mode"),  # no auto: off unless asked for
     ],
 )
 def test_bad_early_stop_settings_are_one_line(
@@ -317,6 +318,26 @@ def test_bad_early_stop_settings_are_one_line(
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "bad.db").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [("{score: mean}", ("on", "off")), ("{score: copeland}", ("off", "off")), ("{}", ("off", "off"))],
+)
+def test_default_modes_early_stopping_only_under_the_mean(
+    family: dict[str, Path], tmp_path: Path, selection: str, expected: tuple[str, str]
+) -> None:
+    """``early_stop.mode: auto`` (the default) is on under ``score: mean`` and off under Copeland;
+    racing is off unless asked for, whatever the score."""
+    from olmopt.config import load_study_file
+
+    study = tmp_path / "modes.yaml"
+    study.write_text(
+        f"name: modes\npool: {{models: [{family['a']}, {family['b']}]}}\n"
+        f"objectives: [{{dataset: {family['data']}, metric: perplexity}}]\nselection: {selection}\n"
+    )
+    ev = load_study_file(study).evaluation
+    assert (ev.early_stop.mode, ev.racing.mode) == expected
 
 
 def test_rerun_with_early_stopping_and_racing_replays_the_stops_from_the_cache(
