@@ -383,7 +383,7 @@ class RacingConfig(_Strict):
     its partial score is among the top ``1 / eta`` of the stage's candidates that reached the rung; before
     the stage decides, race-stopped near-ties of the leader are resumed (olmopt.search.near_ties).
     Off by default: candidates it stops at a rung are failures to the sampler, which then steered the
-    main job away from the best merge on one zoo family in 3 of 5 campaigns (docs/early_stop.md)."""
+    main job away from the best merge on one zoo family in 4 of 6 campaigns (docs/early_stop.md)."""
 
     mode: Literal["on", "off"] = "off"
     eta: int = Field(3, ge=2)
