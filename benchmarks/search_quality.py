@@ -549,13 +549,13 @@ class Family:
         if self.refs is None:
             search_ctx, test_ctx = self.ctx()
             counts = {o.name: len(test_ctx.evaluator.encoded(o, "search")) for o in test_ctx.objectives}
-            means = {n: mean_ci(test_ctx.score(r, "search"), counts)[0] for n, r in self.singles.items()}
+            tests = {n: test_ctx.score(r, "search") for n, r in self.singles.items()}
             truth_test = test_ctx.score(self.truth, "search")
             self.refs = {
                 "counts": counts,
                 "held_out": {n: search_ctx.score(r, "held_out") for n, r in self.singles.items()},
-                "test": {n: test_ctx.score(r, "search") for n, r in self.singles.items()},
-                "best_single": max(means.values()),
+                "test": tests,
+                "best_single": max(mean_ci(t, counts)[0] for t in tests.values()),
                 "truth": mean_ci(truth_test, counts)[0],
             }
             truth_cope = self.copeland(search_ctx.score(self.truth, "held_out"))

@@ -18,6 +18,8 @@ import numpy as np
 from olmopt.evaluate.sequential import Look
 
 ItemScores = dict[str, dict[int, float]]  # objective -> item index -> value
+ITEMS_PREFIX = "i."  # trial user attr of an objective's packed per-item values
+N_ITEMS_ATTR = "n_items"  # trial user attr: item evaluations spent (items scored, summed over objectives)
 
 
 class _Trial(Protocol):
@@ -25,10 +27,6 @@ class _Trial(Protocol):
     def number(self) -> int: ...
     @property
     def user_attrs(self) -> dict[str, object]: ...
-
-
-ITEMS_PREFIX = "i."  # trial user attr of an objective's packed per-item values
-N_ITEMS_ATTR = "n_items"  # trial user attr: item evaluations spent (items scored, summed over objectives)
 
 
 def pack(values: Mapping[int, float]) -> str:

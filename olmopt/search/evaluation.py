@@ -70,10 +70,10 @@ def stage_complete(
 ) -> tuple[bool, int]:
     """(every enqueued label and the budget are done, number of COMPLETE trials).
 
-    A budget counts evaluations: trials whose metrics were reused (a repeated suggestion, the
-    incumbent again) or that repeated a stopped model on items already scored are free, up to
-    ``REUSE_CAP`` times the budget in trials. With ``near_ties``
-    (racing) the race-stopped near-ties of the leader must have been resumed too (``search.near_ties``)."""
+    A budget counts evaluations (``trials.costs_budget``): trials whose metrics were reused (a repeated
+    suggestion, the incumbent again) or that repeated a stopped model on items already scored are free,
+    up to ``REUSE_CAP`` times the budget in trials. With ``near_ties`` (racing) the race-stopped
+    near-ties of the leader must have been resumed too (``search.near_ties``)."""
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     done = [t for t in trials if t.state in T.DONE_STATES]  # a pruned candidate was evaluated (partly)
@@ -361,16 +361,10 @@ class StageEvaluation:
         trials had scored every item of ``items``: a sampler repeating a stopped candidate learns nothing
         new, so the repeat costs no budget. Decided from the stage's trials only, so a re-run from the
         evaluation cache decides the same."""
-        if not items or not self.space.budget or RESUME_ATTR in trial.user_attrs:
+        stops = self.early_stop or self.racing  # else a repeated model has a COMPLETE twin: ``reused``
+        if not items or not stops or not self.space.budget or RESUME_ATTR in trial.user_attrs:
             return None
-        recipe_json = recipe.to_json()
-        earlier = [
-            t
-            for t in self.study.get_trials(deepcopy=False, states=T.DONE_STATES)
-            if t.number < trial.number
-            and (other := t.user_attrs.get(T.RECIPE_ATTR))
-            and self.keys.same_json(str(other), recipe_json)
-        ]
+        earlier = [t for t in self._same_model(recipe, T.DONE_STATES) if t.number < trial.number]
         scored: dict[str, set[int]] = {}
         for t in earlier:
             for name, per in self._items_of(t).items():
@@ -381,11 +375,16 @@ class StageEvaluation:
 
     def _same_model_in_stage(self, recipe: Recipe) -> FrozenTrial | None:
         """A COMPLETE trial of this stage with the same weights (a sampler repeating itself)."""
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            recipe_json = t.user_attrs.get(T.RECIPE_ATTR)
-            if recipe_json and self.keys.same_json(str(recipe_json), recipe.to_json()):
-                return t
-        return None
+        return next(iter(self._same_model(recipe, (TrialState.COMPLETE,))), None)
+
+    def _same_model(self, recipe: Recipe, states: tuple[TrialState, ...]) -> list[FrozenTrial]:
+        """This stage's trials in ``states`` whose Recipe has the same weights as ``recipe``."""
+        recipe_json = recipe.to_json()
+        return [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=states)
+            if (other := t.user_attrs.get(T.RECIPE_ATTR)) and self.keys.same_json(str(other), recipe_json)
+        ]
 
     def _run_inline(self, trial: Trial, recipe: Recipe) -> None:
         """A multi-evaluation trial, in this process; listed in flight meanwhile (heartbeats, interrupts)."""
