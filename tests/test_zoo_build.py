@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import olmopt.zoo.build as zoo_build
+import olmopt.zoo.family as zoo_family
 from olmopt.cli import main
 from olmopt.zoo import AcceptanceError, build_zoo, load_manifest
 from olmopt.zoo.build import build_family
@@ -225,7 +226,7 @@ def test_pinned_seeds_are_tried_in_order_and_a_held_candidate_is_reused(
     the next one, one holding the passing candidate is reused, and when every seed fails all are named."""
     real_spec, real_build = zoo_build.family_spec, zoo_build.build_family
     monkeypatch.setattr(zoo_build, "family_spec", lambda size, arch: real_spec(size, arch).scaled(SCALE))
-    monkeypatch.setitem(zoo_build.PINNED_SEEDS, ("tiny", "llama"), (3, 4))
+    monkeypatch.setitem(zoo_family.PINNED_SEEDS, ("tiny", "llama"), (3, 4))
     building: list[int] = []
 
     def build(out: Path, spec: Any, seed: int, **kw: Any) -> dict[str, Any]:
@@ -250,7 +251,7 @@ def test_pinned_seeds_are_tried_in_order_and_a_held_candidate_is_reused(
     building.clear()
     assert build_zoo(out, progress=False)["seed"] == 4 and building == [4]
     # every candidate fails: one error naming each seed's failed criterion; the last family is kept
-    monkeypatch.setitem(zoo_build.PINNED_SEEDS, ("tiny", "llama"), (3, 5))
+    monkeypatch.setitem(zoo_family.PINNED_SEEDS, ("tiny", "llama"), (3, 5))
     building.clear()
     with pytest.raises(
         AcceptanceError, match=r"every pinned seed.*seed 3: own_skill_best.*seed 5: own_skill_best"

@@ -153,3 +153,23 @@ def test_pinned_family_plans_are_the_verified_ones() -> None:
         assert plan == digest, (
             f"{size}/{arch}: plan changed; rebuild it, check acceptance, update docs/zoo.md and this digest"
         )
+
+
+def test_pinned_seeds_put_the_seed_verified_on_this_vendor_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each vendor tries the seed that passes there first (docs/zoo.md "Pinned seeds"), the others after it
+    in list order; a vendor without a verified seed (and a family whose seeds agree) keeps the list."""
+    import olmopt.kernels as kernels
+    from olmopt.zoo.family import PINNED_SEEDS, VENDOR_SEEDS, pinned_seeds
+
+    assert pinned_seeds("small", "llama", "amd") == (0, 6)
+    assert pinned_seeds("small", "llama", "intel") == (6, 0)
+    assert pinned_seeds("tiny", "mistral", "intel") == (6, 3)
+    assert pinned_seeds("small", "qwen2", "intel") == (2, 0)
+    assert pinned_seeds("small", "llama", "other") == PINNED_SEEDS["small", "llama"]
+    assert pinned_seeds("tiny", "llama", "intel") == (1,)
+    for (size, arch), by_vendor in VENDOR_SEEDS.items():  # every verified seed is one of the pinned ones
+        assert set(by_vendor.values()) <= set(PINNED_SEEDS[size, arch])
+        for vendor in by_vendor:
+            assert sorted(pinned_seeds(size, arch, vendor)) == sorted(PINNED_SEEDS[size, arch])
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "intel")  # no vendor given: this CPU's
+    assert pinned_seeds("small", "qwen2") == (2, 0)

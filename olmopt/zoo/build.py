@@ -33,7 +33,7 @@ from olmopt.kernels import (
 from olmopt.lockfile import held_lock
 from olmopt.runtime import configure_threads
 from olmopt.zoo import acceptance
-from olmopt.zoo.family import PINNED_SEEDS, ZOO_VERSION, FamilySpec, family_spec, validate
+from olmopt.zoo.family import ZOO_VERSION, FamilySpec, family_spec, pinned_seeds, validate
 from olmopt.zoo.manifest import WEIGHTS, reusable, sha256_file, write_manifest
 from olmopt.zoo.objectives import HELDOUT_FRACTION, load_objective, objective_file, split
 from olmopt.zoo.score import exact_match
@@ -56,17 +56,17 @@ def build_zoo(
 ) -> dict[str, Any]:
     """Build (or reuse) the zoo family in ``out`` and return its manifest (``zoo.json``).
 
-    ``seed=None`` tries the pinned seeds of (size, arch) in order and keeps the first family that passes
-    acceptance on this machine: a directory holding a candidate that passed is reused, one holding a
-    candidate that failed goes on with the next. ``force`` rebuilds whatever ``out`` holds; ``refresh``
-    replaces a zoo built with other arguments (never a directory that is not a zoo). With ``check``, a
-    family that fails the acceptance criteria (every candidate, for ``seed=None``) is still written, then
-    ``AcceptanceError`` names the failed criteria.
+    ``seed=None`` tries the pinned seeds of (size, arch) in this CPU vendor's order (``pinned_seeds``)
+    and keeps the first family that passes acceptance on this machine: a directory holding a candidate
+    that passed is reused, one holding a candidate that failed goes on with the next. ``force`` rebuilds
+    whatever ``out`` holds; ``refresh`` replaces a zoo built with other arguments (never a directory that
+    is not a zoo). With ``check``, a family that fails the acceptance criteria (every candidate, for
+    ``seed=None``) is still written, then ``AcceptanceError`` names the failed criteria.
     """
     validate(size, arch)
     spec = family_spec(size, arch)
     out = Path(out)
-    seeds = PINNED_SEEDS[(size, arch)] if seed is None else (int(seed),)
+    seeds = pinned_seeds(size, arch) if seed is None else (int(seed),)
     start, held = (0, None) if force else _held_candidate(out, spec, seeds)
     failures: list[str] = []
     if held is not None:
@@ -141,7 +141,7 @@ def cached_manifest(out: Path, size: str, arch: str, seed: int | None = None) ->
     spec = family_spec(size, arch)
     if seed is not None:
         return reusable(Path(out), build_key(spec, int(seed)))
-    _, held = _held_candidate(Path(out), spec, PINNED_SEEDS[(size, arch)])
+    _, held = _held_candidate(Path(out), spec, pinned_seeds(size, arch))
     passed = held is not None and acceptance.first_failure(held["acceptance"]["criteria"]) is None
     return held if passed else None
 

@@ -25,6 +25,28 @@ PINNED_SEEDS: dict[tuple[str, str], tuple[int, ...]] = {
     ("small", "mistral"): (0,),
 }
 
+# The pinned seed verified to pass on each CPU vendor (olmopt.kernels.cpu_vendor), where the vendors differ:
+# ``pinned_seeds`` tries it first there, so a build on that vendor does not train a family it would reject.
+VENDOR_SEEDS: dict[tuple[str, str], dict[str, int]] = {
+    ("small", "llama"): {"amd": 0, "intel": 6},
+    ("tiny", "mistral"): {"amd": 3, "intel": 6},
+    ("small", "qwen2"): {"amd": 0, "intel": 2},
+}
+
+
+def pinned_seeds(size: str, arch: str, vendor: str | None = None) -> tuple[int, ...]:
+    """The pinned seeds of (size, arch) in the order a build tries them on ``vendor`` (default: this
+    CPU's): the seed verified on that vendor first, then the others in ``PINNED_SEEDS`` order."""
+    seeds = PINNED_SEEDS[(size, arch)]
+    if vendor is None:
+        from olmopt.kernels import cpu_vendor
+
+        vendor = cpu_vendor()
+    first = VENDOR_SEEDS.get((size, arch), {}).get(vendor)
+    if first not in seeds:
+        return seeds
+    return (first, *(s for s in seeds if s != first))
+
 
 @dataclass(frozen=True)
 class SpecialistPlan:
