@@ -6,9 +6,10 @@
 
 For every zoo family (a directory built by ``olmopt zoo build``; missing ones are built with the pinned
 seed named by the directory ``storage/zoo-SIZE-ARCH[-sSEED]``), every budget and every strategy, it runs
-``--seeds K`` campaigns (``sampler.seed`` 0..K-1) on SQLite (base fixed to the pool's base,
-objectives/zoo.yaml), counts the evaluations each spent (trials that cost budget: not reused metrics, and
-held-out checks separately) and scores its final Recipe on:
+``--seeds K`` campaigns (``sampler.seed`` 0..K-1) on SQLite (base fixed to the pool's base but for
+``main-job``, which decides it as studies/zoo.yaml does; objectives/zoo.yaml), counts the evaluations
+each spent (trials that cost budget: not reused metrics, and held-out checks separately) and scores its
+final Recipe on:
 
 - the search and held-out parts of objectives/zoo.yaml (the campaign saw the first, checked the second);
 - a **sealed test split** written by this script (``test_split``): 400 items per skill for add, rev and
@@ -108,6 +109,9 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         # the main job's layer decision (studies/zoo.yaml) at this budget: its polish sweeps are paid for
         # out of the joint stage's trials (an upper bound: candidates that repeat known weights are free)
         "default": default_at(budget, n_layers, n_pool),
+        # the whole main job as `make demo` runs it: its base decision too (base auto: every pool model
+        # evaluated, the best mean becomes the base), paid out of the joint stage's trials
+        "main-job": main_job_at(budget, n_layers, n_pool),
         # a parameter-space merge stage first (its winner joins the layer stages as the donor @merge), then
         # the main job's layer decision: TIES / task arithmetic / DELLA with per-model weights, global
         # ("ps+layers") or per pair of adjacent layers ("ps-lw+layers"); the merge stage's trials come out
@@ -135,6 +139,16 @@ def default_at(budget: int, n_layers: int, n_pool: int) -> dict[str, Any]:
     return {**layers, "n_trials": max(10, budget - polish)}
 
 
+def main_job_at(budget: int, n_layers: int, n_pool: int) -> dict[str, Any]:
+    """Every decision of the main job (studies/zoo.yaml) with ``budget`` evaluations in all: the base
+    decision (one evaluation per pool model), then the layer decision with the rest."""
+    study = yaml.safe_load((REPO / "studies" / "zoo.yaml").read_text())
+    return {
+        **default_at(budget - n_pool, n_layers, n_pool),
+        "_decisions": {"base": study["decisions"]["base"]},
+    }
+
+
 def ps_then_layers(
     budget: int, n_layers: int, n_pool: int, merge_trials: int, group_size: int | None = None
 ) -> dict[str, Any]:
@@ -158,7 +172,7 @@ def main_job_layers() -> dict[str, Any]:
     return {**study["decisions"]["layers"], "_selection": dict(study.get("selection") or {})}
 
 
-QUICK = ["greedy-forward", "block-swaps", "joint-tpe", "default"]
+QUICK = ["greedy-forward", "block-swaps", "joint-tpe", "default", "main-job"]
 
 
 def test_split(directory: Path) -> dict[str, Path]:
@@ -243,7 +257,7 @@ def run_strategy(
     from olmopt.search.trials import costs_budget
 
     layers = dict(layers)
-    extra = layers.pop("_decisions", {})  # decisions besides the layers (a merge stage before them)
+    extra = layers.pop("_decisions", {})  # other decisions: a merge stage before the layers, the base
     spec = {
         "name": name,
         "pool": {"models": list(paths.values())},

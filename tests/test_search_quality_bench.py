@@ -124,3 +124,19 @@ def test_targets_add_the_same_copeland_count_on_the_sealed_test_split(sq: Module
     assert text.endswith("Copeland missed; on the sealed test split +5, met (the ground-truth recipe: +3)")
     # a mean over seeds keeps its decimal; one seed below 5 misses
     assert "test split +4.5, missed" in sq.targets({**row, "test_copeland": 4.5})
+
+
+def test_main_job_strategy_is_the_study_file_at_the_budget(sq: ModuleType) -> None:
+    """`main-job` runs studies/zoo.yaml's decisions as they are (its base decision too) and pays the base
+    stage's evaluations (one per pool model) and the polish sweeps out of the joint stage's budget."""
+    import yaml
+
+    study = yaml.safe_load((SCRIPT.parents[1] / "studies" / "zoo.yaml").read_text())
+    plans = sq.strategies(100, 6, 5)
+    main, default = plans["main-job"], plans["default"]
+    assert main["_decisions"] == {"base": study["decisions"]["base"]}
+    assert "_decisions" not in default  # every other strategy keeps the benchmark's fixed base
+    polish = int(study["decisions"]["layers"].get("polish", 0)) * 6 * 4  # 6 layers, 4 other donors each
+    assert default["n_trials"] == 100 - polish and main["n_trials"] == 100 - 5 - polish
+    assert main["_selection"] == default["_selection"] == study["selection"]
+    assert "main-job" in sq.QUICK
