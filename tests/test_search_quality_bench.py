@@ -98,9 +98,12 @@ def test_targets(sq: ModuleType) -> None:
     # 0.56 / 0.6 = 93 %; a mean Copeland of 4.5 over seeds: one seed did not beat every donor
     text = sq.targets({**s, "test_mean": 0.56, "held_out_copeland": 4.5, "donors": 5})
     assert "recipe missed (93%); above the best donor met;" in text and text.endswith("Copeland missed")
-    # the recipe below the best donor: no room to be above it
+    # the recipe below the best donor: no room to be above it; how far the merge is from it is said
     low = {**s, "ground_truth_test_mean": 0.3, "test_mean": 0.39, "held_out_copeland": 5}
-    assert "met (130%); above the best donor n/a (recipe below the best donor);" in sq.targets(low)
+    assert (
+        "met (130%); above the best donor n/a (recipe below the best donor; the merge -0.010 from it);"
+        in sq.targets(low)
+    )
 
 
 def test_targets_say_what_the_ground_truth_recipe_scores_on_held_out_copeland(sq: ModuleType) -> None:
