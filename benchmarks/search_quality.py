@@ -32,7 +32,7 @@ this process); campaigns start seed by seed, then in the order of ``--zoo`` and 
 stopped early has whole tables for the first families of the first seed. The JSON (``--out``, rewritten
 after every campaign) holds every seed's row and the run's machine, total wall time and whether it
 finished; ``--render FILE ...`` prints the tables.
-``--quick``: the tiny llama family, budget 40, four strategies (target: under 5 minutes).
+``--quick``: the tiny llama family, budget 40, five strategies with the main job (target: under 5 minutes).
 """
 
 from __future__ import annotations
