@@ -142,10 +142,9 @@ def default_at(budget: int, n_layers: int, n_pool: int) -> dict[str, Any]:
 def main_job_at(budget: int, n_layers: int, n_pool: int) -> dict[str, Any]:
     """Every decision of the main job (studies/zoo.yaml) with ``budget`` evaluations in all: the base
     decision (one evaluation per pool model), then the layer decision with the rest."""
-    study = yaml.safe_load((REPO / "studies" / "zoo.yaml").read_text())
     return {
         **default_at(budget - n_pool, n_layers, n_pool),
-        "_decisions": {"base": study["decisions"]["base"]},
+        "_decisions": {"base": main_job_study()["decisions"]["base"]},
     }
 
 
@@ -166,9 +165,14 @@ def ps_then_layers(
     return {**layers, "n_trials": max(10, rest - polish), "_decisions": {"merge": merge}}
 
 
+def main_job_study() -> dict[str, Any]:
+    """studies/zoo.yaml, the main job (`make demo`), as parsed YAML."""
+    return dict(yaml.safe_load((REPO / "studies" / "zoo.yaml").read_text()))
+
+
 def main_job_layers() -> dict[str, Any]:
-    """The layer decision and selection rules of the main job, read from studies/zoo.yaml (`make demo`)."""
-    study = yaml.safe_load((REPO / "studies" / "zoo.yaml").read_text())
+    """The layer decision and selection rules of the main job (studies/zoo.yaml)."""
+    study = main_job_study()
     return {**study["decisions"]["layers"], "_selection": dict(study.get("selection") or {})}
 
 

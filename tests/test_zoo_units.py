@@ -158,7 +158,7 @@ def test_pinned_family_plans_are_the_verified_ones() -> None:
 def test_pinned_seeds_put_the_seed_verified_on_this_vendor_first(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each vendor tries the seed that passes there first (docs/zoo.md "Pinned seeds"), the others after it
     in list order; a vendor without a verified seed (and a family whose seeds agree) keeps the list."""
-    import olmopt.kernels as kernels
+    import olmopt.zoo.family as family
     from olmopt.zoo.family import PINNED_SEEDS, VENDOR_SEEDS, pinned_seeds
 
     assert pinned_seeds("small", "llama", "amd") == (0, 6)
@@ -171,5 +171,5 @@ def test_pinned_seeds_put_the_seed_verified_on_this_vendor_first(monkeypatch: py
         assert set(by_vendor.values()) <= set(PINNED_SEEDS[size, arch])
         for vendor in by_vendor:
             assert sorted(pinned_seeds(size, arch, vendor)) == sorted(PINNED_SEEDS[size, arch])
-    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "intel")  # no vendor given: this CPU's
+    monkeypatch.setattr(family, "cpu_vendor", lambda: "intel")  # no vendor given: this CPU's
     assert pinned_seeds("small", "qwen2") == (2, 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import Any
@@ -375,16 +375,15 @@ class StageEvaluation:
 
     def _same_model_in_stage(self, recipe: Recipe) -> FrozenTrial | None:
         """A COMPLETE trial of this stage with the same weights (a sampler repeating itself)."""
-        return next(iter(self._same_model(recipe, (TrialState.COMPLETE,))), None)
+        return next(self._same_model(recipe, (TrialState.COMPLETE,)), None)
 
-    def _same_model(self, recipe: Recipe, states: tuple[TrialState, ...]) -> list[FrozenTrial]:
-        """This stage's trials in ``states`` whose Recipe has the same weights as ``recipe``."""
+    def _same_model(self, recipe: Recipe, states: tuple[TrialState, ...]) -> Iterator[FrozenTrial]:
+        """This stage's trials in ``states`` whose Recipe has the same weights as ``recipe``, lazily (the
+        reuse check stops at the first)."""
         recipe_json = recipe.to_json()
-        return [
-            t
-            for t in self.study.get_trials(deepcopy=False, states=states)
-            if (other := t.user_attrs.get(T.RECIPE_ATTR)) and self.keys.same_json(str(other), recipe_json)
-        ]
+        for t in self.study.get_trials(deepcopy=False, states=states):
+            if (other := t.user_attrs.get(T.RECIPE_ATTR)) and self.keys.same_json(str(other), recipe_json):
+                yield t
 
     def _run_inline(self, trial: Trial, recipe: Recipe) -> None:
         """A multi-evaluation trial, in this process; listed in flight meanwhile (heartbeats, interrupts)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from olmopt.errors import InputError
+from olmopt.kernels import cpu_vendor
 from olmopt.zoo.train import ARCHS, SIZES, TrainPlan
 
 ZOO_VERSION = 2
@@ -38,11 +39,7 @@ def pinned_seeds(size: str, arch: str, vendor: str | None = None) -> tuple[int, 
     """The pinned seeds of (size, arch) in the order a build tries them on ``vendor`` (default: this
     CPU's): the seed verified on that vendor first, then the others in ``PINNED_SEEDS`` order."""
     seeds = PINNED_SEEDS[(size, arch)]
-    if vendor is None:
-        from olmopt.kernels import cpu_vendor
-
-        vendor = cpu_vendor()
-    first = VENDOR_SEEDS.get((size, arch), {}).get(vendor)
+    first = VENDOR_SEEDS.get((size, arch), {}).get(vendor or cpu_vendor())
     if first not in seeds:
         return seeds
     return (first, *(s for s in seeds if s != first))
