@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -14,7 +15,8 @@ from transformers import AutoModelForCausalLM
 from olmopt.cli import main
 from olmopt.evaluate.early_stop import StopRule
 from olmopt.evaluate.engine import Evaluator, Objective
-from olmopt.evaluate.item_scores import metric_of_items, unpack
+from olmopt.evaluate.item_scores import metric_of_items, paired_looks, unpack
+from olmopt.evaluate.sequential import ahead_on
 from olmopt.recipe import Recipe
 from olmopt.search.annotate import stage_note
 from olmopt.search.campaign import Campaign
@@ -196,6 +198,7 @@ def test_joint_stage_stops_against_the_leader_and_races(tiny_zoo: Path, tmp_path
     stage = on.plan[-1]
     study = on.existing_stage_study(stage)
     assert study is not None and get_kind(stage.kind).joint
+    spare = replace(_stop_rule(), spare_front=True)
     trials = study.get_trials()
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     raced = [t for t in pruned if "racing: rank" in t.user_attrs["pruned"]]
@@ -213,6 +216,9 @@ def test_joint_stage_stops_against_the_leader_and_races(tiny_zoo: Path, tmp_path
         earlier = [u for u in trials if u.number < t.number and u.state == TrialState.COMPLETE
                    and "i.add" in u.user_attrs]  # fmt: skip
         assert _objective_mean(trials[number]) == max(_objective_mean(u) for u in earlier)
+        # spare_front (the default): it was ahead of the leader on no objective, on its items
+        its, leaders = ({n: _items(u, n) for n in ("add", "rev")} for u in (t, trials[number]))
+        assert not ahead_on(paired_looks(its, leaders, spare.directions, spare.metric_of, 0.0, "mean"))
     decision = on.decisions()[stage.key]
     labels = {str(t.user_attrs["candidate"]) for t in pruned}
     assert set(decision.pruned) == labels and decision.winner not in labels  # stopped trials never win
@@ -302,6 +308,7 @@ def test_early_stopping_and_racing_with_two_worker_processes(tiny_zoo: Path, tmp
         ("{racing: {first: 0}}", "evaluation.racing.first"),
         ("{racing: {rungs: 3}}", "evaluation.racing.rungs: unknown key"),
         ("{racing: {mode: auto}}", "evaluation.racing.mode"),  # no auto: off unless asked for
+        ("{early_stop: {spare_front: maybe}}", "evaluation.early_stop.spare_front"),
     ],
 )
 def test_bad_early_stop_settings_are_one_line(
@@ -338,6 +345,7 @@ def test_default_modes_early_stopping_only_under_the_mean(
     )
     ev = load_study_file(study).evaluation
     assert (ev.early_stop.mode, ev.racing.mode) == expected
+    assert ev.early_stop.spare_front  # candidates ahead on some objective are not stopped (mean rule)
 
 
 def test_rerun_with_early_stopping_and_racing_replays_the_stops_from_the_cache(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -67,6 +69,17 @@ def test_every_objective_must_be_significantly_worse_under_copeland() -> None:
     # the mean rule: a much worse, b slightly better -> the mean is still worse
     verdict = decide({"a": Look([-1.0, -0.9] * 10), "b": Look([0.05, 0.0] * 10)}, 0.01, score="mean")
     assert verdict.stop and "mean" in verdict.reason
+
+
+def test_ahead_on_names_the_objectives_a_candidate_may_lead() -> None:
+    """Mean oriented difference above 0, a known difference above 0, or nothing to compare yet."""
+    from olmopt.evaluate.sequential import ahead_on
+
+    far_behind, slightly_ahead, level = Look([-1.0, -0.9] * 10), Look([0.05, 0.0] * 10), Look([0.0] * 20)
+    assert ahead_on({"a": far_behind, "b": slightly_ahead}) == ["b"]
+    assert ahead_on({"a": far_behind, "b": level, "c": Look([], known=0.5)}) == ["c"]
+    assert ahead_on({"a": far_behind, "b": level, "c": Look([], known=-0.5)}) == []
+    assert ahead_on({"a": far_behind, "d": Look([], shift=None)}) == ["d"]  # not scored yet
 
 
 def _simulate(
@@ -194,6 +207,36 @@ def test_run_chunks_stops_a_hopeless_candidate_and_keeps_partial_metrics() -> No
     evaluate_chunk, calls = _chunk_source([1.0] * 200)
     whole = run_chunks(evaluate_chunk, 10, rule, reference)
     assert whole.stopped is None and whole.metrics == {"acc": 1.0} and len(calls) == 10
+
+
+def test_run_chunks_spares_a_candidate_ahead_on_one_objective() -> None:
+    """Two objectives: the candidate loses every item of ``x`` to the reference and wins one item of ``y``
+    in ten. The mean rule stops it at the second look; with ``spare_front`` it is scored on every chunk;
+    a candidate that wins nothing is stopped as before, and Copeland's rule is not touched."""
+    from olmopt.evaluate.early_stop import ChunkResult, StopRule, run_chunks
+
+    directions, metric_of = {"x": "maximize", "y": "maximize"}, dict.fromkeys("xy", "token_accuracy")
+    reference = {"x": dict.fromkeys(range(100), 1.0), "y": dict.fromkeys(range(100), 0.0)}
+
+    def source(wins: int) -> Callable[[int], ChunkResult]:
+        def evaluate_chunk(chunk: int) -> ChunkResult:
+            idx = range(10 * chunk, 10 * chunk + 10)
+            return ChunkResult(
+                {"x": dict.fromkeys(idx, 0.0), "y": {i: float(i % 10 < wins) for i in idx}}, {}, []
+            )
+
+        return evaluate_chunk
+
+    mean = StopRule(0.05, directions, metric_of, score="mean")
+    stopped = run_chunks(source(1), 10, mean, reference)
+    assert stopped.stopped and "chunk 2 of 10" in stopped.stopped and stopped.n_items == 40
+    spare = replace(mean, spare_front=True)
+    whole = run_chunks(source(1), 10, spare, reference)
+    assert whole.stopped is None and whole.n_items == 200 and whole.metrics == {"x": 0.0, "y": 0.1}
+    level = run_chunks(source(0), 10, spare, reference)  # level on y, behind on x: nothing to spare
+    assert level.stopped and "chunk 1 of 10" in level.stopped and "objective mean worse" in level.stopped
+    cope = replace(spare, score="copeland")
+    assert run_chunks(source(0), 10, cope, reference).stopped is None  # not worse on y: not dominated
 
 
 def test_racing_stops_a_candidate_outside_the_top_third_of_a_rung() -> None:

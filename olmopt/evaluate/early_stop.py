@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from olmopt.evaluate.item_scores import ItemScores, count, metric_of_items, paired_looks
-from olmopt.evaluate.sequential import Boundary, Score, decide, nominal_levels
+from olmopt.evaluate.sequential import Boundary, Score, ahead_on, decide, nominal_levels
 from olmopt.select import select
 
 
@@ -51,6 +51,7 @@ class StopRule:
     score: Score = "copeland"
     tolerance: float = 0.0
     boundary: Boundary = "pocock"
+    spare_front: bool = False  # score mean: a candidate ahead of its reference on some objective goes on
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,10 @@ def run_chunks(
 ) -> Scored:
     """Score chunks ``0 .. looks-1`` and stop after chunk ``c < looks - 1`` when the rule says the candidate
     cannot win against ``reference`` (``against`` names it; None: no such test) or when it loses a rung of
-    ``race``. ``known``: candidate-minus-reference differences of objectives read off the Recipe. Metrics
-    are computed over the items scored (NaN for an objective whose outputs were non-finite in any
-    chunk)."""
+    ``race``. ``known``: candidate-minus-reference differences of objectives read off the Recipe. With
+    the rule's ``spare_front`` (score mean) a candidate that the mean rule would stop goes on while it is
+    ahead of the reference on some objective (``sequential.ahead_on``). Metrics are computed over the
+    items scored (NaN for an objective whose outputs were non-finite in any chunk)."""
     items: ItemScores = {}
     tokens: dict[str, dict[int, int]] = {}
     nonfinite: set[str] = set()
@@ -182,7 +184,8 @@ def run_chunks(
                 items, reference, rule.directions, rule.metric_of, rule.tolerance, rule.score, known
             )
             verdict = decide(diffs, levels[chunk], rule.score, against)
-            if verdict.stop:
+            spare = rule.spare_front and rule.score == "mean" and bool(ahead_on(diffs))
+            if verdict.stop and not spare:
                 stopped = f"stopped after chunk {chunk + 1} of {looks}: {verdict.reason}"
                 break
         if race is not None and chunk + 1 in rungs:

@@ -23,7 +23,9 @@ conservative. The candidate is stopped when
   the stage's feasible Pareto front, and the Copeland winner always is, so it cannot win.
 * ``score: mean``: the upper confidence bound of the mean over objectives of the mean differences
   (:func:`mean_bound`: one bound on the combined estimate, its variance the sum of the objectives')
-  is below 0: its objective mean is worse.
+  is below 0: its objective mean is worse. (``early_stop.run_chunks`` with ``spare_front`` goes on
+  with a candidate ahead of the reference on some objective, :func:`ahead_on`: it may lie on the Pareto
+  front that a multi-objective sampler learns from; docs/early_stop.md.)
 
 Tests: 0/1 scores (accuracies) use the exact sign test on the discordant items (McNemar, binomial
 tail); other scores a one-sided Student t test (bounds: t intervals). The population is the stage's
@@ -205,6 +207,23 @@ def mean_bound(looks: Mapping[str, Look], level: float) -> float:
     if variance <= 0.0 or level <= 0.0:
         return centre / k if variance <= 0.0 else math.inf
     return (centre + float(stats.t.ppf(1.0 - level, df)) * math.sqrt(variance)) / k
+
+
+def ahead_on(looks: Mapping[str, Look]) -> list[str]:
+    """Objectives on which the candidate is, or may be, ahead of the reference: the mean of its oriented
+    differences (or the known difference) above 0, or nothing to compare yet."""
+    ahead = []
+    for name in sorted(looks):
+        look = looks[name]
+        if look.known is not None:
+            diff = look.known
+        elif look.diffs:
+            diff = sum(look.diffs) / len(look.diffs)
+        else:
+            diff = math.inf
+        if diff > 0.0:
+            ahead.append(name)
+    return ahead
 
 
 def decide(

@@ -192,6 +192,7 @@ class EvalContext:
             # ties by confidence (no tolerance): the sequential test is itself the significance test
             tolerance=cfg.selection.tolerance or 0.0,
             boundary=cfg.evaluation.early_stop.boundary,
+            spare_front=cfg.evaluation.early_stop.spare_front,
         )
 
     def _chunks(
