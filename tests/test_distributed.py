@@ -405,3 +405,30 @@ def test_two_workers_race_a_joint_stage_and_resume_each_near_tie_once(
         assert decision.winner not in pruned and campaign_status(name, rdb_url)["finished"]
     finally:
         cleanup(rdb_url, name)
+
+
+def test_an_interrupt_while_taking_a_lock_leaves_no_lock_behind(tmp_path, monkeypatch) -> None:
+    """SIGTERM (handled like Ctrl-C) landing inside the storage write that takes a stage lock: the write
+    completes, the interrupt is raised when it is done, and the lock is released, so the next worker takes
+    it at once instead of waiting ``stale_after`` seconds for an unstamped lock."""
+    from olmopt.commands._common import sigterm_as_interrupt
+    from olmopt.search import coordination
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/lock.db")
+    real_create = optuna.create_study
+
+    def create_then_signalled(**kwargs: Any) -> optuna.Study:
+        study = real_create(**kwargs)  # the lock's row is written ...
+        os.kill(os.getpid(), signal.SIGTERM)  # ... and the stop arrives before the call returns
+        return study
+
+    previous = signal.getsignal(signal.SIGTERM)
+    sigterm_as_interrupt()
+    try:
+        monkeypatch.setattr(coordination.optuna, "create_study", create_then_signalled)
+        with pytest.raises(KeyboardInterrupt):
+            coordination.StageLock(storage, "stage").acquire()
+        monkeypatch.setattr(coordination.optuna, "create_study", real_create)
+        assert coordination.StageLock(storage, "stage", stale_after=3600).acquire()  # free at once
+    finally:
+        signal.signal(signal.SIGTERM, previous)

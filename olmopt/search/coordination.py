@@ -9,10 +9,14 @@ taken does not wait for it: it evaluates the candidates as they appear (``acquir
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import TypeGuard
 
@@ -93,6 +97,23 @@ def trials_with_heartbeat(storage: RDBStorage, trial_ids: list[int]) -> set[int]
         return {int(row[0]) for row in conn.execute(select(column).where(column.in_(trial_ids)))}
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back SIGINT and SIGTERM (Ctrl-C, a scheduler's stop) until the block ends, where they are
+    raised. Taking a lock is a storage write whose outcome an interrupt inside it would hide: the row may
+    be committed while the caller never learns it holds the lock. Only the main thread receives signals;
+    elsewhere (and where the platform has no signal masks) the block runs as is."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:  # unblocking runs the handlers of signals that arrived meanwhile: KeyboardInterrupt here
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class StageLock:
     def __init__(
         self, storage: BaseStorage, name: str, stale_after: float = 120.0, poll: float = 0.2
@@ -110,15 +131,19 @@ class StageLock:
 
     def acquire(self) -> bool:
         """Take the lock if it is free (or its holder presumed dead); False when another worker holds it."""
+        held = False
         try:
-            study = optuna.create_study(storage=self.storage, study_name=self.name)
-        except DuplicatedStudyError:
-            self._break_if_stale()
-            return False
-        try:
-            study.set_user_attr(LOCK_ATTR, time.time())
-        except BaseException:  # Ctrl-C while stamping: do not leave a lock the others wait out
-            self._delete()
+            with interrupts_deferred():
+                try:
+                    study = optuna.create_study(storage=self.storage, study_name=self.name)
+                except DuplicatedStudyError:
+                    self._break_if_stale()
+                    return False
+                held = True
+                study.set_user_attr(LOCK_ATTR, time.time())
+        except BaseException:  # Ctrl-C while taking or stamping it: do not leave a lock the others wait out
+            if held:
+                self._delete()
             raise
         return True
 
