@@ -7,9 +7,9 @@
 For every zoo family (a directory built by ``olmopt zoo build``; missing ones are built with the pinned
 seed named by the directory ``storage/zoo-SIZE-ARCH[-sSEED]``), every budget and every strategy, it runs
 ``--seeds K`` campaigns (``sampler.seed`` 0..K-1) on SQLite (base fixed to the pool's base but for
-``main-job``, which decides it as studies/zoo.yaml does; objectives/zoo.yaml), counts the evaluations
-each spent (trials that cost budget: not reused metrics, and held-out checks separately) and scores its
-final Recipe on:
+``main-job`` and ``main-job+boundary``, which decide it as studies/zoo.yaml does; objectives/zoo.yaml),
+counts the evaluations each spent (trials that cost budget: not reused metrics, and held-out checks
+separately) and scores its final Recipe on:
 
 - the search and held-out parts of objectives/zoo.yaml (the campaign saw the first, checked the second);
 - a **sealed test split** written by this script (``test_split``): 400 items per skill for add, rev and
@@ -112,6 +112,8 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         # the whole main job as `make demo` runs it: its base decision too (base auto: every pool model
         # evaluated, the best mean becomes the base), paid out of the joint stage's trials
         "main-job": main_job_at(budget, n_layers, n_pool),
+        # the same with the boundary donor as one more slot of the joint stage (docs/strategies.md)
+        "main-job+boundary": main_job_at(budget, n_layers, n_pool, boundary={"mode": "joint"}),
         # a parameter-space merge stage first (its winner joins the layer stages as the donor @merge), then
         # the main job's layer decision: TIES / task arithmetic / DELLA with per-model weights, global
         # ("ps+layers") or per pair of adjacent layers ("ps-lw+layers"); the merge stage's trials come out
@@ -139,13 +141,16 @@ def default_at(budget: int, n_layers: int, n_pool: int) -> dict[str, Any]:
     return {**layers, "n_trials": max(10, budget - polish)}
 
 
-def main_job_at(budget: int, n_layers: int, n_pool: int) -> dict[str, Any]:
-    """Every decision of the main job (studies/zoo.yaml) with ``budget`` evaluations in all: the base
-    decision (one evaluation per pool model), then the layer decision with the rest."""
-    return {
-        **default_at(budget - n_pool, n_layers, n_pool),
-        "_decisions": {"base": main_job_study()["decisions"]["base"]},
-    }
+def main_job_at(budget: int, n_layers: int, n_pool: int, **decisions: dict[str, Any]) -> dict[str, Any]:
+    """Every decision of the main job (studies/zoo.yaml), ``decisions`` replacing or adding some (not the
+    layers), with ``budget`` evaluations in all: the base decision (one evaluation per pool model), then
+    the layer decision with the rest (with the boundary searched in the joint stage, each polish sweep has
+    one boundary stage more)."""
+    others = {k: v for k, v in main_job_study()["decisions"].items() if k != "layers"} | decisions
+    boundary_polish = 0
+    if (others.get("boundary") or {}).get("mode") == "joint":
+        boundary_polish = int(main_job_layers().get("polish", 0)) * (n_pool - 1)
+    return {**default_at(budget - n_pool - boundary_polish, n_layers, n_pool), "_decisions": others}
 
 
 def ps_then_layers(

@@ -131,7 +131,7 @@ class SwapDecision(_Strict):
 
     @model_validator(mode="after")
     def _polish_after_joint(self) -> SwapDecision:
-        if self.polish and not (self.mode == "joint" or (self.mode == "greedy" and self.then_joint)):
+        if self.polish and not has_joint_stage(self):
             raise ValueError(
                 "polish (greedy sweeps after a joint stage) needs mode: joint, or then_joint > 0"
             )
@@ -145,8 +145,18 @@ class SwapDecision(_Strict):
         return value
 
 
+def has_joint_stage(decision: SwapDecision) -> bool:
+    """Whether a layer or unit decision plans a joint stage (``mode: joint``, or greedy with
+    ``then_joint``)."""
+    return decision.mode == "joint" or (decision.mode == "greedy" and decision.then_joint > 0)
+
+
 class BoundaryDecision(_Strict):
-    mode: Literal["greedy", "off"] = "greedy"
+    """The donor of the embeddings, final norm and head: one greedy stage (``greedy``, OLM's), or one more
+    slot of the joint layer stage (``joint``: with every layer searched too, the base decision is only the
+    starting point, since a base whose boundary would be a poor fit can be left entirely)."""
+
+    mode: Literal["greedy", "joint", "off"] = "greedy"
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
 
@@ -426,6 +436,11 @@ class StudyConfig(_Strict):
             raise ValueError(f"decisions.base.model {base.model!r} is not in pool.models")
         if base.mode == "auto" and base.model:
             raise ValueError("decisions.base: 'model' cannot be set with mode 'auto'")
+        if self.decisions.boundary.mode == "joint" and not has_joint_stage(self.decisions.layers):
+            raise ValueError(
+                "decisions.boundary: mode joint searches the boundary inside the joint layer stage, and "
+                "decisions.layers has none (mode: joint, or then_joint > 0)"
+            )
         if self.decisions.tensors.windows != [1]:
             raise ValueError("decisions.tensors.windows: blocks are layer windows; tensor units take [1]")
         for i, o in enumerate(self.objectives):

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUILT_IN = {
     "base", "boundary", "layer", "block", "unit", "joint-layers", "joint-units", "joint-merge",
     "joint-fusion", "joint-dfs", "es-svd", "es-norm", "es-tune-svd", "es-tune-norm", "polish-layer",
-    "polish-unit",
+    "polish-unit", "polish-boundary",
 }  # fmt: skip
 
 
@@ -67,9 +67,18 @@ def every_kind_env(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_conformance_kit_over_every_registered_kind(every_kind_env: Any) -> None:
+    from olmopt.config import BoundaryDecision
+
     checked = check_all(every_kind_env)
     planned = {stage.kind for stages in checked.values() for stage in stages}
-    assert planned >= BUILT_IN  # the config really exercises every built-in kind
+    # the boundary searched inside the joint layer stage (and polished after it) excludes its greedy stage
+    config = every_kind_env.config
+    joint = config.decisions.model_copy(update={"boundary": BoundaryDecision(mode="joint")})
+    env = SimpleNamespace(
+        **{**vars(every_kind_env), "config": config.model_copy(update={"decisions": joint})}
+    )
+    planned |= {stage.kind for stage in check_kind(get_kind("polish-boundary"), env)}
+    assert planned >= BUILT_IN  # the configs really exercise every built-in kind
 
 
 def test_conformance_kit_names_the_broken_rule(every_kind_env: Any) -> None:

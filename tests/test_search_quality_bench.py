@@ -143,3 +143,6 @@ def test_main_job_strategy_is_the_study_file_at_the_budget(sq: ModuleType) -> No
     assert default["n_trials"] == 100 - polish and main["n_trials"] == 100 - 5 - polish
     assert main["_selection"] == default["_selection"] == study["selection"]
     assert "main-job" in sq.QUICK
+    boundary = plans["main-job+boundary"]  # each polish sweep also tries the 4 other boundary donors
+    assert boundary["_decisions"] == {"base": study["decisions"]["base"], "boundary": {"mode": "joint"}}
+    assert boundary["n_trials"] == main["n_trials"] - int(study["decisions"]["layers"].get("polish", 0)) * 4

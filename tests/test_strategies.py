@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from olmopt.cli import main
-from olmopt.config import StudyConfig
+from olmopt.config import StudyConfig, load_study_file
 from olmopt.recipe import Recipe
 from olmopt.search.api import campaign_status
 from olmopt.search.plan import Stage, greedy_candidates, layer_slots, plan_stages, prefix_layer
@@ -86,6 +86,87 @@ def test_plan_of_a_joint_stage_then_polish_sweeps() -> None:
     assert prefix_layer(polish, _ADAPTER) == 2  # type: ignore[arg-type]
 
 
+def test_the_boundary_searched_in_the_joint_stage_and_polished_first() -> None:
+    """``decisions.boundary: joint``: no greedy boundary stage; the joint stage has a ``boundary`` slot (so
+    each donor's whole model is one warm-start point, whatever the base), and every polish sweep begins
+    with a boundary stage."""
+    from olmopt.search.kinds.joint import joint_slots
+    from olmopt.search.kinds.swap import apply_choice, current_donor
+
+    data = _config(mode="joint", n_trials=20, polish=2).model_dump()
+    data["decisions"]["boundary"] = {"mode": "joint"}
+    config = StudyConfig.model_validate(data)
+    plan = plan_stages(config, _ADAPTER, [])  # type: ignore[arg-type]
+    assert [s.key for s in plan] == [
+        "000-base", "001-joint-layers", "002-polish-boundary", "003-polish-layer-0", "004-polish-layer-1",
+        "005-polish-layer-2", "006-polish-layer-3", "007-polish-boundary-pass2", "008-polish-layer-0-pass2",
+        "009-polish-layer-1-pass2", "010-polish-layer-2-pass2", "011-polish-layer-3-pass2",
+    ]  # fmt: skip
+    assert joint_slots(plan[1], config, _ADAPTER, []) == ["boundary", *(f"layer.{i}" for i in range(4))]  # type: ignore[arg-type]
+    incumbent = Recipe(base="a", layers={1: "b"})
+    assert current_donor(incumbent, "boundary", _ADAPTER) == "a"  # type: ignore[arg-type]
+    assert apply_choice(incumbent, "boundary", "b") == Recipe(base="a", boundary="b", layers={1: "b"})
+    assert greedy_candidates(plan[2], incumbent, ["a", "b"]) == {
+        "a": incumbent.model_copy(update={"boundary": "a"}),
+        "b": incumbent.model_copy(update={"boundary": "b"}),
+    }
+    assert prefix_layer(plan[2], _ADAPTER) is None  # type: ignore[arg-type]  # the embeddings change
+    # the second sweep compares with the first as one family of slots, the boundary included
+    from olmopt.search.kinds.swap import _SWEEP_KEY
+
+    parsed = [m.groups() if (m := _SWEEP_KEY.match(s.key)) else None for s in plan[2:]]
+    assert parsed[0] == ("polish-boundary", None) and parsed[5] == ("polish-boundary", "2")
+    assert parsed[1] == ("polish-layer", None) and parsed[9] == ("polish-layer", "2")
+
+
+def test_a_joint_boundary_reaches_the_base_from_a_specialist_base(tiny_zoo: Path, tmp_path: Path) -> None:
+    """From a full specialist as the base, the joint stage's warm start ``all-base`` is the base model
+    itself only with the boundary slot: without it the embeddings, final norm and head stay the
+    specialist's. A campaign with the boundary in its joint stage runs its polish-boundary stage and ends
+    on a recipe its stages decided."""
+    from olmopt.patch import model_key
+    from olmopt.search.context import open_pool
+    from olmopt.search.kinds.joint import joint_space
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    path = study_file(
+        tmp_path,
+        tiny_zoo,
+        "edge",
+        layers={"mode": "joint", "only": [3], "n_trials": 4, "sampler": "random", "polish": 1},
+        boundary={"mode": "joint"},
+    )
+    data = yaml.safe_load(path.read_text())
+    data["decisions"]["base"]["model"] = spec_add = str(tiny_zoo / "spec_add")
+    path.write_text(yaml.safe_dump(data))
+    config = load_study_file(path)
+    base = str(tiny_zoo / "base")
+    pool = open_pool(config)
+    names = list(pool[base].checkpoint.keys())
+    env = SimpleNamespace(config=config, pool_names=pool.names, adapter=pool.adapter, param_names=names)
+    stage = Stage(1, "joint-layers", "", 4, 1)
+    space = joint_space(stage, Recipe(base=spec_add), env)  # type: ignore[arg-type]
+    warm = dict(space.enqueue)[f"all-{base}"]
+    assert warm == {"boundary": base, "layer.3": base}
+    reached = Recipe(base=spec_add, boundary=base, layers={3: base})
+    key = model_key(reached, pool.adapter, names)
+    assert key != model_key(Recipe(base=spec_add, layers={3: base}), pool.adapter, names)
+    only_layers = Recipe(
+        base=spec_add, boundary=base, layers=dict.fromkeys(range(pool.adapter.num_layers), base)
+    )
+    assert model_key(only_layers, pool.adapter, names) == model_key(Recipe(base=base), pool.adapter, names)
+
+    assert main(["study", "create", str(path), "--storage", url]) == 0
+    assert main(["study", "run", "edge", "--storage", url, "--quiet"]) == 0
+    status = campaign_status("edge", url)
+    keys = [s["stage"] for s in status["stages"]]
+    assert keys == ["000-base", "001-joint-layers", "002-polish-boundary", "003-polish-layer-3"]
+    study = optuna.load_study(study_name="edge/001-joint-layers", storage=url)
+    warm_labels = {f"all-{m}" for m in pool.names if m != spec_add}  # all-spec_add is the incumbent
+    assert warm_labels | {"incumbent"} <= {t.user_attrs["candidate"] for t in study.trials}
+    assert Recipe.from_dict(status["recipe"]).boundary in pool.names  # decided by polish-boundary
+
+
 def test_polish_after_joint_only_improves_and_a_quiet_sweep_costs_nothing(
     tiny_zoo: Path, tmp_path: Path
 ) -> None:
@@ -132,6 +213,17 @@ def test_bad_strategy_keys_are_one_line_errors(
     assert main(["study", "create", str(path), "--storage", url]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_a_joint_boundary_without_a_joint_layer_stage_is_one_line(
+    tmp_path: Path, tiny_zoo: Path, capsys
+) -> None:
+    path = study_file(tmp_path, tiny_zoo, "bad", layers={"mode": "greedy"}, boundary={"mode": "joint"})
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(path), "--storage", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "decisions.boundary: mode joint" in err[0] and "then_joint" in err[0], err
     assert not (tmp_path / "s.db").exists()
 
 

@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
-from olmopt.search.kinds.swap import apply_choice, current_donor, donor_pool, incumbent_of, tensor_units
+from olmopt.search.kinds.swap import (
+    BOUNDARY_SLOT,
+    apply_choice,
+    current_donor,
+    donor_pool,
+    incumbent_of,
+    tensor_units,
+)
 
 if TYPE_CHECKING:
     from optuna.distributions import CategoricalDistribution
@@ -21,9 +28,11 @@ if TYPE_CHECKING:
 def joint_slots(
     stage: Stage, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]
 ) -> list[str]:
-    """Parameter names of a joint stage: ``layer.{i}`` or ``unit.{name}``."""
+    """Parameter names of a joint stage: ``layer.{i}`` or ``unit.{name}``, and ``boundary`` in the layer
+    stage when ``decisions.boundary`` is joint."""
     if stage.kind == "joint-layers":
-        return [f"layer.{i}" for i in sorted(config.decisions.layers.only or range(adapter.num_layers))]
+        layers = [f"layer.{i}" for i in sorted(config.decisions.layers.only or range(adapter.num_layers))]
+        return [BOUNDARY_SLOT, *layers] if config.decisions.boundary.mode == "joint" else layers
     return [f"unit.{u}" for u in tensor_units(config, adapter, param_names)]
 
 

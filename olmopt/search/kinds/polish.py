@@ -12,19 +12,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from olmopt.config import has_joint_stage
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
 from olmopt.search.kinds.swap import POLISH_PREFIX, layer_slots, swap_space, tensor_units
 
 if TYPE_CHECKING:
-    from olmopt.config import StudyConfig, SwapDecision
+    from olmopt.config import StudyConfig
     from olmopt.pool.adapter import ArchitectureAdapter
     from olmopt.recipe import Recipe
-
-
-def has_joint_stage(decision: SwapDecision) -> bool:
-    """Whether the decision plans a joint stage (``mode: joint``, or greedy with ``then_joint``)."""
-    return decision.mode == "joint" or (decision.mode == "greedy" and decision.then_joint > 0)
 
 
 class _Polish(DecisionKind):
@@ -36,9 +32,9 @@ class _Polish(DecisionKind):
 
 class PolishLayersKind(_Polish):
     """``decisions.layers: {mode: joint, polish: N}`` (or greedy with ``then_joint``): N sweeps over single
-    layers after joint-layers."""
+    layers after joint-layers, each led by the boundary when the joint stage searched it too."""
 
-    stage_kinds = (POLISH_PREFIX + "layer",)
+    stage_kinds = (POLISH_PREFIX + "layer", POLISH_PREFIX + "boundary")
     order = 45  # after joint-layers (40), before the tensor-unit decisions
 
     def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
@@ -46,10 +42,17 @@ class PolishLayersKind(_Polish):
         if not has_joint_stage(d):
             return []
         layers = sorted(d.only or range(adapter.num_layers))
+        boundary = config.decisions.boundary.mode == "joint"
         return [
-            planned(self.stage_kinds[0], target, sweep=sweep)
+            stage
             for sweep in range(1, d.polish + 1)
-            for _, target in layer_slots(layers, 1, d.direction)
+            for stage in (
+                *([planned(self.stage_kinds[1], sweep=sweep)] if boundary else []),
+                *(
+                    planned(self.stage_kinds[0], target, sweep=sweep)
+                    for _, target in layer_slots(layers, 1, d.direction)
+                ),
+            )
         ]
 
 

@@ -78,8 +78,13 @@ def incumbent_of(stage: Stage, decisions: Mapping[str, Decision]) -> Recipe | No
     return decisions[last].recipe
 
 
+BOUNDARY_SLOT = "boundary"  # a joint stage's slot for the boundary donor (``decisions.boundary: joint``)
+
+
 def apply_choice(incumbent: Recipe, slot: str, donor: str) -> Recipe:
-    """``incumbent`` with ``slot`` (``layer.{i}`` or ``unit.{name}``) taken from ``donor``."""
+    """``incumbent`` with ``slot`` (``layer.{i}``, ``unit.{name}`` or ``boundary``) taken from ``donor``."""
+    if slot == BOUNDARY_SLOT:
+        return incumbent.model_copy(update={"boundary": donor})
     kind, _, target = slot.partition(".")
     return incumbent.with_layer(int(target), donor) if kind == "layer" else incumbent.with_unit(target, donor)
 
@@ -88,6 +93,8 @@ def current_donor(incumbent: Recipe, slot: str, adapter: ArchitectureAdapter) ->
     """The donor that supplies ``slot`` in the incumbent (what "keep" means): a pool model, or
     ``MERGE_DONOR`` where the incumbent's parameter-space merge supplies it."""
     default = MERGE_DONOR if incumbent.param_merge is not None else incumbent.base
+    if slot == BOUNDARY_SLOT:
+        return incumbent.boundary or default
     kind, _, target = slot.partition(".")
     if kind == "layer":
         return incumbent.layers.get(int(target), default)
@@ -105,7 +112,8 @@ POLISH_PREFIX = "polish-"  # a greedy sweep after a joint stage (kinds/polish.py
 
 
 def slot_kind(stage: Stage) -> str:
-    """The kind of slot a greedy stage swaps: ``layer``, ``block``, ``unit``, ``boundary`` or ``base``."""
+    """The kind of slot a greedy stage swaps: ``layer``, ``block``, ``unit``, ``boundary`` or ``base`` (a
+    polish stage swaps its unprefixed kind's)."""
     return stage.kind.removeprefix(POLISH_PREFIX)
 
 
@@ -114,8 +122,8 @@ def greedy_candidates(stage: Stage, incumbent: Recipe | None, pool: list[str]) -
     if stage.kind == "base":
         return {m: Recipe(base=m) for m in pool}
     assert incumbent is not None
-    if stage.kind == "boundary":
-        return {m: incumbent.model_copy(update={"boundary": m}) for m in pool}
+    if slot_kind(stage) == "boundary":
+        return {m: apply_choice(incumbent, BOUNDARY_SLOT, m) for m in pool}
     if stage.kind == "block":
         out: dict[str, Recipe] = {}
         for m in pool:
@@ -133,7 +141,7 @@ def greedy_candidates(stage: Stage, incumbent: Recipe | None, pool: list[str]) -
 def keeps_merge(stage: Stage, incumbent: Recipe, adapter: ArchitectureAdapter) -> bool:
     """Whether the incumbent already takes the stage's slot from its parameter-space merge (so the
     ``MERGE_DONOR`` candidate is the incumbent)."""
-    if stage.kind == "boundary":
+    if slot_kind(stage) == "boundary":
         return incumbent.boundary in (None, MERGE_DONOR)
     if stage.kind == "block":
         slots = [f"layer.{i}" for i in block_layers(stage.target)]
@@ -181,7 +189,8 @@ def swap_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSp
     )
 
 
-_SWEEP_KEY = re.compile(r"^\d+-((?:polish-)?(?:layer|block|unit))-.+?(?:-pass(\d+))?$")
+_SWEEP_KEY = re.compile(r"^\d+-((?:polish-)?(?:layer|block|unit|boundary))(?:-.+?)??(?:-pass(\d+))?$")
+_POLISH_FAMILIES = ({"polish-layer", "polish-boundary"}, {"polish-unit"})
 
 
 def previous_sweep_changed(stage: Stage, env: SpaceEnv) -> bool:
@@ -189,7 +198,8 @@ def previous_sweep_changed(stage: Stage, env: SpaceEnv) -> bool:
     its last decision against the decision just before it began, compared as weights."""
     from olmopt.patch import model_key  # torch: only where trials run
 
-    family = {stage.kind} if stage.kind in ("unit", "polish-layer", "polish-unit") else {"layer", "block"}
+    polish = [family for family in _POLISH_FAMILIES if stage.kind in family]
+    family = polish[0] if polish else {stage.kind} if stage.kind == "unit" else {"layer", "block"}
     keys = sorted(env.decisions, key=lambda k: int(k.split("-", 1)[0]))
     before: str | None = None
     first = last = None
