@@ -76,6 +76,12 @@ class Look:
             return 0.0 if self.known + self.shift < 0 else 1.0
         return worse_p_value(self.diffs, self.shift)
 
+    def mean(self) -> float | None:
+        """The difference estimate: the known difference, else the mean of ``diffs`` (None: no items)."""
+        if self.known is not None:
+            return self.known
+        return sum(self.diffs) / len(self.diffs) if self.diffs else None
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -199,8 +205,7 @@ def mean_bound(looks: Mapping[str, Look], level: float) -> float:
         n = len(look.diffs)
         if n < 2:
             return math.inf
-        mean = sum(look.diffs) / n
-        centre += mean
+        centre += sum(look.diffs) / n
         variance += sum(x * x for x in look.diffs) / (n - 1) / n  # about 0, the null's mean: a score test
         df = min(df, n - 1)
     k = max(1, len(looks))
@@ -212,18 +217,7 @@ def mean_bound(looks: Mapping[str, Look], level: float) -> float:
 def ahead_on(looks: Mapping[str, Look]) -> list[str]:
     """Objectives on which the candidate is, or may be, ahead of the reference: the mean of its oriented
     differences (or the known difference) above 0, or nothing to compare yet."""
-    ahead = []
-    for name in sorted(looks):
-        look = looks[name]
-        if look.known is not None:
-            diff = look.known
-        elif look.diffs:
-            diff = sum(look.diffs) / len(look.diffs)
-        else:
-            diff = math.inf
-        if diff > 0.0:
-            ahead.append(name)
-    return ahead
+    return [name for name in sorted(looks) if (diff := looks[name].mean()) is None or diff > 0.0]
 
 
 def decide(

@@ -101,8 +101,9 @@ def trials_with_heartbeat(storage: RDBStorage, trial_ids: list[int]) -> set[int]
 def interrupts_deferred() -> Iterator[None]:
     """Hold back SIGINT and SIGTERM (Ctrl-C, a scheduler's stop) until the block ends, where they are
     raised. Taking a lock is a storage write whose outcome an interrupt inside it would hide: the row may
-    be committed while the caller never learns it holds the lock. Only the main thread receives signals;
-    elsewhere (and where the platform has no signal masks) the block runs as is."""
+    be committed while the caller never learns it holds the lock. Keep the block to that write (a server
+    that refuses connections holds Ctrl-C back for up to ``OLMOPT_STORAGE_GRACE`` seconds). Only the main
+    thread receives signals; elsewhere (and where the platform has no signal masks) the block runs as is."""
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -137,15 +138,17 @@ class StageLock:
                 try:
                     study = optuna.create_study(storage=self.storage, study_name=self.name)
                 except DuplicatedStudyError:
-                    self._break_if_stale()
-                    return False
-                held = True
-                study.set_user_attr(LOCK_ATTR, time.time())
+                    pass
+                else:
+                    held = True
+                    study.set_user_attr(LOCK_ATTR, time.time())
         except BaseException:  # Ctrl-C while taking or stamping it: do not leave a lock the others wait out
             if held:
                 self._delete()
             raise
-        return True
+        if not held:
+            self._break_if_stale()
+        return held
 
     def release(self) -> None:
         self._delete()

@@ -42,17 +42,10 @@ class PolishLayersKind(_Polish):
         if not has_joint_stage(d):
             return []
         layers = sorted(d.only or range(adapter.num_layers))
-        boundary = config.decisions.boundary.mode == "joint"
+        slots = [(self.stage_kinds[1], "")] if config.decisions.boundary.mode == "joint" else []
+        slots += [(self.stage_kinds[0], target) for _, target in layer_slots(layers, 1, d.direction)]
         return [
-            stage
-            for sweep in range(1, d.polish + 1)
-            for stage in (
-                *([planned(self.stage_kinds[1], sweep=sweep)] if boundary else []),
-                *(
-                    planned(self.stage_kinds[0], target, sweep=sweep)
-                    for _, target in layer_slots(layers, 1, d.direction)
-                ),
-            )
+            planned(kind, target, sweep=sweep) for sweep in range(1, d.polish + 1) for kind, target in slots
         ]
 
 

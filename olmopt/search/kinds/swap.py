@@ -190,7 +190,15 @@ def swap_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSp
 
 
 _SWEEP_KEY = re.compile(r"^\d+-((?:polish-)?(?:layer|block|unit|boundary))(?:-.+?)??(?:-pass(\d+))?$")
-_POLISH_FAMILIES = ({"polish-layer", "polish-boundary"}, {"polish-unit"})
+# the stage kinds whose sweeps are compared with each other, by stage kind
+_SWEEP_FAMILIES = {
+    "layer": {"layer", "block"},
+    "block": {"layer", "block"},
+    "unit": {"unit"},
+    "polish-layer": {"polish-layer", "polish-boundary"},
+    "polish-boundary": {"polish-layer", "polish-boundary"},
+    "polish-unit": {"polish-unit"},
+}
 
 
 def previous_sweep_changed(stage: Stage, env: SpaceEnv) -> bool:
@@ -198,8 +206,7 @@ def previous_sweep_changed(stage: Stage, env: SpaceEnv) -> bool:
     its last decision against the decision just before it began, compared as weights."""
     from olmopt.patch import model_key  # torch: only where trials run
 
-    polish = [family for family in _POLISH_FAMILIES if stage.kind in family]
-    family = polish[0] if polish else {stage.kind} if stage.kind == "unit" else {"layer", "block"}
+    family = _SWEEP_FAMILIES.get(stage.kind, {stage.kind})
     keys = sorted(env.decisions, key=lambda k: int(k.split("-", 1)[0]))
     before: str | None = None
     first = last = None
