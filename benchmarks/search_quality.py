@@ -336,7 +336,7 @@ def scorer(zoo: Path, paths: dict[str, str], test_files: dict[str, Path]):  # ty
 
 def mean_ci(scores: dict[str, float], counts: dict[str, int]) -> tuple[float, float]:
     """Mean over skills and the half-width of its 95 % interval (the export verdict's rule)."""
-    from olmopt.search.finalize import mean_with_interval
+    from olmopt.confidence import mean_with_interval
 
     result = mean_with_interval(scores, dict.fromkeys(scores, "maximize"), counts)
     assert result is not None  # zoo skills are accuracies
@@ -654,7 +654,8 @@ def main() -> None:
         help="zoo directories, each DIR or DIR=B1,B2 (default: every family)",
     )
     parser.add_argument("--budget", type=int, nargs="+", default=[100], help="evaluation budgets")
-    parser.add_argument("--seeds", type=int, default=1, help="campaign seeds per strategy (0..K-1)")
+    parser.add_argument("--seeds", type=int, default=1, help="campaign seeds per strategy (S..S+K-1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="S, the first campaign seed (default 0)")
     parser.add_argument("--jobs", type=int, default=2, help="campaigns run at once, one process each")
     parser.add_argument("--strategies", default=None, help="comma-separated subset")
     parser.add_argument("--quick", action="store_true")
@@ -673,8 +674,8 @@ def main() -> None:
     if args.render:
         print(render(args.render))
         return
-    if min(args.budget) < 1 or args.seeds < 1 or args.jobs < 1:
-        fail("--budget, --seeds and --jobs must be positive")
+    if min(args.budget) < 1 or args.seeds < 1 or args.jobs < 1 or args.first_seed < 0:
+        fail("--budget, --seeds and --jobs must be positive, --first-seed at least 0")
     known = list(strategies(100, 2, 2))
     wanted = args.strategies.split(",") if args.strategies else (QUICK if args.quick else known)
     if unknown := [n for n in wanted if n not in known]:
@@ -696,7 +697,8 @@ def main() -> None:
 
     def write(complete: bool) -> None:
         meta = {
-            "machine": host, "jobs": args.jobs, "seeds": args.seeds, "campaigns": len(results),
+            "machine": host, "jobs": args.jobs, "seeds": args.seeds, "first_seed": args.first_seed,
+            "campaigns": len(results),
             "wall_s": time.perf_counter() - start, "load_start": load_start, "load_end": os.getloadavg()[0],
             "complete": complete, "argv": sys.argv[1:], "early_stop": args.early_stop,
         }  # fmt: skip
@@ -716,7 +718,7 @@ def main() -> None:
                 "campaign": f"{zoo.name}-{name}-b{b}-s{seed}".replace("+", "-"),
                 "evaluation": None if args.early_stop == "off" else {},
             }
-            for seed in range(args.seeds)
+            for seed in range(args.first_seed, args.first_seed + args.seeds)
             for zoo, budgets in zoos
             for b in budgets or budget
             for name in wanted

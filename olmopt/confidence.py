@@ -141,6 +141,25 @@ class ConfidenceTies:
         return f"ties by {self.level:.0%} confidence: {', '.join(parts) or 'no objective'}; others by value"
 
 
+def mean_with_interval(
+    values: dict[str, float], directions: dict[str, str], counts: dict[str, int] | None
+) -> list[float] | None:
+    """[mean over objectives, half-width of its 95 % interval] for maximised scores in [0, 1] (each
+    objective a binomial share of its ``counts`` items, objectives independent); None otherwise."""
+    if (
+        not values
+        or any(d != "maximize" for d in directions.values())
+        or any(not 0 <= v <= 1 for v in values.values())
+    ):
+        return None
+    k = len(values)
+    mean = sum(values.values()) / k
+    if not counts or any(counts.get(o, 0) <= 0 for o in values):
+        return [mean, float("nan")]
+    var = sum(p * (1 - p) / counts[o] for o, p in values.items()) / k**2
+    return [mean, 1.96 * var**0.5]
+
+
 def proportion_counts(metric_of: Mapping[str, str], items: Mapping[str, int]) -> dict[str, int]:
     """Item counts of the accuracy-like objectives among ``items`` (objective -> number of items)."""
     return {o: n for o, n in items.items() if metric_of.get(o) in PROPORTION_METRICS and n > 0}

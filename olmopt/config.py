@@ -154,9 +154,15 @@ def has_joint_stage(decision: SwapDecision) -> bool:
 class BoundaryDecision(_Strict):
     """The donor of the embeddings, final norm and head: one greedy stage (``greedy``, OLM's), or one more
     slot of the joint layer stage (``joint``: with every layer searched too, the base decision is only the
-    starting point, since a base whose boundary would be a poor fit can be left entirely)."""
+    starting point, since a base whose boundary would be a poor fit can be left entirely).
+
+    ``donors`` (joint only): ``all`` offers every pool model's boundary, and each polish sweep begins
+    with a boundary stage; ``tied`` offers only the boundaries of the base candidates whose search mean
+    is within the base winner's 95 % interval, one per distinct set of boundary weights, and no slot when
+    that leaves one (needs ``base: auto``; search/tied_boundaries.py)."""
 
     mode: Literal["greedy", "joint", "off"] = "greedy"
+    donors: Literal["all", "tied"] = "all"
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
 
@@ -440,6 +446,13 @@ class StudyConfig(_Strict):
             raise ValueError(
                 "decisions.boundary: mode joint searches the boundary inside the joint layer stage, and "
                 "decisions.layers has none (mode: joint, or then_joint > 0)"
+            )
+        if self.decisions.boundary.donors == "tied" and (
+            self.decisions.boundary.mode != "joint" or base.mode != "auto"
+        ):
+            raise ValueError(
+                "decisions.boundary: donors tied offers the joint stage the boundaries of the base "
+                "candidates tied with the winner, so it needs mode: joint and decisions.base: {mode: auto}"
             )
         if self.decisions.tensors.windows != [1]:
             raise ValueError("decisions.tensors.windows: blocks are layer windows; tensor units take [1]")

@@ -349,7 +349,8 @@ def test_export_verdict_reports_means_draws_and_higher_donors() -> None:
     """The verdict shows the donor with a higher mean (spec_add: 0.42 against the merge's 0.405) and the
     draw (against spec_rev the merge wins add and mc and loses rev and fact)."""
     from olmopt.commands.export import verdict_lines
-    from olmopt.search.finalize import copeland_verdict, mean_with_interval
+    from olmopt.confidence import mean_with_interval
+    from olmopt.search.finalize import copeland_verdict
 
     directions = {"add": "maximize", "rev": "maximize", "fact": "maximize", "mc": "maximize"}
     table = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from olmopt.confidence import mean_with_interval
 from olmopt.errors import InputError, ModelError
 from olmopt.evaluate.early_stop import Scored
 from olmopt.export import (
@@ -323,25 +324,6 @@ def copeland_verdict(
         "higher_mean": higher,
         "draws": draws,
     }
-
-
-def mean_with_interval(
-    values: dict[str, float], directions: dict[str, str], counts: dict[str, int] | None
-) -> list[float] | None:
-    """[mean over objectives, half-width of its 95 % interval] for maximised scores in [0, 1] (each
-    objective a binomial share of its ``counts`` items, objectives independent); None otherwise."""
-    if (
-        not values
-        or any(d != "maximize" for d in directions.values())
-        or any(not 0 <= v <= 1 for v in values.values())
-    ):
-        return None
-    k = len(values)
-    mean = sum(values.values()) / k
-    if not counts or any(counts.get(o, 0) <= 0 for o in values):
-        return [mean, float("nan")]
-    var = sum(p * (1 - p) / counts[o] for o, p in values.items()) / k**2
-    return [mean, 1.96 * var**0.5]
 
 
 def _campaign_inputs(campaign: Campaign, url: str) -> list[Path]:

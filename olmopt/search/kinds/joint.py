@@ -15,6 +15,7 @@ from olmopt.search.kinds.swap import (
     incumbent_of,
     tensor_units,
 )
+from olmopt.search.tied_boundaries import BoundaryOffer, tied_boundaries
 
 if TYPE_CHECKING:
     from optuna.distributions import CategoricalDistribution
@@ -29,49 +30,85 @@ def joint_slots(
     stage: Stage, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]
 ) -> list[str]:
     """Parameter names of a joint stage: ``layer.{i}`` or ``unit.{name}``, and ``boundary`` in the layer
-    stage when ``decisions.boundary`` is joint."""
+    stage when ``decisions.boundary`` is joint (``joint_choices`` leaves it out when it offers one donor)."""
     if stage.kind == "joint-layers":
         layers = [f"layer.{i}" for i in sorted(config.decisions.layers.only or range(adapter.num_layers))]
         return [BOUNDARY_SLOT, *layers] if config.decisions.boundary.mode == "joint" else layers
     return [f"unit.{u}" for u in tensor_units(config, adapter, param_names)]
 
 
-def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
-    """One sampler over every slot's donor at once. The incumbent is the first trial; with ``warm_start``
-    each donor's whole model (every slot from that donor) follows, so the sampler starts from the
-    points a user would try first. After a merge stage the donors include the PS merge (``donor_pool``).
-    ``stage.n_trials`` counts evaluations: a repeated suggestion is free."""
-    assert incumbent is not None
+def joint_choices(
+    stage: Stage, incumbent: Recipe, env: SpaceEnv
+) -> tuple[dict[str, list[str]], BoundaryOffer]:
+    """Each slot of a joint stage (``joint_slots`` order) with the donors it offers, and the boundary
+    slot's offer: every donor (``donors: all``), or the boundaries tied at the base decision
+    (``donors: tied``, search/tied_boundaries.py; the slot is left out when only the incumbent's is)."""
     slots = joint_slots(stage, env.config, env.adapter, env.param_names)
     donors = donor_pool(env.pool_names, incumbent)
+    choices = {slot: donors for slot in slots}
+    offer = BoundaryOffer(offered=[])
+    if BOUNDARY_SLOT in choices:
+        own = current_donor(incumbent, BOUNDARY_SLOT, env.adapter)
+        if env.config.decisions.boundary.donors == "tied":
+            offer = tied_boundaries(env, own)
+        else:
+            offer = BoundaryOffer(offered=donors, same_as={d: d for d in donors})
+        if len(offer.offered) > 1:
+            choices[BOUNDARY_SLOT] = offer.offered
+        else:
+            del choices[BOUNDARY_SLOT]
+    return choices, offer
+
+
+def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+    """One sampler over every slot's donor at once. The incumbent is the first trial; with ``warm_start``
+    each donor's whole model (every slot from that donor; the boundary when the slot offers that donor's
+    boundary weights, else the incumbent's) follows, so the sampler starts from the points a user would
+    try first. After a merge stage the donors include the PS merge (``donor_pool``). ``stage.n_trials``
+    counts evaluations: a repeated suggestion is free."""
+    assert incumbent is not None
+    choices, offer = joint_choices(stage, incumbent, env)
 
     def decode(trial: Trial) -> tuple[str, Recipe]:
         recipe = incumbent
-        for slot in slots:
+        for slot, donors in choices.items():
             recipe = apply_choice(recipe, slot, str(trial.suggest_categorical(slot, donors)))
         label = "incumbent" if recipe == incumbent else f"#{trial.number}"
         return label, recipe
 
-    keep = {slot: current_donor(incumbent, slot, env.adapter) for slot in slots}
+    keep = {slot: current_donor(incumbent, slot, env.adapter) for slot in choices}
     enqueue: list[tuple[str, dict[str, Any]]] = [("incumbent", keep)]
     decision = env.config.decisions.layers if stage.kind == "joint-layers" else env.config.decisions.tensors
     if decision.warm_start:
-        enqueue += [(f"all-{donor}", dict.fromkeys(slots, donor)) for donor in donors]
+        for donor in donor_pool(env.pool_names, incumbent):
+            params = dict.fromkeys(choices, donor)
+            if BOUNDARY_SLOT in choices:
+                params[BOUNDARY_SLOT] = offer.same_as.get(donor, keep[BOUNDARY_SLOT])
+            enqueue.append((f"all-{donor}", params))
         enqueue = [
             (label, params)
             for i, (label, params) in enumerate(enqueue)
             if params not in [p for _, p in enqueue[:i]]
         ]
-    return StageSpace(decode=decode, enqueue=enqueue, budget=stage.n_trials)
+    record = {"tied": offer.tied, "offered": list(choices.get(BOUNDARY_SLOT, offer.offered))}
+
+    def details(_trials: dict[str, Any]) -> dict[str, Any]:  # what the tied rule offered, for the report
+        return {"boundary_offer": record}
+
+    tied = env.config.decisions.boundary.donors == "tied" and stage.kind == "joint-layers"
+    return StageSpace(
+        decode=decode, enqueue=enqueue, budget=stage.n_trials, details=details if tied else None
+    )
 
 
 def joint_distributions(stage: Stage, env: SpaceEnv) -> dict[str, CategoricalDistribution]:
     """The joint stage's search space (for samplers that need it up front, such as CatCMA)."""
     from optuna.distributions import CategoricalDistribution
 
-    slots = joint_slots(stage, env.config, env.adapter, env.param_names)
-    donors = donor_pool(env.pool_names, incumbent_of(stage, env.decisions))
-    return {slot: CategoricalDistribution(donors) for slot in slots}
+    incumbent = incumbent_of(stage, env.decisions)
+    assert incumbent is not None
+    choices, _ = joint_choices(stage, incumbent, env)
+    return {slot: CategoricalDistribution(donors) for slot, donors in choices.items()}
 
 
 class _JointDonors(DecisionKind):

@@ -32,7 +32,8 @@ class _Polish(DecisionKind):
 
 class PolishLayersKind(_Polish):
     """``decisions.layers: {mode: joint, polish: N}`` (or greedy with ``then_joint``): N sweeps over single
-    layers after joint-layers, each led by the boundary when the joint stage searched it too."""
+    layers after joint-layers, each led by the boundary when the joint stage searched every pool model's
+    (``boundary: {mode: joint, donors: all}``)."""
 
     stage_kinds = (POLISH_PREFIX + "layer", POLISH_PREFIX + "boundary")
     order = 45  # after joint-layers (40), before the tensor-unit decisions
@@ -42,7 +43,8 @@ class PolishLayersKind(_Polish):
         if not has_joint_stage(d):
             return []
         layers = sorted(d.only or range(adapter.num_layers))
-        slots = [(self.stage_kinds[1], "")] if config.decisions.boundary.mode == "joint" else []
+        boundary = config.decisions.boundary
+        slots = [(self.stage_kinds[1], "")] if (boundary.mode, boundary.donors) == ("joint", "all") else []
         slots += [(self.stage_kinds[0], target) for _, target in layer_slots(layers, 1, d.direction)]
         return [
             planned(kind, target, sweep=sweep) for sweep in range(1, d.polish + 1) for kind, target in slots
