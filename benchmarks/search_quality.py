@@ -114,6 +114,10 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         "main-job": main_job_at(budget, n_layers, n_pool),
         # the same with the boundary donor as one more slot of the joint stage (docs/strategies.md)
         "main-job+boundary": main_job_at(budget, n_layers, n_pool, boundary={"mode": "joint"}),
+        # the same with only the boundaries tied with the base winner offered (no slot when there is one)
+        "main-job+tied-boundary": main_job_at(
+            budget, n_layers, n_pool, boundary={"mode": "joint", "donors": "tied"}
+        ),
         # a parameter-space merge stage first (its winner joins the layer stages as the donor @merge), then
         # the main job's layer decision: TIES / task arithmetic / DELLA with per-model weights, global
         # ("ps+layers") or per pair of adjacent layers ("ps-lw+layers"); the merge stage's trials come out
@@ -144,11 +148,12 @@ def default_at(budget: int, n_layers: int, n_pool: int) -> dict[str, Any]:
 def main_job_at(budget: int, n_layers: int, n_pool: int, **decisions: dict[str, Any]) -> dict[str, Any]:
     """Every decision of the main job (studies/zoo.yaml), ``decisions`` replacing or adding some (not the
     layers), with ``budget`` evaluations in all: the base decision (one evaluation per pool model), then
-    the layer decision with the rest (with the boundary searched in the joint stage, each polish sweep has
-    one boundary stage more)."""
+    the layer decision with the rest (with every pool model's boundary searched in the joint stage, each
+    polish sweep has one boundary stage more)."""
     others = {k: v for k, v in main_job_study()["decisions"].items() if k != "layers"} | decisions
     boundary_polish = 0
-    if (others.get("boundary") or {}).get("mode") == "joint":
+    boundary = others.get("boundary") or {}
+    if boundary.get("mode") == "joint" and boundary.get("donors", "all") == "all":
         boundary_polish = int(main_job_layers().get("polish", 0)) * (n_pool - 1)
     return {**default_at(budget - n_pool - boundary_polish, n_layers, n_pool), "_decisions": others}
 

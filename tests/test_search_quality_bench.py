@@ -146,3 +146,59 @@ def test_main_job_strategy_is_the_study_file_at_the_budget(sq: ModuleType) -> No
     boundary = plans["main-job+boundary"]  # each polish sweep also tries the 4 other boundary donors
     assert boundary["_decisions"] == {"base": study["decisions"]["base"], "boundary": {"mode": "joint"}}
     assert boundary["n_trials"] == main["n_trials"] - int(study["decisions"]["layers"].get("polish", 0)) * 4
+    tied = plans["main-job+tied-boundary"]  # no polish-boundary stage: the main job's budget
+    assert tied["_decisions"]["boundary"] == {"mode": "joint", "donors": "tied"}
+    assert tied["n_trials"] == main["n_trials"]
+
+
+def _campaign(strategy: str, seed: int, mean: float, **extra: Any) -> dict[str, Any]:
+    row = {
+        "family": "zoo-x", "budget": 100, "strategy": strategy, "seed": seed, "test_mean": mean,
+        "ground_truth_test_mean": 0.50, "best_single_test_mean": 0.45, "held_out_copeland": 4.0, "donors": 5,
+        "items": 1000,
+    }  # fmt: skip
+    return {**row, **extra}
+
+
+def test_compare_pairs_campaigns_and_counts_targets(tmp_path: Path) -> None:
+    """Three campaigns paired by seed across two strategies: differences +0.02, +0.04, -0.01, mean
+    0.0167, sd 0.02517, t(0.975, 2) = 4.3027 -> half-width 4.3027 * 0.02517 / sqrt(3) = 0.0625."""
+    import subprocess
+    import sys
+
+    script = SCRIPT.parent / "compare_search_quality.py"
+    a = [_campaign("main-job", s, m) for s, m in enumerate([0.46, 0.47, 0.44])]
+    b = [_campaign("other", s, m, items=1500) for s, m in enumerate([0.48, 0.51, 0.43])]
+    b[1]["held_out_copeland"] = 5.0
+    b.append(_campaign("other", 7, 0.9))  # no twin in A: left out
+    (tmp_path / "a.json").write_text(json.dumps({"meta": {}, "rows": a}))
+    (tmp_path / "b.json").write_text(json.dumps({"meta": {}, "rows": b}))
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == (
+        "3 campaigns paired; test mean B - A +0.0167 ± 0.0625 (95 % t); better in 2, worse in 1; "
+        "item evaluations B / A 1.50"
+    )
+    # recipe 0.50 > best donor 0.45: >= 0.475 is 95 % of it; above the donor means > 0.45
+    assert lines[1] == (
+        "A (main-job): >= 95 % of the recipe 0/3; above the best donor where the recipe is 2/3; "
+        "never below it elsewhere 0/0; held-out Copeland against every donor 0/3"
+    )
+    assert lines[2].startswith(
+        "B (other): >= 95 % of the recipe 2/3; above the best donor where the recipe is 2/3"
+    )
+    assert lines[2].endswith("held-out Copeland against every donor 1/3")
+    assert lines[3] == "  zoo-x budget 100 seed 0: 0.460 -> 0.480 (best donor 0.450, recipe 0.500)"
+    # one line and exit 2: a missing file, nothing to pair
+    for argv, needle in (
+        ([str(tmp_path / "missing.json"), str(tmp_path / "b.json")], "not a search_quality.py result file"),
+        ([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--b-strategy", "nope"], "no campaign of A"),
+    ):
+        bad = subprocess.run(
+            [sys.executable, str(script), *argv], capture_output=True, text=True, check=False
+        )
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and needle in bad.stderr

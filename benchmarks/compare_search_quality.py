@@ -1,0 +1,117 @@
+"""Paired comparison of two ``search_quality.py`` result files (issue 15: a strategy is better only if it
+wins at equal budget over several families, on data the search never saw).
+
+    python benchmarks/compare_search_quality.py A.json B.json [--a-strategy NAME] [--b-strategy NAME]
+
+Campaigns are paired by (family, budget, seed), and by strategy too unless each side names (or holds)
+one strategy. Prints the mean of the paired test-mean differences B - A with its 95 % Student-t
+interval, how many campaigns got better or worse, the ratio of item evaluations, issue 15's targets
+counted per campaign on each side, and every campaign whose test mean changed. Exit 2 with one line on
+a missing or unreadable file, or when no campaign pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from search_quality import t_interval  # noqa: E402
+
+Key = tuple[str, int, int, str]
+
+
+def fail(message: str) -> NoReturn:
+    print(f"compare_search_quality: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def campaigns(path: str, strategy: str | None) -> dict[Key, dict[str, Any]]:
+    """(family, budget, seed, strategy) -> row of one result file (``strategy``: only that one's rows)."""
+    try:
+        rows = json.loads(Path(path).read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        fail(f"{path}: not a search_quality.py result file ({exc.__class__.__name__}: {exc})")
+    out = {(r["family"], r["budget"], r["seed"], r["strategy"]): r for r in rows}
+    return {k: r for k, r in out.items() if strategy is None or k[3] == strategy}
+
+
+def pairs(a: dict[Key, dict[str, Any]], b: dict[Key, dict[str, Any]]) -> list[tuple[dict[str, Any], ...]]:
+    """Rows of ``a`` and ``b`` for the same campaign: same family, budget and seed, and the same strategy
+    unless each side holds one strategy (then the two strategies are what is compared)."""
+    one = len({k[3] for k in a}) == 1 and len({k[3] for k in b}) == 1
+
+    def key(k: Key) -> tuple[Any, ...]:
+        return k[:3] if one else k
+
+    by_key = {key(k): r for k, r in b.items()}
+    return [(r, by_key[key(k)]) for k, r in sorted(a.items()) if key(k) in by_key]
+
+
+def target_counts(rows: list[dict[str, Any]]) -> str:
+    """Issue 15's targets, counted per campaign: test mean >= 95 % of the recipe's; above the best single
+    donor where the recipe is above it; not below that donor where the recipe is not; held-out Copeland
+    beating every donor."""
+    share = above = n_above = never = n_never = cope = 0
+    for r in rows:
+        mean, truth, best = r["test_mean"], r["ground_truth_test_mean"], r["best_single_test_mean"]
+        share += mean >= 0.95 * truth
+        if truth > best:
+            n_above += 1
+            above += mean > best
+        else:
+            n_never += 1
+            never += mean >= best
+        cope += r["held_out_copeland"] == r.get("donors", 5)
+    n = len(rows)
+    return (
+        f">= 95 % of the recipe {share}/{n}; above the best donor where the recipe is {above}/{n_above}; "
+        f"never below it elsewhere {never}/{n_never}; held-out Copeland against every donor {cope}/{n}"
+    )
+
+
+def report(matched: list[tuple[dict[str, Any], ...]], names: tuple[str, str]) -> str:
+    diffs = [b["test_mean"] - a["test_mean"] for a, b in matched]
+    mean, half = t_interval(diffs)
+    items = sum(b["items"] for _, b in matched) / max(1, sum(a["items"] for a, _ in matched))
+    lines = [
+        f"{len(matched)} campaigns paired; test mean B - A {mean:+.4f} ± {half:.4f} (95 % t); "
+        f"better in {sum(d > 1e-9 for d in diffs)}, worse in {sum(d < -1e-9 for d in diffs)}; "
+        f"item evaluations B / A {items:.2f}",
+        f"A ({names[0]}): {target_counts([a for a, _ in matched])}",
+        f"B ({names[1]}): {target_counts([b for _, b in matched])}",
+    ]
+    for (a, b), d in zip(matched, diffs, strict=True):
+        if abs(d) > 1e-9:
+            lines.append(
+                f"  {a['family']} budget {a['budget']} seed {a['seed']}: {a['test_mean']:.3f} -> "
+                f"{b['test_mean']:.3f} (best donor {a['best_single_test_mean']:.3f}, "
+                f"recipe {a['ground_truth_test_mean']:.3f})"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("a", help="result file A (the reference)")
+    parser.add_argument("b", help="result file B")
+    parser.add_argument("--a-strategy", default=None, help="only A's rows of this strategy")
+    parser.add_argument("--b-strategy", default=None, help="only B's rows of this strategy")
+    args = parser.parse_args()
+    a, b = campaigns(args.a, args.a_strategy), campaigns(args.b, args.b_strategy)
+    matched = pairs(a, b)
+    if not matched:
+        fail("no campaign of A has a twin in B (same family, budget and seed, and strategy)")
+    names = (
+        args.a_strategy or ",".join(sorted({k[3] for k in a})),
+        args.b_strategy or ",".join(sorted({k[3] for k in b})),
+    )
+    print(report(matched, names))
+
+
+if __name__ == "__main__":
+    main()
