@@ -133,6 +133,14 @@ def test_the_offer_has_one_donor_per_distinct_boundary_and_no_slot_without_a_tie
     assert offer["offered"] == [p["spec_add"], p["spec_fact"]]
     assert offer["tied"] == pytest.approx({p["spec_add"]: 0.50, p["spec_fact"]: 0.45})
 
+    # after a merge stage the incumbent's boundary is the merge's own, offered first beside the tied ones
+    from olmopt.recipe import MERGE_DONOR
+    from olmopt.search.tied_boundaries import tied_boundaries
+
+    merged = tied_boundaries(env, MERGE_DONOR)  # type: ignore[arg-type]
+    assert merged.offered == [MERGE_DONOR, p["spec_add"], p["spec_fact"]]
+    assert merged.same_as[p["base"]] == p["spec_fact"] and MERGE_DONOR not in merged.same_as
+
     # spec_fact below the floor: only the winner's boundary is tied, so the joint stage has no boundary slot
     env.decisions = {"000-base": _zoo_decision(tiny_zoo, {**means, "spec_fact": 0.43}, "spec_add")}
     alone = joint_space(stage, Recipe(base=p["spec_add"]), env)  # type: ignore[arg-type]

@@ -81,7 +81,8 @@ def boundary_digest(pool: ModelPool, adapter: ArchitectureAdapter, param_names: 
 def tied_boundaries(env: SpaceEnv, own: str) -> BoundaryOffer:
     """The boundary offer of a joint layer stage whose incumbent takes its boundary from ``own``: the base
     decision's candidates tied with its winner (``tied_with_winner`` on the search split), one per
-    distinct boundary digest; ``offered`` is ``[own]`` alone when none differs from it."""
+    distinct boundary digest; ``offered`` is ``[own]`` alone when none differs from it. ``own`` may be the
+    incumbent's parameter-space merge (``@merge``), whose boundary is no pool model's."""
     from olmopt.search.context import directions_of
 
     base = next((d for key, d in env.decisions.items() if key.partition("-")[2] == "base"), None)
@@ -92,8 +93,11 @@ def tied_boundaries(env: SpaceEnv, own: str) -> BoundaryOffer:
     digests: dict[str, str] = {}
 
     def digest(model: str) -> str:
-        if model not in digests:
-            digests[model] = boundary_digest(env.pool, env.adapter, env.param_names, model)
+        if model not in digests:  # the parameter-space merge (``@merge``) has a boundary of its own
+            pooled = model in env.pool_names
+            digests[model] = (
+                boundary_digest(env.pool, env.adapter, env.param_names, model) if pooled else model
+            )
         return digests[model]
 
     by_digest = {digest(own): own}
