@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from search_quality import t_interval  # noqa: E402
+from search_quality import t_interval, target_flags  # noqa: E402
 
 Key = tuple[str, int, int, str]
 
@@ -53,20 +53,16 @@ def pairs(a: dict[Key, dict[str, Any]], b: dict[Key, dict[str, Any]]) -> list[tu
 
 
 def target_counts(rows: list[dict[str, Any]]) -> str:
-    """Issue 15's targets, counted per campaign: test mean >= 95 % of the recipe's; above the best single
-    donor where the recipe is above it; not below that donor where the recipe is not; held-out Copeland
-    beating every donor."""
-    share = above = n_above = never = n_never = cope = 0
-    for r in rows:
-        mean, truth, best = r["test_mean"], r["ground_truth_test_mean"], r["best_single_test_mean"]
-        share += mean >= 0.95 * truth
-        if truth > best:
-            n_above += 1
-            above += mean > best
-        else:
-            n_never += 1
-            never += mean >= best
-        cope += r["held_out_copeland"] == r.get("donors", 5)
+    """Issue 15's targets (``search_quality.target_flags``), counted per campaign."""
+    flags = [target_flags(r) for r in rows]
+
+    def count(name: str) -> tuple[int, int]:
+        known = [f[name] for f in flags if f[name] is not None]
+        return sum(bool(x) for x in known), len(known)
+
+    (share, _), (above, n_above), (never, n_never), (cope, _) = map(
+        count, ("share", "above", "not_below", "copeland")
+    )
     n = len(rows)
     return (
         f">= 95 % of the recipe {share}/{n}; above the best donor where the recipe is {above}/{n_above}; "

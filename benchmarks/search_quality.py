@@ -406,16 +406,30 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summaries
 
 
-def targets(s: dict[str, Any]) -> str:
-    """Issue 15's targets for one summary: test mean >= 95 % of the ground-truth recipe's, above the best
-    single donor where the recipe is, and held-out Copeland beating every donor (in every seed)."""
+def target_flags(s: dict[str, Any]) -> dict[str, bool | None]:
+    """Issue 15's targets for one campaign or summary: ``share`` (test mean >= 95 % of the ground-truth
+    recipe's), ``above`` (above the best single donor; None where the recipe is not), ``not_below`` (not
+    below that donor; None where the recipe is above it) and ``copeland`` (held-out Copeland beating every
+    donor)."""
     best, truth, mean = s["best_single_test_mean"], s["ground_truth_test_mean"], s["test_mean"]
+    return {
+        "share": mean >= 0.95 * truth,
+        "above": mean > best if truth > best else None,
+        "not_below": mean >= best if truth <= best else None,
+        "copeland": s["held_out_copeland"] == s.get("donors", 5),
+    }
+
+
+def targets(s: dict[str, Any]) -> str:
+    """Issue 15's targets for one summary (``target_flags``) in words."""
+    best, truth, mean = s["best_single_test_mean"], s["ground_truth_test_mean"], s["test_mean"]
+    met = target_flags(s)
     above = (
-        ("met" if mean > best else "missed")
-        if truth > best
+        ("met" if met["above"] else "missed")
+        if met["above"] is not None
         else f"n/a (recipe below the best donor; the merge {mean - best:+.3f} from it)"
     )
-    copeland = "met" if s["held_out_copeland"] == s.get("donors", 5) else "missed"
+    copeland = "met" if met["copeland"] else "missed"
     truth_cope = s.get("ground_truth_held_out_copeland")
     if truth_cope is not None:  # reported only: what the zoo's own recipe scores on the same test
         reach = "met" if truth_cope == s.get("donors", 5) else "missed"
@@ -426,7 +440,7 @@ def targets(s: dict[str, Any]) -> str:
         if (truth_test := s.get("ground_truth_test_copeland")) is not None:
             copeland += f" (the ground-truth recipe: {truth_test:+.0f})"
     return (
-        f"{s['strategy']}: >= 95 % of the recipe {'met' if mean >= 0.95 * truth else 'missed'} "
+        f"{s['strategy']}: >= 95 % of the recipe {'met' if met['share'] else 'missed'} "
         f"({mean / truth:.0%}); above the best donor {above}; beats every donor on held-out Copeland "
         f"{copeland}"
     )

@@ -48,31 +48,34 @@ def tied_with_winner(
     objective a share of its ``counts`` items): label -> mean, best first. Empty when that interval is not
     defined (an objective minimised or not an accuracy-like share) or the winner is not a candidate."""
     shares = proportion_counts(metric_of, counts)
-    means: dict[str, list[float]] = {}
+    means: dict[str, float] = {}
     for label, candidate in decision.candidates.items():
-        if not candidate.feasible or label in decision.pruned:
-            continue
-        values = {o: candidate.metrics[o] for o in directions if o in candidate.metrics}
-        interval = mean_with_interval(values, dict(directions), shares)
-        if interval is None or math.isnan(interval[1]):
-            return {}
-        means[label] = interval
-    if decision.winner not in means:
+        values = [candidate.metrics[o] for o in directions if o in candidate.metrics]
+        if candidate.feasible and label not in decision.pruned and values:
+            means[label] = sum(values) / len(values)
+    winner = decision.candidates.get(decision.winner)
+    if winner is None or decision.winner not in means:
         return {}
-    floor = means[decision.winner][0] - means[decision.winner][1]
-    tied = {label: m for label, (m, _) in means.items() if m >= floor}
+    interval = mean_with_interval(
+        {o: winner.metrics[o] for o in directions if o in winner.metrics}, dict(directions), shares
+    )
+    if interval is None or math.isnan(interval[1]):
+        return {}
+    floor = interval[0] - interval[1]
+    tied = {label: m for label, m in means.items() if m >= floor}
     return dict(sorted(tied.items(), key=lambda kv: -kv[1]))
 
 
 def boundary_digest(pool: ModelPool, adapter: ArchitectureAdapter, param_names: list[str], model: str) -> str:
     """SHA-256 of ``model``'s boundary tensors (every parameter outside the layers: embeddings, final
-    norm, an untied head) as stored, so two models with the same boundary weights share a digest."""
+    norm, an untied head) as stored, so two models with the same boundary weights share a digest. Read
+    from the checkpoint, past the pool's tensor cache, which is kept for the tensors candidates patch in."""
     import torch
 
     digest = hashlib.sha256()
     for name in param_names:
         if adapter.layer_of(name) is None:
-            tensor = pool.tensor(model, name)
+            tensor = pool[model].checkpoint.get(adapter.storage_name(name))  # read once: not the patch cache
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
