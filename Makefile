@@ -20,8 +20,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	OLMOPT_THREADS=$${OLMOPT_THREADS:-2} ./scripts/demo.sh
 
+# two worker processes: the suite is mostly one-thread torch work, and a 2-vCPU machine runs it in
+# about 70 % of the serial time (BENCHMARKS.md "The two README commands")
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check olmopt tests benchmarks scripts
