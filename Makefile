@@ -21,7 +21,7 @@ demo: $(STAMP)
 	OLMOPT_THREADS=$${OLMOPT_THREADS:-2} ./scripts/demo.sh
 
 # two worker processes: the suite is mostly one-thread torch work, and a 2-vCPU machine runs it in
-# about 70 % of the serial time (BENCHMARKS.md "The two README commands")
+# about 60 % of the serial time (BENCHMARKS.md "README's test command on two pytest workers")
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
