@@ -86,8 +86,9 @@ class ModelPool:
         except KeyError:
             raise ModelError(f"model {name!r} is not in the pool ({', '.join(self.models)})") from None
 
-    def tensor(self, model: str, param_name: str) -> torch.Tensor:
-        """A donor tensor (read-only: callers copy it into live parameters, never modify it)."""
+    def tensor(self, model: str, param_name: str, cache: bool = True) -> torch.Tensor:
+        """A donor tensor (read-only: callers copy it into live parameters, never modify it). ``cache``
+        False reads a tensor needed once (a digest) past the cache, which is kept for patched tensors."""
         key = (model, self.adapter.storage_name(param_name))
         cached = self._cache.get(key)
         if cached is not None:
@@ -95,7 +96,7 @@ class ModelPool:
             return cached
         tensor = self[model].checkpoint.get(key[1])
         size = tensor.numel() * tensor.element_size()
-        if size <= self.cache_limit:
+        if cache and size <= self.cache_limit:
             self._cache[key] = tensor
             self._cache_bytes += size
             while self._cache_bytes > self.cache_limit:

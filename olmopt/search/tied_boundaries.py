@@ -53,9 +53,9 @@ def tied_with_winner(
         values = [candidate.metrics[o] for o in directions if o in candidate.metrics]
         if candidate.feasible and label not in decision.pruned and values:
             means[label] = sum(values) / len(values)
-    winner = decision.candidates.get(decision.winner)
-    if winner is None or decision.winner not in means:
+    if decision.winner not in means:
         return {}
+    winner = decision.candidates[decision.winner]
     interval = mean_with_interval(
         {o: winner.metrics[o] for o in directions if o in winner.metrics}, dict(directions), shares
     )
@@ -75,7 +75,7 @@ def boundary_digest(pool: ModelPool, adapter: ArchitectureAdapter, param_names: 
     digest = hashlib.sha256()
     for name in param_names:
         if adapter.layer_of(name) is None:
-            tensor = pool[model].checkpoint.get(adapter.storage_name(name))  # read once: not the patch cache
+            tensor = pool.tensor(model, name, cache=False)
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
