@@ -118,6 +118,12 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         "main-job+tied-boundary": main_job_at(
             budget, n_layers, n_pool, boundary={"mode": "joint", "donors": "tied"}
         ),
+        # the main job with early stopping sparing only a lead that the sign test calls one at p <= 0.2
+        # (evaluation.early_stop.spare_level; with --early-stop off it is the main job)
+        "main-job+spare-0.2": {
+            **main_job_at(budget, n_layers, n_pool),
+            "_evaluation": {"early_stop": {"spare_level": 0.2}},
+        },
         # a parameter-space merge stage first (its winner joins the layer stages as the donor @merge), then
         # the main job's layer decision: TIES / task arithmetic / DELLA with per-model weights, global
         # ("ps+layers") or per pair of adjacent layers ("ps-lw+layers"); the merge stage's trials come out
@@ -251,6 +257,16 @@ def family(zoo: Path) -> tuple[dict[str, Any], dict[str, str]]:
 FULL_EVALUATIONS = {"early_stop": {"mode": "off"}, "racing": {"mode": "off"}}
 
 
+def evaluation_section(
+    evaluation: dict[str, Any] | None, settings: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The study file's ``evaluation`` section: ``evaluation`` (None: full evaluation) with a strategy's
+    own ``settings`` added per subsection (not to full evaluation, where nothing is stopped)."""
+    if evaluation is None:
+        return FULL_EVALUATIONS
+    return {**evaluation, **{k: {**evaluation.get(k, {}), **v} for k, v in settings.items()}}
+
+
 def run_strategy(
     tmp: Path,
     zoo: Path,
@@ -263,7 +279,8 @@ def run_strategy(
     """Create and run one campaign (``sampler.seed`` = ``seed``); its final Recipe, evaluations spent (a
     candidate stopped early counts as one), item evaluations and wall time. ``evaluation``: the study
     file's ``evaluation`` section (default: every candidate scored on every item, as the table's rows
-    were measured; ``--early-stop auto`` passes {} for the defaults)."""
+    were measured; ``--early-stop auto`` passes {} for the defaults), to which a strategy's own
+    ``_evaluation`` settings are added (not to full evaluation: nothing is stopped there)."""
     import optuna
 
     from olmopt.cli import main
@@ -279,7 +296,7 @@ def run_strategy(
         "selection": layers.pop("_selection", {}),
         "decisions": {"base": {"mode": "fixed", "model": paths["base"]}, "layers": layers, **extra},
         "sampler": {"name": "tpe", "seed": seed},
-        "evaluation": FULL_EVALUATIONS if evaluation is None else evaluation,
+        "evaluation": evaluation_section(evaluation, layers.pop("_evaluation", {})),
     }
     url = f"sqlite:///{tmp / (name + '.db')}"
     study_file = tmp / f"{name}.yaml"

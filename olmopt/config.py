@@ -386,13 +386,16 @@ class EarlyStopConfig(_Strict):
     (whose counts change when a dominated candidate leaves the field: OLM's selection stays exact).
     ``spare_front`` (under ``score: mean``): a candidate ahead of its reference on some objective, on the
     items seen, is not stopped: it may lie on the Pareto front that the multi-objective sampler learns
-    from (without it, the main job lost the best merge on one zoo family in 3 of 6 campaigns)."""
+    from (without it, the main job lost the best merge on one zoo family in 3 of 6 campaigns).
+    ``spare_level`` below 1 spares only a lead that the one-sided test calls one at that level (0.2:
+    three discordant items to none on an accuracy); 1 (the default) spares any lead."""
 
     mode: Literal["auto", "on", "off"] = "auto"
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
     chunk: int = Field(20, gt=0)
     boundary: Literal["pocock", "obrien-fleming", "bonferroni"] = "pocock"
     spare_front: bool = True
+    spare_level: float = Field(1.0, gt=0.0, le=1.0)
 
     _mode = field_validator("mode", mode="before")(_on_off)
 

@@ -309,6 +309,8 @@ def test_early_stopping_and_racing_with_two_worker_processes(tiny_zoo: Path, tmp
         ("{racing: {rungs: 3}}", "evaluation.racing.rungs: unknown key"),
         ("{racing: {mode: auto}}", "evaluation.racing.mode"),  # no auto: off unless asked for
         ("{early_stop: {spare_front: maybe}}", "evaluation.early_stop.spare_front"),
+        ("{early_stop: {spare_level: 0}}", "evaluation.early_stop.spare_level"),
+        ("{early_stop: {spare_level: 1.5}}", "evaluation.early_stop.spare_level"),
     ],
 )
 def test_bad_early_stop_settings_are_one_line(
@@ -346,6 +348,7 @@ def test_default_modes_early_stopping_only_under_the_mean(
     ev = load_study_file(study).evaluation
     assert (ev.early_stop.mode, ev.racing.mode) == expected
     assert ev.early_stop.spare_front  # candidates ahead on some objective are not stopped (mean rule)
+    assert ev.early_stop.spare_level == 1.0  # any lead
 
 
 def test_rerun_with_early_stopping_and_racing_replays_the_stops_from_the_cache(

@@ -149,6 +149,16 @@ def test_main_job_strategy_is_the_study_file_at_the_budget(sq: ModuleType) -> No
     tied = plans["main-job+tied-boundary"]  # no polish-boundary stage: the main job's budget
     assert tied["_decisions"]["boundary"] == {"mode": "joint", "donors": "tied"}
     assert tied["n_trials"] == main["n_trials"]
+    spare = plans["main-job+spare-0.2"]  # the main job, with its own early-stopping setting
+    assert {k: v for k, v in spare.items() if k != "_evaluation"} == main
+    settings = spare["_evaluation"]
+    assert sq.evaluation_section({}, settings) == {"early_stop": {"spare_level": 0.2}}
+    on = {"early_stop": {"mode": "on"}, "racing": {"mode": "off"}}
+    assert sq.evaluation_section(on, settings) == {
+        "early_stop": {"mode": "on", "spare_level": 0.2},
+        "racing": {"mode": "off"},
+    }
+    assert sq.evaluation_section(None, settings) == sq.FULL_EVALUATIONS  # full evaluation stops nothing
 
 
 def _campaign(strategy: str, seed: int, mean: float, **extra: Any) -> dict[str, Any]:

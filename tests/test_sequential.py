@@ -82,6 +82,30 @@ def test_ahead_on_names_the_objectives_a_candidate_may_lead() -> None:
     assert ahead_on({"a": far_behind, "d": Look([], shift=None)}) == ["d"]  # not scored yet
 
 
+def test_ahead_on_at_a_level_asks_the_sign_test_for_the_lead() -> None:
+    """``level`` < 1: a sampled lead counts when P(Bin(m, 1/2) >= wins) over the m discordant items is at
+    most the level: 3 wins to none, 1/8 = 0.125 <= 0.2; 2 to none, 1/4; 4 wins to 1 loss, 6/32 = 0.1875.
+    A known lead and an objective not yet scored count at any level."""
+    from olmopt.evaluate.sequential import ahead_on, better_p_value
+
+    def look(wins: int, losses: int, ties: int = 15) -> Look:
+        return Look([1.0] * wins + [-1.0] * losses + [0.0] * ties)
+
+    assert better_p_value(look(3, 0).diffs) == pytest.approx(0.125)
+    assert better_p_value(look(4, 1).diffs) == pytest.approx(6 / 32)
+    assert better_p_value(look(0, 0).diffs) == 1.0  # nothing discordant
+    behind = Look([-1.0] * 20)
+    assert ahead_on({"a": behind, "b": look(2, 0)}) == ["b"]  # any lead at the default level 1
+    assert ahead_on({"a": behind, "b": look(2, 0)}, 0.2) == []
+    assert ahead_on({"a": behind, "b": look(3, 0), "c": look(4, 1)}, 0.2) == ["b", "c"]
+    assert ahead_on({"a": behind, "b": look(3, 0)}, 0.1) == []
+    known, unseen = Look([], known=0.01), Look([], shift=None)
+    assert ahead_on({"a": behind, "k": known, "u": unseen}, 0.01) == ["k", "u"]
+    # other scores: Student t on the negated differences (mean 0.3, sd 0.1 over 10 items: p ~ 1e-6)
+    assert ahead_on({"a": behind, "t": Look([0.2, 0.4] * 5)}, 0.001) == ["t"]
+    assert ahead_on({"a": behind, "t": Look([0.5, -0.4] * 5)}, 0.2) == []  # mean 0.05, sd ~0.47: p ~ 0.37
+
+
 def _simulate(
     rng: random.Random,
     delta: float,
@@ -237,6 +261,13 @@ def test_run_chunks_spares_a_candidate_ahead_on_one_objective() -> None:
     assert level.stopped and "chunk 1 of 10" in level.stopped and "objective mean worse" in level.stopped
     cope = replace(spare, score="copeland")
     assert run_chunks(source(0), 10, cope, reference).stopped is None  # not worse on y: not dominated
+    # spare_level 0.2: one win in ten is 2-0 after 20 items (p 1/4), not a lead: stopped where the mean
+    # rule stops it; three in ten are 3-0 after the first chunk (p 1/8): spared to the end
+    strict = replace(spare, spare_level=0.2)
+    thin = run_chunks(source(1), 10, strict, reference)
+    assert thin.stopped and "chunk 2 of 10" in thin.stopped and thin.n_items == 40
+    clear = run_chunks(source(3), 10, strict, reference)
+    assert clear.stopped is None and clear.n_items == 200 and clear.metrics == {"x": 0.0, "y": 0.3}
 
 
 def test_racing_stops_a_candidate_outside_the_top_third_of_a_rung() -> None:

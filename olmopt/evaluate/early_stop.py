@@ -52,6 +52,7 @@ class StopRule:
     tolerance: float = 0.0
     boundary: Boundary = "pocock"
     spare_front: bool = False  # score mean: a candidate ahead of its reference on some objective goes on
+    spare_level: float = 1.0  # below 1: a lead counts only when the test that it is a lead passes at it
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,9 @@ def run_chunks(
     cannot win against ``reference`` (``against`` names it; None: no such test) or when it loses a rung of
     ``race``. ``known``: candidate-minus-reference differences of objectives read off the Recipe. With
     the rule's ``spare_front`` (score mean) a candidate that the mean rule would stop goes on while it is
-    ahead of the reference on some objective (``sequential.ahead_on``). Metrics are computed over the
-    items scored (NaN for an objective whose outputs were non-finite in any chunk)."""
+    ahead of the reference on some objective (``sequential.ahead_on`` at the rule's ``spare_level``).
+    Metrics are computed over the items scored (NaN for an objective whose outputs were non-finite in
+    any chunk)."""
     items: ItemScores = {}
     tokens: dict[str, dict[int, int]] = {}
     nonfinite: set[str] = set()
@@ -184,7 +186,8 @@ def run_chunks(
                 items, reference, rule.directions, rule.metric_of, rule.tolerance, rule.score, known
             )
             verdict = decide(diffs, levels[chunk], rule.score, against)
-            if verdict.stop and not (rule.spare_front and rule.score == "mean" and ahead_on(diffs)):
+            spare = rule.spare_front and rule.score == "mean" and ahead_on(diffs, rule.spare_level)
+            if verdict.stop and not spare:
                 stopped = f"stopped after chunk {chunk + 1} of {looks}: {verdict.reason}"
                 break
         if race is not None and chunk + 1 in rungs:

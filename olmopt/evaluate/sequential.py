@@ -214,10 +214,27 @@ def mean_bound(looks: Mapping[str, Look], level: float) -> float:
     return (centre + float(stats.t.ppf(1.0 - level, df)) * math.sqrt(variance)) / k
 
 
-def ahead_on(looks: Mapping[str, Look]) -> list[str]:
+def ahead_on(looks: Mapping[str, Look], level: float = 1.0) -> list[str]:
     """Objectives on which the candidate is, or may be, ahead of the reference: the mean of its oriented
-    differences (or the known difference) above 0, or nothing to compare yet."""
-    return [name for name in sorted(looks) if (diff := looks[name].mean()) is None or diff > 0.0]
+    differences (or the known difference) above 0, or nothing to compare yet. ``level`` below 1 asks
+    more of sampled differences: the one-sided test that the candidate is better (``better_p_value``)
+    at that level, so that a lead of one or two items in a chunk is not one."""
+
+    def leads(look: Look) -> bool:
+        diff = look.mean()
+        if diff is None:
+            return True
+        if diff <= 0.0:
+            return False
+        return level >= 1.0 or look.known is not None or better_p_value(look.diffs) <= level
+
+    return [name for name in sorted(looks) if leads(looks[name])]
+
+
+def better_p_value(diffs: Sequence[float]) -> float:
+    """One-sided p-value of H0 "mean(d) <= 0" against "the candidate is better": ``worse_p_value`` of the
+    negated differences (0/1 scores: ``P(Bin(m, 1/2) >= wins)`` over the ``m`` discordant items)."""
+    return worse_p_value([-d for d in diffs])
 
 
 def decide(

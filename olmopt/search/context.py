@@ -193,6 +193,7 @@ class EvalContext:
             tolerance=cfg.selection.tolerance or 0.0,
             boundary=cfg.evaluation.early_stop.boundary,
             spare_front=cfg.evaluation.early_stop.spare_front,
+            spare_level=cfg.evaluation.early_stop.spare_level,
         )
 
     def _chunks(
