@@ -186,8 +186,9 @@ def run_chunks(
                 items, reference, rule.directions, rule.metric_of, rule.tolerance, rule.score, known
             )
             verdict = decide(diffs, levels[chunk], rule.score, against)
-            spare = rule.spare_front and rule.score == "mean" and ahead_on(diffs, rule.spare_level)
-            if verdict.stop and not spare:
+            if verdict.stop and not (
+                rule.spare_front and rule.score == "mean" and ahead_on(diffs, rule.spare_level)
+            ):
                 stopped = f"stopped after chunk {chunk + 1} of {looks}: {verdict.reason}"
                 break
         if race is not None and chunk + 1 in rungs:
