@@ -31,7 +31,8 @@ wall time; each family is marked accepted or not (zoo.json ``acceptance``). The 
 this process); campaigns start seed by seed, then in the order of ``--zoo`` and its budgets, so a run
 stopped early has whole tables for the first families of the first seed. The JSON (``--out``, rewritten
 after every campaign) holds every seed's row and the run's machine, total wall time and whether it
-finished; ``--render FILE ...`` prints the tables.
+finished; ``--render FILE ...`` prints the tables (with several families, an overview: every strategy
+against the main job, paired by campaign).
 ``--quick``: the tiny llama family, budget 40, five strategies with the main job (target: under 5 minutes).
 """
 
@@ -531,7 +532,52 @@ def render(paths: list[str]) -> str:
                 f"{gap} | {_num(s['evaluations'])} (+{_num(s['held_out_checks'])}) | {s['wall_s']:.0f} s |"
             )
         out += [f"\nTargets, {targets(s)}." for s in mine if s["strategy"] in ("default", "main-job")]
+    out += overview(rows)
     return "\n".join(out)
+
+
+def overview(rows: list[dict[str, Any]], reference: str = "main-job") -> list[str]:
+    """One markdown table over every family: per strategy its test mean on each (family, budget) (mean
+    over seeds), the mean of those, the test-mean difference against ``reference`` paired by campaign
+    (family, budget, seed; 95 % Student-t interval), and the campaigns at >= 95 % of the ground-truth
+    recipe and not below the best single donor (above it where the recipe is). Empty without the
+    reference or with fewer than two (family, budget) groups."""
+    groups = list(dict.fromkeys((r["family"], r["budget"]) for r in rows))
+    by_key = {(r["family"], r["budget"], r["seed"], r["strategy"]): r for r in rows}
+    if len(groups) < 2 or not any(k[3] == reference for k in by_key):
+        return []
+    names = list(dict.fromkeys(r["strategy"] for r in rows))
+    head = [f"{fam}{'' if budget == 100 else f' ({budget})'}" for fam, budget in groups]
+    out = [
+        f"\n**Overview** (test means over seeds; paired against {reference} per campaign)\n",
+        "| strategy | " + " | ".join(head) + " | mean | against " + reference + " (95 % t) | targets met |",
+        "|---" * (len(groups) + 4) + "|",
+    ]
+    table = []
+    for name in names:
+        mine = [r for k, r in by_key.items() if k[3] == name]
+        cells = []
+        for fam, budget in groups:
+            vals = [r["test_mean"] for r in mine if (r["family"], r["budget"]) == (fam, budget)]
+            cells.append(sum(vals) / len(vals) if vals else math.nan)
+        diffs = [
+            r["test_mean"] - ref["test_mean"]
+            for (fam, budget, seed, strategy), r in by_key.items()
+            if strategy == name and (ref := by_key.get((fam, budget, seed, reference))) is not None
+        ]
+        diff, half = t_interval(diffs) if diffs else (math.nan, math.nan)
+        flags = [target_flags(r) for r in mine]
+        met = sum(f["share"] and f["above"] is not False and f["not_below"] is not False for f in flags)
+        known = [c for c in cells if not math.isnan(c)]
+        table.append((sum(known) / len(known), name, cells, diff, half, met, len(mine)))
+    for mean, name, cells, diff, half, met, n in sorted(table, key=lambda t: -t[0]):
+        against = "" if name == reference else f"{diff:+.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}")
+        out.append(
+            f"| {name} | "
+            + " | ".join("" if math.isnan(c) else f"{c:.3f}" for c in cells)
+            + f" | {mean:.3f} | {against} | {met} of {n} |"
+        )
+    return out
 
 
 def zoo_arg(text: str) -> tuple[Path, list[int] | None]:
