@@ -169,7 +169,8 @@ def test_overview_pairs_every_strategy_with_the_main_job(sq: ModuleType) -> None
     rows = [
         _campaign("main-job", 0, 0.48), _campaign("main-job", 1, 0.50),
         _campaign("main-job", 0, 0.60, **b), _campaign("main-job", 1, 0.62, **b),
-        _campaign("x", 0, 0.50), _campaign("x", 1, 0.50), _campaign("x", 0, 0.58, **b), _campaign("x", 1, 0.66, **b),
+        _campaign("x", 0, 0.50), _campaign("x", 1, 0.50),
+        _campaign("x", 0, 0.58, **b), _campaign("x", 1, 0.66, **b),
     ]  # fmt: skip
     lines = sq.overview(rows)
     assert "| strategy | zoo-x | zoo-b | mean | against main-job (95 % t) | targets met |" in lines
