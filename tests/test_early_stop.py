@@ -329,6 +329,25 @@ def test_bad_early_stop_settings_are_one_line(
     assert not (tmp_path / "bad.db").exists()  # nothing written
 
 
+def test_spare_level_reaches_the_stop_rule(family: dict[str, Path], tmp_path: Path) -> None:
+    """``evaluation.early_stop.spare_level`` in a study file is the level of the rule every evaluation
+    of the campaign stops by (``EvalContext.stop_rule``)."""
+    from types import SimpleNamespace
+
+    from olmopt.config import load_study_file
+    from olmopt.search.context import EvalContext, objectives_of
+
+    study = tmp_path / "spare.yaml"
+    study.write_text(
+        f"name: spare\npool: {{models: [{family['a']}, {family['b']}]}}\n"
+        f"objectives: [{{dataset: {family['data']}, metric: perplexity}}]\nselection: {{score: mean}}\n"
+        "evaluation: {early_stop: {spare_level: 0.2}}\n"
+    )
+    config = load_study_file(study)
+    rule = EvalContext.stop_rule.fget(SimpleNamespace(config=config, objectives=objectives_of(config)))
+    assert (rule.score, rule.spare_front, rule.spare_level) == ("mean", True, 0.2)
+
+
 @pytest.mark.parametrize(
     ("selection", "expected"),
     [("{score: mean}", ("on", "off")), ("{score: copeland}", ("off", "off")), ("{}", ("off", "off"))],
