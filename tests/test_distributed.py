@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -407,7 +409,43 @@ def test_two_workers_race_a_joint_stage_and_resume_each_near_tie_once(
         cleanup(rdb_url, name)
 
 
-def test_an_interrupt_while_taking_a_lock_leaves_no_lock_behind(tmp_path, monkeypatch) -> None:
+@pytest.fixture
+def another_thread() -> Iterator[None]:
+    """A second live thread, as a worker has (torch's, a heartbeat's): the kernel may hand it a
+    process-wide signal that the main thread masks, so masking the main thread defers nothing."""
+    done = threading.Event()
+    thread = threading.Thread(target=done.wait, daemon=True)
+    thread.start()
+    yield
+    done.set()
+    thread.join()
+
+
+def test_interrupts_deferred_holds_a_signal_back_to_the_end_of_the_block(another_thread) -> None:
+    from olmopt.commands._common import sigterm_as_interrupt
+    from olmopt.search.coordination import interrupts_deferred
+
+    previous = signal.getsignal(signal.SIGTERM)
+    sigterm_as_interrupt()
+    installed = signal.getsignal(signal.SIGTERM)
+    reached = []
+    try:
+        with pytest.raises(KeyboardInterrupt), interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(10_000))
+            time.sleep(0.05)
+            reached.append("end of block")
+        assert reached == ["end of block"]
+        assert signal.getsignal(signal.SIGTERM) is installed  # the handler is restored
+        with interrupts_deferred():  # nothing noted: the block ends quietly
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_interrupt_while_taking_a_lock_leaves_no_lock_behind(
+    tmp_path, monkeypatch, another_thread
+) -> None:
     """SIGTERM (handled like Ctrl-C) landing inside the storage write that takes a stage lock: the write
     completes, the interrupt is raised when it is done, and the lock is released, so the next worker takes
     it at once instead of waiting ``stale_after`` seconds for an unstamped lock."""
@@ -420,6 +458,7 @@ def test_an_interrupt_while_taking_a_lock_leaves_no_lock_behind(tmp_path, monkey
     def create_then_signalled(**kwargs: Any) -> optuna.Study:
         study = real_create(**kwargs)  # the lock's row is written ...
         os.kill(os.getpid(), signal.SIGTERM)  # ... and the stop arrives before the call returns
+        sum(range(10_000))  # bytecode the handler could run in
         return study
 
     previous = signal.getsignal(signal.SIGTERM)

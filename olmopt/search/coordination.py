@@ -102,17 +102,32 @@ def interrupts_deferred() -> Iterator[None]:
     """Hold back SIGINT and SIGTERM (Ctrl-C, a scheduler's stop) until the block ends, where they are
     raised. Taking a lock is a storage write whose outcome an interrupt inside it would hide: the row may
     be committed while the caller never learns it holds the lock. Keep the block to that write (a server
-    that refuses connections holds Ctrl-C back for up to ``OLMOPT_STORAGE_GRACE`` seconds). Only the main
-    thread receives signals; elsewhere (and where the platform has no signal masks) the block runs as is."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    that refuses connections holds Ctrl-C back for up to ``OLMOPT_STORAGE_GRACE`` seconds).
+
+    The block swaps the Python handlers for ones that only note the signal, then restores them and raises
+    what was noted. A thread's signal mask would not do: the kernel hands a process-wide signal to any
+    thread that does not block it (torch's, a heartbeat's), and Python then runs the handler in the main
+    thread all the same. Only the main thread may set handlers; elsewhere (and where a handler was set
+    outside Python, so it cannot be restored) the block runs as is."""
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in held}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        noted.append(signum)
+
+    for signum in held:
+        signal.signal(signum, note)
     try:
         yield
-    finally:  # unblocking runs the handlers of signals that arrived meanwhile: KeyboardInterrupt here
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for raised in dict.fromkeys(noted):  # restored handlers run now: KeyboardInterrupt, or the default
+            signal.raise_signal(raised)
 
 
 class StageLock:
