@@ -540,8 +540,9 @@ def overview(rows: list[dict[str, Any]], reference: str = "main-job") -> list[st
     """One markdown table over every family: per strategy its test mean on each (family, budget) (mean
     over seeds), the mean of those, the test-mean difference against ``reference`` paired by campaign
     (family, budget, seed; 95 % Student-t interval), and the campaigns at >= 95 % of the ground-truth
-    recipe and not below the best single donor (above it where the recipe is). Empty without the
-    reference or with fewer than two (family, budget) groups."""
+    recipe and not below the best single donor (above it where the recipe is), and those beating every
+    donor on held-out Copeland. Empty without the reference or with fewer than two (family, budget)
+    groups."""
     groups = list(dict.fromkeys((r["family"], r["budget"]) for r in rows))
     by_key = {(r["family"], r["budget"], r["seed"], r["strategy"]): r for r in rows}
     if len(groups) < 2 or not any(k[3] == reference for k in by_key):
@@ -550,8 +551,9 @@ def overview(rows: list[dict[str, Any]], reference: str = "main-job") -> list[st
     head = [f"{fam}{'' if budget == 100 else f' ({budget})'}" for fam, budget in groups]
     out = [
         f"\n**Overview** (test means over seeds; paired against {reference} per campaign)\n",
-        "| strategy | " + " | ".join(head) + " | mean | against " + reference + " (95 % t) | targets met |",
-        "|---" * (len(groups) + 4) + "|",
+        "| strategy | " + " | ".join(head) + " | mean | against " + reference + " (95 % t) | targets met "
+        "| held-out Copeland against every donor |",
+        "|---" * (len(groups) + 5) + "|",
     ]
     table = []
     for name in names:
@@ -568,14 +570,15 @@ def overview(rows: list[dict[str, Any]], reference: str = "main-job") -> list[st
         diff, half = t_interval(diffs) if diffs else (math.nan, math.nan)
         flags = [target_flags(r) for r in mine]
         met = sum(f["share"] and f["above"] is not False and f["not_below"] is not False for f in flags)
+        cope = sum(bool(f["copeland"]) for f in flags)
         known = [c for c in cells if not math.isnan(c)]
-        table.append((sum(known) / len(known), name, cells, diff, half, met, len(mine)))
-    for mean, name, cells, diff, half, met, n in sorted(table, key=lambda t: -t[0]):
+        table.append((sum(known) / len(known), name, cells, diff, half, met, cope, len(mine)))
+    for mean, name, cells, diff, half, met, cope, n in sorted(table, key=lambda t: -t[0]):
         against = "" if name == reference else f"{diff:+.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}")
         out.append(
             f"| {name} | "
             + " | ".join("" if math.isnan(c) else f"{c:.3f}" for c in cells)
-            + f" | {mean:.3f} | {against} | {met} of {n} |"
+            + f" | {mean:.3f} | {against} | {met} of {n} | {cope} of {n} |"
         )
     return out
 
