@@ -555,7 +555,7 @@ def overview(rows: list[dict[str, Any]], reference: str = "main-job") -> list[st
         "| held-out Copeland against every donor |",
         "|---" * (len(groups) + 5) + "|",
     ]
-    table = []
+    table: list[tuple[float, str]] = []  # (mean over the groups, the strategy's row)
     for name in names:
         mine = [r for k, r in by_key.items() if k[3] == name]
         cells = []
@@ -572,15 +572,15 @@ def overview(rows: list[dict[str, Any]], reference: str = "main-job") -> list[st
         met = sum(f["share"] and f["above"] is not False and f["not_below"] is not False for f in flags)
         cope = sum(bool(f["copeland"]) for f in flags)
         known = [c for c in cells if not math.isnan(c)]
-        table.append((sum(known) / len(known), name, cells, diff, half, met, cope, len(mine)))
-    for mean, name, cells, diff, half, met, cope, n in sorted(table, key=lambda t: -t[0]):
+        mean, n = sum(known) / len(known), len(mine)
         against = "" if name == reference else f"{diff:+.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}")
-        out.append(
+        row = (
             f"| {name} | "
             + " | ".join("" if math.isnan(c) else f"{c:.3f}" for c in cells)
             + f" | {mean:.3f} | {against} | {met} of {n} | {cope} of {n} |"
         )
-    return out
+        table.append((mean, row))
+    return out + [row for _, row in sorted(table, key=lambda t: -t[0])]
 
 
 def zoo_arg(text: str) -> tuple[Path, list[int] | None]:
