@@ -119,6 +119,11 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         "main-job+tied-boundary": main_job_at(
             budget, n_layers, n_pool, boundary={"mode": "joint", "donors": "tied"}
         ),
+        # the same where the joint winner may leave the base winner's boundary only when significantly better
+        # than the best candidate on it, on the search and held-out items together (switch: significant)
+        "main-job+tied-switch": main_job_at(
+            budget, n_layers, n_pool, boundary={"mode": "joint", "donors": "tied", "switch": "significant"}
+        ),
         # the main job with early stopping sparing only a lead that the sign test calls one at p <= 0.2
         # (evaluation.early_stop.spare_level; with --early-stop off it is the main job)
         "main-job+spare-0.2": {

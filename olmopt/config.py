@@ -159,10 +159,16 @@ class BoundaryDecision(_Strict):
     ``donors`` (joint only): ``all`` offers every pool model's boundary, and each polish sweep begins
     with a boundary stage; ``tied`` offers only the boundaries of the base candidates whose search mean
     is within the base winner's 95 % interval, one per distinct set of boundary weights, and no slot when
-    that leaves one (needs ``base: auto``; search/tied_boundaries.py)."""
+    that leaves one (needs ``base: auto``; search/tied_boundaries.py).
+
+    ``switch`` (joint only): ``best`` lets the joint stage's winner take any offered boundary;
+    ``significant`` lets it leave the incumbent's boundary only when it beats the best candidate on the
+    incumbent's boundary on the search and held-out items together (a paired test at
+    ``selection.confidence``), else that candidate wins (search/boundary_switch.py)."""
 
     mode: Literal["greedy", "joint", "off"] = "greedy"
     donors: Literal["all", "tied"] = "all"
+    switch: Literal["best", "significant"] = "best"
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
 
@@ -456,6 +462,11 @@ class StudyConfig(_Strict):
             raise ValueError(
                 "decisions.boundary: donors tied offers the joint stage the boundaries of the base "
                 "candidates tied with the winner, so it needs mode: joint and decisions.base: {mode: auto}"
+            )
+        if self.decisions.boundary.switch == "significant" and self.decisions.boundary.mode != "joint":
+            raise ValueError(
+                "decisions.boundary: switch significant guards the boundary slot of the joint layer "
+                "stage, so it needs mode: joint"
             )
         if self.decisions.tensors.windows != [1]:
             raise ValueError("decisions.tensors.windows: blocks are layer windows; tensor units take [1]")

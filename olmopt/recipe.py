@@ -206,6 +206,12 @@ class Recipe(_Strict):
             update["dfs"] = self.dfs.renamed(mapping)
         return self.model_copy(update=update)
 
+    @property
+    def boundary_donor(self) -> str:
+        """The donor of the boundary (embeddings, final norm, head): ``boundary``, else the parameter-space
+        merge (``MERGE_DONOR``) where there is one, else ``base``."""
+        return self.boundary or (MERGE_DONOR if self.param_merge is not None else self.base)
+
     def donors(self) -> set[str]:
         """The pool models the Recipe reads (``MERGE_DONOR`` is not one: it names ``param_merge``)."""
         names = {self.base, *self.layers.values(), *self.units.values()}

@@ -149,6 +149,9 @@ def test_main_job_strategy_is_the_study_file_at_the_budget(sq: ModuleType) -> No
     tied = plans["main-job+tied-boundary"]  # no polish-boundary stage: the main job's budget
     assert tied["_decisions"]["boundary"] == {"mode": "joint", "donors": "tied"}
     assert tied["n_trials"] == main["n_trials"]
+    switch = plans["main-job+tied-switch"]  # the same budget, the boundary switch guarded
+    assert switch["_decisions"]["boundary"] == {"mode": "joint", "donors": "tied", "switch": "significant"}
+    assert switch["n_trials"] == main["n_trials"]
     spare = plans["main-job+spare-0.2"]  # the main job, with its own early-stopping setting
     assert {k: v for k, v in spare.items() if k != "_evaluation"} == main
     settings = spare["_evaluation"]

@@ -16,15 +16,17 @@ from optuna.trial import FrozenTrial
 
 from olmopt.confidence import ItemValues, proportion_counts, selection_ties, significance_table
 from olmopt.config import SelectionConfig
-from olmopt.evaluate.item_scores import packed_items, unpack
+from olmopt.evaluate.item_scores import ItemScores, packed_items, unpack
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
+from olmopt.search.boundary_switch import switch_verdict
 from olmopt.search.decision import CandidateResult, Decision
 from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import Stage, StageSpace
-from olmopt.select import objective_mean, select, significance
+from olmopt.select import Selection, objective_mean, select, significance
 
 Scorer = Callable[[Recipe, str], dict[str, float]]  # (recipe, "search" | "held_out") -> objective values
+ItemScorer = Callable[[Recipe, str], ItemScores]  # (recipe, split) -> objective -> item -> value
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,16 @@ def decide(
     score: Scorer,
     decided_by: str,
     pruned: dict[str, str] | None = None,
+    items_of: ItemScorer | None = None,
 ) -> Decision:
     """The decision of ``stage`` from its COMPLETE ``trials`` (by label, first result of a retried label).
 
     ``earlier``: the latest earlier decision of the same model as ``incumbent`` (its metrics, held-out
     figures and per-item values are reused). ``score``: evaluates a Recipe on a split (the incumbent when
     nothing was acceptable and it was not evaluated here; held-out figures). ``pruned``: the candidates
-    stopped early (label -> why): recorded, never winners (they are not among ``trials``).
+    stopped early (label -> why): recorded, never winners (they are not among ``trials``). ``items_of``:
+    per-item values of a Recipe on a split, for a stage that guards its boundary switch
+    (``StageSpace.significant_boundary_switch``; the held-out items, and search items no trial kept).
     """
     names = rules.names
     scores = {n: {label: float(t.values[i]) for label, t in trials.items()} for i, n in enumerate(names)}
@@ -80,16 +85,31 @@ def decide(
             chosen.tolerance, chosen.confidence, rules.metric_of, rules.items, per_item, rules.tokens
         )
         tied = rule.tied if rule is not None else None
-        selection = select(
-            scores, rules.directions, feasible, keep=keep,
-            tie_key=lambda c: (c != keep, order.get(c, len(order)), c),
-            tolerance=tolerance, score=chosen.score, tied=tied,
-        )  # fmt: skip
+
+        def selected(among: dict[str, bool]) -> Selection:
+            return select(
+                scores, rules.directions, among, keep=keep,
+                tie_key=lambda c: (c != keep, order.get(c, len(order)), c),
+                tolerance=tolerance, score=chosen.score, tied=tied,
+            )  # fmt: skip
+
+        selection = selected(feasible)
         winner, reason = selection.winner, selection.reason
         ties = rule.describe() if rule is not None else f"fixed tolerance {tolerance:g}"
         guard = rules.selection.held_out_guard
         if rules.joint and guard > 1 and winner is not None and rules.has_held_out:
             winner, reason, guarded = _held_out_guard(trials, selection.order[:guard], reason, rules, score)
+        if space.significant_boundary_switch and winner is not None and incumbent is not None:
+            own = incumbent.boundary_donor
+            on_own = {
+                lbl: feasible[lbl] and T.RECIPE_ATTR in t.user_attrs and _recipe(t).boundary_donor == own
+                for lbl, t in trials.items()
+            }
+            if T.RECIPE_ATTR in trials[winner].user_attrs and not on_own[winner] and any(on_own.values()):
+                rival = selected(on_own).winner
+                assert rival is not None and items_of is not None
+                packed = _packed_by_label(trials, keys, earlier)
+                winner, reason = _boundary_switch(winner, rival, trials, packed, rules, items_of, reason)
         if winner is not None:  # against the final winner (the held-out guard's choice)
             verdicts = significance(scores, rules.directions, winner, tied, tolerance)
             runner_up = next((c for c in selection.order if c != winner), "")
@@ -159,6 +179,21 @@ def _item_values(
     decision) when it is the same model."""
     newcombe = proportion_counts(rules.metric_of, rules.items)
     wanted = [n for n in rules.names if n not in newcombe]
+    packed = _packed_by_label(trials, keys, earlier)
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for name in wanted:
+        per = {label: unpack(p[name]) for label, p in packed.items() if name in p}
+        if per:
+            out[name] = per
+    return out
+
+
+def _packed_by_label(
+    trials: dict[str, FrozenTrial], keys: ModelKeys, earlier: Decision | None
+) -> dict[str, dict[str, str]]:
+    """label -> objective -> packed per-item search values; a trial whose metrics were reused has none:
+    those of an evaluated trial of the same model in the stage, else of ``earlier`` (the incumbent's
+    decision) when it is the same model, else none ({})."""
     packed = {label: packed_items(t.user_attrs) for label, t in trials.items()}
     for label, t in trials.items():
         if packed[label] or T.RECIPE_ATTR not in t.user_attrs:
@@ -172,12 +207,47 @@ def _item_values(
             packed[label] = same[0]
         elif earlier is not None and earlier.items and keys.same_json(earlier.recipe.to_json(), mine):
             packed[label] = dict(earlier.items)
-    out: dict[str, dict[str, dict[int, float]]] = {}
-    for name in wanted:
-        per = {label: unpack(p[name]) for label, p in packed.items() if name in p}
-        if per:
-            out[name] = per
-    return out
+    return packed
+
+
+def _recipe(trial: FrozenTrial) -> Recipe:
+    return Recipe.from_json(str(trial.user_attrs[T.RECIPE_ATTR]))
+
+
+def _boundary_switch(
+    winner: str,
+    rival: str,
+    trials: dict[str, FrozenTrial],
+    packed: dict[str, dict[str, str]],
+    rules: DecideRules,
+    items_of: ItemScorer,
+    reason: str,
+) -> tuple[str, str]:
+    """``winner`` (on another boundary than the incumbent's) against ``rival`` (the best candidate on the
+    incumbent's boundary) on the search and held-out items together (search/boundary_switch.py): the
+    winner stands when significantly better, else the rival wins. Search items come from the trials
+    (``items_of`` where a trial kept none), held-out items from ``items_of``."""
+
+    def items(label: str) -> dict[str, ItemScores]:
+        recipe = _recipe(trials[label])
+        stored = packed.get(label)
+        search = {n: unpack(v) for n, v in stored.items()} if stored else items_of(recipe, "search")
+        splits = {"search": search}
+        if rules.has_held_out:
+            splits["held_out"] = items_of(recipe, "held_out")
+        return splits
+
+    mine, theirs = _recipe(trials[winner]).boundary_donor, _recipe(trials[rival]).boundary_donor
+    verdict = switch_verdict(
+        items(winner), items(rival), rules.directions, rules.metric_of, rules.selection.confidence
+    )
+    splits = "search and held-out" if rules.has_held_out else "search"
+    lead = f"leads {rival!r} (boundary {theirs}) by {verdict.lead:+.4f} on the {splits} items"
+    if verdict.significant:
+        return winner, f"{reason}; boundary switch to {mine}: {winner!r} {lead}, significant"
+    return rival, (
+        f"{reason}; boundary switch to {mine} not significant: {winner!r} {lead}, so {rival!r} wins"
+    )
 
 
 def _kept_label(

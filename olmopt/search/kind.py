@@ -79,6 +79,9 @@ class StageSpace:
     # Recipe its metrics belong to and the metrics
     run: Callable[[Trial, Recipe], tuple[Recipe, dict[str, float]]] | None = None
     details: Callable[[dict[str, FrozenTrial]], dict[str, Any]] | None = None  # extra decision fields
+    # the winner may leave the incumbent's boundary only when significantly better than the best candidate
+    # on it, on the search and held-out items together (search/boundary_switch.py)
+    significant_boundary_switch: bool = False
 
 
 class DecisionKind:

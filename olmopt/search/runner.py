@@ -284,9 +284,11 @@ class CampaignRunner:
             if t.state == TrialState.PRUNED
         }  # stopped early: recorded, never winners (a near-tie's resume trial competes in its place)
         score = cached_scorer(self.cache, lambda r: self.keys.key_of_json(r.to_json()), self.ev.local.score)
+        local = self.ev.local
         decision = decide(
-            stage, trials, space, incumbent, rules, self.keys, earlier, score, WORKER_ID, pruned
-        )
+            stage, trials, space, incumbent, rules, self.keys, earlier, score, WORKER_ID, pruned,
+            items_of=lambda recipe, split: local.evaluate(recipe, split).items,
+        )  # fmt: skip
         record_decision(study, decision)
         annotate_decision(self.c, study, decision)
         label = decision.winner

@@ -96,8 +96,13 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
         return {"boundary_offer": record}
 
     tied = env.config.decisions.boundary.donors == "tied" and stage.kind == "joint-layers"
+    guarded = BOUNDARY_SLOT in choices and env.config.decisions.boundary.switch == "significant"
     return StageSpace(
-        decode=decode, enqueue=enqueue, budget=stage.n_trials, details=details if tied else None
+        decode=decode,
+        enqueue=enqueue,
+        budget=stage.n_trials,
+        details=details if tied else None,
+        significant_boundary_switch=guarded,
     )
 
 

@@ -94,7 +94,7 @@ def current_donor(incumbent: Recipe, slot: str, adapter: ArchitectureAdapter) ->
     ``MERGE_DONOR`` where the incumbent's parameter-space merge supplies it."""
     default = MERGE_DONOR if incumbent.param_merge is not None else incumbent.base
     if slot == BOUNDARY_SLOT:
-        return incumbent.boundary or default
+        return incumbent.boundary_donor
     kind, _, target = slot.partition(".")
     if kind == "layer":
         return incumbent.layers.get(int(target), default)
