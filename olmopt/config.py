@@ -164,7 +164,8 @@ class BoundaryDecision(_Strict):
     ``switch`` (joint only): ``best`` lets the joint stage's winner take any offered boundary;
     ``significant`` lets it leave the incumbent's boundary only when it beats the best candidate on the
     incumbent's boundary on the search and held-out items together (a paired test at
-    ``selection.confidence``), else that candidate wins (search/boundary_switch.py)."""
+    ``selection.confidence``), else that candidate wins; the polish sweeps' boundary stages likewise
+    (search/boundary_switch.py)."""
 
     mode: Literal["greedy", "joint", "off"] = "greedy"
     donors: Literal["all", "tied"] = "all"

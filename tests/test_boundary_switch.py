@@ -169,3 +169,23 @@ def test_a_campaign_guards_its_boundary_switch_on_search_and_held_out_items(
         assert switched == joint.reason.endswith(", significant"), joint.reason
         winners.append((joint.winner, joint.recipe.to_json(), joint.reason))
     assert winners[0] == winners[1]
+
+
+def test_the_polish_boundary_stages_are_guarded_too() -> None:
+    """With ``donors: all`` each polish sweep begins with a greedy boundary stage: its winner on another
+    boundary must pass the same test (the rival is the incumbent); layer stages are not guarded."""
+    from types import SimpleNamespace
+
+    from olmopt.search.kinds.swap import swap_space
+
+    for switch, guarded in (("significant", True), ("best", False)):
+        boundary = SimpleNamespace(switch=switch)
+        env: Any = SimpleNamespace(
+            pool_names=["m/a", "m/b"], adapter=None,
+            config=SimpleNamespace(decisions=SimpleNamespace(boundary=boundary)),
+        )  # fmt: skip
+        incumbent = Recipe(base="m/a")
+        space = swap_space(Stage(2, "polish-boundary"), incumbent, env)
+        assert space.significant_boundary_switch is guarded
+        assert [label for label, _ in space.enqueue] == ["m/a", "m/b"]
+        assert not swap_space(Stage(3, "polish-layer", "0"), incumbent, env).significant_boundary_switch

@@ -186,6 +186,8 @@ def swap_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSp
         decode=decode,
         enqueue=[(label, {"donor": label}) for label in candidates],
         layer=prefix_layer(stage, env.adapter),
+        significant_boundary_switch=stage.kind == POLISH_PREFIX + "boundary"
+        and env.config.decisions.boundary.switch == "significant",
     )
 
 
