@@ -210,20 +210,34 @@ def test_kill_9_mid_trial_is_failed_retried_and_finishes_with_the_same_recipe(
         cleanup(rdb_url, name)
 
 
+def _caught_in_middle_stage(
+    cli: CliProcesses, url: str, tiny_zoo: Path, tmp: Path, attempts: int = 3
+) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    """A new campaign and two workers caught running a trial of a middle stage: the base stage is complete
+    by then (later stages start from its decision), and a whole stage is left, so the campaign cannot
+    finish before a signal sent now lands. On a busy machine the poll can miss that stage (it takes well
+    under a second on the tiny zoo); the workers then finish the campaign, and a fresh one is tried."""
+    for _ in range(attempts):
+        name = create(tiny_zoo, tmp, url)
+        procs = workers(cli, url, name, 2)
+        deadline = time.time() + 300
+        while time.time() < deadline and any(p.poll() is None for p in procs):
+            if _running_trial_worker(url, name, middle_stage=True) is not None:
+                return name, procs
+            time.sleep(0.01)
+        for p in procs:
+            cli.finish(p, timeout=60)
+        cleanup(url, name)
+    pytest.fail(f"no trial of the middle stage was seen running in {attempts} campaigns")
+
+
 @pytest.mark.server
 @pytest.mark.slow
 def test_sigterm_all_workers_then_restart_resumes(
     rdb_url, tiny_zoo, tmp_path, single_worker_recipe, cli
 ) -> None:
-    name = create(tiny_zoo, tmp_path, rdb_url)
+    name, procs = _caught_in_middle_stage(cli, rdb_url, tiny_zoo, tmp_path)
     try:
-        procs = workers(cli, rdb_url, name, 2)
-        # a trial running in a middle stage: the base stage is complete by then (later stages start from its
-        # decision), and the campaign cannot finish before the signal lands even on a machine fast enough
-        # to finish a stage between two polls
-        deadline = time.time() + 300
-        while time.time() < deadline and _running_trial_worker(rdb_url, name, middle_stage=True) is None:
-            time.sleep(0.01)
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:
