@@ -708,6 +708,7 @@ class Family:
         recipe = Recipe.from_json(run.pop("recipe"))
         test = test_ctx.score(recipe, "search")
         held = search_ctx.score(recipe, "held_out")
+        searched = search_ctx.score(recipe, "search")
         mean, half = mean_ci(test, refs["counts"])
         cope = self.copeland(held)
         test_cope = self.copeland(test, "test")
@@ -717,6 +718,7 @@ class Family:
             **run,
             "accepted": bool(self.manifest["acceptance"]["passed"]),
             "test_mean": mean, "test_ci95": half, "test": test, "held_out": held,
+            "search": searched,
             "held_out_copeland": cope["merged"],
             "held_out_copeland_best_donor": max(cope[n] for n in self.singles),
             "donors": len(self.singles),
