@@ -124,6 +124,9 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         "main-job+tied-switch": main_job_at(
             budget, n_layers, n_pool, boundary={"mode": "joint", "donors": "tied", "switch": "significant"}
         ),
+        # the main job on 70 % of the budget, then a parameter-space merge (per-model weights per pair of
+        # layers, on the pool's base) challenging its winner with the rest (decisions.merge: challenge)
+        "main-job+merge-challenge": main_job_then_challenge(budget, n_layers, n_pool, budget * 3 // 10),
         # the main job with early stopping sparing only a lead that the sign test calls one at p <= 0.2
         # (evaluation.early_stop.spare_level; with --early-stop off it is the main job)
         "main-job+spare-0.2": {
@@ -168,6 +171,18 @@ def main_job_at(budget: int, n_layers: int, n_pool: int, **decisions: dict[str, 
     if boundary.get("mode") == "joint" and boundary.get("donors", "all") == "all":
         boundary_polish = int(main_job_layers().get("polish", 0)) * (n_pool - 1)
     return {**default_at(budget - n_pool - boundary_polish, n_layers, n_pool), "_decisions": others}
+
+
+def main_job_then_challenge(budget: int, n_layers: int, n_pool: int, merge_trials: int) -> dict[str, Any]:
+    """The main job with ``budget - merge_trials`` evaluations, then a merge challenge of ``merge_trials``."""
+    job = main_job_at(budget - merge_trials, n_layers, n_pool)
+    merge = {
+        "mode": "challenge",
+        "methods": ["ties", "task_arithmetic", "della"],
+        "n_trials": merge_trials,
+        "group_size": 2,
+    }
+    return {**job, "_decisions": {**job["_decisions"], "merge": merge}}
 
 
 def ps_then_layers(

@@ -256,9 +256,12 @@ class EsDecision(_Strict):
 
 
 class MergeDecision(_Strict):
-    """Parameter-space merge searched jointly over ``methods`` (names in ``olmopt.methods.registry``)."""
+    """Parameter-space merge searched jointly over ``methods`` (names in ``olmopt.methods.registry``):
+    ``joint`` right after the base (its winner is the layer stages' donor ``@merge``), ``challenge`` after
+    the layer decisions on the pool's base, the layer merge one of its candidates
+    (``search/kinds/merge_challenge.py``)."""
 
-    mode: Literal["joint", "off"] = "off"
+    mode: Literal["joint", "challenge", "off"] = "off"
     methods: list[str] = Field(default_factory=lambda: ["circuit", "della", "task_arithmetic"], min_length=1)
     models: list[str] | None = None  # variants; default: every pool model but the base
     n_trials: int = Field(40, gt=0)

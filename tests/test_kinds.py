@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUILT_IN = {
     "base", "boundary", "layer", "block", "unit", "joint-layers", "joint-units", "joint-merge",
     "joint-fusion", "joint-dfs", "es-svd", "es-norm", "es-tune-svd", "es-tune-norm", "polish-layer",
-    "polish-unit", "polish-boundary",
+    "polish-unit", "polish-boundary", "joint-merge-challenge",
 }  # fmt: skip
 
 
@@ -78,6 +78,14 @@ def test_conformance_kit_over_every_registered_kind(every_kind_env: Any) -> None
         **{**vars(every_kind_env), "config": config.model_copy(update={"decisions": joint})}
     )
     planned |= {stage.kind for stage in check_kind(get_kind("polish-boundary"), env)}
+    # the merge as a challenger after the layers instead of a donor before them
+    challenge = config.decisions.model_copy(
+        update={"merge": config.decisions.merge.model_copy(update={"mode": "challenge"})}
+    )
+    env = SimpleNamespace(
+        **{**vars(every_kind_env), "config": config.model_copy(update={"decisions": challenge})}
+    )
+    planned |= {stage.kind for stage in check_kind(get_kind("joint-merge-challenge"), env)}
     assert planned >= BUILT_IN  # the configs really exercise every built-in kind
 
 

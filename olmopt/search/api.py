@@ -86,7 +86,7 @@ def check_against_pool(config: StudyConfig, pool_names: list[str], num_layers: i
         for model in models or []:
             if model not in pool_names:
                 raise StudyKeyError(f"decisions.{key}.models: {model!r} is not in pool.models")
-    if d.merge.mode == "joint":
+    if d.merge.mode in ("joint", "challenge"):
         from olmopt.search.kinds.merge import check_variant_count
 
         check_variant_count(d.merge.methods, len(d.merge.models) if d.merge.models else len(pool_names) - 1)

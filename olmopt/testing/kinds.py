@@ -17,8 +17,9 @@ rule:
 - ``decide`` and ``details`` are deterministic functions of the stage's finished trials (checked on
   trials with made-up metrics) and ``decide`` names a trial's label or None; ``details`` is JSON.
 
-``check_all(env)`` runs it over every registered kind. Nothing here evaluates a model; ``build`` may
-(a kind that computes starting points from the resident model), so pass an ``env`` with a context.
+``check_all(env)`` runs it over every registered kind that plans a stage for the config. Nothing here
+evaluates a model; ``build`` may (a kind that computes starting points from the resident model), so pass
+an ``env`` with a context.
 """
 
 from __future__ import annotations
@@ -192,5 +193,11 @@ def check_kind(
 
 
 def check_all(env: SpaceEnv, incumbent: Recipe | None = None, **kwargs: Any) -> dict[str, list[Stage]]:
-    """``check_kind`` over every registered kind; returns the stages each one planned."""
-    return {", ".join(k.stage_kinds): check_kind(k, env, incumbent, **kwargs) for k in registered()}
+    """``check_kind`` over every registered kind that plans a stage for ``env.config`` (some settings
+    exclude each other: ``decisions.merge`` is ``joint`` or ``challenge``); returns the stages each one
+    planned. A config that plans no stage of any kind is an error."""
+    params = list(env.param_names)
+    kinds = [k for k in registered() if k.plan(env.config, env.adapter, params)]
+    if not kinds:
+        raise AssertionError("no registered decision kind plans a stage for this config: nothing checked")
+    return {", ".join(k.stage_kinds): check_kind(k, env, incumbent, **kwargs) for k in kinds}

@@ -15,6 +15,7 @@ from olmopt.search.kinds import (  # noqa: F401 - each import registers its kind
     fusion,
     joint,
     merge,
+    merge_challenge,
     polish,
     swap,
 )

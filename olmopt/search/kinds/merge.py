@@ -327,13 +327,16 @@ def _project(
 
 
 # -- samplers -----------------------------------------------------------------------------------------
-def merge_sampler(config: Any, seed: int) -> optuna.samplers.BaseSampler | None:
-    """The merge stage's own sampler (``decisions.merge.sampler``), or None for the study's."""
+def merge_sampler(
+    config: Any, seed: int, fixed: dict[str, Any] | None = None
+) -> optuna.samplers.BaseSampler | None:
+    """The merge stage's own sampler (``decisions.merge.sampler``), or None for the study's; with ``fixed``
+    params (always a sampler, TPE by default) every sampled trial takes those values."""
     from olmopt.search.seeding import TrialSeeded
 
     cfg, study_cfg = config.decisions.merge, config.sampler
     inner: optuna.samplers.BaseSampler
-    if cfg.sampler is None:
+    if cfg.sampler is None and fixed is None:
         return None
     if cfg.sampler == "cmaes":
         inner = BordaCmaEs(seed=seed, population_size=study_cfg.population_size)
@@ -343,6 +346,8 @@ def merge_sampler(config: Any, seed: int) -> optuna.samplers.BaseSampler | None:
         inner = optuna.samplers.TPESampler(
             seed=seed, multivariate=True, group=True, n_startup_trials=study_cfg.n_startup_trials
         )
+    if fixed:
+        inner = optuna.samplers.PartialFixedSampler(fixed, inner)
     return TrialSeeded(inner, seed)
 
 
