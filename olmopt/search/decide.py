@@ -110,6 +110,10 @@ def decide(
                 assert rival is not None and items_of is not None
                 packed = _packed_by_label(trials, keys, earlier)
                 winner, reason = _boundary_switch(winner, rival, trials, packed, rules, items_of, reason)
+        if space.held_out_veto and winner not in (None, keep) and keep is not None and rules.has_held_out:
+            assert winner is not None
+            winner, reason, vetoed = _held_out_veto(trials, winner, keep, reason, rules, score)
+            guarded.update(vetoed)
         if winner is not None:  # against the final winner (the held-out guard's choice)
             verdicts = significance(scores, rules.directions, winner, tied, tolerance)
             runner_up = next((c for c in selection.order if c != winner), "")
@@ -263,6 +267,21 @@ def _kept_label(
     ]  # fmt: skip
     named = [lbl for lbl, _ in space.enqueue if lbl in same]
     return named[0] if named else (same[0] if same else None)
+
+
+def _held_out_veto(
+    trials: dict[str, FrozenTrial], winner: str, keep: str, reason: str, rules: DecideRules, score: Scorer
+) -> tuple[str, str, dict[str, dict[str, float]]]:
+    """A challenger that won on the search split replaces the incumbent only when its held-out mean is
+    higher too (maximised objectives; others count negated). Returns (winner, reason, held-out figures)."""
+    figures = {
+        lbl: score(Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR]), "held_out") for lbl in (winner, keep)
+    }
+    by_objective = {n: {lbl: figures[lbl][n] for lbl in figures} for n in rules.names}
+    ahead, behind = (objective_mean(by_objective, rules.directions, lbl) for lbl in (winner, keep))
+    if ahead > behind:
+        return winner, f"{reason}; held-out check: {ahead:.4f} against {keep!r}'s {behind:.4f}", figures
+    return keep, f"{reason}; held-out veto: {winner!r} {ahead:.4f}, not above {keep!r}'s {behind:.4f}", figures
 
 
 def _held_out_guard(

@@ -82,6 +82,8 @@ class StageSpace:
     # the winner may leave the incumbent's boundary only when significantly better than the best candidate
     # on it, on the search and held-out items together (search/boundary_switch.py)
     significant_boundary_switch: bool = False
+    # a winner other than the incumbent (an enqueued candidate) must also have the higher held-out mean
+    held_out_veto: bool = False
 
 
 class DecisionKind:

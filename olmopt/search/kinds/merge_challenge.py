@@ -49,7 +49,7 @@ def challenge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> St
 
     enqueue = [(INCUMBENT, {CHALLENGER: INCUMBENT})]
     enqueue += [(label, {CHALLENGER: MERGE, **params}) for label, params in merges.enqueue]
-    return StageSpace(decode=decode, enqueue=enqueue, budget=merges.budget)
+    return StageSpace(decode=decode, enqueue=enqueue, budget=merges.budget, held_out_veto=True)
 
 
 class MergeChallengeKind(DecisionKind):
