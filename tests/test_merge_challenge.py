@@ -54,9 +54,14 @@ CHALLENGE = {"mode": "challenge", "n_trials": 6, "group_size": 2, "methods": ["t
 def test_the_challenge_comes_after_the_layers_and_their_polish() -> None:
     layers = {"mode": "joint", "n_trials": 5, "polish": 1}
     adapter = ArchitectureAdapter("llama", 4, False)
-    kinds = [s.kind for s in plan_stages(_config(base={"mode": "auto"}, layers=layers, merge=CHALLENGE), adapter, [])]
+    kinds = [
+        s.kind
+        for s in plan_stages(_config(base={"mode": "auto"}, layers=layers, merge=CHALLENGE), adapter, [])
+    ]
     assert kinds == ["base", "joint-layers", *["polish-layer"] * 4, KIND]
-    before = [s.kind for s in plan_stages(_config(layers=layers, merge={**CHALLENGE, "mode": "joint"}), adapter, [])]
+    before = [
+        s.kind for s in plan_stages(_config(layers=layers, merge={**CHALLENGE, "mode": "joint"}), adapter, [])
+    ]
     assert before == ["base", "joint-merge", "joint-layers", *["polish-layer"] * 4]
     last = plan_stages(_config(layers=layers, merge=CHALLENGE), adapter, [])[-1]
     assert (last.kind, last.n_trials) == (KIND, 6)
@@ -105,7 +110,9 @@ def test_the_challenge_sampler_resumes_exactly() -> None:
     def params(interrupt_after: int) -> list[dict[str, object]]:
         storage = optuna.storages.InMemoryStorage()
         kind = get_kind(KIND)
-        study = optuna.create_study(directions=["maximize"], storage=storage, sampler=kind.sampler(stage, config, 5, None))
+        study = optuna.create_study(
+            directions=["maximize"], storage=storage, sampler=kind.sampler(stage, config, 5, None)
+        )
         study.enqueue_trial(dict(space.enqueue[0][1]))
         study.optimize(objective, n_trials=interrupt_after)
         resumed = optuna.load_study(
@@ -217,7 +224,9 @@ def _decide_veto(held: dict[str, float], veto: bool = True) -> tuple[str, str, d
         ["x", "y"], {"x": "maximize", "y": "maximize"}, [], SelectionConfig(score="mean", tolerance=0.0),
         True, True,
     )  # fmt: skip
-    space = StageSpace(decode=lambda _t: ("z", recipes["m1"]), enqueue=[("incumbent", {})], held_out_veto=veto)
+    space = StageSpace(
+        decode=lambda _t: ("z", recipes["m1"]), enqueue=[("incumbent", {})], held_out_veto=veto
+    )
     d = decide(
         Stage(5, KIND, n_trials=2), trials, space, recipes["incumbent"], rules, SameJson(), None, score, "me"
     )  # fmt: skip

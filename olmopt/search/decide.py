@@ -275,13 +275,18 @@ def _held_out_veto(
     """A challenger that won on the search split replaces the incumbent only when its held-out mean is
     higher too (maximised objectives; others count negated). Returns (winner, reason, held-out figures)."""
     figures = {
-        lbl: score(Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR]), "held_out") for lbl in (winner, keep)
+        lbl: score(Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR]), "held_out")
+        for lbl in (winner, keep)
     }
     by_objective = {n: {lbl: figures[lbl][n] for lbl in figures} for n in rules.names}
     ahead, behind = (objective_mean(by_objective, rules.directions, lbl) for lbl in (winner, keep))
     if ahead > behind:
         return winner, f"{reason}; held-out check: {ahead:.4f} against {keep!r}'s {behind:.4f}", figures
-    return keep, f"{reason}; held-out veto: {winner!r} {ahead:.4f}, not above {keep!r}'s {behind:.4f}", figures
+    return (
+        keep,
+        f"{reason}; held-out veto: {winner!r} {ahead:.4f}, not above {keep!r}'s {behind:.4f}",
+        figures,
+    )
 
 
 def _held_out_guard(
