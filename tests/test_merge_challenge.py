@@ -3,7 +3,6 @@ pool's base in which the layer merge is one more candidate (search/kinds/merge_c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +14,15 @@ from olmopt.cli import main
 from olmopt.config import StudyConfig
 from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.recipe import Recipe
-from olmopt.search.decision import Decision
 from olmopt.search.kinds import get_kind
 from olmopt.search.kinds.merge_challenge import CHALLENGER, INCUMBENT, challenge_space
 from olmopt.search.plan import Stage, plan_stages
+from tests.test_ps_then_layers import Env
 from tests.test_study import study_file
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 POOL = ["base", "a", "b", "c"]
 KIND = "joint-merge-challenge"
-
-
-@dataclass
-class Env:
-    config: StudyConfig
-    pool_names: list[str]
-    adapter: ArchitectureAdapter = field(default_factory=lambda: ArchitectureAdapter("llama", 4, False))
-    param_names: list[str] = field(default_factory=list)
-    context: Any = None
-    pool: Any = None
-    decisions: dict[str, Decision] = field(default_factory=dict)
 
 
 def _config(**decisions: Any) -> StudyConfig:
