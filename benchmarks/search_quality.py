@@ -124,9 +124,8 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         "main-job+tied-switch": main_job_at(
             budget, n_layers, n_pool, boundary={"mode": "joint", "donors": "tied", "switch": "significant"}
         ),
-        # the main job on 70 % of the budget, then a parameter-space merge (per-model weights per pair of
-        # layers, on the pool's base) challenging its winner with the rest (decisions.merge: challenge)
-        "main-job+merge-challenge": main_job_then_challenge(budget, n_layers, n_pool, budget * 3 // 10),
+        # the main job without its merge challenge (the main job of sessions 7-18): the layer search alone
+        "main-job-layers": main_job_at(budget, n_layers, n_pool, merge={"mode": "off"}),
         # the main job with early stopping sparing only a lead that the sign test calls one at p <= 0.2
         # (evaluation.early_stop.spare_level; with --early-stop off it is the main job)
         "main-job+spare-0.2": {
@@ -162,27 +161,22 @@ def default_at(budget: int, n_layers: int, n_pool: int) -> dict[str, Any]:
 
 def main_job_at(budget: int, n_layers: int, n_pool: int, **decisions: dict[str, Any]) -> dict[str, Any]:
     """Every decision of the main job (studies/zoo.yaml), ``decisions`` replacing or adding some (not the
-    layers), with ``budget`` evaluations in all: the base decision (one evaluation per pool model), then
-    the layer decision with the rest (with every pool model's boundary searched in the joint stage, each
-    polish sweep has one boundary stage more)."""
+    layers), with ``budget`` evaluations in all: the base decision (one evaluation per pool model), the
+    merge challenge (the study file's ``n_trials``, at most 30 % of ``budget``: 30 at 100 and 300, 12 at 40),
+    and the layer decision with the rest (with every pool model's boundary searched in the joint stage,
+    each polish sweep has one boundary stage more)."""
     others = {k: v for k, v in main_job_study()["decisions"].items() if k != "layers"} | decisions
     boundary_polish = 0
     boundary = others.get("boundary") or {}
     if boundary.get("mode") == "joint" and boundary.get("donors", "all") == "all":
         boundary_polish = int(main_job_layers().get("polish", 0)) * (n_pool - 1)
-    return {**default_at(budget - n_pool - boundary_polish, n_layers, n_pool), "_decisions": others}
-
-
-def main_job_then_challenge(budget: int, n_layers: int, n_pool: int, merge_trials: int) -> dict[str, Any]:
-    """The main job with ``budget - merge_trials`` evaluations, then a merge challenge of ``merge_trials``."""
-    job = main_job_at(budget - merge_trials, n_layers, n_pool)
-    merge = {
-        "mode": "challenge",
-        "methods": ["ties", "task_arithmetic", "della"],
-        "n_trials": merge_trials,
-        "group_size": 2,
-    }
-    return {**job, "_decisions": {**job["_decisions"], "merge": merge}}
+    merge = others.get("merge") or {}
+    challenge = 0
+    if merge.get("mode") == "challenge":
+        challenge = max(1, min(int(merge["n_trials"]), budget * 3 // 10))
+        others["merge"] = {**merge, "n_trials": challenge}
+    rest = budget - n_pool - boundary_polish - challenge
+    return {**default_at(rest, n_layers, n_pool), "_decisions": others}
 
 
 def ps_then_layers(

@@ -130,21 +130,36 @@ def test_targets_add_the_same_copeland_count_on_the_sealed_test_split(sq: Module
 
 
 def test_main_job_strategy_is_the_study_file_at_the_budget(sq: ModuleType) -> None:
-    """`main-job` runs studies/zoo.yaml's decisions as they are (its base decision too) and pays the base
-    stage's evaluations (one per pool model) and the polish sweeps out of the joint stage's budget."""
+    """`main-job` runs studies/zoo.yaml's decisions as they are (its base decision and merge challenge
+    too) and pays the base stage's evaluations (one per pool model), the challenge's (the study file's 30,
+    at most 30 % of the budget) and the polish sweeps out of the joint stage's budget; `main-job-layers`
+    is the same without the challenge."""
     import yaml
 
     study = yaml.safe_load((SCRIPT.parents[1] / "studies" / "zoo.yaml").read_text())
     plans = sq.strategies(100, 6, 5)
     main, default = plans["main-job"], plans["default"]
-    assert main["_decisions"] == {"base": study["decisions"]["base"]}
+    challenge = study["decisions"]["merge"]
+    assert challenge["mode"] == "challenge" and challenge["n_trials"] == 30
+    assert main["_decisions"] == {"base": study["decisions"]["base"], "merge": challenge}
     assert "_decisions" not in default  # every other strategy keeps the benchmark's fixed base
     polish = int(study["decisions"]["layers"].get("polish", 0)) * 6 * 4  # 6 layers, 4 other donors each
-    assert default["n_trials"] == 100 - polish and main["n_trials"] == 100 - 5 - polish
+    assert default["n_trials"] == 100 - polish and main["n_trials"] == 100 - 5 - 30 - polish
+    quick = sq.strategies(40, 4, 5)["main-job"]  # the challenge takes at most 30 % of a small budget
+    assert quick["_decisions"]["merge"]["n_trials"] == 12 and quick["n_trials"] == max(10, 40 - 5 - 12 - 16)
+    large = sq.strategies(300, 6, 5)["main-job"]  # ... and the study file's 30 trials of a large one
+    assert large["_decisions"]["merge"]["n_trials"] == 30 and large["n_trials"] == 300 - 5 - 30 - polish
+    layers_only = plans["main-job-layers"]
+    assert layers_only["_decisions"] == {"base": study["decisions"]["base"], "merge": {"mode": "off"}}
+    assert layers_only["n_trials"] == 100 - 5 - polish
     assert main["_selection"] == default["_selection"] == study["selection"]
     assert "main-job" in sq.QUICK
     boundary = plans["main-job+boundary"]  # each polish sweep also tries the 4 other boundary donors
-    assert boundary["_decisions"] == {"base": study["decisions"]["base"], "boundary": {"mode": "joint"}}
+    assert boundary["_decisions"] == {
+        "base": study["decisions"]["base"],
+        "merge": challenge,
+        "boundary": {"mode": "joint"},
+    }
     assert boundary["n_trials"] == main["n_trials"] - int(study["decisions"]["layers"].get("polish", 0)) * 4
     tied = plans["main-job+tied-boundary"]  # no polish-boundary stage: the main job's budget
     assert tied["_decisions"]["boundary"] == {"mode": "joint", "donors": "tied"}
