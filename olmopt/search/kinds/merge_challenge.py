@@ -5,11 +5,12 @@ of the pool's models on the pool's base (``config.base_model``: the first pool m
 base), as ``decisions.merge: joint`` does before the layers, but with the incumbent, the layer merge the
 campaign has found, as one more candidate (label ``incumbent``, its metrics reused: it costs nothing).
 The stage's selection then decides between the layer merge and the best parameter-space merge, ties to
-the incumbent. Why: the two spaces fail on different families. A layer-donor search cannot blend two
-specialists inside one layer, and a base decision that keeps a full specialist's boundary cannot reach
-a recipe built on the base's (the AMD small mistral zoo, docs/strategies.md); a per-layer-group merge
-of task vectors on the pool's base can, and loses to the layer search wherever a skill lives in whole
-layers (BENCHMARKS.md).
+the incumbent, and a merge that wins must also have the higher held-out mean (``StageSpace.held_out_veto``:
+a search winner leads by selection, also where it is worse). Why: the two spaces fail on different
+families. A layer-donor search cannot blend two specialists inside one layer, and a base decision that
+keeps a full specialist's boundary cannot reach a recipe built on the base's (the AMD small mistral zoo,
+docs/strategies.md); a per-layer-group merge of task vectors on the pool's base can, and loses to the
+layer search wherever a skill lives in whole layers (BENCHMARKS.md).
 
 The candidate is a parameter ``challenger`` (``incumbent`` or ``merge``): the incumbent is enqueued
 with ``challenger: incumbent``, and the stage's sampler is wrapped so that every sampled trial is a merge
