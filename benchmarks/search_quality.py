@@ -59,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 TEST_SEED = 20261205
 TEST_ITEMS = 400
+JOINT_FLOOR = 10  # the fewest trials a joint stage gets, whatever the budget
 
 
 def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, Any]]:
@@ -84,14 +85,14 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         "blocks+joint": {
             "mode": "greedy",
             "windows": [2, 1],
-            "then_joint": max(10, budget - pairs - sweep),
+            "then_joint": max(JOINT_FLOOR, budget - pairs - sweep),
             "sampler": "tpe",
         },
         # the same with the overfitting guard: the best held-out mean among the joint stage's top 5
         "blocks+joint+guard": {
             "mode": "greedy",
             "windows": [2, 1],
-            "then_joint": max(10, budget - pairs - sweep),
+            "then_joint": max(JOINT_FLOOR, budget - pairs - sweep),
             "sampler": "tpe",
             "_selection": {"held_out_guard": 5},
         },
@@ -156,13 +157,14 @@ def default_at(budget: int, n_layers: int, n_pool: int) -> dict[str, Any]:
     """The main job's layer decision with ``budget`` evaluations in all (joint stage plus polish sweeps)."""
     layers = main_job_layers()
     polish = int(layers.get("polish", 0)) * n_layers * (n_pool - 1)
-    return {**layers, "n_trials": max(10, budget - polish)}
+    return {**layers, "n_trials": max(JOINT_FLOOR, budget - polish)}
 
 
 def main_job_at(budget: int, n_layers: int, n_pool: int, **decisions: dict[str, Any]) -> dict[str, Any]:
     """Every decision of the main job (studies/zoo.yaml), ``decisions`` replacing or adding some (not the
     layers), with ``budget`` evaluations in all: the base decision (one evaluation per pool model), the
-    merge challenge (the study file's ``n_trials``, at most 30 % of ``budget``: 30 at 100 and 300, 12 at 40),
+    merge challenge (the study file's ``n_trials``, at most 30 % of ``budget`` and never below the joint
+    stage's floor of 10 trials: 30 at 100 and 300, 9 at 40 on a 4-layer family),
     and the layer decision with the rest (with every pool model's boundary searched in the joint stage,
     each polish sweep has one boundary stage more)."""
     others = {k: v for k, v in main_job_study()["decisions"].items() if k != "layers"} | decisions
@@ -171,11 +173,12 @@ def main_job_at(budget: int, n_layers: int, n_pool: int, **decisions: dict[str, 
     if boundary.get("mode") == "joint" and boundary.get("donors", "all") == "all":
         boundary_polish = int(main_job_layers().get("polish", 0)) * (n_pool - 1)
     merge = others.get("merge") or {}
-    challenge = 0
+    rest = budget - n_pool - boundary_polish
     if merge.get("mode") == "challenge":
-        challenge = max(1, min(int(merge["n_trials"]), budget * 3 // 10))
+        polish = int(main_job_layers().get("polish", 0)) * n_layers * (n_pool - 1)
+        challenge = max(1, min(int(merge["n_trials"]), budget * 3 // 10, rest - polish - JOINT_FLOOR))
         others["merge"] = {**merge, "n_trials": challenge}
-    rest = budget - n_pool - boundary_polish - challenge
+        rest -= challenge
     return {**default_at(rest, n_layers, n_pool), "_decisions": others}
 
 
@@ -193,7 +196,7 @@ def ps_then_layers(
         "n_trials": merge_trials,
         "group_size": group_size,
     }
-    return {**layers, "n_trials": max(10, rest - polish), "_decisions": {"merge": merge}}
+    return {**layers, "n_trials": max(JOINT_FLOOR, rest - polish), "_decisions": {"merge": merge}}
 
 
 def main_job_study() -> dict[str, Any]:
