@@ -112,7 +112,7 @@ def decide(
                 winner, reason = _boundary_switch(winner, rival, trials, packed, rules, items_of, reason)
         if space.held_out_veto and winner not in (None, keep) and keep is not None and rules.has_held_out:
             assert winner is not None
-            winner, reason, vetoed = _held_out_veto(trials, winner, keep, reason, rules, score)
+            winner, reason, vetoed = _held_out_veto(trials, winner, keep, reason, rules, score, guarded)
             guarded.update(vetoed)
         if winner is not None:  # against the final winner (the held-out guard's choice)
             verdicts = significance(scores, rules.directions, winner, tied, tolerance)
@@ -269,17 +269,35 @@ def _kept_label(
     return named[0] if named else (same[0] if same else None)
 
 
+def _held_out_means(
+    trials: dict[str, FrozenTrial],
+    labels: list[str],
+    rules: DecideRules,
+    score: Scorer,
+    known: dict[str, dict[str, float]] | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Held-out figures of ``labels`` (``known`` ones reused) and each one's held-out mean (maximised
+    objectives; others count negated)."""
+    known = known or {}
+    figures = {lbl: known.get(lbl) or score(_recipe(trials[lbl]), "held_out") for lbl in labels}
+    by_objective = {n: {lbl: figures[lbl][n] for lbl in labels} for n in rules.names}
+    return figures, {lbl: objective_mean(by_objective, rules.directions, lbl) for lbl in labels}
+
+
 def _held_out_veto(
-    trials: dict[str, FrozenTrial], winner: str, keep: str, reason: str, rules: DecideRules, score: Scorer
+    trials: dict[str, FrozenTrial],
+    winner: str,
+    keep: str,
+    reason: str,
+    rules: DecideRules,
+    score: Scorer,
+    known: dict[str, dict[str, float]],
 ) -> tuple[str, str, dict[str, dict[str, float]]]:
     """A challenger that won on the search split replaces the incumbent only when its held-out mean is
-    higher too (maximised objectives; others count negated). Returns (winner, reason, held-out figures)."""
-    figures = {
-        lbl: score(Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR]), "held_out")
-        for lbl in (winner, keep)
-    }
-    by_objective = {n: {lbl: figures[lbl][n] for lbl in figures} for n in rules.names}
-    ahead, behind = (objective_mean(by_objective, rules.directions, lbl) for lbl in (winner, keep))
+    higher too. ``known``: held-out figures already computed (the held-out guard's). Returns (winner,
+    reason, held-out figures of both)."""
+    figures, means = _held_out_means(trials, [winner, keep], rules, score, known)
+    ahead, behind = means[winner], means[keep]
     if ahead > behind:
         return winner, f"{reason}; held-out check: {ahead:.4f} against {keep!r}'s {behind:.4f}", figures
     return (
@@ -293,11 +311,10 @@ def _held_out_guard(
     trials: dict[str, FrozenTrial], top: list[str], reason: str, rules: DecideRules, score: Scorer
 ) -> tuple[str, str, dict[str, dict[str, float]]]:
     """The overfitting guard of a joint stage: among the ``top`` candidates of the search-split
-    selection, the one with the best held-out mean (maximised objectives; others count negated),
-    ties to the search order. Returns (winner, reason, held-out figures of every guarded candidate)."""
-    figures = {lbl: score(Recipe.from_json(trials[lbl].user_attrs[T.RECIPE_ATTR]), "held_out") for lbl in top}
-    by_objective = {n: {lbl: figures[lbl][n] for lbl in top} for n in rules.names}
-    best = max(top, key=lambda lbl: (objective_mean(by_objective, rules.directions, lbl), -top.index(lbl)))
+    selection, the one with the best held-out mean, ties to the search order. Returns (winner, reason,
+    held-out figures of every guarded candidate)."""
+    figures, means = _held_out_means(trials, top, rules, score)
+    best = max(top, key=lambda lbl: (means[lbl], -top.index(lbl)))
     if best != top[0]:
         reason = f"{reason}; held-out guard: {best!r} has the best held-out mean of the top {len(top)}"
     return best, reason, figures
