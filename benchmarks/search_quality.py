@@ -153,11 +153,16 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
     }
 
 
+def polish_evaluations(slots: int, donors: int) -> int:
+    """Evaluations of the main job's polish sweeps over ``slots`` slots of ``donors`` alternatives each
+    (an upper bound: a sweep after one that changed nothing costs nothing)."""
+    return int(main_job_layers().get("polish", 0)) * slots * donors
+
+
 def default_at(budget: int, n_layers: int, n_pool: int) -> dict[str, Any]:
     """The main job's layer decision with ``budget`` evaluations in all (joint stage plus polish sweeps)."""
-    layers = main_job_layers()
-    polish = int(layers.get("polish", 0)) * n_layers * (n_pool - 1)
-    return {**layers, "n_trials": max(JOINT_FLOOR, budget - polish)}
+    polish = polish_evaluations(n_layers, n_pool - 1)
+    return {**main_job_layers(), "n_trials": max(JOINT_FLOOR, budget - polish)}
 
 
 def main_job_at(budget: int, n_layers: int, n_pool: int, **decisions: dict[str, Any]) -> dict[str, Any]:
@@ -171,11 +176,11 @@ def main_job_at(budget: int, n_layers: int, n_pool: int, **decisions: dict[str, 
     boundary_polish = 0
     boundary = others.get("boundary") or {}
     if boundary.get("mode") == "joint" and boundary.get("donors", "all") == "all":
-        boundary_polish = int(main_job_layers().get("polish", 0)) * (n_pool - 1)
+        boundary_polish = polish_evaluations(1, n_pool - 1)
     merge = others.get("merge") or {}
     rest = budget - n_pool - boundary_polish
     if merge.get("mode") == "challenge":
-        polish = int(main_job_layers().get("polish", 0)) * n_layers * (n_pool - 1)
+        polish = polish_evaluations(n_layers, n_pool - 1)
         challenge = max(1, min(int(merge["n_trials"]), budget * 3 // 10, rest - polish - JOINT_FLOOR))
         others["merge"] = {**merge, "n_trials": challenge}
         rest -= challenge
@@ -187,16 +192,15 @@ def ps_then_layers(
 ) -> dict[str, Any]:
     """A merge stage of ``merge_trials`` evaluations, then the main job's layer decision with the rest of
     ``budget`` (its polish sweeps also offer the merge, one donor more per slot)."""
-    layers = main_job_layers()
     rest = budget - merge_trials
-    polish = int(layers.get("polish", 0)) * n_layers * n_pool
+    polish = polish_evaluations(n_layers, n_pool)
     merge: dict[str, Any] = {
         "mode": "joint",
         "methods": ["ties", "task_arithmetic", "della"],
         "n_trials": merge_trials,
         "group_size": group_size,
     }
-    return {**layers, "n_trials": max(JOINT_FLOOR, rest - polish), "_decisions": {"merge": merge}}
+    return {**main_job_layers(), "n_trials": max(JOINT_FLOOR, rest - polish), "_decisions": {"merge": merge}}
 
 
 def main_job_study() -> dict[str, Any]:
