@@ -10,7 +10,6 @@ from typing import Any
 
 import optuna
 import pytest
-import yaml
 from scipy import stats
 
 from olmopt.cli import main
@@ -21,7 +20,7 @@ from olmopt.search import trials as T
 from olmopt.search.boundary_switch import switch_verdict
 from olmopt.search.decide import DecideRules, decide
 from olmopt.search.kind import Stage, StageSpace
-from tests.test_study import study_file
+from tests.test_study import run_twice, study_file, with_held_out
 
 _MAX = {"a": "maximize", "b": "maximize"}
 _SHARES = {"a": "token_accuracy", "b": "token_accuracy"}
@@ -151,17 +150,9 @@ def test_a_campaign_guards_its_boundary_switch_on_search_and_held_out_items(
     layers = {"mode": "joint", "n_trials": 10, "warm_start": True, "sampler": "random", "only": [3]}
     boundary = {"mode": "joint", "donors": "all", "switch": "significant"}
     path = study_file(tmp_path, tiny_zoo, "sw", layers=layers, boundary=boundary)
-    data = yaml.safe_load(path.read_text())
-    data["decisions"]["base"] = {"mode": "auto"}
-    data["selection"] = {"score": "mean"}
-    for objective in data["objectives"]:
-        objective["held_out"] = 0.3
-    path.write_text(yaml.safe_dump(data))
+    path = with_held_out(path, base={"mode": "auto"})
     winners = []
-    for run in ("a", "b"):
-        url = f"sqlite:///{tmp_path}/{run}.db"
-        assert main(["study", "create", str(path), "--storage", url]) == 0
-        assert main(["study", "run", "sw", "--storage", url, "--quiet"]) == 0
+    for url in run_twice(path, "sw", tmp_path):
         decisions = Campaign.load("sw", url).decisions()
         base, joint = decisions["000-base"], decisions["001-joint-layers"]
         own = base.recipe.boundary_donor

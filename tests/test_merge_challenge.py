@@ -8,7 +8,6 @@ from typing import Any
 
 import optuna
 import pytest
-import yaml
 
 from olmopt.cli import main
 from olmopt.config import StudyConfig
@@ -18,7 +17,7 @@ from olmopt.search.kinds import get_kind
 from olmopt.search.kinds.merge_challenge import CHALLENGER, INCUMBENT, challenge_space
 from olmopt.search.plan import Stage, plan_stages
 from tests.test_ps_then_layers import Env
-from tests.test_study import study_file
+from tests.test_study import run_twice, study_file, with_held_out
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 POOL = ["base", "a", "b", "c"]
@@ -124,17 +123,9 @@ def test_a_campaign_keeps_the_better_of_the_layer_merge_and_the_challengers(
     from olmopt.search.campaign import Campaign
 
     merge = {**CHALLENGE, "methods": ["task_arithmetic"], "n_trials": 5}
-    path = study_file(tmp_path, tiny_zoo, "ch", layers={"mode": "off"}, merge=merge)
-    data = yaml.safe_load(path.read_text())
-    data["selection"] = {"score": "mean"}
-    for objective in data["objectives"]:
-        objective["held_out"] = 0.3
-    path.write_text(yaml.safe_dump(data))
+    path = with_held_out(study_file(tmp_path, tiny_zoo, "ch", layers={"mode": "off"}, merge=merge))
     recipes = []
-    for run in ("a", "b"):
-        url = f"sqlite:///{tmp_path}/{run}.db"
-        assert main(["study", "create", str(path), "--storage", url]) == 0
-        assert main(["study", "run", "ch", "--storage", url, "--quiet"]) == 0
+    for url in run_twice(path, "ch", tmp_path):
         campaign = Campaign.load("ch", url)
         decisions = campaign.decisions()
         assert list(decisions) == ["000-base", f"001-{KIND}"]

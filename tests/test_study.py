@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,28 @@ def study_file(tmp: Path, zoo: Path, name: str, **decisions: object) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def with_held_out(path: Path, **decisions: object) -> Path:
+    """Study file ``path`` with a held-out part (30 %) on every objective, selection by the mean, and
+    ``decisions`` replacing some of its decisions."""
+    data = yaml.safe_load(path.read_text())
+    data["decisions"].update(decisions)
+    data["selection"] = {"score": "mean"}
+    for objective in data["objectives"]:
+        objective["held_out"] = 0.3
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_twice(path: Path, name: str, tmp: Path) -> Iterator[str]:
+    """Create and run study ``name`` of ``path`` in two fresh storages (a reproducibility check); yields
+    each storage's URL once its campaign has run."""
+    for run in ("a", "b"):
+        url = f"sqlite:///{tmp}/{run}.db"
+        assert main(["study", "create", str(path), "--storage", url]) == 0
+        assert main(["study", "run", name, "--storage", url, "--quiet"]) == 0
+        yield url
 
 
 @pytest.fixture(scope="module")
