@@ -294,6 +294,8 @@ def test_trial_seeded_samplers_resume_exactly(sampler: str) -> None:
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         donors = [trial.suggest_categorical(f"layer.{i}", ["a", "b", "c"]) for i in range(4)]
+        if trial.number % 5 == 1:  # stopped early, as early stopping and racing do
+            raise optuna.TrialPruned()
         return float(donors.count("a")), float(donors[0] == "c") + trial.number % 3
 
     def params(interrupt_after: int) -> list[dict[str, object]]:
@@ -308,8 +310,11 @@ def test_trial_seeded_samplers_resume_exactly(sampler: str) -> None:
         resumed.optimize(objective, n_trials=14 - interrupt_after)
         return [t.params for t in resumed.trials]
 
-    assert params(3) == params(8) == params(14)
-    assert len({tuple(p.values()) for p in params(14)}) > 3  # it does explore
+    trials = params(14)
+    assert params(3) == params(8) == trials
+    assert len({tuple(p.values()) for p in trials}) > 3  # it does explore
+    # a stopped trial moves the random stream on: the next trial is not the stopped point again
+    assert all(trials[n + 1] != trials[n] for n in range(1, 13, 5))
 
 
 @pytest.mark.slow

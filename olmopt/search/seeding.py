@@ -2,9 +2,11 @@
 
 An Optuna sampler seeded once draws from one random stream: a campaign interrupted and resumed (a new
 process, a new sampler) would see other draws than an uninterrupted run. ``TrialSeeded`` reseeds every
-random state of the sampler it wraps from ``(seed, number of COMPLETE trials)`` before each trial, so a
+random state of the sampler it wraps from ``(seed, number of finished trials)`` before each trial, so a
 resumed stage suggests exactly what the uninterrupted one would have, given the same finished trials
-(the runner flushes results before it asks; a trial failed by the interrupt does not count).
+(the runner flushes results before it asks; a trial failed by the interrupt does not count). Finished
+means COMPLETE or PRUNED: an early-stopped trial moves the stream on like a complete one, else a random
+start-up would draw the stopped point again at every trial until a trial completes.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ def trial_seed(seed: int, number: int) -> int:
 
 
 def finished(study: Study) -> int:
-    """How many trials of ``study`` are COMPLETE (what a resumed run agrees on with an uninterrupted one)."""
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    """How many trials of ``study`` are COMPLETE or PRUNED (what a resumed run agrees on with an
+    uninterrupted one: an interrupted trial is FAILED)."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 def _random_states(
@@ -56,7 +59,7 @@ def _random_states(
 
 class TrialSeeded(optuna.samplers.BaseSampler):
     """Wraps a sampler and reseeds all its random states
-    from ``(seed, COMPLETE trials)`` before each trial."""
+    from ``(seed, finished trials)`` before each trial."""
 
     def __init__(self, inner: optuna.samplers.BaseSampler, seed: int) -> None:
         self.inner = inner
