@@ -60,13 +60,14 @@ def target_counts(rows: list[dict[str, Any]]) -> str:
         known = [f[name] for f in flags if f[name] is not None]
         return sum(bool(x) for x in known), len(known)
 
-    (share, _), (above, n_above), (never, n_never), (cope, _) = map(
-        count, ("share", "above", "not_below", "copeland")
+    (share, _), (above, n_above), (never, n_never), (cope, _), (reached, n_reached) = map(
+        count, ("share", "above", "not_below", "copeland", "copeland_reached")
     )
     n = len(rows)
     return (
         f">= 95 % of the recipe {share}/{n}; above the best donor where the recipe is {above}/{n_above}; "
-        f"never below it elsewhere {never}/{n_never}; held-out Copeland against every donor {cope}/{n}"
+        f"never below it elsewhere {never}/{n_never}; held-out Copeland against every donor {cope}/{n} "
+        f"({reached}/{n_reached} where the ground-truth recipe beats every donor too)"
     )
 
 

@@ -451,14 +451,18 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def target_flags(s: dict[str, Any]) -> dict[str, bool | None]:
     """Issue 15's targets for one campaign or summary: ``share`` (test mean >= 95 % of the ground-truth
     recipe's), ``above`` (above the best single donor; None where the recipe is not), ``not_below`` (not
-    below that donor; None where the recipe is above it) and ``copeland`` (held-out Copeland beating every
-    donor)."""
+    below that donor; None where the recipe is above it), ``copeland`` (held-out Copeland beating every
+    donor) and ``copeland_reached`` (the same where the ground-truth recipe beats every donor there too;
+    None where it does not, or where its count is unknown: a target no merge is shown to reach)."""
     best, truth, mean = s["best_single_test_mean"], s["ground_truth_test_mean"], s["test_mean"]
+    donors = s.get("donors", 5)
+    copeland = s["held_out_copeland"] == donors
     return {
         "share": mean >= 0.95 * truth,
         "above": mean > best if truth > best else None,
         "not_below": mean >= best if truth <= best else None,
-        "copeland": s["held_out_copeland"] == s.get("donors", 5),
+        "copeland": copeland,
+        "copeland_reached": copeland if s.get("ground_truth_held_out_copeland") == donors else None,
     }
 
 
@@ -565,8 +569,8 @@ def overview(rows: list[dict[str, Any]], reference: str = "main-job") -> list[st
     over seeds), the mean of those, the test-mean difference against ``reference`` paired by campaign
     (family, budget, seed; 95 % Student-t interval), and the campaigns at >= 95 % of the ground-truth
     recipe and not below the best single donor (above it where the recipe is), and those beating every
-    donor on held-out Copeland. Empty without the reference or with fewer than two (family, budget)
-    groups."""
+    donor on held-out Copeland (in brackets: among the campaigns whose ground-truth recipe does). Empty
+    without the reference or with fewer than two (family, budget) groups."""
     groups = list(dict.fromkeys((r["family"], r["budget"]) for r in rows))
     by_key = {(r["family"], r["budget"], r["seed"], r["strategy"]): r for r in rows}
     if len(groups) < 2 or not any(k[3] == reference for k in by_key):
@@ -576,7 +580,7 @@ def overview(rows: list[dict[str, Any]], reference: str = "main-job") -> list[st
     out = [
         f"\n**Overview** (test means over seeds; paired against {reference} per campaign)\n",
         "| strategy | " + " | ".join(head) + " | mean | against " + reference + " (95 % t) | targets met "
-        "| held-out Copeland against every donor |",
+        "| held-out Copeland against every donor (where the recipe does) |",
         "|---" * (len(groups) + 5) + "|",
     ]
     table: list[tuple[float, str]] = []  # (mean over the groups, the strategy's row)
@@ -595,13 +599,15 @@ def overview(rows: list[dict[str, Any]], reference: str = "main-job") -> list[st
         flags = [target_flags(r) for r in mine]
         met = sum(f["share"] and f["above"] is not False and f["not_below"] is not False for f in flags)
         cope = sum(bool(f["copeland"]) for f in flags)
+        reachable = [f["copeland_reached"] for f in flags if f["copeland_reached"] is not None]
+        reach = f"{sum(reachable)} of {len(reachable)}"
         known = [c for c in cells if not math.isnan(c)]
         mean, n = sum(known) / len(known), len(mine)
         against = "" if name == reference else f"{diff:+.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}")
         row = (
             f"| {name} | "
             + " | ".join("" if math.isnan(c) else f"{c:.3f}" for c in cells)
-            + f" | {mean:.3f} | {against} | {met} of {n} | {cope} of {n} |"
+            + f" | {mean:.3f} | {against} | {met} of {n} | {cope} of {n} ({reach}) |"
         )
         table.append((mean, row))
     return out + [row for _, row in sorted(table, key=lambda t: -t[0])]

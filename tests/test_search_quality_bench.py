@@ -183,8 +183,12 @@ def test_overview_pairs_every_strategy_with_the_main_job(sq: ModuleType) -> None
     """Two families, two seeds. x - main-job per campaign: +0.02, 0, -0.02, +0.04: mean +0.01, sd
     sqrt(0.002 / 3) = 0.02582, half-width t(0.975, 3) 3.1824 x 0.02582 / 2 = 0.0411. Family b's recipe
     0.64 (95 %: 0.608) is missed at 0.60 and 0.58: 3 of 4 campaigns meet the targets on each side; one
-    campaign of x beats all five donors on held-out Copeland (the others +4)."""
-    b = {"family": "zoo-b", "ground_truth_test_mean": 0.64, "best_single_test_mean": 0.55}
+    campaign of x beats all five donors on held-out Copeland (the others +4); family b's recipe does too,
+    so the bracket counts family b's two campaigns of each strategy."""
+    b = {
+        "family": "zoo-b", "ground_truth_test_mean": 0.64, "best_single_test_mean": 0.55,
+        "ground_truth_held_out_copeland": 5.0,
+    }  # fmt: skip
     rows = [
         _campaign("main-job", 0, 0.48), _campaign("main-job", 1, 0.50),
         _campaign("main-job", 0, 0.60, **b), _campaign("main-job", 1, 0.62, **b),
@@ -194,13 +198,13 @@ def test_overview_pairs_every_strategy_with_the_main_job(sq: ModuleType) -> None
     lines = sq.overview(rows)
     assert (
         "| strategy | zoo-x | zoo-b | mean | against main-job (95 % t) | targets met "
-        "| held-out Copeland against every donor |"
+        "| held-out Copeland against every donor (where the recipe does) |"
     ) in lines
-    assert "| x | 0.500 | 0.620 | 0.560 | +0.0100 ± 0.0411 | 3 of 4 | 1 of 4 |" in lines
-    assert "| main-job | 0.490 | 0.610 | 0.550 |  | 3 of 4 | 0 of 4 |" in lines
-    assert lines.index("| x | 0.500 | 0.620 | 0.560 | +0.0100 ± 0.0411 | 3 of 4 | 1 of 4 |") < lines.index(
-        "| main-job | 0.490 | 0.610 | 0.550 |  | 3 of 4 | 0 of 4 |"
-    )  # best mean first
+    assert "| x | 0.500 | 0.620 | 0.560 | +0.0100 ± 0.0411 | 3 of 4 | 1 of 4 (1 of 2) |" in lines
+    assert "| main-job | 0.490 | 0.610 | 0.550 |  | 3 of 4 | 0 of 4 (0 of 2) |" in lines
+    assert lines.index(
+        "| x | 0.500 | 0.620 | 0.560 | +0.0100 ± 0.0411 | 3 of 4 | 1 of 4 (1 of 2) |"
+    ) < lines.index("| main-job | 0.490 | 0.610 | 0.550 |  | 3 of 4 | 0 of 4 (0 of 2) |")  # best mean first
     assert sq.overview(rows[:2] + rows[4:6]) == []  # one family: the per-family table says it all
     assert sq.overview(rows[4:]) == []  # no main job to pair with
 
@@ -224,6 +228,8 @@ def test_compare_pairs_campaigns_and_counts_targets(tmp_path: Path) -> None:
     a = [_campaign("main-job", s, m) for s, m in enumerate([0.46, 0.47, 0.44])]
     b = [_campaign("other", s, m, items=1500) for s, m in enumerate([0.48, 0.51, 0.43])]
     b[1]["held_out_copeland"] = 5.0
+    for row in (a[1], b[1], b[2]):  # where the recipe beats every donor too: seeds 1 and 2
+        row["ground_truth_held_out_copeland"] = 5.0
     b.append(_campaign("other", 7, 0.9))  # no twin in A: left out
     (tmp_path / "a.json").write_text(json.dumps({"meta": {}, "rows": a}))
     (tmp_path / "b.json").write_text(json.dumps({"meta": {}, "rows": b}))
@@ -240,12 +246,15 @@ def test_compare_pairs_campaigns_and_counts_targets(tmp_path: Path) -> None:
     # recipe 0.50 > best donor 0.45: >= 0.475 is 95 % of it; above the donor means > 0.45
     assert lines[1] == (
         "A (main-job): >= 95 % of the recipe 0/3; above the best donor where the recipe is 2/3; "
-        "never below it elsewhere 0/0; held-out Copeland against every donor 0/3"
+        "never below it elsewhere 0/0; held-out Copeland against every donor 0/3 (0/1 where the "
+        "ground-truth recipe beats every donor too)"
     )
     assert lines[2].startswith(
         "B (other): >= 95 % of the recipe 2/3; above the best donor where the recipe is 2/3"
     )
-    assert lines[2].endswith("held-out Copeland against every donor 1/3")
+    assert lines[2].endswith(
+        "held-out Copeland against every donor 1/3 (1/2 where the ground-truth recipe beats every donor too)"
+    )
     assert lines[3] == "  zoo-x budget 100 seed 0: 0.460 -> 0.480 (best donor 0.450, recipe 0.500)"
     # one line and exit 2: a missing file, nothing to pair
     for argv, needle in (
