@@ -128,7 +128,8 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         # the main job without its merge challenge (the main job of sessions 7-18): the layer search alone
         "main-job-layers": main_job_at(budget, n_layers, n_pool, merge={"mode": "off"}),
         # the main job whose TPE samplers start guided right after the joint stage's warm starts (the
-        # incumbent and each pool model's whole model): no random start-up trials there (4 of 10 before)
+        # incumbent and each pool model's whole model): no random start-up trials there (4 of 10 before);
+        # measured in session 20: the main job's figures (BENCHMARKS.md)
         "main-job+startup-6": {**main_job_at(budget, n_layers, n_pool), "_sampler": {"n_startup_trials": 6}},
         # the main job with early stopping sparing only a lead that the sign test calls one at p <= 0.2
         # (evaluation.early_stop.spare_level; with --early-stop off it is the main job)
