@@ -115,9 +115,10 @@ def test_a_campaign_keeps_the_better_of_the_layer_merge_and_the_challengers(
     tiny_zoo: Path, tmp_path: Path
 ) -> None:
     """End to end on the tiny zoo: the incumbent is the base model alone (no layer stage changes it), its
-    metrics are reused (no evaluation), the merges of the specialists beat it on the search mean and on
-    the held-out items, and one wins; the export loads in transformers, and a second run gives the same
-    recipe."""
+    metrics are reused (no evaluation), a merge of the specialists beats it on the search mean, and it
+    wins when it leads on the held-out items too, else the held-out veto keeps the incumbent (the tiny
+    family a CPU vendor trains decides which: on AMD the merge wins, on Intel it trails on the held-out
+    items); the export loads in transformers, and a second run gives the same recipe."""
     from transformers import AutoModelForCausalLM
 
     from olmopt.search.campaign import Campaign
@@ -133,12 +134,17 @@ def test_a_campaign_keeps_the_better_of_the_layer_merge_and_the_challengers(
         incumbent = challenge.candidates[INCUMBENT]
         assert incumbent.metrics == base.metrics  # the layer merge's figures, reused
         means = {label: sum(c.metrics.values()) / len(c.metrics) for label, c in challenge.candidates.items()}
-        assert challenge.winner != INCUMBENT and means[challenge.winner] == max(means.values())
-        held = challenge.held_out
-        assert "held-out check" in challenge.reason and incumbent.held_out is not None
-        assert sum(held.values()) > sum(incumbent.held_out.values())  # it leads on the held-out items too
-        merged = challenge.recipe.param_merge
-        assert merged is not None and challenge.recipe.base == merged.base == str(tiny_zoo / "base")
+        leader = max(means, key=lambda label: means[label])
+        assert leader != INCUMBENT and incumbent.held_out is not None
+        led = challenge.candidates[leader].held_out
+        assert led is not None  # the veto scored the search split's leader on the held-out items
+        if sum(led.values()) > sum(incumbent.held_out.values()):  # it leads there too: it wins
+            assert challenge.winner == leader and "held-out check" in challenge.reason
+            merged = challenge.recipe.param_merge
+            assert merged is not None and challenge.recipe.base == merged.base == str(tiny_zoo / "base")
+        else:
+            assert challenge.winner == INCUMBENT and f"held-out veto: {leader!r}" in challenge.reason
+            assert challenge.recipe == base.recipe and challenge.recipe.param_merge is None
         study = campaign.existing_stage_study(campaign.plan[1])
         assert study is not None
         first = study.get_trials(deepcopy=False)[0]
