@@ -135,17 +135,23 @@ def test_a_campaign_keeps_the_better_of_the_layer_merge_and_the_challengers(
         assert incumbent.metrics == base.metrics  # the layer merge's figures, reused
         means = {label: sum(c.metrics.values()) / len(c.metrics) for label, c in challenge.candidates.items()}
         leaders = [label for label, mean in means.items() if mean == max(means.values())]
-        assert INCUMBENT not in leaders and incumbent.held_out is not None
-        behind = sum(incumbent.held_out.values())
+        assert INCUMBENT not in leaders
+
+        def held_out(label: str, candidates: dict[str, Any] = challenge.candidates) -> float:
+            figures = candidates[label].held_out
+            assert figures is not None  # the veto scores the leader and the incumbent on the held-out items
+            return sum(figures.values())
+
+        behind = held_out(INCUMBENT)
         if challenge.winner != INCUMBENT:  # a search leader that leads on the held-out items too
             assert challenge.winner in leaders and "held-out check" in challenge.reason
-            assert sum((challenge.candidates[challenge.winner].held_out or {}).values()) > behind
+            assert held_out(challenge.winner) > behind
             merged = challenge.recipe.param_merge
             assert merged is not None and challenge.recipe.base == merged.base == str(tiny_zoo / "base")
         else:  # the search leader trails on the held-out items: vetoed
             vetoed = [lbl for lbl in leaders if f"held-out veto: {lbl!r}" in challenge.reason]
             assert len(vetoed) == 1, challenge.reason
-            assert sum((challenge.candidates[vetoed[0]].held_out or {}).values()) <= behind
+            assert held_out(vetoed[0]) <= behind
             assert challenge.recipe == base.recipe and challenge.recipe.param_merge is None
         study = campaign.existing_stage_study(campaign.plan[1])
         assert study is not None
