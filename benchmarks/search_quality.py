@@ -127,6 +127,11 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         ),
         # the main job without its merge challenge (the main job of sessions 7-18): the layer search alone
         "main-job-layers": main_job_at(budget, n_layers, n_pool, merge={"mode": "off"}),
+        # the main job whose joint layer stage takes the challenge's trials when its budget ends on the
+        # incumbent (decisions.merge.yield_to_layers; the challenge is then skipped)
+        "main-job+yield": main_job_at(
+            budget, n_layers, n_pool, merge={**challenge_decision(), "yield_to_layers": True}
+        ),
         # the main job whose TPE samplers start guided right after the joint stage's warm starts (the
         # incumbent and each pool model's whole model): no random start-up trials there (4 of 10 before);
         # measured in session 20: the main job's figures (BENCHMARKS.md)
@@ -210,6 +215,11 @@ def ps_then_layers(
 def main_job_study() -> dict[str, Any]:
     """studies/zoo.yaml, the main job (`make demo`), as parsed YAML."""
     return dict(yaml.safe_load((REPO / "studies" / "zoo.yaml").read_text()))
+
+
+def challenge_decision() -> dict[str, Any]:
+    """The merge challenge of the main job (studies/zoo.yaml)."""
+    return dict(main_job_study()["decisions"]["merge"])
 
 
 def main_job_layers() -> dict[str, Any]:

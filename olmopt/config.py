@@ -275,8 +275,17 @@ class MergeDecision(_Strict):
     sampler: Literal["tpe", "gp", "cmaes"] | None = None
     # mergekit YAMLs enqueued as the stage's first trials (their values must lie in the stage's space)
     enqueue: list[str] = Field(default_factory=list)
+    # challenge only: when the joint layer search still leads with its incumbent after its n_trials, it
+    # gets this stage's n_trials more and the challenge is skipped (docs/strategies.md)
+    yield_to_layers: bool = False
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
+
+    @model_validator(mode="after")
+    def _yield_needs_challenge(self) -> MergeDecision:
+        if self.yield_to_layers and self.mode != "challenge":
+            raise ValueError(f"yield_to_layers gives a challenge's trials away; mode is {self.mode!r}")
+        return self
 
     @model_validator(mode="after")
     def _cmaes_one_method(self) -> MergeDecision:
@@ -471,6 +480,11 @@ class StudyConfig(_Strict):
             raise ValueError(
                 "decisions.boundary: switch significant guards the boundary slot of the joint layer "
                 "stage, so it needs mode: joint"
+            )
+        if self.decisions.merge.yield_to_layers and not has_joint_stage(self.decisions.layers):
+            raise ValueError(
+                "decisions.merge: yield_to_layers gives the challenge's trials to the joint layer stage, "
+                "and decisions.layers has none (mode: joint, or then_joint > 0)"
             )
         if self.decisions.tensors.windows != [1]:
             raise ValueError("decisions.tensors.windows: blocks are layer windows; tensor units take [1]")

@@ -240,3 +240,158 @@ def test_a_challenger_must_also_lead_on_the_held_out_items() -> None:
         assert seen["held_out"] == {"x": 0.4, "y": 0.4}
     winner, reason, seen = _decide_veto({"incumbent": 0.4, "m1": 0.1, "m2": 0.9}, veto=False)
     assert winner == "m1" and "held-out" not in reason
+
+
+def _trial(number: int, label: str, mean: float, state: str = "COMPLETE", reused: bool = False) -> Any:
+    """A frozen trial of a joint layer stage: ``label``, both objectives at ``mean``."""
+    from optuna.trial import TrialState
+
+    from olmopt.search import trials as T
+
+    attrs: dict[str, Any] = {T.LABEL_ATTR: label, "feasible": True}
+    if reused:
+        attrs[T.REUSED_ATTR] = "000-base"
+    trial = optuna.trial.create_trial(
+        state=TrialState[state], values=[mean, mean] if state == "COMPLETE" else None, user_attrs=attrs
+    )
+    trial.number = number
+    return trial
+
+
+YIELD = {**CHALLENGE, "yield_to_layers": True}
+
+
+def _two_objectives(**decisions: Any) -> StudyConfig:
+    data = _config(**decisions).model_dump(mode="json")
+    data["objectives"] = [
+        {"name": "x", "dataset": "x.json", "metric": "token_accuracy"},
+        {"name": "y", "dataset": "y.json", "metric": "token_accuracy"},
+    ]
+    return StudyConfig.model_validate(data)
+
+
+def test_the_layer_search_gets_the_challenge_s_trials_once_its_budget_ends_on_the_incumbent() -> None:
+    """Budget 3 evaluations, extension 6 (the challenge's n_trials): granted only once the trials that spent
+    the 3 are all finished and none of the feasible complete ones has a higher mean than the incumbent
+    (the reused incumbent costs nothing; a pruned trial costs one and has no say); a lead elsewhere, or a
+    trial still running inside the budget, leaves the budget at 3."""
+    from olmopt.search.evaluation import budget_prefix, stage_budget
+    from olmopt.search.kinds.joint import joint_space
+
+    config = _two_objectives(base={"mode": "auto"}, layers={"mode": "joint", "n_trials": 3}, merge=YIELD)
+    space = joint_space(Stage(1, "joint-layers", n_trials=3), Recipe(base="a"), Env(config, list(POOL)))
+    assert space.budget == 3 and space.extension is not None and space.extension.evaluations == 6
+    unmoved = [
+        _trial(0, "incumbent", 0.5, reused=True),
+        _trial(1, "all-b", 0.4),
+        _trial(2, "#2", 0.0, state="PRUNED"),
+        _trial(3, "#3", 0.5),  # a tie goes to the incumbent
+        _trial(4, "#4", 0.9),  # after the budget: no say
+    ]
+    assert [t.number for t in budget_prefix(unmoved, 3) or []] == [0, 1, 2, 3]
+    assert stage_budget(unmoved, space) == 9
+    assert stage_budget(unmoved[:3], space) == 3  # the budget is not spent yet
+    running = [*unmoved[:3], _trial(3, "#3", 0.0, state="RUNNING")]
+    assert stage_budget(running, space) == 3
+    moved = [*unmoved[:3], _trial(3, "#3", 0.51)]
+    assert stage_budget(moved, space) == 3
+    infeasible = [*unmoved[:3], _trial(3, "#3", 0.9)]
+    infeasible[3].user_attrs["feasible"] = False
+    assert stage_budget(infeasible, space) == 9
+    without = replace_config(config, merge=CHALLENGE)
+    plain = joint_space(Stage(1, "joint-layers", n_trials=3), Recipe(base="a"), Env(without, list(POOL)))
+    assert plain.extension is None and stage_budget(unmoved, plain) == 3
+
+
+def replace_config(config: StudyConfig, **decisions: Any) -> StudyConfig:
+    data = config.model_dump(mode="json")
+    data["decisions"].update(decisions)
+    return StudyConfig.model_validate(data)
+
+
+def test_the_challenge_yields_when_the_layer_stage_took_its_trials() -> None:
+    """After a joint layer stage that recorded an extension the challenge offers the incumbent alone (no
+    budget, nothing to evaluate) and says which stage took its trials; otherwise its merges."""
+    from olmopt.search.decision import Decision
+    from olmopt.search.kind import EXTENDED
+
+    config = _config(base={"mode": "auto"}, layers={"mode": "joint", "n_trials": 5}, merge=YIELD)
+    incumbent = Recipe(base="a", layers={1: "b"})
+    stage = Stage(6, KIND, n_trials=6)
+
+    def env(**details: Any) -> Env:
+        joint = Decision(stage="001-joint-layers", winner="incumbent", trial=0, recipe=incumbent, metrics={})
+        return Env(config, list(POOL), decisions={"001-joint-layers": joint.with_details(details)})
+
+    yielded = challenge_space(stage, incumbent, env(**{EXTENDED: 6}))
+    assert yielded.budget is None and yielded.enqueue == [(INCUMBENT, {CHALLENGER: INCUMBENT})]
+    assert yielded.details is not None and yielded.details({}) == {"yielded_to": "001-joint-layers"}
+    challenged = challenge_space(stage, incumbent, env())
+    assert challenged.budget == 6 and len(challenged.enqueue) > 1 and challenged.details is None
+
+
+@pytest.mark.parametrize(
+    ("decisions", "message"),
+    [
+        ({"merge": {**YIELD, "mode": "joint"}, "layers": {"mode": "joint"}}, "yield_to_layers gives"),
+        ({"merge": YIELD, "layers": {"mode": "greedy"}}, "decisions.layers has none"),
+    ],
+)
+def test_yield_to_layers_needs_a_challenge_and_a_joint_layer_stage(
+    decisions: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        _config(**decisions)
+
+
+def test_a_campaign_that_yields_resumes_to_the_same_recipe(tiny_zoo: Path, tmp_path: Path, cli: Any) -> None:
+    """End to end on the tiny zoo, once straight and once stopped by Ctrl-C past the joint stage's budget
+    and resumed: when the base decision's model still leads the joint layer stage after its 6
+    evaluations, the stage spends the challenge's 5 more (11 in all) and the challenge evaluates nothing;
+    otherwise the stage stops at 6 and the challenge runs. Either way both runs give the same recipe."""
+    import signal
+    import time
+
+    from olmopt.search import trials as T
+    from olmopt.search.campaign import Campaign
+    from olmopt.search.kind import EXTENDED
+
+    merge = {**YIELD, "methods": ["task_arithmetic"], "n_trials": 5}
+    layers = {"mode": "joint", "n_trials": 6, "warm_start": True}
+    outcomes = []
+    for name, interrupt in (("straight", False), ("resumed", True)):
+        url = f"sqlite:///{tmp_path}/{name}.db"
+        path = with_held_out(
+            study_file(tmp_path, tiny_zoo, name, base={"mode": "auto"}, layers=layers, merge=merge)
+        )
+        assert main(["study", "create", str(path), "--storage", url]) == 0
+        if interrupt:
+            proc = cli.start("study", "run", name, "--storage", url, "--quiet")
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None:
+                try:
+                    study = optuna.load_study(study_name=f"{name}/001-joint-layers", storage=url)
+                    if sum(T.costs_budget(t) for t in study.get_trials(states=T.DONE_STATES)) >= 8:
+                        break
+                except KeyError:
+                    pass
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+        assert main(["study", "run", name, "--storage", url, "--quiet"]) == 0
+        campaign = Campaign.load(name, url)
+        decisions = campaign.decisions()
+        joint, challenge = decisions["001-joint-layers"], decisions[f"002-{KIND}"]
+        study = campaign.existing_stage_study(campaign.plan[1])
+        assert study is not None
+        spent = sum(T.costs_budget(t) for t in study.get_trials(deepcopy=False, states=T.DONE_STATES))
+        challengers = campaign.existing_stage_study(campaign.plan[2])
+        assert challengers is not None
+        if joint.details.get(EXTENDED):
+            assert joint.details[EXTENDED] == 5 and spent == 11
+            assert challenge.details == {"yielded_to": "001-joint-layers"}
+            assert len(challengers.trials) == 1 and challenge.recipe == joint.recipe
+        else:
+            assert spent == 6 and "yielded_to" not in challenge.details and len(challengers.trials) > 1
+        outcomes.append((joint.details, challenge.recipe.to_json()))
+    assert outcomes[0] == outcomes[1]

@@ -65,6 +65,31 @@ def budget_spent(trials: list[FrozenTrial], budget: int) -> bool:
     return evaluated >= budget or len(trials) >= REUSE_CAP * budget
 
 
+def budget_prefix(trials: list[FrozenTrial], budget: int) -> list[FrozenTrial] | None:
+    """The trials, in number order, up to the one that spends the ``budget``-th evaluation (None: fewer
+    evaluations so far)."""
+    ordered = sorted(trials, key=lambda t: t.number)
+    spent = 0
+    for i, trial in enumerate(ordered):
+        spent += T.costs_budget(trial)
+        if spent >= budget:
+            return ordered[: i + 1]
+    return None
+
+
+def stage_budget(trials: list[FrozenTrial], space: StageSpace) -> int | None:
+    """The evaluations a stage may spend: ``space.budget``, plus its extension once the trials that spent
+    the budget are all finished and the extension is due on their COMPLETE ones (``StageSpace.extension``)."""
+    budget, extension = space.budget, space.extension
+    if budget is None or extension is None:
+        return budget
+    prefix = budget_prefix(trials, budget)
+    if prefix is None or any(t.state not in T.DONE_STATES for t in prefix):
+        return budget
+    complete = [t for t in prefix if t.state == TrialState.COMPLETE]
+    return budget + extension.evaluations if extension.due(complete) else budget
+
+
 def stage_complete(
     study: optuna.Study, space: StageSpace, near_ties: NearTies | None = None
 ) -> tuple[bool, int]:
@@ -79,7 +104,8 @@ def stage_complete(
     done = [t for t in trials if t.state in T.DONE_STATES]  # a pruned candidate was evaluated (partly)
     done_labels = {str(t.user_attrs.get(T.LABEL_ATTR)) for t in done} | T.exhausted_labels(study)
     labels_done = all(label in done_labels for label, _ in space.enqueue)
-    budget_done = space.budget is None or budget_spent(done, space.budget)
+    budget = stage_budget(trials, space)
+    budget_done = budget is None or budget_spent(done, budget)
     finished = labels_done and budget_done
     if finished and near_ties is not None:
         finished = not near_ties.due(trials, T.exhausted_labels(study))
@@ -231,6 +257,12 @@ class StageEvaluation:
                     self._start(trial)
                 if not self._in_flight:
                     self._writer.flush()
+                    grown = self._extension_granted(total)
+                    if grown:  # the bars count the extension's trials too
+                        total, remaining, bar.total = total + grown, remaining + grown, total + grown
+                        if overall is not None:
+                            overall.total += grown
+                        continue
                     if stage_complete(study, space, self.near_ties)[0]:
                         return True
                     if self.out_of_time():
@@ -266,6 +298,13 @@ class StageEvaluation:
                 overall.total -= remaining
                 overall.refresh()
 
+    def _extension_granted(self, total: int) -> int:
+        """The evaluations an extension granted beyond ``total`` (0: none, or counted already)."""
+        if self.space.extension is None:
+            return 0
+        budget = stage_budget(self.study.get_trials(deepcopy=False), self.space)
+        return max(0, (budget or 0) - total)
+
     def _claim(self) -> Trial | None:
         """The next trial: an enqueued one, else (budgeted stages) a new suggestion while budget is left."""
         trial = T.pop_waiting(self.study)
@@ -273,7 +312,9 @@ class StageEvaluation:
             # the sampler sees every finished trial: the same suggestions as a sequential run
             self._writer.flush()
             live = self.study.get_trials(deepcopy=False, states=LIVE_STATES)  # a queued retry counts too
-            if not budget_spent(live, self.space.budget):
+            budget = stage_budget(live, self.space)
+            assert budget is not None
+            if not budget_spent(live, budget):
                 trial = self.study.ask()
         return trial
 

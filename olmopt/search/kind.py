@@ -60,6 +60,19 @@ class SpaceEnv(Protocol):
     decisions: dict[str, Decision]  # the campaign's decisions so far, by stage key
 
 
+@dataclass(frozen=True)
+class Extension:
+    """More evaluations for a budgeted stage, granted once the trials that spent its first ``budget`` are
+    all finished and ``due`` says so: a pure function of those trials' COMPLETE ones (in trial-number
+    order), so every coordinator, and a resumed run, grants the same (``search.evaluation.stage_budget``)."""
+
+    evaluations: int
+    due: Callable[[list[FrozenTrial]], bool]
+
+
+EXTENDED = "extended_by"  # decision field: the evaluations a granted extension added
+
+
 # decide(trials by label, scores, feasible, keep) -> winning label or None (keep the incumbent)
 Decide = Callable[
     ["dict[str, FrozenTrial]", "dict[str, dict[str, float]]", "dict[str, bool]", "str | None"], "str | None"
@@ -73,6 +86,7 @@ class StageSpace:
     decode: Callable[[Trial], tuple[str, Recipe]]
     enqueue: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (label, fixed params)
     budget: int | None = None  # evaluations the sampler may add; None: only the enqueued trials
+    extension: Extension | None = None  # more evaluations once the budget's trials ask for them
     layer: int | None = None  # prefix-cache layer shared by every candidate
     decide: Decide | None = None  # custom acceptance rule (default: Copeland selection)
     # a trial that is more than one evaluation (the ES sigma search): run in this process, returns the

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
+from olmopt.search.kind import DecisionKind, Extension, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
 from olmopt.search.kinds.swap import (
     BOUNDARY_SLOT,
@@ -18,8 +18,10 @@ from olmopt.search.kinds.swap import (
 from olmopt.search.tied_boundaries import BoundaryOffer, tied_boundaries
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from optuna.distributions import CategoricalDistribution
-    from optuna.trial import Trial
+    from optuna.trial import FrozenTrial, Trial
 
     from olmopt.config import StudyConfig, SwapDecision
     from olmopt.pool.adapter import ArchitectureAdapter
@@ -97,13 +99,41 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
 
     tied = env.config.decisions.boundary.donors == "tied" and stage.kind == "joint-layers"
     guarded = BOUNDARY_SLOT in choices and env.config.decisions.boundary.switch == "significant"
+    merge = env.config.decisions.merge
+    extension = None
+    if stage.kind == "joint-layers" and merge.mode == "challenge" and merge.yield_to_layers:
+        extension = Extension(merge.n_trials, incumbent_leads(env.config))
     return StageSpace(
         decode=decode,
         enqueue=enqueue,
         budget=stage.n_trials,
+        extension=extension,
         details=details if tied else None,
         significant_boundary_switch=guarded,
     )
+
+
+def incumbent_leads(config: StudyConfig) -> Callable[[list[FrozenTrial]], bool]:
+    """Whether a joint stage's trials still lead with the incumbent: no feasible trial has a higher mean
+    of the objectives on the search split (the ``selection.score: mean`` order, without its confidence
+    ties); False when the incumbent is not among them or is infeasible."""
+    from olmopt.search.context import objectives_of
+    from olmopt.search.trials import LABEL_ATTR
+    from olmopt.select import objective_mean
+
+    objectives = objectives_of(config)
+    directions = {o.name: o.direction for o in objectives}
+
+    def due(trials: list[FrozenTrial]) -> bool:
+        feasible = [t for t in trials if t.user_attrs.get("feasible", True) and t.values is not None]
+        scores = {
+            o.name: {str(t.number): float(t.values[i]) for t in feasible} for i, o in enumerate(objectives)
+        }
+        means = {str(t.number): objective_mean(scores, directions, str(t.number)) for t in feasible}
+        own = [means[str(t.number)] for t in feasible if t.user_attrs.get(LABEL_ATTR) == "incumbent"]
+        return bool(own) and max(means.values()) <= own[0]
+
+    return due
 
 
 def joint_distributions(stage: Stage, env: SpaceEnv) -> dict[str, CategoricalDistribution]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from olmopt.recipe import Recipe
-from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
+from olmopt.search.kind import EXTENDED, DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
 from olmopt.search.kinds.merge import merge_sampler, merge_space
 
@@ -33,13 +33,15 @@ if TYPE_CHECKING:
 
     from olmopt.config import StudyConfig
     from olmopt.pool.adapter import ArchitectureAdapter
+    from olmopt.search.decision import Decision
 
 CHALLENGER = "challenger"  # the stage's parameter: which of the two the trial is
 INCUMBENT, MERGE = "incumbent", "merge"
 
 
 def challenge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
-    """The merge stage's space on the pool's base, with the incumbent as the candidate ``incumbent``."""
+    """The merge stage's space on the pool's base, with the incumbent as the candidate ``incumbent``;
+    only the incumbent when the joint layer stage took this stage's trials (``yield_to_layers``)."""
     assert incumbent is not None
     merges = merge_space(stage, Recipe(base=env.config.base_model), env)
 
@@ -49,8 +51,19 @@ def challenge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> St
         return merges.decode(trial)
 
     enqueue = [(INCUMBENT, {CHALLENGER: INCUMBENT})]
+    taker = layers_extended(env.decisions)
+    if taker is not None:
+        return StageSpace(decode=decode, enqueue=enqueue, details=lambda _trials: {"yielded_to": taker})
     enqueue += [(label, {CHALLENGER: MERGE, **params}) for label, params in merges.enqueue]
     return StageSpace(decode=decode, enqueue=enqueue, budget=merges.budget, held_out_veto=True)
+
+
+def layers_extended(decisions: dict[str, Decision]) -> str | None:
+    """The key of the joint layer stage that was granted an extension (this stage's trials), if any."""
+    return next(
+        (key for key, d in decisions.items() if key.endswith("-joint-layers") and d.details.get(EXTENDED)),
+        None,
+    )
 
 
 class MergeChallengeKind(DecisionKind):
