@@ -3,11 +3,13 @@ wins at equal budget over several families, on data the search never saw).
 
     python benchmarks/compare_search_quality.py A.json B.json [--a-strategy NAME] [--b-strategy NAME]
 
-Campaigns are paired by (family, budget, seed), and by strategy too unless each side names (or holds)
-one strategy. Prints the mean of the paired test-mean differences B - A with its 95 % Student-t
-interval, how many campaigns got better or worse, the ratio of item evaluations, issue 15's targets
-counted per campaign on each side, and every campaign whose test mean changed. Exit 2 with one line on
-a missing or unreadable file, or when no campaign pairs.
+Each side may be several result files, comma-separated (``A1.json,A2.json``): their rows together (a
+campaign in two files of one side must have the same test mean there). Campaigns are paired by (family,
+budget, seed), and by strategy too unless each side names (or holds) one strategy. Prints the mean of
+the paired test-mean differences B - A with its 95 % Student-t interval, how many campaigns got better
+or worse, the ratio of item evaluations, issue 15's targets counted per campaign on each side, and every
+campaign whose test mean changed. Exit 2 with one line on a missing or unreadable file, or when no
+campaign pairs.
 """
 
 from __future__ import annotations
@@ -30,13 +32,20 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def campaigns(path: str, strategy: str | None) -> dict[Key, dict[str, Any]]:
-    """(family, budget, seed, strategy) -> row of one result file (``strategy``: only that one's rows)."""
-    try:
-        rows = json.loads(Path(path).read_text())["rows"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        fail(f"{path}: not a search_quality.py result file ({exc.__class__.__name__}: {exc})")
-    out = {(r["family"], r["budget"], r["seed"], r["strategy"]): r for r in rows}
+def campaigns(paths: str, strategy: str | None) -> dict[Key, dict[str, Any]]:
+    """(family, budget, seed, strategy) -> row of the comma-separated result files ``paths``
+    (``strategy``: only that one's rows)."""
+    out: dict[Key, dict[str, Any]] = {}
+    for path in paths.split(","):
+        try:
+            rows = json.loads(Path(path).read_text())["rows"]
+            keyed = {(r["family"], r["budget"], r["seed"], r["strategy"]): r for r in rows}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            fail(f"{path}: not a search_quality.py result file ({exc.__class__.__name__}: {exc})")
+        for key, row in keyed.items():
+            if key in out and out[key]["test_mean"] != row["test_mean"]:
+                fail(f"{path}: campaign {key} is in an earlier file of the same side with another test mean")
+            out[key] = row
     return {k: r for k, r in out.items() if strategy is None or k[3] == strategy}
 
 
@@ -94,8 +103,8 @@ def report(matched: list[tuple[dict[str, Any], ...]], names: tuple[str, str]) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("a", help="result file A (the reference)")
-    parser.add_argument("b", help="result file B")
+    parser.add_argument("a", help="result file(s) A, comma-separated (the reference)")
+    parser.add_argument("b", help="result file(s) B, comma-separated")
     parser.add_argument("--a-strategy", default=None, help="only A's rows of this strategy")
     parser.add_argument("--b-strategy", default=None, help="only B's rows of this strategy")
     args = parser.parse_args()

@@ -256,10 +256,22 @@ def test_compare_pairs_campaigns_and_counts_targets(tmp_path: Path) -> None:
         "held-out Copeland against every donor 1/3 (1/2 where the ground-truth recipe beats every donor too)"
     )
     assert lines[3] == "  zoo-x budget 100 seed 0: 0.460 -> 0.480 (best donor 0.450, recipe 0.500)"
-    # one line and exit 2: a missing file, nothing to pair
+    # a side of several files: B's rows split over two files (seed 1 in both) pair as before
+    (tmp_path / "b1.json").write_text(json.dumps({"meta": {}, "rows": b[:2]}))
+    (tmp_path / "b2.json").write_text(json.dumps({"meta": {}, "rows": b[1:]}))
+    both = f"{tmp_path / 'b1.json'},{tmp_path / 'b2.json'}"
+    split = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "a.json"), both],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert split.returncode == 0 and split.stdout == run.stdout, split.stderr
+    b[1]["test_mean"] = 0.2  # the same campaign with another result in the other file of the side
+    (tmp_path / "b2.json").write_text(json.dumps({"meta": {}, "rows": b[1:]}))
+    # one line and exit 2: a missing file, nothing to pair, a campaign with two results on one side
     for argv, needle in (
         ([str(tmp_path / "missing.json"), str(tmp_path / "b.json")], "not a search_quality.py result file"),
         ([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--b-strategy", "nope"], "no campaign of A"),
+        ([str(tmp_path / "a.json"), both], "another test mean"),
     ):
         bad = subprocess.run(
             [sys.executable, str(script), *argv], capture_output=True, text=True, check=False
