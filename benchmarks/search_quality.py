@@ -321,6 +321,7 @@ def run_strategy(
 
     from olmopt.cli import main
     from olmopt.search.campaign import Campaign
+    from olmopt.search.kind import EXTENDED
     from olmopt.search.trials import costs_budget
 
     layers = dict(layers)
@@ -358,6 +359,7 @@ def run_strategy(
             items += int(t.user_attrs.get("n_items", 0))
     decisions = campaign.decisions()
     held_checks = len({d.recipe.to_json() for d in decisions.values() if d.held_out})
+    extended = {key: d.details[EXTENDED] for key, d in decisions.items() if d.details.get(EXTENDED)}
     final = campaign.final_recipe()
     assert final is not None
     return {
@@ -366,6 +368,7 @@ def run_strategy(
         "trials": trials,
         "items": items,
         "held_out_checks": held_checks,
+        "extended": extended,  # stage key -> evaluations an extension added (yield_to_layers)
         "wall_s": wall,
     }
 
