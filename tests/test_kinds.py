@@ -78,14 +78,16 @@ def test_conformance_kit_over_every_registered_kind(every_kind_env: Any) -> None
         **{**vars(every_kind_env), "config": config.model_copy(update={"decisions": joint})}
     )
     planned |= {stage.kind for stage in check_kind(get_kind("polish-boundary"), env)}
-    # the merge as a challenger after the layers instead of a donor before them
-    challenge = config.decisions.model_copy(
-        update={"merge": config.decisions.merge.model_copy(update={"mode": "challenge"})}
-    )
+    # the merge as a challenger after the layers instead of a donor before them, yielding its trials to
+    # the joint layer stage when that stage has not moved (an extension of its budget)
+    merge = config.decisions.merge.model_copy(update={"mode": "challenge", "yield_to_layers": True})
+    challenge = config.decisions.model_copy(update={"merge": merge})
     env = SimpleNamespace(
         **{**vars(every_kind_env), "config": config.model_copy(update={"decisions": challenge})}
     )
     planned |= {stage.kind for stage in check_kind(get_kind("joint-merge-challenge"), env)}
+    extended = check_kind(get_kind("joint-layers"), env)
+    assert extended and all(s.kind == "joint-layers" for s in extended)
     assert planned >= BUILT_IN  # the configs really exercise every built-in kind
 
 

@@ -151,6 +151,8 @@ def check_kind(
             )
         if space.budget is not None and space.budget <= 0:
             raise _fail(kind, stage, f"budget {space.budget} must be positive (or None)")
+        if space.extension is not None and (space.budget is None or space.extension.evaluations <= 0):
+            raise _fail(kind, stage, "an extension needs a budget and a positive number of evaluations")
         if space.budget is None and not space.enqueue and space.decide is None:
             raise _fail(kind, stage, "nothing to evaluate and no acceptance rule: the stage cannot decide")
         # -- enqueued points
