@@ -6,7 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 # A shell that starts the suite in the background makes it ignore SIGINT, and child processes inherit
 # that: the Ctrl-C tests could not interrupt their `olmopt` children. Handle it as in a terminal.
@@ -81,6 +82,24 @@ class CliProcesses:
     def finish(self, proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, str]:
         """Wait for ``proc`` (TimeoutExpired after ``timeout`` s); its exit code and standard error."""
         return proc.wait(timeout=timeout), self.stderr(proc)
+
+    def interrupt_when(
+        self, proc: subprocess.Popen[bytes], url: str, study_name: str, ready: Callable[[list[Any]], bool]
+    ) -> None:
+        """Ctrl-C ``proc`` once ``ready(trials)`` holds for stage study ``study_name`` at ``url`` (or after
+        300 s, or at once when ``proc`` has ended), and wait for it to exit."""
+        import optuna
+
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if ready(optuna.load_study(study_name=study_name, storage=url).get_trials()):
+                    break
+            except KeyError:  # the stage has not started
+                pass
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
 
     def kill_all(self) -> None:
         for proc in self.procs:

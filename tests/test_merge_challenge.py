@@ -274,8 +274,9 @@ def test_the_layer_search_gets_the_challenge_s_trials_once_its_budget_ends_on_th
     """Budget 3 evaluations, extension 6 (the challenge's n_trials): granted only once the trials that spent
     the 3 are all finished and none of the feasible complete ones has a higher mean than the incumbent
     (the reused incumbent costs nothing; a pruned trial costs one and has no say); a lead elsewhere, or a
-    trial still running inside the budget, leaves the budget at 3."""
-    from olmopt.search.evaluation import budget_prefix, stage_budget
+    trial still running inside the budget, leaves the budget at 3. Once granted, the stage decides with
+    the held-out veto."""
+    from olmopt.search.evaluation import budget_prefix, deciding_space, stage_budget
     from olmopt.search.kinds.joint import joint_space
 
     config = _two_objectives(base={"mode": "auto"}, layers={"mode": "joint", "n_trials": 3}, merge=YIELD)
@@ -290,6 +291,10 @@ def test_the_layer_search_gets_the_challenge_s_trials_once_its_budget_ends_on_th
     ]
     assert [t.number for t in budget_prefix(unmoved, 3) or []] == [0, 1, 2, 3]
     assert stage_budget(unmoved, space) == 9
+    # granted: the stage decides under the challenge's held-out veto (a new winner must lead there too)
+    deciding, added = deciding_space(unmoved, space)
+    assert added == 6 and deciding.held_out_veto and not space.held_out_veto
+    assert deciding_space(unmoved[:3], space) == (space, 0)
     assert stage_budget(unmoved[:3], space) == 3  # the budget is not spent yet
     running = [*unmoved[:3], _trial(3, "#3", 0.0, state="RUNNING")]
     assert stage_budget(running, space) == 3
@@ -349,9 +354,6 @@ def test_a_campaign_that_yields_resumes_to_the_same_recipe(tiny_zoo: Path, tmp_p
     and resumed: when the base decision's model still leads the joint layer stage after its 6
     evaluations, the stage spends the challenge's 5 more (11 in all) and the challenge evaluates nothing;
     otherwise the stage stops at 6 and the challenge runs. Either way both runs give the same recipe."""
-    import signal
-    import time
-
     from olmopt.search import trials as T
     from olmopt.search.campaign import Campaign
     from olmopt.search.kind import EXTENDED
@@ -367,17 +369,10 @@ def test_a_campaign_that_yields_resumes_to_the_same_recipe(tiny_zoo: Path, tmp_p
         assert main(["study", "create", str(path), "--storage", url]) == 0
         if interrupt:
             proc = cli.start("study", "run", name, "--storage", url, "--quiet")
-            deadline = time.time() + 300
-            while time.time() < deadline and proc.poll() is None:
-                try:
-                    study = optuna.load_study(study_name=f"{name}/001-joint-layers", storage=url)
-                    if sum(T.costs_budget(t) for t in study.get_trials(states=T.DONE_STATES)) >= 8:
-                        break
-                except KeyError:
-                    pass
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
+            cli.interrupt_when(
+                proc, url, f"{name}/001-joint-layers",
+                lambda trials: sum(T.costs_budget(t) for t in trials if t.state in T.DONE_STATES) >= 8,
+            )  # fmt: skip
         assert main(["study", "run", name, "--storage", url, "--quiet"]) == 0
         campaign = Campaign.load(name, url)
         decisions = campaign.decisions()

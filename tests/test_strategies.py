@@ -3,8 +3,6 @@ per-space samplers, evaluation budgets that do not pay twice, and samplers that 
 
 from __future__ import annotations
 
-import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -314,6 +312,10 @@ def test_trial_seeded_samplers_resume_exactly(sampler: str) -> None:
     assert len({tuple(p.values()) for p in params(14)}) > 3  # it does explore
 
 
+def three_complete(trials: list[optuna.trial.FrozenTrial]) -> bool:
+    return sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["catcma", "tpe"])
 def test_blocks_then_joint_is_reproducible_and_resumes_to_the_same_recipe(
@@ -328,17 +330,7 @@ def test_blocks_then_joint_is_reproducible_and_resumes_to_the_same_recipe(
         assert main(["study", "create", str(path), "--storage", url]) == 0
         if interrupt:  # Ctrl-C inside the joint stage, then resume
             proc = cli.start("study", "run", name, "--storage", url, "--quiet")
-            deadline = time.time() + 300
-            while time.time() < deadline and proc.poll() is None:
-                try:
-                    study = optuna.load_study(study_name=f"{name}/004-joint-layers", storage=url)
-                    if len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) >= 3:
-                        break
-                except KeyError:
-                    pass
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
+            cli.interrupt_when(proc, url, f"{name}/004-joint-layers", three_complete)
             assert not campaign_status(name, url)["finished"]
         assert main(["study", "run", name, "--storage", url, "--quiet"]) == 0
         recipes.append(campaign_status(name, url)["recipe"])
