@@ -276,8 +276,7 @@ class MergeDecision(_Strict):
     # mergekit YAMLs enqueued as the stage's first trials (their values must lie in the stage's space)
     enqueue: list[str] = Field(default_factory=list)
     # challenge only: when the joint layer search still leads with its incumbent after its n_trials, it
-    # gets this stage's n_trials more, under this stage's held-out veto, and the challenge is skipped
-    # (docs/strategies.md)
+    # gets this stage's n_trials more and the challenge is skipped (docs/strategies.md)
     yield_to_layers: bool = False
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)

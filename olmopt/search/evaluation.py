@@ -90,16 +90,6 @@ def stage_budget(trials: list[FrozenTrial], space: StageSpace) -> int | None:
     return budget + extension.evaluations if extension.due(complete) else budget
 
 
-def deciding_space(trials: list[FrozenTrial], space: StageSpace) -> tuple[StageSpace, int]:
-    """The space a stage decides with, and the evaluations a granted extension added (0: none): with the
-    held-out veto when the granted extension asks for it."""
-    budget = stage_budget(trials, space)
-    added = (budget or 0) - (space.budget or 0)
-    if added and space.extension is not None and space.extension.held_out_veto:
-        return replace(space, held_out_veto=True), added
-    return space, added
-
-
 def stage_complete(
     study: optuna.Study, space: StageSpace, near_ties: NearTies | None = None
 ) -> tuple[bool, int]:

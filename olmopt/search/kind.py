@@ -64,12 +64,10 @@ class SpaceEnv(Protocol):
 class Extension:
     """More evaluations for a budgeted stage, granted once the trials that spent its first ``budget`` are
     all finished and ``due`` says so: a pure function of those trials' COMPLETE ones (in trial-number
-    order), so every coordinator, and a resumed run, grants the same (``search.evaluation.stage_budget``).
-    ``held_out_veto``: once granted, the stage decides as a space with ``held_out_veto`` does."""
+    order), so every coordinator, and a resumed run, grants the same (``search.evaluation.stage_budget``)."""
 
     evaluations: int
     due: Callable[[list[FrozenTrial]], bool]
-    held_out_veto: bool = False
 
 
 EXTENDED = "extended_by"  # decision field: the evaluations a granted extension added

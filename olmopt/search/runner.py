@@ -31,7 +31,7 @@ from olmopt.search.coordination import POLL_SECONDS, WORKER_ID, StageLock, next_
 from olmopt.search.decide import DecideRules, decide
 from olmopt.search.decision import Decision
 from olmopt.search.eval_cache import EvalCache, cached_scorer, open_cache
-from olmopt.search.evaluation import StageEvaluation, deciding_space
+from olmopt.search.evaluation import StageEvaluation, stage_budget
 from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import EXTENDED, Stage, StageSpace
 from olmopt.search.kinds import get_kind
@@ -285,13 +285,13 @@ class CampaignRunner:
         }  # stopped early: recorded, never winners (a near-tie's resume trial competes in its place)
         score = cached_scorer(self.cache, lambda r: self.keys.key_of_json(r.to_json()), self.ev.local.score)
         local = self.ev.local
-        space, extended = deciding_space(study.get_trials(deepcopy=False), space)
         decision = decide(
             stage, trials, space, incumbent, rules, self.keys, earlier, score, WORKER_ID, pruned,
             items_of=lambda recipe, split: local.evaluate(recipe, split).items,
         )  # fmt: skip
-        if extended:
-            decision = decision.with_details({EXTENDED: extended})
+        budget = stage_budget(study.get_trials(deepcopy=False), space)
+        if space.budget is not None and budget is not None and budget > space.budget:
+            decision = decision.with_details({EXTENDED: budget - space.budget})
         record_decision(study, decision)
         annotate_decision(self.c, study, decision)
         label = decision.winner

@@ -102,7 +102,7 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
     merge = env.config.decisions.merge
     extension = None
     if stage.kind == "joint-layers" and merge.mode == "challenge" and merge.yield_to_layers:
-        extension = Extension(merge.n_trials, incumbent_leads(env.config), held_out_veto=True)
+        extension = Extension(merge.n_trials, incumbent_leads(env.config))
     return StageSpace(
         decode=decode,
         enqueue=enqueue,
