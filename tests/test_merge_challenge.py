@@ -293,6 +293,11 @@ def test_the_layer_search_gets_the_challenge_s_trials_once_its_budget_ends_on_th
     assert stage_budget(unmoved[:3], space) == 3  # the budget is not spent yet
     running = [*unmoved[:3], _trial(3, "#3", 0.0, state="RUNNING")]
     assert stage_budget(running, space) == 3
+    # a failed trial (an interrupted run's) spends nothing: the next live one completes the budget
+    failed = [*unmoved[:2], _trial(2, "#2", 0.0, state="FAIL"), _trial(3, "#3", 0.0, state="PRUNED")]
+    failed.append(_trial(4, "#4", 0.5))
+    assert [t.number for t in budget_prefix(failed, 3) or []] == [0, 1, 3, 4]
+    assert stage_budget(failed, space) == 9
     moved = [*unmoved[:3], _trial(3, "#3", 0.51)]
     assert stage_budget(moved, space) == 3
     infeasible = [*unmoved[:3], _trial(3, "#3", 0.9)]

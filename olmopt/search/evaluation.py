@@ -66,9 +66,9 @@ def budget_spent(trials: list[FrozenTrial], budget: int) -> bool:
 
 
 def budget_prefix(trials: list[FrozenTrial], budget: int) -> list[FrozenTrial] | None:
-    """The trials, in number order, up to the one that spends the ``budget``-th evaluation (None: fewer
-    evaluations so far)."""
-    ordered = sorted(trials, key=lambda t: t.number)
+    """The live trials (not failed), in number order, up to the one that spends the ``budget``-th
+    evaluation (None: fewer evaluations so far)."""
+    ordered = sorted((t for t in trials if t.state in LIVE_STATES), key=lambda t: t.number)
     spent = 0
     for i, trial in enumerate(ordered):
         spent += T.costs_budget(trial)
