@@ -90,6 +90,13 @@ def stage_budget(trials: list[FrozenTrial], space: StageSpace) -> int | None:
     return budget + extension.evaluations if extension.due(complete) else budget
 
 
+def extension_granted(study: optuna.Study, space: StageSpace) -> int:
+    """The evaluations a stage's extension has been granted (0: none; no storage read without one)."""
+    if space.extension is None or space.budget is None:
+        return 0
+    return (stage_budget(study.get_trials(deepcopy=False), space) or 0) - space.budget
+
+
 def stage_complete(
     study: optuna.Study, space: StageSpace, near_ties: NearTies | None = None
 ) -> tuple[bool, int]:
@@ -300,10 +307,8 @@ class StageEvaluation:
 
     def _extension_granted(self, total: int) -> int:
         """The evaluations an extension granted beyond ``total`` (0: none, or counted already)."""
-        if self.space.extension is None:
-            return 0
-        budget = stage_budget(self.study.get_trials(deepcopy=False), self.space)
-        return max(0, (budget or 0) - total)
+        granted = extension_granted(self.study, self.space)
+        return max(0, (self.space.budget or 0) + granted - total) if granted else 0
 
     def _claim(self) -> Trial | None:
         """The next trial: an enqueued one, else (budgeted stages) a new suggestion while budget is left."""

@@ -31,7 +31,7 @@ from olmopt.search.coordination import POLL_SECONDS, WORKER_ID, StageLock, next_
 from olmopt.search.decide import DecideRules, decide
 from olmopt.search.decision import Decision
 from olmopt.search.eval_cache import EvalCache, cached_scorer, open_cache
-from olmopt.search.evaluation import StageEvaluation, stage_budget
+from olmopt.search.evaluation import StageEvaluation, extension_granted
 from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import EXTENDED, Stage, StageSpace
 from olmopt.search.kinds import get_kind
@@ -289,9 +289,9 @@ class CampaignRunner:
             stage, trials, space, incumbent, rules, self.keys, earlier, score, WORKER_ID, pruned,
             items_of=lambda recipe, split: local.evaluate(recipe, split).items,
         )  # fmt: skip
-        budget = stage_budget(study.get_trials(deepcopy=False), space)
-        if space.budget is not None and budget is not None and budget > space.budget:
-            decision = decision.with_details({EXTENDED: budget - space.budget})
+        extended = extension_granted(study, space)
+        if extended:
+            decision = decision.with_details({EXTENDED: extended})
         record_decision(study, decision)
         annotate_decision(self.c, study, decision)
         label = decision.winner
