@@ -277,3 +277,27 @@ def test_compare_pairs_campaigns_and_counts_targets(tmp_path: Path) -> None:
             [sys.executable, str(script), *argv], capture_output=True, text=True, check=False
         )
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and needle in bad.stderr
+    # both vendors on one side: the same family name trained on AMD and on Intel is two campaigns
+    # (a pinned seed trains other weights on the other vendor's CPUs); A AMD seed 0 0.46 and Intel seed 0
+    # 0.40, B +0.02 and +0.06: mean +0.04, sd 0.02828, t(0.975, 1) = 12.706 -> 12.706 * 0.02 = 0.2541
+    files = {
+        "a-amd": ("AMD EPYC, 2 cores", [a[0]]),
+        "a-intel": ("Intel(R) Xeon(R), 2 cores", [{**a[0], "test_mean": 0.40}]),
+        "b-amd": ("AMD EPYC", [b[0]]),
+        "b-intel": ("", [{**b[0], "test_mean": 0.46}]),
+    }
+    for name, (machine, rows) in files.items():
+        meta = {"machine": machine} if machine else {"runs": [{"machine": "Intel(R) Xeon(R)"}]}  # merged
+        (tmp_path / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    pooled = subprocess.run(
+        [sys.executable, str(script), *(f"{tmp_path / (s + '-amd.json')},{tmp_path / (s + '-intel.json')}"
+                                        for s in "ab")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert pooled.returncode == 0, pooled.stderr
+    lines = pooled.stdout.splitlines()
+    assert lines[0].startswith("2 campaigns paired; test mean B - A +0.0400 ± 0.2541 (95 % t); better in 2")
+    assert lines[3:] == [
+        "  AMD zoo-x budget 100 seed 0: 0.460 -> 0.480 (best donor 0.450, recipe 0.500)",
+        "  Intel zoo-x budget 100 seed 0: 0.400 -> 0.460 (best donor 0.450, recipe 0.500)",
+    ]
