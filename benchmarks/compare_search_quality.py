@@ -5,13 +5,13 @@ wins at equal budget over several families, on data the search never saw).
 
 Each side may be several result files, comma-separated (``A1.json,A2.json``): their rows together (a
 campaign in two files of one side must have the same test mean there). Campaigns are paired by (vendor,
-family, budget, seed), and by strategy too unless each side names (or holds) one strategy; the vendor is
-the first word of the file's ``meta.machine`` (``AMD``, ``Intel``; ``compare_search_quality.vendor``), because a pinned seed trains other
-weights on the other vendor's CPUs (docs/zoo.md), so both vendors' files pool on one side. Prints the mean of
-the paired test-mean differences B - A with its 95 % Student-t interval, how many campaigns got better
-or worse, the ratio of item evaluations, issue 15's targets counted per campaign on each side, and every
-campaign whose test mean changed. Exit 2 with one line on a missing or unreadable file, or when no
-campaign pairs.
+family, budget, seed), and by strategy too unless each side names (or holds) one strategy; the vendor is the
+first word of the file's ``meta.machine`` (``AMD``, ``Intel``; ``compare_search_quality.vendor``), because a
+pinned seed trains other weights on the other vendor's CPUs (docs/zoo.md), so both vendors' files pool on
+one side. Prints the mean of the paired test-mean differences B - A with its 95 % Student-t interval, how
+many campaigns got better or worse, the ratio of item evaluations, issue 15's targets counted per campaign
+on each side, and every campaign whose test mean changed. Exit 2 with one line on a missing or unreadable
+file, or when no campaign pairs.
 """
 
 from __future__ import annotations
