@@ -109,7 +109,9 @@ class SwapDecision(_Strict):
     OLM's traversal; ``[2, 1]`` swaps pairs, then single layers), repeated for ``passes`` sweeps; a sweep
     after one that changed nothing costs no evaluation. ``then_joint`` > 0 adds a joint stage of that many
     evaluations after the greedy sweeps, warm-started with their winner. Joint: ``warm_start`` enqueues
-    the incumbent and each donor's whole model first; ``sampler`` overrides the campaign's sampler;
+    the incumbent and each donor's whole model first, and with ``warm_blocks`` = n > 1 (layers only) each
+    donor in each of n runs of adjacent layers on the incumbent (n = 2: the lower and the upper half);
+    ``sampler`` overrides the campaign's sampler;
     ``polish`` > 0 adds that many greedy sweeps over single slots after the joint stage, starting from its
     winner (a model-based search rarely pins every slot; one swap at a time does, and a slot whose
     candidates repeat known weights costs nothing; search/kinds/polish.py).
@@ -125,6 +127,7 @@ class SwapDecision(_Strict):
     then_joint: int = Field(0, ge=0)
     polish: int = Field(0, ge=0, le=20)
     warm_start: bool = True
+    warm_blocks: int = Field(1, ge=1, le=8)
     sampler: JointSampler | None = None
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)

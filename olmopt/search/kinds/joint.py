@@ -82,11 +82,14 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
     enqueue: list[tuple[str, dict[str, Any]]] = [("incumbent", keep)]
     decision = env.config.decisions.layers if stage.kind == "joint-layers" else env.config.decisions.tensors
     if decision.warm_start:
-        for donor in donor_pool(env.pool_names, incumbent):
+        donors = donor_pool(env.pool_names, incumbent)
+        for donor in donors:
             params = dict.fromkeys(choices, donor)
             if BOUNDARY_SLOT in choices:
                 params[BOUNDARY_SLOT] = offer.same_as.get(donor, keep[BOUNDARY_SLOT])
             enqueue.append((f"all-{donor}", params))
+        if stage.kind == "joint-layers":
+            enqueue += block_starts(choices, keep, donors, decision.warm_blocks)
         enqueue = [
             (label, params)
             for i, (label, params) in enumerate(enqueue)
@@ -111,6 +114,29 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
         details=details if tied else None,
         significant_boundary_switch=guarded,
     )
+
+
+def block_starts(
+    choices: dict[str, list[str]], keep: dict[str, str], donors: list[str], blocks: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """Warm starts of contiguous blocks (``warm_blocks`` > 1): the layers cut into ``blocks`` runs of
+    adjacent layers (the lower ones first, sizes differing by at most one), and each donor in each run on
+    the incumbent's other slots (label ``block{i}-{donor}``)."""
+    if blocks < 2:
+        return []
+    layers = [slot for slot in choices if slot.startswith("layer.")]
+    size, extra = divmod(len(layers), blocks)
+    runs, start = [], 0
+    for i in range(min(blocks, len(layers))):
+        end = start + size + (i < extra)
+        runs.append(layers[start:end])
+        start = end
+    return [
+        (f"block{i}-{donor}", {**keep, **dict.fromkeys(run, donor)})
+        for i, run in enumerate(runs)
+        for donor in donors
+        if donor in choices[run[0]]
+    ]
 
 
 def incumbent_leads(config: StudyConfig) -> Callable[[list[FrozenTrial]], bool]:
