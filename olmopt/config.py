@@ -138,6 +138,8 @@ class SwapDecision(_Strict):
             raise ValueError(
                 "polish (greedy sweeps after a joint stage) needs mode: joint, or then_joint > 0"
             )
+        if self.warm_blocks > 1 and not (self.mode == "joint" and self.warm_start):
+            raise ValueError("warm_blocks (warm starts of a joint stage) needs mode: joint and warm_start")
         return self
 
     @field_validator("windows")
@@ -491,6 +493,8 @@ class StudyConfig(_Strict):
             )
         if self.decisions.tensors.windows != [1]:
             raise ValueError("decisions.tensors.windows: blocks are layer windows; tensor units take [1]")
+        if self.decisions.tensors.warm_blocks != 1:
+            raise ValueError("decisions.tensors.warm_blocks: blocks are runs of layers; tensor units take 1")
         for i, o in enumerate(self.objectives):
             if o.kind == "dataset" and not o.dataset and o.metric != "layers_removed":
                 raise ValueError(f"objectives.{i}.dataset: required for metric {o.metric!r}")
