@@ -4,7 +4,6 @@ Recipes, the enqueued known-good points, the Borda scalarisation fed to CMA-ES, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +19,9 @@ from olmopt.search.kinds.merge import BordaCmaEs, borda, merge_sampler, merge_sp
 from olmopt.search.kinds.swap import donor_pool
 from olmopt.search.plan import Stage
 from olmopt.search.seeding import TrialSeeded
+from olmopt.testing.kinds import NamesEnv
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@dataclass
-class Env:
-    config: StudyConfig
-    pool_names: list[str]
-    adapter: ArchitectureAdapter = field(default_factory=lambda: ArchitectureAdapter("llama", 4, False))
-    param_names: list[str] = field(default_factory=list)
-    context: Any = None
-    pool: Any = None
-    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _config(**merge: Any) -> StudyConfig:
@@ -47,7 +36,7 @@ def _config(**merge: Any) -> StudyConfig:
 
 
 def _space(**merge: Any):  # noqa: ANN202 - a StageSpace
-    env = Env(_config(**merge), ["base", "a", "b"])
+    env = NamesEnv(_config(**merge), ["base", "a", "b"])
     return merge_space(Stage(index=1, kind="joint-merge", n_trials=5), Recipe(base="base"), env)
 
 
@@ -259,7 +248,7 @@ def _space_with(tmp_path: Path, configs: list[dict], **merge: Any):  # noqa: ANN
         path = tmp_path / f"mk{i}.yml"
         path.write_text(yaml.safe_dump(config))
         paths.append(str(path))
-    env = Env(_config(enqueue=paths, **merge), ["base", "a", "b"])
+    env = NamesEnv(_config(enqueue=paths, **merge), ["base", "a", "b"])
     return merge_space(Stage(index=1, kind="joint-merge", n_trials=5), Recipe(base="base"), env)
 
 

@@ -3,7 +3,6 @@ and the data-flow path may pick the parameter-space merge (``MERGE_DONOR``) like
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +20,14 @@ from olmopt.search.kinds.dfs import dfs_distributions, dfs_space
 from olmopt.search.kinds.joint import joint_distributions, joint_space
 from olmopt.search.kinds.swap import current_donor, donor_pool, incumbent_of, swap_space
 from olmopt.search.plan import Stage
+from olmopt.testing.kinds import NamesEnv
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 POOL = ["base", "a", "b"]
 PS = Recipe(base="base", param_merge=ParamMerge(method="task_arithmetic", models=("a", "b")))
 
 
-@dataclass
-class Env:
-    config: StudyConfig
-    pool_names: list[str]
-    adapter: ArchitectureAdapter = field(default_factory=lambda: ArchitectureAdapter("llama", 4, False))
-    param_names: list[str] = field(default_factory=list)
-    context: Any = None
-    pool: Any = None
-    decisions: dict[str, Decision] = field(default_factory=dict)
-
-
-def _env(decisions: dict[str, Any], incumbent: Recipe | None = PS) -> Env:
+def _env(decisions: dict[str, Any], incumbent: Recipe | None = PS) -> NamesEnv:
     config = StudyConfig.model_validate(
         {
             "name": "t",
@@ -52,7 +41,9 @@ def _env(decisions: dict[str, Any], incumbent: Recipe | None = PS) -> Env:
         return Decision(stage=stage, winner="w", trial=None, recipe=recipe, metrics={})
 
     before = {"001-joint-merge": decided("001-joint-merge", incumbent)} if incumbent is not None else {}
-    return Env(config, list(POOL), decisions={"000-base": decided("000-base", Recipe(base="base")), **before})
+    return NamesEnv(
+        config, list(POOL), decisions={"000-base": decided("000-base", Recipe(base="base")), **before}
+    )
 
 
 def _decode(space: Any, params: dict[str, Any]) -> tuple[str, Recipe]:

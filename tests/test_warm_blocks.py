@@ -3,7 +3,6 @@ in each block on the incumbent (olmopt.search.kinds.joint.block_starts)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -11,22 +10,11 @@ import pytest
 from olmopt.config import StudyConfig
 from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.recipe import Recipe
-from olmopt.search.decision import Decision
 from olmopt.search.kinds.joint import block_starts, joint_space
 from olmopt.search.plan import Stage
+from olmopt.testing.kinds import NamesEnv
 
 POOL = ["base", "a", "b"]
-
-
-@dataclass
-class Env:
-    config: StudyConfig
-    pool_names: list[str]
-    adapter: ArchitectureAdapter = field(default_factory=lambda: ArchitectureAdapter("llama", 5, False))
-    param_names: list[str] = field(default_factory=list)
-    context: Any = None
-    pool: Any = None
-    decisions: dict[str, Decision] = field(default_factory=dict)
 
 
 def _config(decisions: dict[str, Any]) -> StudyConfig:
@@ -41,7 +29,7 @@ def _config(decisions: dict[str, Any]) -> StudyConfig:
 
 
 def _enqueued(layers: dict[str, Any], incumbent: Recipe) -> list[tuple[str, dict[str, Any]]]:
-    env = Env(_config({"layers": layers}), list(POOL))
+    env = NamesEnv(_config({"layers": layers}), list(POOL), ArchitectureAdapter("llama", 5, False))
     return joint_space(Stage(1, "joint-layers", n_trials=20), incumbent, env).enqueue
 
 

@@ -26,14 +26,34 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.recipe import Recipe
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace
 from olmopt.search.kinds import get_kind, registered
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial, Trial
+
+    from olmopt.config import StudyConfig
+    from olmopt.search.decision import Decision
+
+
+@dataclass
+class NamesEnv:
+    """A ``SpaceEnv`` of names only: the config, the pool's names, an architecture (a 4-layer llama unless
+    given) and earlier decisions, with no resident model or pool on disk: enough for kinds whose spaces
+    are built from names (swap, joint, merge), not for those that evaluate while building."""
+
+    config: StudyConfig
+    pool_names: list[str]
+    adapter: ArchitectureAdapter = field(default_factory=lambda: ArchitectureAdapter("llama", 4, False))
+    param_names: list[str] = field(default_factory=list)
+    context: Any = None
+    pool: Any = None
+    decisions: dict[str, Decision] = field(default_factory=dict)
 
 
 def _fail(kind: DecisionKind, stage: Stage | None, rule: str) -> AssertionError:
