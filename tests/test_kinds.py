@@ -15,6 +15,7 @@ import pytest
 
 from olmopt.cli import main
 from olmopt.config import load_study_file
+from olmopt.recipe import Recipe
 from olmopt.search.kinds import get_kind, registered, unregister_kind
 from olmopt.testing.kinds import check_all, check_kind
 from tests.test_study import study_file
@@ -79,15 +80,19 @@ def test_conformance_kit_over_every_registered_kind(every_kind_env: Any) -> None
     )
     planned |= {stage.kind for stage in check_kind(get_kind("polish-boundary"), env)}
     # the merge as a challenger after the layers instead of a donor before them, yielding its trials to
-    # the joint layer stage when that stage has not moved (an extension of its budget)
+    # the joint layer stage when that stage has not moved (an extension of its budget); that stage
+    # warm-started with block starts too (warm_blocks: 2, the main job's)
     merge = config.decisions.merge.model_copy(update={"mode": "challenge", "yield_to_layers": True})
-    challenge = config.decisions.model_copy(update={"merge": merge})
+    layers = config.decisions.layers.model_copy(update={"mode": "joint", "n_trials": 3, "warm_blocks": 2})
+    challenge = config.decisions.model_copy(update={"merge": merge, "layers": layers})
     env = SimpleNamespace(
         **{**vars(every_kind_env), "config": config.model_copy(update={"decisions": challenge})}
     )
     planned |= {stage.kind for stage in check_kind(get_kind("joint-merge-challenge"), env)}
     extended = check_kind(get_kind("joint-layers"), env)
     assert extended and all(s.kind == "joint-layers" for s in extended)
+    space = get_kind("joint-layers").build(extended[0], Recipe(base=config.base_model), env)
+    assert any(label.startswith("block1-") for label, _ in space.enqueue)
     assert planned >= BUILT_IN  # the configs really exercise every built-in kind
 
 

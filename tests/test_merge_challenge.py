@@ -16,7 +16,7 @@ from olmopt.recipe import Recipe
 from olmopt.search.kinds import get_kind
 from olmopt.search.kinds.merge_challenge import CHALLENGER, INCUMBENT, challenge_space
 from olmopt.search.plan import Stage, plan_stages
-from tests.test_ps_then_layers import Env
+from olmopt.testing.kinds import NamesEnv as Env
 from tests.test_study import run_twice, study_file, with_held_out
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
