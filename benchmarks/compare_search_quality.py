@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_quality import t_interval, target_flags  # noqa: E402
 
 Key = tuple[str, str, int, int, str]  # vendor, family, budget, seed, strategy
+Pair = tuple[Key, dict[str, Any], dict[str, Any]]  # A's key, A's row, B's row
 
 
 def fail(message: str) -> NoReturn:
@@ -61,7 +62,7 @@ def campaigns(paths: str, strategy: str | None) -> dict[Key, dict[str, Any]]:
     return {k: r for k, r in out.items() if strategy is None or k[4] == strategy}
 
 
-def pairs(a: dict[Key, dict[str, Any]], b: dict[Key, dict[str, Any]]) -> list[tuple[Any, ...]]:
+def pairs(a: dict[Key, dict[str, Any]], b: dict[Key, dict[str, Any]]) -> list[Pair]:
     """Keys and rows of ``a`` and ``b`` for the same campaign: same vendor, family, budget and seed, and
     the same strategy unless each side holds one strategy (then the two strategies are what is compared)."""
     one = len({k[4] for k in a}) == 1 and len({k[4] for k in b}) == 1
@@ -92,7 +93,7 @@ def target_counts(rows: list[dict[str, Any]]) -> str:
     )
 
 
-def report(matched: list[tuple[Any, ...]], names: tuple[str, str]) -> str:
+def report(matched: list[Pair], names: tuple[str, str]) -> str:
     diffs = [b["test_mean"] - a["test_mean"] for _, a, b in matched]
     mean, half = t_interval(diffs)
     items = sum(b["items"] for _, _, b in matched) / max(1, sum(a["items"] for _, a, _ in matched))

@@ -88,8 +88,7 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
             if BOUNDARY_SLOT in choices:
                 params[BOUNDARY_SLOT] = offer.same_as.get(donor, keep[BOUNDARY_SLOT])
             enqueue.append((f"all-{donor}", params))
-        if stage.kind == "joint-layers":
-            enqueue += block_starts(choices, keep, donors, decision.warm_blocks)
+        enqueue += block_starts(choices, keep, donors, decision.warm_blocks)  # tensors: 1, none
         enqueue = [
             (label, params)
             for i, (label, params) in enumerate(enqueue)
@@ -121,7 +120,7 @@ def block_starts(
 ) -> list[tuple[str, dict[str, Any]]]:
     """Warm starts of contiguous blocks (``warm_blocks`` > 1): the layers cut into ``blocks`` runs of
     adjacent layers (the lower ones first, sizes differing by at most one), and each donor in each run on
-    the incumbent's other slots (label ``block{i}-{donor}``)."""
+    the incumbent's other slots (label ``block{i}-{donor}``; every layer slot offers ``donors``)."""
     if blocks < 2:
         return []
     layers = [slot for slot in choices if slot.startswith("layer.")]
@@ -135,7 +134,6 @@ def block_starts(
         (f"block{i}-{donor}", {**keep, **dict.fromkeys(run, donor)})
         for i, run in enumerate(runs)
         for donor in donors
-        if donor in choices[run[0]]
     ]
 
 
