@@ -106,17 +106,21 @@ def test_layer_specialists_change_only_their_layers(quick_zoos: dict[str, Path])
         assert {k for k in layer_weights if "norm" not in k} <= changed
 
 
-def test_small_family_stacks_the_lower_specialist_on_the_upper_one(tmp_path: Path) -> None:
-    spec = family_spec("small", "llama").scaled(0.01)  # 10 base steps, 2 per specialist
+@pytest.mark.parametrize("lower", [None, (3, 2)], ids=["own-layers", "straddling-layout"])
+def test_small_family_stacks_the_lower_specialist_on_the_upper_one(
+    tmp_path: Path, lower: tuple[int, ...] | None
+) -> None:
+    spec = family_spec("small", "llama", lower=lower).scaled(0.01)  # 10 base steps, 2 per specialist
     m = build_family(tmp_path / "s", spec, 0, progress=False, check=False)
     by_name = {x["name"]: x for x in m["models"]}
-    assert by_name["spec_fact"]["trained_layers"] == [0, 1]
+    low = [0, 1] if lower is None else [2, 3]
+    assert by_name["spec_fact"]["trained_layers"] == low
     assert by_name["spec_add"]["trained_layers"] == [4, 5]
     assert by_name["spec_fact"]["trained_on_top_of"] == "spec_add" and by_name["spec_rev"]["replay"] > 0
-    recipe = {"0": "spec_fact", "1": "spec_fact", "4": "spec_add", "5": "spec_add"}
+    recipe = {str(low[0]): "spec_fact", str(low[1]): "spec_fact", "4": "spec_add", "5": "spec_add"}
     assert m["layer_recipe"]["layers"] == recipe
     base = tensors(tmp_path / "s" / "base")
-    for name, trained in (("spec_fact", {"0", "1"}), ("spec_add", {"4", "5"})):
+    for name, trained in (("spec_fact", {str(i) for i in low}), ("spec_add", {"4", "5"})):
         spec_tensors = tensors(tmp_path / "s" / name)  # released as the base plus its own trained layers
         changed = {k.split(".")[2] for k in base if not torch.equal(base[k], spec_tensors[k])}
         assert changed == trained, (name, changed)

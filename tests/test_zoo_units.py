@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from olmopt.cli import main
+from olmopt.errors import InputError
 from olmopt.evaluate.formatting import encode_example, render_choices, sharegpt_to_messages
 from olmopt.zoo.objectives import MC_CHOICES_FILE, OBJECTIVES_DIR, load_objective, split, write_objectives
 from olmopt.zoo.score import exact_match
@@ -122,6 +123,45 @@ def test_cli_bad_size_or_arch_exits_2_with_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lower-layers", "2,x"], "--lower-layers: expected layer indices separated by commas, got '2,x'"),
+        (["--upper-layers", "4"], "zoo upper layers: 4 is out of range for tiny (0-3)"),
+        (["--lower-layers", "1,1"], "zoo lower layers: [1, 1] repeats an index"),
+        (["--lower-layers", "1,2"], "zoo lower and upper layers share [2]: each layer has one specialist"),
+        (
+            ["--size", "small", "--upper-layers", "2,-1"],
+            "zoo upper layers: -1 is out of range for small (0-5)",
+        ),
+    ],
+)
+def test_cli_bad_layer_layout_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    out = tmp_path / "zoo"
+    assert main(["zoo", "build", "--out", str(out), *flags, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_layout_variant_moves_the_layer_specialists_and_changes_only_their_plan() -> None:
+    from olmopt.zoo.build import build_key
+    from olmopt.zoo.family import family_spec, with_layers
+
+    small = family_spec("small", "llama")
+    assert family_spec("small", "llama", lower=(1, 0), upper=(5, 4)) == small  # its own layers, any order
+    moved = family_spec("small", "llama", lower=(3, 2))
+    assert (moved.layer_indices("lower"), moved.layer_indices("upper")) == ((2, 3), (4, 5))
+    assert moved.specialists == small.specialists and moved.base == small.base
+    assert build_key(moved, 0)["plan"] != build_key(small, 0)["plan"]
+    tiny = with_layers(family_spec("tiny", "llama"), None, (3,))
+    assert (tiny.layer_indices("lower"), tiny.layer_indices("upper")) == ((0, 1), (3,))
+    with pytest.raises(InputError, match="zoo lower layers: give at least one layer index"):
+        with_layers(small, (), None)
 
 
 def test_cli_choices_match_library() -> None:

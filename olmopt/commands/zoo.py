@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from olmopt.commands._common import show_bars
+from olmopt.errors import InputError
 
 # Literal copies keep `olmopt --help` free of torch imports; build_zoo validates against the real ones.
 SIZES = ("tiny", "small")
@@ -29,6 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--seed", type=int, default=None, help="training seed (default: the pinned seed that passes)"
     )
+    for role, skill in (("lower", "the lower-layer specialist"), ("upper", "the upper-layer specialist")):
+        build.add_argument(
+            f"--{role}-layers",
+            metavar="I,J",
+            help=f"layer indices {skill} trains, e.g. 2,3 (a layout variant: no seed is pinned for it; "
+            "default: the family's own, docs/zoo.md)",
+        )
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.add_argument("--force", action="store_true", help="rebuild even if DIR holds this zoo; replace DIR")
     build.add_argument(
@@ -50,7 +58,13 @@ def run_build(args: argparse.Namespace) -> int:
     request_portable_kernels()  # before torch computes anything: no child process needed
     from olmopt.zoo import build_zoo, cached_manifest
 
-    cached = not args.force and cached_manifest(args.out, args.size, args.arch, args.seed) is not None
+    layout = {
+        "lower": layer_indices(args.lower_layers, "lower"),
+        "upper": layer_indices(args.upper_layers, "upper"),
+    }
+    cached = (
+        not args.force and cached_manifest(args.out, args.size, args.arch, args.seed, **layout) is not None
+    )
     if cached:
         print(
             f"zoo {args.out} is already built with these arguments; nothing to do (--force rebuilds)",
@@ -65,6 +79,7 @@ def run_build(args: argparse.Namespace) -> int:
         check=not args.no_check,
         force=args.force,
         refresh=args.refresh,
+        **layout,
     )
     status = "passed" if manifest["acceptance"]["passed"] else "FAILED (kept: --no-check)"
     print(
@@ -72,3 +87,15 @@ def run_build(args: argparse.Namespace) -> int:
         f"acceptance {status}, " + ("reused" if cached else f"built in {manifest['build_seconds']:.0f} s")
     )
     return 0
+
+
+def layer_indices(text: str | None, role: str) -> tuple[int, ...] | None:
+    """``--lower-layers 2,3`` as (2, 3); None when the flag is not given. InputError for anything else."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(
+            f"--{role}-layers: expected layer indices separated by commas, got {text!r}"
+        ) from None

@@ -33,7 +33,7 @@ from olmopt.kernels import (
 from olmopt.lockfile import held_lock
 from olmopt.runtime import configure_threads
 from olmopt.zoo import acceptance
-from olmopt.zoo.family import ZOO_VERSION, FamilySpec, family_spec, pinned_seeds, validate
+from olmopt.zoo.family import ZOO_VERSION, FamilySpec, family_spec, pinned_seeds
 from olmopt.zoo.manifest import WEIGHTS, reusable, sha256_file, write_manifest
 from olmopt.zoo.objectives import HELDOUT_FRACTION, load_objective, objective_file, split
 from olmopt.zoo.score import exact_match
@@ -53,6 +53,8 @@ def build_zoo(
     check: bool = True,
     force: bool = False,
     refresh: bool = False,
+    lower: tuple[int, ...] | None = None,
+    upper: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) the zoo family in ``out`` and return its manifest (``zoo.json``).
 
@@ -61,10 +63,10 @@ def build_zoo(
     that passed is reused, one holding a candidate that failed goes on with the next. ``force`` rebuilds
     whatever ``out`` holds; ``refresh`` replaces a zoo built with other arguments (never a directory that
     is not a zoo). With ``check``, a family that fails the acceptance criteria (every candidate, for
-    ``seed=None``) is still written, then ``AcceptanceError`` names the failed criteria.
+    ``seed=None``) is still written, then ``AcceptanceError`` names the failed criteria. ``lower`` /
+    ``upper`` train the layer specialists in other layers (``family.with_layers``).
     """
-    validate(size, arch)
-    spec = family_spec(size, arch)
+    spec = family_spec(size, arch, lower, upper)
     out = Path(out)
     seeds = pinned_seeds(size, arch) if seed is None else (int(seed),)
     start, held = (0, None) if force else _held_candidate(out, spec, seeds)
@@ -135,10 +137,16 @@ def build_key(spec: FamilySpec, seed: int) -> dict[str, Any]:
     return key
 
 
-def cached_manifest(out: Path, size: str, arch: str, seed: int | None = None) -> dict[str, Any] | None:
+def cached_manifest(
+    out: Path,
+    size: str,
+    arch: str,
+    seed: int | None = None,
+    lower: tuple[int, ...] | None = None,
+    upper: tuple[int, ...] | None = None,
+) -> dict[str, Any] | None:
     """The manifest of ``out`` when a build with these arguments would be a no-op, else None."""
-    validate(size, arch)
-    spec = family_spec(size, arch)
+    spec = family_spec(size, arch, lower, upper)
     if seed is not None:
         return reusable(Path(out), build_key(spec, int(seed)))
     _, held = _held_candidate(Path(out), spec, pinned_seeds(size, arch))

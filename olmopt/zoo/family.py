@@ -116,8 +116,40 @@ def replay_weights(skill: str, replay: float) -> dict[str, float]:
     return {s: w for s, w in weights.items() if w > 0}
 
 
-def family_spec(size: str, arch: str) -> FamilySpec:
-    """The zoo recipe for ``size``/``arch`` (see docs/zoo.md for why these numbers)."""
+def family_spec(
+    size: str, arch: str, lower: tuple[int, ...] | None = None, upper: tuple[int, ...] | None = None
+) -> FamilySpec:
+    """The zoo recipe for ``size``/``arch`` (see docs/zoo.md for why these numbers); ``lower`` / ``upper``
+    move the layer specialists to other layers (a layout variant: ``with_layers``)."""
+    spec = _pinned_recipe(size, arch)
+    return spec if lower is None and upper is None else with_layers(spec, lower, upper)
+
+
+def with_layers(spec: FamilySpec, lower: tuple[int, ...] | None, upper: tuple[int, ...] | None) -> FamilySpec:
+    """``spec`` with its lower- and upper-layer specialists trained in ``lower`` / ``upper`` (None keeps
+    that specialist's layers). Layout variants test whether a search relies on where the zoo puts the
+    layer skills; no seed is pinned for them. InputError for an index out of range, a repeated index, an
+    empty set or layers shared by the two specialists."""
+    own = (spec.layer_indices("lower") or (), spec.layer_indices("upper") or ())
+    lower = own[0] if lower is None else tuple(lower)
+    upper = own[1] if upper is None else tuple(upper)
+    n = spec.num_layers
+    for role, layers in (("lower", lower), ("upper", upper)):
+        if not layers:
+            raise InputError(f"zoo {role} layers: give at least one layer index (0-{n - 1})")
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise InputError(f"zoo {role} layers: {bad[0]} is out of range for {spec.size} (0-{n - 1})")
+        if len(set(layers)) < len(layers):
+            raise InputError(f"zoo {role} layers: {list(layers)} repeats an index")
+    shared = sorted(set(lower) & set(upper))
+    if shared:
+        raise InputError(f"zoo lower and upper layers share {shared}: each layer has one specialist")
+    lower, upper = tuple(sorted(lower)), tuple(sorted(upper))
+    return spec if (lower, upper) == own else replace(spec, lower=lower, upper=upper)
+
+
+def _pinned_recipe(size: str, arch: str) -> FamilySpec:
     validate(size, arch)
     tiny = size == "tiny"
     base_steps, spec_steps, base_lr = (1000, 200, 3e-3) if tiny else (1000, 250, 2e-3)
