@@ -30,12 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--seed", type=int, default=None, help="training seed (default: the pinned seed that passes)"
     )
-    for role, skill in (("lower", "the lower-layer specialist"), ("upper", "the upper-layer specialist")):
+    for role, example in (("lower", "2,3"), ("upper", "4,5")):
         build.add_argument(
             f"--{role}-layers",
             metavar="I,J",
-            help=f"layer indices {skill} trains, e.g. 2,3 (a layout variant: no seed is pinned for it; "
-            "default: the family's own, docs/zoo.md)",
+            help=f"layer indices the {role}-layer specialist trains, e.g. {example} (a layout variant: no "
+            "seed is pinned for it; default: the family's own, docs/zoo.md)",
         )
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.add_argument("--force", action="store_true", help="rebuild even if DIR holds this zoo; replace DIR")
