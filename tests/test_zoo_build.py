@@ -165,7 +165,9 @@ def test_cli_failed_acceptance_exits_1_one_line_and_refuses_foreign_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     real = zoo_build.family_spec
-    monkeypatch.setattr(zoo_build, "family_spec", lambda size, arch: real(size, arch).scaled(SCALE))
+    monkeypatch.setattr(
+        zoo_build, "family_spec", lambda size, arch, *layout: real(size, arch, *layout).scaled(SCALE)
+    )
     out = tmp_path / "z"
     assert main(["zoo", "build", "--out", str(out), "--seed", "3", "--quiet"]) == 1
     err = capsys.readouterr().err
@@ -186,6 +188,15 @@ def test_cli_failed_acceptance_exits_1_one_line_and_refuses_foreign_dir(
     assert load_manifest(out)["seed"] == 4
     assert main(["zoo", "build", "--out", str(foreign), "--quiet", "--refresh"]) == 2
     assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
+    # a layout variant of the same seed is a zoo built with other arguments; the flags reach the build
+    layout = ["--seed", "4", "--lower-layers", "1", "--upper-layers", "3", "--quiet", "--no-check"]
+    assert main(["zoo", "build", "--out", str(out), *layout]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["zoo", "build", "--out", str(out), *layout, "--refresh"]) == 0
+    trained = {m["name"]: m["trained_layers"] for m in load_manifest(out)["models"]}
+    assert (trained["spec_fact"], trained["spec_mc"]) == ([1], [3])
+    assert main(["zoo", "build", "--out", str(out), *layout]) == 0
+    assert "nothing to do" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -229,7 +240,9 @@ def test_pinned_seeds_are_tried_in_order_and_a_held_candidate_is_reused(
     """The family is the first pinned seed that passes; a directory holding a failed candidate goes on with
     the next one, one holding the passing candidate is reused, and when every seed fails all are named."""
     real_spec, real_build = zoo_build.family_spec, zoo_build.build_family
-    monkeypatch.setattr(zoo_build, "family_spec", lambda size, arch: real_spec(size, arch).scaled(SCALE))
+    monkeypatch.setattr(
+        zoo_build, "family_spec", lambda size, arch, *layout: real_spec(size, arch, *layout).scaled(SCALE)
+    )
     monkeypatch.setitem(zoo_family.PINNED_SEEDS, ("tiny", "llama"), (3, 4))
     building: list[int] = []
 
