@@ -135,8 +135,6 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         # the main job before session 23: its joint layer stage warm-started with whole models only
         # (layers.warm_blocks: 1; the main job's lower and upper halves of each donor left out)
         "main-job-whole-starts": {**main_job_at(budget, n_layers, n_pool), "warm_blocks": 1},
-        # the main job with block warm starts in thirds of the layers (two layers each on the small families)
-        "main-job+thirds": {**main_job_at(budget, n_layers, n_pool), "warm_blocks": 3},
         # the main job whose TPE samplers start guided right after the joint stage's warm starts (the
         # incumbent and each pool model's whole model): no random start-up trials there (4 of 10 before);
         # measured in session 20: the main job's figures (BENCHMARKS.md)
