@@ -121,8 +121,7 @@ def family_spec(
 ) -> FamilySpec:
     """The zoo recipe for ``size``/``arch`` (see docs/zoo.md for why these numbers); ``lower`` / ``upper``
     move the layer specialists to other layers (a layout variant: ``with_layers``)."""
-    spec = _pinned_recipe(size, arch)
-    return spec if lower is None and upper is None else with_layers(spec, lower, upper)
+    return with_layers(_pinned_recipe(size, arch), lower, upper)
 
 
 def with_layers(spec: FamilySpec, lower: tuple[int, ...] | None, upper: tuple[int, ...] | None) -> FamilySpec:
