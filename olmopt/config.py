@@ -95,8 +95,26 @@ class ObjectiveConfig(_Strict):
 
 
 class BaseDecision(_Strict):
+    """The base model: ``fixed`` (``model``, else the first pool model) or ``auto`` (every pool model
+    evaluated, the best by the selection rule). ``lookahead`` = n > 1 (``auto`` only) adds the stage
+    ``base-lookahead``: on each base candidate tied with the winner and with a boundary of its own, every
+    other pool model in each of n runs of adjacent layers; a winner on another boundary must be
+    significantly better (search and held-out items) than the base winner. Its evaluations come out of the
+    joint layer stage's budget (search/kinds/base_lookahead.py)."""
+
     mode: Literal["fixed", "auto"] = "fixed"
     model: str | None = None
+    lookahead: int = Field(0, ge=0, le=8)
+
+    @model_validator(mode="after")
+    def _lookahead(self) -> BaseDecision:
+        if self.lookahead == 1:
+            raise ValueError("lookahead: 1 run of layers is the whole model, already evaluated; use 0 or 2-8")
+        if self.lookahead and self.mode != "auto":
+            raise ValueError(
+                "lookahead looks ahead from the base decision's tied candidates: needs mode auto"
+            )
+        return self
 
 
 JointSampler = Literal["tpe", "catcma", "nsga2", "gp", "random"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace
 from olmopt.search.kind_registry import get_kind, register_kind, registered, unregister_kind
 from olmopt.search.kinds import (  # noqa: F401 - each import registers its kinds
+    base_lookahead,
     dfs,
     es,
     es_tune,

@@ -3,7 +3,7 @@ donor at once, within a budget of evaluations (docs/strategies.md)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from olmopt.search.kind import DecisionKind, Extension, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
@@ -16,6 +16,8 @@ from olmopt.search.kinds.swap import (
     tensor_units,
 )
 from olmopt.search.tied_boundaries import BoundaryOffer, tied_boundaries
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -105,10 +107,15 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
     extension = None
     if stage.kind == "joint-layers" and merge.mode == "challenge" and merge.yield_to_layers:
         extension = Extension(merge.n_trials, incumbent_leads(env.config))
+    budget = stage.n_trials
+    if stage.kind == "joint-layers":  # the base decision's lookahead was paid out of this stage's budget
+        from olmopt.search.kinds.base_lookahead import lookahead_spent
+
+        budget = max(1, budget - lookahead_spent(env.decisions))
     return StageSpace(
         decode=decode,
         enqueue=enqueue,
-        budget=stage.n_trials,
+        budget=budget,
         extension=extension,
         details=details if tied else None,
         significant_boundary_switch=guarded,
@@ -123,18 +130,24 @@ def block_starts(
     the incumbent's other slots (label ``block{i}-{donor}``; every layer slot offers ``donors``)."""
     if blocks < 2:
         return []
-    layers = [slot for slot in choices if slot.startswith("layer.")]
+    runs = layer_runs([slot for slot in choices if slot.startswith("layer.")], blocks)
+    return [
+        (f"block{i}-{donor}", {**keep, **dict.fromkeys(run, donor)})
+        for i, run in enumerate(runs)
+        for donor in donors
+    ]
+
+
+def layer_runs(layers: list[T], blocks: int) -> list[list[T]]:
+    """``layers`` cut into ``blocks`` runs of adjacent ones (fewer when there are fewer layers), the lower
+    ones first, sizes differing by at most one and the larger runs first."""
     size, extra = divmod(len(layers), blocks)
     runs, start = [], 0
     for i in range(min(blocks, len(layers))):
         end = start + size + (i < extra)
         runs.append(layers[start:end])
         start = end
-    return [
-        (f"block{i}-{donor}", {**keep, **dict.fromkeys(run, donor)})
-        for i, run in enumerate(runs)
-        for donor in donors
-    ]
+    return runs
 
 
 def incumbent_leads(config: StudyConfig) -> Callable[[list[FrozenTrial]], bool]:

@@ -1,0 +1,118 @@
+"""``decisions.base: {mode: auto, lookahead: N}``: the base decision looks one step ahead before a joint
+layer stage commits to its winner's boundary.
+
+``base: auto`` keeps the pool model with the best search mean, and a layer search afterwards can change
+every layer but not that model's boundary (embeddings, final norm, head). When the pick is inside noise
+(the candidates tied with the winner, ``search/tied_boundaries.py``) the better merge may sit on a tied
+candidate's boundary: on the AMD small mistral zoo the full specialist spec_mc (0.353) beats spec_add
+(0.333) alone, yet spec_fact's lower half of the layers on spec_add is the zoo's recipe (0.387 on the
+search items, 0.420 held out) and no layer choice on spec_mc's boundary comes near it. A greedy one-step
+lookahead shows it: the stage ``base-lookahead`` evaluates, for every tied candidate whose boundary
+weights differ from the winner's, each other pool model's run of adjacent layers on it (the layers cut
+into N runs, as the joint stage's ``warm_blocks``), beside the winner itself (its metrics reused).
+Candidates on the winner's boundary need no lookahead: the joint stage reaches every layer choice there.
+
+The stage's selection picks the best candidate, and one on another boundary stands only when it beats the
+best candidate on the winner's boundary (the winner) on the search and held-out items together
+(``StageSpace.significant_boundary_switch``, search/boundary_switch.py); otherwise the winner stays and
+the joint stage runs as it would have. The evaluations the lookahead spent come out of the joint layer
+stage's budget (``lookahead_spent``), so the campaign's evaluation count does not grow.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from olmopt.recipe import Recipe
+from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
+from olmopt.search.kind_registry import register_kind
+from olmopt.search.kinds.joint import layer_runs
+from olmopt.search.tied_boundaries import tied_boundaries
+
+if TYPE_CHECKING:
+    from optuna.trial import Trial
+
+    from olmopt.config import StudyConfig
+    from olmopt.pool.adapter import ArchitectureAdapter
+    from olmopt.search.decision import Decision
+
+STAGE_KIND = "base-lookahead"
+INCUMBENT = "incumbent"
+
+
+def lookahead_candidates(incumbent: Recipe, env: SpaceEnv) -> dict[str, Recipe]:
+    """label -> Recipe: the incumbent (the base winner), then for each tied candidate with a boundary of
+    its own (best search mean first) each other pool model in each run of adjacent layers on it
+    (``CANDIDATE/block{i}-{DONOR}``)."""
+    blocks = env.config.decisions.base.lookahead
+    offer = tied_boundaries(env, incumbent.base)
+    runs = layer_runs(list(range(env.adapter.num_layers)), blocks)
+    candidates = {INCUMBENT: incumbent}
+    for base in offer.offered[1:]:
+        for i, run in enumerate(runs):
+            for donor in env.pool_names:
+                if donor != base:
+                    candidates[f"{base}/block{i}-{donor}"] = Recipe(
+                        base=base, layers=dict.fromkeys(run, donor)
+                    )
+    return candidates
+
+
+def lookahead_spent(decisions: dict[str, Decision]) -> int:
+    """Evaluations the campaign's ``base-lookahead`` stage spent (its candidates, those stopped early
+    included, less the incumbent, whose metrics it reused); 0 without one."""
+    stage = next((d for key, d in decisions.items() if key.partition("-")[2] == STAGE_KIND), None)
+    if stage is None:
+        return 0
+    return len((set(stage.candidates) | set(stage.pruned)) - {INCUMBENT})
+
+
+def lookahead_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+    """Every lookahead candidate, enqueued; the switch to another boundary needs significance."""
+    assert incumbent is not None
+    candidates = lookahead_candidates(incumbent, env)
+
+    def decode(trial: Trial) -> tuple[str, Recipe]:
+        label = str(trial.suggest_categorical("candidate", list(candidates)))
+        return label, candidates[label]
+
+    def details(_trials: dict[str, Any]) -> dict[str, Any]:
+        bases = sorted({r.base for label, r in candidates.items() if label != INCUMBENT})
+        return {"lookahead_bases": bases}
+
+    return StageSpace(
+        decode=decode,
+        enqueue=[(label, {"candidate": label}) for label in candidates],
+        details=details,
+        significant_boundary_switch=True,
+    )
+
+
+class BaseLookaheadKind(DecisionKind):
+    """``decisions.base.lookahead`` > 1 (with ``mode: auto``): one stage after the base decision."""
+
+    stage_kinds = (STAGE_KIND,)
+    order = 5  # after the base (0), before the boundary (20) and the layers
+
+    def plan(self, config: StudyConfig, adapter: ArchitectureAdapter, param_names: list[str]) -> list[Stage]:
+        base = config.decisions.base
+        return [planned(STAGE_KIND)] if base.mode == "auto" and base.lookahead > 1 else []
+
+    def build(self, stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
+        return lookahead_space(stage, incumbent, env)
+
+    def olm_report(self, stage: Stage, decision: Decision) -> dict[str, Any]:
+        """After a switch, OLM's ``base_model`` names the new base (its ``metrics`` and ``lookahead`` are
+        the winning lookahead candidate's); otherwise the base decision's section stands."""
+        if decision.winner == INCUMBENT:
+            return {}
+        return {
+            "base_model": {
+                "name": decision.recipe.base,
+                "lookahead": decision.winner,
+                "metrics": decision.metrics,
+            }
+        }
+
+
+register_kind(BaseLookaheadKind())

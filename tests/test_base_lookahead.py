@@ -1,0 +1,200 @@
+"""``decisions.base: {mode: auto, lookahead: N}``: before the joint layer stage, each base candidate tied
+with the winner on a boundary of its own gets every other pool model's run of adjacent layers, and a
+switch to its boundary must be significant; the evaluations come out of the joint layer stage's budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from olmopt.cli import main
+from olmopt.config import StudyConfig
+from olmopt.recipe import Recipe
+from olmopt.search.decision import CandidateResult, Decision
+from olmopt.search.kind import Stage
+from olmopt.search.kinds.base_lookahead import (
+    INCUMBENT,
+    lookahead_candidates,
+    lookahead_space,
+    lookahead_spent,
+)
+from olmopt.search.kinds.joint import joint_space, layer_runs
+from tests.test_study import study_file, with_held_out
+from tests.test_tied_boundaries import _env, _zoo_decision
+
+MODELS = ("base", "spec_add", "spec_rev", "spec_mc", "spec_fact")
+
+
+def test_layer_runs_cut_adjacent_layers_larger_runs_first() -> None:
+    assert layer_runs(list(range(6)), 2) == [[0, 1, 2], [3, 4, 5]]
+    assert layer_runs(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert layer_runs(list(range(2)), 4) == [[0], [1]]
+
+
+def _lookahead_env(tiny_zoo: Path, tmp_path: Path, means: dict[str, float], winner: str) -> Any:
+    env = _env(tiny_zoo, tmp_path, None)
+    env.config.decisions.base.lookahead = 2
+    env.decisions = {"000-base": _zoo_decision(tiny_zoo, means, winner)}
+    return env
+
+
+def test_candidates_are_each_donors_runs_on_the_tied_boundaries_of_their_own(
+    tiny_zoo: Path, tmp_path: Path
+) -> None:
+    """Winner spec_add at 0.50 on 60 items per objective ties down to 0.4368 (test_tied_boundaries):
+    spec_fact (0.45) and spec_mc (0.44) tie but share the base's boundary, so spec_fact (the better) stands
+    for both; spec_rev (0.40) does not tie. On spec_fact, each of the other four models in layers 0-1 and
+    in layers 2-3: 8 candidates besides the incumbent."""
+    p = {m: str(tiny_zoo / m) for m in MODELS}
+    means = {"base": 0.40, "spec_add": 0.50, "spec_rev": 0.40, "spec_mc": 0.44, "spec_fact": 0.45}
+    env = _lookahead_env(tiny_zoo, tmp_path, means, "spec_add")
+    incumbent = Recipe(base=p["spec_add"])
+    candidates = lookahead_candidates(incumbent, env)
+    assert candidates[INCUMBENT] == incumbent and len(candidates) == 9
+    fact = p["spec_fact"]
+    for donor in ("base", "spec_add", "spec_rev", "spec_mc"):
+        low, high = candidates[f"{fact}/block0-{p[donor]}"], candidates[f"{fact}/block1-{p[donor]}"]
+        assert low == Recipe(base=fact, layers={0: p[donor], 1: p[donor]})
+        assert high == Recipe(base=fact, layers={2: p[donor], 3: p[donor]})
+    space = lookahead_space(Stage(1, "base-lookahead"), incumbent, env)
+    assert space.significant_boundary_switch and space.budget is None
+    assert [label for label, _ in space.enqueue] == list(candidates)
+    assert space.details is not None and space.details({}) == {"lookahead_bases": [fact]}
+
+    # nothing tied on another boundary: the incumbent alone (its metrics reused, no evaluation)
+    env.decisions = {
+        "000-base": _zoo_decision(tiny_zoo, {**means, "spec_fact": 0.43, "spec_mc": 0.4}, "spec_add")
+    }
+    assert list(lookahead_candidates(incumbent, env)) == [INCUMBENT]
+
+
+def test_the_joint_stage_pays_for_the_lookahead(tiny_zoo: Path, tmp_path: Path) -> None:
+    """The lookahead's candidates (stopped ones too, not the reused incumbent) come out of the joint
+    layer stage's budget; never below one evaluation."""
+    p = {m: str(tiny_zoo / m) for m in MODELS}
+    metrics = dict.fromkeys(("add", "rev", "fact", "mc"), 0.5)
+    labels = (INCUMBENT, "a", "b", "c")
+    lookahead = Decision(
+        stage="001-base-lookahead", winner=INCUMBENT, trial=0, recipe=Recipe(base=p["spec_add"]),
+        metrics=metrics,
+        candidates={label: CandidateResult(metrics, True, i) for i, label in enumerate(labels)},
+        pruned={"d": "stopped early", "e": "stopped early"},
+    )  # fmt: skip
+    assert lookahead_spent({"001-base-lookahead": lookahead}) == 5
+    assert lookahead_spent({}) == 0
+    env = _lookahead_env(tiny_zoo, tmp_path, {m: 0.4 for m in MODELS}, "spec_add")
+    env.decisions["001-base-lookahead"] = lookahead
+    incumbent = Recipe(base=p["spec_add"])
+    assert joint_space(Stage(2, "joint-layers", "", 12), incumbent, env).budget == 7
+    assert joint_space(Stage(2, "joint-layers", "", 4), incumbent, env).budget == 1
+
+
+def test_a_campaign_looks_ahead_switches_only_when_significant_and_resumes(
+    tiny_zoo: Path, tmp_path: Path, cli: Any
+) -> None:
+    """End to end on the tiny zoo with 20 items per objective (wide intervals, so the base candidates
+    tie), run straight and again stopped by Ctrl-C inside the lookahead and resumed: the lookahead stage
+    offers what the stored base decision gives, its winner is the incumbent or a significant switch, the
+    joint stage spends its budget less the lookahead's evaluations, and both runs end on the same recipe."""
+    from olmopt.search import trials as T
+    from olmopt.search.campaign import Campaign
+
+    layers = {"mode": "joint", "n_trials": 24, "warm_start": True, "sampler": "tpe"}
+    outcomes = []
+    for name, interrupt in (("straight", False), ("resumed", True)):
+        url = f"sqlite:///{tmp_path}/{name}.db"
+        path = study_file(tmp_path, tiny_zoo, name, base={"mode": "auto", "lookahead": 2}, layers=layers)
+        data = yaml.safe_load(path.read_text())
+        for objective in data["objectives"]:
+            objective["samples"] = 20
+        path.write_text(yaml.safe_dump(data))
+        with_held_out(path)
+        assert main(["study", "create", str(path), "--storage", url]) == 0
+        if interrupt:
+            proc = cli.start("study", "run", name, "--storage", url, "--quiet")
+            cli.interrupt_when(
+                proc, url, f"{name}/001-base-lookahead",
+                lambda trials: sum(t.state in T.DONE_STATES for t in trials) >= 3,
+            )  # fmt: skip
+        assert main(["study", "run", name, "--storage", url, "--quiet"]) == 0
+        campaign = Campaign.load(name, url)
+        assert [s.key for s in campaign.plan] == ["000-base", "001-base-lookahead", "002-joint-layers"]
+        decisions = campaign.decisions()
+        base, ahead = decisions["000-base"], decisions["001-base-lookahead"]
+        assert set(ahead.candidates) | set(ahead.pruned) == set(
+            lookahead_candidates(base.recipe, _campaign_env(campaign, decisions))
+        )
+        spent = lookahead_spent(decisions)
+        assert spent >= 8  # the 20-item intervals tie another boundary with the winner
+        if ahead.winner == INCUMBENT:
+            assert ahead.recipe == base.recipe
+        else:
+            assert ahead.recipe.base != base.recipe.base and "significant" in ahead.reason
+            assert "not significant" not in ahead.reason
+        joint = campaign.existing_stage_study(campaign.plan[2])
+        assert joint is not None
+        evaluated = sum(T.costs_budget(t) for t in joint.get_trials(deepcopy=False, states=T.DONE_STATES))
+        assert evaluated == 24 - spent
+        outcomes.append((ahead.winner, ahead.reason, campaign.final_recipe()))
+    assert outcomes[0] == outcomes[1]
+
+
+def _campaign_env(campaign: Any, decisions: dict[str, Decision]) -> Any:
+    """The stage-building environment of a finished campaign, with the decisions before the lookahead."""
+    from types import SimpleNamespace
+
+    from olmopt.search.context import EvalContext, open_pool
+
+    config = campaign.config
+    pool = open_pool(config)
+    names = list(pool[pool.names[0]].checkpoint.keys())
+    context = EvalContext(config)
+    return SimpleNamespace(
+        config=config, pool_names=pool.names, adapter=pool.adapter, param_names=names, pool=pool,
+        context=context, decisions={"000-base": decisions["000-base"]},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("base", "needle"),
+    [
+        ({"mode": "auto", "lookahead": 1}, "lookahead: 1 run of layers is the whole model"),
+        ({"mode": "fixed", "lookahead": 2}, "lookahead looks ahead from the base decision's tied candidates"),
+        ({"mode": "auto", "lookahead": 9}, "decisions.base.lookahead"),
+    ],
+)
+def test_bad_lookahead_settings_are_one_line(tmp_path: Path, tiny_zoo: Path, capsys, base, needle) -> None:
+    path = study_file(tmp_path, tiny_zoo, "bad", base=base, layers={"mode": "joint", "n_trials": 5})
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(path), "--storage", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_lookahead_is_valid_with_base_auto() -> None:
+    data = {
+        "name": "ok", "pool": {"models": ["a", "b"]},
+        "objectives": [{"name": "x", "dataset": "x.json", "metric": "token_accuracy"}],
+        "decisions": {"base": {"mode": "auto", "lookahead": 2}, "layers": {"mode": "joint", "n_trials": 5}},
+    }  # fmt: skip
+    assert StudyConfig.model_validate(data).decisions.base.lookahead == 2
+
+
+def test_olm_report_names_the_new_base_only_after_a_switch() -> None:
+    from olmopt.search.kinds.base_lookahead import BaseLookaheadKind
+
+    metrics = {"a": 0.5}
+    kind, stage = BaseLookaheadKind(), Stage(1, "base-lookahead")
+    kept = Decision(stage=stage.key, winner=INCUMBENT, trial=0, recipe=Recipe(base="w"), metrics=metrics)
+    assert kind.olm_report(stage, kept) == {}
+    label = "c/block0-d"
+    moved = Decision(
+        stage=stage.key, winner=label, trial=3, recipe=Recipe(base="c", layers={0: "d"}), metrics=metrics
+    )
+    assert kind.olm_report(stage, moved) == {
+        "base_model": {"name": "c", "lookahead": label, "metrics": metrics}
+    }
