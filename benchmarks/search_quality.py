@@ -125,10 +125,9 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         "main-job+tied-switch": main_job_at(
             budget, n_layers, n_pool, boundary={"mode": "joint", "donors": "tied", "switch": "significant"}
         ),
-        # the same where the base decision looks ahead: each base candidate tied with the winner on a
-        # boundary of its own gets every donor's lower and upper half of the layers first, and a switch to
-        # it must be significant (base.lookahead; its evaluations come out of the joint layer stage's)
-        "main-job+lookahead": main_job_at(budget, n_layers, n_pool, base={"mode": "auto", "lookahead": 2}),
+        # the main job before session 25: its base decision without the lookahead (base.lookahead: 0, no
+        # base-lookahead stage; measured as `main-job+lookahead` against this, BENCHMARKS.md)
+        "main-job-no-lookahead": main_job_at(budget, n_layers, n_pool, base={"mode": "auto"}),
         # the main job without its merge challenge (the main job of sessions 7-18): the layer search alone
         "main-job-layers": main_job_at(budget, n_layers, n_pool, merge={"mode": "off"}),
         # the main job whose joint layer stage takes the challenge's trials when its budget ends on the

@@ -149,6 +149,9 @@ def test_main_job_strategy_is_the_study_file_at_the_budget(sq: ModuleType) -> No
     assert quick["_decisions"]["merge"]["n_trials"] == 40 - 5 - 16 - 10 and quick["n_trials"] == 10
     large = sq.strategies(300, 6, 5)["main-job"]  # ... and the study file's 30 trials of a large one
     assert large["_decisions"]["merge"]["n_trials"] == 30 and large["n_trials"] == 300 - 5 - 30 - polish
+    assert study["decisions"]["base"] == {"mode": "auto", "lookahead": 2}
+    before = plans["main-job-no-lookahead"]  # the main job before session 25: the same budget
+    assert before == {**main, "_decisions": {**main["_decisions"], "base": {"mode": "auto"}}}
     layers_only = plans["main-job-layers"]
     assert layers_only["_decisions"] == {"base": study["decisions"]["base"], "merge": {"mode": "off"}}
     assert layers_only["n_trials"] == 100 - 5 - polish

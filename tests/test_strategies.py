@@ -141,7 +141,9 @@ def test_a_joint_boundary_reaches_the_base_from_a_specialist_base(tiny_zoo: Path
     base = str(tiny_zoo / "base")
     pool = open_pool(config)
     names = list(pool[base].checkpoint.keys())
-    env = SimpleNamespace(config=config, pool_names=pool.names, adapter=pool.adapter, param_names=names)
+    env = SimpleNamespace(
+        config=config, pool_names=pool.names, adapter=pool.adapter, param_names=names, decisions={}
+    )
     stage = Stage(1, "joint-layers", "", 4, 1)
     space = joint_space(stage, Recipe(base=spec_add), env)  # type: ignore[arg-type]
     warm = dict(space.enqueue)[f"all-{base}"]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from olmopt.recipe import Recipe
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
-from olmopt.search.kinds.joint import layer_runs
+from olmopt.search.kinds.swap import layer_runs
 from olmopt.search.tied_boundaries import tied_boundaries
 
 if TYPE_CHECKING:

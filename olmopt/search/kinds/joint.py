@@ -3,21 +3,21 @@ donor at once, within a budget of evaluations (docs/strategies.md)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from olmopt.search.kind import DecisionKind, Extension, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
+from olmopt.search.kinds.base_lookahead import lookahead_spent
 from olmopt.search.kinds.swap import (
     BOUNDARY_SLOT,
     apply_choice,
     current_donor,
     donor_pool,
     incumbent_of,
+    layer_runs,
     tensor_units,
 )
 from olmopt.search.tied_boundaries import BoundaryOffer, tied_boundaries
-
-T = TypeVar("T")
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -109,8 +109,6 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
         extension = Extension(merge.n_trials, incumbent_leads(env.config))
     budget = stage.n_trials
     if stage.kind == "joint-layers":  # the base decision's lookahead was paid out of this stage's budget
-        from olmopt.search.kinds.base_lookahead import lookahead_spent
-
         budget = max(1, budget - lookahead_spent(env.decisions))
     return StageSpace(
         decode=decode,
@@ -136,18 +134,6 @@ def block_starts(
         for i, run in enumerate(runs)
         for donor in donors
     ]
-
-
-def layer_runs(layers: list[T], blocks: int) -> list[list[T]]:
-    """``layers`` cut into ``blocks`` runs of adjacent ones (fewer when there are fewer layers), the lower
-    ones first, sizes differing by at most one and the larger runs first."""
-    size, extra = divmod(len(layers), blocks)
-    runs, start = [], 0
-    for i in range(min(blocks, len(layers))):
-        end = start + size + (i < extra)
-        runs.append(layers[start:end])
-        start = end
-    return runs
 
 
 def incumbent_leads(config: StudyConfig) -> Callable[[list[FrozenTrial]], bool]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from olmopt.recipe import MERGE_DONOR, Recipe
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from olmopt.config import StudyConfig
     from olmopt.pool.adapter import ArchitectureAdapter
     from olmopt.search.decision import Decision
+
+T = TypeVar("T")
 
 
 # -- slots ---------------------------------------------------------------------------------------------
@@ -106,6 +108,18 @@ def current_donor(incumbent: Recipe, slot: str, adapter: ArchitectureAdapter) ->
     if incumbent.boundary and target in (*adapter.boundary_units(), adapter.lm_head):
         return incumbent.boundary
     return default
+
+
+def layer_runs(layers: list[T], blocks: int) -> list[list[T]]:
+    """``layers`` cut into ``blocks`` runs of adjacent ones (fewer when there are fewer layers), the lower
+    ones first, sizes differing by at most one and the larger runs first."""
+    size, extra = divmod(len(layers), blocks)
+    runs, start = [], 0
+    for i in range(min(blocks, len(layers))):
+        end = start + size + (i < extra)
+        runs.append(layers[start:end])
+        start = end
+    return runs
 
 
 POLISH_PREFIX = "polish-"  # a greedy sweep after a joint stage (kinds/polish.py): the same slots
