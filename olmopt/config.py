@@ -100,7 +100,7 @@ class BaseDecision(_Strict):
     ``base-lookahead``: on each base candidate tied with the winner and with a boundary of its own, every
     other pool model in each of n runs of adjacent layers; a winner on another boundary must be
     significantly better (search and held-out items) than the base winner. Its evaluations come out of the
-    joint layer stage's budget (search/kinds/base_lookahead.py)."""
+    joint layer stage's budget, where there is one (search/kinds/base_lookahead.py)."""
 
     mode: Literal["fixed", "auto"] = "fixed"
     model: str | None = None

@@ -64,6 +64,13 @@ def test_candidates_are_each_donors_runs_on_the_tied_boundaries_of_their_own(
     assert [label for label, _ in space.enqueue] == list(candidates)
     assert space.details is not None and space.details({}) == {"lookahead_bases": [fact]}
 
+    # only the searched layers are cut into runs
+    env.config.decisions.layers.only = [1, 2, 3]
+    narrow = lookahead_candidates(incumbent, env)
+    assert narrow[f"{fact}/block0-{p['base']}"] == Recipe(base=fact, layers={1: p["base"], 2: p["base"]})
+    assert narrow[f"{fact}/block1-{p['base']}"] == Recipe(base=fact, layers={3: p["base"]})
+    env.config.decisions.layers.only = None
+
     # nothing tied on another boundary: the incumbent alone (its metrics reused, no evaluation)
     env.decisions = {
         "000-base": _zoo_decision(tiny_zoo, {**means, "spec_fact": 0.43, "spec_mc": 0.4}, "spec_add")

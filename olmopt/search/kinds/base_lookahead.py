@@ -42,11 +42,12 @@ INCUMBENT = "incumbent"
 
 def lookahead_candidates(incumbent: Recipe, env: SpaceEnv) -> dict[str, Recipe]:
     """label -> Recipe: the incumbent (the base winner), then for each tied candidate with a boundary of
-    its own (best search mean first) each other pool model in each run of adjacent layers on it
-    (``CANDIDATE/block{i}-{DONOR}``)."""
-    blocks = env.config.decisions.base.lookahead
+    its own (best search mean first) each other pool model in each run of adjacent searched layers
+    (``decisions.layers.only``, else every layer) on it (``CANDIDATE/block{i}-{DONOR}``)."""
+    config = env.config
     offer = tied_boundaries(env, incumbent.base)
-    runs = layer_runs(list(range(env.adapter.num_layers)), blocks)
+    layers = sorted(config.decisions.layers.only or range(env.adapter.num_layers))
+    runs = layer_runs(layers, config.decisions.base.lookahead)
     candidates = {INCUMBENT: incumbent}
     for base in offer.offered[1:]:
         for i, run in enumerate(runs):
