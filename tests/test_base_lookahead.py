@@ -37,6 +37,7 @@ def test_layer_runs_cut_adjacent_layers_larger_runs_first() -> None:
 def _lookahead_env(tiny_zoo: Path, tmp_path: Path, means: dict[str, float], winner: str) -> Any:
     env = _env(tiny_zoo, tmp_path, None)
     env.config.decisions.base.lookahead = 2
+    env.config.decisions.layers.n_trials = 30  # 24 beyond its 6 warm starts: three tied bases
     env.decisions = {"000-base": _zoo_decision(tiny_zoo, means, winner)}
     return env
 
@@ -62,7 +63,25 @@ def test_candidates_are_each_donors_runs_on_the_tied_boundaries_of_their_own(
     space = lookahead_space(Stage(1, "base-lookahead"), incumbent, env)
     assert space.significant_boundary_switch and space.budget is None
     assert [label for label, _ in space.enqueue] == list(candidates)
-    assert space.details is not None and space.details({}) == {"lookahead_bases": [fact]}
+    assert space.details is not None
+    assert space.details({}) == {"lookahead_bases": [fact], "lookahead_skipped": []}
+
+    # a joint stage of 10 evaluations has 4 beyond its 6 warm starts (incumbent, 5 whole models): too few
+    # for one base's 8, so the lookahead skips spec_fact; with block warm starts (+10) even 20 are too few
+    from olmopt.search.kinds.base_lookahead import affordable
+
+    config = env.config
+    assert affordable(config, 5) == 24
+    config.decisions.layers.n_trials = 10
+    assert affordable(config, 5) == 4 and list(lookahead_candidates(incumbent, env)) == [INCUMBENT]
+    skipped = lookahead_space(Stage(1, "base-lookahead"), incumbent, env).details
+    assert skipped is not None and skipped({}) == {"lookahead_bases": [], "lookahead_skipped": [fact]}
+    config.decisions.layers.n_trials, config.decisions.layers.warm_blocks = 20, 2
+    assert affordable(config, 5) == 20 - 16 and len(lookahead_candidates(incumbent, env)) == 1
+    config.decisions.layers.n_trials, config.decisions.layers.warm_blocks = 30, 1
+    config.decisions.layers.mode = "off"  # no joint stage: nothing pays, nothing is capped
+    assert affordable(config, 5) is None and len(lookahead_candidates(incumbent, env)) == 9
+    config.decisions.layers.mode = "joint"
 
     # only the searched layers are cut into runs
     env.config.decisions.layers.only = [1, 2, 3]

@@ -16,7 +16,9 @@ The stage's selection picks the best candidate, and one on another boundary stan
 best candidate on the winner's boundary (the winner) on the search and held-out items together
 (``StageSpace.significant_boundary_switch``, search/boundary_switch.py); otherwise the winner stays and
 the joint stage runs as it would have. The evaluations the lookahead spent come out of the joint layer
-stage's budget (``lookahead_spent``), so the campaign's evaluation count does not grow.
+stage's budget (``lookahead_spent``), so the campaign's evaluation count does not grow: the lookahead
+takes only as many tied bases as that budget pays for beyond the joint stage's warm starts, which are
+evaluated whatever its budget (``affordable``); the others are recorded as skipped.
 """
 
 from __future__ import annotations
@@ -40,16 +42,39 @@ STAGE_KIND = "base-lookahead"
 INCUMBENT = "incumbent"
 
 
+def affordable(config: StudyConfig, pool_size: int) -> int | None:
+    """Evaluations the joint layer stage can give the lookahead: its budget less its warm starts (the
+    incumbent, and with ``warm_start`` each pool model's whole model and each of its ``warm_blocks`` runs),
+    which it evaluates whatever its budget; None without a joint layer stage (nothing pays)."""
+    layers = config.decisions.layers
+    budget = layers.n_trials if layers.mode == "joint" else layers.then_joint
+    if not budget:
+        return None
+    starts = 1 + (
+        pool_size * (1 + (layers.warm_blocks if layers.warm_blocks > 1 else 0)) if layers.warm_start else 0
+    )
+    return max(0, budget - starts)
+
+
+def lookahead_bases(incumbent: Recipe, env: SpaceEnv) -> tuple[list[str], list[str]]:
+    """(looked at, skipped): the tied candidates with a boundary of their own, best search mean first, as
+    many as ``affordable`` pays for ((pool size - 1) x N evaluations each), and the rest."""
+    offered = tied_boundaries(env, incumbent.base).offered[1:]
+    cost = (len(env.pool_names) - 1) * env.config.decisions.base.lookahead
+    limit = affordable(env.config, len(env.pool_names))
+    n = len(offered) if limit is None else min(len(offered), limit // cost)
+    return offered[:n], offered[n:]
+
+
 def lookahead_candidates(incumbent: Recipe, env: SpaceEnv) -> dict[str, Recipe]:
-    """label -> Recipe: the incumbent (the base winner), then for each tied candidate with a boundary of
-    its own (best search mean first) each other pool model in each run of adjacent searched layers
-    (``decisions.layers.only``, else every layer) on it (``CANDIDATE/block{i}-{DONOR}``)."""
+    """label -> Recipe: the incumbent (the base winner), then for each looked-at base (``lookahead_bases``)
+    each other pool model in each run of adjacent searched layers (``decisions.layers.only``, else every
+    layer) on it (``CANDIDATE/block{i}-{DONOR}``)."""
     config = env.config
-    offer = tied_boundaries(env, incumbent.base)
     layers = sorted(config.decisions.layers.only or range(env.adapter.num_layers))
     runs = layer_runs(layers, config.decisions.base.lookahead)
     candidates = {INCUMBENT: incumbent}
-    for base in offer.offered[1:]:
+    for base in lookahead_bases(incumbent, env)[0]:
         for i, run in enumerate(runs):
             for donor in env.pool_names:
                 if donor != base:
@@ -77,9 +102,10 @@ def lookahead_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> St
         label = str(trial.suggest_categorical("candidate", list(candidates)))
         return label, candidates[label]
 
-    def details(_trials: dict[str, Any]) -> dict[str, Any]:
-        bases = sorted({r.base for label, r in candidates.items() if label != INCUMBENT})
-        return {"lookahead_bases": bases}
+    looked, skipped = lookahead_bases(incumbent, env)
+
+    def details(_trials: dict[str, Any]) -> dict[str, Any]:  # skipped: the joint stage could not pay
+        return {"lookahead_bases": looked, "lookahead_skipped": skipped}
 
     return StageSpace(
         decode=decode,
