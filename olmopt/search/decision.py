@@ -137,3 +137,9 @@ class Decision:
             for name, value in cand.metrics.items():
                 out.setdefault(name, {})[label] = value
         return out
+
+
+def decision_of_kind(decisions: dict[str, Decision], kind: str) -> Decision | None:
+    """The decision of the campaign's stage of ``kind`` that has no target (stage key ``NNN-KIND``, such as
+    ``000-base``) among ``decisions`` (by stage key); None when that stage is not decided."""
+    return next((d for key, d in decisions.items() if key.partition("-")[2] == kind), None)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from olmopt.confidence import mean_with_interval, proportion_counts
+from olmopt.search.decision import decision_of_kind
 
 if TYPE_CHECKING:
     from olmopt.pool.adapter import ArchitectureAdapter
@@ -88,7 +89,7 @@ def tied_boundaries(env: SpaceEnv, own: str) -> BoundaryOffer:
     incumbent's parameter-space merge (``@merge``), whose boundary is no pool model's."""
     from olmopt.search.context import directions_of
 
-    base = next((d for key, d in env.decisions.items() if key.partition("-")[2] == "base"), None)
+    base = decision_of_kind(env.decisions, "base")
     tied: dict[str, float] = {}
     if base is not None:
         metric_of = {o.name: o.metric for o in env.context.objectives}

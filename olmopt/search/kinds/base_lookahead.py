@@ -26,9 +26,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from olmopt.recipe import Recipe
+from olmopt.search.decision import Decision, decision_of_kind
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
-from olmopt.search.kinds.swap import layer_runs
+from olmopt.search.kinds.swap import layer_runs, searched_layers
 from olmopt.search.tied_boundaries import tied_boundaries
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
     from olmopt.config import StudyConfig
     from olmopt.pool.adapter import ArchitectureAdapter
-    from olmopt.search.decision import Decision
 
 STAGE_KIND = "base-lookahead"
 INCUMBENT = "incumbent"
@@ -71,8 +71,7 @@ def lookahead_candidates(incumbent: Recipe, env: SpaceEnv) -> dict[str, Recipe]:
     each other pool model in each run of adjacent searched layers (``decisions.layers.only``, else every
     layer) on it (``CANDIDATE/block{i}-{DONOR}``)."""
     config = env.config
-    layers = sorted(config.decisions.layers.only or range(env.adapter.num_layers))
-    runs = layer_runs(layers, config.decisions.base.lookahead)
+    runs = layer_runs(searched_layers(config, env.adapter), config.decisions.base.lookahead)
     candidates = {INCUMBENT: incumbent}
     for base in lookahead_bases(incumbent, env)[0]:
         for i, run in enumerate(runs):
@@ -87,7 +86,7 @@ def lookahead_candidates(incumbent: Recipe, env: SpaceEnv) -> dict[str, Recipe]:
 def lookahead_spent(decisions: dict[str, Decision]) -> int:
     """Evaluations the campaign's ``base-lookahead`` stage spent (its candidates, those stopped early
     included, less the incumbent, whose metrics it reused); 0 without one."""
-    stage = next((d for key, d in decisions.items() if key.partition("-")[2] == STAGE_KIND), None)
+    stage = decision_of_kind(decisions, STAGE_KIND)
     if stage is None:
         return 0
     return len((set(stage.candidates) | set(stage.pruned)) - {INCUMBENT})

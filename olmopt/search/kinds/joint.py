@@ -15,6 +15,7 @@ from olmopt.search.kinds.swap import (
     donor_pool,
     incumbent_of,
     layer_runs,
+    searched_layers,
     tensor_units,
 )
 from olmopt.search.tied_boundaries import BoundaryOffer, tied_boundaries
@@ -36,7 +37,7 @@ def joint_slots(
     """Parameter names of a joint stage: ``layer.{i}`` or ``unit.{name}``, and ``boundary`` in the layer
     stage when ``decisions.boundary`` is joint (``joint_choices`` leaves it out when it offers one donor)."""
     if stage.kind == "joint-layers":
-        layers = [f"layer.{i}" for i in sorted(config.decisions.layers.only or range(adapter.num_layers))]
+        layers = [f"layer.{i}" for i in searched_layers(config, adapter)]
         return [BOUNDARY_SLOT, *layers] if config.decisions.boundary.mode == "joint" else layers
     return [f"unit.{u}" for u in tensor_units(config, adapter, param_names)]
 

@@ -110,6 +110,11 @@ def current_donor(incumbent: Recipe, slot: str, adapter: ArchitectureAdapter) ->
     return default
 
 
+def searched_layers(config: StudyConfig, adapter: ArchitectureAdapter) -> list[int]:
+    """The layer indices the layer decision searches: ``decisions.layers.only``, else every layer."""
+    return sorted(config.decisions.layers.only or range(adapter.num_layers))
+
+
 def layer_runs(layers: list[T], blocks: int) -> list[list[T]]:
     """``layers`` cut into ``blocks`` runs of adjacent ones (fewer when there are fewer layers), the lower
     ones first, sizes differing by at most one and the larger runs first."""
