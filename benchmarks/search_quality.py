@@ -138,6 +138,8 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         # the main job before session 23: its joint layer stage warm-started with whole models only
         # (layers.warm_blocks: 1; the main job's lower and upper halves of each donor left out)
         "main-job-whole-starts": {**main_job_at(budget, n_layers, n_pool), "warm_blocks": 1},
+        # the main job of sessions 19-22, before both: whole-model warm starts only and no lookahead
+        "main-job-s22": {**main_job_at(budget, n_layers, n_pool, base={"mode": "auto"}), "warm_blocks": 1},
         # the main job whose TPE samplers start guided right after the joint stage's warm starts (the
         # incumbent and each pool model's whole model): no random start-up trials there (4 of 10 before);
         # measured in session 20: the main job's figures (BENCHMARKS.md)
