@@ -152,6 +152,8 @@ def test_main_job_strategy_is_the_study_file_at_the_budget(sq: ModuleType) -> No
     assert study["decisions"]["base"] == {"mode": "auto", "lookahead": 2}
     before = plans["main-job-no-lookahead"]  # the main job before session 25: the same budget
     assert before == {**main, "_decisions": {**main["_decisions"], "base": {"mode": "auto"}}}
+    # the main job of sessions 19-22 (session 21's Intel file): whole-model warm starts, no lookahead
+    assert plans["main-job-s22"] == {**before, "warm_blocks": 1} and main["warm_blocks"] == 2
     layers_only = plans["main-job-layers"]
     assert layers_only["_decisions"] == {"base": study["decisions"]["base"], "merge": {"mode": "off"}}
     assert layers_only["n_trials"] == 100 - 5 - polish
