@@ -135,8 +135,8 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         "main-job+yield": main_job_at(
             budget, n_layers, n_pool, merge={**challenge_decision(), "yield_to_layers": True}
         ),
-        # the main job before session 23: its joint layer stage warm-started with whole models only
-        # (layers.warm_blocks: 1; the main job's lower and upper halves of each donor left out)
+        # the main job with its joint layer stage warm-started with whole models only (layers.warm_blocks:
+        # 1; the lower and upper halves of each donor left out): before session 23, but with the lookahead
         "main-job-whole-starts": {**main_job_at(budget, n_layers, n_pool), "warm_blocks": 1},
         # the main job of sessions 19-22, before both: whole-model warm starts only and no lookahead
         "main-job-s22": {**main_job_at(budget, n_layers, n_pool, base={"mode": "auto"}), "warm_blocks": 1},
