@@ -130,23 +130,23 @@ def test_a_campaign_looks_ahead_switches_only_when_significant_and_resumes(
     from olmopt.search import trials as T
     from olmopt.search.campaign import Campaign
 
-    def short(name: str, **decisions: object) -> tuple[Path, str]:
+    def short(name: str, twin: bool, **decisions: object) -> tuple[Path, str]:
         path = study_file(tmp_path, tiny_zoo, name, **decisions)
         data = yaml.safe_load(path.read_text())
         for objective in data["objectives"]:
             objective["samples"] = 20
-        data["pool"]["models"] += [str(tmp_path / "twin")] if (tmp_path / "twin").exists() else []
+        data["pool"]["models"] += [str(tmp_path / "twin")] if twin else []
         path.write_text(yaml.safe_dump(data))
         return with_held_out(path), f"sqlite:///{tmp_path}/{name}.db"
 
-    probe, url = short("probe", base={"mode": "auto"}, layers={"mode": "off"})
+    probe, url = short("probe", False, base={"mode": "auto"}, layers={"mode": "off"})
     assert main(["study", "create", str(probe), "--storage", url]) == 0
     assert main(["study", "run", "probe", "--storage", url, "--quiet"]) == 0
     _twin(Path(Campaign.load("probe", url).decisions()["000-base"].recipe.base), tmp_path / "twin")
     layers = {"mode": "joint", "n_trials": 24, "warm_start": True, "sampler": "tpe"}
     outcomes = []
     for name, interrupt in (("straight", False), ("resumed", True)):
-        path, url = short(name, base={"mode": "auto", "lookahead": 2}, layers=layers)
+        path, url = short(name, True, base={"mode": "auto", "lookahead": 2}, layers=layers)
         assert main(["study", "create", str(path), "--storage", url]) == 0
         if interrupt:
             proc = cli.start("study", "run", name, "--storage", url, "--quiet")

@@ -66,14 +66,17 @@ def lookahead_bases(incumbent: Recipe, env: SpaceEnv) -> tuple[list[str], list[s
     return offered[:n], offered[n:]
 
 
-def lookahead_candidates(incumbent: Recipe, env: SpaceEnv) -> dict[str, Recipe]:
-    """label -> Recipe: the incumbent (the base winner), then for each looked-at base (``lookahead_bases``)
-    each other pool model in each run of adjacent searched layers (``decisions.layers.only``, else every
-    layer) on it (``CANDIDATE/block{i}-{DONOR}``)."""
+def lookahead_candidates(
+    incumbent: Recipe, env: SpaceEnv, bases: list[str] | None = None
+) -> dict[str, Recipe]:
+    """label -> Recipe: the incumbent (the base winner), then for each looked-at base (``bases``, by default
+    ``lookahead_bases``'s, which reads every pool model's boundary) each other pool model in each run of
+    adjacent searched layers (``decisions.layers.only``, else every layer) on it
+    (``CANDIDATE/block{i}-{DONOR}``)."""
     config = env.config
     runs = layer_runs(searched_layers(config, env.adapter), config.decisions.base.lookahead)
     candidates = {INCUMBENT: incumbent}
-    for base in lookahead_bases(incumbent, env)[0]:
+    for base in lookahead_bases(incumbent, env)[0] if bases is None else bases:
         for i, run in enumerate(runs):
             for donor in env.pool_names:
                 if donor != base:
@@ -95,13 +98,12 @@ def lookahead_spent(decisions: dict[str, Decision]) -> int:
 def lookahead_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
     """Every lookahead candidate, enqueued; the switch to another boundary needs significance."""
     assert incumbent is not None
-    candidates = lookahead_candidates(incumbent, env)
+    looked, skipped = lookahead_bases(incumbent, env)
+    candidates = lookahead_candidates(incumbent, env, looked)
 
     def decode(trial: Trial) -> tuple[str, Recipe]:
         label = str(trial.suggest_categorical("candidate", list(candidates)))
         return label, candidates[label]
-
-    looked, skipped = lookahead_bases(incumbent, env)
 
     def details(_trials: dict[str, Any]) -> dict[str, Any]:  # skipped: the joint stage could not pay
         return {"lookahead_bases": looked, "lookahead_skipped": skipped}
