@@ -66,17 +66,28 @@ def param_sources(recipe: Recipe, adapter: ArchitectureAdapter, param_names: lis
     return sources
 
 
-def model_key(recipe: Recipe, adapter: ArchitectureAdapter, param_names: list[str]) -> str:
+def model_key(
+    recipe: Recipe, adapter: ArchitectureAdapter, param_names: list[str], pool: ModelPool | None = None
+) -> str:
     """A key equal for two Recipes exactly when they describe the same weights.
 
-    ``layers={3: base}`` and no entry for layer 3 give the same key; recipes that change the
-    architecture (fusion, data-flow paths) are keyed by their JSON.
+    ``layers={3: base}`` and no entry for layer 3 give the same key. With ``pool`` a pool model's tensor
+    is named by its content (``ModelPool.digest``), so donors whose layer holds the same weights give the
+    same key (a layer specialist trained in its own layers only carries its base's elsewhere); without
+    it, by the donor's name. Recipes that change the architecture (fusion, data-flow paths) are keyed by
+    their JSON.
     """
     if recipe.fusion or recipe.dfs:
         return "json:" + recipe.to_json()
     sources = param_sources(recipe, adapter, param_names)
-    text = repr(sorted((name, repr(source)) for name, source in sources.items()))
-    return "sources:" + hashlib.sha256(text.encode()).hexdigest()
+    if pool is None:
+        text = repr(sorted((name, repr(source)) for name, source in sources.items()))
+        return "sources:" + hashlib.sha256(text.encode()).hexdigest()
+    named = {
+        name: (pool.digest(donor, name) if isinstance(donor, str) else repr(donor), repr(steps))
+        for name, (donor, steps) in sources.items()
+    }
+    return "content:" + hashlib.sha256(repr(sorted(named.items())).encode()).hexdigest()
 
 
 def shared_prefix_depth(

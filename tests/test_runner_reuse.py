@@ -47,6 +47,50 @@ def test_model_key_is_equal_exactly_for_the_same_weights(family: dict[str, Path]
     assert key(Recipe(base=a, es=(s1, s2))) != key(Recipe(base=a, es=(s2, s1)))
 
 
+def _splice(donor: Path, other: Path, layer: int, out: Path) -> Path:
+    """A copy of ``donor`` whose layer ``layer`` is ``other``'s, bit for bit (a layer specialist trained in
+    its own layers only)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(donor, out)
+    tensors = load_file(out / "model.safetensors")
+    theirs = load_file(other / "model.safetensors")
+    prefix = f"model.layers.{layer}."
+    tensors.update({k: v for k, v in theirs.items() if k.startswith(prefix)})
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_content_keys_name_equal_layers_of_different_donors_as_one_model(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    spec = _splice(family["b"], family["a"], 0, tmp_path / "spec")  # b, with a's layer 0
+    pool = ModelPool([str(family["a"]), str(family["b"]), str(spec)])
+    a, b, s = pool.names
+    names = WorkingModel(pool, a, device="cpu").param_names
+    by_name = lambda r: model_key(r, pool.adapter, names)  # noqa: E731
+    by_content = lambda r: model_key(r, pool.adapter, names, pool)  # noqa: E731
+    layer0 = [n for n in names if n.startswith("model.layers.0.")]
+    assert layer0 and all(pool.digest(s, n) == pool.digest(a, n) for n in layer0)
+    up = "model.layers.{}.mlp.up_proj.weight"  # the noise of make_family leaves the norms' ones alike
+    assert pool.digest(s, up.format(0)) != pool.digest(b, up.format(0))
+    assert pool.digest(s, up.format(1)) == pool.digest(b, up.format(1)) != pool.digest(a, up.format(1))
+    same = [
+        (Recipe(base=a, layers={0: s}), Recipe(base=a)),  # s's layer 0 is a's
+        (Recipe(base=s), Recipe(base=b, layers={0: a})),
+        (Recipe(base=a, layers={1: s, 2: b}), Recipe(base=a, layers={1: b, 2: s})),
+    ]
+    for one, other in same:
+        assert by_content(one) == by_content(other)
+        assert by_name(one) != by_name(other)
+    assert by_content(Recipe(base=a, layers={1: s})) != by_content(Recipe(base=a))
+    step = EsStep(unit="model.layers.0.mlp.up_proj", kind="norm", sigma=0.1, seed=1)
+    assert by_content(Recipe(base=s, es=(step,))) == by_content(Recipe(base=b, layers={0: a}, es=(step,)))
+    assert by_content(Recipe(base=s, es=(step,))) != by_content(Recipe(base=s))
+
+
 def test_kept_candidate_reuses_the_incumbents_metrics(family: dict[str, Path], tmp_path: Path) -> None:
     study = tmp_path / "reuse.yaml"
     study.write_text(
@@ -84,6 +128,44 @@ def test_kept_candidate_reuses_the_incumbents_metrics(family: dict[str, Path], t
             assert d.held_out == previous.held_out
         previous = d
     assert reused == len(campaign.plan) - 1  # one per layer stage
+
+
+def test_a_donor_with_the_incumbents_weights_in_a_layer_costs_no_evaluation(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    spec = _splice(family["b"], family["a"], 0, tmp_path / "spec")  # b, with a's layer 0
+    study = tmp_path / "reuse.yaml"
+    study.write_text(
+        f"name: reuse\npool: {{models: [{family['a']}, {family['b']}, {spec}]}}\n"
+        f"objectives:\n  - {{dataset: {family['data']}, metric: perplexity, name: ppl}}\n"
+        "decisions: {layers: {mode: greedy}, boundary: {mode: off}}\n"
+        "evaluation: {batch_size: 8}\n"
+    )
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["study", "create", str(study), "--storage", url]) == 0
+    assert main(["study", "run", "reuse", "--storage", url, "--quiet"]) == 0
+    campaign = Campaign.load("reuse", url)
+    decisions = campaign.decisions()
+    pool = ModelPool([str(family["a"]), str(family["b"]), str(spec)])
+    names = WorkingModel(pool, pool.names[0], device="cpu").param_names
+    previous = decisions["000-base"]
+    other_names = 0  # reused candidates that name other donors than the incumbent's
+    for stage in campaign.plan[1:]:
+        study_ = campaign.existing_stage_study(stage)
+        assert study_ is not None
+        for t in study_.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+            recipe = Recipe.from_json(t.user_attrs[T.RECIPE_ATTR])
+            same = model_key(recipe, pool.adapter, names, pool) == model_key(
+                previous.recipe, pool.adapter, names, pool
+            )
+            assert ("reused" in t.user_attrs) == same
+            if same:
+                assert t.values == [previous.metrics["ppl"]]
+                other_names += model_key(recipe, pool.adapter, names) != model_key(
+                    previous.recipe, pool.adapter, names
+                )
+        previous = decisions[stage.key]
+    assert other_names >= 1  # whichever base wins, one layer of another donor holds its weights
 
 
 def test_result_attrs_and_constraints_land_in_one_write(tmp_path: Path) -> None:

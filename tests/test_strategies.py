@@ -16,7 +16,7 @@ from olmopt.recipe import Recipe
 from olmopt.search.api import campaign_status
 from olmopt.search.plan import Stage, greedy_candidates, layer_slots, plan_stages, prefix_layer
 from olmopt.search.seeding import TrialSeeded
-from tests.test_study import study_file
+from tests.test_study import ZOO_MODELS, study_file
 
 
 def _config(**layers: object) -> StudyConfig:
@@ -142,7 +142,7 @@ def test_a_joint_boundary_reaches_the_base_from_a_specialist_base(tiny_zoo: Path
     pool = open_pool(config)
     names = list(pool[base].checkpoint.keys())
     env = SimpleNamespace(
-        config=config, pool_names=pool.names, adapter=pool.adapter, param_names=names, decisions={}
+        config=config, pool_names=pool.names, adapter=pool.adapter, param_names=names, decisions={}, pool=pool
     )
     stage = Stage(1, "joint-layers", "", 4, 1)
     space = joint_space(stage, Recipe(base=spec_add), env)  # type: ignore[arg-type]
@@ -246,10 +246,23 @@ def _evaluated(url: str, study_name: str) -> tuple[int, int]:
     return sum("reused" not in t.user_attrs for t in done), len(done)
 
 
+def _distinct_layers(zoo: Path, layer: int) -> set[tuple[str, ...]]:
+    """The distinct sets of weights the tiny zoo's models hold in ``layer`` (``ModelPool.digest``)."""
+    from olmopt.pool.model_pool import ModelPool
+
+    pool = ModelPool([str(zoo / m) for m in ZOO_MODELS])
+    stored = pool[pool.names[0]].checkpoint.keys()
+    names = [n for n in stored if pool.adapter.layer_of(n) == layer]
+    return {tuple(pool.digest(m, n) for n in names) for m in pool.names}
+
+
 def test_joint_budget_counts_evaluations_and_repeats_are_free(tiny_zoo: Path, tmp_path: Path) -> None:
-    """Layer 3 alone has 5 possible recipes: the warm start enqueues all of them, the incumbent is the
-    base stage's model, so 4 evaluations exhaust the space; the sampler's repeats cost nothing and the
-    stage stops after 3 x budget trials."""
+    """Layer 3 alone has one recipe per distinct set of its weights among the five donors (4: spec_mc is
+    trained in layers 0-1 only, so its layer 3 is the base's): the warm start enqueues them all, the
+    incumbent is the base stage's model, so 3 evaluations exhaust the space; the sampler's repeats cost
+    nothing and the stage stops after 3 x budget trials."""
+    distinct = len(_distinct_layers(tiny_zoo, 3))
+    assert distinct == 4
     url = f"sqlite:///{tmp_path}/s.db"
     path = study_file(
         tmp_path,
@@ -260,10 +273,11 @@ def test_joint_budget_counts_evaluations_and_repeats_are_free(tiny_zoo: Path, tm
     assert main(["study", "create", str(path), "--storage", url]) == 0
     assert main(["study", "run", "repeat", "--storage", url, "--quiet"]) == 0
     evaluated, complete = _evaluated(url, "repeat/001-joint-layers")
-    assert (evaluated, complete) == (4, 18)
+    assert (evaluated, complete) == (distinct - 1, 18)
     study = optuna.load_study(study_name="repeat/001-joint-layers", storage=url)
-    labels = {t.user_attrs["candidate"] for t in study.trials}
-    assert {"incumbent", "all-" + str(tiny_zoo / "spec_mc")} <= labels
+    offered = {t.params["layer.3"] for t in study.trials}
+    assert len(offered) == distinct  # one donor per distinct set of weights, each tried
+    assert "incumbent" in {t.user_attrs["candidate"] for t in study.trials}
 
 
 def test_a_sweep_after_one_that_changed_nothing_costs_nothing(tiny_zoo: Path, tmp_path: Path) -> None:
@@ -275,11 +289,13 @@ def test_a_sweep_after_one_that_changed_nothing_costs_nothing(tiny_zoo: Path, tm
     first = _evaluated(url, "sweeps/001-layer-3")
     second = _evaluated(url, "sweeps/002-layer-3-pass2")
     third = _evaluated(url, "sweeps/003-layer-3-pass3")
-    assert first[0] >= 4  # the four other donors were evaluated
-    # one slot: the second sweep searches again only if the first changed it (then the base's and the
-    # incumbent's versions are reused, 3 donors are evaluated), the third never does
+    distinct = len(_distinct_layers(tiny_zoo, 3))
+    # every donor with weights of its own in layer 3 was evaluated; the one holding the incumbent's is not
+    assert first == (distinct - 1, 5)
+    # one slot: the second sweep searches again only if the first changed it (then the base stage's and
+    # the incumbent's layer 3 are reused, the other donors are evaluated), the third never does
     changed = stages["001-layer-3"]["winner"] != str(tiny_zoo / "base")
-    assert second[0] == (3 if changed else 0)
+    assert second[0] == (distinct - 2 if changed else 0)
     assert third == (0, 1)
 
 

@@ -10,8 +10,9 @@ import pytest
 from olmopt.config import StudyConfig
 from olmopt.pool.adapter import ArchitectureAdapter
 from olmopt.recipe import Recipe
-from olmopt.search.kinds.joint import block_starts, joint_space
+from olmopt.search.kinds.joint import JointChoices, block_starts, joint_space
 from olmopt.search.plan import Stage
+from olmopt.search.tied_boundaries import BoundaryOffer
 from olmopt.testing.kinds import NamesEnv
 
 POOL = ["base", "a", "b"]
@@ -68,9 +69,9 @@ def test_blocks_follow_only_and_keep_the_incumbents_other_slots() -> None:
 
 def test_one_block_adds_nothing_and_more_blocks_than_layers_give_one_layer_each() -> None:
     keep = {"layer.0": "a", "layer.1": "a"}
-    choices = dict.fromkeys(keep, POOL)
-    assert block_starts(choices, keep, POOL, 1) == []
-    starts = dict(block_starts(choices, keep, POOL, 4))
+    joint = JointChoices(dict.fromkeys(keep, POOL), {}, BoundaryOffer(offered=[]))
+    assert block_starts(joint, keep, POOL, 1) == []
+    starts = dict(block_starts(joint, keep, POOL, 4))
     assert set(starts) == {f"block{i}-{d}" for i in (0, 1) for d in POOL}
     assert starts["block1-b"] == {"layer.0": "a", "layer.1": "b"}
 

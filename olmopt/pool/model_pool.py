@@ -6,6 +6,7 @@ Tensors are read from safetensors on demand (mmap) and kept in an LRU cache boun
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ class ModelPool:
         self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._cache_bytes = 0
         self.cache_limit = cache_bytes
+        self._digests: dict[tuple[str, str], str] = {}
 
     @property
     def names(self) -> list[str]:
@@ -103,6 +105,17 @@ class ModelPool:
                 _, old = self._cache.popitem(last=False)
                 self._cache_bytes -= old.numel() * old.element_size()
         return tensor
+
+    def digest(self, model: str, param_name: str) -> str:
+        """SHA-256 of a donor tensor as stored (dtype, shape and bytes), read once past the cache and
+        remembered: two pool models with the same digest give that parameter the same weights."""
+        key = (model, self.adapter.storage_name(param_name))
+        if key not in self._digests:
+            tensor = self.tensor(model, param_name, cache=False).detach().cpu().contiguous()
+            digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._digests[key] = digest.hexdigest()
+        return self._digests[key]
 
     def check_homology(self) -> None:
         """Raise a one-line ModelError for the first structural or vocabulary mismatch."""

@@ -144,7 +144,7 @@ class CampaignRunner:
     def keys(self) -> ModelKeys:
         """Model identity (``patch.model_key``) for this campaign's architecture."""
         if self._keys is None:
-            self._keys = ModelKeys(self.env.adapter, self.env.param_names)
+            self._keys = ModelKeys(self.env.adapter, self.env.param_names, self.env.pool)
         return self._keys
 
     @property

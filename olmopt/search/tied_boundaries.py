@@ -68,17 +68,13 @@ def tied_with_winner(
 
 
 def boundary_digest(pool: ModelPool, adapter: ArchitectureAdapter, param_names: list[str], model: str) -> str:
-    """SHA-256 of ``model``'s boundary tensors (every parameter outside the layers: embeddings, final
-    norm, an untied head) as stored, so two models with the same boundary weights share a digest. Read
-    from the checkpoint, past the pool's tensor cache, which is kept for the tensors candidates patch in."""
-    import torch
-
+    """SHA-256 over ``model``'s boundary tensors' digests (``ModelPool.digest``: every parameter outside
+    the layers, that is embeddings, final norm and an untied head), so two models with the same boundary
+    weights share it."""
     digest = hashlib.sha256()
     for name in param_names:
         if adapter.layer_of(name) is None:
-            tensor = pool.tensor(model, name, cache=False)
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(f"{name}|{pool.digest(model, name)}|".encode())
     return digest.hexdigest()
 
 

@@ -3,8 +3,10 @@ donor at once, within a budget of evaluations (docs/strategies.md)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from olmopt.search.equal_donors import distinct_donors
 from olmopt.search.kind import DecisionKind, Extension, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
 from olmopt.search.kinds.base_lookahead import lookahead_spent
@@ -42,15 +44,34 @@ def joint_slots(
     return [f"unit.{u}" for u in tensor_units(config, adapter, param_names)]
 
 
-def joint_choices(
-    stage: Stage, incumbent: Recipe, env: SpaceEnv
-) -> tuple[dict[str, list[str]], BoundaryOffer]:
-    """Each slot of a joint stage (``joint_slots`` order) with the donors it offers, and the boundary
-    slot's offer: every donor (``donors: all``), or the boundaries tied at the base decision
-    (``donors: tied``, search/tied_boundaries.py; the slot is left out when only the incumbent's is)."""
+@dataclass(frozen=True)
+class JointChoices:
+    """What a joint stage offers: ``slots`` (each slot, in ``joint_slots`` order, with its donors),
+    ``same_as`` (layer or unit slot -> donor -> the offered donor with its weights there) and the boundary
+    slot's ``offer``."""
+
+    slots: dict[str, list[str]]
+    same_as: dict[str, dict[str, str]]
+    offer: BoundaryOffer
+
+    def offered(self, slot: str, donor: str) -> str:
+        """The donor offered in ``slot`` for ``donor``'s weights there (a layer or unit slot)."""
+        return self.same_as.get(slot, {}).get(donor, donor)
+
+
+def joint_choices(stage: Stage, incumbent: Recipe, env: SpaceEnv) -> JointChoices:
+    """Each slot of a joint stage with the donors it offers: a layer or unit slot one donor per distinct
+    set of its weights (search/equal_donors.py); the boundary slot every donor (``donors: all``) or the
+    boundaries tied at the base decision (``donors: tied``, search/tied_boundaries.py; the slot is left
+    out when only the incumbent's is)."""
     slots = joint_slots(stage, env.config, env.adapter, env.param_names)
     donors = donor_pool(env.pool_names, incumbent)
     choices = {slot: donors for slot in slots}
+    same_as: dict[str, dict[str, str]] = {}
+    for slot in slots:
+        if slot != BOUNDARY_SLOT:
+            own = current_donor(incumbent, slot, env.adapter)
+            choices[slot], same_as[slot] = distinct_donors(slot, donors, own, env)
     offer = BoundaryOffer(offered=[])
     if BOUNDARY_SLOT in choices:
         own = current_donor(incumbent, BOUNDARY_SLOT, env.adapter)
@@ -62,7 +83,7 @@ def joint_choices(
             choices[BOUNDARY_SLOT] = offer.offered
         else:
             del choices[BOUNDARY_SLOT]
-    return choices, offer
+    return JointChoices(choices, same_as, offer)
 
 
 def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
@@ -72,7 +93,8 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
     try first. After a merge stage the donors include the PS merge (``donor_pool``). ``stage.n_trials``
     counts evaluations: a repeated suggestion is free."""
     assert incumbent is not None
-    choices, offer = joint_choices(stage, incumbent, env)
+    joint = joint_choices(stage, incumbent, env)
+    choices, offer = joint.slots, joint.offer
 
     def decode(trial: Trial) -> tuple[str, Recipe]:
         recipe = incumbent
@@ -87,11 +109,11 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
     if decision.warm_start:
         donors = donor_pool(env.pool_names, incumbent)
         for donor in donors:
-            params = dict.fromkeys(choices, donor)
+            params = {slot: joint.offered(slot, donor) for slot in choices}
             if BOUNDARY_SLOT in choices:
                 params[BOUNDARY_SLOT] = offer.same_as.get(donor, keep[BOUNDARY_SLOT])
             enqueue.append((f"all-{donor}", params))
-        enqueue += block_starts(choices, keep, donors, decision.warm_blocks)  # tensors: 1, none
+        enqueue += block_starts(joint, keep, donors, decision.warm_blocks)  # tensors: 1, none
         enqueue = [
             (label, params)
             for i, (label, params) in enumerate(enqueue)
@@ -122,16 +144,16 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
 
 
 def block_starts(
-    choices: dict[str, list[str]], keep: dict[str, str], donors: list[str], blocks: int
+    joint: JointChoices, keep: dict[str, str], donors: list[str], blocks: int
 ) -> list[tuple[str, dict[str, Any]]]:
     """Warm starts of contiguous blocks (``warm_blocks`` > 1): the layers cut into ``blocks`` runs of
-    adjacent layers (the lower ones first, sizes differing by at most one), and each donor in each run on
-    the incumbent's other slots (label ``block{i}-{donor}``; every layer slot offers ``donors``)."""
+    adjacent layers (the lower ones first, sizes differing by at most one), and each donor's weights in
+    each run on the incumbent's other slots (label ``block{i}-{donor}``)."""
     if blocks < 2:
         return []
-    runs = layer_runs([slot for slot in choices if slot.startswith("layer.")], blocks)
+    runs = layer_runs([slot for slot in joint.slots if slot.startswith("layer.")], blocks)
     return [
-        (f"block{i}-{donor}", {**keep, **dict.fromkeys(run, donor)})
+        (f"block{i}-{donor}", {**keep, **{slot: joint.offered(slot, donor) for slot in run}})
         for i, run in enumerate(runs)
         for donor in donors
     ]
@@ -166,7 +188,7 @@ def joint_distributions(stage: Stage, env: SpaceEnv) -> dict[str, CategoricalDis
 
     incumbent = incumbent_of(stage, env.decisions)
     assert incumbent is not None
-    choices, _ = joint_choices(stage, incumbent, env)
+    choices = joint_choices(stage, incumbent, env).slots
     return {slot: CategoricalDistribution(donors) for slot, donors in choices.items()}
 
 

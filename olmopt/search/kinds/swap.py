@@ -246,7 +246,7 @@ def previous_sweep_changed(stage: Stage, env: SpaceEnv) -> bool:
     if first is None or last is None or before is None:
         return True  # nothing to compare with: search
     recipes = [env.decisions[k].recipe for k in (before, last)]
-    keys_ = [model_key(r, env.adapter, env.param_names) for r in recipes]
+    keys_ = [model_key(r, env.adapter, env.param_names, env.pool) for r in recipes]
     return keys_[0] != keys_[1]
 
 
