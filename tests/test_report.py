@@ -271,11 +271,12 @@ def test_report_of_a_zoo_campaign_shows_intervals_computed_from_the_trials_items
             assert f'<td>{n}</td><td class="num">{diff:.4f}</td><td>[{low:.4g}, {high:.4g}]</td>' in page
         study = optuna.load_study(study_name=f"sig/{stage['key']}", storage=url)
         attrs = {t.user_attrs["candidate"]: t.user_attrs for t in study.get_trials() if t.values}
-        # the winner (the incumbent, its metrics reused) has the per-item values of its earlier evaluation
-        items = {
-            winner: unpack(decisions[stage["key"]].items["loss"]),
-            runner: unpack(attrs[runner]["i.loss"]),
-        }
+        # the winner (the incumbent, its metrics reused) has the per-item values of its earlier evaluation,
+        # and so has a runner-up with the same weights under another name (spec_mc holds the base's layers
+        # 0-1): its trial reused that decision's metrics
+        reused = attrs[runner].get("reused")
+        packed = decisions[reused].items["loss"] if reused else attrs[runner]["i.loss"]
+        items = {winner: unpack(decisions[stage["key"]].items["loss"]), runner: unpack(packed)}
         assert len(items[winner]) == 60 and set(items[winner]) == set(items[runner])
         boot = PairedBootstrap("loss", sorted(items[winner]))
         assert row["loss"]["interval"] == pytest.approx(list(boot.interval(items[runner], items[winner])))
