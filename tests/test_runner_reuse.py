@@ -91,11 +91,12 @@ def test_content_keys_name_equal_layers_of_different_donors_as_one_model(
     assert by_content(Recipe(base=s, es=(step,))) != by_content(Recipe(base=s))
 
 
-def test_kept_candidate_reuses_the_incumbents_metrics(family: dict[str, Path], tmp_path: Path) -> None:
+def _greedy_campaign(models: list[Path], data: Path, tmp_path: Path, held_out: str = "") -> tuple[Any, ...]:
+    """Run a greedy layer campaign over ``models``: (campaign, its decisions, the pool, parameter names)."""
     study = tmp_path / "reuse.yaml"
     study.write_text(
-        f"name: reuse\npool: {{models: [{family['a']}, {family['b']}, {family['c']}]}}\n"
-        f"objectives:\n  - {{dataset: {family['data']}, metric: perplexity, name: ppl, held_out: 0.25}}\n"
+        f"name: reuse\npool: {{models: [{', '.join(map(str, models))}]}}\n"
+        f"objectives:\n  - {{dataset: {data}, metric: perplexity, name: ppl{held_out}}}\n"
         "decisions: {layers: {mode: greedy}, boundary: {mode: off}}\n"
         "evaluation: {batch_size: 8}\n"
     )
@@ -103,9 +104,13 @@ def test_kept_candidate_reuses_the_incumbents_metrics(family: dict[str, Path], t
     assert main(["study", "create", str(study), "--storage", url]) == 0
     assert main(["study", "run", "reuse", "--storage", url, "--quiet"]) == 0
     campaign = Campaign.load("reuse", url)
-    decisions = campaign.decisions()
-    pool = ModelPool([str(family[n]) for n in "abc"])
-    names = WorkingModel(pool, pool.names[0], device="cpu").param_names
+    pool = ModelPool([str(m) for m in models])
+    return campaign, campaign.decisions(), pool, WorkingModel(pool, pool.names[0], device="cpu").param_names
+
+
+def test_kept_candidate_reuses_the_incumbents_metrics(family: dict[str, Path], tmp_path: Path) -> None:
+    models = [family[n] for n in "abc"]
+    campaign, decisions, pool, names = _greedy_campaign(models, family["data"], tmp_path, ", held_out: 0.25")
     previous = decisions["000-base"]
     reused = 0
     for stage in campaign.plan[1:]:
@@ -134,20 +139,8 @@ def test_a_donor_with_the_incumbents_weights_in_a_layer_costs_no_evaluation(
     family: dict[str, Path], tmp_path: Path
 ) -> None:
     spec = _splice(family["b"], family["a"], 0, tmp_path / "spec")  # b, with a's layer 0
-    study = tmp_path / "reuse.yaml"
-    study.write_text(
-        f"name: reuse\npool: {{models: [{family['a']}, {family['b']}, {spec}]}}\n"
-        f"objectives:\n  - {{dataset: {family['data']}, metric: perplexity, name: ppl}}\n"
-        "decisions: {layers: {mode: greedy}, boundary: {mode: off}}\n"
-        "evaluation: {batch_size: 8}\n"
-    )
-    url = f"sqlite:///{tmp_path}/s.db"
-    assert main(["study", "create", str(study), "--storage", url]) == 0
-    assert main(["study", "run", "reuse", "--storage", url, "--quiet"]) == 0
-    campaign = Campaign.load("reuse", url)
-    decisions = campaign.decisions()
-    pool = ModelPool([str(family["a"]), str(family["b"]), str(spec)])
-    names = WorkingModel(pool, pool.names[0], device="cpu").param_names
+    models = [family["a"], family["b"], spec]
+    campaign, decisions, pool, names = _greedy_campaign(models, family["data"], tmp_path)
     previous = decisions["000-base"]
     other_names = 0  # reused candidates that name other donors than the incumbent's
     for stage in campaign.plan[1:]:

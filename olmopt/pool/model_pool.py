@@ -113,7 +113,7 @@ class ModelPool:
         if key not in self._digests:
             tensor = self.tensor(model, param_name, cache=False).detach().cpu().contiguous()
             digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # no copy: ~1 s per GiB
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)  # no copy: about 1 s per GiB
             self._digests[key] = digest.hexdigest()
         return self._digests[key]
 
