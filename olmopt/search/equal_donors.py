@@ -37,11 +37,9 @@ def distinct_donors(
     if env.pool is None or not names:
         return list(donors), {d: d for d in donors}
 
-    def weights(donor: str) -> tuple[str, ...]:
-        return (donor,) if donor == MERGE_DONOR else tuple(env.pool.digest(donor, n) for n in names)
-
+    weights = {d: (d,) if d == MERGE_DONOR else tuple(env.pool.digest(d, n) for n in names) for d in donors}
     first: dict[tuple[str, ...], str] = {}
     for donor in sorted(donors, key=lambda d: d != own):  # own first, the rest in order
-        first.setdefault(weights(donor), donor)
-    same_as = {d: first[weights(d)] for d in donors}
+        first.setdefault(weights[donor], donor)
+    same_as = {d: first[weights[d]] for d in donors}
     return [d for d in donors if same_as[d] == d], same_as
