@@ -99,17 +99,21 @@ class BaseDecision(_Strict):
     evaluated, the best by the selection rule). ``lookahead`` = n > 1 (``auto`` only) adds the stage
     ``base-lookahead``: on each base candidate tied with the winner and with a boundary of its own, every
     other pool model in each of n runs of adjacent layers; a winner on another boundary must be
-    significantly better (search and held-out items) than the base winner. Its evaluations come out of the
-    joint layer stage's budget, where there is one (search/kinds/base_lookahead.py)."""
+    significantly better (search and held-out items) than the base winner, at ``switch_confidence``
+    (default ``selection.confidence``). Its evaluations come out of the joint layer stage's budget, where
+    there is one (search/kinds/base_lookahead.py)."""
 
     mode: Literal["fixed", "auto"] = "fixed"
     model: str | None = None
     lookahead: int = Field(0, ge=0, le=8)
+    switch_confidence: float | None = Field(None, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _lookahead(self) -> BaseDecision:
         if self.lookahead == 1:
             raise ValueError("lookahead: 1 run of layers is the whole model, already evaluated; use 0 or 2-8")
+        if self.switch_confidence is not None and not self.lookahead:
+            raise ValueError("switch_confidence is the lookahead's boundary switch level: needs lookahead")
         if self.lookahead and self.mode != "auto":
             raise ValueError(
                 "lookahead looks ahead from the base decision's tied candidates: needs mode auto"
@@ -128,8 +132,10 @@ class SwapDecision(_Strict):
     after one that changed nothing costs no evaluation. ``then_joint`` > 0 adds a joint stage of that many
     evaluations after the greedy sweeps, warm-started with their winner. Joint: ``warm_start`` enqueues
     the incumbent and each donor's whole model first, and with ``warm_blocks`` = n > 1 (layers only) each
-    donor in each of n runs of adjacent layers on the incumbent (n = 2: the lower and the upper half);
-    ``sampler`` overrides the campaign's sampler;
+    donor in each of n runs of adjacent layers on the incumbent (n = 2: the lower and the upper half),
+    and with ``warm_own`` (layers only) each partial fine-tune's own layers on the incumbent (the layers
+    whose weights no other pool model has; search/equal_donors.py); ``sampler`` overrides the campaign's
+    sampler;
     ``polish`` > 0 adds that many greedy sweeps over single slots after the joint stage, starting from its
     winner (a model-based search rarely pins every slot; one swap at a time does, and a slot whose
     candidates repeat known weights costs nothing; search/kinds/polish.py).
@@ -146,6 +152,7 @@ class SwapDecision(_Strict):
     polish: int = Field(0, ge=0, le=20)
     warm_start: bool = True
     warm_blocks: int = Field(1, ge=1, le=8)
+    warm_own: bool = False
     sampler: JointSampler | None = None
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
@@ -158,6 +165,8 @@ class SwapDecision(_Strict):
             )
         if self.warm_blocks > 1 and not (self.mode == "joint" and self.warm_start):
             raise ValueError("warm_blocks (warm starts of a joint stage) needs mode: joint and warm_start")
+        if self.warm_own and not (self.mode == "joint" and self.warm_start):
+            raise ValueError("warm_own (warm starts of a joint stage) needs mode: joint and warm_start")
         return self
 
     @field_validator("windows")
@@ -513,6 +522,8 @@ class StudyConfig(_Strict):
             raise ValueError("decisions.tensors.windows: blocks are layer windows; tensor units take [1]")
         if self.decisions.tensors.warm_blocks != 1:
             raise ValueError("decisions.tensors.warm_blocks: blocks are runs of layers; tensor units take 1")
+        if self.decisions.tensors.warm_own:
+            raise ValueError("decisions.tensors.warm_own: own layers are layers; tensor units take false")
         for i, o in enumerate(self.objectives):
             if o.kind == "dataset" and not o.dataset and o.metric != "layers_removed":
                 raise ValueError(f"objectives.{i}.dataset: required for metric {o.metric!r}")

@@ -61,7 +61,10 @@ def test_candidates_are_each_donors_runs_on_the_tied_boundaries_of_their_own(
         assert low == Recipe(base=fact, layers={0: p[donor], 1: p[donor]})
         assert high == Recipe(base=fact, layers={2: p[donor], 3: p[donor]})
     space = lookahead_space(Stage(1, "base-lookahead"), incumbent, env)
-    assert space.significant_boundary_switch and space.budget is None
+    assert space.significant_boundary_switch and space.budget is None and space.switch_confidence is None
+    env.config.decisions.base.switch_confidence = 0.8  # the switch's own level, else the selection's
+    assert lookahead_space(Stage(1, "base-lookahead"), incumbent, env).switch_confidence == 0.8
+    env.config.decisions.base.switch_confidence = None
     assert [label for label, _ in space.enqueue] == list(candidates)
     assert space.details is not None
     assert space.details({}) == {"lookahead_bases": [fact], "lookahead_skipped": []}
@@ -94,6 +97,37 @@ def test_candidates_are_each_donors_runs_on_the_tied_boundaries_of_their_own(
     env.decisions = {
         "000-base": _zoo_decision(tiny_zoo, {**means, "spec_fact": 0.43, "spec_mc": 0.4}, "spec_add")
     }
+    assert list(lookahead_candidates(incumbent, env)) == [INCUMBENT]
+
+
+def test_with_warm_own_each_partial_fine_tunes_own_layers_join_unless_a_run_gave_them(
+    tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny zoo's layer specialists own exactly the runs (spec_fact layers 0-1, spec_mc 2-3, read from
+    the digests): their own layers repeat block candidates and add nothing, yet the joint stage's two own
+    starts are counted in ``affordable``. Where a specialist's own layers straddle the runs (spec_mc in
+    1-2, patched), ``{base}/own-{donor}`` carries both onto the tied base."""
+    from olmopt.search.kinds import base_lookahead
+    from olmopt.search.kinds.base_lookahead import affordable, own_donors
+
+    p = {m: str(tiny_zoo / m) for m in MODELS}
+    means = {"base": 0.40, "spec_add": 0.50, "spec_rev": 0.40, "spec_mc": 0.44, "spec_fact": 0.45}
+    env = _lookahead_env(tiny_zoo, tmp_path, means, "spec_add")
+    incumbent, fact, mc = Recipe(base=p["spec_add"]), p["spec_fact"], p["spec_mc"]
+    assert own_donors(env) == {}  # warm_own off
+    env.config.decisions.layers.warm_own = True
+    assert own_donors(env) == {fact: [0, 1], mc: [2, 3]}
+    assert affordable(env.config, 5, 2) == 30 - 6 - 2
+    assert len(lookahead_candidates(incumbent, env)) == 9  # spec_fact's 8 block candidates and the incumbent
+
+    def straddling(donor: str, layers: list[int], _env: Any) -> list[int]:
+        return {mc: [1, 2], fact: [0, 1]}.get(donor, [])
+
+    monkeypatch.setattr(base_lookahead, "own_layers", straddling)
+    candidates = lookahead_candidates(incumbent, env)
+    assert len(candidates) == 10 and list(candidates)[-1] == f"{fact}/own-{mc}"
+    assert candidates[f"{fact}/own-{mc}"] == Recipe(base=fact, layers={1: mc, 2: mc})
+    env.config.decisions.layers.n_trials = 6 + 2 + 9  # one base costs 4 x 2 runs + 2 own: 9 do not pay
     assert list(lookahead_candidates(incumbent, env)) == [INCUMBENT]
 
 
@@ -213,6 +247,8 @@ def _campaign_env(campaign: Any, decisions: dict[str, Decision]) -> Any:
         ({"mode": "auto", "lookahead": 1}, "lookahead: 1 run of layers is the whole model"),
         ({"mode": "fixed", "lookahead": 2}, "lookahead looks ahead from the base decision's tied candidates"),
         ({"mode": "auto", "lookahead": 9}, "decisions.base.lookahead"),
+        ({"mode": "auto", "switch_confidence": 0.8}, "switch_confidence is the lookahead's boundary switch"),
+        ({"mode": "auto", "lookahead": 2, "switch_confidence": 1.5}, "decisions.base.switch_confidence"),
     ],
 )
 def test_bad_lookahead_settings_are_one_line(tmp_path: Path, tiny_zoo: Path, capsys, base, needle) -> None:

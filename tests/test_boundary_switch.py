@@ -81,9 +81,11 @@ class _SameJson:
         return a.to_json() == b.to_json()
 
 
-def _decide_switch(guarded: bool, n: int) -> tuple[str, str, list[tuple[str, str]]]:
+def _decide_switch(
+    guarded: bool, n: int, confidence: float | None = None
+) -> tuple[str, str, list[tuple[str, str]]]:
     """Incumbent on boundary m/a; t1 on m/b leads t2 (the best on m/a) by 0.25 on ``n`` search items and
-    by 0.5 on ``n`` held-out items."""
+    by 0.5 on ``n`` held-out items; the switch tested at ``confidence`` (None: the selection's 0.95)."""
     trials = {
         "incumbent": _trial(0, "m/a", [1.0, 0.0, 0.0, 0.0] * (n // 4)),
         "t1": _trial(1, "m/b", [1.0, 1.0, 1.0, 0.0] * (n // 4)),
@@ -106,6 +108,7 @@ def _decide_switch(guarded: bool, n: int) -> tuple[str, str, list[tuple[str, str
         decode=lambda _t: ("x", Recipe(base="m/a")),
         enqueue=[("incumbent", {})],
         significant_boundary_switch=guarded,
+        switch_confidence=confidence,
     )
     keys: Any = _SameJson()
     incumbent = Recipe(base="m/a", boundary="m/a", layers={0: "m/0"})
@@ -123,6 +126,9 @@ def test_decide_keeps_the_incumbents_boundary_unless_the_switch_is_significant()
     assert ("t1", "held_out") in calls and ("t2", "held_out") in calls
     assert not any(split == "search" for _, split in calls)  # search items come from the trials
     winner, reason, _ = _decide_switch(guarded=True, n=200)  # the same margins on 200 + 200: significant
+    assert winner == "t1" and reason.endswith("significant") and "not significant" not in reason
+    # 4 + 4 items at 80 %: the one-sided 90 % bound is -0.0475 (at 97.5 % +0.1723): a lower level switches
+    winner, reason, _ = _decide_switch(guarded=True, n=4, confidence=0.8)
     assert winner == "t1" and reason.endswith("significant") and "not significant" not in reason
     winner, reason, calls = _decide_switch(guarded=False, n=4)  # switch: best
     assert winner == "t1" and "boundary switch" not in reason and calls == []

@@ -9,6 +9,7 @@ import optuna
 
 from olmopt.config import StudyConfig
 from olmopt.pool.adapter import ArchitectureAdapter
+from olmopt.pool.model_pool import ModelPool
 from olmopt.recipe import Recipe
 from olmopt.search.decision import Decision
 from olmopt.search.kinds.joint import joint_distributions, joint_space
@@ -29,6 +30,8 @@ class Digests:
         if "layernorm" in name:
             return "ones"
         return f"{model if layer in own else 'base'}:{name}"
+
+    weights_digest = ModelPool.weights_digest  # the pool's own combination of a slot's digests
 
 
 def _env(decisions: dict[str, Any], pool: Any = None, earlier: dict[str, Decision] | None = None) -> NamesEnv:
@@ -95,3 +98,71 @@ def test_unit_slots_collapse_too() -> None:
         **{f"unit.model.layers.{i}.mlp.up_proj": "b" for i in (0, 1)},
         **{f"unit.model.layers.{i}.mlp.up_proj": "base" for i in (2, 3)},
     }
+
+
+class Trained:
+    """A pool's ``digest`` from which layers each model trained (None: every layer, a full fine-tune);
+    every other layer holds the base's weights."""
+
+    def __init__(self, trained: dict[str, set[int] | None]) -> None:
+        self.trained = trained
+
+    def digest(self, model: str, name: str) -> str:
+        layers = self.trained.get(model, set())
+        mine = layers is None or int(name.split(".")[2]) in layers
+        return f"{model if mine else 'base'}:{name}"
+
+    weights_digest = ModelPool.weights_digest
+
+
+SIX = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(6)]
+STRADDLE = {"fact": {2, 3}, "add": {4, 5}, "full": None}  # fact's pair straddles the halves 0-2 / 3-5
+
+
+def _env6(decisions: dict[str, Any], pool: Any) -> NamesEnv:
+    names = ["base", "full", "add", "fact"]
+    config = StudyConfig.model_validate(
+        {
+            "name": "t",
+            "pool": {"models": names},
+            "objectives": [{"dataset": "x.json", "metric": "token_accuracy"}],
+            "decisions": decisions,
+        }
+    )
+    return NamesEnv(config, names, ArchitectureAdapter("llama", 6, False), SIX, pool=pool)
+
+
+def test_own_layers_are_where_no_other_pool_model_has_the_weights() -> None:
+    from olmopt.search.equal_donors import own_layers
+
+    env = _env6(JOINT, Trained(STRADDLE))
+    every = list(range(6))
+    assert own_layers("fact", every, env) == [2, 3]
+    assert own_layers("add", every, env) == [4, 5]
+    assert own_layers("full", every, env) == []  # a full fine-tune: its whole model is the warm start
+    assert own_layers("base", every, env) == []  # each of its layers is some specialist's too
+    assert own_layers("fact", [0, 1, 3], env) == [3]  # only the searched layers
+    assert own_layers("fact", [2, 3], env) == []  # every searched layer: the whole-model start has it
+    env.pool = Trained({**STRADDLE, "add": {3, 4, 5}})  # add trained layer 3 too, to weights of its own
+    assert own_layers("fact", every, env) == [2, 3] and own_layers("add", every, env) == [3, 4, 5]
+    assert own_layers("fact", every, _env6(JOINT, None)) == []  # no pool on disk: no digests
+
+
+def test_own_starts_move_a_straddling_pair_whole_and_drop_duplicates() -> None:
+    """Halves 0-2 / 3-5 cut fact's pair; ``own-fact`` carries both layers onto an incumbent that is the
+    full fine-tune everywhere. On the base, each partial fine-tune's whole model (``all-fact``) is already
+    that start, so the own starts drop as duplicates."""
+    stage = Stage(1, "joint-layers", n_trials=30)
+    own = {"layers": {"mode": "joint", "warm_blocks": 2, "warm_own": True}}
+    env = _env6(own, Trained(STRADDLE))
+    full = {f"layer.{i}": "full" for i in range(6)}
+    starts = dict(joint_space(stage, Recipe(base="full"), env).enqueue)
+    assert starts["own-fact"] == {**full, "layer.2": "fact", "layer.3": "fact"}
+    assert starts["own-add"] == {**full, "layer.4": "add", "layer.5": "add"}
+    assert starts["block1-add"] == {**full, "layer.3": "base", "layer.4": "add", "layer.5": "add"}
+    assert "own-full" not in starts and "own-base" not in starts  # a full fine-tune; no own layers
+    on_base = joint_space(stage, Recipe(base="base"), env).enqueue
+    assert dict(on_base)["all-fact"] == {**dict.fromkeys(full, "base"), "layer.2": "fact", "layer.3": "fact"}
+    assert not any(label.startswith("own-") for label, _ in on_base)
+    without = joint_space(stage, Recipe(base="full"), _env6(JOINT, Trained(STRADDLE))).enqueue
+    assert not any(label.startswith("own-") for label, _ in without)  # warm_own off: as before

@@ -117,6 +117,14 @@ class ModelPool:
             self._digests[key] = digest.hexdigest()
         return self._digests[key]
 
+    def weights_digest(self, model: str, param_names: list[str]) -> str:
+        """SHA-256 over ``param_names`` (in order) and their ``digest``: two pool models with the same one
+        give those parameters the same weights (a layer slot, a unit, the boundary)."""
+        combined = hashlib.sha256()
+        for name in param_names:
+            combined.update(f"{name}|{self.digest(model, name)}|".encode())
+        return combined.hexdigest()
+
     def check_homology(self) -> None:
         """Raise a one-line ModelError for the first structural or vocabulary mismatch."""
         models = list(self.models.values())

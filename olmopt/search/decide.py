@@ -109,7 +109,10 @@ def decide(
                 rival = selected(on_own).winner
                 assert rival is not None and items_of is not None
                 packed = _packed_by_label(trials, keys, earlier)
-                winner, reason = _boundary_switch(winner, rival, trials, packed, rules, items_of, reason)
+                level = space.switch_confidence or rules.selection.confidence
+                winner, reason = _boundary_switch(
+                    winner, rival, trials, packed, rules, items_of, reason, level
+                )
         if space.held_out_veto and winner not in (None, keep) and keep is not None and rules.has_held_out:
             assert winner is not None
             winner, reason, vetoed = _held_out_veto(trials, winner, keep, reason, rules, score, guarded)
@@ -226,11 +229,12 @@ def _boundary_switch(
     rules: DecideRules,
     items_of: ItemScorer,
     reason: str,
+    confidence: float,
 ) -> tuple[str, str]:
     """``winner`` (on another boundary than the incumbent's) against ``rival`` (the best candidate on the
     incumbent's boundary) on the search and held-out items together (search/boundary_switch.py): the
-    winner stands when significantly better, else the rival wins. Search items come from the trials
-    (``items_of`` where a trial kept none), held-out items from ``items_of``."""
+    winner stands when significantly better at ``confidence``, else the rival wins. Search items come
+    from the trials (``items_of`` where a trial kept none), held-out items from ``items_of``."""
 
     def items(label: str) -> dict[str, ItemScores]:
         recipe = _recipe(trials[label])
@@ -242,9 +246,7 @@ def _boundary_switch(
         return splits
 
     mine, theirs = _recipe(trials[winner]).boundary_donor, _recipe(trials[rival]).boundary_donor
-    verdict = switch_verdict(
-        items(winner), items(rival), rules.directions, rules.metric_of, rules.selection.confidence
-    )
+    verdict = switch_verdict(items(winner), items(rival), rules.directions, rules.metric_of, confidence)
     splits = "search and held-out" if rules.has_held_out else "search"
     lead = f"leads {rival!r} (boundary {theirs}) by {verdict.lead:+.4f} on the {splits} items"
     if verdict.significant:

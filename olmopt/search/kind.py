@@ -96,6 +96,7 @@ class StageSpace:
     # the winner may leave the incumbent's boundary only when significantly better than the best candidate
     # on it, on the search and held-out items together (search/boundary_switch.py)
     significant_boundary_switch: bool = False
+    switch_confidence: float | None = None  # that test's level (None: ``selection.confidence``)
     # a winner other than the incumbent (an enqueued candidate) must also have the higher held-out mean
     held_out_veto: bool = False
 

@@ -14,7 +14,6 @@ worker sees the same offer.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -68,14 +67,9 @@ def tied_with_winner(
 
 
 def boundary_digest(pool: ModelPool, adapter: ArchitectureAdapter, param_names: list[str], model: str) -> str:
-    """SHA-256 over ``model``'s boundary tensors' digests (``ModelPool.digest``: every parameter outside
-    the layers, that is embeddings, final norm and an untied head), so two models with the same boundary
-    weights share it."""
-    digest = hashlib.sha256()
-    for name in param_names:
-        if adapter.layer_of(name) is None:
-            digest.update(f"{name}|{pool.digest(model, name)}|".encode())
-    return digest.hexdigest()
+    """``model``'s ``ModelPool.weights_digest`` over its boundary (every parameter outside the layers: the
+    embeddings, final norm and an untied head), so two models with the same boundary weights share it."""
+    return pool.weights_digest(model, [n for n in param_names if adapter.layer_of(n) is None])
 
 
 def tied_boundaries(env: SpaceEnv, own: str) -> BoundaryOffer:

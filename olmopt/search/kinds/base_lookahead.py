@@ -25,8 +25,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from olmopt.patch import model_key
 from olmopt.recipe import Recipe
 from olmopt.search.decision import Decision, decision_of_kind
+from olmopt.search.equal_donors import own_layers
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
 from olmopt.search.kinds.swap import layer_runs, searched_layers
@@ -42,26 +44,42 @@ STAGE_KIND = "base-lookahead"
 INCUMBENT = "incumbent"
 
 
-def affordable(config: StudyConfig, pool_size: int) -> int | None:
+def affordable(config: StudyConfig, pool_size: int, own: int = 0) -> int | None:
     """Evaluations the joint layer stage can give the lookahead: its budget less its warm starts (the
-    incumbent, and with ``warm_start`` each pool model's whole model and each of its ``warm_blocks`` runs),
-    which it evaluates whatever its budget; None without a joint layer stage (nothing pays)."""
+    incumbent, and with ``warm_start`` each pool model's whole model, each of its ``warm_blocks`` runs
+    and, with ``warm_own``, the ``own`` donors' own layers), which it evaluates whatever its budget;
+    None without a joint layer stage (nothing pays)."""
     layers = config.decisions.layers
     budget = layers.n_trials if layers.mode == "joint" else layers.then_joint
     if not budget:
         return None
     starts = 1 + (
-        pool_size * (1 + (layers.warm_blocks if layers.warm_blocks > 1 else 0)) if layers.warm_start else 0
+        pool_size * (1 + (layers.warm_blocks if layers.warm_blocks > 1 else 0))
+        + (own if layers.warm_own else 0)
+        if layers.warm_start
+        else 0
     )
     return max(0, budget - starts)
 
 
+def own_donors(env: SpaceEnv) -> dict[str, list[int]]:
+    """With ``decisions.layers.warm_own``: each partial fine-tune of the pool -> its own searched layers
+    (search/equal_donors.py); else none."""
+    if not env.config.decisions.layers.warm_own:
+        return {}
+    layers = searched_layers(env.config, env.adapter)
+    owned = {donor: own_layers(donor, layers, env) for donor in env.pool_names}
+    return {donor: own for donor, own in owned.items() if own}
+
+
 def lookahead_bases(incumbent: Recipe, env: SpaceEnv) -> tuple[list[str], list[str]]:
     """(looked at, skipped): the tied candidates with a boundary of their own, best search mean first, as
-    many as ``affordable`` pays for ((pool size - 1) x N evaluations each), and the rest."""
+    many as ``affordable`` pays for ((pool size - 1) x N evaluations each, and one per other partial
+    fine-tune with ``warm_own``), and the rest."""
     offered = tied_boundaries(env, incumbent.base).offered[1:]
-    cost = (len(env.pool_names) - 1) * env.config.decisions.base.lookahead
-    limit = affordable(env.config, len(env.pool_names))
+    own = len(own_donors(env))
+    cost = (len(env.pool_names) - 1) * env.config.decisions.base.lookahead + own
+    limit = affordable(env.config, len(env.pool_names), own)
     n = len(offered) if limit is None else min(len(offered), limit // cost)
     return offered[:n], offered[n:]
 
@@ -72,10 +90,16 @@ def lookahead_candidates(
     """label -> Recipe: the incumbent (the base winner), then for each looked-at base (``bases``, by default
     ``lookahead_bases``'s, which reads every pool model's boundary) each other pool model in each run of
     adjacent searched layers (``decisions.layers.only``, else every layer) on it
-    (``CANDIDATE/block{i}-{DONOR}``)."""
+    (``CANDIDATE/block{i}-{DONOR}``), and with ``warm_own`` each other partial fine-tune's own layers on
+    it (``CANDIDATE/own-{DONOR}``, unless a candidate has those weights already)."""
     config = env.config
     runs = layer_runs(searched_layers(config, env.adapter), config.decisions.base.lookahead)
+    owned = own_donors(env)
     candidates = {INCUMBENT: incumbent}
+
+    def weights(recipe: Recipe) -> str:  # own layers a run gave already are no new candidate
+        return model_key(recipe, env.adapter, env.param_names, env.pool)
+
     for base in lookahead_bases(incumbent, env)[0] if bases is None else bases:
         for i, run in enumerate(runs):
             for donor in env.pool_names:
@@ -83,6 +107,10 @@ def lookahead_candidates(
                     candidates[f"{base}/block{i}-{donor}"] = Recipe(
                         base=base, layers=dict.fromkeys(run, donor)
                     )
+        for donor, own in owned.items():
+            recipe = Recipe(base=base, layers=dict.fromkeys(own, donor))
+            if donor != base and weights(recipe) not in {weights(r) for r in candidates.values()}:
+                candidates[f"{base}/own-{donor}"] = recipe
     return candidates
 
 
@@ -113,6 +141,7 @@ def lookahead_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> St
         enqueue=[(label, {"candidate": label}) for label in candidates],
         details=details,
         significant_boundary_switch=True,
+        switch_confidence=env.config.decisions.base.switch_confidence,
     )
 
 

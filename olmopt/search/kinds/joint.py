@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from olmopt.search.equal_donors import distinct_donors
+from olmopt.search.equal_donors import distinct_donors, own_layers
 from olmopt.search.kind import DecisionKind, Extension, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
 from olmopt.search.kinds.base_lookahead import lookahead_spent
@@ -89,7 +89,8 @@ def joint_choices(stage: Stage, incumbent: Recipe, env: SpaceEnv) -> JointChoice
 def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageSpace:
     """One sampler over every slot's donor at once. The incumbent is the first trial; with ``warm_start``
     each donor's whole model (every slot from that donor; the boundary when the slot offers that donor's
-    boundary weights, else the incumbent's) follows, so the sampler starts from the points a user would
+    boundary weights, else the incumbent's) follows, then the blocks (``warm_blocks``) and own layers
+    (``warm_own``) of each donor on the incumbent, so the sampler starts from the points a user would
     try first. After a merge stage the donors include the PS merge (``donor_pool``). ``stage.n_trials``
     counts evaluations: a repeated suggestion is free."""
     assert incumbent is not None
@@ -114,6 +115,8 @@ def joint_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> StageS
                 params[BOUNDARY_SLOT] = offer.same_as.get(donor, keep[BOUNDARY_SLOT])
             enqueue.append((f"all-{donor}", params))
         enqueue += block_starts(joint, keep, donors, decision.warm_blocks)  # tensors: 1, none
+        if decision.warm_own:  # layers only
+            enqueue += own_starts(joint, keep, donors, env)
         enqueue = [
             (label, params)
             for i, (label, params) in enumerate(enqueue)
@@ -157,6 +160,22 @@ def block_starts(
         for i, run in enumerate(runs)
         for donor in donors
     ]
+
+
+def own_starts(
+    joint: JointChoices, keep: dict[str, str], donors: list[str], env: SpaceEnv
+) -> list[tuple[str, dict[str, Any]]]:
+    """Warm starts of own layers (``warm_own``): each partial fine-tune's own layers (``own_layers``:
+    the layers whose weights no other pool model has) on the incumbent's other slots (label
+    ``own-{donor}``), so a skill trained in adjacent layers arrives whole wherever the blocks cut it."""
+    layers = [int(slot.split(".")[1]) for slot in joint.slots if slot.startswith("layer.")]
+    starts = []
+    for donor in donors:
+        own = own_layers(donor, layers, env)
+        if own:
+            slots = {f"layer.{i}": joint.offered(f"layer.{i}", donor) for i in own}
+            starts.append((f"own-{donor}", {**keep, **slots}))
+    return starts
 
 
 def incumbent_leads(config: StudyConfig) -> Callable[[list[FrozenTrial]], bool]:
