@@ -60,6 +60,7 @@ sys.path.insert(0, str(REPO))
 TEST_SEED = 20261205
 TEST_ITEMS = 400
 JOINT_FLOOR = 10  # the fewest trials a joint stage gets, whatever the budget
+LOOKAHEAD_S27 = {"mode": "auto", "lookahead": 2}  # the base decision before session 28 (switch at 95 %)
 
 
 def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, Any]]:
@@ -137,17 +138,26 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         ),
         # the main job with its joint layer stage warm-started with whole models only (layers.warm_blocks:
         # 1; the lower and upper halves of each donor left out): before session 23, but with the lookahead
-        "main-job-whole-starts": {**main_job_at(budget, n_layers, n_pool), "warm_blocks": 1},
-        # the main job whose joint stage and base lookahead also start from each partial fine-tune's own
-        # layers (the layers whose weights no other pool model has; layers.warm_own, search/equal_donors.py)
-        "main-job+own": {**main_job_at(budget, n_layers, n_pool), "warm_own": True},
-        # the same with the lookahead's boundary switch tested at 80 % (two-sided; 90 % one-sided)
-        "main-job+own+switch-0.8": {
-            **main_job_at(budget, n_layers, n_pool, base={**main_job_base(), "switch_confidence": 0.8}),
-            "warm_own": True,
+        "main-job-whole-starts": {
+            **main_job_at(budget, n_layers, n_pool),
+            "warm_blocks": 1,
+            "warm_own": False,
         },
+        # the main job of session 27, before own layers: no own-layer starts (layers.warm_own) and the
+        # lookahead's switch at the selection's 95 % (base.switch_confidence); measured in session 28 as
+        # `main-job+own+switch-0.8` against this (BENCHMARKS.md)
+        "main-job-s27": {
+            **main_job_at(budget, n_layers, n_pool, base=dict(LOOKAHEAD_S27)),
+            "warm_own": False,
+        },
+        # the main job with own-layer starts but the lookahead's switch at 95 %: measured, not kept
+        "main-job+own-switch-0.95": main_job_at(budget, n_layers, n_pool, base=dict(LOOKAHEAD_S27)),
         # the main job of sessions 19-22, before both: whole-model warm starts only and no lookahead
-        "main-job-s22": {**main_job_at(budget, n_layers, n_pool, base={"mode": "auto"}), "warm_blocks": 1},
+        "main-job-s22": {
+            **main_job_at(budget, n_layers, n_pool, base={"mode": "auto"}),
+            "warm_blocks": 1,
+            "warm_own": False,
+        },
         # the main job whose TPE samplers start guided right after the joint stage's warm starts (the
         # incumbent and each pool model's whole model): no random start-up trials there (4 of 10 before);
         # measured in session 20: the main job's figures (BENCHMARKS.md)
@@ -231,11 +241,6 @@ def ps_then_layers(
 def main_job_study() -> dict[str, Any]:
     """studies/zoo.yaml, the main job (`make demo`), as parsed YAML."""
     return dict(yaml.safe_load((REPO / "studies" / "zoo.yaml").read_text()))
-
-
-def main_job_base() -> dict[str, Any]:
-    """The base decision of the main job (studies/zoo.yaml)."""
-    return dict(main_job_study()["decisions"]["base"])
 
 
 def challenge_decision() -> dict[str, Any]:

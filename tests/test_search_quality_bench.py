@@ -149,11 +149,15 @@ def test_main_job_strategy_is_the_study_file_at_the_budget(sq: ModuleType) -> No
     assert quick["_decisions"]["merge"]["n_trials"] == 40 - 5 - 16 - 10 and quick["n_trials"] == 10
     large = sq.strategies(300, 6, 5)["main-job"]  # ... and the study file's 30 trials of a large one
     assert large["_decisions"]["merge"]["n_trials"] == 30 and large["n_trials"] == 300 - 5 - 30 - polish
-    assert study["decisions"]["base"] == {"mode": "auto", "lookahead": 2}
+    assert study["decisions"]["base"] == {"mode": "auto", "lookahead": 2, "switch_confidence": 0.8}
     before = plans["main-job-no-lookahead"]  # the main job before session 25: the same budget
     assert before == {**main, "_decisions": {**main["_decisions"], "base": {"mode": "auto"}}}
     # the main job of sessions 19-22 (session 21's Intel file): whole-model warm starts, no lookahead
-    assert plans["main-job-s22"] == {**before, "warm_blocks": 1} and main["warm_blocks"] == 2
+    assert plans["main-job-s22"] == {**before, "warm_blocks": 1, "warm_own": False}
+    assert main["warm_blocks"] == 2 and main["warm_own"] is True
+    # the main job of session 27: no own-layer starts, the lookahead's switch at the selection's level
+    s27 = {**main["_decisions"], "base": {"mode": "auto", "lookahead": 2}}
+    assert plans["main-job-s27"] == {**main, "warm_own": False, "_decisions": s27}
     layers_only = plans["main-job-layers"]
     assert layers_only["_decisions"] == {"base": study["decisions"]["base"], "merge": {"mode": "off"}}
     assert layers_only["n_trials"] == 100 - 5 - polish
