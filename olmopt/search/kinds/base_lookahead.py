@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from olmopt.patch import model_key
 from olmopt.recipe import Recipe
 from olmopt.search.decision import Decision, decision_of_kind
 from olmopt.search.equal_donors import own_layers
+from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
 from olmopt.search.kinds.swap import layer_runs, searched_layers
@@ -97,9 +97,7 @@ def lookahead_candidates(
     owned = own_donors(env)
     candidates = {INCUMBENT: incumbent}
 
-    def weights(recipe: Recipe) -> str:  # own layers a run gave already are no new candidate
-        return model_key(recipe, env.adapter, env.param_names, env.pool)
-
+    keys = ModelKeys(env.adapter, env.param_names, env.pool)  # own layers a run gave are no new candidate
     for base in lookahead_bases(incumbent, env)[0] if bases is None else bases:
         for i, run in enumerate(runs):
             for donor in env.pool_names:
@@ -109,7 +107,7 @@ def lookahead_candidates(
                     )
         for donor, own in owned.items():
             recipe = Recipe(base=base, layers=dict.fromkeys(own, donor))
-            if donor != base and weights(recipe) not in {weights(r) for r in candidates.values()}:
+            if donor != base and not any(keys.same(recipe, r) for r in candidates.values()):
                 candidates[f"{base}/own-{donor}"] = recipe
     return candidates
 
