@@ -60,7 +60,9 @@ def own_layers(donor: str, layers: list[int], env: SpaceEnv) -> list[int]:
     own = []
     for layer in layers:
         names = slot_params(f"layer.{layer}", env)
+        if not names:
+            continue
         mine = env.pool.weights_digest(donor, names)
-        if names and all(env.pool.weights_digest(m, names) != mine for m in others):
+        if all(env.pool.weights_digest(m, names) != mine for m in others):
             own.append(layer)
     return own if len(own) < len(layers) else []

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from olmopt.search.equal_donors import distinct_donors, own_layers
+from olmopt.search.equal_donors import distinct_donors
 from olmopt.search.kind import DecisionKind, Extension, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
-from olmopt.search.kinds.base_lookahead import lookahead_spent
+from olmopt.search.kinds.base_lookahead import lookahead_spent, own_donors
 from olmopt.search.kinds.swap import (
     BOUNDARY_SLOT,
     apply_choice,
@@ -165,17 +165,15 @@ def block_starts(
 def own_starts(
     joint: JointChoices, keep: dict[str, str], donors: list[str], env: SpaceEnv
 ) -> list[tuple[str, dict[str, Any]]]:
-    """Warm starts of own layers (``warm_own``): each partial fine-tune's own layers (``own_layers``:
-    the layers whose weights no other pool model has) on the incumbent's other slots (label
+    """Warm starts of own layers (``warm_own``): each partial fine-tune's own layers (``own_donors``: the
+    searched layers whose weights no other pool model has) on the incumbent's other slots (label
     ``own-{donor}``), so a skill trained in adjacent layers arrives whole wherever the blocks cut it."""
-    layers = [int(slot.split(".")[1]) for slot in joint.slots if slot.startswith("layer.")]
-    starts = []
-    for donor in donors:
-        own = own_layers(donor, layers, env)
-        if own:
-            slots = {f"layer.{i}": joint.offered(f"layer.{i}", donor) for i in own}
-            starts.append((f"own-{donor}", {**keep, **slots}))
-    return starts
+    owned = own_donors(env)
+    return [
+        (f"own-{donor}", {**keep, **{f"layer.{i}": joint.offered(f"layer.{i}", donor) for i in owned[donor]}})
+        for donor in donors
+        if donor in owned
+    ]
 
 
 def incumbent_leads(config: StudyConfig) -> Callable[[list[FrozenTrial]], bool]:
