@@ -152,6 +152,14 @@ def strategies(budget: int, n_layers: int, n_pool: int) -> dict[str, dict[str, A
         },
         # the main job with own-layer starts but the lookahead's switch at 95 %: measured, not kept
         "main-job+own-switch-0.95": main_job_at(budget, n_layers, n_pool, base=dict(LOOKAHEAD_S27)),
+        # the main job whose merge challenge replaces the layer merge only when significantly better on the
+        # search and held-out items together (decisions.merge.switch_confidence), at 80 % and at 95 %
+        "main-job+challenge-0.8": main_job_at(
+            budget, n_layers, n_pool, merge={**challenge_decision(), "switch_confidence": 0.8}
+        ),
+        "main-job+challenge-0.95": main_job_at(
+            budget, n_layers, n_pool, merge={**challenge_decision(), "switch_confidence": 0.95}
+        ),
         # the main job of sessions 19-22, before both: whole-model warm starts only and no lookahead
         "main-job-s22": {
             **main_job_at(budget, n_layers, n_pool, base={"mode": "auto"}),

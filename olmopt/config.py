@@ -310,6 +310,9 @@ class MergeDecision(_Strict):
     # challenge only: when the joint layer search still leads with its incumbent after its n_trials, it
     # gets this stage's n_trials more and the challenge is skipped (docs/strategies.md)
     yield_to_layers: bool = False
+    # challenge only: a merge that wins the stage replaces the incumbent only when significantly better on
+    # the search and held-out items together, at this level (None: the higher held-out mean suffices)
+    switch_confidence: float | None = Field(None, gt=0.0, lt=1.0)
 
     _mode = field_validator("mode", mode="before")(_off_from_yaml)
 
@@ -317,6 +320,8 @@ class MergeDecision(_Strict):
     def _yield_needs_challenge(self) -> MergeDecision:
         if self.yield_to_layers and self.mode != "challenge":
             raise ValueError(f"yield_to_layers gives a challenge's trials away; mode is {self.mode!r}")
+        if self.switch_confidence is not None and self.mode != "challenge":
+            raise ValueError(f"switch_confidence is the merge challenge's level; mode is {self.mode!r}")
         return self
 
     @model_validator(mode="after")

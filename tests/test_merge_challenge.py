@@ -390,3 +390,117 @@ def test_a_campaign_that_yields_resumes_to_the_same_recipe(tiny_zoo: Path, tmp_p
             assert spent == 6 and "yielded_to" not in challenge.details and len(challengers.trials) > 1
         outcomes.append((joint.details, challenge.recipe.to_json()))
     assert outcomes[0] == outcomes[1]
+
+
+def _decide_challenge(n: int, confidence: float | None) -> tuple[str, str, list[tuple[str, str]]]:
+    """The incumbent against merge m1, which leads by 0.25 on ``n`` search items and by 0.5 on ``n``
+    held-out items (its held-out mean is higher, so the veto lets it pass); the challenge tested at
+    ``confidence`` (None: the veto alone)."""
+    from olmopt.config import SelectionConfig
+    from olmopt.evaluate.item_scores import item_attrs
+    from olmopt.search import trials as T
+    from olmopt.search.decide import DecideRules, decide
+    from olmopt.search.kind import StageSpace
+
+    recipes = {"incumbent": Recipe(base="base", layers={0: "a"}), "m1": Recipe(base="base", layers={1: "b"})}
+    search = {"incumbent": [1.0, 1.0, 0.0, 0.0] * (n // 4), "m1": [1.0, 1.0, 1.0, 0.0] * (n // 4)}
+    held = {"incumbent": [1.0, 0.0] * (n // 2), "m1": [1.0, 1.0] * (n // 2)}
+    trials = {}
+    for number, (label, recipe) in enumerate(recipes.items()):
+        values = search[label]
+        attrs = {
+            T.RECIPE_ATTR: recipe.to_json(),
+            "feasible": True,
+            **item_attrs({"acc": dict(enumerate(values))}),
+        }
+        trial = optuna.trial.create_trial(values=[sum(values) / len(values)], user_attrs=attrs)
+        trial.number = number
+        trials[label] = trial
+    by_json = {r.to_json(): label for label, r in recipes.items()}
+    calls: list[tuple[str, str]] = []
+
+    def items_of(recipe: Recipe, split: str) -> dict[str, dict[int, float]]:
+        label = by_json[recipe.to_json()]
+        calls.append((label, split))
+        return {"acc": dict(enumerate(held[label]))}
+
+    def score(recipe: Recipe, split: str) -> dict[str, float]:
+        values = held[by_json[recipe.to_json()]]
+        return {"acc": sum(values) / len(values)}
+
+    class SameJson:
+        def same_json(self, a: str, b: str) -> bool:
+            return a == b
+
+        def same(self, a: Recipe, b: Recipe) -> bool:
+            return a.to_json() == b.to_json()
+
+    rules = DecideRules(
+        ["acc"], {"acc": "maximize"}, [], SelectionConfig(score="mean"), True, True,
+        {"acc": "token_accuracy"}, {"acc": n},
+    )  # fmt: skip
+    space = StageSpace(
+        decode=lambda _t: ("z", recipes["m1"]),
+        enqueue=[("incumbent", {})],
+        held_out_veto=True,
+        challenge_confidence=confidence,
+    )
+    d = decide(
+        Stage(5, KIND, n_trials=2), trials, space, recipes["incumbent"], rules, SameJson(), None, score, "me",
+        items_of=items_of,
+    )  # fmt: skip
+    return d.winner, d.reason, calls
+
+
+def test_a_challenger_must_lead_significantly_at_the_challenge_level() -> None:
+    """``merge.switch_confidence``: m1 passes the held-out veto, then must beat the incumbent on the search
+    and held-out items together (the boundary switch's pooled test): on 4 + 4 items its lead of +0.375 is
+    not significant at 95 % (the incumbent wins) but is at 80 %; on 200 + 200 items it is at 95 %.
+    Without a level the veto alone decides (m1 wins, nothing more is scored)."""
+    winner, reason, calls = _decide_challenge(4, 0.95)
+    assert winner == "incumbent", reason
+    assert "held-out check" in reason
+    assert (
+        "'m1' leads 'incumbent' by +0.3750 on the search and held-out items, not significant at 0.95"
+        in reason
+    )
+    assert sorted(calls) == [("incumbent", "held_out"), ("m1", "held_out")]  # search items from the trials
+    winner, reason, _ = _decide_challenge(4, 0.8)
+    assert winner == "m1" and reason.endswith("significant at 0.8"), reason
+    winner, reason, _ = _decide_challenge(200, 0.95)
+    assert winner == "m1" and reason.endswith("significant at 0.95"), reason
+    winner, reason, calls = _decide_challenge(4, None)
+    assert winner == "m1" and "significant" not in reason and calls == []
+
+
+def test_switch_confidence_is_a_setting_of_the_challenge() -> None:
+    with pytest.raises(ValueError, match="switch_confidence is the merge challenge's level; mode is 'joint'"):
+        _config(merge={**CHALLENGE, "mode": "joint", "switch_confidence": 0.8})
+    config = _config(merge={**CHALLENGE, "switch_confidence": 0.8}, layers={"mode": "joint", "n_trials": 4})
+    space = challenge_space(Stage(1, KIND, n_trials=6), Recipe(base="base"), Env(config, list(POOL)))
+    assert space.challenge_confidence == 0.8 and space.held_out_veto
+
+
+def test_a_campaign_tests_its_challenger_on_the_incumbents_reused_items(
+    tiny_zoo: Path, tmp_path: Path
+) -> None:
+    """End to end on the tiny zoo: the incumbent's search items come from the base decision (its metrics
+    are reused); a leader that passes the held-out veto is then tested at 0.5 (it stands with any lead)
+    and at 0.9999 (it needs a lead no 60-sample objective shows)."""
+    from olmopt.search.campaign import Campaign
+
+    for level, name in ((0.5, "lo"), (0.9999, "hi")):
+        merge = {**CHALLENGE, "methods": ["task_arithmetic"], "n_trials": 5, "switch_confidence": level}
+        path = with_held_out(study_file(tmp_path, tiny_zoo, name, layers={"mode": "off"}, merge=merge))
+        url = f"sqlite:///{tmp_path}/{name}.db"
+        assert main(["study", "create", str(path), "--storage", url]) == 0
+        assert main(["study", "run", name, "--storage", url, "--quiet"]) == 0
+        challenge = Campaign.load(name, url).decisions()[f"001-{KIND}"]
+        if "held-out veto" in challenge.reason:  # the search leader trails on the held-out items
+            assert challenge.winner == INCUMBENT and "significant" not in challenge.reason
+            continue
+        assert "leads 'incumbent' by +" in challenge.reason, challenge.reason
+        if level == 0.5:
+            assert challenge.winner != INCUMBENT and challenge.reason.endswith("significant at 0.5")
+        else:
+            assert challenge.winner == INCUMBENT and challenge.reason.endswith("so 'incumbent' wins")

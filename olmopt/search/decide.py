@@ -19,7 +19,7 @@ from olmopt.config import SelectionConfig
 from olmopt.evaluate.item_scores import ItemScores, packed_items, unpack
 from olmopt.recipe import Recipe
 from olmopt.search import trials as T
-from olmopt.search.boundary_switch import switch_verdict
+from olmopt.search.boundary_switch import SwitchVerdict, switch_verdict
 from olmopt.search.decision import CandidateResult, Decision
 from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import Stage, StageSpace
@@ -117,6 +117,13 @@ def decide(
             assert winner is not None
             winner, reason, vetoed = _held_out_veto(trials, winner, keep, reason, rules, score, guarded)
             guarded.update(vetoed)
+        challenge = space.challenge_confidence
+        if challenge is not None and winner not in (None, keep) and keep is not None:
+            assert winner is not None and items_of is not None
+            packed = _packed_by_label(trials, keys, earlier)
+            winner, reason = _significant_challenge(
+                winner, keep, trials, packed, rules, items_of, reason, challenge
+            )
         if winner is not None:  # against the final winner (the held-out guard's choice)
             verdicts = significance(scores, rules.directions, winner, tied, tolerance)
             runner_up = next((c for c in selection.order if c != winner), "")
@@ -221,6 +228,35 @@ def _recipe(trial: FrozenTrial) -> Recipe:
     return Recipe.from_json(str(trial.user_attrs[T.RECIPE_ATTR]))
 
 
+def _pooled_verdict(
+    winner: str,
+    rival: str,
+    trials: dict[str, FrozenTrial],
+    packed: dict[str, dict[str, str]],
+    rules: DecideRules,
+    items_of: ItemScorer,
+    confidence: float,
+) -> SwitchVerdict:
+    """``winner`` against ``rival`` on the search and held-out items together (search/boundary_switch.py)
+    at ``confidence``. Search items come from the trials (``items_of`` where a trial kept none), held-out
+    items from ``items_of``."""
+
+    def items(label: str) -> dict[str, ItemScores]:
+        recipe = _recipe(trials[label])
+        stored = packed.get(label)
+        search = {n: unpack(v) for n, v in stored.items()} if stored else items_of(recipe, "search")
+        splits = {"search": search}
+        if rules.has_held_out:
+            splits["held_out"] = items_of(recipe, "held_out")
+        return splits
+
+    return switch_verdict(items(winner), items(rival), rules.directions, rules.metric_of, confidence)
+
+
+def _splits(rules: DecideRules) -> str:
+    return "search and held-out" if rules.has_held_out else "search"
+
+
 def _boundary_switch(
     winner: str,
     rival: str,
@@ -232,28 +268,35 @@ def _boundary_switch(
     confidence: float,
 ) -> tuple[str, str]:
     """``winner`` (on another boundary than the incumbent's) against ``rival`` (the best candidate on the
-    incumbent's boundary) on the search and held-out items together (search/boundary_switch.py): the
-    winner stands when significantly better at ``confidence``, else the rival wins. Search items come
-    from the trials (``items_of`` where a trial kept none), held-out items from ``items_of``."""
-
-    def items(label: str) -> dict[str, ItemScores]:
-        recipe = _recipe(trials[label])
-        stored = packed.get(label)
-        search = {n: unpack(v) for n, v in stored.items()} if stored else items_of(recipe, "search")
-        splits = {"search": search}
-        if rules.has_held_out:
-            splits["held_out"] = items_of(recipe, "held_out")
-        return splits
-
+    incumbent's boundary): the winner stands when significantly better at ``confidence``, else the rival
+    wins."""
     mine, theirs = _recipe(trials[winner]).boundary_donor, _recipe(trials[rival]).boundary_donor
-    verdict = switch_verdict(items(winner), items(rival), rules.directions, rules.metric_of, confidence)
-    splits = "search and held-out" if rules.has_held_out else "search"
-    lead = f"leads {rival!r} (boundary {theirs}) by {verdict.lead:+.4f} on the {splits} items"
+    verdict = _pooled_verdict(winner, rival, trials, packed, rules, items_of, confidence)
+    lead = f"leads {rival!r} (boundary {theirs}) by {verdict.lead:+.4f} on the {_splits(rules)} items"
     if verdict.significant:
         return winner, f"{reason}; boundary switch to {mine}: {winner!r} {lead}, significant"
     return rival, (
         f"{reason}; boundary switch to {mine} not significant: {winner!r} {lead}, so {rival!r} wins"
     )
+
+
+def _significant_challenge(
+    winner: str,
+    keep: str,
+    trials: dict[str, FrozenTrial],
+    packed: dict[str, dict[str, str]],
+    rules: DecideRules,
+    items_of: ItemScorer,
+    reason: str,
+    confidence: float,
+) -> tuple[str, str]:
+    """A challenger that won the stage (``winner``) against the incumbent (``keep``): it stands when
+    significantly better at ``confidence``, else the incumbent wins (``StageSpace.challenge_confidence``)."""
+    verdict = _pooled_verdict(winner, keep, trials, packed, rules, items_of, confidence)
+    lead = f"{winner!r} leads {keep!r} by {verdict.lead:+.4f} on the {_splits(rules)} items"
+    if verdict.significant:
+        return winner, f"{reason}; {lead}, significant at {confidence:g}"
+    return keep, f"{reason}; {lead}, not significant at {confidence:g}, so {keep!r} wins"
 
 
 def _kept_label(

@@ -99,6 +99,9 @@ class StageSpace:
     switch_confidence: float | None = None  # that test's level (None: ``selection.confidence``)
     # a winner other than the incumbent (an enqueued candidate) must also have the higher held-out mean
     held_out_veto: bool = False
+    # ... and, at this level, be significantly better than the incumbent on the search and held-out items
+    # together (search/boundary_switch.py's test; None: the held-out mean decides alone)
+    challenge_confidence: float | None = None
 
 
 class DecisionKind:

@@ -55,7 +55,13 @@ def challenge_space(stage: Stage, incumbent: Recipe | None, env: SpaceEnv) -> St
     if taker is not None:
         return StageSpace(decode=decode, enqueue=enqueue, details=lambda _trials: {"yielded_to": taker})
     enqueue += [(label, {CHALLENGER: MERGE, **params}) for label, params in merges.enqueue]
-    return StageSpace(decode=decode, enqueue=enqueue, budget=merges.budget, held_out_veto=True)
+    return StageSpace(
+        decode=decode,
+        enqueue=enqueue,
+        budget=merges.budget,
+        held_out_veto=True,
+        challenge_confidence=env.config.decisions.merge.switch_confidence,
+    )
 
 
 def layers_extended(decisions: dict[str, Decision]) -> str | None:
