@@ -107,6 +107,9 @@ class BaseDecision(_Strict):
     model: str | None = None
     lookahead: int = Field(0, ge=0, le=8)
     switch_confidence: float | None = Field(None, gt=0.0, lt=1.0)
+    # with the lookahead and layers.warm_own: every boundary but the winner's that two or more partial
+    # fine-tunes share also gets all their own layers together as one candidate, tied or not
+    own_union: bool = False
 
     @model_validator(mode="after")
     def _lookahead(self) -> BaseDecision:
@@ -114,6 +117,8 @@ class BaseDecision(_Strict):
             raise ValueError("lookahead: 1 run of layers is the whole model, already evaluated; use 0 or 2-8")
         if self.switch_confidence is not None and not self.lookahead:
             raise ValueError("switch_confidence is the lookahead's boundary switch level: needs lookahead")
+        if self.own_union and not self.lookahead:
+            raise ValueError("own_union is a candidate of the lookahead: needs lookahead")
         if self.lookahead and self.mode != "auto":
             raise ValueError(
                 "lookahead looks ahead from the base decision's tied candidates: needs mode auto"
@@ -527,6 +532,8 @@ class StudyConfig(_Strict):
             raise ValueError("decisions.tensors.windows: blocks are layer windows; tensor units take [1]")
         if self.decisions.tensors.warm_blocks != 1:
             raise ValueError("decisions.tensors.warm_blocks: blocks are runs of layers; tensor units take 1")
+        if self.decisions.base.own_union and not self.decisions.layers.warm_own:
+            raise ValueError("decisions.base.own_union combines own layers: needs decisions.layers.warm_own")
         if self.decisions.tensors.warm_own:
             raise ValueError("decisions.tensors.warm_own: own layers are layers; tensor units take false")
         for i, o in enumerate(self.objectives):

@@ -32,7 +32,7 @@ from olmopt.search.identity import ModelKeys
 from olmopt.search.kind import DecisionKind, SpaceEnv, Stage, StageSpace, planned
 from olmopt.search.kind_registry import register_kind
 from olmopt.search.kinds.swap import layer_runs, searched_layers
-from olmopt.search.tied_boundaries import tied_boundaries
+from olmopt.search.tied_boundaries import boundary_digest, tied_boundaries
 
 if TYPE_CHECKING:
     from optuna.trial import Trial
@@ -72,14 +72,46 @@ def own_donors(env: SpaceEnv) -> dict[str, list[int]]:
     return {donor: own for donor, own in owned.items() if own}
 
 
+def own_unions(incumbent: Recipe, env: SpaceEnv) -> dict[str, Recipe]:
+    """With ``decisions.base.own_union`` (and ``layers.warm_own``): label -> Recipe, for each boundary
+    other than the incumbent's that two or more partial fine-tunes share (their base's), all of their own
+    layers together on it
+    (``HOLDER/own-all``, the holder the first pool model with that boundary), unless two of them own
+    the same layer. Ties do not matter: partial fine-tunes of one base whose trained layers do not
+    overlap combine in one step, which no single-donor candidate shows when the base decision kept a
+    full fine-tune's boundary (the AMD small mistral family with its upper specialist in layers 2-3)."""
+    owned = own_donors(env) if env.config.decisions.base.own_union else {}
+    if len(owned) < 2:
+        return {}
+
+    def digest(model: str) -> str:
+        return boundary_digest(env.pool, env.adapter, env.param_names, model)
+
+    mine = digest(incumbent.boundary_donor) if incumbent.boundary_donor in env.pool_names else None
+    holders: dict[str, str] = {}
+    for model in env.pool_names:
+        holders.setdefault(digest(model), model)
+    unions = {}
+    for key, holder in holders.items():
+        partial = [donor for donor in owned if digest(donor) == key]
+        layers = [layer for donor in partial for layer in owned[donor]]
+        if key == mine or len(partial) < 2 or len(set(layers)) < len(layers):
+            continue
+        recipe = Recipe(base=holder, layers={layer: donor for donor in partial for layer in owned[donor]})
+        unions[f"{holder}/own-all"] = recipe
+    return unions
+
+
 def lookahead_bases(incumbent: Recipe, env: SpaceEnv) -> tuple[list[str], list[str]]:
     """(looked at, skipped): the tied candidates with a boundary of their own, best search mean first, as
     many as ``affordable`` pays for ((pool size - 1) x N evaluations each, and one per other partial
-    fine-tune with ``warm_own``), and the rest."""
+    fine-tune with ``warm_own``) once the ``own_unions`` are paid, and the rest."""
     offered = tied_boundaries(env, incumbent.base).offered[1:]
     own = len(own_donors(env))
     cost = (len(env.pool_names) - 1) * env.config.decisions.base.lookahead + own
     limit = affordable(env.config, len(env.pool_names), own)
+    if limit is not None:
+        limit = max(0, limit - len(own_unions(incumbent, env)))
     n = len(offered) if limit is None else min(len(offered), limit // cost)
     return offered[:n], offered[n:]
 
@@ -91,7 +123,8 @@ def lookahead_candidates(
     ``lookahead_bases``'s, which reads every pool model's boundary) each other pool model in each run of
     adjacent searched layers (``decisions.layers.only``, else every layer) on it
     (``CANDIDATE/block{i}-{DONOR}``), and with ``warm_own`` each other partial fine-tune's own layers on
-    it (``CANDIDATE/own-{DONOR}``, unless a candidate has those weights already)."""
+    it (``CANDIDATE/own-{DONOR}``, unless a candidate has those weights already), then the ``own_unions``
+    (on any boundary but the incumbent's, tied or not)."""
     config = env.config
     runs = layer_runs(searched_layers(config, env.adapter), config.decisions.base.lookahead)
     owned = own_donors(env)
@@ -109,6 +142,9 @@ def lookahead_candidates(
             recipe = Recipe(base=base, layers=dict.fromkeys(own, donor))
             if donor != base and not any(keys.same(recipe, r) for r in candidates.values()):
                 candidates[f"{base}/own-{donor}"] = recipe
+    for label, recipe in own_unions(incumbent, env).items():
+        if not any(keys.same(recipe, r) for r in candidates.values()):
+            candidates[label] = recipe
     return candidates
 
 
