@@ -249,6 +249,8 @@ def _campaign_env(campaign: Any, decisions: dict[str, Decision]) -> Any:
         ({"mode": "auto", "lookahead": 9}, "decisions.base.lookahead"),
         ({"mode": "auto", "switch_confidence": 0.8}, "switch_confidence is the lookahead's boundary switch"),
         ({"mode": "auto", "lookahead": 2, "switch_confidence": 1.5}, "decisions.base.switch_confidence"),
+        ({"mode": "auto", "own_union": True}, "own_union is a candidate of the lookahead: needs lookahead"),
+        ({"mode": "auto", "lookahead": 2, "own_union": True}, "own_union combines own layers: needs"),
     ],
 )
 def test_bad_lookahead_settings_are_one_line(tmp_path: Path, tiny_zoo: Path, capsys, base, needle) -> None:
@@ -283,3 +285,41 @@ def test_olm_report_names_the_new_base_only_after_a_switch() -> None:
     assert kind.olm_report(stage, moved) == {
         "base_model": {"name": "c", "lookahead": label, "metrics": metrics}
     }
+
+
+def test_own_union_puts_every_partial_fine_tunes_own_layers_on_their_shared_boundary(
+    tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``base.own_union``: the winner spec_add is a full fine-tune; spec_fact (layers 0-1) and spec_mc
+    (2-3) are partial fine-tunes on the base's boundary, tied with the winner or not, so the lookahead
+    adds their own layers together there (``base/own-all``: the first pool model with that boundary
+    holds it; dropped where a block candidate has those weights), paid before any tied base. None on the
+    winner's own boundary, none where two own the same layer, none without the setting."""
+    from olmopt.search.kinds import base_lookahead
+    from olmopt.search.kinds.base_lookahead import affordable, lookahead_bases, own_unions
+
+    p = {m: str(tiny_zoo / m) for m in MODELS}
+    means = {"base": 0.40, "spec_add": 0.50, "spec_rev": 0.40, "spec_mc": 0.44, "spec_fact": 0.45}
+    env = _lookahead_env(tiny_zoo, tmp_path, means, "spec_add")
+    env.config.decisions.layers.warm_own = True
+    incumbent, fact, mc = Recipe(base=p["spec_add"]), p["spec_fact"], p["spec_mc"]
+    assert own_unions(incumbent, env) == {}  # own_union off
+    env.config.decisions.base.own_union = True
+    union = Recipe(base=p["base"], layers={0: fact, 1: fact, 2: mc, 3: mc})
+    assert own_unions(incumbent, env) == {f"{p['base']}/own-all": union}
+    # on the tied base spec_fact, spec_mc's upper half is the union already: no second candidate
+    candidates = lookahead_candidates(incumbent, env)
+    assert len(candidates) == 9 and f"{fact}/block1-{mc}" in candidates
+    assert own_unions(Recipe(base=fact), env) == {}  # the incumbent is on the base's boundary already
+    # the union costs one evaluation first: 30 - 6 - 2 = 22 pays one base of 4 x 2 + 2 = 10 with it;
+    # at 6 + 2 + 10 only the union is paid
+    assert affordable(env.config, 5, 2) == 22 and lookahead_bases(incumbent, env)[0] == [fact]
+    env.config.decisions.layers.n_trials = 6 + 2 + 10
+    assert lookahead_bases(incumbent, env) == ([], [fact])
+    assert list(lookahead_candidates(incumbent, env)) == [INCUMBENT, f"{p['base']}/own-all"]
+
+    def overlapping(donor: str, layers: list[int], _env: Any) -> list[int]:
+        return {mc: [1, 2], fact: [0, 1]}.get(donor, [])
+
+    monkeypatch.setattr(base_lookahead, "own_layers", overlapping)
+    assert own_unions(incumbent, env) == {}
