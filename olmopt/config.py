@@ -101,7 +101,8 @@ class BaseDecision(_Strict):
     other pool model in each of n runs of adjacent layers; a winner on another boundary must be
     significantly better (search and held-out items) than the base winner, at ``switch_confidence``
     (default ``selection.confidence``). Its evaluations come out of the joint layer stage's budget, where
-    there is one (search/kinds/base_lookahead.py)."""
+    there is one (search/kinds/base_lookahead.py). ``own_union`` (with ``layers.warm_own``) adds, on every
+    other boundary that two or more partial fine-tunes share, all their own layers together."""
 
     mode: Literal["fixed", "auto"] = "fixed"
     model: str | None = None

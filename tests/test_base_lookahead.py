@@ -296,7 +296,7 @@ def test_own_union_puts_every_partial_fine_tunes_own_layers_on_their_shared_boun
     holds it; dropped where a block candidate has those weights), paid before any tied base. None on the
     winner's own boundary, none where two own the same layer, none without the setting."""
     from olmopt.search.kinds import base_lookahead
-    from olmopt.search.kinds.base_lookahead import affordable, lookahead_bases, own_unions
+    from olmopt.search.kinds.base_lookahead import affordable, lookahead_bases, own_unions, paid_unions
 
     p = {m: str(tiny_zoo / m) for m in MODELS}
     means = {"base": 0.40, "spec_add": 0.50, "spec_rev": 0.40, "spec_mc": 0.44, "spec_fact": 0.45}
@@ -317,6 +317,9 @@ def test_own_union_puts_every_partial_fine_tunes_own_layers_on_their_shared_boun
     env.config.decisions.layers.n_trials = 6 + 2 + 10
     assert lookahead_bases(incumbent, env) == ([], [fact])
     assert list(lookahead_candidates(incumbent, env)) == [INCUMBENT, f"{p['base']}/own-all"]
+    env.config.decisions.layers.n_trials = 6 + 2  # nothing beyond the warm starts: not even the union
+    assert paid_unions(incumbent, env) == ({}, 0)
+    assert list(lookahead_candidates(incumbent, env)) == [INCUMBENT]
 
     def overlapping(donor: str, layers: list[int], _env: Any) -> list[int]:
         return {mc: [1, 2], fact: [0, 1]}.get(donor, [])

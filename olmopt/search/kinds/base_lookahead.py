@@ -75,11 +75,11 @@ def own_donors(env: SpaceEnv) -> dict[str, list[int]]:
 def own_unions(incumbent: Recipe, env: SpaceEnv) -> dict[str, Recipe]:
     """With ``decisions.base.own_union`` (and ``layers.warm_own``): label -> Recipe, for each boundary
     other than the incumbent's that two or more partial fine-tunes share (their base's), all of their own
-    layers together on it
-    (``HOLDER/own-all``, the holder the first pool model with that boundary), unless two of them own
-    the same layer. Ties do not matter: partial fine-tunes of one base whose trained layers do not
-    overlap combine in one step, which no single-donor candidate shows when the base decision kept a
-    full fine-tune's boundary (the AMD small mistral family with its upper specialist in layers 2-3)."""
+    layers together on it (``HOLDER/own-all``, the holder the first pool model with that boundary), unless
+    two of them own the same layer. Ties do not matter: partial fine-tunes of one base whose trained
+    layers do not overlap combine in one step, which no single-donor candidate shows when the base
+    decision kept a full fine-tune's boundary (the AMD small mistral family with its upper specialist in
+    layers 2-3)."""
     owned = own_donors(env) if env.config.decisions.base.own_union else {}
     if len(owned) < 2:
         return {}
@@ -102,16 +102,25 @@ def own_unions(incumbent: Recipe, env: SpaceEnv) -> dict[str, Recipe]:
     return unions
 
 
+def paid_unions(incumbent: Recipe, env: SpaceEnv) -> tuple[dict[str, Recipe], int | None]:
+    """The ``own_unions`` the joint stage's budget pays for (``affordable``: all of them or none) and the
+    evaluations left for tied bases (None: no joint stage pays, nothing is limited)."""
+    unions = own_unions(incumbent, env)
+    limit = affordable(env.config, len(env.pool_names), len(own_donors(env)))
+    if limit is None:
+        return unions, None
+    if len(unions) > limit:
+        return {}, limit
+    return unions, limit - len(unions)
+
+
 def lookahead_bases(incumbent: Recipe, env: SpaceEnv) -> tuple[list[str], list[str]]:
     """(looked at, skipped): the tied candidates with a boundary of their own, best search mean first, as
     many as ``affordable`` pays for ((pool size - 1) x N evaluations each, and one per other partial
-    fine-tune with ``warm_own``) once the ``own_unions`` are paid, and the rest."""
+    fine-tune with ``warm_own``) once the ``own_unions`` are paid (``paid_unions``), and the rest."""
     offered = tied_boundaries(env, incumbent.base).offered[1:]
-    own = len(own_donors(env))
-    cost = (len(env.pool_names) - 1) * env.config.decisions.base.lookahead + own
-    limit = affordable(env.config, len(env.pool_names), own)
-    if limit is not None:
-        limit = max(0, limit - len(own_unions(incumbent, env)))
+    cost = (len(env.pool_names) - 1) * env.config.decisions.base.lookahead + len(own_donors(env))
+    limit = paid_unions(incumbent, env)[1]
     n = len(offered) if limit is None else min(len(offered), limit // cost)
     return offered[:n], offered[n:]
 
@@ -124,7 +133,7 @@ def lookahead_candidates(
     adjacent searched layers (``decisions.layers.only``, else every layer) on it
     (``CANDIDATE/block{i}-{DONOR}``), and with ``warm_own`` each other partial fine-tune's own layers on
     it (``CANDIDATE/own-{DONOR}``, unless a candidate has those weights already), then the ``own_unions``
-    (on any boundary but the incumbent's, tied or not)."""
+    the budget pays for (on any boundary but the incumbent's, tied or not)."""
     config = env.config
     runs = layer_runs(searched_layers(config, env.adapter), config.decisions.base.lookahead)
     owned = own_donors(env)
@@ -142,7 +151,7 @@ def lookahead_candidates(
             recipe = Recipe(base=base, layers=dict.fromkeys(own, donor))
             if donor != base and not any(keys.same(recipe, r) for r in candidates.values()):
                 candidates[f"{base}/own-{donor}"] = recipe
-    for label, recipe in own_unions(incumbent, env).items():
+    for label, recipe in paid_unions(incumbent, env)[0].items():
         if not any(keys.same(recipe, r) for r in candidates.values()):
             candidates[label] = recipe
     return candidates
