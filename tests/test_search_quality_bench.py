@@ -149,7 +149,12 @@ def test_main_job_strategy_is_the_study_file_at_the_budget(sq: ModuleType) -> No
     assert quick["_decisions"]["merge"]["n_trials"] == 40 - 5 - 16 - 10 and quick["n_trials"] == 10
     large = sq.strategies(300, 6, 5)["main-job"]  # ... and the study file's 30 trials of a large one
     assert large["_decisions"]["merge"]["n_trials"] == 30 and large["n_trials"] == 300 - 5 - 30 - polish
-    assert study["decisions"]["base"] == {"mode": "auto", "lookahead": 2, "switch_confidence": 0.8}
+    assert study["decisions"]["base"] == {
+        "mode": "auto", "lookahead": 2, "switch_confidence": 0.8, "own_union": True
+    }  # fmt: skip
+    # the main job of session 28: its lookahead without the union of own layers
+    s28 = {**main["_decisions"], "base": {**study["decisions"]["base"], "own_union": False}}
+    assert plans["main-job-s28"] == {**main, "_decisions": s28}
     before = plans["main-job-no-lookahead"]  # the main job before session 25: the same budget
     assert before == {**main, "_decisions": {**main["_decisions"], "base": {"mode": "auto"}}}
     # the main job of sessions 19-22 (session 21's Intel file): whole-model warm starts, no lookahead
