@@ -177,6 +177,16 @@ def test_a_challenge_with_a_method_that_cannot_merge_the_pool_is_one_line(
     assert not (tmp_path / "s.db").exists()
 
 
+class _SameJson:
+    """Model identity by Recipe JSON (no pool needed)."""
+
+    def same_json(self, a: str, b: str) -> bool:
+        return a == b
+
+    def same(self, a: Recipe, b: Recipe) -> bool:
+        return a.to_json() == b.to_json()
+
+
 def _decide_veto(held: dict[str, float], veto: bool = True) -> tuple[str, str, dict[str, Any]]:
     """The incumbent (search means 0.5 / 0.3) against two merges: m1 leads on the search split (0.6 / 0.5),
     m2 trails; ``held``: the held-out mean of each label (both objectives)."""
@@ -206,13 +216,6 @@ def _decide_veto(held: dict[str, float], veto: bool = True) -> tuple[str, str, d
         asked.append(f"{label}:{split}")
         return {"x": held[label], "y": held[label]}
 
-    class SameJson:
-        def same_json(self, a: str, b: str) -> bool:
-            return a == b
-
-        def same(self, a: Recipe, b: Recipe) -> bool:
-            return a.to_json() == b.to_json()
-
     rules = DecideRules(
         ["x", "y"], {"x": "maximize", "y": "maximize"}, [], SelectionConfig(score="mean", tolerance=0.0),
         True, True,
@@ -221,7 +224,7 @@ def _decide_veto(held: dict[str, float], veto: bool = True) -> tuple[str, str, d
         decode=lambda _t: ("z", recipes["m1"]), enqueue=[("incumbent", {})], held_out_veto=veto
     )
     d = decide(
-        Stage(5, KIND, n_trials=2), trials, space, recipes["incumbent"], rules, SameJson(), None, score, "me"
+        Stage(5, KIND, n_trials=2), trials, space, recipes["incumbent"], rules, _SameJson(), None, score, "me"
     )  # fmt: skip
     return d.winner, d.reason, {"held_out": d.held_out, "asked": asked, "candidates": d.candidates}
 
@@ -428,13 +431,6 @@ def _decide_challenge(n: int, confidence: float | None) -> tuple[str, str, list[
         values = held[by_json[recipe.to_json()]]
         return {"acc": sum(values) / len(values)}
 
-    class SameJson:
-        def same_json(self, a: str, b: str) -> bool:
-            return a == b
-
-        def same(self, a: Recipe, b: Recipe) -> bool:
-            return a.to_json() == b.to_json()
-
     rules = DecideRules(
         ["acc"], {"acc": "maximize"}, [], SelectionConfig(score="mean"), True, True,
         {"acc": "token_accuracy"}, {"acc": n},
@@ -446,8 +442,8 @@ def _decide_challenge(n: int, confidence: float | None) -> tuple[str, str, list[
         challenge_confidence=confidence,
     )
     d = decide(
-        Stage(5, KIND, n_trials=2), trials, space, recipes["incumbent"], rules, SameJson(), None, score, "me",
-        items_of=items_of,
+        Stage(5, KIND, n_trials=2), trials, space, recipes["incumbent"], rules, _SameJson(), None, score,
+        "me", items_of=items_of,
     )  # fmt: skip
     return d.winner, d.reason, calls
 

@@ -97,6 +97,7 @@ def decide(
         winner, reason = selection.winner, selection.reason
         ties = rule.describe() if rule is not None else f"fixed tolerance {tolerance:g}"
         guard = rules.selection.held_out_guard
+        splits = "search and held-out" if rules.has_held_out else "search"  # what a pooled test reads
         if rules.joint and guard > 1 and winner is not None and rules.has_held_out:
             winner, reason, guarded = _held_out_guard(trials, selection.order[:guard], reason, rules, score)
         if space.significant_boundary_switch and winner is not None and incumbent is not None:
@@ -110,9 +111,8 @@ def decide(
                 assert rival is not None and items_of is not None
                 packed = _packed_by_label(trials, keys, earlier)
                 level = space.switch_confidence or rules.selection.confidence
-                winner, reason = _boundary_switch(
-                    winner, rival, trials, packed, rules, items_of, reason, level
-                )
+                verdict = _pooled_verdict(winner, rival, trials, packed, rules, items_of, level)
+                winner, reason = _boundary_switch(winner, rival, trials, verdict, reason, splits)
         if space.held_out_veto and winner not in (None, keep) and keep is not None and rules.has_held_out:
             assert winner is not None
             winner, reason, vetoed = _held_out_veto(trials, winner, keep, reason, rules, score, guarded)
@@ -121,9 +121,8 @@ def decide(
         if challenge is not None and winner not in (None, keep) and keep is not None:
             assert winner is not None and items_of is not None
             packed = _packed_by_label(trials, keys, earlier)
-            winner, reason = _significant_challenge(
-                winner, keep, trials, packed, rules, items_of, reason, challenge
-            )
+            verdict = _pooled_verdict(winner, keep, trials, packed, rules, items_of, challenge)
+            winner, reason = _significant_challenge(winner, keep, verdict, reason, splits, challenge)
         if winner is not None:  # against the final winner (the held-out guard's choice)
             verdicts = significance(scores, rules.directions, winner, tied, tolerance)
             runner_up = next((c for c in selection.order if c != winner), "")
@@ -253,26 +252,14 @@ def _pooled_verdict(
     return switch_verdict(items(winner), items(rival), rules.directions, rules.metric_of, confidence)
 
 
-def _splits(rules: DecideRules) -> str:
-    return "search and held-out" if rules.has_held_out else "search"
-
-
 def _boundary_switch(
-    winner: str,
-    rival: str,
-    trials: dict[str, FrozenTrial],
-    packed: dict[str, dict[str, str]],
-    rules: DecideRules,
-    items_of: ItemScorer,
-    reason: str,
-    confidence: float,
+    winner: str, rival: str, trials: dict[str, FrozenTrial], verdict: SwitchVerdict, reason: str, splits: str
 ) -> tuple[str, str]:
     """``winner`` (on another boundary than the incumbent's) against ``rival`` (the best candidate on the
-    incumbent's boundary): the winner stands when significantly better at ``confidence``, else the rival
-    wins."""
+    incumbent's boundary): the winner stands when ``verdict`` (``_pooled_verdict``) is significant, else the
+    rival wins."""
     mine, theirs = _recipe(trials[winner]).boundary_donor, _recipe(trials[rival]).boundary_donor
-    verdict = _pooled_verdict(winner, rival, trials, packed, rules, items_of, confidence)
-    lead = f"leads {rival!r} (boundary {theirs}) by {verdict.lead:+.4f} on the {_splits(rules)} items"
+    lead = f"leads {rival!r} (boundary {theirs}) by {verdict.lead:+.4f} on the {splits} items"
     if verdict.significant:
         return winner, f"{reason}; boundary switch to {mine}: {winner!r} {lead}, significant"
     return rival, (
@@ -281,19 +268,12 @@ def _boundary_switch(
 
 
 def _significant_challenge(
-    winner: str,
-    keep: str,
-    trials: dict[str, FrozenTrial],
-    packed: dict[str, dict[str, str]],
-    rules: DecideRules,
-    items_of: ItemScorer,
-    reason: str,
-    confidence: float,
+    winner: str, keep: str, verdict: SwitchVerdict, reason: str, splits: str, confidence: float
 ) -> tuple[str, str]:
     """A challenger that won the stage (``winner``) against the incumbent (``keep``): it stands when
-    significantly better at ``confidence``, else the incumbent wins (``StageSpace.challenge_confidence``)."""
-    verdict = _pooled_verdict(winner, keep, trials, packed, rules, items_of, confidence)
-    lead = f"{winner!r} leads {keep!r} by {verdict.lead:+.4f} on the {_splits(rules)} items"
+    ``verdict`` is significant at ``confidence``, else the incumbent wins
+    (``StageSpace.challenge_confidence``)."""
+    lead = f"{winner!r} leads {keep!r} by {verdict.lead:+.4f} on the {splits} items"
     if verdict.significant:
         return winner, f"{reason}; {lead}, significant at {confidence:g}"
     return keep, f"{reason}; {lead}, not significant at {confidence:g}, so {keep!r} wins"
