@@ -11,6 +11,9 @@ lookahead shows it: the stage ``base-lookahead`` evaluates, for every tied candi
 weights differ from the winner's, each other pool model's run of adjacent layers on it (the layers cut
 into N runs, as the joint stage's ``warm_blocks``), beside the winner itself (its metrics reused).
 Candidates on the winner's boundary need no lookahead: the joint stage reaches every layer choice there.
+With ``base.own_union`` the stage also offers, on each other boundary that two or more partial
+fine-tunes share, tied or not, all their own layers together (``own_unions``): where the base decision
+kept a full fine-tune, the partial fine-tunes' recipe on their base may be two steps from every model.
 
 The stage's selection picks the best candidate, and one on another boundary stands only when it beats the
 best candidate on the winner's boundary (the winner) on the search and held-out items together
