@@ -87,16 +87,14 @@ def own_unions(incumbent: Recipe, env: SpaceEnv) -> dict[str, Recipe]:
     if len(owned) < 2:
         return {}
 
-    def digest(model: str) -> str:
-        return boundary_digest(env.pool, env.adapter, env.param_names, model)
-
-    mine = digest(incumbent.boundary_donor) if incumbent.boundary_donor in env.pool_names else None
+    digests = {m: boundary_digest(env.pool, env.adapter, env.param_names, m) for m in env.pool_names}
+    mine = digests.get(incumbent.boundary_donor)  # None for a parameter-space merge's boundary
     holders: dict[str, str] = {}
-    for model in env.pool_names:
-        holders.setdefault(digest(model), model)
+    for model, key in digests.items():
+        holders.setdefault(key, model)
     unions = {}
     for key, holder in holders.items():
-        partial = [donor for donor in owned if digest(donor) == key]
+        partial = [donor for donor in owned if digests[donor] == key]
         layers = [layer for donor in partial for layer in owned[donor]]
         if key == mine or len(partial) < 2 or len(set(layers)) < len(layers):
             continue
